@@ -1,0 +1,30 @@
+# The README's two commands: `make run` and `make test`. Each makes its own virtualenv.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: run test lint typecheck unit clean
+
+run: $(VENV)/.installed
+	$(BIN)/echowin-gateway quickstart --config config/gateway.example.yaml
+
+test: $(VENV)/.installed lint typecheck unit
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check proxy tests
+	$(BIN)/ruff format --check proxy tests
+
+typecheck: $(VENV)/.installed
+	$(BIN)/mypy --strict proxy
+
+unit: $(VENV)/.installed
+	$(BIN)/pytest -q -p no:cacheprovider
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+clean:
+	rm -rf $(VENV) .run build *.egg-info

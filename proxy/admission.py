@@ -1,0 +1,65 @@
+"""The seam between "authorised" and "forwarded": where the budget keeper sits.
+
+The handler asks an :class:`Admitter` for a :class:`Grant` before a request leaves for
+echowin, and tells the grant what happened: ``sent`` once echowin answered (any status),
+``unsent`` when no byte can have left (the slot is given back). A :class:`Refusal`
+becomes a 429 with Retry-After.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from proxy.tokens import TokenRecord
+
+
+@dataclass(frozen=True, slots=True)
+class AdmitRequest:
+    token: TokenRecord
+    credential: str  # the upstream credential's name; each has its own budget
+    route: str  # route template, for metrics
+    max_wait: float | None  # the caller's own cap on queueing, seconds
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    reason: str  # upstream_budget | token_quota | queue_full | upstream_frozen
+    retry_after: float  # seconds
+    message: str
+
+
+class Grant(Protocol):
+    queued_seconds: float
+
+    def sent(self, status: int, headers: Mapping[str, str]) -> None:
+        """echowin answered with ``status`` and ``headers``: the slot is spent."""
+
+    def unsent(self) -> None:
+        """Nothing reached echowin: give the slot back."""
+
+
+class Admitter(Protocol):
+    async def admit(self, request: AdmitRequest) -> Grant | Refusal:
+        """Wait (bounded) for budget, or refuse at once."""
+
+
+class _OpenGrant:
+    __slots__ = ()
+    queued_seconds = 0.0
+
+    def sent(self, status: int, headers: Mapping[str, str]) -> None:
+        return None
+
+    def unsent(self) -> None:
+        return None
+
+
+class OpenAdmitter:
+    """Admits everything at once: no upstream budget is kept."""
+
+    _grant = _OpenGrant()
+
+    async def admit(self, request: AdmitRequest) -> Grant | Refusal:
+        return self._grant

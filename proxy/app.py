@@ -1,0 +1,76 @@
+"""The one place that wires the gateway: apps, runtime, listeners, signals."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from proxy.admin import build_admin_app
+from proxy.config import GatewayConfig, Secrets
+from proxy.handler import handle
+from proxy.runtime import RUNTIME, Runtime
+
+log = logging.getLogger("echowin_gateway")
+
+
+def build_proxy_app(runtime: Runtime) -> web.Application:
+    """The proxy listener's app; its cleanup_ctx opens and closes ``runtime``."""
+    app = web.Application(handler_args={"max_field_size": 16 * 1024})
+    app[RUNTIME] = runtime
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        await runtime.open()
+        yield
+        await runtime.close()
+
+    app.cleanup_ctx.append(lifecycle)
+    app.router.add_route("*", "/{tail:.*}", handle)
+    return app
+
+
+def build_apps(config: GatewayConfig, secrets: Secrets) -> tuple[web.Application, web.Application]:
+    """(proxy app, admin app) sharing one Runtime. Start the proxy app first."""
+    runtime = Runtime.from_config(config, secrets)
+    return build_proxy_app(runtime), build_admin_app(runtime)
+
+
+async def serve(
+    config: GatewayConfig, secrets: Secrets, *, ready: asyncio.Event | None = None
+) -> None:
+    """Run both listeners until SIGTERM or SIGINT, then drain and return.
+
+    On a signal the proxy stops accepting at once, requests in flight get
+    ``server.shutdown_grace_seconds`` to finish, and then everything closes.
+    """
+    proxy_app, admin_app = build_apps(config, secrets)
+    grace = config.server.shutdown_grace_seconds
+    proxy_runner = web.AppRunner(proxy_app, access_log=None, shutdown_timeout=grace)
+    admin_runner = web.AppRunner(admin_app, access_log=None, shutdown_timeout=1.0)
+    await proxy_runner.setup()
+    await admin_runner.setup()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        host, port = config.listen_address()
+        await web.TCPSite(proxy_runner, host, port, reuse_address=True).start()
+        ahost, aport = config.admin_address()
+        await web.TCPSite(admin_runner, ahost, aport, reuse_address=True).start()
+        log.info(
+            "gateway listening",
+            extra={"fields": {"listen": config.listen, "admin_listen": config.admin_listen}},
+        )
+        if ready is not None:
+            ready.set()
+        await stop.wait()
+        log.info("shutting down", extra={"fields": {"grace_seconds": grace}})
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await proxy_runner.cleanup()
+        await admin_runner.cleanup()

@@ -1,0 +1,380 @@
+"""The gateway's configuration: one YAML file, validated once at start-up.
+
+Validation is pydantic's; this module only turns its errors into lines that name the
+key (``upstream.limits[0].requests: must be a positive integer, got "abc"``). Secrets
+are never inline: a secret is ``{env: NAME}`` or ``{file: PATH}`` and is resolved by
+:func:`resolve_secrets` into :class:`Secret` values whose repr never shows the value.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from proxy.routes import DEFAULT_ROUTES, Route, RouteTable
+from proxy.tokens import DEFAULT_UPSTREAM_KEY
+
+AGENCY_KEY_NAME = "agency"
+
+
+def _positive_int(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError("must be a positive integer")
+    return value
+
+
+def _number(value: object, *, allow_zero: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError("must be a number")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ValueError("must be a number >= 0" if allow_zero else "must be a positive number")
+    return float(value)
+
+
+PositiveInt = Annotated[int, BeforeValidator(_positive_int)]
+PositiveFloat = Annotated[float, BeforeValidator(lambda v: _number(v, allow_zero=False))]
+NonNegativeFloat = Annotated[float, BeforeValidator(lambda v: _number(v, allow_zero=True))]
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; ``lines`` each name one offending key."""
+
+    def __init__(self, lines: list[str]) -> None:
+        super().__init__("\n".join(lines))
+        self.lines = lines
+
+
+class Secret:
+    """A secret value that never shows itself in repr, str, logs or tracebacks."""
+
+    __slots__ = ("_value", "source")
+
+    def __init__(self, value: str, source: str) -> None:
+        self._value = value
+        self.source = source  # e.g. "env:ECHOWIN_API_KEY": safe to show
+
+    def reveal(self) -> str:
+        """The secret itself: only for the one place that puts it on the wire."""
+        return self._value
+
+    def __repr__(self) -> str:
+        return f"Secret(<{self.source}>)"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    def __reduce__(self) -> Any:
+        raise TypeError("a Secret cannot be pickled")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SecretRef(_Model):
+    """Where a secret comes from: exactly one of ``env`` or ``file``."""
+
+    env: str | None = None
+    file: str | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> SecretRef:
+        if (self.env is None) == (self.file is None):
+            raise ValueError("must be {env: NAME} or {file: PATH}, exactly one")
+        return self
+
+    def resolve(self, key: str, environ: Mapping[str, str]) -> Secret:
+        """Read the secret; raises ConfigError naming ``key`` and the variable or file."""
+        if self.env is not None:
+            value = environ.get(self.env, "")
+            if not value.strip():
+                raise ConfigError([f"{key}: environment variable {self.env} is not set or empty"])
+            return Secret(value.strip(), f"env:{self.env}")
+        assert self.file is not None
+        try:
+            value = Path(self.file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            reason = exc.strerror or type(exc).__name__
+            raise ConfigError([f"{key}: cannot read secret file {self.file}: {reason}"]) from None
+        if not value:
+            raise ConfigError([f"{key}: secret file {self.file} is empty"])
+        return Secret(value, f"file:{self.file}")
+
+
+class LimitConfig(_Model):
+    """One rolling window: at most ``requests`` sends in any ``per_seconds`` seconds."""
+
+    requests: PositiveInt
+    per_seconds: PositiveFloat
+
+
+def _default_limits() -> tuple[LimitConfig, ...]:
+    return (LimitConfig(requests=1000, per_seconds=3600), LimitConfig(requests=100, per_seconds=60))
+
+
+class UpstreamConfig(_Model):
+    base_url: str = "https://echo.win"
+    api_key: SecretRef = SecretRef(env="ECHOWIN_API_KEY")
+    agency_key: SecretRef | None = None
+    extra_keys: dict[str, SecretRef] = Field(default_factory=dict)
+    timeout_seconds: PositiveFloat = 30.0
+    connect_timeout_seconds: PositiveFloat = 5.0
+    max_connections: PositiveInt = 100
+    limits: tuple[LimitConfig, ...] = Field(default_factory=_default_limits, min_length=1)
+    window_guard_seconds: NonNegativeFloat = 0.25
+
+    @field_validator("base_url")
+    @classmethod
+    def _base_url(cls, value: str) -> str:
+        from yarl import URL
+
+        url = URL(value)
+        if url.scheme not in ("http", "https") or not url.host:
+            raise ValueError("must be an http(s) URL")
+        if url.query_string or url.fragment:
+            raise ValueError("must not carry a query or fragment")
+        return value.rstrip("/")
+
+    @field_validator("extra_keys")
+    @classmethod
+    def _extra_key_names(cls, value: dict[str, SecretRef]) -> dict[str, SecretRef]:
+        for name in value:
+            if name in (DEFAULT_UPSTREAM_KEY, AGENCY_KEY_NAME):
+                raise ValueError(f"{name!r} is reserved; pick another name")
+            if not name.replace("-", "").replace("_", "").isalnum() or len(name) > 64:
+                raise ValueError(f"{name!r}: names are 1-64 of [A-Za-z0-9_-]")
+        return value
+
+
+class QueueConfig(_Model):
+    max_wait_seconds: NonNegativeFloat = 10.0
+    max_depth: PositiveInt = 10_000
+    max_depth_per_token: PositiveInt = 1_000
+
+
+class ServerConfig(_Model):
+    max_request_body_bytes: PositiveInt = 10 * 1024 * 1024
+    shutdown_grace_seconds: NonNegativeFloat = 10.0
+
+
+class TokensConfig(_Model):
+    cache_ttl_seconds: NonNegativeFloat = 5.0
+    cache_size: PositiveInt = 10_000
+
+
+class LoggingConfig(_Model):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "text"] = "json"
+    access_log: bool = True
+
+
+class RouteConfig(_Model):
+    """An extra route, or a new scope for a default one (same method and path)."""
+
+    method: str
+    path: str
+    scope: str
+
+
+class GatewayConfig(_Model):
+    listen: str = "0.0.0.0:8080"
+    admin_listen: str = "127.0.0.1:9090"
+    admin_token: SecretRef | None = SecretRef(env="GATEWAY_ADMIN_TOKEN")
+    state: str = "sqlite:///var/lib/echowin-gateway/state.db"
+    upstream: UpstreamConfig = UpstreamConfig()
+    queue: QueueConfig = QueueConfig()
+    server: ServerConfig = ServerConfig()
+    tokens: TokensConfig = TokensConfig()
+    logging: LoggingConfig = LoggingConfig()
+    routes: tuple[RouteConfig, ...] = ()
+
+    @field_validator("listen", "admin_listen")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        parse_address(value)
+        return value
+
+    @field_validator("state")
+    @classmethod
+    def _state(cls, value: str) -> str:
+        if not value.startswith(("memory://", "sqlite:///", "redis://", "rediss://")):
+            raise ValueError("must start with memory://, sqlite:///, redis:// or rediss://")
+        return value
+
+    def route_table(self) -> RouteTable:
+        """The default routes with this config's extra or re-scoped ones."""
+        extra = {(r.method.upper(), r.path): r for r in self.routes}
+        routes = [r for r in DEFAULT_ROUTES if (r.method, r.template) not in extra]
+        routes += [
+            Route(method=r.method.upper(), template=r.path, scope=r.scope) for r in extra.values()
+        ]
+        return RouteTable(routes)
+
+    def listen_address(self) -> tuple[str, int]:
+        return parse_address(self.listen)
+
+    def admin_address(self) -> tuple[str, int]:
+        return parse_address(self.admin_listen)
+
+
+def parse_address(value: str) -> tuple[str, int]:
+    """``"host:port"`` or ``"[v6]:port"`` -> (host, port); ValueError otherwise."""
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError('must be "host:port" with a port in 1-65535')
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        ipaddress.IPv6Address(host)
+    return host, int(port_text)
+
+
+# --- errors ---------------------------------------------------------------------------
+
+_MESSAGES = {
+    "int_parsing": "must be an integer",
+    "int_type": "must be an integer",
+    "float_parsing": "must be a number",
+    "float_type": "must be a number",
+    "bool_parsing": "must be true or false",
+    "extra_forbidden": "unknown key",
+    "missing": "is required",
+    "too_short": "must not be empty",
+    "literal_error": "must be one of the allowed values",
+}
+
+
+# Keys whose values may be a secret pasted inline by mistake: never echo their input.
+_SECRET_KEYS = frozenset({"api_key", "agency_key", "extra_keys", "admin_token", "state"})
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else part
+    return out or "(top level)"
+
+
+def _format_error(error: Mapping[str, Any]) -> str:
+    loc = tuple(p for p in error["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+    kind = error["type"]
+    message = _MESSAGES.get(kind)
+    if message is None:
+        message = str(error["msg"]).removeprefix("Value error, ")
+    line = f"{_loc(loc)}: {message}"
+    secretish = any(part in _SECRET_KEYS for part in loc)
+    if kind not in ("missing", "extra_forbidden") and "input" in error and not secretish:
+        shown = error["input"]
+        if isinstance(shown, str | int | float | bool) or shown is None:
+            line += f", got {_show(shown)}"
+    return line
+
+
+def _show(value: object) -> str:
+    if isinstance(value, str):
+        return '"' + value.replace('"', '\\"')[:80] + '"'
+    return repr(value)
+
+
+def parse_config(raw: object, source: str = "config") -> GatewayConfig:
+    """Validate a parsed YAML document; ConfigError lists every offending key."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError([f"{source}: the top level must be a mapping of keys"])
+    try:
+        config = GatewayConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError([_format_error(e) for e in exc.errors()]) from None
+    try:
+        config.route_table()
+    except ValueError as exc:
+        raise ConfigError([f"routes: {exc}"]) from None
+    return config
+
+
+def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
+    """Read and validate a YAML config file; ConfigError on any problem."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read config: {exc.strerror}"]) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ConfigError([f"{path}: not valid YAML{where}"]) from None
+    return parse_config(raw, str(path))
+
+
+# --- secrets --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Credential:
+    """One upstream echowin credential; each has its own budget."""
+
+    name: str  # "default", "agency" or an extra_keys name: safe to show
+    header: str  # "X-API-Key" or "X-AGENCY-KEY"
+    secret: Secret
+
+
+@dataclass(frozen=True, slots=True)
+class Secrets:
+    credentials: Mapping[str, Credential]
+    admin_token: Secret | None
+
+    def team_key_names(self) -> tuple[str, ...]:
+        return tuple(n for n in self.credentials if n != AGENCY_KEY_NAME)
+
+
+def resolve_secrets(config: GatewayConfig, environ: Mapping[str, str] | None = None) -> Secrets:
+    """Read every secret the config names; ConfigError lists each one that is missing."""
+    env = os.environ if environ is None else environ
+    up = config.upstream
+    wanted: list[tuple[str, str, str, SecretRef]] = [
+        (DEFAULT_UPSTREAM_KEY, "X-API-Key", "upstream.api_key", up.api_key)
+    ]
+    if up.agency_key is not None:
+        wanted.append((AGENCY_KEY_NAME, "X-AGENCY-KEY", "upstream.agency_key", up.agency_key))
+    for name, ref in up.extra_keys.items():
+        wanted.append((name, "X-API-Key", f"upstream.extra_keys.{name}", ref))
+    errors: list[str] = []
+    credentials: dict[str, Credential] = {}
+    for name, header, key, ref in wanted:
+        try:
+            credentials[name] = Credential(name, header, ref.resolve(key, env))
+        except ConfigError as exc:
+            errors.extend(exc.lines)
+    admin: Secret | None = None
+    if config.admin_token is not None:
+        try:
+            admin = config.admin_token.resolve("admin_token", env)
+        except ConfigError:
+            admin = None  # the admin API stays closed; the gateway itself still runs
+    if errors:
+        raise ConfigError(errors)
+    return Secrets(credentials=credentials, admin_token=admin)

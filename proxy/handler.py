@@ -1,0 +1,387 @@
+"""The proxy handler: a request's path through the gateway.
+
+authenticate -> route and authorise -> admit (the budget seam) -> forward -> account.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+from proxy.admission import AdmitRequest, Grant, Refusal
+from proxy.config import AGENCY_KEY_NAME, Credential
+from proxy.errors import json_error
+from proxy.metrics import ANONYMOUS
+from proxy.routes import PathError, RouteMatch, scope_allows
+from proxy.runtime import RUNTIME, Runtime
+from proxy.tokens import AuthFailure, TokenRecord
+from proxy.upstream import HOP_BY_HOP, UpstreamError, UpstreamUnreachable, end_to_end
+
+log = logging.getLogger("echowin_gateway.proxy")
+access_log = logging.getLogger("echowin_gateway.access")
+
+# Client headers that never travel upstream: internal credentials, method overrides
+# (a scope is decided by the real method only) and our own control headers.
+_DROP_REQUEST = frozenset(
+    {
+        "authorization",
+        "x-api-key",
+        "x-agency-key",
+        "host",
+        "expect",
+        "x-http-method-override",
+        "x-http-method",
+        "x-method-override",
+        "x-gateway-max-wait",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "forwarded",
+        "x-request-id",
+        "content-length",
+    }
+)
+_DROP_RESPONSE = frozenset({"server", "date", "set-cookie", "x-request-id"})
+_API_PREFIX = "/api/v1/"
+_AGENCY_PREFIX = "/api/v1/agency/"
+_CHUNK = 64 * 1024
+
+_AUTH_MESSAGES = {
+    AuthFailure.MALFORMED: "Invalid API key",
+    AuthFailure.UNKNOWN: "Invalid API key",
+    AuthFailure.EXPIRED: "API key expired",
+    AuthFailure.REVOKED: "API key revoked",
+}
+
+
+@dataclass(slots=True)
+class Exchange:
+    """What the access log and the metrics need to know about one request."""
+
+    request_id: str
+    started: float
+    token: TokenRecord | None = None
+    route: str = "unmatched"
+    credential: str = ""
+    upstream_status: int | None = None
+    queue_seconds: float = 0.0
+    upstream_seconds: float = 0.0
+    refusal: str | None = None
+    bytes_out: int = 0
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class CappedBody:
+    """The request body as a stream of chunks, cut off past ``limit`` bytes.
+
+    ``too_large`` stays set after the cut, because aiohttp may report the aborted upload
+    as a connection error rather than re-raising ours.
+    """
+
+    __slots__ = ("_request", "limit", "too_large")
+
+    def __init__(self, request: web.Request, limit: int) -> None:
+        self._request = request
+        self.limit = limit
+        self.too_large = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        seen = 0
+        async for chunk in self._request.content.iter_chunked(_CHUNK):
+            seen += len(chunk)
+            if seen > self.limit:
+                self.too_large = True
+                raise BodyTooLarge
+            yield chunk
+
+
+def _request_id(request: web.Request) -> str:
+    given = request.headers.get("X-Request-ID", "")
+    if 0 < len(given) <= 128 and given.isascii() and given.isprintable() and " " not in given:
+        return given
+    return uuid.uuid4().hex
+
+
+def _presented_token(request: web.Request) -> str | None:
+    auth = request.headers.get("Authorization")
+    if auth is not None:
+        scheme, _, value = auth.partition(" ")
+        return value.strip() if scheme.lower() == "bearer" else ""
+    key = request.headers.get("X-API-Key")
+    if key is not None:
+        return key.strip()
+    if request.raw_path.startswith(_AGENCY_PREFIX):
+        return request.headers.get("X-AGENCY-KEY")
+    return None
+
+
+async def handle(request: web.Request) -> web.StreamResponse:
+    """Every proxied request enters here."""
+    rt = request.app[RUNTIME]
+    ex = Exchange(request_id=_request_id(request), started=time.perf_counter())
+    rt.metrics.in_flight.inc()
+    response: web.StreamResponse | None = None
+    try:
+        response = await _handle(request, rt, ex)
+        return response
+    except web.HTTPException:
+        raise
+    except Exception:
+        # A bug must cost one request, never the process; the class name only is logged.
+        log.exception("unhandled error", extra={"fields": {"request_id": ex.request_id}})
+        ex.refusal = "internal_error"
+        response = json_error(500, "Internal gateway error", reason="internal_error")
+        return response
+    finally:
+        rt.metrics.in_flight.dec()
+        _account(rt, request, ex, response)
+
+
+async def _handle(request: web.Request, rt: Runtime, ex: Exchange) -> web.StreamResponse:
+    headers = {"X-Request-ID": ex.request_id}
+    result = await rt.auth.authenticate(_presented_token(request))
+    if result.record is None:
+        failure = result.failure or AuthFailure.MISSING
+        rt.metrics.auth_failures.labels(failure.value).inc()
+        ex.refusal = f"auth_{failure.value}"
+        return _auth_error(request, failure, headers)
+    token = ex.token = result.record
+    try:
+        match = rt.routes.match(request.method, request.raw_path.partition("?")[0])
+    except PathError as exc:
+        ex.refusal = "bad_path"
+        return json_error(
+            400, f"Bad request path: {exc.reason}", reason="bad_path", headers=headers
+        )
+    ex.route = match.template
+    denied = _authorise(token, match, request.method, headers)
+    if denied is not None:
+        ex.refusal = "forbidden" if denied.status == 403 else "unknown_route"
+        return denied
+    credential = _credential(rt, token, match)
+    if credential is None:
+        ex.refusal = "no_credential"
+        return json_error(
+            503,
+            "No upstream key is configured for this route",
+            reason="no_credential",
+            headers=headers,
+        )
+    ex.credential = credential.name
+    length = request.content_length
+    if length is not None and length > rt.config.server.max_request_body_bytes:
+        ex.refusal = "body_too_large"
+        return json_error(413, "Request body too large", reason="body_too_large", headers=headers)
+    admitted = await rt.admitter.admit(
+        AdmitRequest(token, credential.name, match.template, _max_wait(request))
+    )
+    if isinstance(admitted, Refusal):
+        return _refuse(ex, admitted, headers)
+    ex.queue_seconds = admitted.queued_seconds
+    return await _forward(request, rt, ex, match, credential, admitted)
+
+
+def _auth_error(
+    request: web.Request, failure: AuthFailure, headers: dict[str, str]
+) -> web.Response:
+    if failure is AuthFailure.MISSING:
+        header = "X-AGENCY-KEY" if request.raw_path.startswith(_AGENCY_PREFIX) else "X-API-Key"
+        message = f"Missing {header} header"
+    else:
+        message = _AUTH_MESSAGES[failure]
+    headers = {**headers, "WWW-Authenticate": 'Bearer realm="echowin-gateway"'}
+    return json_error(401, message, reason=failure.value, headers=headers)
+
+
+def _authorise(
+    token: TokenRecord, match: RouteMatch, method: str, headers: dict[str, str]
+) -> web.Response | None:
+    """None when the token may take this route; otherwise the 403/404 to answer."""
+    if match.route is None:
+        if "*" in token.scopes and match.path.startswith(_API_PREFIX):
+            return None
+        return json_error(
+            404, f"Unknown route: {method} {match.path}", reason="unknown_route", headers=headers
+        )
+    if scope_allows(token.scopes, match.route.scope):
+        return None
+    return json_error(
+        403,
+        f"Token lacks scope {match.route.scope}",
+        reason="missing_scope",
+        scope=match.route.scope,
+        headers=headers,
+    )
+
+
+def _credential(rt: Runtime, token: TokenRecord, match: RouteMatch) -> Credential | None:
+    name = AGENCY_KEY_NAME if match.family == "agency" else token.upstream_key
+    return rt.secrets.credentials.get(name)
+
+
+def _max_wait(request: web.Request) -> float | None:
+    raw = request.headers.get("X-Gateway-Max-Wait")
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        return None
+    return value if value >= 0 else None
+
+
+def _refuse(ex: Exchange, refusal: Refusal, headers: dict[str, str]) -> web.Response:
+    ex.refusal = refusal.reason
+    retry = max(1, int(-(-refusal.retry_after // 1)))
+    return json_error(
+        429,
+        refusal.message,
+        reason=refusal.reason,
+        retryAfter=retry,
+        headers={**headers, "Retry-After": str(retry)},
+    )
+
+
+def _upstream_headers(
+    request: web.Request, credential: Credential, ex: Exchange
+) -> CIMultiDict[str]:
+    out = end_to_end(request.headers, _DROP_REQUEST)
+    if request.body_exists and request.content_length is not None:
+        out["Content-Length"] = str(request.content_length)
+    peer = request.remote or ""
+    prior = request.headers.get("X-Forwarded-For")
+    out["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
+    out["X-Forwarded-Proto"] = request.headers.get("X-Forwarded-Proto", request.scheme)
+    out["X-Request-ID"] = ex.request_id
+    out[credential.header] = credential.secret.reveal()
+    return out
+
+
+async def _forward(
+    request: web.Request,
+    rt: Runtime,
+    ex: Exchange,
+    match: RouteMatch,
+    credential: Credential,
+    grant: Grant,
+) -> web.StreamResponse:
+    headers = {"X-Request-ID": ex.request_id}
+    limit = rt.config.server.max_request_body_bytes
+    body = CappedBody(request, limit) if request.body_exists else None
+    path_qs = match.path + (f"?{request.query_string}" if request.query_string else "")
+    sent_at = time.perf_counter()
+    try:
+        upstream = await rt.upstream.send(
+            request.method, path_qs, _upstream_headers(request, credential, ex), body
+        )
+    except (UpstreamError, BodyTooLarge) as exc:
+        ex.upstream_seconds = time.perf_counter() - sent_at
+        if body is not None and body.too_large:
+            # echowin saw an incomplete request it cannot act on; it may still count it.
+            grant.sent(0, {})
+            ex.refusal = "body_too_large"
+            return json_error(
+                413, "Request body too large", reason="body_too_large", headers=headers
+            )
+        if isinstance(exc, UpstreamError):
+            return _upstream_failed(rt, ex, exc, grant, headers)
+        raise
+    ex.upstream_seconds = time.perf_counter() - sent_at
+    ex.upstream_status = upstream.status
+    grant.sent(upstream.status, upstream.headers)
+    rt.metrics.upstream_duration.labels(credential.name, ex.route).observe(ex.upstream_seconds)
+    rt.metrics.upstream_responses.labels(credential.name, str(upstream.status)).inc()
+    try:
+        return await _relay(request, upstream, credential, ex)
+    finally:
+        upstream.release()
+
+
+def _upstream_failed(
+    rt: Runtime,
+    ex: Exchange,
+    exc: UpstreamError,
+    grant: Grant,
+    headers: dict[str, str],
+) -> web.Response:
+    rt.metrics.upstream_errors.labels(ex.credential, exc.kind).inc()
+    if isinstance(exc, UpstreamUnreachable) and not exc.sent:
+        grant.unsent()
+    else:
+        grant.sent(0, {})
+    ex.refusal = f"upstream_{exc.kind}"
+    if isinstance(exc, UpstreamUnreachable):
+        return json_error(
+            502, "echowin could not be reached", reason="upstream_unreachable", headers=headers
+        )
+    return json_error(
+        504, "echowin did not answer in time", reason="upstream_timeout", headers=headers
+    )
+
+
+async def _relay(
+    request: web.Request, upstream: aiohttp.ClientResponse, credential: Credential, ex: Exchange
+) -> web.StreamResponse:
+    response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+    secret = credential.secret.reveal()
+    for name, value in end_to_end(upstream.headers, _DROP_RESPONSE).items():
+        # echowin has no reason to echo a key back; if it ever does, it stops here.
+        if secret not in value:
+            response.headers.add(name, value)
+    response.headers["X-Request-ID"] = ex.request_id
+    if upstream.content_length is not None:
+        response.content_length = upstream.content_length
+    await response.prepare(request)
+    try:
+        async for chunk in upstream.content.iter_any():
+            ex.bytes_out += len(chunk)
+            await response.write(chunk)
+    except (aiohttp.ClientError, TimeoutError):
+        # Too late for a status: cut the connection so the client sees a broken answer.
+        ex.refusal = "upstream_broken_body"
+        if request.transport is not None:
+            request.transport.close()
+        return response
+    await response.write_eof()
+    return response
+
+
+def _account(
+    rt: Runtime, request: web.Request, ex: Exchange, response: web.StreamResponse | None
+) -> None:
+    status = response.status if response is not None else 499
+    token_name = ex.token.name if ex.token is not None else ANONYMOUS
+    total = time.perf_counter() - ex.started
+    rt.metrics.requests.labels(token_name, ex.route, request.method, str(status)).inc()
+    rt.metrics.request_duration.labels(ex.route).observe(total)
+    if not rt.config.logging.access_log:
+        return
+    fields = {
+        "request_id": ex.request_id,
+        "token_id": ex.token.id if ex.token is not None else None,
+        "token_name": token_name,
+        "method": request.method,
+        "route": ex.route,
+        "credential": ex.credential or None,
+        "status": status,
+        "upstream_status": ex.upstream_status,
+        "queue_ms": round(ex.queue_seconds * 1000, 3),
+        "upstream_ms": round(ex.upstream_seconds * 1000, 3),
+        "total_ms": round(total * 1000, 3),
+        "bytes": ex.bytes_out,
+        "refusal": ex.refusal,
+    }
+    access_log.info("request", extra={"fields": fields})
+
+
+__all__ = ["HOP_BY_HOP", "handle"]

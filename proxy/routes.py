@@ -1,0 +1,415 @@
+"""Route table: which scope each echowin endpoint needs, and the exact path we forward.
+
+Pure: no I/O, no asyncio, no aiohttp, no regex. The gateway's least-privilege promise
+(SPEC §3.6) rests on one rule kept here: a request path is normalised *before* it is
+matched, anything ambiguous is refused (`PathError`, answered with 400), and what goes
+upstream is rebuilt from the decoded segments we matched, so no server that decodes,
+re-splits or resolves dot segments can read it as a different route.
+
+Matching is a walk over a segment trie (dict lookups): a literal segment beats a
+`{param}` segment at the same position, there is no backtracking, and the method is
+looked up only on the node the path reached. So `PUT /api/v1/contacts/custom-fields`
+does not fall back to `PUT /api/v1/contacts/{contactId}`; it is simply unmatched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Final, Literal
+from unicodedata import normalize
+from urllib.parse import quote
+
+__all__ = [
+    "DEFAULT_ROUTES",
+    "HTTP_METHODS",
+    "UNMATCHED_TEMPLATE",
+    "WILDCARD",
+    "Family",
+    "PathError",
+    "Route",
+    "RouteMatch",
+    "RouteTable",
+    "is_valid_scope",
+    "known_scopes",
+    "normalise_path",
+    "scope_allows",
+]
+
+Family = Literal["team", "agency"]
+"""Which upstream credential a route uses: team -> X-API-Key, agency -> X-AGENCY-KEY."""
+
+UNMATCHED_TEMPLATE: Final = "unmatched"
+"""Template label for paths no route matched (a bounded metrics label, never a raw path)."""
+
+WILDCARD: Final = "*"
+"""The scope that grants every route, known or not."""
+
+HTTP_METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+API_PREFIX: Final = "/api/v1/"
+AGENCY_PREFIX: Final = "/api/v1/agency/"
+
+# Longer than any real echowin path by far; aiohttp caps the request line near 8 KiB anyway.
+MAX_PATH_LENGTH: Final = 8192
+
+# Bytes refused when they arrive percent-encoded. Each one decodes into a character that
+# changes how a path splits or resolves, so a server decoding before routing and one
+# decoding after would see different routes. Read-only view: no module-level mutable state.
+_REFUSED_ENCODED: Final[Mapping[int, str]] = MappingProxyType(
+    {
+        0x2F: "encoded slash",
+        0x5C: "encoded backslash",
+        0x2E: "encoded dot",
+        0x00: "encoded NUL",
+        0x25: "double encoding (%25)",
+        0x3B: "path parameter (;)",
+        0x3F: "encoded ? or #",
+        0x23: "encoded ? or #",
+    }
+)
+_HEX_DIGITS: Final = frozenset("0123456789abcdefABCDEF")
+_SCOPE_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_-")
+# Characters quote(..., safe="") never escapes; template literals must use only these so
+# the literal we forward is byte-for-byte the one we matched.
+_UNRESERVED: Final = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+# ASCII characters that a Unicode compatibility form (NFKC, as some servers apply) must not
+# produce: two FULLWIDTH FULL STOPs (U+FF0E) or a TWO DOT LEADER (U+2025) become "..",
+# a FULLWIDTH SOLIDUS (U+FF0F) becomes "/".
+_DELIMITERS: Final = frozenset("/\\;?#%")
+
+
+class PathError(ValueError):
+    """A request path the gateway refuses to interpret (answer 400).
+
+    `reason` is a short, fixed, human text ("empty path segment", "dot segment", ...). The
+    message never echoes the path itself: it is attacker-chosen and may carry ids.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"refused path: {reason}")
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One upstream endpoint: method + path template -> the scope a token needs.
+
+    Construction validates (ValueError with a message naming the field), so config can
+    build routes from YAML and report the message as is:
+    - `method`: one of HTTP_METHODS, upper-case exactly;
+    - `template`: starts with /api/v1/, is itself a normal path (no empty or dot segments,
+      no percent escapes), literal segments use only A-Z a-z 0-9 - . _ ~, and a parameter
+      is a whole segment `{name}` with a unique identifier name;
+    - `scope`: a concrete scope, ':'-separated non-empty parts of a-z 0-9 _ -. Wildcards
+      are for tokens, not routes.
+    `family` is derived, never passed: "agency" iff the template starts with /api/v1/agency/.
+    """
+
+    method: str
+    template: str
+    scope: str
+    family: Family = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.method not in HTTP_METHODS:
+            allowed = ", ".join(sorted(HTTP_METHODS))
+            raise ValueError(f"route method {self.method!r}: must be one of {allowed}")
+        _template_shape(self.template)
+        _check_route_scope(self.scope)
+        family: Family = "agency" if self.template.startswith(AGENCY_PREFIX) else "team"
+        # Frozen dataclass: the derived field is set once, here, and never again.
+        object.__setattr__(self, "family", family)
+
+
+@dataclass(frozen=True, slots=True)
+class RouteMatch:
+    """The outcome of matching one request.
+
+    `route` is None when no known route matched (the caller answers 404 unless the token
+    holds "*"); `template` is then UNMATCHED_TEMPLATE. `path` is the canonical,
+    percent-encoded path to forward upstream (without query string). `family` is the
+    route's, or for unmatched paths "agency" iff the first three segments are api, v1,
+    agency compared case-insensitively: should the upstream route case-insensitively, an
+    agency-looking path still gets the agency credential and never the team key.
+    """
+
+    route: Route | None
+    template: str
+    path: str
+    family: Family
+
+
+def normalise_path(raw_path: str) -> list[str]:
+    """Decode a request path into segments, or raise PathError.
+
+    `raw_path` is the path as received on the wire, percent-encoded, WITHOUT the query
+    string (callers split at the first "?"; a "?" or "#" left in it is refused). "/"
+    yields []. Refused: not starting with "/"; empty segments (`//`, trailing slash);
+    segments made only of dots; "\\", ";", control characters, raw or encoded;
+    %2F %5C %2E %00 %25 %3B %3F %23 in any hex case; malformed escapes; invalid UTF-8;
+    non-ASCII segments whose NFKC form is a dot segment or holds a delimiter.
+    """
+    if len(raw_path) > MAX_PATH_LENGTH:
+        raise PathError("path too long")
+    if not raw_path.startswith("/"):
+        raise PathError("path must start with /")
+    if raw_path == "/":
+        return []
+    raw_segments = raw_path[1:].split("/")
+    last = len(raw_segments) - 1
+    segments = []
+    for index, raw in enumerate(raw_segments):
+        if not raw:
+            raise PathError("trailing slash" if index == last else "empty path segment")
+        segments.append(_decode_segment(raw))
+    return segments
+
+
+def _decode_segment(raw: str) -> str:
+    """Percent-decode one non-empty raw segment (UTF-8 strict) and vet the result."""
+    data = bytearray()
+    i = 0
+    while i < len(raw):
+        char = raw[i]
+        if char == "%":
+            digits = raw[i + 1 : i + 3]
+            if len(digits) != 2 or not _HEX_DIGITS.issuperset(digits):
+                raise PathError("malformed percent escape")
+            byte = int(digits, 16)
+            reason = _REFUSED_ENCODED.get(byte)
+            if reason is not None:
+                raise PathError(reason)
+            data.append(byte)
+            i += 3
+            continue
+        _check_raw_char(char)
+        try:
+            data += char.encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogate, e.g. from a surrogateescape decode
+            raise PathError("invalid UTF-8") from None
+        i += 1
+    try:
+        text = data.decode("utf-8")  # strict: overlong forms such as %C0%AE are refused
+    except UnicodeDecodeError:
+        raise PathError("invalid UTF-8") from None
+    _check_decoded(text)
+    return text
+
+
+def _check_raw_char(char: str) -> None:
+    if char == "\\":
+        raise PathError("backslash")
+    if char == ";":
+        raise PathError("path parameter (;)")
+    if char in "?#":
+        raise PathError("query or fragment in path")
+
+
+def _check_decoded(text: str) -> None:
+    # Unicode category Cc is exactly U+0000-U+001F and U+007F-U+009F; checking after
+    # decoding also catches UTF-8-encoded C1 controls such as %C2%85 (NEL).
+    if any(c < " " or "\x7f" <= c <= "\x9f" for c in text):
+        raise PathError("control character")
+    if not text.strip("."):
+        raise PathError("dot segment")
+    if not text.isascii():
+        folded = normalize("NFKC", text)
+        if not folded.strip(".") or not _DELIMITERS.isdisjoint(folded):
+            raise PathError("unicode lookalike of a path delimiter")
+
+
+def _template_shape(template: str) -> tuple[str, ...]:
+    """Validate a template; return its segments with every parameter as "{}".
+
+    Two templates with the same shape match exactly the same paths.
+    """
+    where = f"route template {template!r}"
+    if not template.startswith(API_PREFIX):
+        raise ValueError(f"{where}: must start with {API_PREFIX}")
+    try:
+        normalise_path(template)
+    except PathError as exc:
+        raise ValueError(f"{where}: {exc.reason}") from None
+    shape: list[str] = []
+    names: set[str] = set()
+    for segment in template[1:].split("/"):
+        if segment.startswith("{") and segment.endswith("}"):
+            name = segment[1:-1]
+            if not (name.isascii() and name.isidentifier()):
+                raise ValueError(f"{where}: parameter {segment!r} needs an identifier name")
+            if name in names:
+                raise ValueError(f"{where}: parameter {segment!r} appears twice")
+            names.add(name)
+            shape.append("{}")
+        elif "{" in segment or "}" in segment:
+            raise ValueError(f"{where}: a parameter must be a whole segment like {{name}}")
+        elif not _UNRESERVED.issuperset(segment):
+            raise ValueError(f"{where}: literal segments use only A-Z a-z 0-9 - . _ ~")
+        else:
+            shape.append(segment)
+    return tuple(shape)
+
+
+def _check_route_scope(scope: str) -> None:
+    if not scope:
+        raise ValueError("route scope is empty")
+    if not all(part and _SCOPE_CHARS.issuperset(part) for part in scope.split(":")):
+        raise ValueError(
+            f"route scope {scope!r}: must be ':'-separated parts of a-z 0-9 _ - "
+            "(lower-case; wildcards belong to tokens, not routes)"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _Node:
+    """One trie level: literal children win over the param child; methods end here."""
+
+    literals: Mapping[str, _Node]
+    param: _Node | None
+    methods: Mapping[str, Route]
+
+
+def _build(entries: Sequence[tuple[tuple[str, ...], Route]], depth: int) -> _Node:
+    """Build the (immutable) subtrie for routes sharing the first `depth` shape segments."""
+    methods: dict[str, Route] = {}
+    literal_groups: dict[str, list[tuple[tuple[str, ...], Route]]] = {}
+    param_group: list[tuple[tuple[str, ...], Route]] = []
+    for shape, route in entries:
+        if len(shape) == depth:
+            methods[route.method] = route
+        elif shape[depth] == "{}":
+            param_group.append((shape, route))
+        else:
+            literal_groups.setdefault(shape[depth], []).append((shape, route))
+    literals = {seg: _build(group, depth + 1) for seg, group in literal_groups.items()}
+    return _Node(
+        literals=MappingProxyType(literals),
+        param=_build(param_group, depth + 1) if param_group else None,
+        methods=MappingProxyType(methods),
+    )
+
+
+class RouteTable:
+    """An immutable set of routes, matched by a dict walk over path segments.
+
+    Duplicates (same method and same template shape, whatever the parameter names) are a
+    ValueError naming both. Matching never uses regular expressions.
+    """
+
+    __slots__ = ("_root", "routes")
+
+    routes: tuple[Route, ...]
+
+    def __init__(self, routes: Iterable[Route]) -> None:
+        self.routes = tuple(routes)
+        entries: list[tuple[tuple[str, ...], Route]] = []
+        seen: dict[tuple[str, tuple[str, ...]], Route] = {}
+        for route in self.routes:
+            shape = _template_shape(route.template)
+            earlier = seen.setdefault((route.method, shape), route)
+            if earlier is not route:
+                raise ValueError(
+                    f"duplicate route {route.method} {route.template}"
+                    f" (same as {earlier.method} {earlier.template})"
+                )
+            entries.append((shape, route))
+        self._root = _build(entries, 0)
+
+    def match(self, method: str, raw_path: str) -> RouteMatch:
+        """Normalise `raw_path` (may raise PathError), then match it case-exactly.
+
+        `method` must equal a route's method exactly ("get" matches nothing). The path
+        picks one trie node, literal segments first and without backtracking; a method
+        missing on that node gives an unmatched result rather than a looser route.
+        """
+        segments = normalise_path(raw_path)
+        route = self._lookup(method, segments)
+        path = "/" + "/".join(quote(segment, safe="") for segment in segments)
+        if route is not None:
+            return RouteMatch(route=route, template=route.template, path=path, family=route.family)
+        head = [segment.casefold() for segment in segments[:3]]
+        family: Family = "agency" if head == ["api", "v1", "agency"] else "team"
+        return RouteMatch(route=None, template=UNMATCHED_TEMPLATE, path=path, family=family)
+
+    def _lookup(self, method: str, segments: Sequence[str]) -> Route | None:
+        node = self._root
+        for segment in segments:
+            child = node.literals.get(segment)
+            if child is None:
+                child = node.param
+            if child is None:
+                return None
+            node = child
+        return node.methods.get(method)
+
+    def __len__(self) -> int:
+        return len(self.routes)
+
+    def __iter__(self) -> Iterator[Route]:
+        return iter(self.routes)
+
+    def __repr__(self) -> str:
+        return f"RouteTable({len(self.routes)} routes)"
+
+
+def scope_allows(granted: Iterable[str], needed: str) -> bool:
+    """True iff a token holding `granted` may use a route needing `needed`.
+
+    "*" grants everything, including unknown routes (ask with needed="*"). A scope ending
+    in ":*" grants every scope that starts with what precedes the "*" and goes on after
+    it ("agency:*" grants "agency:subteams:write"). Any other scope grants only itself.
+    Comparison is case-exact; there are no partial prefixes ("contacts" grants nothing).
+    """
+    if isinstance(granted, str):
+        # A bare string would be iterated character by character, and "*" is a character.
+        raise TypeError("granted must be a collection of scopes, not a str")
+    for scope in granted:
+        if scope in (WILDCARD, needed):
+            return True
+        if scope.endswith(":*"):
+            prefix = scope[:-1]
+            if len(needed) > len(prefix) and needed.startswith(prefix):
+                return True
+    return False
+
+
+def known_scopes(routes: Iterable[Route]) -> frozenset[str]:
+    """Every scope a token may be created with: each route scope, "*", and each wildcard
+    that grants at least one route scope ("agency:*" and "agency:subteams:*" for
+    "agency:subteams:write")."""
+    scopes = {WILDCARD}
+    for route in routes:
+        scopes.add(route.scope)
+        parts = route.scope.split(":")
+        scopes.update(":".join(parts[:n]) + ":*" for n in range(1, len(parts)))
+    return frozenset(scopes)
+
+
+def is_valid_scope(scope: str, routes: Iterable[Route]) -> bool:
+    """True iff `scope` is one of known_scopes(routes)."""
+    return scope in known_scopes(routes)
+
+
+DEFAULT_ROUTES: Final[tuple[Route, ...]] = (
+    Route("GET", "/api/v1/contacts", "contacts:read"),
+    Route("POST", "/api/v1/contacts", "contacts:write"),
+    Route("GET", "/api/v1/contacts/{contactId}", "contacts:read"),
+    Route("PUT", "/api/v1/contacts/{contactId}", "contacts:write"),
+    Route("DELETE", "/api/v1/contacts/{contactId}", "contacts:delete"),
+    Route("POST", "/api/v1/contacts/bulk", "contacts:write"),
+    Route("GET", "/api/v1/contacts/{contactId}/notes", "contacts:read"),
+    Route("POST", "/api/v1/contacts/{contactId}/notes", "contacts:write"),
+    Route("GET", "/api/v1/contacts/{contactId}/assignments", "contacts:read"),
+    Route("POST", "/api/v1/contacts/{contactId}/assignments", "contacts:write"),
+    Route("PUT", "/api/v1/contacts/{contactId}/assignments", "contacts:write"),
+    Route("POST", "/api/v1/contacts/{contactId}/boards", "contacts:write"),
+    Route("PUT", "/api/v1/contacts/{contactId}/boards", "contacts:write"),
+    Route("GET", "/api/v1/contacts/custom-fields", "contacts:read"),
+    Route("GET", "/api/v1/boards", "boards:read"),
+    Route("GET", "/api/v1/tags", "tags:read"),
+    Route("POST", "/api/v1/tags", "tags:write"),
+    Route("POST", "/api/v1/agency/subteams", "agency:subteams:write"),
+)
+"""Every endpoint of SPEC §2 with its scope per the §4 table."""

@@ -1,0 +1,65 @@
+"""In-process token store (``memory://``): for tests, demos and throwaway sidecars.
+
+It forgets every token on restart; use ``sqlite:///path`` for anything that must survive one.
+"""
+
+from __future__ import annotations
+
+import builtins
+import dataclasses
+from typing import Unpack
+
+from proxy.tokens import TokenChanges, TokenRecord, apply_changes
+
+__all__ = ["MemoryTokenStore"]
+
+
+class MemoryTokenStore:
+    """A dict of records keyed by public id, implementing ``proxy.tokens.TokenStore``.
+
+    Each method runs without awaiting, so on one event loop it is atomic. Records are frozen,
+    so handing out the stored objects is safe. After ``close`` every method raises RuntimeError.
+    """
+
+    def __init__(self) -> None:
+        self._records: dict[str, TokenRecord] = {}
+        self._closed = False
+
+    def _open_records(self) -> dict[str, TokenRecord]:
+        if self._closed:
+            raise RuntimeError("memory token store is closed")
+        return self._records
+
+    async def put(self, record: TokenRecord) -> None:
+        records = self._open_records()
+        if record.id in records:
+            raise ValueError(f"token id {record.id!r} already exists")
+        records[record.id] = record
+
+    async def get(self, token_id: str) -> TokenRecord | None:
+        return self._open_records().get(token_id)
+
+    async def list(self) -> builtins.list[TokenRecord]:
+        return sorted(self._open_records().values(), key=lambda r: (r.created_at, r.id))
+
+    async def revoke(self, token_id: str, now: float) -> TokenRecord | None:
+        records = self._open_records()
+        record = records.get(token_id)
+        if record is None or record.revoked_at is not None:
+            return record
+        records[token_id] = revoked = dataclasses.replace(record, revoked_at=now)
+        return revoked
+
+    async def update(self, token_id: str, **changes: Unpack[TokenChanges]) -> TokenRecord | None:
+        records = self._open_records()
+        record = records.get(token_id)
+        if record is None:
+            return None
+        records[token_id] = updated = apply_changes(record, changes)
+        return updated
+
+    async def ping(self) -> None:
+        self._open_records()
+
+    async def close(self) -> None:
+        self._closed = True

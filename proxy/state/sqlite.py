@@ -1,0 +1,251 @@
+"""SQLite token store (``sqlite:///path``), the default for ``serve``: stdlib ``sqlite3`` only.
+
+The database file is meant to hold all of one gateway's durable state: tokens now, budget
+reservations later. ``open_sqlite`` is the one way to open it (permissions, pragmas, schema
+migrations), so a budget module opens its own connection to the same file the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import json
+import os
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar, Unpack
+
+from proxy.tokens import TokenChanges, TokenRecord, apply_changes
+
+__all__ = ["SCHEMA_MIGRATIONS", "SCHEMA_VERSION", "SqliteTokenStore", "open_sqlite", "transaction"]
+
+T = TypeVar("T")
+
+BUSY_TIMEOUT_SECONDS = 5.0
+"""How long a statement waits for another process's write lock before failing."""
+
+SCHEMA_MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    # 0 -> 1: tokens. Scopes are a JSON array of strings; times are Unix seconds.
+    (
+        """CREATE TABLE tokens (
+            id TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            secret_hash TEXT NOT NULL,
+            scopes TEXT NOT NULL,
+            upstream_key TEXT NOT NULL,
+            hourly INTEGER,
+            per_minute INTEGER,
+            weight INTEGER NOT NULL,
+            created_at REAL NOT NULL,
+            expires_at REAL,
+            revoked_at REAL
+        )""",
+        "CREATE INDEX tokens_by_created_at ON tokens (created_at, id)",
+    ),
+)
+"""Entry ``i`` takes the schema from ``PRAGMA user_version`` ``i`` to ``i + 1``. Only append."""
+
+SCHEMA_VERSION = len(SCHEMA_MIGRATIONS)
+
+_SELECT = (
+    "SELECT id, name, secret_hash, scopes, upstream_key, hourly, per_minute, weight,"
+    " created_at, expires_at, revoked_at FROM tokens"
+)
+
+
+@contextmanager
+def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """``BEGIN IMMEDIATE`` ... ``COMMIT``, rolled back on any exception.
+
+    IMMEDIATE takes the write lock up front, so a read-modify-write is atomic across
+    processes. Needs a connection from ``open_sqlite`` (autocommit mode).
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def _create_private(path: str) -> None:
+    """Create the file (and its missing directories) readable by the owner only.
+
+    SQLite gives its -wal and -shm files the main file's mode, so they stay private too.
+    An existing file keeps the mode its owner gave it.
+    """
+    parent = os.path.dirname(path)
+    if parent:
+        os.makedirs(parent, mode=0o700, exist_ok=True)
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    with transaction(conn):
+        (version,) = conn.execute("PRAGMA user_version").fetchone()
+        if version > SCHEMA_VERSION:
+            raise RuntimeError(
+                f"state: database schema version {version} is newer than this gateway"
+                f" understands ({SCHEMA_VERSION}); upgrade the gateway"
+            )
+        for statements in SCHEMA_MIGRATIONS[version:]:
+            for statement in statements:
+                conn.execute(statement)
+        # PRAGMA takes no bound parameters; the value is our own integer.
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION:d}")
+
+
+def open_sqlite(path: str | os.PathLike[str]) -> sqlite3.Connection:
+    """Open the state database at ``path``, creating it (mode 0600) and migrating its schema.
+
+    The connection is in autocommit mode (use ``transaction``), WAL journal, synchronous=NORMAL
+    (durable across process crashes; a power cut may lose the last commits), and usable from
+    any thread (``check_same_thread=False``): the caller serialises access with a lock.
+    Blocking: call it through ``asyncio.to_thread`` from async code.
+    """
+    path = os.fspath(path)
+    _create_private(path)
+    conn = sqlite3.connect(
+        path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None, check_same_thread=False
+    )
+    try:
+        (mode,) = conn.execute("PRAGMA journal_mode=WAL").fetchone()
+        if mode != "wal":
+            raise RuntimeError(f"state: SQLite refused WAL mode (got {mode!r})")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        _migrate(conn)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _to_row(record: TokenRecord) -> tuple[object, ...]:
+    return (
+        record.id,
+        record.name,
+        record.secret_hash,
+        json.dumps(list(record.scopes)),
+        record.upstream_key,
+        record.hourly,
+        record.per_minute,
+        record.weight,
+        record.created_at,
+        record.expires_at,
+        record.revoked_at,
+    )
+
+
+def _from_row(row: tuple[Any, ...]) -> TokenRecord:
+    """Rebuild a record; TokenRecord's own checks reject a corrupt or tampered row."""
+    (id_, name, secret_hash, scopes, upstream_key, hourly, per_minute, weight, *times) = row
+    created_at, expires_at, revoked_at = times
+    return TokenRecord(
+        id=id_,
+        name=name,
+        secret_hash=secret_hash,
+        scopes=tuple(json.loads(scopes)),
+        upstream_key=upstream_key,
+        hourly=hourly,
+        per_minute=per_minute,
+        weight=weight,
+        created_at=created_at,
+        expires_at=expires_at,
+        revoked_at=revoked_at,
+    )
+
+
+def _get(conn: sqlite3.Connection, token_id: str) -> TokenRecord | None:
+    row = conn.execute(_SELECT + " WHERE id = ?", (token_id,)).fetchone()
+    return None if row is None else _from_row(row)
+
+
+def _put(conn: sqlite3.Connection, record: TokenRecord) -> None:
+    try:
+        conn.execute("INSERT INTO tokens VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", _to_row(record))
+    except sqlite3.IntegrityError:
+        raise ValueError(f"token id {record.id!r} already exists") from None
+
+
+def _list(conn: sqlite3.Connection) -> builtins.list[TokenRecord]:
+    return [_from_row(row) for row in conn.execute(_SELECT + " ORDER BY created_at, id")]
+
+
+def _revoke(conn: sqlite3.Connection, token_id: str, now: float) -> TokenRecord | None:
+    with transaction(conn):
+        conn.execute(
+            "UPDATE tokens SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL", (now, token_id)
+        )
+        return _get(conn, token_id)
+
+
+def _update(conn: sqlite3.Connection, token_id: str, changes: TokenChanges) -> TokenRecord | None:
+    with transaction(conn):
+        record = _get(conn, token_id)
+        if record is None:
+            return None
+        updated = apply_changes(record, changes)
+        conn.execute(
+            "UPDATE tokens SET scopes = ?, hourly = ?, per_minute = ?, weight = ?, expires_at = ?"
+            " WHERE id = ?",
+            (
+                json.dumps(list(updated.scopes)),
+                updated.hourly,
+                updated.per_minute,
+                updated.weight,
+                updated.expires_at,
+                token_id,
+            ),
+        )
+        return updated
+
+
+class SqliteTokenStore:
+    """``proxy.tokens.TokenStore`` on one SQLite connection, which it owns and closes.
+
+    Each call runs in a worker thread (``asyncio.to_thread``) under a ``threading.Lock``, so
+    the event loop never blocks on disk and the connection sees one statement at a time.
+    Writes that read first run in one IMMEDIATE transaction, so several processes sharing
+    the file stay consistent. A call whose caller is cancelled still finishes in its thread.
+    """
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+        self._lock = threading.Lock()
+
+    @classmethod
+    async def open(cls, path: str | os.PathLike[str]) -> SqliteTokenStore:
+        """Open (creating and migrating as needed) the database at ``path``."""
+        return cls(await asyncio.to_thread(open_sqlite, path))
+
+    async def _run(self, call: Callable[[sqlite3.Connection], T]) -> T:
+        def locked() -> T:
+            with self._lock:
+                return call(self._conn)
+
+        return await asyncio.to_thread(locked)
+
+    async def put(self, record: TokenRecord) -> None:
+        await self._run(lambda conn: _put(conn, record))
+
+    async def get(self, token_id: str) -> TokenRecord | None:
+        return await self._run(lambda conn: _get(conn, token_id))
+
+    async def list(self) -> builtins.list[TokenRecord]:
+        return await self._run(_list)
+
+    async def revoke(self, token_id: str, now: float) -> TokenRecord | None:
+        return await self._run(lambda conn: _revoke(conn, token_id, now))
+
+    async def update(self, token_id: str, **changes: Unpack[TokenChanges]) -> TokenRecord | None:
+        return await self._run(lambda conn: _update(conn, token_id, changes))
+
+    async def ping(self) -> None:
+        """Raises ``sqlite3.Error`` if the database cannot answer, e.g. once closed."""
+        await self._run(lambda conn: conn.execute("SELECT 1").fetchone())
+
+    async def close(self) -> None:
+        await self._run(lambda conn: conn.close())

@@ -1,0 +1,62 @@
+"""Token operations shared by the CLI and the admin API: validate, mint, store."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from proxy.config import AGENCY_KEY_NAME, GatewayConfig
+from proxy.routes import RouteTable, is_valid_scope
+from proxy.tokens import DEFAULT_UPSTREAM_KEY, NewToken, TokenStore, mint_token, parse_duration
+
+
+def upstream_key_names(config: GatewayConfig) -> tuple[str, ...]:
+    """The team keys a token may be bound to (the agency key is per route, not per token)."""
+    return (DEFAULT_UPSTREAM_KEY, *config.upstream.extra_keys)
+
+
+async def create_token(
+    store: TokenStore,
+    config: GatewayConfig,
+    routes: RouteTable,
+    *,
+    name: str,
+    scopes: Sequence[str],
+    upstream_key: str = DEFAULT_UPSTREAM_KEY,
+    hourly: int | None = None,
+    per_minute: int | None = None,
+    weight: int = 1,
+    expires_in: str | float | None = None,
+    now: float | None = None,
+) -> NewToken:
+    """Validate every field (ValueError naming it), mint a token and store its hash."""
+    if not scopes:
+        raise ValueError("scopes: at least one scope is required")
+    for scope in scopes:
+        if not is_valid_scope(scope, routes.routes):
+            raise ValueError(f"scopes: unknown scope {scope!r}")
+    if upstream_key == AGENCY_KEY_NAME:
+        raise ValueError("upstream_key: agency routes always use the agency key; bind a team key")
+    if upstream_key not in upstream_key_names(config):
+        known = ", ".join(upstream_key_names(config))
+        raise ValueError(f"upstream_key: {upstream_key!r} is not configured (known: {known})")
+    for field_name, value in (("hourly", hourly), ("per_minute", per_minute)):
+        if value is not None and (isinstance(value, bool) or value <= 0):
+            raise ValueError(f"{field_name}: must be a positive integer, got {value!r}")
+    seconds: float | None = None
+    if expires_in is not None:
+        seconds = parse_duration(expires_in) if isinstance(expires_in, str) else float(expires_in)
+        if seconds <= 0:
+            raise ValueError(f"expires_in: must be positive, got {expires_in!r}")
+    new = mint_token(
+        name=name,
+        scopes=list(scopes),
+        now=time.time() if now is None else now,
+        upstream_key=upstream_key,
+        hourly=hourly,
+        per_minute=per_minute,
+        weight=weight,
+        expires_in=seconds,
+    )
+    await store.put(new.record)
+    return new

@@ -1,0 +1,114 @@
+"""Shared fixtures: the real gateway in front of the real simulator, both on loopback."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from proxy.app import build_apps
+from proxy.config import parse_config, resolve_secrets
+from proxy.runtime import RUNTIME, Runtime
+from proxy.sim import SimConfig, SimLimit, Simulator
+from proxy.tokenops import create_token
+
+TEAM_KEY = "real-team-key-0123456789abcdef"
+ACME_KEY = "real-acme-key-fedcba9876543210"
+AGENCY_KEY = "real-agency-key-55555555555555"
+ADMIN_TOKEN = "admin-token-for-tests"
+SECRETS = (TEAM_KEY, ACME_KEY, AGENCY_KEY)
+ENV = {
+    "ECHOWIN_API_KEY": TEAM_KEY,
+    "ECHOWIN_ACME_KEY": ACME_KEY,
+    "ECHOWIN_AGENCY_KEY": AGENCY_KEY,
+    "GATEWAY_ADMIN_TOKEN": ADMIN_TOKEN,
+}
+
+ServerFactory = Callable[..., Awaitable[TestServer]]
+
+
+@dataclass
+class SimHandle:
+    sim: Simulator
+    server: TestServer
+
+    @property
+    def url(self) -> str:
+        return str(self.server.make_url("")).rstrip("/")
+
+
+@dataclass
+class GatewayHandle:
+    runtime: Runtime
+    proxy: TestServer
+    admin: TestServer
+
+    def url(self, path: str) -> str:
+        return str(self.proxy.make_url(path))
+
+    def admin_url(self, path: str) -> str:
+        return str(self.admin.make_url(path))
+
+    async def token(self, *scopes: str, name: str = "svc", **kwargs: Any) -> str:
+        rt = self.runtime
+        new = await create_token(
+            rt.store, rt.config, rt.routes, name=name, scopes=scopes or ("*",), **kwargs
+        )
+        return new.token
+
+
+@pytest.fixture
+async def sim(aiohttp_server: ServerFactory) -> SimHandle:
+    simulator = Simulator(
+        SimConfig(
+            team_keys=frozenset({TEAM_KEY, ACME_KEY}),
+            agency_keys=frozenset({AGENCY_KEY}),
+            limits=(SimLimit(100_000, 3600.0),),
+        )
+    )
+    server = await aiohttp_server(simulator.app())
+    return SimHandle(simulator, server)
+
+
+def gateway_config(upstream_url: str, **overrides: Any) -> dict[str, Any]:
+    upstream = {
+        "base_url": upstream_url,
+        "api_key": {"env": "ECHOWIN_API_KEY"},
+        "agency_key": {"env": "ECHOWIN_AGENCY_KEY"},
+        "extra_keys": {"acme": {"env": "ECHOWIN_ACME_KEY"}},
+        "timeout_seconds": 2,
+        "connect_timeout_seconds": 1,
+    }
+    upstream.update(overrides.pop("upstream", {}))
+    raw: dict[str, Any] = {"state": "memory://", "upstream": upstream}
+    raw.update(overrides)
+    return raw
+
+
+@pytest.fixture
+async def make_gateway(
+    aiohttp_server: ServerFactory, sim: SimHandle
+) -> Callable[..., Awaitable[GatewayHandle]]:
+    async def make(upstream_url: str | None = None, **overrides: Any) -> GatewayHandle:
+        config = parse_config(gateway_config(upstream_url or sim.url, **overrides))
+        proxy_app, admin_app = build_apps(config, resolve_secrets(config, ENV))
+        proxy = await aiohttp_server(proxy_app)
+        admin = await aiohttp_server(admin_app)
+        return GatewayHandle(proxy_app[RUNTIME], proxy, admin)
+
+    return make
+
+
+@pytest.fixture
+async def gateway(make_gateway: Callable[..., Awaitable[GatewayHandle]]) -> GatewayHandle:
+    return await make_gateway()
+
+
+def app_of(server: TestServer) -> web.Application:
+    app = server.app
+    assert app is not None
+    return app

@@ -1,0 +1,450 @@
+"""The request path end to end: real gateway, real simulator, loopback sockets."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+import aiohttp
+import pytest
+
+from proxy.logs import JsonFormatter
+from proxy.sim import Faults
+from tests.conftest import (
+    ACME_KEY,
+    ADMIN_TOKEN,
+    AGENCY_KEY,
+    SECRETS,
+    TEAM_KEY,
+    GatewayHandle,
+    SimHandle,
+)
+
+MakeGateway = Callable[..., Awaitable[GatewayHandle]]
+
+
+async def call(
+    method: str,
+    url: str,
+    *,
+    token: str | None = None,
+    headers: dict[str, str] | None = None,
+    **kw: object,
+) -> tuple[int, dict[str, str], bytes]:
+    hdrs = dict(headers or {})
+    if token is not None:
+        hdrs.setdefault("Authorization", f"Bearer {token}")
+    async with (
+        aiohttp.ClientSession(auto_decompress=False) as session,
+        session.request(method, url, headers=hdrs, **kw) as resp,  # type: ignore[arg-type]
+    ):
+        return resp.status, dict(resp.headers), await resp.read()
+
+
+def last_request(sim: SimHandle):  # type: ignore[no-untyped-def]
+    assert sim.sim.log, "the simulator saw no request"
+    return sim.sim.log[-1]
+
+
+async def test_proxies_with_the_real_key_and_never_the_token(
+    gateway: GatewayHandle, sim: SimHandle
+) -> None:
+    token = await gateway.token("contacts:read")
+    status, headers, body = await call(
+        "GET", gateway.url("/api/v1/contacts?page=1&limit=5"), token=token
+    )
+    assert status == 200, body
+    data = json.loads(body)
+    assert data["pagination"]["limit"] == 5
+    seen = last_request(sim)
+    assert seen.path == "/api/v1/contacts?page=1&limit=5"
+    lowered = {k.lower(): v for k, v in seen.headers.items()}
+    assert lowered["x-api-key"] == TEAM_KEY
+    assert "authorization" not in lowered
+    assert all(token not in v for v in seen.headers.values())
+    assert headers["X-Request-ID"]
+
+
+@pytest.mark.parametrize("style", ["bearer", "x-api-key"])
+async def test_token_accepted_where_echowin_clients_put_their_key(
+    gateway: GatewayHandle, sim: SimHandle, style: str
+) -> None:
+    token = await gateway.token("tags:read")
+    headers = {"Authorization": f"Bearer {token}"} if style == "bearer" else {"X-API-Key": token}
+    status, _, body = await call("GET", gateway.url("/api/v1/tags"), headers=headers)
+    assert status == 200, body
+    assert {k.lower(): v for k, v in last_request(sim).headers.items()}["x-api-key"] == TEAM_KEY
+
+
+async def test_agency_route_gets_the_agency_key(gateway: GatewayHandle, sim: SimHandle) -> None:
+    token = await gateway.token("agency:subteams:write")
+    body = {"firstName": "A", "lastName": "B", "teamName": "T", "email": "a@example.com"}
+    status, _, raw = await call(
+        "POST", gateway.url("/api/v1/agency/subteams"), headers={"X-AGENCY-KEY": token}, json=body
+    )
+    assert status in (200, 201), raw
+    seen = {k.lower(): v for k, v in last_request(sim).headers.items()}
+    assert seen["x-agency-key"] == AGENCY_KEY
+    assert "x-api-key" not in seen
+
+
+async def test_token_bound_to_an_extra_key_spends_that_key(
+    gateway: GatewayHandle, sim: SimHandle
+) -> None:
+    token = await gateway.token("contacts:read", upstream_key="acme")
+    status, _, _ = await call("GET", gateway.url("/api/v1/contacts"), token=token)
+    assert status == 200
+    assert {k.lower(): v for k, v in last_request(sim).headers.items()}["x-api-key"] == ACME_KEY
+
+
+async def test_auth_failures_are_401_shaped_like_echowin(
+    gateway: GatewayHandle, sim: SimHandle
+) -> None:
+    expired = await gateway.token("contacts:read", name="old", expires_in=10, now=time.time() - 60)
+    revoked = await gateway.token("contacts:read", name="gone")
+    await gateway.runtime.auth.revoke(revoked.split("_")[1])
+    good = await gateway.token("contacts:read")
+    wrong_secret = good[:-4] + ("AAAA" if not good.endswith("AAAA") else "BBBB")
+    cases = {
+        None: ("Missing X-API-Key header", "missing"),
+        "not-a-token": ("Invalid API key", "malformed"),
+        "egw_aaaaaaaaaaaa_" + "b" * 43: ("Invalid API key", "unknown"),
+        wrong_secret: ("Invalid API key", "unknown"),
+        expired: ("API key expired", "expired"),
+        revoked: ("API key revoked", "revoked"),
+    }
+    for token, (message, reason) in cases.items():
+        status, headers, body = await call("GET", gateway.url("/api/v1/contacts"), token=token)
+        assert status == 401, (token, body)
+        assert json.loads(body) == {"error": message, "reason": reason}
+        assert headers["Content-Type"].startswith("application/json")
+    assert len(sim.sim.log) == 0, "no refused request may reach echowin"
+    _, _, metrics = await call("GET", gateway.admin_url("/metrics"))
+    assert b'echowin_gateway_auth_failures_total{reason="revoked"} 1.0' in metrics
+
+
+async def test_missing_scope_is_403_naming_it(gateway: GatewayHandle, sim: SimHandle) -> None:
+    token = await gateway.token("contacts:read")
+    status, _, body = await call(
+        "POST", gateway.url("/api/v1/tags"), token=token, json={"name": "x"}
+    )
+    assert status == 403
+    assert json.loads(body)["scope"] == "tags:write"
+    assert "tags:write" in json.loads(body)["error"]
+    status, _, body = await call("DELETE", gateway.url("/api/v1/contacts/c1"), token=token)
+    assert status == 403 and json.loads(body)["scope"] == "contacts:delete"
+    assert len(sim.sim.log) == 0
+
+
+async def test_wildcard_scopes(gateway: GatewayHandle, sim: SimHandle) -> None:
+    token = await gateway.token("contacts:*")
+    status, _, _ = await call(
+        "POST", gateway.url("/api/v1/contacts"), token=token, json={"number": "+15550100"}
+    )
+    assert status in (200, 201)
+    status, _, _ = await call("GET", gateway.url("/api/v1/boards"), token=token)
+    assert status == 403
+
+
+async def test_unknown_routes_need_star(gateway: GatewayHandle, sim: SimHandle) -> None:
+    narrow = await gateway.token("contacts:*")
+    status, _, body = await call("GET", gateway.url("/api/v1/agents"), token=narrow)
+    assert status == 404 and json.loads(body)["reason"] == "unknown_route"
+    assert len(sim.sim.log) == 0
+    star = await gateway.token("*")
+    status, _, _ = await call("GET", gateway.url("/api/v1/agents"), token=star)
+    assert len(sim.sim.log) == 1  # forwarded; echowin (the simulator) decides
+    assert status == 404
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/api/v1//contacts",
+        "/api/v1/contacts/../tags",
+        "/api/v1/contacts/%2e%2e/tags",
+        "/api/v1/contacts%2Fabc",
+        "/api/v1/contacts/abc;x=1",
+        "/api/v1/contacts/a%5Cb",
+        "/api/v1/contacts/a%00",
+    ],
+)
+async def test_path_tricks_are_400(gateway: GatewayHandle, sim: SimHandle, path: str) -> None:
+    token = await gateway.token("*")
+    async with aiohttp.ClientSession() as session:
+        url = gateway.url("/").rstrip("/") + path
+        async with session.get(
+            aiohttp.client.URL(url, encoded=True), headers={"Authorization": f"Bearer {token}"}
+        ) as resp:
+            assert resp.status == 400, path
+            assert (await resp.json())["reason"] == "bad_path"
+    assert len(sim.sim.log) == 0
+
+
+async def test_case_games_do_not_match(gateway: GatewayHandle, sim: SimHandle) -> None:
+    token = await gateway.token("contacts:read")
+    for path in ("/API/v1/contacts", "/api/v1/Contacts", "/api/V1/contacts"):
+        status, _, _ = await call("GET", gateway.url(path), token=token)
+        assert status == 404, path
+    assert len(sim.sim.log) == 0
+
+
+async def test_method_override_headers_are_stripped(gateway: GatewayHandle, sim: SimHandle) -> None:
+    token = await gateway.token("contacts:read")
+    overrides = {
+        "X-HTTP-Method-Override": "DELETE",
+        "X-HTTP-Method": "DELETE",
+        "X-Method-Override": "DELETE",
+    }
+    status, _, _ = await call(
+        "GET", gateway.url("/api/v1/contacts"), token=token, headers=overrides
+    )
+    assert status == 200
+    seen = {k.lower() for k in last_request(sim).headers}
+    assert not seen & {k.lower() for k in overrides}
+    assert last_request(sim).method == "GET"
+
+
+async def test_hop_by_hop_headers_removed_and_forwarding_headers_set(
+    gateway: GatewayHandle, sim: SimHandle
+) -> None:
+    token = await gateway.token("contacts:read")
+    headers = {
+        "Connection": "keep-alive, X-Private-Hop",
+        "X-Private-Hop": "1",
+        "Keep-Alive": "timeout=5",
+        "Proxy-Authorization": "Basic abc",
+        "TE": "trailers",
+        "X-Custom": "kept",
+        "X-Request-ID": "req-123",
+        "X-Forwarded-For": "10.9.8.7",
+    }
+    status, resp_headers, _ = await call(
+        "GET", gateway.url("/api/v1/contacts"), token=token, headers=headers
+    )
+    assert status == 200
+    seen = {k.lower(): v for k, v in last_request(sim).headers.items()}
+    for gone in ("x-private-hop", "keep-alive", "proxy-authorization", "te"):
+        assert gone not in seen, gone
+    assert seen["x-custom"] == "kept"
+    assert seen["x-request-id"] == "req-123"
+    assert seen["x-forwarded-for"] == "10.9.8.7, 127.0.0.1"
+    assert seen["x-forwarded-proto"] == "http"
+    assert resp_headers["X-Request-ID"] == "req-123"
+    assert "Keep-Alive" not in resp_headers
+
+
+async def test_response_bytes_pass_through_untouched(
+    gateway: GatewayHandle, sim: SimHandle
+) -> None:
+    token = await gateway.token("contacts:read")
+    sim.sim.set_faults(Faults(gzip=True))
+    status, headers, body = await call(
+        "GET", gateway.url("/api/v1/contacts"), token=token, headers={"Accept-Encoding": "gzip"}
+    )
+    assert status == 200
+    assert headers["Content-Encoding"] == "gzip"
+    assert json.loads(gzip.decompress(body))["pagination"]["page"] == 1
+    assert int(headers["Content-Length"]) == len(body)
+
+
+async def test_request_body_streams_and_is_capped(
+    make_gateway: MakeGateway, sim: SimHandle
+) -> None:
+    gw = await make_gateway(server={"max_request_body_bytes": 1000})
+    token = await gw.token("contacts:write")
+    status, _, _ = await call(
+        "POST", gw.url("/api/v1/contacts"), token=token, json={"number": "+1555", "note": "x" * 100}
+    )
+    assert status in (200, 201)
+    status, _, body = await call(
+        "POST",
+        gw.url("/api/v1/contacts"),
+        token=token,
+        data=b"{" + b" " * 2000 + b"}",
+        headers={"Content-Type": "application/json"},
+    )
+    assert status == 413 and json.loads(body)["reason"] == "body_too_large"
+
+    async def chunks():  # type: ignore[no-untyped-def]
+        for _ in range(30):
+            yield b" " * 100
+
+    status, _, body = await call("POST", gw.url("/api/v1/contacts"), token=token, data=chunks())
+    assert status == 413
+
+
+async def test_upstream_timeout_is_504_and_fast(make_gateway: MakeGateway, sim: SimHandle) -> None:
+    gw = await make_gateway(upstream={"timeout_seconds": 0.3})
+    token = await gw.token("contacts:read")
+    sim.sim.set_faults(Faults(latency_seconds=5))
+    started = time.monotonic()
+    status, _, body = await call("GET", gw.url("/api/v1/contacts"), token=token)
+    assert status == 504 and json.loads(body)["reason"] == "upstream_timeout"
+    assert time.monotonic() - started < 3
+    assert not any(s.encode() in body for s in SECRETS)
+
+
+async def test_upstream_reset_is_502(gateway: GatewayHandle, sim: SimHandle) -> None:
+    token = await gateway.token("contacts:read")
+    sim.sim.set_faults(Faults(reset=True))
+    status, _, body = await call("GET", gateway.url("/api/v1/contacts"), token=token)
+    assert status == 502 and json.loads(body)["reason"] == "upstream_unreachable"
+
+
+async def test_connect_failure_is_502(make_gateway: MakeGateway, unused_tcp_port: int) -> None:
+    gw = await make_gateway(f"http://127.0.0.1:{unused_tcp_port}")
+    token = await gw.token("contacts:read")
+    status, _, body = await call("GET", gw.url("/api/v1/contacts"), token=token)
+    assert status == 502 and json.loads(body)["error"]
+
+
+async def test_upstream_5xx_passes_through(gateway: GatewayHandle, sim: SimHandle) -> None:
+    token = await gateway.token("contacts:read")
+    sim.sim.set_faults(Faults(status=503, count=1))
+    status, _, _ = await call("GET", gateway.url("/api/v1/contacts"), token=token)
+    assert status == 503
+    status, _, _ = await call("GET", gateway.url("/api/v1/contacts"), token=token)
+    assert status == 200
+
+
+async def test_secrets_never_leak(
+    make_gateway: MakeGateway, sim: SimHandle, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    gw = await make_gateway(upstream={"timeout_seconds": 0.3})
+    token = await gw.token("contacts:read", name="leakcheck")
+    seen: list[bytes] = []
+    scenarios = [
+        None,
+        Faults(status=500),
+        Faults(reset=True),
+        Faults(latency_seconds=2),
+        Faults(force_429=True, retry_after=3),
+        Faults(gzip=True),
+    ]
+    for fault in scenarios:
+        sim.sim.clear_faults()
+        if fault is not None:
+            sim.sim.set_faults(fault)
+        for path in ("/api/v1/contacts", "/api/v1/contacts/nope", "/api/v1/tags", "/api/v1//x"):
+            _status, headers, body = await call("GET", gw.url(path), token=token)
+            seen.append(body + json.dumps(headers).encode())
+    sim.sim.clear_faults()
+    for path in ("/metrics", "/healthz", "/readyz"):
+        _, headers, body = await call("GET", gw.admin_url(path))
+        seen.append(body + json.dumps(headers).encode())
+    _, _, body = await call("GET", gw.admin_url("/admin/tokens"), token=ADMIN_TOKEN)
+    seen.append(body)
+    formatter = JsonFormatter()
+    seen.extend(formatter.format(r).encode() for r in caplog.records)
+    assert caplog.records, "expected access log lines"
+    for blob in seen:
+        for secret in (*SECRETS, token, token.split("_")[2]):
+            assert secret.encode() not in blob
+
+
+async def test_access_log_line(gateway: GatewayHandle, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="echowin_gateway.access")
+    token = await gateway.token("contacts:read", name="crm-sync")
+    await call(
+        "GET", gateway.url("/api/v1/contacts/abc123"), token=token, headers={"X-Request-ID": "r-1"}
+    )
+    records = [r for r in caplog.records if r.name == "echowin_gateway.access"]
+    line = json.loads(JsonFormatter().format(records[-1]))
+    assert line["request_id"] == "r-1"
+    assert line["token_name"] == "crm-sync"
+    assert line["token_id"] == token.split("_")[1]
+    assert line["route"] == "/api/v1/contacts/{contactId}"
+    assert line["status"] == 404 and line["upstream_status"] == 404
+    assert "abc123" not in json.dumps(line)
+
+
+async def test_metrics_label_route_templates(gateway: GatewayHandle) -> None:
+    token = await gateway.token("contacts:read", name="dash")
+    for cid in ("c1", "c2", "c3"):
+        await call("GET", gateway.url(f"/api/v1/contacts/{cid}"), token=token)
+    status, _headers, body = await call("GET", gateway.admin_url("/metrics"))
+    assert status == 200
+    text = body.decode()
+    labels = 'method="GET",route="/api/v1/contacts/{contactId}",status="404",token="dash"'
+    assert f"echowin_gateway_requests_total{{{labels}}} 3.0" in text
+    assert "c1" not in text and "c2" not in text
+    assert "echowin_gateway_upstream_duration_seconds_bucket" in text
+
+
+async def test_health_and_readiness(gateway: GatewayHandle) -> None:
+    status, _, body = await call("GET", gateway.admin_url("/healthz"))
+    assert status == 200 and json.loads(body)["status"] == "ok"
+    status, _, body = await call("GET", gateway.admin_url("/readyz"))
+    assert status == 200 and json.loads(body)["token_store"] == "up"
+    await gateway.runtime.store.close()
+    status, _, body = await call("GET", gateway.admin_url("/readyz"))
+    assert status == 503
+
+
+async def test_admin_listener_is_separate(gateway: GatewayHandle, sim: SimHandle) -> None:
+    token = await gateway.token("*")
+    for path in ("/metrics", "/admin/tokens", "/", "/api/v2/contacts"):
+        status, _, _ = await call("GET", gateway.url(path), token=token)
+        assert status == 404, path  # only echowin's /api/v1/ is proxied, even for "*"
+    assert len(sim.sim.log) == 0
+    status, _, _ = await call("GET", gateway.admin_url("/admin/tokens"))
+    assert status == 401
+    status, _, _ = await call("GET", gateway.admin_url("/admin/tokens"), token="wrong")
+    assert status == 401
+
+
+async def test_admin_tokens_round_trip(gateway: GatewayHandle, sim: SimHandle) -> None:
+    status, _, body = await call(
+        "POST",
+        gateway.admin_url("/admin/tokens"),
+        token=ADMIN_TOKEN,
+        json={"name": "ops", "scopes": ["boards:read"], "expires_in": "1d"},
+    )
+    assert status == 201, body
+    created = json.loads(body)
+    token = created["token"]
+    assert "secret_hash" not in created
+    status, _, _ = await call("GET", gateway.url("/api/v1/boards"), token=token)
+    assert status == 200
+    status, _, body = await call("GET", gateway.admin_url("/admin/tokens"), token=ADMIN_TOKEN)
+    assert [t["name"] for t in json.loads(body)["tokens"]] == ["ops"]
+    assert token.encode() not in body
+    status, _, _ = await call(
+        "DELETE", gateway.admin_url(f"/admin/tokens/{created['id']}"), token=ADMIN_TOKEN
+    )
+    assert status == 200
+    status, _, body = await call("GET", gateway.url("/api/v1/boards"), token=token)
+    assert status == 401 and json.loads(body)["reason"] == "revoked"
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"not json",
+        b"[1,2]",
+        json.dumps({"name": "x", "scopes": ["nope:read"]}).encode(),
+        json.dumps({"name": "x", "scopes": ["boards:read"], "hourly": -1}).encode(),
+        json.dumps({"name": "x", "scopes": "boards:read"}).encode(),
+        json.dumps({"name": "x", "scopes": ["boards:read"], "upstream_key": "ghost"}).encode(),
+        json.dumps({"name": "x y z", "scopes": ["boards:read"]}).encode(),
+        json.dumps({"name": "x", "scopes": ["boards:read"], "colour": 1}).encode(),
+    ],
+)
+async def test_bad_admin_input_is_400_and_changes_nothing(
+    gateway: GatewayHandle, payload: bytes
+) -> None:
+    status, _, body = await call(
+        "POST",
+        gateway.admin_url("/admin/tokens"),
+        token=ADMIN_TOKEN,
+        data=payload,
+        headers={"Content-Type": "application/json"},
+    )
+    assert status == 400, body
+    assert json.loads(body)["error"]
+    assert await gateway.runtime.store.list() == []
