@@ -141,9 +141,7 @@ async def token_revoke(request: web.Request) -> web.Response:
 
 
 async def budget(request: web.Request) -> web.Response:
-    rt = request.app[RUNTIME]
-    view = getattr(rt.admitter, "snapshot", None)
-    return _json({"credentials": view() if callable(view) else {}})
+    return _json({"credentials": request.app[RUNTIME].admitter.snapshot()})
 
 
 def build_admin_app(runtime: Runtime) -> web.Application:

@@ -44,6 +44,14 @@ class Admitter(Protocol):
     async def admit(self, request: AdmitRequest) -> Grant | Refusal:
         """Wait (bounded) for budget, or refuse at once."""
 
+    def caller_headers(self, request: AdmitRequest) -> Mapping[str, str]:
+        """The caller's own rate-limit view, as response header fields."""
+
+    def snapshot(self) -> dict[str, object]:
+        """The budget state, JSON-able, for /admin/budget."""
+
+    async def close(self) -> None: ...
+
 
 class _OpenGrant:
     __slots__ = ()
@@ -63,3 +71,12 @@ class OpenAdmitter:
 
     async def admit(self, request: AdmitRequest) -> Grant | Refusal:
         return self._grant
+
+    def caller_headers(self, request: AdmitRequest) -> Mapping[str, str]:
+        return {}
+
+    def snapshot(self) -> dict[str, object]:
+        return {}
+
+    async def close(self) -> None:
+        return None

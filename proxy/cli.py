@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import io
 import json
 import os
 import sys
@@ -165,6 +166,8 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
         config = _load(args)
     except ConfigError as exc:
         return _fail(exc.lines)
+    if isinstance(sys.stdout, io.TextIOWrapper):  # the token line must show when piped (docker)
+        sys.stdout.reconfigure(line_buffering=True)
     return asyncio.run(run_quickstart(config, sim_port=args.sim_port))
 
 

@@ -298,6 +298,22 @@ def _show(value: object) -> str:
     return repr(value)
 
 
+def _error_lines(exc: ValidationError) -> list[str]:
+    """One line per error; a list's "too short" is dropped when its items had errors of
+    their own (pydantic reports both when every item is invalid)."""
+    errors = exc.errors()
+    locs = [tuple(e["loc"]) for e in errors]
+
+    def shadowed(loc: tuple[int | str, ...]) -> bool:
+        return any(len(other) > len(loc) and other[: len(loc)] == loc for other in locs)
+
+    return [
+        _format_error(e)
+        for e, loc in zip(errors, locs, strict=True)
+        if not (e["type"] == "too_short" and shadowed(loc))
+    ]
+
+
 def parse_config(raw: object, source: str = "config") -> GatewayConfig:
     """Validate a parsed YAML document; ConfigError lists every offending key."""
     if raw is None:
@@ -307,7 +323,7 @@ def parse_config(raw: object, source: str = "config") -> GatewayConfig:
     try:
         config = GatewayConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError([_format_error(e) for e in exc.errors()]) from None
+        raise ConfigError(_error_lines(exc)) from None
     try:
         config.route_table()
     except ValueError as exc:

@@ -48,7 +48,20 @@ _DROP_REQUEST = frozenset(
         "content-length",
     }
 )
-_DROP_RESPONSE = frozenset({"server", "date", "set-cookie", "x-request-id"})
+# echowin's own budget view is replaced by the caller's (the key's budget is shared).
+_DROP_RESPONSE = frozenset(
+    {
+        "server",
+        "date",
+        "set-cookie",
+        "x-request-id",
+        "x-ratelimit-limit",
+        "x-ratelimit-remaining",
+        "x-ratelimit-reset",
+        "ratelimit",
+        "ratelimit-policy",
+    }
+)
 _API_PREFIX = "/api/v1/"
 _AGENCY_PREFIX = "/api/v1/agency/"
 _CHUNK = 64 * 1024
@@ -182,13 +195,17 @@ async def _handle(request: web.Request, rt: Runtime, ex: Exchange) -> web.Stream
     if length is not None and length > rt.config.server.max_request_body_bytes:
         ex.refusal = "body_too_large"
         return json_error(413, "Request body too large", reason="body_too_large", headers=headers)
-    admitted = await rt.admitter.admit(
-        AdmitRequest(token, credential.name, match.template, _max_wait(request))
-    )
+    admit = AdmitRequest(token, credential.name, match.template, _max_wait(request))
+    admitted = await rt.admitter.admit(admit)
     if isinstance(admitted, Refusal):
-        return _refuse(ex, admitted, headers)
+        return _refuse(ex, admitted, {**headers, **rt.admitter.caller_headers(admit)})
     ex.queue_seconds = admitted.queued_seconds
-    return await _forward(request, rt, ex, match, credential, admitted)
+    try:
+        return await _forward(request, rt, ex, match, credential, admitted, admit)
+    except BaseException:
+        # Whatever broke (a client gone mid-send included) may have reached echowin.
+        admitted.sent(0, {})
+        raise
 
 
 def _auth_error(
@@ -274,6 +291,7 @@ async def _forward(
     match: RouteMatch,
     credential: Credential,
     grant: Grant,
+    admit: AdmitRequest,
 ) -> web.StreamResponse:
     headers = {"X-Request-ID": ex.request_id}
     limit = rt.config.server.max_request_body_bytes
@@ -301,8 +319,12 @@ async def _forward(
     grant.sent(upstream.status, upstream.headers)
     rt.metrics.upstream_duration.labels(credential.name, ex.route).observe(ex.upstream_seconds)
     rt.metrics.upstream_responses.labels(credential.name, str(upstream.status)).inc()
+    extra = dict(rt.admitter.caller_headers(admit))
+    extra["Server-Timing"] = (
+        f"queue;dur={ex.queue_seconds * 1000:.3f}, upstream;dur={ex.upstream_seconds * 1000:.3f}"
+    )
     try:
-        return await _relay(request, upstream, credential, ex)
+        return await _relay(request, upstream, credential, ex, extra)
     finally:
         upstream.release()
 
@@ -330,7 +352,11 @@ def _upstream_failed(
 
 
 async def _relay(
-    request: web.Request, upstream: aiohttp.ClientResponse, credential: Credential, ex: Exchange
+    request: web.Request,
+    upstream: aiohttp.ClientResponse,
+    credential: Credential,
+    ex: Exchange,
+    extra: dict[str, str],
 ) -> web.StreamResponse:
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
     secret = credential.secret.reveal()
@@ -338,6 +364,7 @@ async def _relay(
         # echowin has no reason to echo a key back; if it ever does, it stops here.
         if secret not in value:
             response.headers.add(name, value)
+    response.headers.update(extra)
     response.headers["X-Request-ID"] = ex.request_id
     if upstream.content_length is not None:
         response.content_length = upstream.content_length

@@ -7,7 +7,12 @@ authenticated token are labelled ``token="-"``.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from proxy import __version__
 
@@ -15,6 +20,57 @@ ANONYMOUS = "-"
 
 # Upstream latency buckets in seconds: echowin answers in tens to hundreds of ms.
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# Queue waits run from nothing to queue.max_wait_seconds (10 s by default).
+_WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+
+BudgetSource = Callable[[], Mapping[str, Any]]
+
+
+def window_label(per_seconds: float) -> str:
+    """A window's label value: its length, e.g. ``3600s``."""
+    return f"{per_seconds:g}s"
+
+
+class BudgetCollector(Collector):
+    """Budget gauges read at scrape time from the scheduler's snapshot."""
+
+    def __init__(self, source: BudgetSource) -> None:
+        self._source = source
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["credential", "window"]
+        limit = GaugeMetricFamily(
+            "echowin_gateway_budget_limit",
+            "Sends allowed per window, per credential.",
+            labels=labels,
+        )
+        used = GaugeMetricFamily(
+            "echowin_gateway_budget_used",
+            "Sends counted in the rolling window now (ours and echowin-reported others').",
+            labels=labels,
+        )
+        remaining = GaugeMetricFamily(
+            "echowin_gateway_budget_remaining",
+            "Sends still allowed in the window now.",
+            labels=labels,
+        )
+        depth = GaugeMetricFamily(
+            "echowin_gateway_queue_depth", "Requests waiting for budget.", labels=["credential"]
+        )
+        frozen = GaugeMetricFamily(
+            "echowin_gateway_frozen_seconds",
+            "Seconds until a frozen credential may send again (0 when not frozen).",
+            labels=["credential"],
+        )
+        for credential, lane in self._source().items():
+            for w in lane["windows"]:
+                key = [credential, window_label(w["per_seconds"])]
+                limit.add_metric(key, w["requests"])
+                used.add_metric(key, w["used"])
+                remaining.add_metric(key, w["remaining"])
+            depth.add_metric([credential], lane["queue_depth"])
+            frozen.add_metric([credential], lane["frozen_for"])
+        yield from (limit, used, remaining, depth, frozen)
 
 
 class Metrics:
@@ -70,6 +126,58 @@ class Metrics:
             "Proxied requests currently being handled.",
             registry=r,
         )
+        self.refusals = Counter(
+            "echowin_gateway_refusals_total",
+            "Requests refused with 429 by the gateway, by credential, token name and reason.",
+            ["credential", "token", "reason"],
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "echowin_gateway_queue_wait_seconds",
+            "Time admitted requests waited for budget, in seconds.",
+            ["credential"],
+            buckets=_WAIT_BUCKETS,
+            registry=r,
+        )
+        self.upstream_429s = Counter(
+            "echowin_gateway_upstream_429_total",
+            "429 answers from echowin itself (the gateway's promise is that this stays 0).",
+            ["credential"],
+            registry=r,
+        )
+        self.freezes = Counter(
+            "echowin_gateway_freezes_total",
+            "Times a credential was frozen after an unexpected upstream 429.",
+            ["credential"],
+            registry=r,
+        )
+        self.echowin_remaining = Gauge(
+            "echowin_gateway_echowin_reported_remaining",
+            "X-RateLimit-Remaining as echowin last reported it, per credential.",
+            ["credential"],
+            registry=r,
+        )
+
+    def attach_budget(self, source: BudgetSource) -> None:
+        """Export the scheduler's budget state at every scrape."""
+        self.registry.register(BudgetCollector(source))
+
+    # --- the scheduler's Observer ---------------------------------------------------
+
+    def refused(self, credential: str, token: str, reason: str) -> None:
+        self.refusals.labels(credential, token, reason).inc()
+
+    def waited(self, credential: str, seconds: float) -> None:
+        self.queue_wait.labels(credential).observe(seconds)
+
+    def upstream_429(self, credential: str) -> None:
+        self.upstream_429s.labels(credential).inc()
+
+    def frozen(self, credential: str) -> None:
+        self.freezes.labels(credential).inc()
+
+    def reported_remaining(self, credential: str, remaining: int) -> None:
+        self.echowin_remaining.labels(credential).set(remaining)
 
     def exposition(self) -> bytes:
         """The text exposition format of every metric."""

@@ -7,16 +7,20 @@ does no I/O.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from dataclasses import dataclass, field
 
 from aiohttp import web
 
 from proxy.admission import Admitter, OpenAdmitter
+from proxy.budget import Limit
 from proxy.config import GatewayConfig, Secrets
 from proxy.metrics import Metrics
 from proxy.routes import RouteTable
-from proxy.state import open_token_store
+from proxy.scheduler import Lane, QueuePolicy, Scheduler, SendLog
+from proxy.state import open_send_log, open_token_store
 from proxy.tokens import TokenAuthenticator, TokenStore
 from proxy.upstream import Upstream
 
@@ -32,6 +36,8 @@ class Runtime:
     _store: TokenStore | None = None
     _auth: TokenAuthenticator | None = None
     _upstream: Upstream | None = None
+    _send_log: SendLog | None = None
+    _pruner: asyncio.Task[None] | None = None
 
     @classmethod
     def from_config(cls, config: GatewayConfig, secrets: Secrets) -> Runtime:
@@ -68,10 +74,53 @@ class Runtime:
             max_connections=cfg.upstream.max_connections,
         )
         await self._upstream.start()
+        self._send_log = await open_send_log(cfg.state)
+        self.admitter = await self._open_scheduler(self._send_log)
+        self._pruner = asyncio.get_running_loop().create_task(self._prune_forever())
+
+    async def _open_scheduler(self, send_log: SendLog) -> Scheduler:
+        cfg = self.config
+        limits = [Limit(lim.requests, lim.per_seconds) for lim in cfg.upstream.limits]
+        policy = QueuePolicy(
+            max_wait=cfg.queue.max_wait_seconds,
+            max_depth=cfg.queue.max_depth,
+            max_depth_per_token=cfg.queue.max_depth_per_token,
+        )
+        lanes = {}
+        for name in self.secrets.credentials:
+            lane = Lane(
+                name, limits, cfg.upstream.window_guard_seconds, send_log, policy, self.metrics
+            )
+            await lane.restore()
+            lanes[name] = lane
+            self.metrics.upstream_429s.labels(name)  # exported as 0 from the start
+        scheduler = Scheduler(lanes, policy, self.metrics)
+        self.metrics.attach_budget(scheduler.snapshot)
+        return scheduler
+
+    def _horizon(self) -> float:
+        """How long a recorded send can still matter, seconds."""
+        up = self.config.upstream
+        return max(lim.per_seconds for lim in up.limits) + up.window_guard_seconds
+
+    async def _prune_forever(self) -> None:
+        """Drop sends no window counts any more, once a minute."""
+        while True:
+            await asyncio.sleep(60)
+            if self._send_log is not None:
+                with contextlib.suppress(Exception):
+                    await self._send_log.prune(time.time() - self._horizon() - 60)
 
     async def close(self) -> None:
+        if self._pruner is not None:
+            self._pruner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._pruner
+        await self.admitter.close()
         if self._upstream is not None:
             await self._upstream.close()
+        if self._send_log is not None:
+            await self._send_log.close()
         if self._store is not None:
             await self._store.close()
 

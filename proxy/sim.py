@@ -93,6 +93,10 @@ class SimConfig:
     limits: tuple[SimLimit, ...] = (SimLimit(1000, 3600.0), SimLimit(100, 60.0))
     reset_format: Literal["unix", "iso"] = "unix"
     log_size: int = 100_000
+    # Which window X-RateLimit-Remaining/Reset describe. echowin documents Limit as the
+    # hourly limit, so "longest" is the default; "tightest" (the window with the fewest
+    # left) lets tests check that the gateway stays safe if echowin reports that instead.
+    remaining_window: Literal["longest", "tightest"] = "longest"
 
     def __post_init__(self) -> None:
         for name in ("team_keys", "agency_keys"):
@@ -107,6 +111,10 @@ class SimConfig:
             raise ValueError("limits must hold at least one SimLimit")
         if self.reset_format not in ("unix", "iso"):
             raise ValueError(f"reset_format must be 'unix' or 'iso', got {self.reset_format!r}")
+        if self.remaining_window not in ("longest", "tightest"):
+            raise ValueError(
+                f"remaining_window must be 'longest' or 'tightest', got {self.remaining_window!r}"
+            )
         if self.log_size < 1:
             raise ValueError(f"log_size must be >= 1, got {self.log_size}")
 
@@ -270,11 +278,11 @@ class _Window:
 class _KeyBudget:
     """Every configured window of one key; each method prunes at ``now`` first."""
 
-    __slots__ = ("_longest", "_windows")
+    __slots__ = ("_longest_index", "_windows")
 
     def __init__(self, limits: tuple[SimLimit, ...]) -> None:
         self._windows = tuple(_Window(limit) for limit in limits)
-        self._longest = max(limits, key=lambda limit: limit.per_seconds)
+        self._longest_index = max(range(len(limits)), key=lambda i: limits[i].per_seconds)
 
     def admit(self, now: float) -> float | None:
         """Count a send at ``now`` if every window has room, returning None; otherwise count
@@ -293,11 +301,15 @@ class _KeyBudget:
         for window in self._windows:
             window.sends.extend(itertools.repeat(now, min(n, window.limit.requests)))
 
-    def quota(self, now: float) -> _Quota:
-        """Limit of the longest window; remaining and reset of the binding (tightest) one."""
+    def quota(self, now: float, tightest: bool) -> _Quota:
+        """Limit of the longest window ("per hour", as echowin documents X-RateLimit-Limit);
+        remaining and reset of that window, or with ``tightest`` of the one with fewest left."""
         self._prune(now)
-        binding = min(self._windows, key=lambda w: (w.remaining(), -w.frees_at(now)))
-        return _Quota(self._longest.requests, binding.remaining(), binding.frees_at(now))
+        longest = self._windows[self._longest_index]
+        shown = longest
+        if tightest:
+            shown = min(self._windows, key=lambda w: (w.remaining(), -w.frees_at(now)))
+        return _Quota(longest.limit.requests, shown.remaining(), shown.frees_at(now))
 
     def _prune(self, now: float) -> None:
         for window in self._windows:
@@ -892,7 +904,7 @@ class Simulator:
         elif valid_key is not None:
             budget = self._budget(valid_key)
             retry_in = budget.admit(at)
-            quota = budget.quota(at)
+            quota = budget.quota(at, self.config.remaining_window == "tightest")
         return _Arrival(at, wall, header, key, valid_key, fault, quota, retry_in)
 
     async def _respond(

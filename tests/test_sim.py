@@ -76,6 +76,7 @@ def start_sim(aiohttp_client: AiohttpClient, clock: FakeClock) -> StartSim:
         settings_: dict[str, Any] = {
             "team_keys": frozenset({TEAM, TEAM_B}),
             "agency_keys": frozenset({AGENCY}),
+            "remaining_window": "tightest",
         }
         sim = Simulator(SimConfig(**(settings_ | overrides)), clock=clock, wall=clock.wall)
         return sim, await aiohttp_client(sim.app(), **(client_kwargs or {}))
@@ -556,6 +557,21 @@ async def test_rate_headers_report_longest_limit_and_binding_window(
     assert second.headers["X-RateLimit-Remaining"] == "2"  # 3 - 1 and 4 - 2 tie...
     # ...so the window whose oldest send leaves last binds: the 60 s one.
     assert second.headers["X-RateLimit-Reset"] == str(WALL_AT_START + 60)
+
+
+async def test_by_default_remaining_describes_the_longest_window(
+    start_sim: StartSim, clock: FakeClock
+) -> None:
+    _, client = await start_sim(
+        limits=(SimLimit(3, 10), SimLimit(10, 60)), remaining_window="longest"
+    )
+    for expected in ("9", "8", "7"):
+        response = await get_tags(client)
+        assert response.headers["X-RateLimit-Remaining"] == expected
+        assert response.headers["X-RateLimit-Reset"] == str(WALL_AT_START + 60)
+    refused = await get_tags(client)  # the 10 s window is full even though 7 remain per hour
+    assert refused.status == 429
+    assert refused.headers["Retry-After"] == "10"
 
 
 async def test_reset_header_can_be_iso_8601(start_sim: StartSim) -> None:

@@ -292,9 +292,12 @@ async def test_two_sqlite_stores_share_one_file(tmp_path: Path) -> None:
 
 def test_state_all_is_pinned() -> None:
     assert sorted(proxy.state.__all__) == [
+        "MemorySendLog",
         "MemoryTokenStore",
+        "SqliteSendLog",
         "SqliteTokenStore",
         "StateUrl",
+        "open_send_log",
         "open_token_store",
         "parse_state_url",
     ]

@@ -18,14 +18,17 @@ from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import unquote
 
-from proxy.state.memory import MemoryTokenStore
-from proxy.state.sqlite import SqliteTokenStore
+from proxy.state.memory import MemorySendLog, MemoryTokenStore
+from proxy.state.sqlite import SqliteSendLog, SqliteTokenStore
 from proxy.tokens import TokenStore
 
 __all__ = [
+    "MemorySendLog",
     "MemoryTokenStore",
+    "SqliteSendLog",
     "SqliteTokenStore",
     "StateUrl",
+    "open_send_log",
     "open_token_store",
     "parse_state_url",
 ]
@@ -88,3 +91,12 @@ async def open_token_store(url: str) -> TokenStore:
         return MemoryTokenStore()
     assert state.path is not None
     return await SqliteTokenStore.open(state.path)
+
+
+async def open_send_log(url: str) -> MemorySendLog | SqliteSendLog:
+    """Open the budget's write-ahead send log named by a ``state`` URL (see above)."""
+    state = parse_state_url(url)
+    if state.backend == "memory":
+        return MemorySendLog()
+    assert state.path is not None
+    return await SqliteSendLog.open(state.path)

@@ -11,7 +11,7 @@ from typing import Unpack
 
 from proxy.tokens import TokenChanges, TokenRecord, apply_changes
 
-__all__ = ["MemoryTokenStore"]
+__all__ = ["MemorySendLog", "MemoryTokenStore"]
 
 
 class MemoryTokenStore:
@@ -63,3 +63,28 @@ class MemoryTokenStore:
 
     async def close(self) -> None:
         self._closed = True
+
+
+class MemorySendLog:
+    """A send log that keeps nothing (``proxy.scheduler.SendLog`` for ``memory://``).
+
+    ``durable`` is False: after a start the scheduler sends one probe at a time until
+    echowin's rate-limit headers say how much of the budget is already spent.
+    """
+
+    durable = False
+
+    async def append(self, credential: str, at: float) -> None:
+        return None
+
+    async def remove(self, credential: str, at: float) -> None:
+        return None
+
+    async def recent(self, credential: str, since: float) -> builtins.list[float]:
+        return []
+
+    async def prune(self, before: float) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None

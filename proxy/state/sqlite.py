@@ -19,7 +19,14 @@ from typing import Any, TypeVar, Unpack
 
 from proxy.tokens import TokenChanges, TokenRecord, apply_changes
 
-__all__ = ["SCHEMA_MIGRATIONS", "SCHEMA_VERSION", "SqliteTokenStore", "open_sqlite", "transaction"]
+__all__ = [
+    "SCHEMA_MIGRATIONS",
+    "SCHEMA_VERSION",
+    "SqliteSendLog",
+    "SqliteTokenStore",
+    "open_sqlite",
+    "transaction",
+]
 
 T = TypeVar("T")
 
@@ -43,6 +50,11 @@ SCHEMA_MIGRATIONS: tuple[tuple[str, ...], ...] = (
             revoked_at REAL
         )""",
         "CREATE INDEX tokens_by_created_at ON tokens (created_at, id)",
+    ),
+    # 1 -> 2: the budget's write-ahead send log. One row per send slot, Unix seconds.
+    (
+        "CREATE TABLE sends (credential TEXT NOT NULL, at REAL NOT NULL)",
+        "CREATE INDEX sends_by_credential ON sends (credential, at)",
     ),
 )
 """Entry ``i`` takes the schema from ``PRAGMA user_version`` ``i`` to ``i + 1``. Only append."""
@@ -246,6 +258,59 @@ class SqliteTokenStore:
     async def ping(self) -> None:
         """Raises ``sqlite3.Error`` if the database cannot answer, e.g. once closed."""
         await self._run(lambda conn: conn.execute("SELECT 1").fetchone())
+
+    async def close(self) -> None:
+        await self._run(lambda conn: conn.close())
+
+
+class SqliteSendLog:
+    """The budget's write-ahead send log (``proxy.scheduler.SendLog``) in the state file.
+
+    ``append`` returns once the row is committed in WAL mode with synchronous=NORMAL, which
+    survives a crash of the process (SIGKILL included); only a power cut may lose the last
+    commits. Its own connection, so token lookups never wait behind budget writes.
+    """
+
+    durable = True
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+        self._lock = threading.Lock()
+
+    @classmethod
+    async def open(cls, path: str | os.PathLike[str]) -> SqliteSendLog:
+        return cls(await asyncio.to_thread(open_sqlite, path))
+
+    async def _run(self, call: Callable[[sqlite3.Connection], T]) -> T:
+        def locked() -> T:
+            with self._lock:
+                return call(self._conn)
+
+        return await asyncio.to_thread(locked)
+
+    async def append(self, credential: str, at: float) -> None:
+        await self._run(lambda c: c.execute("INSERT INTO sends VALUES (?, ?)", (credential, at)))
+
+    async def remove(self, credential: str, at: float) -> None:
+        await self._run(
+            lambda c: c.execute(
+                "DELETE FROM sends WHERE rowid = (SELECT rowid FROM sends"
+                " WHERE credential = ? AND at = ? LIMIT 1)",
+                (credential, at),
+            )
+        )
+
+    async def recent(self, credential: str, since: float) -> builtins.list[float]:
+        rows = await self._run(
+            lambda c: c.execute(
+                "SELECT at FROM sends WHERE credential = ? AND at > ? ORDER BY at",
+                (credential, since),
+            ).fetchall()
+        )
+        return [float(at) for (at,) in rows]
+
+    async def prune(self, before: float) -> None:
+        await self._run(lambda c: c.execute("DELETE FROM sends WHERE at < ?", (before,)))
 
     async def close(self) -> None:
         await self._run(lambda conn: conn.close())

@@ -1,0 +1,127 @@
+"""Rate-limit header fields: reading echowin's, writing the caller's.
+
+echowin sends ``X-RateLimit-Limit`` (per hour), ``X-RateLimit-Remaining``,
+``X-RateLimit-Reset`` (Unix seconds in the public docs, ISO 8601 in newer ones) and, on
+429, ``Retry-After`` (seconds, or an HTTP date). Callers get their own view in the same
+``X-RateLimit-*`` fields plus the IETF draft's ``RateLimit-Policy`` and ``RateLimit``
+(draft-ietf-httpapi-ratelimit-headers-08 and later).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from email.utils import parsedate_to_datetime
+from typing import Protocol
+
+# Reset values below this are read as "seconds from now" rather than a Unix time.
+_DELTA_MAX = 10 * 365 * 86400
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamQuota:
+    """What one echowin response said about its budget. Times are Unix seconds."""
+
+    limit: int | None
+    remaining: int | None
+    reset_at: float | None
+    retry_at: float | None
+
+    @property
+    def resume_at(self) -> float | None:
+        """When echowin will serve again after a 429: Retry-After, else Reset."""
+        return self.retry_at if self.retry_at is not None else self.reset_at
+
+
+def _int(value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        number = int(value.strip())
+    except ValueError:
+        return None
+    return number if number >= 0 else None
+
+
+def parse_reset(value: str | None, now: float) -> float | None:
+    """X-RateLimit-Reset as a Unix time: Unix seconds, ISO 8601, or small delta seconds."""
+    if value is None or not value.strip():
+        return None
+    text = value.strip()
+    try:
+        number = float(text)
+    except ValueError:
+        number = math.nan
+    if math.isfinite(number) and number >= 0:
+        return now + number if number < _DELTA_MAX else number
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+def parse_retry_after(value: str | None, now: float) -> float | None:
+    """Retry-After (RFC 9110 §10.2.3) as a Unix time: delay seconds or an HTTP date."""
+    if value is None or not value.strip():
+        return None
+    text = value.strip()
+    if text.isdigit():
+        return now + int(text)
+    try:
+        return parsedate_to_datetime(text).timestamp()
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+def parse_upstream_quota(headers: Mapping[str, str], now: float) -> UpstreamQuota | None:
+    """echowin's view of the budget, or None when the response carried none of it."""
+    limit = _int(headers.get("X-RateLimit-Limit"))
+    remaining = _int(headers.get("X-RateLimit-Remaining"))
+    reset = parse_reset(headers.get("X-RateLimit-Reset"), now)
+    retry = parse_retry_after(headers.get("Retry-After"), now)
+    if limit is None and remaining is None and reset is None and retry is None:
+        return None
+    return UpstreamQuota(limit, remaining, reset, retry)
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+class WindowState(Protocol):
+    @property
+    def requests(self) -> int: ...
+    @property
+    def per_seconds(self) -> float: ...
+    @property
+    def remaining(self) -> int: ...
+    @property
+    def reset_in(self) -> float: ...
+
+
+def caller_headers(now: float, windows: Sequence[tuple[str, WindowState]]) -> dict[str, str]:
+    """The caller's rate-limit fields. ``windows`` are (owner, window) pairs, owner being
+    "echowin" (the shared budget) or "token" (the token's own quota).
+
+    X-RateLimit-* and RateLimit describe the tightest window (fewest remaining, then latest
+    reset); RateLimit-Policy lists every window, named ``<owner>-<seconds>s``.
+    """
+    if not windows:
+        return {}
+    owner, tight = min(windows, key=lambda pair: (pair[1].remaining, -pair[1].reset_in))
+    reset_in = max(0.0, tight.reset_in)
+    remaining = max(0, tight.remaining)
+    name = f"{owner}-{_number(tight.per_seconds)}s"
+    policy = ", ".join(
+        f'"{o}-{_number(w.per_seconds)}s";q={w.requests};w={_number(w.per_seconds)}'
+        for o, w in windows
+    )
+    return {
+        "X-RateLimit-Limit": str(tight.requests),
+        "X-RateLimit-Remaining": str(remaining),
+        "X-RateLimit-Reset": str(math.ceil(now + reset_in)),
+        "RateLimit-Policy": policy,
+        "RateLimit": f'"{name}";r={remaining};t={math.ceil(reset_in)}',
+    }

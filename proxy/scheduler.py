@@ -1,0 +1,512 @@
+"""The budget keeper: admit a request now, queue it fairly, or refuse it at once.
+
+One :class:`Lane` per upstream credential holds that credential's
+:class:`~proxy.budget.CredentialBudget` (the hard cap), a FIFO per token, and a smooth
+weighted round-robin over the tokens that wait. A send slot is recorded in the budget and
+written ahead to the :class:`SendLog` before the request leaves, so a restart (clean or
+SIGKILL) never forgets a send. :class:`Scheduler` is the :class:`~proxy.admission.Admitter`
+the handler talks to.
+
+Time is wall-clock seconds (``time.time``) because the send log outlives the process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from proxy.admission import AdmitRequest, Grant, Refusal
+from proxy.budget import CredentialBudget, Limit
+from proxy.ratelimit_headers import UpstreamQuota, caller_headers, parse_upstream_quota
+from proxy.tokens import TokenRecord
+
+log = logging.getLogger("echowin_gateway.budget")
+
+# An unexpected 429 with no usable Retry-After or Reset freezes the credential this long.
+DEFAULT_FREEZE_SECONDS = 60.0
+# A freeze never lasts longer than this, whatever echowin's headers say.
+MAX_FREEZE_SECONDS = 3600.0
+
+
+class SendLog(Protocol):
+    """Write-ahead record of sends, per credential (the scheduler's state boundary)."""
+
+    durable: bool  # False: forgets on restart (memory://)
+
+    async def append(self, credential: str, at: float) -> None:
+        """Record a send at ``at`` (seconds); returns once it is durable."""
+
+    async def remove(self, credential: str, at: float) -> None:
+        """Forget one send recorded at ``at`` (it never left)."""
+
+    async def recent(self, credential: str, since: float) -> list[float]:
+        """Sends recorded after ``since``, oldest first."""
+
+    async def prune(self, before: float) -> None:
+        """Drop every send recorded before ``before``."""
+
+    async def close(self) -> None: ...
+
+
+class Observer(Protocol):
+    """What the scheduler reports to metrics; implemented in proxy/metrics.py."""
+
+    def refused(self, credential: str, token: str, reason: str) -> None: ...
+    def waited(self, credential: str, seconds: float) -> None: ...
+    def upstream_429(self, credential: str) -> None: ...
+    def frozen(self, credential: str) -> None: ...
+    def reported_remaining(self, credential: str, remaining: int) -> None: ...
+
+
+@dataclass(slots=True)
+class QueuePolicy:
+    max_wait: float
+    max_depth: int
+    max_depth_per_token: int
+
+
+@dataclass(slots=True, eq=False)
+class _Waiter:
+    token: TokenRecord
+    deadline: float
+    future: asyncio.Future[SlotGrant | Refusal]
+
+
+@dataclass(slots=True, eq=False)
+class _TokenQueue:
+    token: TokenRecord
+    waiters: deque[_Waiter] = field(default_factory=deque)
+    current: float = 0.0  # smooth weighted round-robin state
+
+
+@dataclass(slots=True)
+class TokenCharge:
+    """One send charged to a token's own quota at ``at``."""
+
+    budget: CredentialBudget
+    at: float
+    refunded: bool = False
+
+    def refund(self) -> None:
+        """Give the send back to the token's quota (idempotent)."""
+        if not self.refunded:
+            self.refunded = True
+            self.budget.release(self.at)
+
+
+class SlotGrant:
+    """One recorded send slot. Exactly one of ``sent`` / ``unsent`` takes effect."""
+
+    __slots__ = ("_done", "at", "counts", "lane", "queued_seconds", "quota")
+
+    def __init__(self, lane: Lane, at: float) -> None:
+        self.lane = lane
+        self.at = at
+        self.counts = lane.budget_counts(at)
+        self.queued_seconds = 0.0
+        # The token's own quota and when it was charged, refunded with the slot.
+        self.quota: TokenCharge | None = None
+        self._done = False
+
+    def sent(self, status: int, headers: Mapping[str, str]) -> None:
+        if not self._done:
+            self._done = True
+            self.lane.on_response(self, status, headers)
+
+    def unsent(self) -> None:
+        if not self._done:
+            self._done = True
+            if self.quota is not None:
+                self.quota.refund()
+            self.lane.give_back(self.at)
+
+
+class Lane:
+    """Budget, queues and fairness for one upstream credential."""
+
+    def __init__(
+        self,
+        name: str,
+        limits: Sequence[Limit],
+        guard: float,
+        send_log: SendLog,
+        policy: QueuePolicy,
+        observer: Observer,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.name = name
+        self.budget = CredentialBudget(limits, guard)
+        self.log = send_log
+        self.policy = policy
+        self.observer = observer
+        self.clock = clock
+        self.queues: dict[str, _TokenQueue] = {}
+        self.depth = 0
+        # Without a durable log we do not know what was sent before we started: one probe
+        # at a time until echowin's headers say where the budget stands.
+        self.calibrated = send_log.durable
+        self.probing = False
+        self.reported_remaining: int | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._pending_writes: set[asyncio.Task[None]] = set()
+
+    async def restore(self) -> None:
+        """Load the sends the log still holds (after a restart)."""
+        now = self.clock()
+        horizon = max(lim.per_seconds for lim in self.budget.limits) + self.budget.guard
+        self.budget.load(await self.log.recent(self.name, now - horizon), now)
+
+    def budget_counts(self, now: float) -> tuple[int, ...]:
+        """Our own sends per window at ``now`` (what echowin's answer is compared with)."""
+        return tuple(self.budget.own_count(now, i) for i in range(len(self.budget.limits)))
+
+    # --- admission ------------------------------------------------------------------
+
+    def _can_send(self) -> bool:
+        return self.calibrated or not self.probing
+
+    def _take(self, now: float) -> SlotGrant | None:
+        if not self._can_send() or not self.budget.try_record(now):
+            return None
+        if not self.calibrated:
+            self.probing = True
+        return SlotGrant(self, now)
+
+    def predicted_wait(self, now: float, token: TokenRecord, horizon: float) -> float:
+        """Seconds until a new request of ``token`` would be served, given who waits."""
+        # While a calibration probe is out the wait is at least its round trip, which no
+        # budget math knows; the probe is already recorded, so it is not counted again.
+        return self.budget.predict_wait(now, self._ahead_of_new(token), horizon=horizon)
+
+    def _ahead_of_new(self, token: TokenRecord) -> int:
+        """Sends weighted round-robin serves before a new request of ``token``."""
+        own = self.queues.get(token.id)
+        mine = len(own.waiters) if own is not None else 0
+        rounds = (mine + 1) / token.weight
+        ahead = mine
+        for tid, queue in self.queues.items():
+            if tid != token.id:
+                ahead += min(len(queue.waiters), math.ceil(rounds * queue.token.weight))
+        return ahead
+
+    async def admit(
+        self, token: TokenRecord, charge: TokenCharge | None, max_wait: float
+    ) -> SlotGrant | Refusal:
+        """A recorded, written-ahead slot, or a refusal. Never waits past ``max_wait``."""
+        now = self.clock()
+        grant: SlotGrant | Refusal | None = self._take(now) if self.depth == 0 else None
+        if grant is None:
+            grant = self._refusal_for_new(now, token, max_wait)
+        if grant is None:
+            grant = await self._wait(now, token, max_wait)
+        if isinstance(grant, SlotGrant):
+            grant.quota = charge
+            await self._write_ahead(grant)
+        return grant
+
+    def _refusal_for_new(self, now: float, token: TokenRecord, max_wait: float) -> Refusal | None:
+        queue = self.queues.get(token.id)
+        if self.depth >= self.policy.max_depth or (
+            queue is not None and len(queue.waiters) >= self.policy.max_depth_per_token
+        ):
+            return Refusal("queue_full", 1.0, "Too many requests are waiting; try again later")
+        frozen = self.budget.frozen_until(now)
+        wait = self.predicted_wait(now, token, max_wait)
+        if wait <= max_wait:
+            return None
+        if frozen is not None and frozen - now > max_wait:
+            return Refusal(
+                "upstream_frozen", frozen - now, "echowin asked us to pause; try again later"
+            )
+        retry = wait if math.isfinite(wait) else self.budget.predict_wait(now, 0, horizon=None)
+        return Refusal(
+            "upstream_budget", max(retry, 1.0), "Rate limit exceeded. Please try again later."
+        )
+
+    async def _wait(self, now: float, token: TokenRecord, max_wait: float) -> SlotGrant | Refusal:
+        loop = asyncio.get_running_loop()
+        waiter = _Waiter(token, now + max_wait, loop.create_future())
+        queue = self.queues.get(token.id)
+        if queue is None:
+            queue = self.queues[token.id] = _TokenQueue(token)
+        queue.waiters.append(waiter)
+        self.depth += 1
+        self._schedule(now)
+        try:
+            async with asyncio.timeout(max_wait + 0.05):
+                result = await waiter.future
+        except TimeoutError:
+            result = _settled(waiter) or Refusal(
+                "upstream_budget",
+                max(self.budget.predict_wait(self.clock(), self.depth, horizon=None), 1.0),
+                "Waited too long for echowin budget",
+            )
+            self._drop(waiter)
+        except asyncio.CancelledError:
+            # The client went away: leave the queue, or give back a slot already granted.
+            granted = _settled(waiter)
+            if isinstance(granted, SlotGrant):
+                granted.unsent()
+            self._drop(waiter)
+            raise
+        if isinstance(result, SlotGrant):
+            result.queued_seconds = self.clock() - now
+            self.observer.waited(self.name, result.queued_seconds)
+        return result
+
+    def _drop(self, waiter: _Waiter) -> None:
+        queue = self.queues.get(waiter.token.id)
+        if queue is not None and waiter in queue.waiters:
+            queue.waiters.remove(waiter)
+            self.depth -= 1
+            if not queue.waiters:
+                del self.queues[waiter.token.id]
+        if not waiter.future.done():
+            waiter.future.cancel()
+
+    async def _write_ahead(self, grant: SlotGrant) -> None:
+        try:
+            await self.log.append(self.name, grant.at)
+        except BaseException:
+            grant.unsent()
+            raise
+
+    # --- dispatch -------------------------------------------------------------------
+
+    def _schedule(self, now: float) -> None:
+        """Serve waiters now if budget allows, else set one timer for when it will."""
+        self._dispatch(now)
+        if self.depth == 0 or not self._can_send():
+            return
+        delay = self.budget.wait_time(self.clock())
+        if self._timer is not None:
+            self._timer.cancel()
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(max(delay, 0.0005), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._schedule(self.clock())
+
+    def _dispatch(self, now: float) -> None:
+        while self.depth > 0:
+            queue = self._next_queue()
+            waiter = queue.waiters[0]
+            grant = self._take(now)
+            if grant is None:
+                return
+            queue.waiters.popleft()
+            self.depth -= 1
+            if not queue.waiters:
+                del self.queues[queue.token.id]
+            waiter.future.set_result(grant)
+
+    def _next_queue(self) -> _TokenQueue:
+        """Smooth weighted round-robin (as nginx does) over tokens that wait."""
+        total = 0
+        best: _TokenQueue | None = None
+        for queue in self.queues.values():
+            queue.current += queue.token.weight
+            total += queue.token.weight
+            if best is None or queue.current > best.current:
+                best = queue
+        assert best is not None
+        best.current -= total
+        return best
+
+    # --- what happened upstream -----------------------------------------------------
+
+    def give_back(self, at: float) -> None:
+        """A granted slot never reached echowin: free it and let a waiter have it."""
+        self.budget.release(at)
+        self.probing = False
+        self._background(self.log.remove(self.name, at))
+        self._schedule(self.clock())
+
+    def on_response(self, grant: SlotGrant, status: int, headers: Mapping[str, str]) -> None:
+        now = self.clock()
+        quota = parse_upstream_quota(headers, now) if headers else None
+        if quota is not None:
+            self._reconcile(now, grant, quota)
+        if status == 429:
+            self._freeze(now, quota)
+        if self.probing:
+            self.probing = False
+        if self.depth:
+            self._schedule(now)
+
+    def _reconcile(self, now: float, grant: SlotGrant, quota: UpstreamQuota) -> None:
+        if quota.remaining is None:
+            return
+        self.reported_remaining = quota.remaining
+        self.observer.reported_remaining(self.name, quota.remaining)
+        if quota.limit is None:
+            return
+        if not self.calibrated:
+            self.budget.assume_external(now, max(0, quota.limit - quota.remaining))
+            self.calibrated = True
+            return
+        index = self.budget.window_index(quota.limit)
+        self.budget.observe(
+            now, limit=quota.limit, remaining=quota.remaining, sent_count=grant.counts[index]
+        )
+
+    def _freeze(self, now: float, quota: UpstreamQuota | None) -> None:
+        until = quota.resume_at if quota is not None and quota.resume_at is not None else None
+        if until is None or until <= now:
+            until = now + DEFAULT_FREEZE_SECONDS
+        until = min(until, now + MAX_FREEZE_SECONDS)
+        self.budget.freeze(until)
+        self.observer.upstream_429(self.name)
+        self.observer.frozen(self.name)
+        log.warning(
+            "upstream 429: credential frozen",
+            extra={"fields": {"credential": self.name, "seconds": round(until - now, 3)}},
+        )
+        for queue in list(self.queues.values()):
+            for waiter in list(queue.waiters):
+                if waiter.deadline < until:
+                    refusal = Refusal(
+                        "upstream_frozen", until - now, "echowin asked us to pause; try again later"
+                    )
+                    waiter.future.set_result(refusal)
+                    self._drop(waiter)
+
+    def _background(self, coro: Coroutine[object, object, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._pending_writes.add(task)
+        task.add_done_callback(self._pending_writes.discard)
+
+    async def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        for queue in list(self.queues.values()):
+            for waiter in list(queue.waiters):
+                self._drop(waiter)
+        if self._pending_writes:
+            await asyncio.gather(*self._pending_writes, return_exceptions=True)
+
+
+class Scheduler:
+    """The Admitter: per-token quota first, then the credential's lane."""
+
+    def __init__(
+        self,
+        lanes: Mapping[str, Lane],
+        policy: QueuePolicy,
+        observer: Observer,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.lanes = dict(lanes)
+        self.policy = policy
+        self.observer = observer
+        self.clock = clock
+        self._quotas: dict[str, tuple[tuple[Limit, ...], CredentialBudget]] = {}
+
+    def _token_quota(self, token: TokenRecord) -> CredentialBudget | None:
+        limits = token_limits(token)
+        if not limits:
+            self._quotas.pop(token.id, None)
+            return None
+        known = self._quotas.get(token.id)
+        if known is None or known[0] != limits:
+            known = (limits, CredentialBudget(limits, guard=0.0))
+            self._quotas[token.id] = known
+        return known[1]
+
+    async def admit(self, request: AdmitRequest) -> Grant | Refusal:
+        lane = self.lanes[request.credential]
+        token = request.token
+        now = self.clock()
+        quota = self._token_quota(token)
+        charge: TokenCharge | None = None
+        if quota is not None:
+            if not quota.try_record(now):
+                self.observer.refused(lane.name, token.name, "token_quota")
+                return Refusal(
+                    "token_quota", quota.wait_time(now), "This token's own quota is spent"
+                )
+            charge = TokenCharge(quota, now)
+        max_wait = self.policy.max_wait
+        if request.max_wait is not None:
+            max_wait = min(max_wait, request.max_wait)
+        try:
+            result = await lane.admit(token, charge, max_wait)
+        except BaseException:
+            if charge is not None:
+                charge.refund()
+            raise
+        if isinstance(result, Refusal):
+            if charge is not None:
+                charge.refund()
+            self.observer.refused(lane.name, token.name, result.reason)
+        return result
+
+    def caller_headers(self, request: AdmitRequest) -> Mapping[str, str]:
+        """X-RateLimit-* and RateLimit fields for the tightest of the token's own quota and
+        the shared budget of its credential."""
+        now = self.clock()
+        windows = [("echowin", w) for w in self.lanes[request.credential].budget.snapshot(now)]
+        quota = self._quotas.get(request.token.id)
+        if quota is not None:
+            windows += [("token", w) for w in quota[1].snapshot(now)]
+        return caller_headers(now, windows)
+
+    def snapshot(self) -> dict[str, object]:
+        now = self.clock()
+        out: dict[str, object] = {}
+        for name, lane in self.lanes.items():
+            out[name] = {
+                "windows": [
+                    {
+                        "requests": w.requests,
+                        "per_seconds": w.per_seconds,
+                        "used": w.used,
+                        "remaining": w.remaining,
+                        "reset_in": round(w.reset_in, 3),
+                        "external": w.external,
+                    }
+                    for w in lane.budget.snapshot(now)
+                ],
+                "queue_depth": lane.depth,
+                "waiting_tokens": len(lane.queues),
+                "frozen_for": _frozen_for(lane.budget, now),
+                "echowin_reported_remaining": lane.reported_remaining,
+                "calibrated": lane.calibrated,
+            }
+        return out
+
+    async def close(self) -> None:
+        for lane in self.lanes.values():
+            await lane.close()
+
+
+def _settled(waiter: _Waiter) -> SlotGrant | Refusal | None:
+    """The waiter's result if it was settled before the wait ended, else None."""
+    future = waiter.future
+    if future.done() and not future.cancelled():
+        return future.result()
+    return None
+
+
+def _frozen_for(budget: CredentialBudget, now: float) -> float:
+    until = budget.frozen_until(now)
+    return round(until - now, 3) if until is not None else 0.0
+
+
+def token_limits(token: TokenRecord) -> tuple[Limit, ...]:
+    limits: list[Limit] = []
+    if token.hourly is not None:
+        limits.append(Limit(token.hourly, 3600.0))
+    if token.per_minute is not None:
+        limits.append(Limit(token.per_minute, 60.0))
+    return tuple(limits)
+
+
+__all__ = ["Lane", "QueuePolicy", "Scheduler", "SendLog", "SlotGrant"]
