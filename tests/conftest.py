@@ -16,6 +16,9 @@ from proxy.runtime import RUNTIME, Runtime
 from proxy.sim import SimConfig, SimLimit, Simulator
 from proxy.tokenops import create_token
 
+# The subprocess helpers' fixtures (``spawn``) are shared by every test module.
+pytest_plugins = ["tests.procs"]
+
 TEAM_KEY = "real-team-key-0123456789abcdef"
 ACME_KEY = "real-acme-key-fedcba9876543210"
 AGENCY_KEY = "real-agency-key-55555555555555"
