@@ -66,9 +66,12 @@ class Observer(Protocol):
 
 @dataclass(slots=True)
 class QueuePolicy:
+    """Queue bounds, shared by every lane: ``waiting`` counts requests queued in all."""
+
     max_wait: float
     max_depth: int
     max_depth_per_token: int
+    waiting: int = 0
 
 
 @dataclass(slots=True, eq=False)
@@ -103,12 +106,11 @@ class TokenCharge:
 class SlotGrant:
     """One recorded send slot. Exactly one of ``sent`` / ``unsent`` takes effect."""
 
-    __slots__ = ("_done", "at", "counts", "lane", "queued_seconds", "quota")
+    __slots__ = ("_done", "at", "lane", "queued_seconds", "quota")
 
     def __init__(self, lane: Lane, at: float) -> None:
         self.lane = lane
         self.at = at
-        self.counts = lane.budget_counts(at)
         self.queued_seconds = 0.0
         # The token's own quota and when it was charged, refunded with the slot.
         self.quota: TokenCharge | None = None
@@ -162,10 +164,6 @@ class Lane:
         horizon = max(lim.per_seconds for lim in self.budget.limits) + self.budget.guard
         self.budget.load(await self.log.recent(self.name, now - horizon), now)
 
-    def budget_counts(self, now: float) -> tuple[int, ...]:
-        """Our own sends per window at ``now`` (what echowin's answer is compared with)."""
-        return tuple(self.budget.own_count(now, i) for i in range(len(self.budget.limits)))
-
     # --- admission ------------------------------------------------------------------
 
     def _can_send(self) -> bool:
@@ -212,7 +210,7 @@ class Lane:
 
     def _refusal_for_new(self, now: float, token: TokenRecord, max_wait: float) -> Refusal | None:
         queue = self.queues.get(token.id)
-        if self.depth >= self.policy.max_depth or (
+        if self.policy.waiting >= self.policy.max_depth or (
             queue is not None and len(queue.waiters) >= self.policy.max_depth_per_token
         ):
             return Refusal("queue_full", 1.0, "Too many requests are waiting; try again later")
@@ -237,6 +235,7 @@ class Lane:
             queue = self.queues[token.id] = _TokenQueue(token)
         queue.waiters.append(waiter)
         self.depth += 1
+        self.policy.waiting += 1
         self._schedule(now)
         try:
             async with asyncio.timeout(max_wait + 0.05):
@@ -265,6 +264,7 @@ class Lane:
         if queue is not None and waiter in queue.waiters:
             queue.waiters.remove(waiter)
             self.depth -= 1
+            self.policy.waiting -= 1
             if not queue.waiters:
                 del self.queues[waiter.token.id]
         if not waiter.future.done():
@@ -303,6 +303,7 @@ class Lane:
                 return
             queue.waiters.popleft()
             self.depth -= 1
+            self.policy.waiting -= 1
             if not queue.waiters:
                 del self.queues[queue.token.id]
             waiter.future.set_result(grant)
@@ -333,7 +334,7 @@ class Lane:
         now = self.clock()
         quota = parse_upstream_quota(headers, now) if headers else None
         if quota is not None:
-            self._reconcile(now, grant, quota)
+            self._reconcile(now, quota)
         if status == 429:
             self._freeze(now, quota)
         if self.probing:
@@ -341,7 +342,7 @@ class Lane:
         if self.depth:
             self._schedule(now)
 
-    def _reconcile(self, now: float, grant: SlotGrant, quota: UpstreamQuota) -> None:
+    def _reconcile(self, now: float, quota: UpstreamQuota) -> None:
         if quota.remaining is None:
             return
         self.reported_remaining = quota.remaining
@@ -352,9 +353,16 @@ class Lane:
             self.budget.assume_external(now, max(0, quota.limit - quota.remaining))
             self.calibrated = True
             return
+        # Compare with every send of ours made before this answer came back, not only those
+        # before this one left: concurrent requests reach echowin in any order, and counting
+        # a reordered send of ours as someone else's would waste a slot for a whole window.
+        # The cost: others' use hidden behind our in-flight sends shows up one answer later.
         index = self.budget.window_index(quota.limit)
         self.budget.observe(
-            now, limit=quota.limit, remaining=quota.remaining, sent_count=grant.counts[index]
+            now,
+            limit=quota.limit,
+            remaining=quota.remaining,
+            sent_count=self.budget.own_count(now, index),
         )
 
     def _freeze(self, now: float, quota: UpstreamQuota | None) -> None:
