@@ -340,3 +340,26 @@ async def _get(url: str, headers: dict[str, str] | None = None) -> tuple[int, st
     async with aiohttp.ClientSession() as session, session.get(url, headers=headers) as resp:
         text = await resp.text()
         return resp.status, text, text
+
+
+async def test_caller_max_wait_header_shortens_the_wait(
+    make_gateway: MakeGateway, short_sim: tuple[Simulator, str]
+) -> None:
+    sim, sim_url = short_sim
+    gw = await short_gateway(make_gateway, sim_url, queue={"max_wait_seconds": 5})
+    token = await gw.token("contacts:read")
+    results = Results()
+    url = gw.url("/api/v1/contacts")
+    async with aiohttp.ClientSession() as session:
+        await asyncio.gather(*(one_call(session, url, token, results, "t") for _ in range(12)))
+        headers = {"Authorization": f"Bearer {token}", "X-Gateway-Max-Wait": "0.5"}
+        async with session.get(url, headers=headers) as resp:
+            assert resp.status == 429  # the next slot is ~2.25 s away: more than 0.5 s
+            assert (await resp.json())["reason"] == "upstream_budget"
+        lane = gw.runtime.admitter.lanes["default"]  # type: ignore[attr-defined]
+        assert lane.depth == 0
+        headers["X-Gateway-Max-Wait"] = "4"
+        async with session.get(url, headers=headers) as resp:
+            assert resp.status == 200  # within 4 s the 2 s window frees again
+            assert float(resp.headers["Server-Timing"].split("=")[1].split(",")[0]) > 1000
+    assert sim.statuses()[429] == 0
