@@ -25,9 +25,10 @@ class AdmitRequest:
 
 @dataclass(frozen=True, slots=True)
 class Refusal:
-    reason: str  # upstream_budget | token_quota | queue_full | upstream_frozen
+    reason: str  # upstream_budget | token_quota | queue_full | upstream_frozen | state_unavailable
     retry_after: float  # seconds
     message: str
+    status: int = 429  # 503 for state_unavailable (on_state_failure: closed)
 
 
 class Grant(Protocol):

@@ -175,6 +175,14 @@ class CredentialBudget:
             window.add(entry)
         return True
 
+    def record(self, at: float) -> None:
+        """Record a send at ``at`` without checking: one that a shared backend (Redis)
+        already admitted, or a fallback's extra weight. Never the way to decide a send."""
+        _check_time(at, "at")
+        entry = (at, False)
+        for window in self._windows:
+            window.add(entry)
+
     def release(self, at: float) -> bool:
         """Give back one own send recorded at ``at`` (it never left: no byte reached
         echowin). Removes one such entry from every window still holding it; True if found.
@@ -301,6 +309,15 @@ class CredentialBudget:
         for window in self._windows:
             kept = [(at, False) for at in restored if at + window.span > now]
             window.entries = deque(heapq.merge(window.entries, kept, key=_at))
+
+    def load_external(self, index: int, times: Iterable[float], now: float) -> None:
+        """Restore external sends counted in window ``index`` (a shared backend's view)."""
+        self._prune(now)
+        window = self._windows[index]
+        for at in sorted(times):
+            _check_time(at, "send time")
+            if at + window.span > now:
+                window.add((at, True))
 
     # --- internals ---------------------------------------------------------------------
 

@@ -188,6 +188,21 @@ class LoggingConfig(_Model):
     access_log: bool = True
 
 
+class RedisConfig(_Model):
+    """Connection details for ``state: redis://...`` (ignored by other backends)."""
+
+    password: SecretRef | None = None
+    key_prefix: str = "egw:"
+    timeout_seconds: PositiveFloat = 0.5
+
+    @field_validator("key_prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        if not value or len(value) > 64 or not value.isprintable() or " " in value:
+            raise ValueError("must be 1-64 printable characters without spaces")
+        return value
+
+
 class RouteConfig(_Model):
     """An extra route, or a new scope for a default one (same method and path)."""
 
@@ -201,6 +216,11 @@ class GatewayConfig(_Model):
     admin_listen: str = "127.0.0.1:9090"
     admin_token: SecretRef | None = SecretRef(env="GATEWAY_ADMIN_TOKEN")
     state: str = "sqlite:///var/lib/echowin-gateway/state.db"
+    redis: RedisConfig = RedisConfig()
+    # When the shared state (Redis) fails: "closed" answers 503; "local" carries on with
+    # 1/replicas of every limit per replica, so the sum stays within echowin's.
+    on_state_failure: Literal["closed", "local"] = "local"
+    replicas: PositiveInt = 1
     upstream: UpstreamConfig = UpstreamConfig()
     queue: QueueConfig = QueueConfig()
     server: ServerConfig = ServerConfig()
@@ -264,7 +284,9 @@ _MESSAGES = {
 
 
 # Keys whose values may be a secret pasted inline by mistake: never echo their input.
-_SECRET_KEYS = frozenset({"api_key", "agency_key", "extra_keys", "admin_token", "state"})
+_SECRET_KEYS = frozenset(
+    {"api_key", "agency_key", "extra_keys", "admin_token", "state", "password"}
+)
 
 
 def _loc(loc: tuple[int | str, ...]) -> str:
@@ -362,6 +384,7 @@ class Credential:
 class Secrets:
     credentials: Mapping[str, Credential]
     admin_token: Secret | None
+    state_password: Secret | None = None
 
     def team_key_names(self) -> tuple[str, ...]:
         return tuple(n for n in self.credentials if n != AGENCY_KEY_NAME)
@@ -391,6 +414,12 @@ def resolve_secrets(config: GatewayConfig, environ: Mapping[str, str] | None = N
             admin = config.admin_token.resolve("admin_token", env)
         except ConfigError:
             admin = None  # the admin API stays closed; the gateway itself still runs
+    password: Secret | None = None
+    if config.redis.password is not None and config.state.startswith(("redis://", "rediss://")):
+        try:
+            password = config.redis.password.resolve("redis.password", env)
+        except ConfigError as exc:
+            errors.extend(exc.lines)
     if errors:
         raise ConfigError(errors)
-    return Secrets(credentials=credentials, admin_token=admin)
+    return Secrets(credentials=credentials, admin_token=admin, state_password=password)

@@ -162,7 +162,17 @@ async def handle(request: web.Request) -> web.StreamResponse:
 
 async def _handle(request: web.Request, rt: Runtime, ex: Exchange) -> web.StreamResponse:
     headers = {"X-Request-ID": ex.request_id}
-    result = await rt.auth.authenticate(_presented_token(request))
+    try:
+        result = await rt.auth.authenticate(_presented_token(request))
+    except Exception as exc:  # the token store cannot answer
+        ex.refusal = "state_unavailable"
+        log.warning("token store failed", extra={"fields": {"error": type(exc).__name__}})
+        return json_error(
+            503,
+            "The gateway's token store is unavailable",
+            reason="state_unavailable",
+            headers={**headers, "Retry-After": "1"},
+        )
     if result.record is None:
         failure = result.failure or AuthFailure.MISSING
         rt.metrics.auth_failures.labels(failure.value).inc()
@@ -261,7 +271,7 @@ def _refuse(ex: Exchange, refusal: Refusal, headers: dict[str, str]) -> web.Resp
     ex.refusal = refusal.reason
     retry = max(1, int(-(-refusal.retry_after // 1)))
     return json_error(
-        429,
+        refusal.status,
         refusal.message,
         reason=refusal.reason,
         retryAfter=retry,

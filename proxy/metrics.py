@@ -158,6 +158,20 @@ class Metrics:
             registry=r,
         )
 
+        self.state_up = Gauge(
+            "echowin_gateway_state_backend_up",
+            "1 when the state backend answers, 0 while it cannot be reached.",
+            ["backend"],
+            registry=r,
+        )
+        self.state_latency = Histogram(
+            "echowin_gateway_state_backend_duration_seconds",
+            "Time one state-backend (Redis) operation took, in seconds.",
+            ["operation"],
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+            registry=r,
+        )
+
     def attach_budget(self, source: BudgetSource) -> None:
         """Export the scheduler's budget state at every scrape."""
         self.registry.register(BudgetCollector(source))

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import web
 
@@ -19,8 +20,9 @@ from proxy.budget import Limit
 from proxy.config import GatewayConfig, Secrets
 from proxy.metrics import Metrics
 from proxy.routes import RouteTable
-from proxy.scheduler import Lane, QueuePolicy, Scheduler, SendLog
-from proxy.state import open_send_log, open_token_store
+from proxy.scheduler import Lane, QueuePolicy, Scheduler
+from proxy.slots import SendLog, SlotSource
+from proxy.state import open_send_log, open_token_store, parse_state_url
 from proxy.tokens import TokenAuthenticator, TokenStore
 from proxy.upstream import Upstream
 
@@ -38,6 +40,7 @@ class Runtime:
     _upstream: Upstream | None = None
     _send_log: SendLog | None = None
     _pruner: asyncio.Task[None] | None = None
+    _redis: Any = None  # redis.asyncio.Redis when state is redis://
 
     @classmethod
     def from_config(cls, config: GatewayConfig, secrets: Secrets) -> Runtime:
@@ -59,13 +62,18 @@ class Runtime:
         return self._upstream
 
     async def open(self) -> None:
-        """Open the token store and the upstream pool."""
+        """Open the token store, the upstream pool and the budget's state."""
         cfg = self.config
-        self._store = await open_token_store(cfg.state)
+        backend = parse_state_url(cfg.state).backend
+        self.metrics.state_up.labels(backend).set(1)
+        if backend == "redis":
+            self._redis = self._open_redis()
+        self._store = await open_token_store(cfg.state, redis_client=self._redis)
         self._auth = TokenAuthenticator(
             self._store,
             cache_ttl=cfg.tokens.cache_ttl_seconds,
             cache_size=cfg.tokens.cache_size,
+            stale_if_error=backend == "redis" and cfg.on_state_failure == "local",
         )
         self._upstream = Upstream(
             cfg.upstream.base_url,
@@ -74,11 +82,43 @@ class Runtime:
             max_connections=cfg.upstream.max_connections,
         )
         await self._upstream.start()
-        self._send_log = await open_send_log(cfg.state)
-        self.admitter = await self._open_scheduler(self._send_log)
-        self._pruner = asyncio.get_running_loop().create_task(self._prune_forever())
+        if backend != "redis":
+            self._send_log = await open_send_log(cfg.state)
+        self.admitter = await self._open_scheduler(backend)
+        if self._send_log is not None:
+            self._pruner = asyncio.get_running_loop().create_task(self._prune_forever())
 
-    async def _open_scheduler(self, send_log: SendLog) -> Scheduler:
+    def _open_redis(self) -> Any:
+        from proxy.state.redis import RedisOptions, open_redis
+
+        password = self.secrets.state_password
+        options = RedisOptions(
+            password=password.reveal() if password is not None else None,
+            key_prefix=self.config.redis.key_prefix,
+            timeout_seconds=self.config.redis.timeout_seconds,
+        )
+        return open_redis(self.config.state, options)
+
+    def _slot_source(self, name: str, limits: list[Limit]) -> SlotSource | None:
+        """The shared (Redis) slot source for a credential; None for local slots."""
+        if self._redis is None:
+            return None
+        from proxy.state.redis_budget import RedisSlots
+
+        cfg = self.config
+        return RedisSlots(
+            name,
+            self._redis,
+            cfg.redis.key_prefix,
+            limits,
+            cfg.upstream.window_guard_seconds,
+            replicas=cfg.replicas,
+            mode=cfg.on_state_failure,
+            on_latency=lambda op, s: self.metrics.state_latency.labels(op).observe(s),
+            on_health=lambda up: self.metrics.state_up.labels("redis").set(1 if up else 0),
+        )
+
+    async def _open_scheduler(self, backend: str) -> Scheduler:
         cfg = self.config
         limits = [Limit(lim.requests, lim.per_seconds) for lim in cfg.upstream.limits]
         policy = QueuePolicy(
@@ -89,7 +129,13 @@ class Runtime:
         lanes = {}
         for name in self.secrets.credentials:
             lane = Lane(
-                name, limits, cfg.upstream.window_guard_seconds, send_log, policy, self.metrics
+                name,
+                limits,
+                cfg.upstream.window_guard_seconds,
+                self._send_log,
+                policy,
+                self.metrics,
+                source=self._slot_source(name, limits),
             )
             await lane.restore()
             lanes[name] = lane
@@ -123,6 +169,8 @@ class Runtime:
             await self._send_log.close()
         if self._store is not None:
             await self._store.close()
+        if self._redis is not None:
+            await self._redis.aclose()
 
 
 RUNTIME = web.AppKey("runtime", Runtime)

@@ -13,17 +13,19 @@ Time is wall-clock seconds (``time.time``) because the send log outlives the pro
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from proxy.admission import AdmitRequest, Grant, Refusal
 from proxy.budget import CredentialBudget, Limit
 from proxy.ratelimit_headers import UpstreamQuota, caller_headers, parse_upstream_quota
+from proxy.slots import LocalSlots, SendLog, Slot, SlotSource, StateUnavailable
 from proxy.tokens import TokenRecord
 
 log = logging.getLogger("echowin_gateway.budget")
@@ -32,26 +34,6 @@ log = logging.getLogger("echowin_gateway.budget")
 DEFAULT_FREEZE_SECONDS = 60.0
 # A freeze never lasts longer than this, whatever echowin's headers say.
 MAX_FREEZE_SECONDS = 3600.0
-
-
-class SendLog(Protocol):
-    """Write-ahead record of sends, per credential (the scheduler's state boundary)."""
-
-    durable: bool  # False: forgets on restart (memory://)
-
-    async def append(self, credential: str, at: float) -> None:
-        """Record a send at ``at`` (seconds); returns once it is durable."""
-
-    async def remove(self, credential: str, at: float) -> None:
-        """Forget one send recorded at ``at`` (it never left)."""
-
-    async def recent(self, credential: str, since: float) -> list[float]:
-        """Sends recorded after ``since``, oldest first."""
-
-    async def prune(self, before: float) -> None:
-        """Drop every send recorded before ``before``."""
-
-    async def close(self) -> None: ...
 
 
 class Observer(Protocol):
@@ -104,17 +86,21 @@ class TokenCharge:
 
 
 class SlotGrant:
-    """One recorded send slot. Exactly one of ``sent`` / ``unsent`` takes effect."""
+    """One reserved send slot. Exactly one of ``sent`` / ``unsent`` takes effect."""
 
-    __slots__ = ("_done", "at", "lane", "queued_seconds", "quota")
+    __slots__ = ("_done", "lane", "queued_seconds", "quota", "slot")
 
-    def __init__(self, lane: Lane, at: float) -> None:
+    def __init__(self, lane: Lane, slot: Slot) -> None:
         self.lane = lane
-        self.at = at
+        self.slot = slot
         self.queued_seconds = 0.0
         # The token's own quota and when it was charged, refunded with the slot.
         self.quota: TokenCharge | None = None
         self._done = False
+
+    @property
+    def at(self) -> float:
+        return self.slot.at
 
     def sent(self, status: int, headers: Mapping[str, str]) -> None:
         if not self._done:
@@ -126,25 +112,34 @@ class SlotGrant:
             self._done = True
             if self.quota is not None:
                 self.quota.refund()
-            self.lane.give_back(self.at)
+            self.lane.give_back(self.slot)
+
+
+_STATE_DOWN = Refusal(
+    "state_unavailable", 1.0, "The gateway's shared state is unavailable", status=503
+)
 
 
 class Lane:
-    """Budget, queues and fairness for one upstream credential."""
+    """Queues and fairness for one upstream credential; its slots come from a SlotSource."""
 
     def __init__(
         self,
         name: str,
         limits: Sequence[Limit],
         guard: float,
-        send_log: SendLog,
+        send_log: SendLog | None,
         policy: QueuePolicy,
         observer: Observer,
         clock: Callable[[], float] = time.time,
+        source: SlotSource | None = None,
     ) -> None:
+        """Either ``send_log`` (slots kept in this process) or a shared ``source``."""
         self.name = name
-        self.budget = CredentialBudget(limits, guard)
-        self.log = send_log
+        if source is None:
+            assert send_log is not None, "a Lane needs a send log or a slot source"
+            source = LocalSlots(name, CredentialBudget(limits, guard), send_log)
+        self.source = source
         self.policy = policy
         self.observer = observer
         self.clock = clock
@@ -152,35 +147,43 @@ class Lane:
         self.depth = 0
         # Without a durable log we do not know what was sent before we started: one probe
         # at a time until echowin's headers say where the budget stands.
-        self.calibrated = send_log.durable
+        self.calibrated = source.durable
         self.probing = False
         self.reported_remaining: int | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self._pending_writes: set[asyncio.Task[None]] = set()
+        self._pump: asyncio.Task[None] | None = None
+
+    @property
+    def budget(self) -> CredentialBudget:
+        """This lane's view of the budget (exact for local slots, a mirror for shared)."""
+        return self.source.budget
 
     async def restore(self) -> None:
-        """Load the sends the log still holds (after a restart)."""
-        now = self.clock()
-        horizon = max(lim.per_seconds for lim in self.budget.limits) + self.budget.guard
-        self.budget.load(await self.log.recent(self.name, now - horizon), now)
+        """Load what the slot source remembers (after a restart)."""
+        await self.source.restore(self.clock())
 
     # --- admission ------------------------------------------------------------------
 
     def _can_send(self) -> bool:
         return self.calibrated or not self.probing
 
-    def _take(self, now: float) -> SlotGrant | None:
-        if not self._can_send() or not self.budget.try_record(now):
+    async def _take(self, now: float) -> SlotGrant | None:
+        """A slot now, if the budget (and the calibration probe) allow. May raise
+        StateUnavailable."""
+        if not self._can_send():
+            return None
+        slot = await self.source.take(now)
+        if slot is None:
             return None
         if not self.calibrated:
             self.probing = True
-        return SlotGrant(self, now)
+        return SlotGrant(self, slot)
 
     def predicted_wait(self, now: float, token: TokenRecord, horizon: float) -> float:
         """Seconds until a new request of ``token`` would be served, given who waits."""
         # While a calibration probe is out the wait is at least its round trip, which no
         # budget math knows; the probe is already recorded, so it is not counted again.
-        return self.budget.predict_wait(now, self._ahead_of_new(token), horizon=horizon)
+        return self.source.predict_wait(now, self._ahead_of_new(token), horizon)
 
     def _ahead_of_new(self, token: TokenRecord) -> int:
         """Sends weighted round-robin serves before a new request of ``token``."""
@@ -196,11 +199,15 @@ class Lane:
     async def admit(
         self, token: TokenRecord, charge: TokenCharge | None, max_wait: float
     ) -> SlotGrant | Refusal:
-        """A recorded, written-ahead slot, or a refusal. Never waits past ``max_wait``."""
+        """A reserved, written-ahead slot, or a refusal. Never waits past ``max_wait``."""
         now = self.clock()
-        grant: SlotGrant | Refusal | None = self._take(now) if self.depth == 0 else None
-        if grant is None:
-            grant = self._refusal_for_new(now, token, max_wait)
+        try:
+            grant: SlotGrant | Refusal | None = await self._take(now) if self.depth == 0 else None
+            if grant is None:
+                await self.source.refresh(now)
+                grant = self._refusal_for_new(now, token, max_wait)
+        except StateUnavailable:
+            return _STATE_DOWN
         if grant is None:
             grant = await self._wait(now, token, max_wait)
         if isinstance(grant, SlotGrant):
@@ -214,7 +221,7 @@ class Lane:
             queue is not None and len(queue.waiters) >= self.policy.max_depth_per_token
         ):
             return Refusal("queue_full", 1.0, "Too many requests are waiting; try again later")
-        frozen = self.budget.frozen_until(now)
+        frozen = self.source.frozen_until(now)
         wait = self.predicted_wait(now, token, max_wait)
         if wait <= max_wait:
             return None
@@ -222,7 +229,7 @@ class Lane:
             return Refusal(
                 "upstream_frozen", frozen - now, "echowin asked us to pause; try again later"
             )
-        retry = wait if math.isfinite(wait) else self.budget.predict_wait(now, 0, horizon=None)
+        retry = wait if math.isfinite(wait) else self.source.predict_wait(now, 0, None)
         return Refusal(
             "upstream_budget", max(retry, 1.0), "Rate limit exceeded. Please try again later."
         )
@@ -236,14 +243,14 @@ class Lane:
         queue.waiters.append(waiter)
         self.depth += 1
         self.policy.waiting += 1
-        self._schedule(now)
+        self._schedule()
         try:
             async with asyncio.timeout(max_wait + 0.05):
                 result = await waiter.future
         except TimeoutError:
             result = _settled(waiter) or Refusal(
                 "upstream_budget",
-                max(self.budget.predict_wait(self.clock(), self.depth, horizon=None), 1.0),
+                max(self.source.predict_wait(self.clock(), self.depth, None), 1.0),
                 "Waited too long for echowin budget",
             )
             self._drop(waiter)
@@ -272,41 +279,58 @@ class Lane:
 
     async def _write_ahead(self, grant: SlotGrant) -> None:
         try:
-            await self.log.append(self.name, grant.at)
+            await self.source.commit(grant.slot)
         except BaseException:
             grant.unsent()
             raise
 
     # --- dispatch -------------------------------------------------------------------
 
-    def _schedule(self, now: float) -> None:
-        """Serve waiters now if budget allows, else set one timer for when it will."""
-        self._dispatch(now)
-        if self.depth == 0 or not self._can_send():
-            return
-        delay = self.budget.wait_time(self.clock())
+    def _schedule(self) -> None:
+        """Serve waiters as soon as the budget allows: run the pump now, or once."""
         if self._timer is not None:
             self._timer.cancel()
-        loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(max(delay, 0.0005), self._on_timer)
+            self._timer = None
+        if self.depth == 0 or not self._can_send():
+            return
+        if self._pump is None or self._pump.done():
+            self._pump = asyncio.get_running_loop().create_task(self._run_pump())
 
     def _on_timer(self) -> None:
         self._timer = None
-        self._schedule(self.clock())
+        self._schedule()
 
-    def _dispatch(self, now: float) -> None:
+    async def _run_pump(self) -> None:
+        """Hand out slots to waiters until the budget or the queue runs out, then set one
+        timer for the moment the budget allows the next send."""
         while self.depth > 0:
-            queue = self._next_queue()
-            waiter = queue.waiters[0]
-            grant = self._take(now)
-            if grant is None:
+            try:
+                grant = await self._take(self.clock())
+            except StateUnavailable:
+                self._fail_waiters(_STATE_DOWN)
                 return
-            queue.waiters.popleft()
+            if grant is None:
+                break
+            if self.depth == 0:  # everyone left while the slot was being reserved
+                grant.unsent()
+                return
+            queue = self._next_queue()
+            waiter = queue.waiters.popleft()
             self.depth -= 1
             self.policy.waiting -= 1
             if not queue.waiters:
                 del self.queues[queue.token.id]
             waiter.future.set_result(grant)
+        if self.depth > 0 and self._can_send():
+            delay = self.source.retry_in(self.clock())
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(max(delay, 0.0005), self._on_timer)
+
+    def _fail_waiters(self, refusal: Refusal) -> None:
+        for queue in list(self.queues.values()):
+            for waiter in list(queue.waiters):
+                waiter.future.set_result(refusal)
+                self._drop(waiter)
 
     def _next_queue(self) -> _TokenQueue:
         """Smooth weighted round-robin (as nginx does) over tokens that wait."""
@@ -323,12 +347,11 @@ class Lane:
 
     # --- what happened upstream -----------------------------------------------------
 
-    def give_back(self, at: float) -> None:
+    def give_back(self, slot: Slot) -> None:
         """A granted slot never reached echowin: free it and let a waiter have it."""
-        self.budget.release(at)
+        self.source.give_back(slot)
         self.probing = False
-        self._background(self.log.remove(self.name, at))
-        self._schedule(self.clock())
+        self._schedule()
 
     def on_response(self, grant: SlotGrant, status: int, headers: Mapping[str, str]) -> None:
         now = self.clock()
@@ -340,37 +363,27 @@ class Lane:
         if self.probing:
             self.probing = False
         if self.depth:
-            self._schedule(now)
+            self._schedule()
 
     def _reconcile(self, now: float, quota: UpstreamQuota) -> None:
         if quota.remaining is None:
             return
         self.reported_remaining = quota.remaining
         self.observer.reported_remaining(self.name, quota.remaining)
-        if quota.limit is None:
+        if quota.limit is None or quota.remaining > quota.limit:
             return
         if not self.calibrated:
-            self.budget.assume_external(now, max(0, quota.limit - quota.remaining))
+            self.source.assume_external(now, quota.limit - quota.remaining)
             self.calibrated = True
             return
-        # Compare with every send of ours made before this answer came back, not only those
-        # before this one left: concurrent requests reach echowin in any order, and counting
-        # a reordered send of ours as someone else's would waste a slot for a whole window.
-        # The cost: others' use hidden behind our in-flight sends shows up one answer later.
-        index = self.budget.window_index(quota.limit)
-        self.budget.observe(
-            now,
-            limit=quota.limit,
-            remaining=quota.remaining,
-            sent_count=self.budget.own_count(now, index),
-        )
+        self.source.observe(now, quota.limit, quota.remaining)
 
     def _freeze(self, now: float, quota: UpstreamQuota | None) -> None:
         until = quota.resume_at if quota is not None and quota.resume_at is not None else None
         if until is None or until <= now:
             until = now + DEFAULT_FREEZE_SECONDS
         until = min(until, now + MAX_FREEZE_SECONDS)
-        self.budget.freeze(until)
+        self.source.freeze(until)
         self.observer.upstream_429(self.name)
         self.observer.frozen(self.name)
         log.warning(
@@ -386,19 +399,17 @@ class Lane:
                     waiter.future.set_result(refusal)
                     self._drop(waiter)
 
-    def _background(self, coro: Coroutine[object, object, None]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._pending_writes.add(task)
-        task.add_done_callback(self._pending_writes.discard)
-
     async def close(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
         for queue in list(self.queues.values()):
             for waiter in list(queue.waiters):
                 self._drop(waiter)
-        if self._pending_writes:
-            await asyncio.gather(*self._pending_writes, return_exceptions=True)
+        if self._pump is not None:
+            self._pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._pump
+        await self.source.close()
 
 
 class Scheduler:
@@ -460,7 +471,7 @@ class Scheduler:
         """X-RateLimit-* and RateLimit fields for the tightest of the token's own quota and
         the shared budget of its credential."""
         now = self.clock()
-        windows = [("echowin", w) for w in self.lanes[request.credential].budget.snapshot(now)]
+        windows = [("echowin", w) for w in self.lanes[request.credential].source.snapshot(now)]
         quota = self._quotas.get(request.token.id)
         if quota is not None:
             windows += [("token", w) for w in quota[1].snapshot(now)]
@@ -480,11 +491,12 @@ class Scheduler:
                         "reset_in": round(w.reset_in, 3),
                         "external": w.external,
                     }
-                    for w in lane.budget.snapshot(now)
+                    for w in lane.source.snapshot(now)
                 ],
                 "queue_depth": lane.depth,
                 "waiting_tokens": len(lane.queues),
-                "frozen_for": _frozen_for(lane.budget, now),
+                "frozen_for": _frozen_for(lane.source, now),
+                "state_healthy": lane.source.healthy,
                 "echowin_reported_remaining": lane.reported_remaining,
                 "calibrated": lane.calibrated,
             }
@@ -503,8 +515,8 @@ def _settled(waiter: _Waiter) -> SlotGrant | Refusal | None:
     return None
 
 
-def _frozen_for(budget: CredentialBudget, now: float) -> float:
-    until = budget.frozen_until(now)
+def _frozen_for(source: SlotSource, now: float) -> float:
+    until = source.frozen_until(now)
     return round(until - now, 3) if until is not None else 0.0
 
 

@@ -29,7 +29,7 @@ from datetime import UTC, datetime
 from enum import Enum
 from typing import Protocol, TypedDict, Unpack
 
-from cachetools import TTLCache
+from cachetools import LRUCache, TTLCache
 
 __all__ = [
     "DEFAULT_UPSTREAM_KEY",
@@ -360,7 +360,11 @@ class TokenAuthenticator:
         cache_size: int = 10_000,
         negative_ttl: float = 1.0,
         timer: Callable[[], float] = time.monotonic,
+        stale_if_error: bool = False,
     ) -> None:
+        """``stale_if_error``: when the store fails, answer from the last record this
+        instance loaded for that id (bounded by ``cache_size``), so a replica can keep
+        serving known tokens through a shared-store outage. Off: store errors propagate."""
         if not (math.isfinite(cache_ttl) and cache_ttl >= 0):
             raise ValueError("cache_ttl: must be seconds >= 0")
         if not (math.isfinite(negative_ttl) and negative_ttl >= 0):
@@ -378,6 +382,9 @@ class TokenAuthenticator:
         # including ones `invalidate` detached, so none is garbage-collected mid-flight.
         self._inflight: dict[str, asyncio.Task[TokenRecord | None]] = {}
         self._pending: set[asyncio.Task[TokenRecord | None]] = set()
+        self._last_known: LRUCache[str, TokenRecord] | None = (
+            LRUCache(cache_size) if stale_if_error else None
+        )
 
     async def authenticate(self, raw: str | None) -> AuthResult:
         """Check a presented token (the header value without any ``Bearer`` prefix).
@@ -407,6 +414,8 @@ class TokenAuthenticator:
         self._records.pop(token_id, None)
         self._unknown.pop(token_id, None)
         self._inflight.pop(token_id, None)
+        if self._last_known is not None:
+            self._last_known.pop(token_id, None)
 
     async def revoke(self, token_id: str) -> TokenRecord | None:
         """Revoke in the store at ``clock()`` and take effect on this instance at once."""
@@ -430,7 +439,13 @@ class TokenAuthenticator:
             self._pending.add(task)
             task.add_done_callback(functools.partial(self._loaded, token_id))
         # Shielded: a waiter that gives up must not cancel the lookup others are sharing.
-        return await asyncio.shield(task)
+        try:
+            return await asyncio.shield(task)
+        except Exception:
+            stale = self._last_known.get(token_id) if self._last_known is not None else None
+            if stale is None:
+                raise
+            return stale
 
     def _loaded(self, token_id: str, task: asyncio.Task[TokenRecord | None]) -> None:
         self._pending.discard(task)
@@ -443,6 +458,8 @@ class TokenAuthenticator:
         if failed:
             return
         record = task.result()
+        if record is not None and self._last_known is not None:
+            self._last_known[token_id] = record
         if record is not None and self._caching:
             self._records[token_id] = record
         elif record is None and self._negative_caching:

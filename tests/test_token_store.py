@@ -1,7 +1,8 @@
 """The TokenStore contract, run against every backend, plus SQLite specifics and URL parsing.
 
-To add a backend, add its name to BACKENDS and a URL to ``_url``; every contract test then
-runs against it unchanged.
+To add a backend, add its name to BACKENDS and a case to the ``store`` fixture; every
+contract test then runs against it unchanged. Redis is the real server at ``REDIS_URL``: when
+it does not answer, the Redis tests FAIL (never skip), so CI cannot pass without it.
 """
 
 from __future__ import annotations
@@ -10,35 +11,78 @@ import asyncio
 import os
 import sqlite3
 import stat
+import uuid
 from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
 import pytest
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 import proxy.state
 from proxy.state import (
     MemoryTokenStore,
+    RedisOptions,
+    RedisTokenStore,
     SqliteTokenStore,
     StateUrl,
+    open_redis,
     open_token_store,
     parse_state_url,
 )
 from proxy.state.sqlite import SCHEMA_VERSION, open_sqlite
 from proxy.tokens import TokenRecord, TokenStore, hash_secret
 
-BACKENDS = ["memory", "sqlite"]
+BACKENDS = ["memory", "sqlite", "redis"]
 T0 = 1_700_000_000.0
+REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
-def _url(backend: str, tmp_path: Path) -> str:
-    return {"memory": "memory://", "sqlite": f"sqlite:///{tmp_path}/state.db"}[backend]
+@asynccontextmanager
+async def scratch_redis() -> AsyncIterator[tuple[Redis, str]]:
+    """A client on the test Redis and a fresh key prefix, whose keys are deleted afterwards.
+
+    Fails the test (never skips it) when Redis does not answer.
+    """
+    client = open_redis(REDIS_URL, RedisOptions(timeout_seconds=2.0))
+    try:
+        await client.ping()
+    except RedisError as exc:
+        await client.aclose()
+        pytest.fail(
+            f"these tests need Redis at {REDIS_URL} (start redis-server): {exc}", pytrace=False
+        )
+    prefix = f"egw-test-{uuid.uuid4().hex}:"
+    try:
+        yield client, prefix
+    finally:
+        keys = [key async for key in client.scan_iter(match=f"{prefix}*", count=500)]
+        if keys:
+            await client.delete(*keys)
+        await client.aclose()
+
+
+@pytest.fixture
+async def redis_scratch() -> AsyncIterator[tuple[Redis, str]]:
+    async with scratch_redis() as scratch:
+        yield scratch
 
 
 @pytest.fixture(params=BACKENDS)
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[TokenStore]:
-    opened = await open_token_store(_url(request.param, tmp_path))
-    yield opened
-    await opened.close()
+    async with AsyncExitStack() as stack:
+        if request.param == "redis":
+            # As the gateway runs it: on a client shared with the budget, under its own prefix.
+            client, prefix = await stack.enter_async_context(scratch_redis())
+            opened = await open_token_store(
+                REDIS_URL, redis_options=RedisOptions(key_prefix=prefix), redis_client=client
+            )
+        else:
+            url = {"memory": "memory://", "sqlite": f"sqlite:///{tmp_path}/state.db"}
+            opened = await open_token_store(url[request.param])
+        yield opened
+        await opened.close()
 
 
 def record(n: int, *, created_at: float = T0, **overrides: object) -> TokenRecord:
@@ -194,21 +238,33 @@ async def test_concurrent_writers_do_not_lose_updates(store: TokenStore) -> None
     assert [r.revoked_at is not None for r in listed] == [n % 2 == 0 for n in range(20)]
 
 
-# --- SQLite specifics ---------------------------------------------------------------------
+# --- persistence --------------------------------------------------------------------------
 
 
-async def test_sqlite_persists_across_reopen(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path}/state.db"
-    first = await open_token_store(url)
+async def _fill_and_reopen(url: str, options: RedisOptions | None = None) -> None:
+    first = await open_token_store(url, redis_options=options)
     await first.put(record(1))
     await first.put(record(2, created_at=T0 + 1))
     await first.revoke(record(2).id, T0 + 2)
     await first.close()
-    second = await open_token_store(url)
+    second = await open_token_store(url, redis_options=options)
     try:
         assert await second.list() == [record(1), record(2, created_at=T0 + 1, revoked_at=T0 + 2)]
     finally:
         await second.close()
+
+
+async def test_sqlite_persists_across_reopen(tmp_path: Path) -> None:
+    await _fill_and_reopen(f"sqlite:///{tmp_path}/state.db")
+
+
+async def test_redis_persists_across_reopen(redis_scratch: tuple[Redis, str]) -> None:
+    _, prefix = redis_scratch
+    # Each store opens and closes its own client, as after a gateway restart.
+    await _fill_and_reopen(REDIS_URL, RedisOptions(key_prefix=prefix))
+
+
+# --- SQLite specifics ---------------------------------------------------------------------
 
 
 async def test_sqlite_files_are_private(tmp_path: Path) -> None:
@@ -294,9 +350,12 @@ def test_state_all_is_pinned() -> None:
     assert sorted(proxy.state.__all__) == [
         "MemorySendLog",
         "MemoryTokenStore",
+        "RedisOptions",
+        "RedisTokenStore",
         "SqliteSendLog",
         "SqliteTokenStore",
         "StateUrl",
+        "open_redis",
         "open_send_log",
         "open_token_store",
         "parse_state_url",
@@ -306,6 +365,14 @@ def test_state_all_is_pinned() -> None:
 async def test_memory_url_opens_a_memory_store() -> None:
     store = await open_token_store("memory://")
     assert isinstance(store, MemoryTokenStore)
+    await store.close()
+
+
+async def test_redis_url_opens_a_redis_store(redis_scratch: tuple[Redis, str]) -> None:
+    _, prefix = redis_scratch
+    store = await open_token_store(REDIS_URL, redis_options=RedisOptions(key_prefix=prefix))
+    assert isinstance(store, RedisTokenStore)
+    await store.ping()
     await store.close()
 
 
@@ -325,6 +392,10 @@ async def test_memory_url_opens_a_memory_store() -> None:
         ("sqlite:///./.run/state.db", StateUrl("sqlite", "./.run/state.db")),
         ("sqlite:///../up/state.db", StateUrl("sqlite", "../up/state.db")),
         ("sqlite:///my%20dir/state.db", StateUrl("sqlite", "/my dir/state.db")),
+        (REDIS_URL, StateUrl("redis", url=REDIS_URL)),
+        ("REDIS://cache:6379/0", StateUrl("redis", url="REDIS://cache:6379/0")),
+        ("rediss://cache.example:6380/2", StateUrl("redis", url="rediss://cache.example:6380/2")),
+        ("redis://gateway@cache", StateUrl("redis", url="redis://gateway@cache")),
     ],
 )
 def test_parse_state_url(url: str, expected: StateUrl) -> None:
@@ -344,8 +415,16 @@ def test_parse_state_url(url: str, expected: StateUrl) -> None:
         ("sqlite:///:memory:", "not a database file name"),
         ("sqlite:///state.db?mode=ro", "no query"),
         ("postgres://db/x", "unsupported URL scheme 'postgres'"),
-        ("redis://localhost:6379/0", "not yet supported"),
-        ("rediss://localhost:6379/0", "not yet supported"),
+        ("redis://:pw@localhost:6379/0", "must not carry a password"),
+        ("rediss://user:pw@localhost:6379/0", "must not carry a password"),
+        ("redis://localhost:6379/0?ssl_cert_reqs=none", "no query"),
+        ("redis://localhost:6379/0#x", "no query"),
+        ("redis:///0", "needs a host"),
+        ("redis://localhost:port/0", "malformed host or port"),
+        ("redis://localhost:99999/0", "malformed host or port"),
+        ("redis://localhost:0/0", "needs a port"),
+        ("redis://localhost/db0", "database number"),
+        ("redis://localhost/0/1", "database number"),
     ],
 )
 def test_parse_state_url_refuses(url: str, message: str) -> None:
@@ -354,7 +433,14 @@ def test_parse_state_url_refuses(url: str, message: str) -> None:
 
 
 async def test_errors_never_repeat_credentials() -> None:
-    for url in ("redis://:hunter2@cache:6379/0", "postgres://user:hunter2@db/x"):
+    for url in (
+        "redis://:hunter2@cache:6379/0",
+        "rediss://admin:hunter2@cache:6379/0",
+        "redis://cache:hunter2/0",
+        "redis://cache/hunter2",
+        "redis://cache/0?password=hunter2",
+        "postgres://user:hunter2@db/x",
+    ):
         with pytest.raises(ValueError, match=r"^state:") as caught:
             await open_token_store(url)
         assert "hunter2" not in str(caught.value)

@@ -1,0 +1,360 @@
+"""Redis token store (``redis://host:6379/0``, ``rediss://`` for TLS): tokens shared by replicas.
+
+``open_redis`` is the one way to open the client, so the budget module shares the same
+connection pool (one per process) instead of opening its own. Secrets never come from the URL:
+the password is ``redis.password`` in the config (env or file), passed in ``RedisOptions``.
+
+Keys, under the configured prefix (``redis.key_prefix``, default ``egw:``):
+
+- ``{prefix}token:{id}``: a hash with one field per ``TokenRecord`` field (``scopes`` as a
+  JSON array, times as Unix seconds, ``None`` as an absent field);
+- ``{prefix}tokens``: a sorted set of ids scored by ``created_at``; equal scores sort by id,
+  which is exactly the order ``TokenStore.list`` promises.
+
+Records are never deleted (revocation is a field), so every id in the set has its hash.
+"""
+
+from __future__ import annotations
+
+import builtins
+import dataclasses
+import json
+import math
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar, Unpack, cast
+from urllib.parse import unquote, urlsplit
+
+import redis.asyncio
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import WatchError
+from redis.typing import EncodableT, FieldT
+
+from proxy.tokens import TokenChanges, TokenRecord, apply_changes
+
+__all__ = ["RedisAddress", "RedisOptions", "RedisTokenStore", "open_redis", "parse_redis_url"]
+
+T = TypeVar("T")
+
+HEALTH_CHECK_INTERVAL_SECONDS = 10
+"""A pooled connection idle this long is PINGed before reuse, so a dead one is replaced."""
+
+RETRIES = 2
+"""Extra attempts after a connection error (so 3 in all), after 50 then 100 ms of backoff."""
+
+RETRY_BACKOFF_BASE_SECONDS = 0.025
+RETRY_BACKOFF_CAP_SECONDS = 0.25
+
+MAX_TRANSACTION_ATTEMPTS = 100
+"""Bound on optimistic (WATCH) retries. Each failed attempt means another writer committed, so
+N concurrent writers of one key need at most N attempts; hitting this bound raises WatchError."""
+
+_MAX_DB = 2**31 - 1
+_SCHEMES = ("redis", "rediss")
+
+_INT_FIELDS = frozenset({"hourly", "per_minute", "weight"})
+_FLOAT_FIELDS = frozenset({"created_at", "expires_at", "revoked_at"})
+_STR_FIELDS = frozenset({"id", "name", "secret_hash", "upstream_key"})
+
+# KEYS[1] token hash, KEYS[2] id index; ARGV[1] score, ARGV[2] id, ARGV[3..] field/value pairs.
+_PUT_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+redis.call('ZADD', KEYS[2], ARGV[1], ARGV[2])
+return 1
+"""
+
+# KEYS[1] token hash; ARGV[1] revocation time. HSETNX keeps the first revocation time.
+_REVOKE_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+redis.call('HSETNX', KEYS[1], 'revoked_at', ARGV[1])
+return redis.call('HGETALL', KEYS[1])
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class RedisOptions:
+    """How to talk to Redis, from the config's ``redis:`` section.
+
+    ``timeout_seconds`` bounds one connect and one command (socket read/write); a slower
+    Redis counts as failed. ``key_prefix`` starts every key this gateway writes, so several
+    gateways can share one Redis. ``password`` (AUTH) never shows in repr.
+    """
+
+    password: str | None = field(default=None, repr=False)
+    key_prefix: str = "egw:"
+    timeout_seconds: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.key_prefix, str) or not self.key_prefix:
+            raise ValueError("redis.key_prefix: must be a non-empty string")
+        timeout = self.timeout_seconds
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+            raise ValueError("redis.timeout_seconds: must be seconds > 0")
+        if not (math.isfinite(timeout) and timeout > 0):
+            raise ValueError("redis.timeout_seconds: must be seconds > 0")
+
+
+@dataclass(frozen=True, slots=True)
+class RedisAddress:
+    """Where a ``redis://`` or ``rediss://`` URL points. ``tls`` is True for ``rediss://``.
+
+    ``username`` is an ACL user name (not a secret); the password is never part of it.
+    """
+
+    host: str
+    port: int = 6379
+    db: int = 0
+    tls: bool = False
+    username: str | None = None
+
+
+def parse_redis_url(url: str) -> RedisAddress:
+    """Parse ``redis[s]://[user@]host[:port][/db]`` without connecting.
+
+    ValueError, starting ``state:``, for anything else: a password in the URL (it belongs in
+    ``redis.password``), a query or fragment, a bad port or db. Messages never repeat the URL.
+    """
+    scheme, sep, _ = url.partition("://")
+    scheme = scheme.lower()
+    if not sep or scheme not in _SCHEMES:
+        raise ValueError("state: a Redis URL starts with redis:// or rediss://")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"state: {scheme}:// URL has a malformed host or port") from None
+    if parts.password is not None:
+        raise ValueError(
+            f"state: a {scheme}:// URL must not carry a password;"
+            " set redis.password (from env or file) instead"
+        )
+    if parts.query or parts.fragment or "?" in url or "#" in url:
+        raise ValueError(f"state: a {scheme}:// URL takes no query or fragment")
+    if not parts.hostname:
+        raise ValueError(f"state: a {scheme}:// URL needs a host")
+    if port == 0:
+        raise ValueError(f"state: a {scheme}:// URL needs a port in 1-65535")
+    return RedisAddress(
+        host=parts.hostname,
+        port=6379 if port is None else port,
+        db=_db_index(scheme, parts.path),
+        tls=scheme == "rediss",
+        username=None if parts.username is None else unquote(parts.username),
+    )
+
+
+def _db_index(scheme: str, path: str) -> int:
+    digits = path[1:] if path.startswith("/") else path
+    if not digits:
+        return 0
+    if not (digits.isascii() and digits.isdigit()) or int(digits) > _MAX_DB:
+        raise ValueError(f"state: a {scheme}:// URL path must be a database number such as /0")
+    return int(digits)
+
+
+def open_redis(url: str, options: RedisOptions) -> redis.asyncio.Redis:
+    """A client (with its connection pool) for ``url``; connects lazily, on the first command.
+
+    Open ONE per process and share it (token store, budget): the pool is the expensive part.
+    Every connect and command is bounded by ``options.timeout_seconds``. A connection error is
+    retried twice with short exponential backoff (50 ms, 100 ms) on a fresh connection, so a
+    restarted Redis is picked up without help; a timeout is not retried, since the command may
+    have run and the caller's time budget is spent. Errors are ``redis.exceptions.RedisError``
+    and never contain the password. The caller closes it with ``await client.aclose()``.
+    """
+    address = parse_redis_url(url)
+    retry = Retry(
+        ExponentialBackoff(cap=RETRY_BACKOFF_CAP_SECONDS, base=RETRY_BACKOFF_BASE_SECONDS),
+        RETRIES,
+        supported_errors=(RedisConnectionError,),
+    )
+    return redis.asyncio.Redis(
+        host=address.host,
+        port=address.port,
+        db=address.db,
+        username=address.username,
+        password=options.password,
+        ssl=address.tls,
+        socket_timeout=options.timeout_seconds,
+        socket_connect_timeout=options.timeout_seconds,
+        health_check_interval=HEALTH_CHECK_INTERVAL_SECONDS,
+        retry=retry,
+        decode_responses=False,
+    )
+
+
+def _encode(record: TokenRecord) -> dict[str, str]:
+    """Hash fields of ``record``; None fields are left out. Floats use ``repr`` (exact)."""
+    fields: dict[str, str] = {}
+    for name in (f.name for f in dataclasses.fields(record)):
+        value = getattr(record, name)
+        if value is None:
+            continue
+        if name == "scopes":
+            fields[name] = json.dumps(list(value))
+        elif name in _FLOAT_FIELDS:
+            fields[name] = repr(float(value))
+        else:
+            fields[name] = str(value)
+    return fields
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _decode(raw: Mapping[bytes | str, bytes | str]) -> TokenRecord:
+    """Rebuild a record from its hash; TokenRecord's own checks reject a corrupt one.
+
+    Fields it does not know are skipped, so a later version may add some without breaking
+    replicas still running this one.
+    """
+    fields = {_text(key): _text(value) for key, value in raw.items()}
+    values: dict[str, Any] = {}
+    for name, text in fields.items():
+        if name == "scopes":
+            values[name] = tuple(json.loads(text))
+        elif name in _INT_FIELDS:
+            values[name] = int(text)
+        elif name in _FLOAT_FIELDS:
+            values[name] = float(text)
+        elif name in _STR_FIELDS:
+            values[name] = text
+    missing = {"id", "name", "secret_hash", "scopes"} - values.keys()
+    if missing:
+        raise ValueError(f"state: stored token lacks {', '.join(sorted(missing))}")
+    return TokenRecord(**values)
+
+
+def _pairs_to_mapping(flat: Sequence[bytes]) -> dict[bytes | str, bytes | str]:
+    """HGETALL as a Lua script returns it (``[field, value, ...]``) as a mapping."""
+    return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
+class RedisTokenStore:
+    """``proxy.tokens.TokenStore`` in Redis, on a client shared with the rest of the process.
+
+    Every method is atomic across processes: ``put`` and ``revoke`` are Lua scripts,
+    ``update`` and ``list`` are optimistic WATCH/MULTI transactions retried when another
+    writer got in first. Several stores (replicas) on the same Redis and prefix see each
+    other's writes at once. Redis errors propagate (``redis.exceptions.RedisError``); the
+    caller treats any error as "store unavailable".
+
+    The client is NOT closed by ``close`` unless ``owns_client`` is True. After ``close``
+    every method raises RuntimeError, whoever owns the client.
+    """
+
+    def __init__(
+        self, client: redis.asyncio.Redis, *, key_prefix: str = "egw:", owns_client: bool = False
+    ) -> None:
+        if not key_prefix:
+            raise ValueError("redis.key_prefix: must be a non-empty string")
+        self._client = client
+        self._prefix = key_prefix
+        self._index = f"{key_prefix}tokens"
+        self._owns_client = owns_client
+        self._closed = False
+        self._put_script = client.register_script(_PUT_LUA)
+        self._revoke_script = client.register_script(_REVOKE_LUA)
+
+    def _key(self, token_id: str) -> str:
+        return f"{self._prefix}token:{token_id}"
+
+    def _open_client(self) -> redis.asyncio.Redis:
+        if self._closed:
+            raise RuntimeError("redis token store is closed")
+        return self._client
+
+    async def put(self, record: TokenRecord) -> None:
+        """Insert ``record`` (hash and index in one script); ValueError if the id exists.
+
+        A put whose reply is lost to a dropped connection may have been applied: its retry
+        then reports "already exists" for a record that is in fact stored.
+        """
+        self._open_client()
+        args: list[str] = [repr(float(record.created_at)), record.id]
+        for name, value in _encode(record).items():
+            args += (name, value)
+        created = await self._put_script(keys=[self._key(record.id), self._index], args=args)
+        if not created:
+            raise ValueError(f"token id {record.id!r} already exists")
+
+    async def get(self, token_id: str) -> TokenRecord | None:
+        raw = await self._open_client().hgetall(self._key(token_id))
+        return _decode(raw) if raw else None
+
+    async def list(self) -> builtins.list[TokenRecord]:
+        """All records as of one instant: the index is WATCHed while the hashes are read."""
+        return await self._transaction(self._index, self._list_once)
+
+    async def _list_once(self, pipe: redis.asyncio.client.Pipeline) -> builtins.list[TokenRecord]:
+        # Without withscores, ZRANGE returns the bare members.
+        ids = cast("builtins.list[bytes]", await pipe.zrange(self._index, 0, -1))
+        pipe.multi()  # type: ignore[no-untyped-call]
+        for token_id in ids:
+            pipe.hgetall(self._key(token_id.decode()))
+        hashes: builtins.list[dict[bytes | str, bytes | str]] = await pipe.execute()
+        return [_decode(raw) for raw in hashes if raw]
+
+    async def revoke(self, token_id: str, now: float) -> TokenRecord | None:
+        """Set ``revoked_at = now`` unless already set, in one script. None for an unknown id."""
+        self._open_client()
+        flat = await self._revoke_script(keys=[self._key(token_id)], args=[repr(float(now))])
+        return None if flat is None else _decode(_pairs_to_mapping(flat))
+
+    async def update(self, token_id: str, **changes: Unpack[TokenChanges]) -> TokenRecord | None:
+        """Read, ``apply_changes`` (validated in Python), write the changed fields back.
+
+        The hash is WATCHed from the read to the write, so a concurrent revoke or update makes
+        this one start over on fresh data: no change is lost. ValueError writes nothing.
+        """
+        key = self._key(token_id)
+
+        async def once(pipe: redis.asyncio.client.Pipeline) -> TokenRecord | None:
+            raw = await pipe.hgetall(key)
+            if not raw:
+                return None
+            updated = apply_changes(_decode(raw), changes)
+            if not changes:
+                return updated
+            stored = _encode(updated)
+            written: dict[FieldT, EncodableT] = {n: stored[n] for n in changes if n in stored}
+            cleared = [name for name in changes if name not in stored]
+            pipe.multi()  # type: ignore[no-untyped-call]
+            if written:
+                pipe.hset(key, mapping=written)
+            if cleared:
+                pipe.hdel(key, *cleared)
+            await pipe.execute()
+            return updated
+
+        return await self._transaction(key, once)
+
+    async def _transaction(
+        self, key: str, attempt: Callable[[redis.asyncio.client.Pipeline], Awaitable[T]]
+    ) -> T:
+        """Run ``attempt`` with ``key`` WATCHed, again while another writer gets in first."""
+        client = self._open_client()
+        for _ in range(MAX_TRANSACTION_ATTEMPTS):
+            async with client.pipeline(transaction=True) as pipe:
+                await pipe.watch(key)
+                try:
+                    return await attempt(pipe)
+                except WatchError:
+                    continue
+        raise WatchError(f"gave up after {MAX_TRANSACTION_ATTEMPTS} conflicting writes")
+
+    async def ping(self) -> None:
+        """PING Redis; raises RedisError if it does not answer in time, RuntimeError if closed."""
+        await self._open_client().ping()
+
+    async def close(self) -> None:
+        """Stop serving; close the client too if this store owns it. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._owns_client:
+            await self._client.aclose()

@@ -1,0 +1,401 @@
+"""The upstream budget in Redis, shared by every replica (``state: redis://...``).
+
+A reservation is ONE Lua script per send that reads Redis' own clock (``TIME``, so replica
+clocks do not matter), checks every rolling window (the sends of every replica plus the
+external sends echowin reported) and records the send only if all of them hold. Nothing is
+counted before it is checked, so a refused attempt never eats budget. Keys expire on their
+own and old members are trimmed on every reservation: memory stays bounded.
+
+Each replica keeps a journal of its own recent sends. When Redis cannot be reached the
+replica either refuses (``on_state_failure: closed``) or carries on alone
+(``local``) with a budget seeded from the last shared view in which each of its own sends
+counts ``replicas`` times: every replica then gets 1/replicas of what is left, so their
+sum stays within echowin's limits. When Redis answers again the replica replays its
+journal (idempotent: members are unique ids), so a Redis that restarted empty learns
+again what was sent.
+
+Keys, for credential ``c`` and prefix ``p``: ``p{c}:sends`` (sorted set, score = Redis
+time of the send, member = ``replica:seq``), ``p{c}:ext:{i}`` (external sends counted in
+window ``i``) and ``p{c}:frozen`` (Redis time until which nothing may be sent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import math
+import secrets
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any, Literal
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from proxy.budget import CredentialBudget, Limit, WindowView
+from proxy.slots import Slot, StateUnavailable
+
+log = logging.getLogger("echowin_gateway.state")
+
+# Rebuild the shared view used for predictions at most this often, seconds.
+MIRROR_MAX_AGE = 0.1
+# While Redis is down, probe it this often, seconds.
+PROBE_INTERVAL = 0.5
+
+_RESERVE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local k = tonumber(ARGV[3])
+local guard = tonumber(ARGV[2])
+local horizon = tonumber(ARGV[4 + 2 * k])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. string.format('%.6f', now - horizon))
+local wait = 0
+local frozen = tonumber(redis.call('GET', KEYS[k + 2]) or '0')
+if frozen > now then wait = frozen - now end
+for i = 1, k do
+  local n = tonumber(ARGV[3 + i])
+  local span = tonumber(ARGV[3 + k + i]) + guard
+  local lo = '(' .. string.format('%.6f', now - span)
+  local c = redis.call('ZCOUNT', KEYS[1], lo, '+inf')
+  c = c + redis.call('ZCOUNT', KEYS[1 + i], lo, '+inf')
+  if c >= n then
+    local m = c - n + 1
+    local scores = {}
+    for _, key in ipairs({KEYS[1], KEYS[1 + i]}) do
+      local got = redis.call('ZRANGEBYSCORE', key, lo, '+inf', 'WITHSCORES', 'LIMIT', 0, m)
+      for j = 2, #got, 2 do scores[#scores + 1] = tonumber(got[j]) end
+    end
+    table.sort(scores)
+    local w = scores[m] + span - now
+    if w > wait then wait = w end
+  end
+end
+if wait > 0 then
+  return {0, string.format('%.6f', wait), string.format('%.6f', now)}
+end
+redis.call('ZADD', KEYS[1], string.format('%.6f', now), ARGV[1])
+redis.call('PEXPIRE', KEYS[1], math.ceil(horizon * 1000))
+return {1, '0', string.format('%.6f', now)}
+"""
+
+_SNAPSHOT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local lo = '(' .. string.format('%.6f', now - tonumber(ARGV[1]))
+local out = {string.format('%.6f', now), redis.call('GET', KEYS[#KEYS]) or '0'}
+for i = 1, #KEYS - 1 do
+  out[#out + 1] = redis.call('ZRANGEBYSCORE', KEYS[i], lo, '+inf', 'WITHSCORES')
+end
+return out
+"""
+
+_OBSERVE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local lo = '(' .. string.format('%.6f', now - tonumber(ARGV[2]))
+local c = redis.call('ZCOUNT', KEYS[1], lo, '+inf') + redis.call('ZCOUNT', KEYS[2], lo, '+inf')
+local add = math.min(tonumber(ARGV[1]) - c, tonumber(ARGV[3]))
+for j = 1, add do
+  redis.call('ZADD', KEYS[2], string.format('%.6f', now), ARGV[4] .. ':' .. j)
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', lo)
+redis.call('PEXPIRE', KEYS[2], math.ceil(tonumber(ARGV[2]) * 1000))
+return math.max(add, 0)
+"""
+
+_FREEZE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local untl = now + tonumber(ARGV[1])
+if tonumber(redis.call('GET', KEYS[1]) or '0') < untl then
+  redis.call('SET', KEYS[1], string.format('%.6f', untl), 'PX', math.ceil(tonumber(ARGV[1]) * 1000))
+end
+return 1
+"""
+
+
+def _pairs(raw: Sequence[bytes]) -> list[float]:
+    """Scores out of a ZRANGEBYSCORE ... WITHSCORES reply."""
+    return [float(raw[i]) for i in range(1, len(raw), 2)]
+
+
+class RedisSlots:
+    """:class:`proxy.slots.SlotSource` for one credential, on a shared Redis client."""
+
+    durable = True
+
+    def __init__(
+        self,
+        name: str,
+        client: Redis,
+        prefix: str,
+        limits: Sequence[Limit],
+        guard: float,
+        *,
+        replicas: int,
+        mode: Literal["closed", "local"],
+        on_latency: Callable[[str, float], None] | None = None,
+        on_health: Callable[[bool], None] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.name = name
+        self._redis = client
+        self._limits = tuple(limits)
+        self._guard = guard
+        self._replicas = replicas
+        self._mode = mode
+        self._clock = clock
+        self._on_latency = on_latency or (lambda op, seconds: None)
+        self._on_health = on_health or (lambda up: None)
+        base = f"{prefix}{name}"
+        self._sends = f"{base}:sends"
+        self._ext = [f"{base}:ext:{i}" for i in range(len(self._limits))]
+        self._frozen_key = f"{base}:frozen"
+        self._horizon = max(lim.per_seconds for lim in self._limits) + guard
+        self._replica = secrets.token_hex(6)
+        self._seq = 0
+        self._observations = itertools.count()
+        self._offset = 0.0  # Redis time minus local time, seconds
+        self.mirror = CredentialBudget(self._limits, guard)  # the shared view, for predictions
+        self._mirror_at = -math.inf
+        self._hint_until = 0.0  # Redis said: no slot before this (local time)
+        self._journal: deque[tuple[float, str]] = deque()  # own sends: (local time, member)
+        self._fallback: CredentialBudget | None = None
+        self.healthy = True
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._reserve = client.register_script(_RESERVE)
+        self._snapshot = client.register_script(_SNAPSHOT)
+        self._observe = client.register_script(_OBSERVE)
+        self._freeze = client.register_script(_FREEZE)
+
+    # --- reserving -------------------------------------------------------------------
+
+    async def take(self, now: float) -> Slot | None:
+        if not self.healthy:
+            return self._take_alone(now)
+        if now < self._hint_until:
+            return None
+        self._seq += 1
+        member = f"{self._replica}:{self._seq}"
+        k = len(self._limits)
+        args: list[Any] = [member, self._guard, k]
+        args += [lim.requests for lim in self._limits] + [lim.per_seconds for lim in self._limits]
+        args.append(self._horizon)
+        try:
+            reply = await self._call(
+                "reserve", self._reserve, [self._sends, *self._ext, self._frozen_key], args
+            )
+        except (RedisError, OSError):
+            self._went_down()
+            return self._take_alone(now)
+        ok, wait, redis_now = int(reply[0]), float(reply[1]), float(reply[2])
+        self._offset = redis_now - now
+        if not ok:
+            self._hint_until = now + wait
+            return None
+        self.mirror.record(now)
+        self._journal.append((now, member))
+        self._trim_journal(now)
+        return Slot(now, member)
+
+    def _take_alone(self, now: float) -> Slot | None:
+        if self._mode == "closed":
+            raise StateUnavailable("the shared state (Redis) cannot be reached")
+        budget = self._fallback
+        assert budget is not None
+        # Each own send counts `replicas` times: every replica then gets 1/replicas of what
+        # is left, so the replicas' sum stays within the limit while they cannot coordinate.
+        if budget.predict_wait(now, self._replicas - 1) > 0:
+            return None
+        for _ in range(self._replicas):
+            budget.record(now)
+        self._seq += 1
+        member = f"{self._replica}:{self._seq}"
+        self._journal.append((now, member))
+        self._trim_journal(now)
+        return Slot(now, member)
+
+    async def commit(self, slot: Slot) -> None:
+        return None  # the reservation script recorded it before returning
+
+    def give_back(self, slot: Slot) -> None:
+        self._hint_until = 0.0
+        self.mirror.release(slot.at)
+        if self._fallback is not None:
+            for _ in range(self._replicas):
+                self._fallback.release(slot.at)
+        with contextlib.suppress(ValueError):
+            self._journal.remove((slot.at, slot.ref or ""))
+        if self.healthy and slot.ref is not None:
+            self._spawn(self._quietly("release", self._redis.zrem(self._sends, slot.ref)))
+
+    def retry_in(self, now: float) -> float:
+        if not self.healthy:
+            if self._mode == "closed":
+                return PROBE_INTERVAL
+            assert self._fallback is not None
+            return self._fallback.predict_wait(now, self._replicas - 1)
+        return max(0.0, self._hint_until - now)
+
+    # --- predictions and views -------------------------------------------------------
+
+    async def refresh(self, now: float) -> None:
+        """Rebuild the shared view from Redis if it is older than MIRROR_MAX_AGE."""
+        if not self.healthy or now - self._mirror_at < MIRROR_MAX_AGE:
+            return
+        keys = [self._sends, *self._ext, self._frozen_key]
+        try:
+            reply = await self._call("snapshot", self._snapshot, keys, [self._horizon])
+        except (RedisError, OSError):
+            self._went_down()
+            return
+        offset = float(reply[0]) - now
+        mirror = CredentialBudget(self._limits, self._guard)
+        mirror.load([at - offset for at in _pairs(reply[2])], now)
+        for index, raw in enumerate(reply[3:]):
+            mirror.load_external(index, [at - offset for at in _pairs(raw)], now)
+        frozen = float(reply[1]) - offset
+        if frozen > now:
+            mirror.freeze(frozen)
+        self.mirror, self._mirror_at, self._offset = mirror, now, offset
+
+    @property
+    def budget(self) -> CredentialBudget:
+        return self._fallback if self._fallback is not None else self.mirror
+
+    def predict_wait(self, now: float, ahead: int, horizon: float | None) -> float:
+        if self._fallback is not None:
+            return self._fallback.predict_wait(now, self._replicas * (ahead + 1) - 1, horizon)
+        return self.mirror.predict_wait(now, ahead, horizon=horizon)
+
+    def snapshot(self, now: float) -> list[WindowView]:
+        return self.budget.snapshot(now)
+
+    def frozen_until(self, now: float) -> float | None:
+        return self.budget.frozen_until(now)
+
+    # --- what echowin says -----------------------------------------------------------
+
+    def observe(self, now: float, limit: int, remaining: int) -> None:
+        index = self.mirror.window_index(limit)
+        lim = self._limits[index]
+        used = limit - remaining
+        self.mirror.observe(
+            now, limit=limit, remaining=remaining, sent_count=self.mirror.own_count(now, index)
+        )
+        if self.healthy:
+            args: list[str | float] = [
+                used,
+                lim.per_seconds + self._guard,
+                lim.requests,
+                f"x:{self._replica}:{next(self._observations)}",
+            ]
+            keys = [self._sends, self._ext[index]]
+            self._spawn(self._quietly("observe", self._observe(keys=keys, args=args)))
+
+    def assume_external(self, now: float, used: int) -> None:
+        self.mirror.assume_external(now, used)
+
+    def freeze(self, until: float) -> None:
+        now = self._clock()
+        self.mirror.freeze(until)
+        if self._fallback is not None:
+            self._fallback.freeze(until)
+        if self.healthy and until > now:
+            self._spawn(
+                self._quietly("freeze", self._freeze(keys=[self._frozen_key], args=[until - now]))
+            )
+
+    # --- health ----------------------------------------------------------------------
+
+    def _went_down(self) -> None:
+        if not self.healthy:
+            return
+        self.healthy = False
+        self._on_health(False)
+        now = self._clock()
+        fallback = CredentialBudget(self._limits, self._guard)
+        # What every replica had sent, as last seen; then our own sends since.
+        fallback.load(self.mirror.sends(), now)
+        seen = {at for at in self.mirror.sends()}
+        for at, _member in self._journal:
+            if at not in seen:
+                fallback.record(at)
+        frozen = self.mirror.frozen_until(now)
+        if frozen is not None:
+            fallback.freeze(frozen)
+        self._fallback = fallback
+        log.warning(
+            "shared state unreachable",
+            extra={"fields": {"credential": self.name, "mode": self._mode}},
+        )
+        self._spawn(self._probe())
+
+    async def _probe(self) -> None:
+        """Until Redis answers: wait, ping; then replay our journal and share again."""
+        while True:
+            await asyncio.sleep(PROBE_INTERVAL)
+            try:
+                redis_now = await self._redis_time()
+                await self._replay(redis_now - self._clock())
+            except (RedisError, OSError):
+                continue
+            break
+        self._fallback = None
+        self._hint_until = 0.0
+        self._mirror_at = -math.inf
+        self.healthy = True
+        self._on_health(True)
+        log.warning("shared state reachable again", extra={"fields": {"credential": self.name}})
+
+    async def _redis_time(self) -> float:
+        seconds, micros = await self._redis.time()
+        return float(seconds) + micros / 1e6
+
+    async def _replay(self, offset: float) -> None:
+        """Put our own recent sends (back) into the shared set; idempotent."""
+        now = self._clock()
+        self._trim_journal(now)
+        if self._journal:
+            mapping = {member: at + offset for at, member in self._journal}
+            await self._redis.zadd(self._sends, mapping)
+            await self._redis.pexpire(self._sends, math.ceil(self._horizon * 1000))
+
+    def _trim_journal(self, now: float) -> None:
+        while self._journal and self._journal[0][0] + self._horizon <= now:
+            self._journal.popleft()
+
+    # --- plumbing --------------------------------------------------------------------
+
+    async def _call(self, op: str, script: Any, keys: list[str], args: list[Any]) -> Any:
+        started = time.perf_counter()
+        try:
+            return await script(keys=keys, args=args)
+        finally:
+            self._on_latency(op, time.perf_counter() - started)
+
+    async def _quietly(self, op: str, call: Awaitable[Any]) -> None:
+        started = time.perf_counter()
+        try:
+            await call
+        except (RedisError, OSError):
+            self._went_down()
+        finally:
+            self._on_latency(op, time.perf_counter() - started)
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def restore(self, now: float) -> None:
+        self._mirror_at = -math.inf
+        await self.refresh(now)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -1,0 +1,206 @@
+"""The shared budget in a real Redis: one Lua reservation per send, across replicas, with
+the configured failure mode while Redis is away and a journal replay when it is back.
+
+Needs Redis on 127.0.0.1:6379 (fails, never skips, without it); the outage tests start
+their own redis-server on a free port so that they can stop it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from redis.asyncio import Redis
+
+from proxy.budget import Limit
+from proxy.slots import StateUnavailable
+from proxy.state.redis_budget import PROBE_INTERVAL, RedisSlots
+from tests.procs import free_ports
+
+LIMITS = (Limit(5, 10.0), Limit(3, 1.0))
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[Redis]:
+    redis = Redis(host="127.0.0.1", port=6379, socket_timeout=1, socket_connect_timeout=1)
+    try:
+        await redis.ping()
+    except Exception as exc:  # pragma: no cover - the environment's fault
+        pytest.fail(f"these tests need Redis on 127.0.0.1:6379: {exc!r}")
+    yield redis
+    await redis.aclose()
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"egw-test-{uuid.uuid4().hex[:10]}:"
+
+
+def slots(client: Redis, prefix: str, **kw: object) -> RedisSlots:
+    options: dict[str, object] = {"replicas": 2, "mode": "local"}
+    options.update(kw)
+    return RedisSlots("default", client, prefix, LIMITS, 0.0, **options)  # type: ignore[arg-type]
+
+
+async def test_reservations_are_shared_across_replicas(client: Redis, prefix: str) -> None:
+    a, b = slots(client, prefix), slots(client, prefix)
+    now = time.time()
+    taken = [await a.take(now), await b.take(now), await a.take(now), await b.take(now)]
+    assert sum(s is not None for s in taken) == 3  # 3 per second, whichever replica asks
+    assert a.retry_in(now) > 0 or b.retry_in(now) > 0
+    assert await client.zcard(f"{prefix}default:sends") == 3
+
+
+async def test_refused_attempts_record_nothing(client: Redis, prefix: str) -> None:
+    a = slots(client, prefix)
+    now = time.time()
+    for _ in range(3):
+        assert await a.take(now) is not None
+    for _ in range(5):
+        a._hint_until = 0.0  # ask Redis every time, not the local hint
+        assert await a.take(now) is None
+    assert await client.zcard(f"{prefix}default:sends") == 3
+
+
+async def test_give_back_frees_the_slot(client: Redis, prefix: str) -> None:
+    a = slots(client, prefix)
+    now = time.time()
+    got = [await a.take(now) for _ in range(3)]
+    assert all(s is not None for s in got)
+    first = got[0]
+    assert first is not None
+    a.give_back(first)
+    await asyncio.gather(*a._tasks)
+    assert await client.zcard(f"{prefix}default:sends") == 2
+    assert await a.take(now) is not None
+
+
+async def test_external_use_and_freeze_reach_every_replica(client: Redis, prefix: str) -> None:
+    a, b = slots(client, prefix), slots(client, prefix)
+    now = time.time()
+    assert await a.take(now) is not None
+    a.observe(now, limit=5, remaining=1)  # echowin counts 4 in the 10 s window; we sent 1
+    await asyncio.gather(*a._tasks)
+    await b.refresh(time.time())
+    views = b.snapshot(time.time())
+    assert views[0].used == 4
+    assert views[0].external == 3
+    a.freeze(time.time() + 30)
+    await asyncio.gather(*a._tasks)
+    b._mirror_at = float("-inf")
+    await b.refresh(time.time())
+    frozen = b.frozen_until(time.time())
+    assert frozen is not None
+    assert frozen > time.time() + 25
+    b._hint_until = 0.0
+    assert await b.take(time.time()) is None  # Redis refuses during the freeze
+
+
+async def test_keys_expire_on_their_own(client: Redis, prefix: str) -> None:
+    a = slots(client, prefix)
+    assert await a.take(time.time()) is not None
+    ttl = await client.pttl(f"{prefix}default:sends")
+    assert 0 < ttl <= 10_000
+
+
+async def test_closed_mode_refuses_when_redis_is_unreachable(prefix: str) -> None:
+    (port,) = free_ports(1)
+    dead = Redis(host="127.0.0.1", port=port, socket_timeout=0.2, socket_connect_timeout=0.2)
+    a = slots(dead, prefix, mode="closed")
+    with pytest.raises(StateUnavailable):
+        await a.take(time.time())
+    assert a.healthy is False
+    await a.close()
+    await dead.aclose()
+
+
+async def test_local_mode_carries_on_with_a_share(prefix: str) -> None:
+    (port,) = free_ports(1)
+    dead = Redis(host="127.0.0.1", port=port, socket_timeout=0.2, socket_connect_timeout=0.2)
+    a = slots(dead, prefix, replicas=3)
+    now = time.time()
+    # 3 per second shared by 3 replicas: this one gets exactly 1 while alone.
+    taken = [await a.take(now) for _ in range(3)]
+    assert sum(s is not None for s in taken) == 1
+    assert a.healthy is False
+    assert a.retry_in(now) > 0.9
+    await a.close()
+    await dead.aclose()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[tuple[int, list[subprocess.Popen[bytes]]]]:
+    """A private redis-server on a free port; the test may stop and restart it."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail("redis-server is not installed (.ci/run installs it)")
+    (port,) = free_ports(1)
+    procs: list[subprocess.Popen[bytes]] = []
+    yield port, procs
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=5)
+
+
+def start_redis(port: int, procs: list[subprocess.Popen[bytes]], tmp: Path) -> None:
+    binary = shutil.which("redis-server")
+    assert binary is not None
+    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    procs.append(
+        subprocess.Popen(
+            [*args, "--dir", str(tmp)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+    )
+
+
+async def wait_redis(client: Redis, up: bool, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            await client.ping()
+            if up:
+                return
+        except Exception:
+            if not up:
+                return
+        await asyncio.sleep(0.05)
+    pytest.fail(f"redis did not become {'up' if up else 'down'} within {timeout}s")
+
+
+async def test_a_restarted_empty_redis_gets_the_journal_back(
+    redis_server: tuple[int, list[subprocess.Popen[bytes]]], tmp_path: Path, prefix: str
+) -> None:
+    port, procs = redis_server
+    start_redis(port, procs, tmp_path)
+    client = Redis(host="127.0.0.1", port=port, socket_timeout=0.3, socket_connect_timeout=0.3)
+    await wait_redis(client, up=True)
+    a = slots(client, prefix, replicas=1)
+    now = time.time()
+    assert await a.take(now) is not None
+    assert await a.take(now) is not None
+    procs[0].kill()
+    procs[0].wait(timeout=5)
+    await wait_redis(client, up=False)
+    assert await a.take(time.time()) is not None  # alone: the third of 3 per second
+    assert a.healthy is False
+    start_redis(port, procs, tmp_path)  # comes back empty: it keeps nothing on disk
+    deadline = time.monotonic() + 5 + PROBE_INTERVAL
+    while not a.healthy and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert a.healthy, "the replica did not resume sharing by itself"
+    assert await client.zcard(f"{prefix}default:sends") == 3  # every send it made is back
+    # The shared 10 s window knows all 3 again: only 2 more fit in it.
+    extra = 0
+    for _ in range(6):
+        a._hint_until = 0.0
+        extra += await a.take(time.time()) is not None
+    assert extra == 2
+    await a.close()
+    await client.aclose()
