@@ -20,8 +20,7 @@ from typing import Any
 from proxy import __version__
 from proxy.config import ConfigError, GatewayConfig, load_config, resolve_secrets
 from proxy.logs import setup_logging
-from proxy.state import open_token_store
-from proxy.tokenops import create_token
+from proxy.tokenops import create_token, open_store
 from proxy.tokens import TokenStore
 
 EXIT_CONFIG = 2
@@ -71,7 +70,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 async def _with_store(
     config: GatewayConfig, fn: Callable[[TokenStore], Coroutine[Any, Any, int]]
 ) -> int:
-    store = await open_token_store(config.state)
+    store = await open_store(config)
     try:
         return await fn(store)
     finally:

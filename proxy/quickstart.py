@@ -16,8 +16,7 @@ from aiohttp import web
 from proxy.app import serve
 from proxy.config import ConfigError, GatewayConfig, SecretRef, resolve_secrets
 from proxy.sim import SimConfig, Simulator
-from proxy.state import open_token_store
-from proxy.tokenops import create_token
+from proxy.tokenops import create_token, open_store
 
 DEMO_SCOPES = ("contacts:read", "contacts:write", "tags:read", "boards:read")
 
@@ -72,7 +71,7 @@ async def run_quickstart(config: GatewayConfig, *, sim_port: int) -> int:
         for line in exc.lines:
             print(f"error: {line}")
         return 2
-    store = await open_token_store(config.state)
+    store = await open_store(config)
     try:
         new = await create_token(
             store, config, config.route_table(), name="quickstart", scopes=DEMO_SCOPES

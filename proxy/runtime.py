@@ -22,7 +22,8 @@ from proxy.metrics import Metrics
 from proxy.routes import RouteTable
 from proxy.scheduler import Lane, QueuePolicy, Scheduler
 from proxy.slots import SendLog, SlotSource
-from proxy.state import open_send_log, open_token_store, parse_state_url
+from proxy.state import open_redis, open_send_log, open_token_store, parse_state_url
+from proxy.tokenops import redis_options
 from proxy.tokens import TokenAuthenticator, TokenStore
 from proxy.upstream import Upstream
 
@@ -66,9 +67,14 @@ class Runtime:
         cfg = self.config
         backend = parse_state_url(cfg.state).backend
         self.metrics.state_up.labels(backend).set(1)
+        options = None
         if backend == "redis":
-            self._redis = self._open_redis()
-        self._store = await open_token_store(cfg.state, redis_client=self._redis)
+            password = self.secrets.state_password
+            options = redis_options(cfg, password.reveal() if password is not None else None)
+            self._redis = open_redis(cfg.state, options)
+        self._store = await open_token_store(
+            cfg.state, redis_options=options, redis_client=self._redis
+        )
         self._auth = TokenAuthenticator(
             self._store,
             cache_ttl=cfg.tokens.cache_ttl_seconds,
@@ -87,17 +93,6 @@ class Runtime:
         self.admitter = await self._open_scheduler(backend)
         if self._send_log is not None:
             self._pruner = asyncio.get_running_loop().create_task(self._prune_forever())
-
-    def _open_redis(self) -> Any:
-        from proxy.state.redis import RedisOptions, open_redis
-
-        password = self.secrets.state_password
-        options = RedisOptions(
-            password=password.reveal() if password is not None else None,
-            key_prefix=self.config.redis.key_prefix,
-            timeout_seconds=self.config.redis.timeout_seconds,
-        )
-        return open_redis(self.config.state, options)
 
     def _slot_source(self, name: str, limits: list[Limit]) -> SlotSource | None:
         """The shared (Redis) slot source for a credential; None for local slots."""

@@ -229,7 +229,8 @@ class Lane:
             return Refusal(
                 "upstream_frozen", frozen - now, "echowin asked us to pause; try again later"
             )
-        retry = wait if math.isfinite(wait) else self.source.predict_wait(now, 0, None)
+        ahead = self._ahead_of_new(token)
+        retry = wait if math.isfinite(wait) else self.source.predict_wait(now, ahead, None)
         return Refusal(
             "upstream_budget", max(retry, 1.0), "Rate limit exceeded. Please try again later."
         )
@@ -273,7 +274,7 @@ class Lane:
             self.depth -= 1
             self.policy.waiting -= 1
             if not queue.waiters:
-                del self.queues[waiter.token.id]
+                self._retire(queue)
         if not waiter.future.done():
             waiter.future.cancel()
 
@@ -319,7 +320,7 @@ class Lane:
             self.depth -= 1
             self.policy.waiting -= 1
             if not queue.waiters:
-                del self.queues[queue.token.id]
+                self._retire(queue)
             waiter.future.set_result(grant)
         if self.depth > 0 and self._can_send():
             delay = self.source.retry_in(self.clock())
@@ -331,6 +332,15 @@ class Lane:
             for waiter in list(queue.waiters):
                 waiter.future.set_result(refusal)
                 self._drop(waiter)
+
+    def _retire(self, queue: _TokenQueue) -> None:
+        """Remove an emptied queue. Its round-robin credit (usually negative: it was just
+        served) goes to those still waiting, by weight, so the credits keep summing to zero
+        and a token that comes and goes cannot leave others ahead of a newcomer."""
+        del self.queues[queue.token.id]
+        total = sum(q.token.weight for q in self.queues.values())
+        for other in self.queues.values():
+            other.current += queue.current * other.token.weight / total
 
     def _next_queue(self) -> _TokenQueue:
         """Smooth weighted round-robin (as nginx does) over tokens that wait."""

@@ -26,10 +26,11 @@ class StateUnavailable(Exception):
 @dataclass(slots=True, eq=False)
 class Slot:
     """One reserved send. ``at`` is local wall-clock seconds; ``ref`` is the backend's own
-    handle (a Redis member id), None for local slots."""
+    handle (a Redis member id), None for local slots. ``committed`` once written ahead."""
 
     at: float
     ref: str | None = None
+    committed: bool = False
 
 
 class SendLog(Protocol):
@@ -119,10 +120,14 @@ class LocalSlots:
 
     async def commit(self, slot: Slot) -> None:
         await self.log.append(self.name, slot.at)
+        slot.committed = True
 
     def give_back(self, slot: Slot) -> None:
         self.budget.release(slot.at)
-        self._spawn(self.log.remove(self.name, slot.at))
+        # A slot never written ahead has no row: removing "one row at that time" would
+        # delete another send's, which a restart would then forget.
+        if slot.committed:
+            self._spawn(self.log.remove(self.name, slot.at))
 
     def retry_in(self, now: float) -> float:
         return self.budget.wait_time(now)

@@ -2,12 +2,35 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from proxy.config import AGENCY_KEY_NAME, GatewayConfig
 from proxy.routes import RouteTable, is_valid_scope
+from proxy.state import open_token_store, parse_state_url
 from proxy.tokens import DEFAULT_UPSTREAM_KEY, NewToken, TokenStore, mint_token, parse_duration
+
+
+def redis_options(config: GatewayConfig, password: str | None) -> Any:
+    """The RedisOptions for ``config`` (redis-py is imported only for redis:// states)."""
+    from proxy.state.redis import RedisOptions
+
+    return RedisOptions(
+        password=password,
+        key_prefix=config.redis.key_prefix,
+        timeout_seconds=config.redis.timeout_seconds,
+    )
+
+
+async def open_store(config: GatewayConfig) -> TokenStore:
+    """The token store ``config`` names, for the CLI (reads redis.password if needed)."""
+    if parse_state_url(config.state).backend != "redis":
+        return await open_token_store(config.state)
+    ref = config.redis.password
+    password = ref.resolve("redis.password", os.environ).reveal() if ref is not None else None
+    return await open_token_store(config.state, redis_options=redis_options(config, password))
 
 
 def upstream_key_names(config: GatewayConfig) -> tuple[str, ...]:

@@ -278,3 +278,22 @@ async def start_gateway(spawn: Spawn, session: aiohttp.ClientSession, gw: Gatewa
     proc = spawn("serve", "--config", gw.config, env=gw.env, name="serve")
     assert await wait_http(session, gw.admin_url("/healthz"), proc) == 200
     return proc
+
+
+async def load_loop(url: str, token: str, until: float, statuses: Any) -> None:
+    """Call ``url`` back to back until ``until`` (monotonic), counting statuses in
+    ``statuses`` (a Counter); a connection error (a gateway down) counts as status 0. After
+    a refusal or an error it pauses briefly. Bounded in count and time."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+        for _ in range(100_000):
+            if time.monotonic() >= until:
+                return
+            try:
+                async with session.get(url, headers={"Authorization": f"Bearer {token}"}) as resp:
+                    await resp.read()
+                    statuses[resp.status] += 1
+                    if resp.status in (401, 429, 503):
+                        await asyncio.sleep(0.2)
+            except (aiohttp.ClientError, TimeoutError):
+                statuses[0] += 1
+                await asyncio.sleep(0.1)

@@ -18,30 +18,12 @@ from proxy.config import load_config
 from proxy.sim import SimConfig, Simulator
 from proxy.state import open_token_store
 from proxy.tokenops import create_token
-from tests.procs import REAL_KEY, Proc, Spawn, gateway_config, wait_http, write_config
+from tests.procs import REAL_KEY, Proc, Spawn, gateway_config, load_loop, wait_http, write_config
 from tests.test_budget_e2e import GATEWAY_LIMITS, LIMITS, SIM_LIMITS, max_in_any_window
 
 ServerFactory = Callable[..., Awaitable[TestServer]]
 RESTARTS = 3
 RUN_SECONDS = 20.0
-
-
-async def load_loop(url: str, token: str, until: float, statuses: Counter[int]) -> None:
-    """Back-to-back calls until ``until``; connection errors (the gateway is down) count as 0."""
-    timeout = aiohttp.ClientTimeout(total=10)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
-        for _ in range(100_000):
-            if time.monotonic() >= until:
-                return
-            try:
-                async with session.get(url, headers={"Authorization": f"Bearer {token}"}) as resp:
-                    await resp.read()
-                    statuses[resp.status] += 1
-                    if resp.status == 429:
-                        await asyncio.sleep(0.2)
-            except (aiohttp.ClientError, TimeoutError):
-                statuses[0] += 1
-                await asyncio.sleep(0.05)
 
 
 async def test_sigkill_restarts_under_load_cause_no_upstream_429(

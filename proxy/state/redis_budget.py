@@ -51,6 +51,7 @@ local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local k = tonumber(ARGV[3])
 local guard = tonumber(ARGV[2])
 local horizon = tonumber(ARGV[4 + 2 * k])
+local since = '(' .. ARGV[5 + 2 * k]
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. string.format('%.6f', now - horizon))
 local wait = 0
 local frozen = tonumber(redis.call('GET', KEYS[k + 2]) or '0')
@@ -73,12 +74,15 @@ for i = 1, k do
     if w > wait then wait = w end
   end
 end
-if wait > 0 then
-  return {0, string.format('%.6f', wait), string.format('%.6f', now)}
+local ok = 0
+if wait <= 0 then
+  redis.call('ZADD', KEYS[1], string.format('%.6f', now), ARGV[1])
+  redis.call('PEXPIRE', KEYS[1], math.ceil(horizon * 1000))
+  ok = 1
 end
-redis.call('ZADD', KEYS[1], string.format('%.6f', now), ARGV[1])
-redis.call('PEXPIRE', KEYS[1], math.ceil(horizon * 1000))
-return {1, '0', string.format('%.6f', now)}
+-- Every send recorded after the caller's cursor (its own included): keeps its view fresh.
+local fresh = redis.call('ZRANGEBYSCORE', KEYS[1], since, '+inf', 'WITHSCORES', 'LIMIT', 0, 1000)
+return {ok, string.format('%.6f', math.max(wait, 0)), string.format('%.6f', now), fresh}
 """
 
 _SNAPSHOT = """
@@ -164,6 +168,11 @@ class RedisSlots:
         self._hint_until = 0.0  # Redis said: no slot before this (local time)
         self._journal: deque[tuple[float, str]] = deque()  # own sends: (local time, member)
         self._fallback: CredentialBudget | None = None
+        # Redis time of the newest send already in the view (0: none yet), and the members
+        # already in it (bounded: more than any window can count).
+        self._cursor = 0.0
+        self._known: dict[bytes, float] = {}
+        self._known_max = 2 * sum(lim.requests for lim in self._limits) + 1000
         self.healthy = True
         self._tasks: set[asyncio.Task[Any]] = set()
         self._reserve = client.register_script(_RESERVE)
@@ -183,23 +192,45 @@ class RedisSlots:
         k = len(self._limits)
         args: list[Any] = [member, self._guard, k]
         args += [lim.requests for lim in self._limits] + [lim.per_seconds for lim in self._limits]
-        args.append(self._horizon)
+        args += [self._horizon, f"{self._cursor:.6f}"]
+        keys = [self._sends, *self._ext, self._frozen_key]
         try:
-            reply = await self._call(
-                "reserve", self._reserve, [self._sends, *self._ext, self._frozen_key], args
-            )
+            reply = await self._call("reserve", self._reserve, keys, args)
         except (RedisError, OSError):
             self._went_down()
-            return self._take_alone(now)
+            # The failed call took time (up to the Redis timeout): a send recorded at the
+            # earlier `now` would stop counting before echowin stops counting it.
+            return self._take_alone(self._clock())
         ok, wait, redis_now = int(reply[0]), float(reply[1]), float(reply[2])
         self._offset = redis_now - now
+        mine = self._learn(reply[3], now, member.encode())
         if not ok:
             self._hint_until = now + wait
             return None
-        self.mirror.record(now)
-        self._journal.append((now, member))
+        at = now if mine is None else mine
+        self._journal.append((at, member))
         self._trim_journal(now)
-        return Slot(now, member)
+        return Slot(at, member)
+
+    def _learn(self, fresh: Sequence[bytes], now: float, member: bytes) -> float | None:
+        """Add the sends Redis recorded since our cursor to the view, each once (concurrent
+        calls return the same ones); returns the local time of ``member`` if it is among
+        them (our own send just recorded)."""
+        mine = None
+        known = self._known
+        for i in range(0, len(fresh), 2):
+            score = float(fresh[i + 1])
+            at = known.get(fresh[i])
+            if at is None:
+                at = known[fresh[i]] = score - self._offset
+                self.mirror.record(at)
+            if fresh[i] == member:
+                mine = at
+            self._cursor = max(self._cursor, score)
+        while known and len(known) > self._known_max:
+            del known[next(iter(known))]
+        self.mirror.wait_time(now)  # prune what no window counts any more
+        return mine
 
     def _take_alone(self, now: float) -> Slot | None:
         if self._mode == "closed":
@@ -254,7 +285,17 @@ class RedisSlots:
             return
         offset = float(reply[0]) - now
         mirror = CredentialBudget(self._limits, self._guard)
-        mirror.load([at - offset for at in _pairs(reply[2])], now)
+        sends = reply[2]
+        # A send already in the view keeps the local time it was given (the slot and the
+        # journal hold that time); only new ones are placed with this call's clock offset.
+        known = {}
+        for i in range(0, len(sends), 2):
+            at = self._known.get(sends[i])
+            known[sends[i]] = float(sends[i + 1]) - offset if at is None else at
+        self._known = known
+        mirror.load(known.values(), now)
+        if sends:
+            self._cursor = max(self._cursor, float(sends[-1]))
         for index, raw in enumerate(reply[3:]):
             mirror.load_external(index, [at - offset for at in _pairs(raw)], now)
         frozen = float(reply[1]) - offset
@@ -318,12 +359,19 @@ class RedisSlots:
         self._on_health(False)
         now = self._clock()
         fallback = CredentialBudget(self._limits, self._guard)
-        # What every replica had sent, as last seen; then our own sends since.
-        fallback.load(self.mirror.sends(), now)
-        seen = {at for at in self.mirror.sends()}
-        for at, _member in self._journal:
-            if at not in seen:
-                fallback.record(at)
+        # What every replica had sent as we last saw it, and our own sends (by member, so
+        # nothing counts twice); externals echowin reported stay in the view's windows.
+        sends = dict(self._known)
+        sends.update((member.encode(), at) for at, member in self._journal)
+        fallback.load(sends.values(), now)
+        for index, view in enumerate(self.mirror.snapshot(now)):
+            fallback.load_external(index, [now] * view.external, now)
+        # Other replicas may have sent after our last answer from Redis and before it went
+        # away; they cannot have sent more than the tightest window had free. Count that
+        # much as sent now, in every window, so the replicas' sum still stays in the limit.
+        blind = min(view.remaining for view in fallback.snapshot(now))
+        for index in range(len(self._limits)):
+            fallback.load_external(index, [now] * blind, now)
         frozen = self.mirror.frozen_until(now)
         if frozen is not None:
             fallback.freeze(frozen)
