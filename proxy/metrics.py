@@ -10,7 +10,14 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -83,6 +90,8 @@ class Metrics:
             "echowin_gateway_build_info", "Build information; always 1.", ["version"], registry=r
         )
         self.build_info.labels(__version__).set(1)
+        # CPU seconds, resident memory, open file descriptors of this process.
+        ProcessCollector(namespace="echowin_gateway", registry=r)
         self.requests = Counter(
             "echowin_gateway_requests_total",
             "Requests answered by the gateway, by token name, route template, method, status.",
