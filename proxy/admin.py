@@ -31,12 +31,21 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
+    """Ready when the token store answers. While a shared store (Redis) is down, a replica
+    configured with ``on_state_failure: local`` carries on alone and stays ready (say so in
+    the body); with ``closed`` it answers 503 until the store is back."""
     rt = request.app[RUNTIME]
     try:
         await rt.store.ping()
-    except Exception as exc:  # any backend failure means "not ready"
+    except Exception as exc:  # any backend failure means the store cannot answer
         log.warning("token store not ready", extra={"fields": {"error": type(exc).__name__}})
-        return _json({"status": "unavailable", "token_store": "down"}, status=503)
+        carries_on = rt.shared_state and rt.config.on_state_failure == "local"
+        body = {
+            "status": "degraded" if carries_on else "unavailable",
+            "token_store": "down",
+            "on_state_failure": rt.config.on_state_failure,
+        }
+        return _json(body, status=200 if carries_on else 503)
     return _json({"status": "ready", "token_store": "up"})
 
 

@@ -48,6 +48,11 @@ class Runtime:
         return cls(config=config, secrets=secrets, routes=config.route_table())
 
     @property
+    def shared_state(self) -> bool:
+        """True when the state lives in Redis, shared with other replicas."""
+        return self._redis is not None
+
+    @property
     def store(self) -> TokenStore:
         assert self._store is not None, "Runtime not opened"
         return self._store

@@ -259,6 +259,18 @@ async def test_revocation_reaches_every_replica_within_the_cache_bound(
         assert refused_after <= bound + 0.25
 
 
+async def readyz_during_outage(replica: Replica) -> tuple[int, dict[str, Any]]:
+    """/readyz once it has noticed the store is down (polled, bounded)."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3)) as session:
+        for _ in range(60):
+            async with session.get(replica.admin_url("/readyz")) as resp:
+                body = await resp.json()
+                if body.get("token_store") == "down":
+                    return resp.status, body
+            await asyncio.sleep(0.1)
+    pytest.fail("/readyz never reported the token store down")
+
+
 @pytest.mark.parametrize("mode", ["local", "closed"])
 async def test_redis_outage_mid_run(
     tmp_path: Path,
@@ -288,7 +300,14 @@ async def test_redis_outage_mid_run(
     await phase(0, 8.0)
     redis_server.stop()
     outage_started = time.time()
+    readiness = asyncio.ensure_future(readyz_during_outage(replicas[0]))
     await phase(1, 10.0)
+    ready_status, ready_body = await readiness
+    if mode == "local":
+        assert ready_status == 200
+        assert ready_body["status"] == "degraded"
+    else:
+        assert ready_status == 503
     redis_server.start()
     await wait_redis_up(redis_server.url)
     await phase(2, 8.0)
