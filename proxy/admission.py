@@ -51,6 +51,9 @@ class Admitter(Protocol):
     def snapshot(self) -> dict[str, object]:
         """The budget state, JSON-able, for /admin/budget."""
 
+    def token_quota_view(self, token_id: str) -> list[dict[str, object]] | None:
+        """A token's own quota windows (JSON-able), or None when it has no quota."""
+
     async def close(self) -> None: ...
 
 
@@ -78,6 +81,9 @@ class OpenAdmitter:
 
     def snapshot(self) -> dict[str, object]:
         return {}
+
+    def token_quota_view(self, token_id: str) -> list[dict[str, object]] | None:
+        return None
 
     async def close(self) -> None:
         return None

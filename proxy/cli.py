@@ -18,6 +18,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from proxy import __version__
+from proxy.admin_client import AdminClient, AdminError
 from proxy.config import ConfigError, GatewayConfig, load_config, resolve_secrets
 from proxy.logs import setup_logging
 from proxy.tokenops import create_token, open_store
@@ -77,55 +78,88 @@ async def _with_store(
         await store.close()
 
 
+def _print_created(view: dict[str, Any], token: str) -> None:
+    scopes = " ".join(view["scopes"])
+    print(f"created token {view['id']} for {view['name']}; scopes: {scopes}")
+    print("it is shown once; store it now:")
+    print(token)
+
+
+def _token_body(args: argparse.Namespace) -> dict[str, Any]:
+    body: dict[str, Any] = {"name": args.name, "scopes": args.scope, "weight": args.weight}
+    body["upstream_key"] = args.upstream_key
+    for key in ("hourly", "per_minute", "expires_in"):
+        if getattr(args, key) is not None:
+            body[key] = getattr(args, key)
+    return body
+
+
+def _admin_call(args: argparse.Namespace, fn: Callable[[AdminClient], Any]) -> int:
+    """Run ``fn`` against the admin API; 2 for a refusal of bad input, 1 otherwise."""
+    try:
+        return int(asyncio.run(fn(AdminClient(args.admin_url))))
+    except AdminError as exc:
+        return _fail([str(exc)], code=2 if exc.status == 400 else 1)
+
+
 def cmd_token_create(args: argparse.Namespace) -> int:
+    if args.admin_url:
+
+        async def remote(client: AdminClient) -> int:
+            created = await client.create(_token_body(args))
+            _print_created(created, created["token"])
+            return 0
+
+        return _admin_call(args, remote)
     config = _load(args)
 
     async def run(store: TokenStore) -> int:
         try:
-            new = await create_token(
-                store,
-                config,
-                config.route_table(),
-                name=args.name,
-                scopes=args.scope,
-                upstream_key=args.upstream_key,
-                hourly=args.hourly,
-                per_minute=args.per_minute,
-                weight=args.weight,
-                expires_in=args.expires_in,
-            )
+            new = await create_token(store, config, config.route_table(), **_token_body(args))
         except ValueError as exc:
             return _fail([str(exc)])
-        view = new.record.public_view()
-        print(
-            f"created token {view['id']} for {view['name']}; scopes: {' '.join(new.record.scopes)}"
-        )
-        print("it is shown once; store it now:")
-        print(new.token)
+        _print_created(new.record.public_view(), new.token)
         return 0
 
     return asyncio.run(_with_store(config, run))
 
 
+def _print_tokens(views: list[dict[str, Any]], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(views, indent=2))
+        return
+    print(f"{'ID':<14}{'NAME':<24}{'STATUS':<9}{'KEY':<12}SCOPES")
+    for v in views:
+        scopes = " ".join(v["scopes"])
+        print(f"{v['id']:<14}{v['name']:<24}{v['status']:<9}{v['upstream_key']:<12}{scopes}")
+
+
 def cmd_token_list(args: argparse.Namespace) -> int:
+    if args.admin_url:
+
+        async def remote(client: AdminClient) -> int:
+            _print_tokens(await client.list(), args.json)
+            return 0
+
+        return _admin_call(args, remote)
     config = _load(args)
 
     async def run(store: TokenStore) -> int:
-        records = await store.list()
-        if args.json:
-            print(json.dumps([r.public_view() for r in records], indent=2))
-            return 0
-        print(f"{'ID':<14}{'NAME':<24}{'STATUS':<9}{'KEY':<12}SCOPES")
-        for r in records:
-            status = str(r.public_view()["status"])
-            scopes = " ".join(r.scopes)
-            print(f"{r.id:<14}{r.name:<24}{status:<9}{r.upstream_key:<12}{scopes}")
+        _print_tokens([r.public_view() for r in await store.list()], args.json)
         return 0
 
     return asyncio.run(_with_store(config, run))
 
 
 def cmd_token_revoke(args: argparse.Namespace) -> int:
+    if args.admin_url:
+
+        async def remote(client: AdminClient) -> int:
+            view = await client.revoke(args.token_id)
+            print(f"revoked {view['id']} ({view['name']})")
+            return 0
+
+        return _admin_call(args, remote)
     config = _load(args)
 
     async def run(store: TokenStore) -> int:
@@ -207,7 +241,12 @@ def _parser() -> argparse.ArgumentParser:
     revoke.add_argument("token_id")
     revoke.set_defaults(func=cmd_token_revoke)
     for sp in (create, lst, revoke):
-        sp.add_argument("--config", required=True)
+        where = sp.add_mutually_exclusive_group(required=True)
+        where.add_argument("--config", help="work on the token store the config names")
+        where.add_argument(
+            "--admin-url",
+            help="work through a running gateway's admin API (token from $GATEWAY_ADMIN_TOKEN)",
+        )
         sp.add_argument("--state", help="override the config's state URL")
 
     sim = sub.add_parser("simulate", help="run a local echowin stand-in")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -400,6 +401,8 @@ def _account(
     token_name = ex.token.name if ex.token is not None else ANONYMOUS
     total = time.perf_counter() - ex.started
     rt.metrics.requests.labels(token_name, ex.route, request.method, str(status)).inc()
+    if ex.token is not None:
+        rt.usage.setdefault(ex.token.id, Counter())[status] += 1
     rt.metrics.request_duration.labels(ex.route).observe(total)
     if not rt.config.logging.access_log:
         return

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +37,8 @@ class Runtime:
     metrics: Metrics = field(default_factory=Metrics)
     admitter: Admitter = field(default_factory=OpenAdmitter)
     started_at: float = field(default_factory=time.time)
+    # Answers by status per token id on this replica (bounded by the number of tokens).
+    usage: dict[str, Counter[int]] = field(default_factory=dict)
     _store: TokenStore | None = None
     _auth: TokenAuthenticator | None = None
     _upstream: Upstream | None = None

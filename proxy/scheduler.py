@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from proxy.admission import AdmitRequest, Grant, Refusal
-from proxy.budget import CredentialBudget, Limit
+from proxy.budget import CredentialBudget, Limit, WindowView
 from proxy.ratelimit_headers import UpstreamQuota, caller_headers, parse_upstream_quota
 from proxy.slots import LocalSlots, SendLog, Slot, SlotSource, StateUnavailable
 from proxy.tokens import TokenRecord
@@ -487,22 +487,18 @@ class Scheduler:
             windows += [("token", w) for w in quota[1].snapshot(now)]
         return caller_headers(now, windows)
 
+    def token_quota_view(self, token_id: str) -> list[dict[str, object]] | None:
+        known = self._quotas.get(token_id)
+        if known is None:
+            return None
+        return [_window_json(w) for w in known[1].snapshot(self.clock())]
+
     def snapshot(self) -> dict[str, object]:
         now = self.clock()
         out: dict[str, object] = {}
         for name, lane in self.lanes.items():
             out[name] = {
-                "windows": [
-                    {
-                        "requests": w.requests,
-                        "per_seconds": w.per_seconds,
-                        "used": w.used,
-                        "remaining": w.remaining,
-                        "reset_in": round(w.reset_in, 3),
-                        "external": w.external,
-                    }
-                    for w in lane.source.snapshot(now)
-                ],
+                "windows": [_window_json(w) for w in lane.source.snapshot(now)],
                 "queue_depth": lane.depth,
                 "waiting_tokens": len(lane.queues),
                 "frozen_for": _frozen_for(lane.source, now),
@@ -515,6 +511,17 @@ class Scheduler:
     async def close(self) -> None:
         for lane in self.lanes.values():
             await lane.close()
+
+
+def _window_json(w: WindowView) -> dict[str, object]:
+    return {
+        "requests": w.requests,
+        "per_seconds": w.per_seconds,
+        "used": w.used,
+        "remaining": w.remaining,
+        "reset_in": round(w.reset_in, 3),
+        "external": w.external,
+    }
 
 
 def _settled(waiter: _Waiter) -> SlotGrant | Refusal | None:

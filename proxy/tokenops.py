@@ -10,7 +10,14 @@ from typing import Any
 from proxy.config import AGENCY_KEY_NAME, GatewayConfig
 from proxy.routes import RouteTable, is_valid_scope
 from proxy.state import open_token_store, parse_state_url
-from proxy.tokens import DEFAULT_UPSTREAM_KEY, NewToken, TokenStore, mint_token, parse_duration
+from proxy.tokens import (
+    DEFAULT_UPSTREAM_KEY,
+    NewToken,
+    TokenChanges,
+    TokenStore,
+    mint_token,
+    parse_duration,
+)
 
 
 def redis_options(config: GatewayConfig, password: str | None) -> Any:
@@ -83,3 +90,55 @@ async def create_token(
     )
     await store.put(new.record)
     return new
+
+
+UPDATABLE = ("hourly", "per_minute", "weight", "scopes", "expires_in")
+
+
+def token_changes(
+    data: dict[str, object], routes: RouteTable, *, now: float | None = None
+) -> TokenChanges:
+    """Validate an update (JSON fields of ``UPDATABLE``; null clears a quota or the expiry)
+    into TokenChanges. ValueError names the first bad field."""
+    unknown = set(data) - set(UPDATABLE)
+    if unknown:
+        raise ValueError(f"unknown field(s): {', '.join(sorted(unknown))}")
+    if not data:
+        raise ValueError("nothing to change: give one of " + ", ".join(UPDATABLE))
+    changes: TokenChanges = {}
+    for key in ("hourly", "per_minute"):
+        if key in data:
+            value = data[key]
+            if value is not None and (type(value) is not int or value <= 0):
+                raise ValueError(f"{key}: must be a positive integer or null, got {value!r}")
+            changes[key] = value
+    if "weight" in data:
+        weight = data["weight"]
+        if type(weight) is not int or weight <= 0:
+            raise ValueError(f"weight: must be a positive integer, got {weight!r}")
+        changes["weight"] = weight
+    if "scopes" in data:
+        scopes = data["scopes"]
+        if not (isinstance(scopes, list) and scopes and all(isinstance(x, str) for x in scopes)):
+            raise ValueError("scopes: must be a non-empty list of strings")
+        for scope in scopes:
+            if not is_valid_scope(scope, routes.routes):
+                raise ValueError(f"scopes: unknown scope {scope!r}")
+        changes["scopes"] = tuple(scopes)
+    if "expires_in" in data:
+        changes["expires_at"] = _expires_at(data["expires_in"], now)
+    return changes
+
+
+def _expires_at(value: object, now: float | None) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        seconds = parse_duration(value)
+    elif type(value) in (int, float):
+        seconds = float(value)  # type: ignore[arg-type]
+    else:
+        raise ValueError(f"expires_in: must be a duration like 30d, or null, got {value!r}")
+    if seconds <= 0:
+        raise ValueError(f"expires_in: must be positive, got {value!r}")
+    return (time.time() if now is None else now) + seconds

@@ -1,0 +1,62 @@
+"""A small client of the admin API, for ``echowin-gateway token ... --admin-url`` and
+``echowin-gateway status``. The admin token comes from the environment, never argv."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import aiohttp
+
+ADMIN_TOKEN_ENV = "GATEWAY_ADMIN_TOKEN"  # noqa: S105 - the variable name, not a token
+
+
+class AdminError(Exception):
+    """The admin API said no (``status`` is its HTTP status) or could not be reached (0)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class AdminClient:
+    def __init__(self, base_url: str, token: str | None = None, timeout: float = 10.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._token = token if token is not None else os.environ.get(ADMIN_TOKEN_ENV, "")
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+
+    async def call(self, method: str, path: str, body: object | None = None) -> Any:
+        """One request; the decoded JSON answer, or AdminError."""
+        headers = {"Authorization": f"Bearer {self._token}"}
+        try:
+            async with (
+                aiohttp.ClientSession(timeout=self._timeout) as session,
+                session.request(method, self.base_url + path, json=body, headers=headers) as resp,
+            ):
+                data = await resp.json(content_type=None)
+                if resp.status >= 400:
+                    message = data.get("error") if isinstance(data, dict) else None
+                    raise AdminError(resp.status, str(message or f"HTTP {resp.status}"))
+                return data
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            raise AdminError(0, f"cannot reach the admin API at {self.base_url}: {exc}") from None
+
+    async def create(self, body: dict[str, Any]) -> dict[str, Any]:
+        result: dict[str, Any] = await self.call("POST", "/admin/tokens", body)
+        return result
+
+    async def list(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = (await self.call("GET", "/admin/tokens"))["tokens"]
+        return result
+
+    async def revoke(self, token_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = await self.call("DELETE", f"/admin/tokens/{token_id}")
+        return result
+
+    async def budget(self) -> dict[str, Any]:
+        result: dict[str, Any] = await self.call("GET", "/admin/budget")
+        return result
+
+    async def usage(self, token_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = await self.call("GET", f"/admin/tokens/{token_id}/usage")
+        return result
