@@ -12,6 +12,7 @@ from aiohttp import web
 from proxy.admin import build_admin_app
 from proxy.config import GatewayConfig, Secrets
 from proxy.handler import handle
+from proxy.reload import reload_config
 from proxy.runtime import RUNTIME, Runtime
 
 log = logging.getLogger("echowin_gateway")
@@ -39,16 +40,25 @@ def build_apps(config: GatewayConfig, secrets: Secrets) -> tuple[web.Application
 
 
 async def serve(
-    config: GatewayConfig, secrets: Secrets, *, ready: asyncio.Event | None = None
+    config: GatewayConfig,
+    secrets: Secrets,
+    *,
+    ready: asyncio.Event | None = None,
+    config_path: str | None = None,
+    state_override: str | None = None,
 ) -> None:
     """Run both listeners until SIGTERM or SIGINT, then drain and return.
 
-    On a signal the proxy stops accepting at once, requests in flight get
-    ``server.shutdown_grace_seconds`` to finish, and then everything closes.
+    On SIGTERM/SIGINT the proxy stops accepting at once, requests in flight get
+    ``server.shutdown_grace_seconds`` to finish, and then everything closes. On SIGHUP the
+    config at ``config_path`` is read again (see proxy/reload.py).
     """
     proxy_app, admin_app = build_apps(config, secrets)
     grace = config.server.shutdown_grace_seconds
-    proxy_runner = web.AppRunner(proxy_app, access_log=None, shutdown_timeout=grace)
+    # handler_cancellation: a client that hangs up while queued leaves the queue at once.
+    proxy_runner = web.AppRunner(
+        proxy_app, access_log=None, shutdown_timeout=grace, handler_cancellation=True
+    )
     admin_runner = web.AppRunner(admin_app, access_log=None, shutdown_timeout=1.0)
     await proxy_runner.setup()
     await admin_runner.setup()
@@ -56,6 +66,9 @@ async def serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if config_path is not None:
+        runtime = proxy_app[RUNTIME]
+        loop.add_signal_handler(signal.SIGHUP, reload_config, runtime, config_path, state_override)
     try:
         host, port = config.listen_address()
         await web.TCPSite(proxy_runner, host, port, reuse_address=True).start()
@@ -70,7 +83,7 @@ async def serve(
         await stop.wait()
         log.info("shutting down", extra={"fields": {"grace_seconds": grace}})
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         await proxy_runner.cleanup()
         await admin_runner.cleanup()

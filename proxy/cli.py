@@ -62,7 +62,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return _fail(exc.lines)
     setup_logging(config.logging.level, config.logging.format)
     try:
-        asyncio.run(serve(config, secrets_))
+        asyncio.run(serve(config, secrets_, config_path=args.config, state_override=args.state))
     except OSError as exc:
         return _fail([f"cannot start: {exc.strerror or exc}"], code=1)
     return 0

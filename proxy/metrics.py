@@ -181,6 +181,21 @@ class Metrics:
             registry=r,
         )
 
+        self.reloads = Counter(
+            "echowin_gateway_config_reloads_total",
+            "Config reloads (SIGHUP), by result: success or failure (the old config stays).",
+            ["result"],
+            registry=r,
+        )
+        for result in ("success", "failure"):
+            self.reloads.labels(result)
+        self.last_reload = Gauge(
+            "echowin_gateway_config_last_reload_success_timestamp_seconds",
+            "When the config was last loaded successfully (start or reload), Unix seconds.",
+            registry=r,
+        )
+        self.last_reload.set_to_current_time()
+
     def attach_budget(self, source: BudgetSource) -> None:
         """Export the scheduler's budget state at every scrape."""
         self.registry.register(BudgetCollector(source))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -49,6 +50,19 @@ class Runtime:
     @classmethod
     def from_config(cls, config: GatewayConfig, secrets: Secrets) -> Runtime:
         return cls(config=config, secrets=secrets, routes=config.route_table())
+
+    def apply(self, config: GatewayConfig, secrets: Secrets) -> None:
+        """Take a reloaded config: secrets, routes, queue bounds, body cap, logging. The
+        caller has checked that nothing only a restart can change has changed."""
+        self.routes = config.route_table()
+        self.config = config
+        self.secrets = secrets
+        if isinstance(self.admitter, Scheduler):
+            policy = self.admitter.policy
+            policy.max_wait = config.queue.max_wait_seconds
+            policy.max_depth = config.queue.max_depth
+            policy.max_depth_per_token = config.queue.max_depth_per_token
+        logging.getLogger("echowin_gateway").setLevel(config.logging.level.upper())
 
     @property
     def shared_state(self) -> bool:

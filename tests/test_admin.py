@@ -137,6 +137,7 @@ async def test_cli_works_through_the_admin_api(
 ) -> None:
     monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", ADMIN_TOKEN)
     base = gateway.admin_url("/").rstrip("/")
+
     # main() runs its own event loop: run it in a thread so this test's loop keeps serving.
     def cli(*args: str) -> int:
         return main(list(args))

@@ -219,3 +219,42 @@ async def test_a_restarted_empty_redis_gets_the_journal_back(
     assert await client.zcard(f"{prefix}default:sends") == 4  # every send it made is back
     await a.close()
     await client.aclose()
+
+
+async def test_echowin_reports_reach_the_fallback_while_alone(prefix: str) -> None:
+    (port,) = free_ports(1)
+    dead = Redis(host="127.0.0.1", port=port, socket_timeout=0.2, socket_connect_timeout=0.2)
+    clock = Clock()
+    a = slots(dead, prefix, replicas=1, clock=clock)
+    assert await a.take(clock.now) is None  # notices; the blind margin fills the 1 s window
+    clock.now += 1.01
+    # 5 per 10 s, 3 assumed: 2 would fit, but echowin says the window is already full.
+    a.observe(clock.now, limit=5, remaining=0)
+    assert await a.take(clock.now) is None
+    await a.close()
+    await dead.aclose()
+
+
+async def test_a_freeze_set_while_alone_reaches_redis_when_it_is_back(
+    redis_server: tuple[int, list[subprocess.Popen[bytes]]], tmp_path: Path, prefix: str
+) -> None:
+    port, procs = redis_server
+    start_redis(port, procs, tmp_path)
+    client = Redis(host="127.0.0.1", port=port, socket_timeout=0.3, socket_connect_timeout=0.3)
+    await wait_redis(client, up=True)
+    a = slots(client, prefix, replicas=1)
+    assert await a.take(time.time()) is not None
+    procs[0].kill()
+    procs[0].wait(timeout=5)
+    await wait_redis(client, up=False)
+    assert await a.take(time.time()) is None or not a.healthy
+    a.freeze(time.time() + 30)  # an upstream 429 while alone
+    start_redis(port, procs, tmp_path)
+    deadline = time.monotonic() + 5 + PROBE_INTERVAL
+    while not a.healthy and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert a.healthy
+    ttl = await client.pttl(f"{prefix}default:frozen")
+    assert 20_000 < ttl <= 30_000  # every replica now sees the freeze
+    await a.close()
+    await client.aclose()

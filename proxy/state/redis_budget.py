@@ -324,9 +324,13 @@ class RedisSlots:
         index = self.mirror.window_index(limit)
         lim = self._limits[index]
         used = limit - remaining
-        self.mirror.observe(
-            now, limit=limit, remaining=remaining, sent_count=self.mirror.own_count(now, index)
-        )
+        # While alone, the fallback decides: it learns too. Its own sends count `replicas`
+        # times there, which already leaves room for the others; echowin's count beyond
+        # that is someone else's.
+        for view in (self.mirror, self._fallback):
+            if view is not None:
+                own = view.own_count(now, index)
+                view.observe(now, limit=limit, remaining=remaining, sent_count=own)
         if self.healthy:
             args: list[str | float] = [
                 used,
@@ -389,6 +393,7 @@ class RedisSlots:
             try:
                 redis_now = await self._redis_time()
                 await self._replay(redis_now - self._clock())
+                await self._carry_freeze()
             except (RedisError, OSError):
                 continue
             break
@@ -398,6 +403,13 @@ class RedisSlots:
         self.healthy = True
         self._on_health(True)
         log.warning("shared state reachable again", extra={"fields": {"credential": self.name}})
+
+    async def _carry_freeze(self) -> None:
+        """A freeze set while alone (an upstream 429) must hold for every replica too."""
+        now = self._clock()
+        until = self.budget.frozen_until(now)
+        if until is not None:
+            await self._freeze(keys=[self._frozen_key], args=[until - now])
 
     async def _redis_time(self) -> float:
         seconds, micros = await self._redis.time()

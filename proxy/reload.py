@@ -1,0 +1,69 @@
+"""SIGHUP: reload the config file, its secrets and the route table without dropping a
+request. A new config that does not validate, or that changes something only a restart
+can change, is refused and logged; the running one stays. Reloads are counted."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from proxy.config import ConfigError, GatewayConfig, load_config, resolve_secrets
+from proxy.runtime import Runtime
+
+log = logging.getLogger("echowin_gateway.reload")
+
+# Keys a running gateway cannot change: its sockets, its state backend, its budgets.
+RESTART_ONLY = ("listen", "admin_listen", "state", "redis", "replicas", "on_state_failure")
+RESTART_ONLY_UPSTREAM = (
+    "base_url",
+    "limits",
+    "window_guard_seconds",
+    "max_connections",
+    "timeout_seconds",
+    "connect_timeout_seconds",
+)
+
+
+def restart_only_changes(old: GatewayConfig, new: GatewayConfig) -> list[str]:
+    """The keys whose change needs a restart, by name."""
+    changed = [key for key in RESTART_ONLY if getattr(old, key) != getattr(new, key)]
+    changed += [
+        f"upstream.{key}"
+        for key in RESTART_ONLY_UPSTREAM
+        if getattr(old.upstream, key) != getattr(new.upstream, key)
+    ]
+    if old.tokens != new.tokens:
+        changed.append("tokens")
+    return changed
+
+
+def reload_config(runtime: Runtime, path: str, state_override: str | None = None) -> bool:
+    """Read ``path`` again and apply it to ``runtime``; False (and a log line) if refused."""
+    try:
+        config = load_config(path)
+        if state_override:
+            config = config.model_copy(update={"state": state_override})
+        secrets = resolve_secrets(config)
+    except ConfigError as exc:
+        return _refused(runtime, exc.lines)
+    problems = [
+        f"{key}: changing it needs a restart"
+        for key in restart_only_changes(runtime.config, config)
+    ]
+    if set(secrets.credentials) != set(runtime.secrets.credentials):
+        problems.append("upstream keys: adding or removing one needs a restart")
+    if problems:
+        return _refused(runtime, problems)
+    runtime.apply(config, secrets)
+    runtime.metrics.reloads.labels("success").inc()
+    runtime.metrics.last_reload.set(time.time())
+    log.info("config reloaded", extra={"fields": {"routes": len(runtime.routes)}})
+    return True
+
+
+def _refused(runtime: Runtime, lines: list[str]) -> bool:
+    runtime.metrics.reloads.labels("failure").inc()
+    log.error(
+        "config reload refused; the running config stays", extra={"fields": {"errors": lines}}
+    )
+    return False
