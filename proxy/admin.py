@@ -14,6 +14,7 @@ from proxy.admin_openapi import openapi_document
 from proxy.admin_tokens import MAX_ADMIN_BODY, add_token_routes
 from proxy.errors import json_error
 from proxy.runtime import RUNTIME, Runtime
+from proxy.status import status_json, status_page
 
 log = logging.getLogger("echowin_gateway.admin")
 
@@ -82,6 +83,8 @@ def build_admin_app(runtime: Runtime) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/status", status_page)
+    app.router.add_get("/status.json", status_json)
     add_token_routes(app.router)
     app.router.add_get("/admin/openapi.json", openapi)
     app.router.add_get("/admin/budget", budget)

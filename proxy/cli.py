@@ -172,6 +172,16 @@ def cmd_token_revoke(args: argparse.Namespace) -> int:
     return asyncio.run(_with_store(config, run))
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from proxy.status import status_text
+
+    async def fetch(client: AdminClient) -> int:
+        print(status_text(await client.call("GET", "/status.json")))
+        return 0
+
+    return _admin_call(args, fetch)
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     from proxy.sim import SimConfig, parse_limit, run_simulator
 
@@ -248,6 +258,10 @@ def _parser() -> argparse.ArgumentParser:
             help="work through a running gateway's admin API (token from $GATEWAY_ADMIN_TOKEN)",
         )
         sp.add_argument("--state", help="override the config's state URL")
+
+    status = sub.add_parser("status", help="a running gateway's budgets, queue and tokens")
+    status.add_argument("--admin-url", default="http://127.0.0.1:9090")
+    status.set_defaults(func=cmd_status)
 
     sim = sub.add_parser("simulate", help="run a local echowin stand-in")
     sim.add_argument("--host", default="127.0.0.1")

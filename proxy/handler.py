@@ -402,7 +402,11 @@ def _account(
     total = time.perf_counter() - ex.started
     rt.metrics.requests.labels(token_name, ex.route, request.method, str(status)).inc()
     if ex.token is not None:
-        rt.usage.setdefault(ex.token.id, Counter())[status] += 1
+        counts = rt.usage.get(ex.token.id)
+        if counts is None:
+            counts = rt.usage[ex.token.id] = Counter()
+            rt.usage_names[ex.token.id] = ex.token.name
+        counts[status] += 1
     rt.metrics.request_duration.labels(ex.route).observe(total)
     if not rt.config.logging.access_log:
         return

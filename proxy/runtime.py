@@ -40,6 +40,7 @@ class Runtime:
     started_at: float = field(default_factory=time.time)
     # Answers by status per token id on this replica (bounded by the number of tokens).
     usage: dict[str, Counter[int]] = field(default_factory=dict)
+    usage_names: dict[str, str] = field(default_factory=dict)
     _store: TokenStore | None = None
     _auth: TokenAuthenticator | None = None
     _upstream: Upstream | None = None
