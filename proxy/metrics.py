@@ -31,6 +31,7 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.
 _WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 
 BudgetSource = Callable[[], Mapping[str, Any]]
+QuotaSource = Callable[[], Mapping[str, Any]]
 
 
 def window_label(per_seconds: float) -> str:
@@ -41,8 +42,9 @@ def window_label(per_seconds: float) -> str:
 class BudgetCollector(Collector):
     """Budget gauges read at scrape time from the scheduler's snapshot."""
 
-    def __init__(self, source: BudgetSource) -> None:
+    def __init__(self, source: BudgetSource, quotas: QuotaSource) -> None:
         self._source = source
+        self._quotas = quotas
 
     def collect(self) -> Iterator[Metric]:
         labels = ["credential", "window"]
@@ -78,6 +80,26 @@ class BudgetCollector(Collector):
             depth.add_metric([credential], lane["queue_depth"])
             frozen.add_metric([credential], lane["frozen_for"])
         yield from (limit, used, remaining, depth, frozen)
+        yield from self._token_quotas()
+
+    def _token_quotas(self) -> Iterator[Metric]:
+        labels = ["token", "window"]
+        limit = GaugeMetricFamily(
+            "echowin_gateway_token_quota_limit",
+            "A token's own quota (--hourly, --per-minute) per window, by token name.",
+            labels=labels,
+        )
+        used = GaugeMetricFamily(
+            "echowin_gateway_token_quota_used",
+            "Sends counted against a token's own quota in the rolling window now.",
+            labels=labels,
+        )
+        for token, windows in self._quotas().items():
+            for w in windows:
+                key = [token, window_label(w.per_seconds)]
+                limit.add_metric(key, w.requests)
+                used.add_metric(key, w.used)
+        yield from (limit, used)
 
 
 class Metrics:
@@ -137,13 +159,14 @@ class Metrics:
         )
         self.refusals = Counter(
             "echowin_gateway_refusals_total",
-            "Requests refused with 429 by the gateway, by credential, token name and reason.",
+            "Requests the gateway refused at once (429; 503 for state_unavailable), by"
+            " credential, token name and reason.",
             ["credential", "token", "reason"],
             registry=r,
         )
         self.queue_wait = Histogram(
             "echowin_gateway_queue_wait_seconds",
-            "Time admitted requests waited for budget, in seconds.",
+            "Time admitted requests waited for budget, in seconds (0 when admitted at once).",
             ["credential"],
             buckets=_WAIT_BUCKETS,
             registry=r,
@@ -181,6 +204,11 @@ class Metrics:
             registry=r,
         )
 
+        self.queue_max_wait = Gauge(
+            "echowin_gateway_queue_max_wait_seconds",
+            "queue.max_wait_seconds as configured now: the longest a request may wait.",
+            registry=r,
+        )
         self.reloads = Counter(
             "echowin_gateway_config_reloads_total",
             "Config reloads (SIGHUP), by result: success or failure (the old config stays).",
@@ -196,9 +224,9 @@ class Metrics:
         )
         self.last_reload.set_to_current_time()
 
-    def attach_budget(self, source: BudgetSource) -> None:
-        """Export the scheduler's budget state at every scrape."""
-        self.registry.register(BudgetCollector(source))
+    def attach_budget(self, source: BudgetSource, quotas: QuotaSource) -> None:
+        """Export the scheduler's budget state and token quotas at every scrape."""
+        self.registry.register(BudgetCollector(source, quotas))
 
     # --- the scheduler's Observer ---------------------------------------------------
 

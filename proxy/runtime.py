@@ -63,6 +63,7 @@ class Runtime:
             policy.max_wait = config.queue.max_wait_seconds
             policy.max_depth = config.queue.max_depth
             policy.max_depth_per_token = config.queue.max_depth_per_token
+        self.metrics.queue_max_wait.set(config.queue.max_wait_seconds)
         logging.getLogger("echowin_gateway").setLevel(config.logging.level.upper())
 
     @property
@@ -159,7 +160,8 @@ class Runtime:
             lanes[name] = lane
             self.metrics.upstream_429s.labels(name)  # exported as 0 from the start
         scheduler = Scheduler(lanes, policy, self.metrics)
-        self.metrics.attach_budget(scheduler.snapshot)
+        self.metrics.attach_budget(scheduler.snapshot, scheduler.token_quotas)
+        self.metrics.queue_max_wait.set(cfg.queue.max_wait_seconds)
         return scheduler
 
     def _horizon(self) -> float:

@@ -212,6 +212,8 @@ class Lane:
             grant = await self._wait(now, token, max_wait)
         if isinstance(grant, SlotGrant):
             grant.quota = charge
+            if grant.queued_seconds == 0.0:
+                self.observer.waited(self.name, 0.0)  # admitted at once: a wait of 0
             await self._write_ahead(grant)
         return grant
 
@@ -436,7 +438,8 @@ class Scheduler:
         self.policy = policy
         self.observer = observer
         self.clock = clock
-        self._quotas: dict[str, tuple[tuple[Limit, ...], CredentialBudget]] = {}
+        # Per token id: its quota limits, their budget, and the token's name (for metrics).
+        self._quotas: dict[str, tuple[tuple[Limit, ...], CredentialBudget, str]] = {}
 
     def _token_quota(self, token: TokenRecord) -> CredentialBudget | None:
         limits = token_limits(token)
@@ -445,7 +448,7 @@ class Scheduler:
             return None
         known = self._quotas.get(token.id)
         if known is None or known[0] != limits:
-            known = (limits, CredentialBudget(limits, guard=0.0))
+            known = (limits, CredentialBudget(limits, guard=0.0), token.name)
             self._quotas[token.id] = known
         return known[1]
 
@@ -486,6 +489,11 @@ class Scheduler:
         if quota is not None:
             windows += [("token", w) for w in quota[1].snapshot(now)]
         return caller_headers(now, windows)
+
+    def token_quotas(self) -> dict[str, list[WindowView]]:
+        """Every token quota in use, by token name, at now (for metrics)."""
+        now = self.clock()
+        return {name: budget.snapshot(now) for _, budget, name in self._quotas.values()}
 
     def token_quota_view(self, token_id: str) -> list[dict[str, object]] | None:
         known = self._quotas.get(token_id)
