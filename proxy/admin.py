@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -21,12 +20,8 @@ log = logging.getLogger("echowin_gateway.admin")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def _json(data: object, status: int = 200) -> web.Response:
-    return web.json_response(data, status=status, dumps=lambda o: json.dumps(o, indent=None))
-
-
 async def healthz(request: web.Request) -> web.Response:
-    return _json({"status": "ok"})
+    return web.json_response({"status": "ok"})
 
 
 async def readyz(request: web.Request) -> web.Response:
@@ -44,8 +39,8 @@ async def readyz(request: web.Request) -> web.Response:
             "token_store": "down",
             "on_state_failure": rt.config.on_state_failure,
         }
-        return _json(body, status=200 if carries_on else 503)
-    return _json({"status": "ready", "token_store": "up"})
+        return web.json_response(body, status=200 if carries_on else 503)
+    return web.json_response({"status": "ready", "token_store": "up"})
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -70,11 +65,11 @@ async def admin_auth(request: web.Request, handler: Handler) -> web.StreamRespon
 
 
 async def openapi(request: web.Request) -> web.Response:
-    return _json(openapi_document())
+    return web.json_response(openapi_document())
 
 
 async def budget(request: web.Request) -> web.Response:
-    return _json({"credentials": request.app[RUNTIME].admitter.snapshot()})
+    return web.json_response({"credentials": request.app[RUNTIME].admitter.snapshot()})
 
 
 def build_admin_app(runtime: Runtime) -> web.Application:

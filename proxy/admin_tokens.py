@@ -66,7 +66,7 @@ async def tokens_create(request: web.Request) -> web.Response:
     except (ValueError, TypeError) as exc:
         raise _bad(str(exc)) from None
     _audit(request, "token.create", new.record.id)
-    return _json({"token": new.token, **new.record.public_view()}, status=201)
+    return web.json_response({"token": new.token, **new.record.public_view()}, status=201)
 
 
 def _create_args(data: dict[str, Any]) -> dict[str, Any]:
@@ -81,14 +81,14 @@ def _create_args(data: dict[str, Any]) -> dict[str, Any]:
 
 async def tokens_list(request: web.Request) -> web.Response:
     records = await request.app[RUNTIME].store.list()
-    return _json({"tokens": [r.public_view() for r in records]})
+    return web.json_response({"tokens": [r.public_view() for r in records]})
 
 
 async def token_show(request: web.Request) -> web.Response:
     record = await request.app[RUNTIME].store.get(request.match_info["token_id"])
     if record is None:
         return json_error(404, "Unknown token", reason="not_found")
-    return _json(record.public_view())
+    return web.json_response(record.public_view())
 
 
 async def token_revoke(request: web.Request) -> web.Response:
@@ -97,7 +97,7 @@ async def token_revoke(request: web.Request) -> web.Response:
     if record is None:
         return json_error(404, "Unknown token", reason="not_found")
     _audit(request, "token.revoke", token_id)
-    return _json(record.public_view())
+    return web.json_response(record.public_view())
 
 
 async def token_update(request: web.Request) -> web.Response:
@@ -113,7 +113,7 @@ async def token_update(request: web.Request) -> web.Response:
     if record is None:
         return json_error(404, "Unknown token", reason="not_found")
     _audit(request, "token.update", token_id)
-    return _json(record.public_view())
+    return web.json_response(record.public_view())
 
 
 async def token_usage(request: web.Request) -> web.Response:
@@ -123,17 +123,13 @@ async def token_usage(request: web.Request) -> web.Response:
     if record is None:
         return json_error(404, "Unknown token", reason="not_found")
     answered = rt.usage.get(record.id, Counter())
-    return _json(
+    return web.json_response(
         {
             "token": record.public_view(),
             "answered": {str(status): n for status, n in sorted(answered.items())},
             "quota": rt.admitter.token_quota_view(record.id),
         }
     )
-
-
-def _json(data: object, status: int = 200) -> web.Response:
-    return web.json_response(data, status=status)
 
 
 def add_token_routes(router: web.UrlDispatcher) -> None:

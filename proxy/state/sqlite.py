@@ -15,7 +15,7 @@ import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, TypeVar, Unpack
+from typing import Any, Self, TypeVar, Unpack
 
 from proxy.tokens import TokenChanges, TokenRecord, apply_changes
 
@@ -215,21 +215,15 @@ def _update(conn: sqlite3.Connection, token_id: str, changes: TokenChanges) -> T
         return updated
 
 
-class SqliteTokenStore:
-    """``proxy.tokens.TokenStore`` on one SQLite connection, which it owns and closes.
-
-    Each call runs in a worker thread (``asyncio.to_thread``) under a ``threading.Lock``, so
-    the event loop never blocks on disk and the connection sees one statement at a time.
-    Writes that read first run in one IMMEDIATE transaction, so several processes sharing
-    the file stay consistent. A call whose caller is cancelled still finishes in its thread.
-    """
+class _Connection:
+    """One SQLite connection used from worker threads, one statement at a time."""
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self._conn = conn
         self._lock = threading.Lock()
 
     @classmethod
-    async def open(cls, path: str | os.PathLike[str]) -> SqliteTokenStore:
+    async def open(cls, path: str | os.PathLike[str]) -> Self:
         """Open (creating and migrating as needed) the database at ``path``."""
         return cls(await asyncio.to_thread(open_sqlite, path))
 
@@ -239,6 +233,19 @@ class SqliteTokenStore:
                 return call(self._conn)
 
         return await asyncio.to_thread(locked)
+
+    async def close(self) -> None:
+        await self._run(lambda conn: conn.close())
+
+
+class SqliteTokenStore(_Connection):
+    """``proxy.tokens.TokenStore`` on one SQLite connection, which it owns and closes.
+
+    Each call runs in a worker thread (``asyncio.to_thread``) under a ``threading.Lock``, so
+    the event loop never blocks on disk and the connection sees one statement at a time.
+    Writes that read first run in one IMMEDIATE transaction, so several processes sharing
+    the file stay consistent. A call whose caller is cancelled still finishes in its thread.
+    """
 
     async def put(self, record: TokenRecord) -> None:
         await self._run(lambda conn: _put(conn, record))
@@ -259,11 +266,8 @@ class SqliteTokenStore:
         """Raises ``sqlite3.Error`` if the database cannot answer, e.g. once closed."""
         await self._run(lambda conn: conn.execute("SELECT 1").fetchone())
 
-    async def close(self) -> None:
-        await self._run(lambda conn: conn.close())
 
-
-class SqliteSendLog:
+class SqliteSendLog(_Connection):
     """The budget's write-ahead send log (``proxy.scheduler.SendLog``) in the state file.
 
     ``append`` returns once the row is committed in WAL mode with synchronous=NORMAL, which
@@ -272,21 +276,6 @@ class SqliteSendLog:
     """
 
     durable = True
-
-    def __init__(self, conn: sqlite3.Connection) -> None:
-        self._conn = conn
-        self._lock = threading.Lock()
-
-    @classmethod
-    async def open(cls, path: str | os.PathLike[str]) -> SqliteSendLog:
-        return cls(await asyncio.to_thread(open_sqlite, path))
-
-    async def _run(self, call: Callable[[sqlite3.Connection], T]) -> T:
-        def locked() -> T:
-            with self._lock:
-                return call(self._conn)
-
-        return await asyncio.to_thread(locked)
 
     async def append(self, credential: str, at: float) -> None:
         await self._run(lambda c: c.execute("INSERT INTO sends VALUES (?, ?)", (credential, at)))
@@ -311,6 +300,3 @@ class SqliteSendLog:
 
     async def prune(self, before: float) -> None:
         await self._run(lambda c: c.execute("DELETE FROM sends WHERE at < ?", (before,)))
-
-    async def close(self) -> None:
-        await self._run(lambda conn: conn.close())
