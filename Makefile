@@ -13,6 +13,8 @@ test: $(VENV)/.installed lint typecheck unit
 lint: $(VENV)/.installed
 	$(BIN)/ruff check proxy tests
 	$(BIN)/ruff format --check proxy tests
+	$(BIN)/hadolint Dockerfile
+	$(BIN)/yamllint deploy config .yamllint
 
 typecheck: $(VENV)/.installed
 	$(BIN)/mypy --strict proxy

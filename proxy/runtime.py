@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from aiohttp import web
 from proxy.admission import Admitter, OpenAdmitter
 from proxy.budget import Limit
 from proxy.config import GatewayConfig, Secrets
+from proxy.logs import setup_logging
 from proxy.metrics import Metrics
 from proxy.routes import RouteTable
 from proxy.scheduler import Lane, QueuePolicy, Scheduler
@@ -64,7 +64,7 @@ class Runtime:
             policy.max_depth = config.queue.max_depth
             policy.max_depth_per_token = config.queue.max_depth_per_token
         self.metrics.queue_max_wait.set(config.queue.max_wait_seconds)
-        logging.getLogger("echowin_gateway").setLevel(config.logging.level.upper())
+        setup_logging(config.logging.level, config.logging.format)
 
     @property
     def shared_state(self) -> bool:

@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 DASHBOARD = REPO / "deploy" / "grafana" / "echowin-gateway.json"
 ALERTS = REPO / "deploy" / "prometheus" / "alerts.yml"
 PROMETHEUS_CONFIG = REPO / "deploy" / "prometheus" / "prometheus.yml"
-RUNBOOK = REPO / "docs" / "alerts-runbook.md"
+RUNBOOK = REPO / "docs" / "operations.md"
 METRICS_DOC = REPO / "docs" / "metrics.md"
 
 JOB = "echowin-gateway"
@@ -252,8 +252,8 @@ def test_dashboard_shape() -> None:
 
 
 def test_alerts_carry_severity_summary_description_and_a_runbook() -> None:
-    runbook = RUNBOOK.read_text(encoding="utf-8")
-    sections = re.findall(r"^## (\S+)\s*$", runbook, re.MULTILINE)
+    runbook = RUNBOOK.read_text(encoding="utf-8").split("\n## Alert runbook\n", 1)[1]
+    sections = re.findall(r"^### (\S+)\s*$", runbook, re.MULTILINE)
     names = [rule["alert"] for rule in alert_rules()]
     assert len(names) == len(set(names))
     assert sorted(sections) == sorted(names), "one runbook section per alert"
@@ -263,7 +263,7 @@ def test_alerts_carry_severity_summary_description_and_a_runbook() -> None:
         notes = rule["annotations"]
         assert notes["summary"].strip() and notes["description"].strip(), name
         assert notes["runbook_url"] == f"docs/operations.md#{name.lower()}", name
-        body = runbook.split(f"## {name}", 1)[1].split("\n## ", 1)[0]
+        body = runbook.split(f"### {name}", 1)[1].split("\n### ", 1)[0]
         assert len(body.strip()) > 200, f"runbook section {name} is too thin"
 
 
