@@ -3,12 +3,16 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint typecheck unit clean
+.PHONY: run test test-deps lint typecheck unit clean
 
 run: $(VENV)/.installed
 	$(BIN)/echowin-gateway quickstart --config config/gateway.example.yaml
 
-test: $(VENV)/.installed lint typecheck unit
+test: $(VENV)/.installed test-deps lint typecheck unit
+
+# Redis, Prometheus, Chromium: installed when missing, Redis started when down.
+test-deps:
+	bash scripts/test-deps.sh
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check proxy tests
