@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test test-deps lint typecheck unit clean
+.PHONY: run test test-deps lint typecheck unit bench clean
 
 run: $(VENV)/.installed
 	$(BIN)/echowin-gateway quickstart --config config/gateway.example.yaml
@@ -25,6 +25,10 @@ typecheck: $(VENV)/.installed
 
 unit: $(VENV)/.installed
 	$(BIN)/pytest -q -p no:cacheprovider
+
+# The performance harness (docs/performance.md): a few minutes; writes bench.json, bench.md.
+bench: $(VENV)/.installed
+	$(BIN)/python -m tests.bench.harness --json bench.json --markdown bench.md
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)

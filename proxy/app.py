@@ -71,7 +71,10 @@ async def serve(
         loop.add_signal_handler(signal.SIGHUP, reload_config, runtime, config_path, state_override)
     try:
         host, port = config.listen_address()
-        await web.TCPSite(proxy_runner, host, port, reuse_address=True).start()
+        # A burst of new connections must not overflow the listen queue (aiohttp's default
+        # is 128; the kernel caps this at net.core.somaxconn).
+        site = web.TCPSite(proxy_runner, host, port, reuse_address=True, backlog=4096)
+        await site.start()
         ahost, aport = config.admin_address()
         await web.TCPSite(admin_runner, ahost, aport, reuse_address=True).start()
         log.info(

@@ -314,25 +314,36 @@ class Lane:
                 return
             if grant is None:
                 break
-            if self.depth == 0:  # everyone left while the slot was being reserved
+            waiter = self._next_live_waiter()
+            if waiter is None:  # everyone left while the slot was being reserved
                 grant.unsent()
                 return
-            queue = self._next_queue()
-            waiter = queue.waiters.popleft()
-            self.depth -= 1
-            self.policy.waiting -= 1
-            if not queue.waiters:
-                self._retire(queue)
             waiter.future.set_result(grant)
         if self.depth > 0 and self._can_send():
             delay = self.source.retry_in(self.clock())
             loop = asyncio.get_running_loop()
             self._timer = loop.call_later(max(delay, 0.0005), self._on_timer)
 
+    def _next_live_waiter(self) -> _Waiter | None:
+        """The next waiter in weighted round-robin order whose request still waits. A waiter
+        whose task was cancelled (client gone, wait over) has a cancelled future but stays
+        queued until its task runs again: skip it, it takes no slot."""
+        while self.depth > 0:
+            queue = self._next_queue()
+            waiter = queue.waiters.popleft()
+            self.depth -= 1
+            self.policy.waiting -= 1
+            if not queue.waiters:
+                self._retire(queue)
+            if not waiter.future.done():
+                return waiter
+        return None
+
     def _fail_waiters(self, refusal: Refusal) -> None:
         for queue in list(self.queues.values()):
             for waiter in list(queue.waiters):
-                waiter.future.set_result(refusal)
+                if not waiter.future.done():
+                    waiter.future.set_result(refusal)
                 self._drop(waiter)
 
     def _retire(self, queue: _TokenQueue) -> None:
@@ -405,10 +416,13 @@ class Lane:
         for queue in list(self.queues.values()):
             for waiter in list(queue.waiters):
                 if waiter.deadline < until:
-                    refusal = Refusal(
-                        "upstream_frozen", until - now, "echowin asked us to pause; try again later"
-                    )
-                    waiter.future.set_result(refusal)
+                    if not waiter.future.done():
+                        refusal = Refusal(
+                            "upstream_frozen",
+                            until - now,
+                            "echowin asked us to pause; try again later",
+                        )
+                        waiter.future.set_result(refusal)
                     self._drop(waiter)
 
     async def close(self) -> None:

@@ -910,3 +910,25 @@ def test_most_in_any_window_counts_a_half_open_interval() -> None:
     assert most_in_any_window([0.0, 1.0, 2.0], 2.0) == 2
     assert most_in_any_window([0.0, 1.0, 1.5], 2.0) == 3
     assert most_in_any_window([], 1.0) == 0
+
+
+async def test_a_waiter_cancelled_just_before_the_pump_runs_takes_no_slot(rig: Rig) -> None:
+    lane, _ = await full_lane(rig, Limit(1, 10))
+    svc = token("svc")
+    leaving = await rig.enqueue(lane, svc)
+    staying = await rig.enqueue(lane, svc)
+    rig.clock.now += 10.25  # the window frees one slot
+    if lane._timer is not None:
+        lane._timer.cancel()
+    lane._on_timer()  # the pump is scheduled first ...
+    leaving.cancel()  # ... then the client of the first waiter goes away: its future is
+    await settle()  # cancelled at once, its task only runs after the pump
+    assert lane._pump is not None
+    assert lane._pump.done()
+    assert lane._pump.exception() is None  # no InvalidStateError: the pump skipped it
+    assert leaving.cancelled()
+    await asyncio.wait_for(asyncio.shield(staying), 5)  # its write-ahead runs in a thread
+    assert granted(staying).at == rig.clock.now  # the slot went to the one still waiting
+    assert lane.depth == 0
+    assert lane.policy.waiting == 0
+    assert lane.budget.count(rig.clock.now, 0) == 1

@@ -1,0 +1,349 @@
+"""The processes a benchmark run starts: upstream, gateway, pass-through, nginx reverse proxy.
+
+Every process runs in the foreground of the harness (nginx with ``daemon off``), writes its
+output to files in the run's temp dir, is pinned to one CPU when asked, and is stopped
+(SIGTERM, then SIGKILL) when the run ends, whatever happened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import yaml
+
+from tests.bench.loadgen import pinned
+from tests.bench.upstream import BODY, RATE_LIMIT_HEADERS
+
+REPO = Path(__file__).resolve().parents[2]
+_SCRIPT = Path(sys.executable).parent / "echowin-gateway"
+GATEWAY_CLI = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "proxy.cli"]
+UPSTREAM_BODY = BODY.decode()
+BENCH_KEY = "bench-team-key-0123456789abcdef"
+STARTUP_SECONDS = 20.0
+STOP_SECONDS = 10.0
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct loopback ports that were free a moment ago."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def nginx_path() -> str | None:
+    return shutil.which("nginx") or next(
+        (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)), None
+    )
+
+
+def nginx_version(path: str) -> str:
+    out = subprocess.run(
+        [path, "-v"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=False,
+        stdin=subprocess.DEVNULL,
+    )
+    text = (out.stderr or out.stdout).strip()
+    return text.split("/")[-1] if "/" in text else text
+
+
+def read_status_kb(pid: int, key: str) -> int | None:
+    """A ``/proc/<pid>/status`` field in kB (VmRSS, VmHWM), or None when unreadable."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    url: str
+    stderr_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def tail(self, n: int = 3000) -> str:
+        try:
+            return self.stderr_path.read_text(encoding="utf-8", errors="replace")[-n:]
+        except OSError:
+            return ""
+
+    def check_alive(self) -> None:
+        code = self.popen.poll()
+        if code is not None:
+            raise RuntimeError(f"{self.name} exited with {code}:\n{self.tail()}")
+
+
+@dataclass
+class Gateway(Proc):
+    admin_url: str = ""
+    admin_token: str = ""
+    config_path: Path = field(default_factory=Path)
+
+
+class Processes:
+    """Starts processes in ``tmp`` and stops every one of them on :meth:`close`."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.procs: list[Proc] = []
+
+    def start(
+        self,
+        name: str,
+        cmd: list[str],
+        url: str,
+        cpu: int | None,
+        env: dict[str, str] | None = None,
+        cls: type[Proc] = Proc,
+        **extra: Any,
+    ) -> Proc:
+        out, err = self.tmp / f"{name}.stdout", self.tmp / f"{name}.stderr"
+        with out.open("wb") as fout, err.open("wb") as ferr:
+            popen = subprocess.Popen(
+                pinned(cmd, cpu),
+                env=env,
+                cwd=self.tmp,
+                stdin=subprocess.DEVNULL,
+                stdout=fout,
+                stderr=ferr,
+            )
+        proc = cls(name, popen, url, err, **extra)
+        self.procs.append(proc)
+        return proc
+
+    def stop(self, proc: Proc) -> None:
+        if proc.popen.poll() is None:
+            proc.popen.send_signal(signal.SIGTERM)
+            try:
+                proc.popen.wait(timeout=STOP_SECONDS)
+            except subprocess.TimeoutExpired:
+                proc.popen.kill()
+                proc.popen.wait(timeout=STOP_SECONDS)
+        if proc in self.procs:
+            self.procs.remove(proc)
+
+    def close(self) -> None:
+        for proc in list(reversed(self.procs)):
+            try:
+                self.stop(proc)
+            except (OSError, subprocess.SubprocessError):
+                proc.popen.kill()
+
+
+async def wait_ready(session: aiohttp.ClientSession, proc: Proc, path: str = "/") -> None:
+    """Poll ``proc.url + path`` until it answers any status; raise if it dies or is late."""
+    deadline = time.monotonic() + STARTUP_SECONDS
+    while True:
+        proc.check_alive()
+        try:
+            async with session.get(proc.url + path) as resp:
+                await resp.read()
+                return
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"{proc.name} did not answer within {STARTUP_SECONDS}s:\n{proc.tail()}"
+                ) from None
+        await asyncio.sleep(0.05)
+
+
+# --- nginx -----------------------------------------------------------------------------------
+
+
+def _nginx_conf(tmp: Path, name: str, server_block: str, http_extra: str = "") -> Path:
+    """A whole nginx.conf for one foreground nginx (one worker, files under ``tmp``)."""
+    work = tmp / name
+    work.mkdir(exist_ok=True)
+    conf = work / "nginx.conf"
+    conf.write_text(
+        f"""worker_processes 1;
+pid {work}/nginx.pid;
+error_log {work}/error.log warn;
+events {{ worker_connections 16384; }}
+http {{
+    access_log off;
+    client_body_temp_path {work}/client_body;
+    proxy_temp_path {work}/proxy;
+    keepalive_timeout 65;
+    keepalive_requests 1000000;
+    {http_extra}
+    server {{
+{server_block}
+    }}
+}}
+""",
+        encoding="utf-8",
+    )
+    return conf
+
+
+def _start_nginx(
+    procs: Processes, nginx: str, name: str, conf: Path, port: int, cpu: int | None
+) -> Proc:
+    work = conf.parent
+    cmd = [nginx, "-p", str(work), "-e", str(work / "error.log"), "-c", str(conf)]
+    return procs.start(name, [*cmd, "-g", "daemon off;"], f"http://127.0.0.1:{port}", cpu)
+
+
+def start_nginx_upstream(procs: Processes, nginx: str, cpu: int | None) -> Proc:
+    """nginx answering ``return 200`` with a small JSON body and echowin's rate-limit
+    headers on every path (see tests/bench/upstream.py)."""
+    (port,) = free_ports(1)
+    headers = "\n".join(
+        f"            add_header {k} {v} always;" for k, v in RATE_LIMIT_HEADERS.items()
+    )
+    server = f"""        listen 127.0.0.1:{port} backlog=4096;
+        location / {{
+            default_type application/json;
+{headers}
+            return 200 '{UPSTREAM_BODY}';
+        }}"""
+    conf = _nginx_conf(procs.tmp, "nginx-upstream", server)
+    return _start_nginx(procs, nginx, "nginx-upstream", conf, port, cpu)
+
+
+def start_nginx_proxy(procs: Processes, nginx: str, upstream: str, cpu: int | None) -> Proc:
+    """nginx as a reverse proxy to ``upstream`` with a keep-alive pool (the ceiling)."""
+    (port,) = free_ports(1)
+    host_port = upstream.removeprefix("http://").rstrip("/")
+    pool = f"upstream bench_upstream {{ server {host_port}; keepalive 100; }}"
+    server = f"""        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://bench_upstream;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}"""
+    conf = _nginx_conf(procs.tmp, "nginx-proxy", server, http_extra=pool)
+    return _start_nginx(procs, nginx, "nginx-proxy", conf, port, cpu)
+
+
+# --- Python servers --------------------------------------------------------------------------
+
+
+def start_python_upstream(procs: Processes, cpu: int | None) -> Proc:
+    (port,) = free_ports(1)
+    cmd = [sys.executable, "-m", "tests.bench.upstream", "--port", str(port)]
+    return procs.start("aiohttp-upstream", cmd, f"http://127.0.0.1:{port}", cpu, env=_env())
+
+
+def start_passthrough(procs: Processes, upstream: str, cpu: int | None, name: str) -> Proc:
+    (port,) = free_ports(1)
+    cmd = [sys.executable, "-m", "tests.bench.passthrough", "--port", str(port)]
+    cmd += ["--upstream", upstream]
+    return procs.start(name, cmd, f"http://127.0.0.1:{port}", cpu, env=_env())
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("ECHOWIN_API_KEY", "PYTHONUNBUFFERED")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env.update(extra)
+    return env
+
+
+def start_gateway(
+    procs: Processes,
+    upstream: str,
+    cpu: int | None,
+    name: str,
+    *,
+    limits: list[tuple[int, float]],
+    max_wait: float,
+    max_depth: int = 10_000,
+) -> Gateway:
+    """``echowin-gateway serve`` with every feature on: auth, scope, budget, metrics, JSON
+    access log (to its stderr file); state in memory."""
+    port, admin_port = free_ports(2)
+    admin_token = secrets.token_urlsafe(24)
+    raw: dict[str, Any] = {
+        "listen": f"127.0.0.1:{port}",
+        "admin_listen": f"127.0.0.1:{admin_port}",
+        "admin_token": {"env": "GATEWAY_ADMIN_TOKEN"},
+        "state": "memory://",
+        "upstream": {
+            "base_url": upstream,
+            "api_key": {"env": "ECHOWIN_API_KEY"},
+            "timeout_seconds": 30,
+            "connect_timeout_seconds": 5,
+            "max_connections": 100,
+            "limits": [{"requests": n, "per_seconds": t} for n, t in limits],
+        },
+        "queue": {
+            "max_wait_seconds": max_wait,
+            "max_depth": max_depth,
+            "max_depth_per_token": max_depth,
+        },
+        "server": {"shutdown_grace_seconds": 2},
+        "logging": {"level": "info", "format": "json", "access_log": True},
+    }
+    config = procs.tmp / f"{name}.yaml"
+    config.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
+    env = _env(ECHOWIN_API_KEY=BENCH_KEY, GATEWAY_ADMIN_TOKEN=admin_token)
+    proc = procs.start(
+        name,
+        [*GATEWAY_CLI, "serve", "--config", str(config)],
+        f"http://127.0.0.1:{port}",
+        cpu,
+        env=env,
+        cls=Gateway,
+        admin_url=f"http://127.0.0.1:{admin_port}",
+        admin_token=admin_token,
+        config_path=config,
+    )
+    assert isinstance(proc, Gateway)
+    return proc
+
+
+async def create_token(session: aiohttp.ClientSession, gw: Gateway, scope: str) -> str:
+    """A new token holding ``scope``, made through the admin API (state is in memory)."""
+    deadline = time.monotonic() + STARTUP_SECONDS
+    while True:
+        gw.check_alive()
+        try:
+            async with session.get(gw.admin_url + "/healthz") as resp:
+                if resp.status == 200:
+                    break
+        except (aiohttp.ClientError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{gw.name} not healthy within {STARTUP_SECONDS}s:\n{gw.tail()}")
+        await asyncio.sleep(0.05)
+    async with session.post(
+        gw.admin_url + "/admin/tokens",
+        json={"name": "bench", "scopes": [scope]},
+        headers={"Authorization": f"Bearer {gw.admin_token}"},
+    ) as resp:
+        body = await resp.json()
+        if resp.status != 201:
+            raise RuntimeError(f"token create on {gw.name}: {resp.status} {body}")
+        token: str = body["token"]
+        return token

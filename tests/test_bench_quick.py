@@ -1,0 +1,132 @@
+"""The benchmark harness works (not how fast anything is): its quick mode runs end to end and
+reports every scenario; its fallback load generator and its profile reader work.
+
+Speed is never asserted here: the numbers depend on the machine and on what else runs on it.
+docs/performance.md holds the numbers of one full run.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import aiohttp
+from aiohttp.test_utils import TestServer
+
+from tests.bench import harness, loadgen, upstream
+
+REPO = Path(__file__).resolve().parents[1]
+QUEUED = 200
+ServerFactory = Callable[..., Awaitable[TestServer]]
+THROUGHPUT = ("admitted", "latency", "refusal", "unauthorized")
+MEASURED_KEYS = {"rps", "p50_ms", "p90_ms", "p99_ms", "rounds", "rps_ratio", "p50_added_ms"}
+
+
+def test_quick_mode_reports_every_scenario(tmp_path: Path) -> None:
+    out_json, out_md = tmp_path / "bench.json", tmp_path / "bench.md"
+    cmd = [sys.executable, "-m", "tests.bench.harness", "--quick", "--queued", str(QUEUED)]
+    cmd += ["--json", str(out_json), "--markdown", str(out_md)]
+    run = subprocess.run(
+        cmd,
+        cwd=REPO,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    result = json.loads(run.stdout)
+    assert json.loads(out_json.read_text(encoding="utf-8")) == result
+
+    assert set(result["scenarios"]) == set(harness.SCENARIOS)
+    for name in THROUGHPUT:
+        scenario = result["scenarios"][name]
+        assert scenario["connections"] == (1 if name == "latency" else 50)
+        assert {"gateway", "passthrough"} <= set(scenario["targets"]), name
+        for target, entry in scenario["targets"].items():
+            assert set(entry) >= MEASURED_KEYS, (name, target)
+            assert len(entry["rounds"]) == 1
+            # Every answer had the scenario's status (200, or 429/401 from the gateway).
+            assert entry["all_as_expected"], (name, target, entry["rounds"])
+            assert entry["rounds"][0]["requests"] > 0
+    want = {"refusal": 429, "unauthorized": 401}
+    for name, status in want.items():
+        assert result["scenarios"][name]["probes"]["gateway"] == status
+
+    queued = result["scenarios"]["queued"]
+    assert queued["requests"] == QUEUED
+    for target in ("gateway", "passthrough"):
+        entry = queued["targets"][target]
+        assert entry["answered"] == QUEUED, entry
+        assert entry["errors"] == 0, entry
+        assert entry["rss_peak_mb"] > 0
+    # The gateway really held them in its queue (its budget lets a quarter through per window).
+    assert queued["targets"]["gateway"]["queued"] > 0
+
+    names = [t["name"] for t in result["targets"]]
+    assert len(names) == 5
+    assert all(isinstance(t["met"], bool) for t in result["targets"])
+    table = out_md.read_text(encoding="utf-8")
+    assert "| Scenario | Server |" in table
+    assert "| Target | Wanted | Measured | Met |" in table
+
+
+async def test_python_load_generator_and_burst(aiohttp_server: ServerFactory) -> None:
+    server = await aiohttp_server(upstream.build_app())
+    url = str(server.make_url("/api/v1/contacts"))
+    res = await loadgen.run_python(url, {"Authorization": "Bearer x"}, connections=2, seconds=0.3)
+    assert res["requests"] > 0
+    assert res["statuses"] == {"200": res["requests"]}
+    assert res["errors"] == 0
+    assert res["p50_ms"] is not None and res["p99_ms"] >= res["p50_ms"]
+
+    burst = await loadgen.burst(url, {}, count=50, timeout=20)
+    assert burst["answered"] == 50 and burst["errors"] == 0
+
+
+def test_parse_response_lengths_and_chunks() -> None:
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n"
+    assert loadgen.parse_response(head + b"o") is None
+    assert loadgen.parse_response(head + b"okHTTP/1.1") == (200, len(head) + 2, False)
+    chunked = b"HTTP/1.1 429 X\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    body = b"3\r\nabc\r\n0\r\n\r\n"
+    assert loadgen.parse_response(chunked + body[:-2]) is None
+    assert loadgen.parse_response(chunked + body) == (429, len(chunked + body), True)
+
+
+def test_hotspots_reads_collapsed_stacks(tmp_path: Path) -> None:
+    raw = tmp_path / "stacks.txt"
+    site = "/x/.venv/lib/python3.11/site-packages"
+    handler = f"{REPO}/proxy/handler.py"
+    raw.write_text(
+        f"main ({REPO}/proxy/cli.py:1);handle ({handler}:9);send ({site}/aiohttp/c.py:5) 3\n"
+        f"main ({REPO}/proxy/cli.py:1);handle ({handler}:12) 1\n",
+        encoding="utf-8",
+    )
+    found = harness.hotspots(raw)
+    assert found["samples"] == 4
+    assert found["self"][0] == {"function": "send (aiohttp/c.py)", "samples": 3, "share": 0.75}
+    assert found["by_package"] == [
+        {"package": "aiohttp", "samples": 3, "share": 0.75},
+        {"package": "proxy/handler.py", "samples": 1, "share": 0.25},
+    ]
+    inclusive = {r["function"]: r["share"] for r in found["inclusive_gateway"]}
+    assert inclusive == {"main (proxy/cli.py)": 1.0, "handle (proxy/handler.py)": 1.0}
+
+
+async def test_upstream_answers_like_echowin(aiohttp_server: ServerFactory) -> None:
+    """200 JSON with echowin's rate-limit headers: without them a memory:// gateway never
+    calibrates and sends one request at a time."""
+    server = await aiohttp_server(upstream.build_app())
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(str(server.make_url("/api/v1/contacts"))) as resp,
+    ):
+        assert resp.status == 200
+        assert await resp.json() == json.loads(upstream.BODY)
+        for name, value in upstream.RATE_LIMIT_HEADERS.items():
+            assert resp.headers[name] == value
