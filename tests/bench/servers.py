@@ -12,7 +12,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ import yaml
 
 from tests.bench.loadgen import pinned
 from tests.bench.upstream import BODY, RATE_LIMIT_HEADERS
+from tests.procs import free_ports
 
 REPO = Path(__file__).resolve().parents[2]
 _SCRIPT = Path(sys.executable).parent / "echowin-gateway"
@@ -33,20 +33,6 @@ UPSTREAM_BODY = BODY.decode()
 BENCH_KEY = "bench-team-key-0123456789abcdef"
 STARTUP_SECONDS = 20.0
 STOP_SECONDS = 10.0
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct loopback ports that were free a moment ago."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def nginx_path() -> str | None:
