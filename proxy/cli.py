@@ -211,7 +211,10 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
         return _fail(exc.lines)
     if isinstance(sys.stdout, io.TextIOWrapper):  # the token line must show when piped (docker)
         sys.stdout.reconfigure(line_buffering=True)
-    return asyncio.run(run_quickstart(config, sim_port=args.sim_port))
+    try:
+        return asyncio.run(run_quickstart(config, sim_port=args.sim_port))
+    except OSError as exc:
+        return _fail([f"cannot start: {exc.strerror or exc}"], code=1)
 
 
 def _parser() -> argparse.ArgumentParser:

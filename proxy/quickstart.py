@@ -80,10 +80,12 @@ async def run_quickstart(config: GatewayConfig, *, sim_port: int) -> int:
         await store.close()
     ready = asyncio.Event()
     task = asyncio.create_task(serve(config, resolved, ready=ready))
+    started = asyncio.create_task(ready.wait())
     try:
-        await asyncio.wait({task, asyncio.create_task(ready.wait())}, return_when="FIRST_COMPLETED")
+        await asyncio.wait({task, started}, return_when="FIRST_COMPLETED")
         if task.done():
-            await task
+            started.cancel()
+            await task  # raises what stopped it (e.g. a port in use)
             return 1
         print(
             f"gateway on http://127.0.0.1:{port}, metrics on http://127.0.0.1:{admin_port}/metrics"
