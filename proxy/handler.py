@@ -66,6 +66,7 @@ _DROP_RESPONSE = frozenset(
 _API_PREFIX = "/api/v1/"
 _AGENCY_PREFIX = "/api/v1/agency/"
 _CHUNK = 64 * 1024
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 _AUTH_MESSAGES = {
     AuthFailure.MALFORMED: "Invalid API key",
@@ -328,8 +329,9 @@ async def _forward(
     ex.upstream_seconds = time.perf_counter() - sent_at
     ex.upstream_status = upstream.status
     grant.sent(upstream.status, upstream.headers)
-    rt.metrics.upstream_duration.labels(credential.name, ex.route).observe(ex.upstream_seconds)
-    rt.metrics.upstream_responses.labels(credential.name, str(upstream.status)).inc()
+    metrics = rt.metrics
+    metrics.child(metrics.upstream_duration, credential.name, ex.route).observe(ex.upstream_seconds)
+    metrics.child(metrics.upstream_responses, credential.name, str(upstream.status)).inc()
     extra = dict(rt.admitter.caller_headers(admit))
     extra["Server-Timing"] = (
         f"queue;dur={ex.queue_seconds * 1000:.3f}, upstream;dur={ex.upstream_seconds * 1000:.3f}"
@@ -400,14 +402,16 @@ def _account(
     status = response.status if response is not None else 499
     token_name = ex.token.name if ex.token is not None else ANONYMOUS
     total = time.perf_counter() - ex.started
-    rt.metrics.requests.labels(token_name, ex.route, request.method, str(status)).inc()
+    metrics = rt.metrics
+    method = request.method if request.method in _METHODS else "OTHER"  # bounded labels
+    metrics.child(metrics.requests, token_name, ex.route, method, str(status)).inc()
     if ex.token is not None:
         counts = rt.usage.get(ex.token.id)
         if counts is None:
             counts = rt.usage[ex.token.id] = Counter()
             rt.usage_names[ex.token.id] = ex.token.name
         counts[status] += 1
-    rt.metrics.request_duration.labels(ex.route).observe(total)
+    metrics.child(metrics.request_duration, ex.route).observe(total)
     if not rt.config.logging.access_log:
         return
     fields = {

@@ -224,6 +224,18 @@ class Metrics:
         )
         self.last_reload.set_to_current_time()
 
+        # Label children of the per-request metrics, kept: labels() validates and locks on
+        # every call. Bounded like the label values themselves (tokens, routes, statuses).
+        self._children: dict[tuple[object, ...], Any] = {}
+
+    def child(self, metric: Counter | Histogram, *values: str) -> Any:
+        """``metric.labels(*values)``, looked up once per distinct label set."""
+        key = (id(metric), *values)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*values)
+        return found
+
     def attach_budget(self, source: BudgetSource, quotas: QuotaSource) -> None:
         """Export the scheduler's budget state and token quotas at every scrape."""
         self.registry.register(BudgetCollector(source, quotas))

@@ -448,3 +448,14 @@ async def test_bad_admin_input_is_400_and_changes_nothing(
     assert status == 400, body
     assert json.loads(body)["error"]
     assert await gateway.runtime.store.list() == []
+
+
+async def test_unusual_methods_share_one_metric_label(gateway: GatewayHandle) -> None:
+    token = await gateway.token("*", name="odd")
+    for method in ("FOO", "BAR", "PROPFIND"):
+        await call(method, gateway.url("/api/v1/contacts"), token=token)
+    _, _, body = await call("GET", gateway.admin_url("/metrics"))
+    text = body.decode()
+    assert 'method="OTHER"' in text
+    for method in ("FOO", "BAR", "PROPFIND"):
+        assert f'method="{method}"' not in text
