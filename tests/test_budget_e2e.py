@@ -115,6 +115,13 @@ async def short_gateway(make_gateway: MakeGateway, sim_url: str, **overrides: An
     return await make_gateway(sim_url, upstream=upstream, queue=queue, **overrides)
 
 
+async def spend_burst(session: aiohttp.ClientSession, url: str, token: str) -> Results:
+    """Twelve calls at once: the 12-per-2-s window is then full for about 2.25 s."""
+    results = Results()
+    await asyncio.gather(*(one_call(session, url, token, results, "t") for _ in range(12)))
+    return results
+
+
 async def test_saturating_load_never_causes_a_429_and_uses_the_budget(
     make_gateway: MakeGateway, short_sim: tuple[Simulator, str]
 ) -> None:
@@ -197,11 +204,8 @@ async def test_refusal_is_immediate_when_the_wait_would_be_too_long(
     sim, sim_url = short_sim
     gw = await short_gateway(make_gateway, sim_url, queue={"max_wait_seconds": 1})
     token = await gw.token("contacts:read")
-    results = Results()
     async with aiohttp.ClientSession() as session:
-        await asyncio.gather(
-            *(one_call(session, gw.url("/api/v1/contacts"), token, results, "t") for _ in range(12))
-        )
+        await spend_burst(session, gw.url("/api/v1/contacts"), token)
         started = time.monotonic()
         async with session.get(
             gw.url("/api/v1/contacts"), headers={"Authorization": f"Bearer {token}"}
@@ -248,10 +252,9 @@ async def test_client_disconnect_while_queued_consumes_nothing(
     sim, sim_url = short_sim
     gw = await short_gateway(make_gateway, sim_url, queue={"max_wait_seconds": 5})
     token = await gw.token("contacts:read")
-    results = Results()
     url = gw.url("/api/v1/contacts")
     async with aiohttp.ClientSession() as session:
-        await asyncio.gather(*(one_call(session, url, token, results, "t") for _ in range(12)))
+        results = await spend_burst(session, url, token)
         assert results.statuses[200] == 12
         waiting = asyncio.ensure_future(one_call(session, url, token, results, "t"))
         lane = gw.runtime.admitter.lanes["default"]  # type: ignore[attr-defined]
@@ -289,7 +292,7 @@ async def test_unexpected_upstream_429_freezes_the_credential(
             assert body["reason"] == "upstream_frozen"
             assert 4 <= int(resp.headers["Retry-After"]) <= 5
     assert len(sim.log) == seen, "echowin must see nothing during the freeze"
-    _, _, metrics = await _get(gw.admin_url("/metrics"))
+    _, metrics = await _get(gw.admin_url("/metrics"))
     assert 'echowin_gateway_upstream_429_total{credential="default"} 1.0' in metrics
     assert 'echowin_gateway_freezes_total{credential="default"} 1.0' in metrics
 
@@ -321,7 +324,7 @@ async def test_budget_endpoint_and_metrics(
                 gw.url("/api/v1/contacts"), headers={"Authorization": f"Bearer {token}"}
             ) as resp:
                 assert resp.status == 200
-    status, body, _ = await _get(
+    status, body = await _get(
         gw.admin_url("/admin/budget"), {"Authorization": "Bearer admin-token-for-tests"}
     )
     assert status == 200
@@ -329,17 +332,16 @@ async def test_budget_endpoint_and_metrics(
     assert [w["used"] for w in view["windows"]] == [3, 3]
     assert [w["remaining"] for w in view["windows"]] == [37, 9]
     assert view["queue_depth"] == 0
-    _, _, metrics = await _get(gw.admin_url("/metrics"))
+    _, metrics = await _get(gw.admin_url("/metrics"))
     assert 'echowin_gateway_budget_used{credential="default",window="10s"} 3.0' in metrics
     assert 'echowin_gateway_budget_remaining{credential="default",window="2s"} 9.0' in metrics
     assert 'echowin_gateway_budget_limit{credential="agency",window="10s"} 40.0' in metrics
     assert 'echowin_gateway_echowin_reported_remaining{credential="default"}' in metrics
 
 
-async def _get(url: str, headers: dict[str, str] | None = None) -> tuple[int, str, str]:
+async def _get(url: str, headers: dict[str, str] | None = None) -> tuple[int, str]:
     async with aiohttp.ClientSession() as session, session.get(url, headers=headers) as resp:
-        text = await resp.text()
-        return resp.status, text, text
+        return resp.status, await resp.text()
 
 
 async def test_caller_max_wait_header_shortens_the_wait(
@@ -348,10 +350,9 @@ async def test_caller_max_wait_header_shortens_the_wait(
     sim, sim_url = short_sim
     gw = await short_gateway(make_gateway, sim_url, queue={"max_wait_seconds": 5})
     token = await gw.token("contacts:read")
-    results = Results()
     url = gw.url("/api/v1/contacts")
     async with aiohttp.ClientSession() as session:
-        await asyncio.gather(*(one_call(session, url, token, results, "t") for _ in range(12)))
+        await spend_burst(session, url, token)
         headers = {"Authorization": f"Bearer {token}", "X-Gateway-Max-Wait": "0.5"}
         async with session.get(url, headers=headers) as resp:
             assert resp.status == 429  # the next slot is ~2.25 s away: more than 0.5 s

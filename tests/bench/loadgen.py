@@ -55,7 +55,8 @@ def wrk_path() -> str | None:
     return shutil.which("wrk")
 
 
-def wrk_version(path: str) -> str:
+def version_text(path: str) -> str:
+    """What ``path -v`` prints (wrk prints to stdout, nginx to stderr), stripped."""
     out = subprocess.run(
         [path, "-v"],
         capture_output=True,
@@ -64,7 +65,11 @@ def wrk_version(path: str) -> str:
         check=False,
         stdin=subprocess.DEVNULL,
     )
-    first = (out.stdout or out.stderr).strip().splitlines()
+    return (out.stdout or out.stderr).strip()
+
+
+def wrk_version(path: str) -> str:
+    first = version_text(path).splitlines()
     return first[0].split(" [")[0] if first else "wrk"
 
 

@@ -22,7 +22,7 @@ from typing import Any
 import aiohttp
 import yaml
 
-from tests.bench.loadgen import pinned
+from tests.bench.loadgen import pinned, version_text
 from tests.bench.upstream import BODY, RATE_LIMIT_HEADERS
 from tests.procs import free_ports
 
@@ -42,15 +42,7 @@ def nginx_path() -> str | None:
 
 
 def nginx_version(path: str) -> str:
-    out = subprocess.run(
-        [path, "-v"],
-        capture_output=True,
-        text=True,
-        timeout=10,
-        check=False,
-        stdin=subprocess.DEVNULL,
-    )
-    text = (out.stderr or out.stdout).strip()
+    text = version_text(path)
     return text.split("/")[-1] if "/" in text else text
 
 
