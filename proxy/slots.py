@@ -12,18 +12,23 @@ All times are wall-clock seconds (``time.time``).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
-from dataclasses import dataclass
+import contextlib
+import dataclasses
+import logging
+import math
+from collections.abc import Callable, Coroutine
 from typing import Protocol
 
 from proxy.budget import CredentialBudget, WindowView
+
+log = logging.getLogger("echowin_gateway.budget")
 
 
 class StateUnavailable(Exception):
     """The shared state cannot be reached and the configured mode says: stop (503)."""
 
 
-@dataclass(slots=True, eq=False)
+@dataclasses.dataclass(slots=True, eq=False)
 class Slot:
     """One reserved send. ``at`` is local wall-clock seconds; ``ref`` is the backend's own
     handle (a Redis member id), None for local slots. ``committed`` once written ahead."""
@@ -33,22 +38,40 @@ class Slot:
     committed: bool = False
 
 
+Row = tuple[float, int]
+"""One write-ahead record: ``(at, n)``, ``n`` sends counted at ``at`` (seconds); a negative
+``n`` gives back that many sends recorded at ``at`` (they never left)."""
+
+
 class SendLog(Protocol):
-    """Write-ahead record of sends, per credential (local backends only)."""
+    """Write-ahead record of sends, per credential (local backends only). A SQLite file
+    may be shared by several processes (``serve --workers N``): each sees the others' rows.
+    """
 
     durable: bool  # False: forgets on restart (memory://)
+    block_max: int  # the most sends one row may reserve ahead (1: a row per send)
 
-    async def append(self, credential: str, at: float) -> None:
-        """Record a send at ``at`` (seconds); returns once it is durable."""
+    def reserve(
+        self, credential: str, plan: Callable[[list[Row]], Row | None], returned: Row | None
+    ) -> Row | None:
+        """One atomic step, synchronous (a few tens of microseconds, on the event loop):
+        read the rows other processes wrote for ``credential`` since the last call, hand
+        them to ``plan``, and write the row ``plan`` returns (if any) together with
+        ``returned`` (slots given back, ``n`` < 0). Durable when it returns; returns the
+        planned row. Raises what the backend raises; nothing is written then."""
 
-    async def remove(self, credential: str, at: float) -> None:
-        """Forget one send recorded at ``at`` (it never left)."""
+    def poll(self, credential: str) -> list[Row]:
+        """Rows other processes wrote for ``credential`` since the last call."""
+
+    async def give_back(self, credential: str, at: float, n: int) -> None:
+        """Record that ``n`` sends recorded at ``at`` never left."""
 
     async def recent(self, credential: str, since: float) -> list[float]:
-        """Sends recorded after ``since``, oldest first."""
+        """Sends recorded after ``since``, net of those given back, oldest first. Later
+        ``poll`` and ``reserve`` calls return only rows written after this one read."""
 
     async def prune(self, before: float) -> None:
-        """Drop every send recorded before ``before``."""
+        """Drop every row recorded before ``before``."""
 
     async def close(self) -> None: ...
 
@@ -101,8 +124,30 @@ class SlotSource(Protocol):
     async def close(self) -> None: ...
 
 
+@dataclasses.dataclass(slots=True, eq=False)
+class _Lease:
+    """Slots reserved by one write-ahead row: ``left`` of them may still go until ``at``."""
+
+    at: float
+    left: int
+
+
 class LocalSlots:
-    """The budget in this process, written ahead to a :class:`SendLog`."""
+    """The budget of one credential kept by this process, written ahead to a :class:`SendLog`
+    (and shared through it with the other processes on the same SQLite file).
+
+    Every slot is durable before ``take`` returns it. Far from every limit, one row reserves
+    a block of slots (a *lease*) that this process hands out for the next ``lease_seconds``;
+    they are recorded at the lease's end, the latest moment any of them can leave, so a
+    restart or another process counts every one of them for at least as long as echowin
+    does. Slots a lease did not use are given back when it ends. Near a limit each send has
+    its own row, recorded at the moment it is taken. See docs/budget.md, "Write-ahead".
+    """
+
+    LEASE_SECONDS = 0.25  # how long the slots of one block may be handed out
+    LEASE_FRACTION = 16  # a block is at most 1/16 of what the tightest window has free
+    LEASE_MIN = 16  # smaller blocks are not worth it: a row per send (>= 256 free to lease)
+    POLL_SECONDS = 0.05  # how often ``refresh`` reads other processes' rows
 
     def __init__(self, name: str, budget: CredentialBudget, log: SendLog) -> None:
         self.name = name
@@ -110,24 +155,97 @@ class LocalSlots:
         self.log = log
         self.durable = log.durable
         self.healthy = True
+        self._lease: _Lease | None = None
+        self._polled = -math.inf
         self._background: set[asyncio.Task[None]] = set()
 
     async def take(self, now: float) -> Slot | None:
-        return Slot(now) if self.budget.try_record(now) else None
+        lease = self._lease
+        if lease is not None:
+            if lease.left > 0 and now <= lease.at:
+                lease.left -= 1
+                return Slot(lease.at, committed=True)
+            self._lease = None
+            returned: Row | None = (lease.at, -lease.left) if lease.left else None
+            for _ in range(lease.left):
+                self.budget.release(lease.at)
+        else:
+            returned = None
+        if returned is None and self.budget.wait_time(now) > 0:
+            return None  # the view is never more pessimistic than the log: no trip needed
+        planned: list[Row] = []
+
+        def plan(rows: list[Row]) -> Row | None:
+            row = self._plan(now, rows)
+            if row is not None:
+                planned.append(row)
+            return row
+
+        try:
+            row = self.log.reserve(self.name, plan, returned)
+        except Exception as exc:
+            for at, n in planned:  # not written: not reserved
+                for _ in range(n):
+                    self.budget.release(at)
+            log.warning(
+                "send log write failed",
+                extra={"fields": {"credential": self.name, "error": type(exc).__name__}},
+            )
+            raise StateUnavailable(f"send log: {type(exc).__name__}") from exc
+        if row is None:
+            return None
+        at, n = row
+        if n > 1:
+            self._lease = _Lease(at, n - 1)
+        return Slot(at, committed=True)
+
+    def _plan(self, now: float, rows: list[Row]) -> Row | None:
+        """Inside the log's transaction: what to reserve, given the others' new rows."""
+        self._merge(rows)
+        if self.budget.wait_time(now) > 0:
+            return None
+        n = self._block(now)
+        at = now + self.LEASE_SECONDS if n > 1 else now
+        for _ in range(n):
+            self.budget.record(at)
+        return at, n
+
+    def _block(self, now: float) -> int:
+        """How many slots one row reserves: 1 near any limit, up to ``block_max`` far."""
+        if self.log.block_max <= 1:
+            return 1
+        free = min(self.budget.remaining(now, index) for index in range(len(self.budget.limits)))
+        block = min(self.log.block_max, free // self.LEASE_FRACTION)
+        return block if block >= self.LEASE_MIN else 1
+
+    def _merge(self, rows: list[Row]) -> None:
+        for at, n in rows:
+            if n > 0:
+                for _ in range(n):
+                    self.budget.record(at)
+            else:
+                for _ in range(-n):
+                    self.budget.release(at)
 
     async def refresh(self, now: float) -> None:
-        return None
+        if now - self._polled >= self.POLL_SECONDS or now < self._polled:
+            self._polled = now
+            self._merge(self.log.poll(self.name))
 
     async def commit(self, slot: Slot) -> None:
-        await self.log.append(self.name, slot.at)
-        slot.committed = True
+        if not slot.committed:  # every slot ``take`` hands out is already written ahead
+            raise ValueError("a slot must come from take()")
 
     def give_back(self, slot: Slot) -> None:
+        lease = self._lease
+        if lease is not None and slot.at == lease.at:
+            # Back into its lease, whose row covers it: handed out again only before the
+            # lease ends, given back with the lease's other unused slots after.
+            lease.left += 1
+            return
         self.budget.release(slot.at)
-        # A slot never written ahead has no row: removing "one row at that time" would
-        # delete another send's, which a restart would then forget.
         if slot.committed:
-            self._spawn(self.log.remove(self.name, slot.at))
+            self._spawn(self.log.give_back(self.name, slot.at, 1))
 
     def retry_in(self, now: float) -> float:
         return self.budget.wait_time(now)
@@ -140,6 +258,7 @@ class LocalSlots:
         # before this one left: concurrent requests reach echowin in any order, and counting
         # a reordered send of ours as someone else's would waste a slot for a whole window.
         # The cost: others' use hidden behind our in-flight sends shows up one answer later.
+        # Unused slots of an open lease count as ours too: far from the limits only.
         index = self.budget.window_index(limit)
         self.budget.observe(
             now, limit=limit, remaining=remaining, sent_count=self.budget.own_count(now, index)
@@ -150,18 +269,43 @@ class LocalSlots:
 
     def freeze(self, until: float) -> None:
         self.budget.freeze(until)
+        lease = self._lease
+        if lease is not None and lease.left:  # nothing more leaves before ``until``
+            self._lease = None
+            for _ in range(lease.left):
+                self.budget.release(lease.at)
+            self._spawn(self.log.give_back(self.name, lease.at, lease.left))
 
     def frozen_until(self, now: float) -> float | None:
         return self.budget.frozen_until(now)
 
     def snapshot(self, now: float) -> list[WindowView]:
-        return self.budget.snapshot(now)
+        views = self.budget.snapshot(now)
+        lease = self._lease
+        if lease is None or not lease.left:
+            return views
+        # The open lease's unused slots are reserved, not spent: show them as free.
+        return [
+            dataclasses.replace(
+                view,
+                used=max(0, view.used - lease.left),
+                remaining=min(view.requests, view.remaining + lease.left),
+            )
+            for view in views
+        ]
 
     async def restore(self, now: float) -> None:
         horizon = max(lim.per_seconds for lim in self.budget.limits) + self.budget.guard
         self.budget.load(await self.log.recent(self.name, now - horizon), now)
 
     async def close(self) -> None:
+        lease = self._lease
+        if lease is not None and lease.left:
+            self._lease = None
+            for _ in range(lease.left):  # keep the view consistent with the row below
+                self.budget.release(lease.at)
+            with contextlib.suppress(Exception):
+                await self.log.give_back(self.name, lease.at, lease.left)
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
 

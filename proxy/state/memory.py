@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import builtins
 import dataclasses
-from typing import Unpack
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Unpack
 
 from proxy.tokens import TokenChanges, TokenRecord, apply_changes
+
+if TYPE_CHECKING:
+    from proxy.slots import Row
 
 __all__ = ["MemorySendLog", "MemoryTokenStore"]
 
@@ -66,18 +70,27 @@ class MemoryTokenStore:
 
 
 class MemorySendLog:
-    """A send log that keeps nothing (``proxy.scheduler.SendLog`` for ``memory://``).
+    """A send log that keeps nothing (``proxy.slots.SendLog`` for ``memory://``).
 
     ``durable`` is False: after a start the scheduler sends one probe at a time until
     echowin's rate-limit headers say how much of the budget is already spent.
     """
 
     durable = False
+    block_max = 1  # nothing is written, so there is nothing to save by reserving ahead
 
-    async def append(self, credential: str, at: float) -> None:
-        return None
+    def reserve(
+        self,
+        credential: str,
+        plan: Callable[[builtins.list[Row]], Row | None],
+        returned: Row | None,
+    ) -> Row | None:
+        return plan([])
 
-    async def remove(self, credential: str, at: float) -> None:
+    def poll(self, credential: str) -> builtins.list[Row]:
+        return []
+
+    async def give_back(self, credential: str, at: float, n: int) -> None:
         return None
 
     async def recent(self, credential: str, since: float) -> builtins.list[float]:

@@ -11,13 +11,17 @@ import asyncio
 import builtins
 import json
 import os
+import secrets
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Self, TypeVar, Unpack
+from typing import TYPE_CHECKING, Any, Self, TypeVar, Unpack
 
 from proxy.tokens import TokenChanges, TokenRecord, apply_changes
+
+if TYPE_CHECKING:
+    from proxy.slots import Row
 
 __all__ = [
     "SCHEMA_MIGRATIONS",
@@ -56,6 +60,23 @@ SCHEMA_MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE TABLE sends (credential TEXT NOT NULL, at REAL NOT NULL)",
         "CREATE INDEX sends_by_credential ON sends (credential, at)",
     ),
+    # 2 -> 3: one row may reserve a block of ``n`` sends (``n`` < 0 gives sends back);
+    # ``owner`` is the writing process, ``id`` only grows, so processes sharing the file
+    # read each other's new rows by id.
+    (
+        """CREATE TABLE send_rows (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            credential TEXT NOT NULL,
+            at REAL NOT NULL,
+            n INTEGER NOT NULL,
+            owner TEXT NOT NULL
+        )""",
+        "INSERT INTO send_rows (credential, at, n, owner) SELECT credential, at, 1, ''"
+        " FROM sends ORDER BY at",
+        "DROP TABLE sends",
+        "CREATE INDEX send_rows_by_credential ON send_rows (credential, id)",
+        "CREATE INDEX send_rows_by_time ON send_rows (at)",
+    ),
 )
 """Entry ``i`` takes the schema from ``PRAGMA user_version`` ``i`` to ``i + 1``. Only append."""
 
@@ -68,13 +89,13 @@ _SELECT = (
 
 
 @contextmanager
-def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+def transaction(conn: sqlite3.Connection, kind: str = "IMMEDIATE") -> Iterator[sqlite3.Connection]:
     """``BEGIN IMMEDIATE`` ... ``COMMIT``, rolled back on any exception.
 
     IMMEDIATE takes the write lock up front, so a read-modify-write is atomic across
     processes. Needs a connection from ``open_sqlite`` (autocommit mode).
     """
-    conn.execute("BEGIN IMMEDIATE")
+    conn.execute("BEGIN IMMEDIATE" if kind == "IMMEDIATE" else "BEGIN DEFERRED")
     try:
         yield conn
     except BaseException:
@@ -268,35 +289,81 @@ class SqliteTokenStore(_Connection):
 
 
 class SqliteSendLog(_Connection):
-    """The budget's write-ahead send log (``proxy.scheduler.SendLog``) in the state file.
+    """The budget's write-ahead send log (``proxy.slots.SendLog``) in the state file.
 
-    ``append`` returns once the row is committed in WAL mode with synchronous=NORMAL, which
-    survives a crash of the process (SIGKILL included); only a power cut may lose the last
-    commits. Its own connection, so token lookups never wait behind budget writes.
+    A row is committed in WAL mode with synchronous=NORMAL, which survives a crash of the
+    process (SIGKILL included); only a power cut may lose the last commits. Its own
+    connection, so token lookups never wait behind budget writes. Several processes may
+    share the file (``serve --workers N``): ``reserve`` reads the rows the others wrote
+    since its last read and writes its own in one IMMEDIATE transaction, so two processes
+    never both spend the last slot. ``reserve`` and ``poll`` run on the caller's thread
+    (the event loop): they are short, and a lease makes them rare far from every limit.
     """
 
     durable = True
+    block_max = 256
 
-    async def append(self, credential: str, at: float) -> None:
-        await self._run(lambda c: c.execute("INSERT INTO sends VALUES (?, ?)", (credential, at)))
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        super().__init__(conn)
+        self.owner = secrets.token_hex(8)
+        (start,) = conn.execute("SELECT COALESCE(MAX(id), 0) FROM send_rows").fetchone()
+        self._start = int(start)
+        self._cursor: dict[str, int] = {}  # per credential: the last row id read
 
-    async def remove(self, credential: str, at: float) -> None:
+    def _new_rows(self, conn: sqlite3.Connection, credential: str) -> builtins.list[Row]:
+        rows = conn.execute(
+            "SELECT id, at, n, owner FROM send_rows WHERE credential = ? AND id > ? ORDER BY id",
+            (credential, self._cursor.get(credential, self._start)),
+        ).fetchall()
+        if rows:
+            self._cursor[credential] = int(rows[-1][0])
+        return [(float(at), int(n)) for _, at, n, owner in rows if owner != self.owner]
+
+    def reserve(
+        self,
+        credential: str,
+        plan: Callable[[builtins.list[Row]], Row | None],
+        returned: Row | None,
+    ) -> Row | None:
+        with self._lock, transaction(self._conn) as conn:
+            row = plan(self._new_rows(conn, credential))
+            writes = [r for r in (returned, row) if r is not None]
+            if writes:
+                conn.executemany(
+                    "INSERT INTO send_rows (credential, at, n, owner) VALUES (?, ?, ?, ?)",
+                    [(credential, at, n, self.owner) for at, n in writes],
+                )
+            return row
+
+    def poll(self, credential: str) -> builtins.list[Row]:
+        with self._lock:
+            return self._new_rows(self._conn, credential)
+
+    async def give_back(self, credential: str, at: float, n: int) -> None:
         await self._run(
             lambda c: c.execute(
-                "DELETE FROM sends WHERE rowid = (SELECT rowid FROM sends"
-                " WHERE credential = ? AND at = ? LIMIT 1)",
-                (credential, at),
+                "INSERT INTO send_rows (credential, at, n, owner) VALUES (?, ?, ?, ?)",
+                (credential, at, -n, self.owner),
             )
         )
 
     async def recent(self, credential: str, since: float) -> builtins.list[float]:
-        rows = await self._run(
-            lambda c: c.execute(
-                "SELECT at FROM sends WHERE credential = ? AND at > ? ORDER BY at",
-                (credential, since),
-            ).fetchall()
-        )
-        return [float(at) for (at,) in rows]
+        def read(conn: sqlite3.Connection) -> tuple[builtins.list[tuple[float, int]], int]:
+            with transaction(conn, "DEFERRED"):
+                net = conn.execute(
+                    "SELECT at, SUM(n) FROM send_rows WHERE credential = ? AND at > ?"
+                    " GROUP BY at ORDER BY at",
+                    (credential, since),
+                ).fetchall()
+                (last,) = conn.execute(
+                    "SELECT COALESCE(MAX(id), 0) FROM send_rows WHERE credential = ?",
+                    (credential,),
+                ).fetchone()
+            return [(float(at), int(n)) for at, n in net], int(last)
+
+        net, last = await self._run(read)
+        self._cursor[credential] = max(last, self._cursor.get(credential, self._start))
+        return [at for at, n in net for _ in range(max(n, 0))]
 
     async def prune(self, before: float) -> None:
-        await self._run(lambda c: c.execute("DELETE FROM sends WHERE at < ?", (before,)))
+        await self._run(lambda c: c.execute("DELETE FROM send_rows WHERE at < ?", (before,)))
