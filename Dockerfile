@@ -11,7 +11,7 @@
 # the other commands use the same image:
 #   docker exec echowin-gateway echowin-gateway token create \
 #     --config /etc/echowin-gateway/gateway.yaml --name crm-sync --scope contacts:read
-#   docker run --rm echowin-gateway:0.1.0 simulate --host 0.0.0.0 --port 8081
+#   docker run --rm --no-healthcheck echowin-gateway:0.1.0 simulate --host 0.0.0.0 --port 8081
 # Config: the default (deploy/docker/gateway.yaml) takes its secrets from the environment;
 # mount your own over /etc/echowin-gateway/gateway.yaml to change anything else.
 
