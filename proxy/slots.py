@@ -40,7 +40,8 @@ class Slot:
 
 Row = tuple[float, int]
 """One write-ahead record: ``(at, n)``, ``n`` sends counted at ``at`` (seconds); a negative
-``n`` gives back that many sends recorded at ``at`` (they never left)."""
+``n`` gives back that many sends recorded at ``at`` (they never left); ``n`` = 0 is a
+freeze: no send before ``at``."""
 
 
 class SendLog(Protocol):
@@ -65,6 +66,12 @@ class SendLog(Protocol):
 
     async def give_back(self, credential: str, at: float, n: int) -> None:
         """Record that ``n`` sends recorded at ``at`` never left."""
+
+    async def freeze(self, credential: str, until: float) -> None:
+        """Record a freeze: no send before ``until`` (a row with ``n`` = 0)."""
+
+    async def frozen(self, credential: str) -> float | None:
+        """The latest freeze recorded for ``credential``, if any."""
 
     async def recent(self, credential: str, since: float) -> list[float]:
         """Sends recorded after ``since``, net of those given back, oldest first. Later
@@ -220,7 +227,9 @@ class LocalSlots:
 
     def _merge(self, rows: list[Row]) -> None:
         for at, n in rows:
-            if n > 0:
+            if n == 0:  # another process met an unexpected 429: the key is frozen for all
+                self.budget.freeze(at)
+            elif n > 0:
                 for _ in range(n):
                     self.budget.record(at)
             else:
@@ -269,6 +278,7 @@ class LocalSlots:
 
     def freeze(self, until: float) -> None:
         self.budget.freeze(until)
+        self._spawn(self.log.freeze(self.name, until))  # for a restart and other workers
         lease = self._lease
         if lease is not None and lease.left:  # nothing more leaves before ``until``
             self._lease = None
@@ -297,6 +307,9 @@ class LocalSlots:
     async def restore(self, now: float) -> None:
         horizon = max(lim.per_seconds for lim in self.budget.limits) + self.budget.guard
         self.budget.load(await self.log.recent(self.name, now - horizon), now)
+        until = await self.log.frozen(self.name)
+        if until is not None:
+            self.budget.freeze(until)
 
     async def close(self) -> None:
         lease = self._lease

@@ -143,9 +143,26 @@ async def test_a_freeze_ends_the_open_lease(files: Files) -> None:
     source = await files.source(Limit(10_000, 60))
     await take(source, T0, 1)
     source.freeze(T0 + 30)
-    await source.close()  # waits for the background give-back
+    await source.close()  # waits for the background writes
     assert sum(n for _, n in files.rows()) == 1
     assert await source.take(T0 + 0.1) is None
+
+
+async def test_a_freeze_holds_for_the_other_processes_and_after_a_restart(
+    files: Files,
+) -> None:
+    a = await files.source(Limit(100, 60))
+    b = await files.source(Limit(100, 60))
+    assert await b.take(T0) is not None
+    a.freeze(T0 + 30)  # a met an unexpected 429
+    await a.close()
+    assert await b.take(T0 + 1) is None  # b reads a's freeze before it writes a send
+    assert b.frozen_until(T0 + 1) == T0 + 30
+    restarted = await files.source(Limit(100, 60))
+    await restarted.restore(T0 + 2)
+    assert restarted.frozen_until(T0 + 2) == T0 + 30
+    assert await restarted.take(T0 + 2) is None
+    assert await restarted.take(T0 + 30) is not None
 
 
 async def test_another_process_sees_the_leases_and_the_rows(files: Files) -> None:

@@ -93,6 +93,12 @@ class MemorySendLog:
     async def give_back(self, credential: str, at: float, n: int) -> None:
         return None
 
+    async def freeze(self, credential: str, until: float) -> None:
+        return None
+
+    async def frozen(self, credential: str) -> float | None:
+        return None
+
     async def recent(self, credential: str, since: float) -> builtins.list[float]:
         return []
 

@@ -60,7 +60,8 @@ SCHEMA_MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE TABLE sends (credential TEXT NOT NULL, at REAL NOT NULL)",
         "CREATE INDEX sends_by_credential ON sends (credential, at)",
     ),
-    # 2 -> 3: one row may reserve a block of ``n`` sends (``n`` < 0 gives sends back);
+    # 2 -> 3: one row may reserve a block of ``n`` sends (``n`` < 0 gives sends back,
+    # ``n`` = 0 is a freeze until ``at``);
     # ``owner`` is the writing process, ``id`` only grows, so processes sharing the file
     # read each other's new rows by id.
     (
@@ -346,6 +347,22 @@ class SqliteSendLog(_Connection):
                 (credential, at, -n, self.owner),
             )
         )
+
+    async def freeze(self, credential: str, until: float) -> None:
+        await self._run(
+            lambda c: c.execute(
+                "INSERT INTO send_rows (credential, at, n, owner) VALUES (?, ?, 0, ?)",
+                (credential, until, self.owner),
+            )
+        )
+
+    async def frozen(self, credential: str) -> float | None:
+        (until,) = await self._run(
+            lambda c: c.execute(
+                "SELECT MAX(at) FROM send_rows WHERE credential = ? AND n = 0", (credential,)
+            ).fetchone()
+        )
+        return None if until is None else float(until)
 
     async def recent(self, credential: str, since: float) -> builtins.list[float]:
         def read(conn: sqlite3.Connection) -> tuple[builtins.list[tuple[float, int]], int]:
