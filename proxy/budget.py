@@ -24,7 +24,7 @@ import bisect
 import heapq
 import math
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 __all__ = ["CredentialBudget", "Limit", "WindowView"]
@@ -70,6 +70,75 @@ class WindowView:
     external: int  # how many of ``used`` someone else spent (learnt from echowin)
 
 
+class _Reach:
+    """``reach(m)``: the least time, in seconds, that the limits alone put between planned
+    sends ``i`` and ``i + m`` of any schedule. Planned send ``i + N`` of a window comes at
+    least ``span`` after send ``i``, so ``reach(m)`` is the most ``sum(a_w * span_w)`` with
+    ``sum(a_w * N_w) <= m`` (a knapsack over the windows): 0 below the smallest ``N``.
+
+    A step function of ``m``, kept as its steps (``at``, strictly increasing from 0) and
+    the value from each step on (``value``), extended on demand and never invalidated: it
+    depends on the limits and the guard only."""
+
+    __slots__ = ("at", "value", "windows")
+
+    def __init__(self, windows: Sequence[tuple[int, float]]) -> None:
+        self.windows = tuple(windows)  # (N, span) per limit
+        self.at: list[int] = [0]
+        self.value: list[float] = [0.0]
+
+    def __call__(self, m: int) -> float:
+        """``reach(m)`` for ``0 <= m <= at[-1]``."""
+        return self.value[bisect.bisect_right(self.at, m) - 1]
+
+    def extend(self, m: int, cap: float) -> bool:
+        """Know every step up to ``m``; False, stopping early, once a step at or before
+        ``m`` is known to pass ``cap`` (``reach(m)`` then does too). O(len(limits) log n)
+        per step added."""
+        at, value = self.at, self.value
+        while at[-1] < m:
+            if value[-1] > cap:
+                return False
+            self._add_step()
+        return True
+
+    def _add_step(self) -> None:
+        # reach(m) = max(reach(m - 1), max over windows of reach(m - N) + span): the next
+        # step is the first m at which some window's term beats the current value.
+        at, value = self.at, self.value
+        last, current = at[-1], value[-1]
+        step = min(self._first_beating(n, span, current) for n, span in self.windows)
+        step = max(step, last + 1)
+        best = current
+        for n, span in self.windows:
+            if step >= n:
+                best = max(best, self(step - n) + span)
+        at.append(step)
+        value.append(best)
+
+    def _first_beating(self, n: int, span: float, current: float) -> int:
+        """The least ``m`` with ``reach(m - n) + span > current`` (``current`` is the last
+        value, so such an ``m - n`` is at or before the last step)."""
+        value = self.value
+        i = bisect.bisect_right(value, current - span)
+        # Compare as the recurrence adds: float subtraction may round the other way.
+        while i < len(value) and value[i] + span <= current:
+            i += 1
+        while i > 0 and value[i - 1] + span > current:
+            i -= 1
+        return self.at[i] + n if i < len(value) else self.at[-1] + 1 + n
+
+    def stretches(self, lo: int, hi: int) -> Iterator[tuple[int, float]]:
+        """``(m, reach(m))`` for ``m = lo`` and each step in ``(lo, hi]``: the first ``m``
+        of every flat stretch that meets ``[lo, hi]``. Needs ``hi <= at[-1]``."""
+        at, value = self.at, self.value
+        i = bisect.bisect_right(at, lo)
+        yield lo, value[i - 1]
+        while i < len(at) and at[i] <= hi:
+            yield at[i], value[i]
+            i += 1
+
+
 class _Window:
     """One limit's log: every send still counting in it, oldest first, ours and external.
 
@@ -111,16 +180,34 @@ class _Window:
                 return True
         return False
 
-    def frees_at(self, extra: int, planned: Sequence[float]) -> float:
-        """Earliest time this window admits one more send after ``extra`` more sends at the
-        times in ``planned`` (none earlier than any logged send); -inf if it has room."""
-        rank = len(self.entries) + extra - self.limit.requests
+    def frees_at(self) -> float:
+        """Earliest time this window admits one more send; -inf if it has room now."""
+        rank = len(self.entries) - self.limit.requests
         if rank < 0:
             return -math.inf
         # That send must have stopped counting: the (rank + 1)-th oldest of all.
-        if rank < len(self.entries):
-            return self.entries[rank][0] + self.span
-        return planned[rank - len(self.entries)] + self.span
+        return self.entries[rank][0] + self.span
+
+    def latest_feed(self, k: int, reach: _Reach) -> float:
+        """The latest time this window's log alone forces on planned send ``k`` (0-based, all
+        planned sends after every logged one): -inf if none of its entries binds it.
+
+        Planned send ``i`` must wait for the entry ``N - i`` places from the newest to stop
+        counting, and every later planned send at least ``reach(m)`` more after that: so the
+        ``j``-th newest entry (``j < N``) forces ``entries[-1 - j] + span + reach(k - N + 1 + j)``.
+        Within a stretch of ``m`` where ``reach`` is flat the newest entry forces the most,
+        so only the first ``j`` of each stretch is looked at: O(1 + steps of ``reach`` in a
+        range of ``N``) lookups, whatever ``k`` is."""
+        entries, n = self.entries, self.limit.requests
+        base = k - n + 1  # m = base + j
+        j_lo, j_hi = max(0, -base), min(len(entries), n) - 1
+        if j_lo > j_hi:
+            return -math.inf
+        last = len(entries) - 1
+        best = -math.inf
+        for m, gap in reach.stretches(base + j_lo, base + j_hi):
+            best = max(best, entries[last - (m - base)][0] + self.span + gap)
+        return best
 
 
 class CredentialBudget:
@@ -130,7 +217,7 @@ class CredentialBudget:
     ``now`` they are given; ``now`` should not go backwards (see the module docstring).
     """
 
-    __slots__ = ("_frozen", "_guard", "_limits", "_longest", "_windows")
+    __slots__ = ("_frozen", "_guard", "_limits", "_longest", "_reach", "_windows")
 
     def __init__(self, limits: Sequence[Limit], guard: float = 0.25) -> None:
         """``guard``: seconds added to every window for network jitter (>= 0).
@@ -147,6 +234,7 @@ class CredentialBudget:
         self._windows = tuple(_Window(limit, self._guard) for limit in self._limits)
         spans = [window.span for window in self._windows]
         self._longest = spans.index(max(spans))  # holds every own send any window counts
+        self._reach = _Reach([(w.limit.requests, w.span) for w in self._windows])
         self._frozen: float | None = None
 
     @property
@@ -197,21 +285,38 @@ class CredentialBudget:
         if they all go as early as every window and the freeze allow (greedy earliest
         schedule, which no schedule beats). ``ahead=0`` equals ``wait_time(now)``.
 
-        With ``horizon`` (seconds), returns math.inf as soon as the predicted wait exceeds
-        it, so the cost is O(min(ahead, sends possible within horizon) * len(limits));
-        without, O(ahead * len(limits)) time and O(ahead) memory."""
+        With ``horizon`` (seconds), returns math.inf when the predicted wait exceeds it.
+        The cost does not grow with ``ahead``: O(len(limits) * (1 + s) * log n) lookups,
+        where ``s`` is the number of steps the limits' combined reach (see ``_Reach``) takes
+        over ``N`` planned sends: at most ``N``, and ``N / min(N)`` when every ``N`` divides
+        the larger ones (echowin's 1000/h and 100/min: 10). Once per budget, the reach is
+        worked out up to the largest ``ahead`` asked for (at most as far as ``horizon``
+        lets a send go). A log with sends later than ``now`` (the clock stepped back) is
+        replayed instead: O(ahead * len(limits))."""
         if ahead < 0:
             raise ValueError(f"ahead must be >= 0, got {ahead}")
         self._prune(now)
         if any(w.entries and w.entries[-1][0] > now for w in self._windows):
             return self._replay(now, ahead, horizon)
-        planned: list[float] = []
-        for extra in range(ahead + 1):
-            at = self._earliest(planned[-1] if planned else now, extra, planned)
-            if horizon is not None and at - now > horizon:
+        start = now if self._frozen is None else max(now, self._frozen)
+        # Greedy, planned send k goes at max(send k - 1, send k - N + span per window), where
+        # "send k - N" is a logged entry while k < N: only max and + span, so send k is the
+        # latest of every chain of such constraints that ends at it. A chain starts at
+        # ``start`` or at a logged entry, and the planned sends it passes can add at most
+        # ``reach(gap)``: so send k comes at the latest of ``start + reach(k)`` and what
+        # each window's entries force (``_Window.latest_feed``), with no walk over 0..k.
+        reach = self._reach
+        if not reach.extend(ahead, math.inf if horizon is None else horizon - (start - now)):
+            assert horizon is not None
+            if start + reach.value[-1] - now > horizon:
                 return math.inf
-            planned.append(at)
-        return planned[-1] - now
+            reach.extend(ahead, math.inf)  # a rounding ulp away from the horizon
+        at = start + reach(ahead)
+        for window in self._windows:
+            at = max(at, window.latest_feed(ahead, reach))
+        if horizon is not None and at - now > horizon:
+            return math.inf
+        return at - now
 
     # --- what echowin tells us ---------------------------------------------------------
 
@@ -326,9 +431,9 @@ class CredentialBudget:
         for window in self._windows:
             window.prune(now)
 
-    def _earliest(self, now: float, extra: int = 0, planned: Sequence[float] = ()) -> float:
+    def _earliest(self, now: float) -> float:
         start = now if self._frozen is None else max(now, self._frozen)
-        return max(start, *(window.frees_at(extra, planned) for window in self._windows))
+        return max(start, *(window.frees_at() for window in self._windows))
 
     def _add_external(self, window: _Window, now: float, n: int) -> None:
         entry = (now, True)
@@ -353,13 +458,15 @@ class CredentialBudget:
         return at - now
 
     def _view(self, now: float, index: int) -> WindowView:
+        # Only after _prune(now): reset_at(now, index) - now without pruning again.
         window = self._windows[index]
-        used = len(window.entries)
+        entries = window.entries
+        used = len(entries)
         return WindowView(
             requests=window.limit.requests,
             per_seconds=window.limit.per_seconds,
             used=used,
             remaining=max(0, window.limit.requests - used),
-            reset_in=self.reset_at(now, index) - now,
+            reset_in=entries[0][0] + window.span - now if entries else 0.0,
             external=window.external,
         )

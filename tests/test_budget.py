@@ -450,6 +450,58 @@ def test_predict_wait_equals_the_greedy_schedule(
     assert capped == (want if want <= horizon else math.inf)
 
 
+def recurrence_schedule(
+    logs: list[list[float]], limits: Sequence[Limit], guard: float, start: float, count: int
+) -> list[float]:
+    """The walk ``predict_wait`` made before it became O(1) in ``ahead``, kept as a
+    reference: planned send k waits until send number ``len + k - N`` of the window's log
+    followed by the planned sends stops counting (logs sorted, none later than ``start``)."""
+    spans = [limit.per_seconds + guard for limit in limits]
+    planned: list[float] = []
+    for extra in range(count):
+        at = planned[-1] if planned else start
+        for log, span, limit in zip(logs, spans, limits, strict=True):
+            rank = len(log) + extra - limit.requests
+            if rank >= 0:
+                at = max(at, (log[rank] if rank < len(log) else planned[rank - len(log)]) + span)
+        planned.append(at)
+    return planned
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    limits=st.lists(st.builds(Limit, st.integers(1, 12), grid(0.5, 30)), min_size=1, max_size=4),
+    guard=GUARD,
+    ops=st.lists(OPS, max_size=60),
+    wait=grid(0, 40),
+    aheads=st.lists(st.integers(0, 400), min_size=1, max_size=6),
+    horizon=grid(0, 200),
+)
+def test_predict_wait_equals_the_replaced_walk(
+    limits: list[Limit],
+    guard: float,
+    ops: list[tuple[str, float, int, int]],
+    wait: float,
+    aheads: list[int],
+    horizon: float,
+) -> None:
+    # Deep queues over several small windows: the reach takes many steps and mixes windows.
+    # Every op kind runs, ``observe`` included (external sends in one window only).
+    budget, _ = run(limits, guard, ops)
+    logs = [[at for at, _ in window.entries] for window in budget._windows]
+    latest = max((log[-1] for log in logs if log), default=0.0)
+    now = latest + wait
+    spans = [lim.per_seconds + guard for lim in limits]
+    logs = [[x for x in log if now < x + span] for log, span in zip(logs, spans, strict=True)]
+    frozen = budget.frozen_until(now)
+    start = now if frozen is None else frozen
+    want = recurrence_schedule(logs, limits, guard, start, max(aheads) + 1)
+    for ahead in aheads:  # in any order: the reach is extended, never recomputed
+        assert budget.predict_wait(now, ahead) == want[ahead] - now
+        capped = budget.predict_wait(now, ahead, horizon=horizon)
+        assert capped == (want[ahead] - now if want[ahead] - now <= horizon else math.inf)
+
+
 # --- the promises ----------------------------------------------------------------------------
 
 
