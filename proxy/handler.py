@@ -5,11 +5,11 @@ authenticate -> route and authorise -> admit (the budget seam) -> forward -> acc
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
-import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
 import aiohttp
@@ -18,15 +18,14 @@ from multidict import CIMultiDict
 
 from proxy.admission import AdmitRequest, Grant, Refusal
 from proxy.config import AGENCY_KEY_NAME, Credential
-from proxy.errors import json_error
+from proxy.errors import json_body, json_error, json_response
 from proxy.metrics import ANONYMOUS
 from proxy.routes import PathError, RouteMatch, scope_allows
 from proxy.runtime import RUNTIME, Runtime
 from proxy.tokens import AuthFailure, TokenRecord
-from proxy.upstream import HOP_BY_HOP, UpstreamError, UpstreamUnreachable, end_to_end
+from proxy.upstream import HOP_BY_HOP, UpstreamError, UpstreamUnreachable, connection_tokens
 
 log = logging.getLogger("echowin_gateway.proxy")
-access_log = logging.getLogger("echowin_gateway.access")
 
 # Client headers that never travel upstream: internal credentials, method overrides
 # (a scope is decided by the real method only) and our own control headers.
@@ -63,6 +62,9 @@ _DROP_RESPONSE = frozenset(
         "ratelimit-policy",
     }
 )
+# What never passes, either way: the lists above plus the hop-by-hop fields (lower case).
+_SKIP_REQUEST = _DROP_REQUEST | HOP_BY_HOP
+_SKIP_RESPONSE = _DROP_RESPONSE | HOP_BY_HOP
 _API_PREFIX = "/api/v1/"
 _AGENCY_PREFIX = "/api/v1/agency/"
 _CHUNK = 64 * 1024
@@ -96,6 +98,14 @@ class BodyTooLarge(Exception):
     pass
 
 
+class _Relayed(web.StreamResponse):
+    """The caller's copy of echowin's answer. Its head waits for the first bytes of the
+    body (or the end of an empty one) and leaves with them in one write, as a
+    web.Response's does: one send to the caller per answer instead of two."""
+
+    _send_headers_immediately = False
+
+
 class CappedBody:
     """The request body as a stream of chunks, cut off past ``limit`` bytes.
 
@@ -120,11 +130,17 @@ class CappedBody:
             yield chunk
 
 
-def _request_id(request: web.Request) -> str:
-    given = request.headers.get("X-Request-ID", "")
-    if 0 < len(given) <= 128 and given.isascii() and given.isprintable() and " " not in given:
+def _request_id(request: web.Request, rt: Runtime) -> str:
+    given = request.headers.get("X-Request-ID")
+    if (
+        given is not None
+        and 0 < len(given) <= 128
+        and given.isascii()
+        and given.isprintable()
+        and " " not in given
+    ):
         return given
-    return uuid.uuid4().hex
+    return rt.request_ids.new()
 
 
 def _presented_token(request: web.Request) -> str | None:
@@ -143,8 +159,8 @@ def _presented_token(request: web.Request) -> str | None:
 async def handle(request: web.Request) -> web.StreamResponse:
     """Every proxied request enters here."""
     rt = request.app[RUNTIME]
-    ex = Exchange(request_id=_request_id(request), started=time.perf_counter())
-    rt.metrics.in_flight.inc()
+    ex = Exchange(_request_id(request, rt), time.perf_counter())
+    rt.metrics.in_flight_now += 1
     response: web.StreamResponse | None = None
     try:
         response = await _handle(request, rt, ex)
@@ -158,7 +174,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         response = json_error(500, "Internal gateway error", reason="internal_error")
         return response
     finally:
-        rt.metrics.in_flight.dec()
+        rt.metrics.in_flight_now -= 1
         _account(rt, request, ex, response)
 
 
@@ -177,7 +193,7 @@ async def _handle(request: web.Request, rt: Runtime, ex: Exchange) -> web.Stream
         )
     if result.record is None:
         failure = result.failure or AuthFailure.MISSING
-        rt.metrics.auth_failures.labels(failure.value).inc()
+        rt.metrics.child(rt.metrics.auth_failures, failure.value).inc()
         ex.refusal = f"auth_{failure.value}"
         return _auth_error(request, failure, headers)
     token = ex.token = result.record
@@ -210,7 +226,7 @@ async def _handle(request: web.Request, rt: Runtime, ex: Exchange) -> web.Stream
     admit = AdmitRequest(token, credential.name, match.template, _max_wait(request))
     admitted = await rt.admitter.admit(admit)
     if isinstance(admitted, Refusal):
-        return _refuse(ex, admitted, {**headers, **rt.admitter.caller_headers(admit)})
+        return _refuse(ex, admitted, rt.admitter.caller_headers(admit))
     ex.queue_seconds = admitted.queued_seconds
     try:
         return await _forward(request, rt, ex, match, credential, admitted, admit)
@@ -269,28 +285,45 @@ def _max_wait(request: web.Request) -> float | None:
     return value if value >= 0 else None
 
 
-def _refuse(ex: Exchange, refusal: Refusal, headers: dict[str, str]) -> web.Response:
+@functools.lru_cache(maxsize=256)
+def _refusal_body(message: str, reason: str, retry: int) -> bytes:
+    # A refused caller usually is refused again, with the same text and Retry-After.
+    return json_body(message, reason, retryAfter=retry)
+
+
+def _refuse(ex: Exchange, refusal: Refusal, limits: Mapping[str, str]) -> web.Response:
+    """The 429 (or 503) for ``refusal``, with the caller's rate-limit fields ``limits``."""
     ex.refusal = refusal.reason
     retry = max(1, int(-(-refusal.retry_after // 1)))
-    return json_error(
-        refusal.status,
-        refusal.message,
-        reason=refusal.reason,
-        retryAfter=retry,
-        headers={**headers, "Retry-After": str(retry)},
-    )
+    headers = dict(limits)
+    headers["X-Request-ID"] = ex.request_id
+    headers["Retry-After"] = str(retry)
+    body = _refusal_body(refusal.message, refusal.reason, retry)
+    return json_response(refusal.status, body, headers)
 
 
 def _upstream_headers(
     request: web.Request, credential: Credential, ex: Exchange
 ) -> CIMultiDict[str]:
-    out = end_to_end(request.headers, _DROP_REQUEST)
-    if request.body_exists and request.content_length is not None:
-        out["Content-Length"] = str(request.content_length)
+    """The headers echowin gets, in one pass: the client's end-to-end fields less the
+    dropped ones, then the length, X-Forwarded-For/-Proto, X-Request-ID, and the real key
+    last."""
+    given = request.headers
+    named = connection_tokens(given)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in given.items():
+        low = name.lower()
+        if low not in _SKIP_REQUEST and low not in named:
+            out.add(name, value)
+    if request.body_exists:
+        length = request.content_length
+        if length is not None:
+            out["Content-Length"] = str(length)
     peer = request.remote or ""
-    prior = request.headers.get("X-Forwarded-For")
+    prior = given.get("X-Forwarded-For")
     out["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
-    out["X-Forwarded-Proto"] = request.headers.get("X-Forwarded-Proto", request.scheme)
+    proto = given.get("X-Forwarded-Proto")
+    out["X-Forwarded-Proto"] = request.scheme if proto is None else proto
     out["X-Request-ID"] = ex.request_id
     out[credential.header] = credential.secret.reveal()
     return out
@@ -329,17 +362,21 @@ async def _forward(
     ex.upstream_seconds = time.perf_counter() - sent_at
     ex.upstream_status = upstream.status
     grant.sent(upstream.status, upstream.headers)
-    metrics = rt.metrics
-    metrics.child(metrics.upstream_duration, credential.name, ex.route).observe(ex.upstream_seconds)
-    metrics.child(metrics.upstream_responses, credential.name, str(upstream.status)).inc()
     extra = dict(rt.admitter.caller_headers(admit))
     extra["Server-Timing"] = (
         f"queue;dur={ex.queue_seconds * 1000:.3f}, upstream;dur={ex.upstream_seconds * 1000:.3f}"
     )
+    extra["X-Request-ID"] = ex.request_id
     try:
         return await _relay(request, upstream, credential, ex, extra)
     finally:
         upstream.release()
+        # Counted once the answer is on its way, not on the caller's time.
+        metrics = rt.metrics
+        metrics.child(metrics.upstream_duration, credential.name, ex.route).observe(
+            ex.upstream_seconds
+        )
+        metrics.child(metrics.upstream_responses, credential.name, str(upstream.status)).inc()
 
 
 def _upstream_failed(
@@ -371,14 +408,17 @@ async def _relay(
     ex: Exchange,
     extra: dict[str, str],
 ) -> web.StreamResponse:
-    response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+    response = _Relayed(status=upstream.status, reason=upstream.reason)
+    headers = response.headers
+    given = upstream.headers
+    named = connection_tokens(given)
     secret = credential.secret.reveal()
-    for name, value in end_to_end(upstream.headers, _DROP_RESPONSE).items():
+    for name, value in given.items():
+        low = name.lower()
         # echowin has no reason to echo a key back; if it ever does, it stops here.
-        if secret not in value:
-            response.headers.add(name, value)
-    response.headers.update(extra)
-    response.headers["X-Request-ID"] = ex.request_id
+        if low not in _SKIP_RESPONSE and low not in named and secret not in value:
+            headers.add(name, value)
+    headers.update(extra)  # the caller's rate-limit fields, Server-Timing, X-Request-ID
     if upstream.content_length is not None:
         response.content_length = upstream.content_length
     await response.prepare(request)
@@ -412,24 +452,23 @@ def _account(
             rt.usage_names[ex.token.id] = ex.token.name
         counts[status] += 1
     metrics.child(metrics.request_duration, ex.route).observe(total)
-    if not rt.config.logging.access_log:
-        return
-    fields = {
-        "request_id": ex.request_id,
-        "token_id": ex.token.id if ex.token is not None else None,
-        "token_name": token_name,
-        "method": request.method,
-        "route": ex.route,
-        "credential": ex.credential or None,
-        "status": status,
-        "upstream_status": ex.upstream_status,
-        "queue_ms": round(ex.queue_seconds * 1000, 3),
-        "upstream_ms": round(ex.upstream_seconds * 1000, 3),
-        "total_ms": round(total * 1000, 3),
-        "bytes": ex.bytes_out,
-        "refusal": ex.refusal,
-    }
-    access_log.info("request", extra={"fields": fields})
+    access = rt.access_log
+    if access.enabled:
+        access.request(
+            ex.request_id,
+            ex.token.id if ex.token is not None else None,
+            token_name,
+            request.method,
+            ex.route,
+            ex.credential or None,
+            status,
+            ex.upstream_status,
+            ex.queue_seconds,
+            ex.upstream_seconds,
+            total,
+            ex.bytes_out,
+            ex.refusal,
+        )
 
 
 __all__ = ["HOP_BY_HOP", "handle"]

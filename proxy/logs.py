@@ -1,12 +1,21 @@
-"""Logging set-up: JSON or text lines on stderr; one access line per request."""
+"""Logging set-up: JSON or text lines on stderr; one access line per request.
+
+The access line is written by :class:`AccessLog`, not through :mod:`logging`: a LogRecord,
+a formatter and a flushed write per request cost more than many a refusal itself. It
+formats the same line the formatters below would and writes whole lines in batches.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
+import select
 import sys
 import time
-from typing import Any
+from json.encoder import encode_basestring_ascii
+from typing import Any, Protocol, TextIO
 
 ACCESS_LOGGER = "echowin_gateway.access"
 LOGGER = "echowin_gateway"
@@ -53,3 +62,184 @@ def setup_logging(level: str, fmt: str) -> None:
         logger.propagate = False
     # aiohttp's own access log would duplicate ours, without token or route.
     logging.getLogger("aiohttp.access").disabled = True
+
+
+class LogSettings(Protocol):
+    """The ``logging:`` config section (proxy.config.LoggingConfig)."""
+
+    @property
+    def level(self) -> str: ...
+    @property
+    def format(self) -> str: ...
+    @property
+    def access_log(self) -> bool: ...
+
+
+def _json(value: str | None) -> str:
+    return "null" if value is None else encode_basestring_ascii(value)
+
+
+def _json_int(value: int | None) -> str:
+    return "null" if value is None else str(value)
+
+
+# Worker processes share stderr, often a pipe: a write of at most PIPE_BUF bytes reaches
+# it whole, a longer one may be cut by another process's lines. Lines are ASCII (JSON
+# escapes; the text format's values are validated ASCII), so characters count bytes.
+_WRITE_MAX = select.PIPE_BUF if hasattr(select, "PIPE_BUF") else 512
+_MIDDLES = 1024  # distinct (token, method, route, credential) fields kept formatted
+_JSON_HEAD = ',"level":"info","logger":"' + ACCESS_LOGGER + '","msg":"request","request_id":'
+_TEXT_HEAD = " info " + ACCESS_LOGGER + ": request request_id="
+
+
+class AccessLog:
+    """One line per proxied request on stderr (or ``stream``), in batches.
+
+    A line is the one :class:`JsonFormatter` (or :class:`TextFormatter`) would make of
+    ``logging.getLogger(ACCESS_LOGGER).info("request", extra={"fields": ...})``, built by
+    hand; milliseconds have three decimals (``0.000``, not ``0.0``).
+
+    Lines wait in memory and are written together, whole, in one ``write`` and one flush:
+    at most ``FLUSH_SECONDS`` after the first of them, at once when ``BUFFER_LINES`` wait,
+    and on :meth:`flush` / :meth:`close` (the runtime closes it on shutdown, SIGTERM
+    included). Only a process killed outright loses the last batch. Lines never
+    interleave: every write happens on the event loop's thread and holds whole lines, at
+    most PIPE_BUF bytes of them, so even worker processes sharing one pipe keep each
+    other's lines whole. With no running event loop, or after :meth:`close`, a line is
+    written at once.
+    """
+
+    FLUSH_SECONDS = 0.2
+    BUFFER_LINES = 512
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        """``stream``: where lines go; None means ``sys.stderr`` as it is when writing."""
+        self.stream = stream
+        self.enabled = True
+        self.json = True
+        self._lines: list[str] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._closed = False
+        self._second = -1
+        self._stamp = ""
+        # The formatted token, method, route and credential fields, by their values.
+        self._middles: dict[tuple[str | None, str, str, str, str | None], str] = {}
+
+    def configure(self, settings: LogSettings) -> None:
+        """Apply ``logging.access_log``, ``logging.level`` and ``logging.format`` (at start and
+        on a reload). Access lines are info lines: a level above info turns them off."""
+        self.flush()  # lines already made keep the format they were made in
+        self.enabled = settings.access_log and settings.level.lower() in ("debug", "info")
+        self.json = settings.format == "json"
+        self._middles.clear()
+
+    def request(
+        self,
+        request_id: str,
+        token_id: str | None,
+        token_name: str,
+        method: str,
+        route: str,
+        credential: str | None,
+        status: int,
+        upstream_status: int | None,
+        queue_seconds: float,
+        upstream_seconds: float,
+        total_seconds: float,
+        bytes_out: int,
+        refusal: str | None,
+    ) -> None:
+        """Log one answered request. Times come in seconds and are shown as milliseconds
+        (``queue_ms``, ``upstream_ms``, ``total_ms``) with three decimals."""
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        key = (token_id, token_name, method, route, credential)
+        middle = self._middles.get(key)
+        if middle is None:
+            middle = self._middle(*key)
+        if self.json:
+            line = (
+                f'{{"time":"{self._stamp}.{int((now - second) * 1000):03d}Z"{_JSON_HEAD}'
+                f"{encode_basestring_ascii(request_id)},{middle},"
+                f'"status":{status},"upstream_status":{_json_int(upstream_status)},'
+                f'"queue_ms":{queue_seconds * 1000:.3f},'
+                f'"upstream_ms":{upstream_seconds * 1000:.3f},'
+                f'"total_ms":{total_seconds * 1000:.3f},"bytes":{bytes_out},'
+                f'"refusal":{_json(refusal)}}}\n'
+            )
+        else:
+            line = (
+                f"{self._stamp}{_TEXT_HEAD}{request_id} {middle} status={status} "
+                f"upstream_status={upstream_status} queue_ms={queue_seconds * 1000:.3f} "
+                f"upstream_ms={upstream_seconds * 1000:.3f} "
+                f"total_ms={total_seconds * 1000:.3f} bytes={bytes_out} refusal={refusal}\n"
+            )
+        self._add(line)
+
+    def _middle(
+        self,
+        token_id: str | None,
+        token_name: str,
+        method: str,
+        route: str,
+        credential: str | None,
+    ) -> str:
+        """The fields a token repeats on every request to a route, formatted once."""
+        if self.json:
+            middle = (
+                f'"token_id":{_json(token_id)},"token_name":{_json(token_name)},'
+                f'"method":{_json(method)},"route":{_json(route)},'
+                f'"credential":{_json(credential)}'
+            )
+        else:
+            middle = (
+                f"token_id={token_id} token_name={token_name} method={method} "
+                f"route={route} credential={credential}"
+            )
+        if len(self._middles) >= _MIDDLES:
+            self._middles.clear()
+        self._middles[(token_id, token_name, method, route, credential)] = middle
+        return middle
+
+    def _add(self, line: str) -> None:
+        lines = self._lines
+        lines.append(line)
+        if len(lines) >= self.BUFFER_LINES or self._closed:
+            self.flush()
+        elif self._timer is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                self.flush()
+                return
+            self._timer = loop.call_later(self.FLUSH_SECONDS, self.flush)
+
+    def flush(self) -> None:
+        """Write every waiting line now."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        lines = self._lines
+        if not lines:
+            return
+        self._lines = []
+        stream = self.stream if self.stream is not None else sys.stderr
+        # A log that cannot be written (stderr gone) must not take requests down with it.
+        with contextlib.suppress(OSError, ValueError):
+            start, size = 0, 0
+            for end, line in enumerate(lines):
+                if size + len(line) > _WRITE_MAX and end > start:
+                    stream.write("".join(lines[start:end]))
+                    stream.flush()
+                    start, size = end, 0
+                size += len(line)
+            stream.write("".join(lines[start:]))
+            stream.flush()
+
+    def close(self) -> None:
+        """Write what waits; from now on every line is written at once."""
+        self._closed = True
+        self.flush()

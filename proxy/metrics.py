@@ -157,6 +157,10 @@ class Metrics:
             "Proxied requests currently being handled.",
             registry=r,
         )
+        # Counted by the handler in a plain int and read at scrape time: a Gauge's inc and
+        # dec take a lock each, twice per request.
+        self.in_flight_now = 0
+        self.in_flight.set_function(lambda: self.in_flight_now)
         self.refusals = Counter(
             "echowin_gateway_refusals_total",
             "Requests the gateway refused at once (429; 503 for state_unavailable), by"
@@ -227,8 +231,9 @@ class Metrics:
         # Label children of the per-request metrics, kept: labels() validates and locks on
         # every call. Bounded like the label values themselves (tokens, routes, statuses).
         self._children: dict[tuple[object, ...], Any] = {}
+        self._remaining: dict[str, int] = {}  # echowin_remaining as last set, per credential
 
-    def child(self, metric: Counter | Histogram, *values: str) -> Any:
+    def child(self, metric: Counter | Gauge | Histogram, *values: str) -> Any:
         """``metric.labels(*values)``, looked up once per distinct label set."""
         key = (id(metric), *values)
         found = self._children.get(key)
@@ -243,19 +248,22 @@ class Metrics:
     # --- the scheduler's Observer ---------------------------------------------------
 
     def refused(self, credential: str, token: str, reason: str) -> None:
-        self.refusals.labels(credential, token, reason).inc()
+        self.child(self.refusals, credential, token, reason).inc()
 
     def waited(self, credential: str, seconds: float) -> None:
-        self.queue_wait.labels(credential).observe(seconds)
+        self.child(self.queue_wait, credential).observe(seconds)
 
     def upstream_429(self, credential: str) -> None:
-        self.upstream_429s.labels(credential).inc()
+        self.child(self.upstream_429s, credential).inc()
 
     def frozen(self, credential: str) -> None:
-        self.freezes.labels(credential).inc()
+        self.child(self.freezes, credential).inc()
 
     def reported_remaining(self, credential: str, remaining: int) -> None:
-        self.echowin_remaining.labels(credential).set(remaining)
+        # Called on every answer from echowin; the value changes far less often.
+        if self._remaining.get(credential) != remaining:
+            self._remaining[credential] = remaining
+            self.child(self.echowin_remaining, credential).set(remaining)
 
     def exposition(self) -> bytes:
         """The text exposition format of every metric."""

@@ -11,18 +11,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from email.utils import parsedate_to_datetime
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 # Reset values below this are read as "seconds from now" rather than a Unix time.
 _DELTA_MAX = 10 * 365 * 86400
 
 
-@dataclass(frozen=True, slots=True)
-class UpstreamQuota:
-    """What one echowin response said about its budget. Times are Unix seconds."""
+class UpstreamQuota(NamedTuple):
+    """What one echowin response said about its budget. Times are Unix seconds.
+
+    A NamedTuple (immutable, and cheaper to make than a frozen dataclass): one is made for
+    every answer from echowin."""
 
     limit: int | None
     remaining: int | None
@@ -39,7 +40,7 @@ def _int(value: str | None) -> int | None:
     if value is None:
         return None
     try:
-        number = int(value.strip())
+        number = int(value)  # int() ignores surrounding whitespace itself
     except ValueError:
         return None
     return number if number >= 0 else None
@@ -77,10 +78,13 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
 
 def parse_upstream_quota(headers: Mapping[str, str], now: float) -> UpstreamQuota | None:
     """echowin's view of the budget, or None when the response carried none of it."""
-    limit = _int(headers.get("X-RateLimit-Limit"))
-    remaining = _int(headers.get("X-RateLimit-Remaining"))
-    reset = parse_reset(headers.get("X-RateLimit-Reset"), now)
-    retry = parse_retry_after(headers.get("Retry-After"), now)
+    get = headers.get
+    limit = _int(get("X-RateLimit-Limit"))
+    remaining = _int(get("X-RateLimit-Remaining"))
+    raw_reset = get("X-RateLimit-Reset")
+    reset = None if raw_reset is None else parse_reset(raw_reset, now)
+    raw_retry = get("Retry-After")
+    retry = None if raw_retry is None else parse_retry_after(raw_retry, now)
     if limit is None and remaining is None and reset is None and retry is None:
         return None
     return UpstreamQuota(limit, remaining, reset, retry)
@@ -101,27 +105,56 @@ class WindowState(Protocol):
     def reset_in(self) -> float: ...
 
 
-def caller_headers(now: float, windows: Sequence[tuple[str, WindowState]]) -> dict[str, str]:
+def policy_header(windows: Sequence[tuple[str, WindowState]]) -> str:
+    """RateLimit-Policy for ``windows`` ((owner, window) pairs): every window, named
+    ``<owner>-<seconds>s``. It depends on the limits only, so callers may keep it."""
+    return ", ".join(
+        f'"{o}-{_number(w.per_seconds)}s";q={w.requests};w={_number(w.per_seconds)}'
+        for o, w in windows
+    )
+
+
+def caller_headers(
+    now: float, windows: Sequence[tuple[str, WindowState]], policy: str | None = None
+) -> dict[str, str]:
     """The caller's rate-limit fields. ``windows`` are (owner, window) pairs, owner being
-    "echowin" (the shared budget) or "token" (the token's own quota).
+    "echowin" (the shared budget) or "token" (the token's own quota); ``policy`` is
+    ``policy_header(windows)`` when the caller has it already.
 
     X-RateLimit-* and RateLimit describe the tightest window (fewest remaining, then latest
     reset); RateLimit-Policy lists every window, named ``<owner>-<seconds>s``.
     """
     if not windows:
         return {}
-    owner, tight = min(windows, key=lambda pair: (pair[1].remaining, -pair[1].reset_in))
+    owner, tight = windows[0]
+    for pair in windows[1:]:  # min() by (remaining, -reset_in): the first of equals wins
+        w = pair[1]
+        if w.remaining < tight.remaining or (
+            w.remaining == tight.remaining and w.reset_in > tight.reset_in
+        ):
+            owner, tight = pair
     reset_in = max(0.0, tight.reset_in)
-    remaining = max(0, tight.remaining)
+    remaining = str(max(0, tight.remaining))
     name = f"{owner}-{_number(tight.per_seconds)}s"
-    policy = ", ".join(
-        f'"{o}-{_number(w.per_seconds)}s";q={w.requests};w={_number(w.per_seconds)}'
-        for o, w in windows
-    )
     return {
         "X-RateLimit-Limit": str(tight.requests),
-        "X-RateLimit-Remaining": str(remaining),
+        "X-RateLimit-Remaining": remaining,
         "X-RateLimit-Reset": str(math.ceil(now + reset_in)),
-        "RateLimit-Policy": policy,
+        "RateLimit-Policy": policy_header(windows) if policy is None else policy,
         "RateLimit": f'"{name}";r={remaining};t={math.ceil(reset_in)}',
     }
+
+
+def unchanged_for(now: float, windows: Sequence[tuple[str, WindowState]]) -> float:
+    """Seconds, at most 1, during which ``caller_headers(now + s, windows)`` stays the same
+    as long as no send is recorded or given back: until the first window's oldest send
+    stops counting, a RateLimit ``t`` (whole seconds, rounded up) would tick down, or, for
+    a window with nothing in it, X-RateLimit-Reset (``now`` rounded up) would move on."""
+    until = 1.0
+    for _, w in windows:
+        left = w.reset_in
+        if left > 0:
+            until = min(until, left - math.ceil(left) + 1)
+        else:
+            until = min(until, math.ceil(now) - now)
+    return until

@@ -54,6 +54,11 @@ AGENCY_PREFIX: Final = "/api/v1/agency/"
 # Longer than any real echowin path by far; aiohttp caps the request line near 8 KiB anyway.
 MAX_PATH_LENGTH: Final = 8192
 
+# RouteTable.match remembers this many answers, for paths up to this long (bounded memory:
+# paths are chosen by callers). Past the bound it starts over.
+MATCH_CACHE_SIZE: Final = 4096
+MATCH_CACHE_PATH_LENGTH: Final = 512
+
 # Bytes refused when they arrive percent-encoded. Each one decodes into a character that
 # changes how a path splits or resolves, so a server decoding before routing and one
 # decoding after would see different routes. Read-only view: no module-level mutable state.
@@ -298,7 +303,7 @@ class RouteTable:
     ValueError naming both. Matching never uses regular expressions.
     """
 
-    __slots__ = ("_root", "routes")
+    __slots__ = ("_matches", "_root", "routes")
 
     routes: tuple[Route, ...]
 
@@ -316,6 +321,9 @@ class RouteTable:
                 )
             entries.append((shape, route))
         self._root = _build(entries, 0)
+        # Answers already given: the table is immutable and a match depends only on its
+        # arguments. Refused paths are not kept (they raise every time).
+        self._matches: dict[tuple[str, str], RouteMatch] = {}
 
     def match(self, method: str, raw_path: str) -> RouteMatch:
         """Normalise `raw_path` (may raise PathError), then match it case-exactly.
@@ -324,6 +332,17 @@ class RouteTable:
         picks one trie node, literal segments first and without backtracking; a method
         missing on that node gives an unmatched result rather than a looser route.
         """
+        key = (method, raw_path)
+        found = self._matches.get(key)
+        if found is None:
+            found = self._match(method, raw_path)
+            if len(raw_path) <= MATCH_CACHE_PATH_LENGTH:
+                if len(self._matches) >= MATCH_CACHE_SIZE:
+                    self._matches.clear()
+                self._matches[key] = found
+        return found
+
+    def _match(self, method: str, raw_path: str) -> RouteMatch:
         segments = normalise_path(raw_path)
         route = self._lookup(method, segments)
         path = "/" + "/".join(quote(segment, safe="") for segment in segments)

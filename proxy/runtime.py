@@ -19,12 +19,13 @@ from aiohttp import web
 from proxy.admission import Admitter, OpenAdmitter
 from proxy.budget import Limit
 from proxy.config import GatewayConfig, Secrets
-from proxy.logs import setup_logging
+from proxy.logs import AccessLog, setup_logging
 from proxy.metrics import Metrics
+from proxy.request_ids import RequestIds
 from proxy.routes import RouteTable
 from proxy.scheduler import Lane, QueuePolicy, Scheduler
 from proxy.slots import SendLog, SlotSource
-from proxy.state import open_redis, open_send_log, open_token_store, parse_state_url
+from proxy.state import open_send_log, open_token_store, parse_state_url
 from proxy.tokenops import redis_options
 from proxy.tokens import TokenAuthenticator, TokenStore
 from proxy.upstream import Upstream
@@ -41,6 +42,10 @@ class Runtime:
     # Answers by status per token id on this replica (bounded by the number of tokens).
     usage: dict[str, Counter[int]] = field(default_factory=dict)
     usage_names: dict[str, str] = field(default_factory=dict)
+    access_log: AccessLog = field(default_factory=AccessLog)
+    request_ids: RequestIds = field(default_factory=RequestIds)
+    # Worker processes of this gateway (serve --workers): each is a replica of the budget.
+    workers: int = 1
     _store: TokenStore | None = None
     _auth: TokenAuthenticator | None = None
     _upstream: Upstream | None = None
@@ -65,6 +70,7 @@ class Runtime:
             policy.max_depth_per_token = config.queue.max_depth_per_token
         self.metrics.queue_max_wait.set(config.queue.max_wait_seconds)
         setup_logging(config.logging.level, config.logging.format)
+        self.access_log.configure(config.logging)
 
     @property
     def shared_state(self) -> bool:
@@ -89,12 +95,15 @@ class Runtime:
     async def open(self) -> None:
         """Open the token store, the upstream pool and the budget's state."""
         cfg = self.config
+        self.access_log.configure(cfg.logging)
         backend = parse_state_url(cfg.state).backend
         self.metrics.state_up.labels(backend).set(1)
         options = None
         if backend == "redis":
             password = self.secrets.state_password
             options = redis_options(cfg, password.reveal() if password is not None else None)
+            from proxy.state.redis import open_redis  # redis-py only when Redis is used
+
             self._redis = open_redis(cfg.state, options)
         self._store = await open_token_store(
             cfg.state, redis_options=options, redis_client=self._redis
@@ -131,7 +140,7 @@ class Runtime:
             cfg.redis.key_prefix,
             limits,
             cfg.upstream.window_guard_seconds,
-            replicas=cfg.replicas,
+            replicas=cfg.replicas * self.workers,
             mode=cfg.on_state_failure,
             on_latency=lambda op, s: self.metrics.state_latency.labels(op).observe(s),
             on_health=lambda up: self.metrics.state_up.labels("redis").set(1 if up else 0),
@@ -178,6 +187,7 @@ class Runtime:
                     await self._send_log.prune(time.time() - self._horizon() - 60)
 
     async def close(self) -> None:
+        self.access_log.close()  # what waits is written; later lines go out at once
         if self._pruner is not None:
             self._pruner.cancel()
             with contextlib.suppress(asyncio.CancelledError):

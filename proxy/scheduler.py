@@ -24,7 +24,13 @@ from typing import Protocol
 
 from proxy.admission import AdmitRequest, Grant, Refusal
 from proxy.budget import CredentialBudget, Limit, WindowView
-from proxy.ratelimit_headers import UpstreamQuota, caller_headers, parse_upstream_quota
+from proxy.ratelimit_headers import (
+    UpstreamQuota,
+    caller_headers,
+    parse_upstream_quota,
+    policy_header,
+    unchanged_for,
+)
 from proxy.slots import LocalSlots, SendLog, Slot, SlotSource, StateUnavailable
 from proxy.tokens import TokenRecord
 
@@ -150,6 +156,9 @@ class Lane:
         self.calibrated = source.durable
         self.probing = False
         self.reported_remaining: int | None = None
+        # Counts the changes this lane makes to its budget (sends taken, given back, echowin's
+        # answers), so a view of the budget can tell it is out of date.
+        self.version = 0
         self._timer: asyncio.TimerHandle | None = None
         self._pump: asyncio.Task[None] | None = None
 
@@ -161,6 +170,7 @@ class Lane:
     async def restore(self) -> None:
         """Load what the slot source remembers (after a restart)."""
         await self.source.restore(self.clock())
+        self.version += 1
 
     # --- admission ------------------------------------------------------------------
 
@@ -175,6 +185,7 @@ class Lane:
         slot = await self.source.take(now)
         if slot is None:
             return None
+        self.version += 1
         if not self.calibrated:
             self.probing = True
         return SlotGrant(self, slot)
@@ -373,11 +384,13 @@ class Lane:
     def give_back(self, slot: Slot) -> None:
         """A granted slot never reached echowin: free it and let a waiter have it."""
         self.source.give_back(slot)
+        self.version += 1
         self.probing = False
         self._schedule()
 
     def on_response(self, grant: SlotGrant, status: int, headers: Mapping[str, str]) -> None:
         now = self.clock()
+        self.version += 1
         quota = parse_upstream_quota(headers, now) if headers else None
         if quota is not None:
             self._reconcile(now, quota)
@@ -454,8 +467,14 @@ class Scheduler:
         self.clock = clock
         # Per token id: its quota limits, their budget, and the token's name (for metrics).
         self._quotas: dict[str, tuple[tuple[Limit, ...], CredentialBudget, str]] = {}
+        # Per credential: the caller headers of a token without its own quota (see
+        # caller_headers), as ((lane version, source changes), made at, good until, headers).
+        self._headers: dict[str, tuple[tuple[int, int], float, float, Mapping[str, str]]] = {}
+        self._policies: dict[str, str] = {}  # RateLimit-Policy per credential
 
     def _token_quota(self, token: TokenRecord) -> CredentialBudget | None:
+        if token.hourly is None and token.per_minute is None and token.id not in self._quotas:
+            return None  # the common case, without building the (empty) limits
         limits = token_limits(token)
         if not limits:
             self._quotas.pop(token.id, None)
@@ -496,13 +515,32 @@ class Scheduler:
 
     def caller_headers(self, request: AdmitRequest) -> Mapping[str, str]:
         """X-RateLimit-* and RateLimit fields for the tightest of the token's own quota and
-        the shared budget of its credential."""
+        the shared budget of its credential. Read-only: the same mapping may be returned
+        again.
+
+        Without a token quota they depend on the credential only, and are kept until the
+        lane changes its budget, a number in them would change with time, or a second has
+        passed (which bounds how late changes the lane does not make show: other replicas'
+        sends in a shared budget)."""
         now = self.clock()
-        windows = [("echowin", w) for w in self.lanes[request.credential].source.snapshot(now)]
+        lane = self.lanes[request.credential]
         quota = self._quotas.get(request.token.id)
+        if quota is None:
+            kept = self._headers.get(lane.name)
+            version = (lane.version, lane.source.changes)
+            if kept is not None and kept[0] == version and kept[1] <= now < kept[2]:
+                return kept[3]
+        windows = [("echowin", w) for w in lane.source.snapshot(now)]
         if quota is not None:
             windows += [("token", w) for w in quota[1].snapshot(now)]
-        return caller_headers(now, windows)
+            return caller_headers(now, windows)
+        policy = self._policies.get(lane.name)
+        if policy is None:
+            policy = self._policies[lane.name] = policy_header(windows)
+        headers = caller_headers(now, windows, policy)
+        version = (lane.version, lane.source.changes)
+        self._headers[lane.name] = (version, now, now + unchanged_for(now, windows), headers)
+        return headers
 
     def token_quotas(self) -> dict[str, list[WindowView]]:
         """Every token quota in use, by token name, at now (for metrics)."""

@@ -88,6 +88,7 @@ class SlotSource(Protocol):
 
     durable: bool  # False: after a start nothing is known; calibrate with one probe
     healthy: bool  # False while a shared backend is unreachable
+    changes: int  # bumped whenever the view learns what other processes did
 
     @property
     def budget(self) -> CredentialBudget:
@@ -162,6 +163,7 @@ class LocalSlots:
         self.log = log
         self.durable = log.durable
         self.healthy = True
+        self.changes = 0
         self._lease: _Lease | None = None
         self._polled = -math.inf
         self._background: set[asyncio.Task[None]] = set()
@@ -226,6 +228,8 @@ class LocalSlots:
         return block if block >= self.LEASE_MIN else 1
 
     def _merge(self, rows: list[Row]) -> None:
+        if rows:
+            self.changes += 1
         for at, n in rows:
             if n == 0:  # another process met an unexpected 429: the key is frozen for all
                 self.budget.freeze(at)

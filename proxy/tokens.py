@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import Enum
+from types import MappingProxyType
 from typing import Protocol, TypedDict, Unpack
 
 from cachetools import LRUCache, TTLCache
@@ -336,6 +337,9 @@ class AuthResult:
         return self.record is not None
 
 
+_FAILED = MappingProxyType({failure: AuthResult(None, failure) for failure in AuthFailure})
+
+
 class TokenAuthenticator:
     """Turns a presented token into an ``AuthResult``, with a bounded cache in front of the store.
 
@@ -347,8 +351,10 @@ class TokenAuthenticator:
     another instance shows here after at most ``cache_ttl`` seconds; one made through
     ``revoke``/``invalidate`` on this instance shows at once.
 
-    Concurrent misses for one id share a single store lookup. Every request hashes its secret
-    in ``_secret_matches``: that is the one place a verified-token cache would go.
+    Concurrent misses for one id share a single store lookup. A token whose secret matched
+    a cached record is remembered with that record until the record's cache entry ends, so
+    the next request with it skips the hash: it is compared (in constant time) with the
+    token that matched. ``invalidate`` forgets it with the record.
     """
 
     def __init__(
@@ -374,7 +380,16 @@ class TokenAuthenticator:
         self._store = store
         self._clock = clock
         self._caching = cache_ttl > 0
-        self._records: TTLCache[str, TokenRecord] = TTLCache(cache_size, cache_ttl, timer)
+        self._timer = timer
+        self._cache_ttl = cache_ttl
+        self._cache_size = cache_size
+        # Found records by id, with when (``timer``) their entry ends.
+        self._records: TTLCache[str, tuple[TokenRecord, float]] = TTLCache(
+            cache_size, cache_ttl, timer
+        )
+        # Per id: the token that matched the cached record, the record's acceptance, and
+        # when the entry ends.
+        self._verified: dict[str, tuple[str, AuthResult, float]] = {}
         negative = min(negative_ttl, cache_ttl)
         self._unknown: TTLCache[str, bool] = TTLCache(cache_size, negative, timer)
         self._negative_caching = negative > 0
@@ -393,25 +408,53 @@ class TokenAuthenticator:
         a caller who holds the right secret. Store errors propagate (the caller answers 5xx).
         """
         if not raw:
-            return AuthResult(None, AuthFailure.MISSING)
+            return _FAILED[AuthFailure.MISSING]
+        known = self._verified.get(raw[len(TOKEN_PREFIX) : len(TOKEN_PREFIX) + ID_LENGTH])
+        if (
+            known is not None
+            and raw.isascii()  # compare_digest takes ASCII strings only
+            and hmac.compare_digest(known[0], raw)
+            and self._timer() < known[2]
+        ):
+            return self._judge(known[1])
         parsed = parse_token(raw)
         if parsed is None:
-            return AuthResult(None, AuthFailure.MALFORMED)
+            return _FAILED[AuthFailure.MALFORMED]
         token_id, secret = parsed
         record = await self._lookup(token_id)
         if record is None or not self._secret_matches(record, secret):
-            return AuthResult(None, AuthFailure.UNKNOWN)
-        status = record.status(self._clock())
+            return _FAILED[AuthFailure.UNKNOWN]
+        accepted = AuthResult(record, None)
+        self._remember(token_id, raw, accepted)
+        return self._judge(accepted)
+
+    def _judge(self, accepted: AuthResult) -> AuthResult:
+        """``accepted`` (its secret matched), unless its record is revoked or expired now."""
+        assert accepted.record is not None
+        status = accepted.record.status(self._clock())
         if status == "revoked":
-            return AuthResult(None, AuthFailure.REVOKED)
+            return _FAILED[AuthFailure.REVOKED]
         if status == "expired":
-            return AuthResult(None, AuthFailure.EXPIRED)
-        return AuthResult(record, None)
+            return _FAILED[AuthFailure.EXPIRED]
+        return accepted
+
+    def _remember(self, token_id: str, raw: str, accepted: AuthResult) -> None:
+        """Keep ``raw`` as verified for ``accepted.record`` while the cache holds that very
+        record (not one loaded before an ``invalidate``, nor a stale one after a store
+        error)."""
+        cached = self._records.get(token_id) if self._caching else None
+        if cached is None or cached[0] is not accepted.record:
+            return
+        verified = self._verified
+        if token_id not in verified and len(verified) >= self._cache_size:
+            del verified[next(iter(verified))]  # the oldest entry
+        verified[token_id] = (raw, accepted, cached[1])
 
     def invalidate(self, token_id: str) -> None:
         """Forget what this instance knows about ``token_id``, including a lookup in flight
         (its answer may predate the change), so the next request reads the store."""
         self._records.pop(token_id, None)
+        self._verified.pop(token_id, None)
         self._unknown.pop(token_id, None)
         self._inflight.pop(token_id, None)
         if self._last_known is not None:
@@ -429,9 +472,11 @@ class TokenAuthenticator:
         return hmac.compare_digest(hash_secret(secret), record.secret_hash)
 
     async def _lookup(self, token_id: str) -> TokenRecord | None:
-        record = self._records.get(token_id)
-        if record is not None or token_id in self._unknown:
-            return record
+        cached = self._records.get(token_id)
+        if cached is not None:
+            return cached[0]
+        if token_id in self._unknown:
+            return None
         task = self._inflight.get(token_id)
         if task is None:
             task = asyncio.create_task(self._store.get(token_id))
@@ -461,6 +506,6 @@ class TokenAuthenticator:
         if record is not None and self._last_known is not None:
             self._last_known[token_id] = record
         if record is not None and self._caching:
-            self._records[token_id] = record
+            self._records[token_id] = (record, self._timer() + self._cache_ttl)
         elif record is None and self._negative_caching:
             self._unknown[token_id] = True

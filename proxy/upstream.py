@@ -10,12 +10,14 @@ Exception texts never carry request headers, so a real key cannot leak through t
 from __future__ import annotations
 
 import asyncio
+import functools
 import socket
 from collections.abc import AsyncIterable, Mapping
 from types import TracebackType
 
 import aiohttp
-from multidict import CIMultiDict, CIMultiDictProxy
+from aiohttp import hdrs
+from multidict import CIMultiDict
 
 # RFC 9110 §7.6.1 connection-specific fields, plus the old Proxy-Connection and
 # Keep-Alive that HTTP/1.0 peers still send.
@@ -56,25 +58,53 @@ class UpstreamUnreachable(UpstreamError):
             self.kind = "reset"
 
 
-def connection_tokens(headers: Mapping[str, str]) -> set[str]:
+def connection_tokens(headers: Mapping[str, str]) -> frozenset[str]:
     """The header names a ``Connection`` field marks as hop-by-hop, lower-cased."""
-    value = headers.get("Connection", "")
-    return {t.strip().lower() for t in value.split(",") if t.strip()}
+    value = headers.get("Connection")
+    return _NO_TOKENS if value is None else _tokens(value)
 
 
-def end_to_end(headers: CIMultiDictProxy[str], drop: frozenset[str]) -> CIMultiDict[str]:
-    """Copy ``headers`` without hop-by-hop fields, those named in Connection, and ``drop``.
+_NO_TOKENS: frozenset[str] = frozenset()
 
-    ``drop`` holds lower-case names.
+
+@functools.lru_cache(maxsize=64)
+def _tokens(value: str) -> frozenset[str]:
+    # The same few values ("keep-alive", "close") come with nearly every message.
+    return frozenset(t.strip().lower() for t in value.split(",") if t.strip())
+
+
+# aiohttp's own additions that must not reach echowin: no User-Agent of ours, no
+# Accept-Encoding the caller did not send (bodies are relayed as they come, so echowin must
+# not compress for a caller that cannot decompress), and no guessed Content-Type.
+_NOT_ADDED = ("User-Agent", "Accept-Encoding", "Content-Type")
+
+
+class _ForwardRequest(aiohttp.ClientRequest):
+    """A ClientRequest that sends the headers it is given, after Host, plus ``Accept: */*``
+    when they have none, and nothing else of aiohttp's (``_NOT_ADDED``).
+
+    Stock ClientRequest gets the same result from the session's ``skip_auto_headers``, but
+    pays for it on every request (a sorted CIMultiDict of the names and a copy of every
+    header), and copies the headers one by one in Python.
     """
-    named = connection_tokens(headers)
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in headers.items():
-        low = name.lower()
-        if low in HOP_BY_HOP or low in named or low in drop:
-            continue
-        out.add(name, value)
-    return out
+
+    _SKIPPED: CIMultiDict[None] = CIMultiDict((name, None) for name in _NOT_ADDED)
+
+    def update_headers(self, headers: object) -> None:
+        if not isinstance(headers, CIMultiDict) or hdrs.HOST in headers:
+            super().update_headers(headers)  # type: ignore[arg-type]
+            return
+        out: CIMultiDict[str] = CIMultiDict()
+        host = self.url.host_port_subcomponent
+        assert host is not None  # an absolute URL
+        out[hdrs.HOST] = host
+        out.extend(headers)
+        self.headers = out
+
+    def update_auto_headers(self, skip_auto_headers: object) -> None:
+        self._skip_auto_headers = self._SKIPPED  # also keeps send() from adding Content-Type
+        if hdrs.ACCEPT not in self.headers:
+            self.headers[hdrs.ACCEPT] = "*/*"
 
 
 class Upstream:
@@ -106,8 +136,9 @@ class Upstream:
             connector=connector,
             timeout=self._timeout,
             auto_decompress=False,
-            skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
+            skip_auto_headers=_NOT_ADDED,
             cookie_jar=aiohttp.DummyCookieJar(),
+            request_class=_ForwardRequest,
         )
         # aiohttp silently re-sends an idempotent request once when a pooled connection
         # drops; that second send would reach echowin without the budget knowing.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import logging
 import time
@@ -10,6 +11,8 @@ from collections.abc import Awaitable, Callable
 
 import aiohttp
 import pytest
+from aiohttp import web
+from multidict import CIMultiDict
 
 from proxy.logs import JsonFormatter
 from proxy.sim import Faults
@@ -20,6 +23,7 @@ from tests.conftest import (
     SECRETS,
     TEAM_KEY,
     GatewayHandle,
+    ServerFactory,
     SimHandle,
 )
 
@@ -42,6 +46,18 @@ async def call(
         session.request(method, url, headers=hdrs, **kw) as resp,  # type: ignore[arg-type]
     ):
         return resp.status, dict(resp.headers), await resp.read()
+
+
+def capture_access_log(gw: GatewayHandle) -> io.StringIO:
+    """Send the gateway's access lines to a buffer (read it after ``flush_access_log``)."""
+    buffer = io.StringIO()
+    gw.runtime.access_log.stream = buffer
+    return buffer
+
+
+def access_lines(gw: GatewayHandle, buffer: io.StringIO) -> list[dict[str, object]]:
+    gw.runtime.access_log.flush()
+    return [json.loads(line) for line in buffer.getvalue().splitlines()]
 
 
 def last_request(sim: SimHandle):  # type: ignore[no-untyped-def]
@@ -316,6 +332,7 @@ async def test_secrets_never_leak(
 ) -> None:
     caplog.set_level(logging.DEBUG)
     gw = await make_gateway(upstream={"timeout_seconds": 0.3})
+    access = capture_access_log(gw)
     token = await gw.token("contacts:read", name="leakcheck")
     seen: list[bytes] = []
     scenarios = [
@@ -341,20 +358,23 @@ async def test_secrets_never_leak(
     seen.append(body)
     formatter = JsonFormatter()
     seen.extend(formatter.format(r).encode() for r in caplog.records)
-    assert caplog.records, "expected access log lines"
+    assert caplog.records, "expected log lines"
+    gw.runtime.access_log.flush()
+    assert access.getvalue().count("\n") >= 4 * len(scenarios), "expected access log lines"
+    seen.append(access.getvalue().encode())
     for blob in seen:
         for secret in (*SECRETS, token, token.split("_")[2]):
             assert secret.encode() not in blob
 
 
-async def test_access_log_line(gateway: GatewayHandle, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="echowin_gateway.access")
+async def test_access_log_line(gateway: GatewayHandle) -> None:
+    buffer = capture_access_log(gateway)
     token = await gateway.token("contacts:read", name="crm-sync")
     await call(
         "GET", gateway.url("/api/v1/contacts/abc123"), token=token, headers={"X-Request-ID": "r-1"}
     )
-    records = [r for r in caplog.records if r.name == "echowin_gateway.access"]
-    line = json.loads(JsonFormatter().format(records[-1]))
+    (line,) = access_lines(gateway, buffer)
+    assert line["logger"] == "echowin_gateway.access" and line["msg"] == "request"
     assert line["request_id"] == "r-1"
     assert line["token_name"] == "crm-sync"
     assert line["token_id"] == token.split("_")[1]
@@ -459,3 +479,142 @@ async def test_unusual_methods_share_one_metric_label(gateway: GatewayHandle) ->
     assert 'method="OTHER"' in text
     for method in ("FOO", "BAR", "PROPFIND"):
         assert f'method="{method}"' not in text
+
+
+async def test_forwarded_headers_are_the_callers_plus_ours(
+    gateway: GatewayHandle, sim: SimHandle
+) -> None:
+    token = await gateway.token("contacts:read")
+    # A client that adds nothing of its own: whatever echowin sees beyond this came from us.
+    async with (
+        aiohttp.ClientSession(skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept")) as s,
+        s.get(gateway.url("/api/v1/contacts"), headers={"X-API-Key": token, "X-Custom": "1"}) as r,
+    ):
+        assert r.status == 200
+        request_id = r.headers["X-Request-ID"]
+    seen = {k.lower(): v for k, v in last_request(sim).headers.items()}
+    # No Accept-Encoding or User-Agent of aiohttp's: echowin compresses only for callers
+    # that asked, and the caller's client is the one named.
+    assert set(seen) == {
+        "host",
+        "accept",
+        "x-custom",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-request-id",
+        "x-api-key",
+    }
+    assert (seen["x-request-id"], seen["x-api-key"], seen["accept"]) == (
+        request_id,
+        TEAM_KEY,
+        "*/*",
+    )
+    names = [name.lower() for name in last_request(sim).headers]
+    assert names.index("x-api-key") > names.index("x-request-id")  # the real key set last
+
+
+async def test_request_ids_are_fresh_per_request_and_shared_with_echowin(
+    gateway: GatewayHandle, sim: SimHandle
+) -> None:
+    token = await gateway.token("contacts:read")
+    ids = []
+    for _ in range(20):
+        status, headers, _ = await call("GET", gateway.url("/api/v1/contacts"), token=token)
+        assert status == 200
+        seen = {k.lower(): v for k, v in last_request(sim).headers.items()}
+        assert seen["x-request-id"] == headers["X-Request-ID"]
+        ids.append(headers["X-Request-ID"])
+    status, headers, _ = await call("GET", gateway.url("/api/v1/contacts"), token="nope")
+    assert status == 401
+    ids.append(headers["X-Request-ID"])
+    assert len(set(ids)) == len(ids)
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+
+
+async def test_refusals_are_in_the_access_log(gateway: GatewayHandle) -> None:
+    buffer = capture_access_log(gateway)
+    token = await gateway.token("tags:read", name="narrow")
+    await call("GET", gateway.url("/api/v1/contacts"), token="egw_" + "0" * 12 + "_" + "A" * 43)
+    await call("GET", gateway.url("/api/v1/contacts"), token=token)
+    unknown, forbidden = access_lines(gateway, buffer)
+    assert (unknown["status"], unknown["refusal"], unknown["token_id"]) == (
+        401,
+        "auth_unknown",
+        None,
+    )
+    assert unknown["token_name"] == "-" and unknown["upstream_status"] is None
+    assert (forbidden["status"], forbidden["refusal"]) == (403, "forbidden")
+    assert forbidden["token_name"] == "narrow" and forbidden["route"] == "/api/v1/contacts"
+
+
+async def test_an_upstream_echoing_the_key_never_shows_it_to_the_caller(
+    make_gateway: MakeGateway, aiohttp_server: ServerFactory
+) -> None:
+    async def echo(request: web.Request) -> web.Response:
+        key = request.headers["X-API-Key"]
+        headers = [
+            ("X-Echo", key),
+            ("X-Echo-Inside", f"before {key} after"),
+            ("X-Echo", "plain"),
+            ("X-Kept", "yes"),
+            ("Connection", "X-Hop"),
+            ("X-Hop", key),
+            ("Set-Cookie", f"k={key}"),
+            ("X-RateLimit-Remaining", "7"),
+        ]
+        return web.Response(body=b"{}", headers=CIMultiDict(headers))
+
+    app = web.Application()
+    app.router.add_get("/api/v1/contacts", echo)
+    upstream = await aiohttp_server(app)
+    gw = await make_gateway(str(upstream.make_url("")).rstrip("/"))
+    token = await gw.token("contacts:read")
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(gw.url("/api/v1/contacts"), headers={"X-API-Key": token}) as resp,
+    ):
+        assert resp.status == 200
+        fields = list(resp.headers.items())
+    assert all(TEAM_KEY not in name and TEAM_KEY not in value for name, value in fields)
+    names = [name.lower() for name, _ in fields]
+    assert ("x-echo", "plain") in [(n.lower(), v) for n, v in fields]
+    assert "x-kept" in names
+    assert "x-echo-inside" not in names and "x-hop" not in names and "set-cookie" not in names
+    assert dict(fields)["X-RateLimit-Remaining"] != "7"  # the caller's own view instead
+
+
+async def test_answers_of_every_shape_relay_whole(
+    make_gateway: MakeGateway, aiohttp_server: ServerFactory
+) -> None:
+    big = bytes(range(256)) * 4096  # 1 MiB: many chunks
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"X-Shape": "stream"})  # chunked, no length
+        await response.prepare(request)
+        for start in range(0, len(big), 65536):
+            await response.write(big[start : start + 65536])
+        await response.write_eof()
+        return response
+
+    async def empty(request: web.Request) -> web.Response:
+        return web.Response(status=204, headers={"X-Shape": "empty"})
+
+    async def sized(request: web.Request) -> web.Response:
+        return web.Response(body=b'{"n":1}', content_type="application/json")
+
+    app = web.Application()
+    app.router.add_get("/api/v1/tags", stream)
+    app.router.add_get("/api/v1/boards", empty)
+    app.router.add_route("*", "/api/v1/contacts", sized)
+    upstream = await aiohttp_server(app)
+    gw = await make_gateway(str(upstream.make_url("")).rstrip("/"))
+    token = await gw.token("*")
+    status, headers, body = await call("GET", gw.url("/api/v1/tags"), token=token)
+    assert (status, headers["X-Shape"], body) == (200, "stream", big)
+    status, headers, body = await call("GET", gw.url("/api/v1/boards"), token=token)
+    assert (status, headers["X-Shape"], body) == (204, "empty", b"")
+    status, headers, body = await call("HEAD", gw.url("/api/v1/contacts"), token=token)
+    assert (status, headers["Content-Length"], body) == (200, "7", b"")
+    status, headers, body = await call("GET", gw.url("/api/v1/contacts"), token=token)
+    assert (status, headers["Content-Length"], body) == (200, "7", b'{"n":1}')
+    assert headers["X-RateLimit-Remaining"] and headers["X-Request-ID"]

@@ -668,3 +668,22 @@ def test_no_path_reaches_a_route_its_scope_does_not_allow(
     upstream = _reference_route(method, segments)
     assert upstream is match.route
     assert allowed == _reference_allows(granted, upstream.scope)
+
+
+def test_remembered_matches_are_the_ones_made_afresh() -> None:
+    table = RouteTable(DEFAULT_ROUTES)
+    paths = ["/api/v1/contacts", "/api/v1/contacts/c%20d", "/api/v1/x" + "y" * 600]
+    for path in paths * 2:  # the second round comes from what the table remembers
+        assert table.match("GET", path) == RouteTable(DEFAULT_ROUTES).match("GET", path)
+    for _ in range(2):  # a refused path is refused every time
+        with pytest.raises(PathError):
+            table.match("GET", "/api/v1//contacts")
+
+
+def test_remembered_matches_are_bounded() -> None:
+    table = RouteTable(DEFAULT_ROUTES)
+    for n in range(routes.MATCH_CACHE_SIZE * 2 + 3):
+        path = f"/api/v1/contacts/{n}"
+        assert table.match("GET", path).path == path
+    assert len(table._matches) <= routes.MATCH_CACHE_SIZE
+    assert table.match("GET", "/api/v1/contacts/7").template == "/api/v1/contacts/{contactId}"

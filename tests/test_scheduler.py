@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 
 from proxy.admission import AdmitRequest, Grant, Refusal
 from proxy.budget import CredentialBudget, Limit
+from proxy.ratelimit_headers import caller_headers
 from proxy.scheduler import Lane, QueuePolicy, Scheduler, SendLog, SlotGrant, TokenCharge
 from proxy.slots import LocalSlots
 from proxy.state.memory import MemorySendLog
@@ -932,3 +933,31 @@ async def test_a_waiter_cancelled_just_before_the_pump_runs_takes_no_slot(rig: R
     assert lane.depth == 0
     assert lane.policy.waiting == 0
     assert lane.budget.count(rig.clock.now, 0) == 1
+
+
+async def test_kept_caller_headers_always_equal_fresh_ones(rig: Rig) -> None:
+    """Scheduler.caller_headers keeps its answer between budget changes: at every moment it
+    must still be what a computation from scratch gives."""
+    lane = rig.lane(await rig.sqlite_log(), Limit(3, 2), Limit(5, 10))
+    scheduler = Scheduler({CREDENTIAL: lane}, rig.policy, rig.observer, clock=rig.clock)
+    request = AdmitRequest(token("svc"), CREDENTIAL, "/v1/calls", max_wait=0.0)
+
+    def fresh() -> dict[str, str]:
+        windows = [("echowin", w) for w in lane.source.snapshot(rig.clock.now)]
+        return caller_headers(rig.clock.now, windows)
+
+    rig.clock.now += 1 / 64  # off a whole second: X-RateLimit-Reset (now, rounded up) holds
+    first = scheduler.caller_headers(request)
+    assert scheduler.caller_headers(request) is first  # nothing changed: the same answer
+    grants = []
+    for step in range(160):  # 12.5 s in steps of 5/64 s, sends and give-backs on the way
+        if step % 7 == 0:
+            result = await scheduler.admit(request)
+            if isinstance(result, SlotGrant):
+                grants.append(result)
+        if step % 11 == 0 and grants:
+            grants.pop().unsent()
+        if step % 13 == 0 and grants:
+            grants.pop().sent(200, {})
+        assert dict(scheduler.caller_headers(request)) == fresh(), step
+        rig.clock.now += 5 / 64

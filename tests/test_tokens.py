@@ -488,6 +488,95 @@ async def test_cache_hits_do_not_call_the_store(
     assert store.gets == 2
 
 
+@pytest.fixture
+def hashes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every secret the authenticator hashes to check it, in order."""
+    seen: list[str] = []
+    check = TokenAuthenticator._secret_matches
+
+    def counting(record: TokenRecord, secret: str) -> bool:
+        seen.append(secret)
+        return check(record, secret)
+
+    monkeypatch.setattr(TokenAuthenticator, "_secret_matches", staticmethod(counting))
+    return seen
+
+
+async def test_a_verified_token_is_not_hashed_again_while_cached(
+    auth: TokenAuthenticator, store: CountingStore, timer: FakeClock, hashes: list[str]
+) -> None:
+    new = await stored(store)
+    for _ in range(5):
+        assert (await auth.authenticate(new.token)).record == new.record
+    assert len(hashes) == 1
+    timer.now += 5.0  # the record's cache entry ends: read and hash again
+    assert (await auth.authenticate(new.token)).ok
+    assert (store.gets, len(hashes)) == (2, 2)
+
+
+async def test_a_wrong_secret_never_rides_on_a_verified_token(
+    auth: TokenAuthenticator, store: CountingStore, hashes: list[str]
+) -> None:
+    new = await stored(store)
+    assert (await auth.authenticate(new.token)).ok
+    forged = new.token[:17] + mint().token[17:]
+    for raw in (forged, new.token[:-1] + "\u00e9", new.token + "x", new.token[:-1]):
+        assert not (await auth.authenticate(raw)).ok, raw
+    assert (await auth.authenticate(new.token)).ok
+
+
+async def test_a_verified_token_still_expires_and_is_revoked_at_once(
+    auth: TokenAuthenticator, store: CountingStore, clock: FakeClock, hashes: list[str]
+) -> None:
+    new = await stored(store, expires_in=60)
+    assert (await auth.authenticate(new.token)).ok
+    clock.now = T0 + 60
+    assert (await auth.authenticate(new.token)).failure is AuthFailure.EXPIRED
+    other = await stored(store)
+    assert (await auth.authenticate(other.token)).ok
+    assert (await auth.authenticate(other.token)).ok  # from the verified cache
+    await auth.revoke(other.record.id)
+    assert (await auth.authenticate(other.token)).failure is AuthFailure.REVOKED
+
+
+async def test_a_store_side_revoke_reaches_a_verified_token_within_the_ttl(
+    auth: TokenAuthenticator, store: CountingStore, timer: FakeClock, hashes: list[str]
+) -> None:
+    new = await stored(store)
+    assert (await auth.authenticate(new.token)).ok
+    await store.revoke(new.record.id, T0)  # by another instance
+    timer.now += 4.9
+    assert (await auth.authenticate(new.token)).ok  # cached here, as records are
+    timer.now += 0.1
+    assert (await auth.authenticate(new.token)).failure is AuthFailure.REVOKED
+
+
+async def test_an_answer_read_before_an_invalidate_is_not_remembered(
+    auth: TokenAuthenticator, store: CountingStore, hashes: list[str]
+) -> None:
+    new = await stored(store)
+    store.gate = asyncio.Event()
+    early = asyncio.create_task(auth.authenticate(new.token))
+    await asyncio.sleep(0)
+    await store.revoke(new.record.id, T0)
+    auth.invalidate(new.record.id)
+    store.gate.set()
+    await early  # read before the revocation: it may pass, but it must not be kept
+    assert (await auth.authenticate(new.token)).failure is AuthFailure.REVOKED
+
+
+async def test_the_verified_cache_is_bounded(store: CountingStore, hashes: list[str]) -> None:
+    auth = TokenAuthenticator(store, cache_size=2)
+    tokens = [await stored(store) for _ in range(3)]
+    for new in tokens:
+        assert (await auth.authenticate(new.token)).ok
+    assert len(hashes) == 3
+    assert (await auth.authenticate(tokens[2].token)).ok  # the newest is still verified
+    assert len(hashes) == 3
+    assert (await auth.authenticate(tokens[0].token)).ok  # the oldest was let go
+    assert len(hashes) == 4
+
+
 async def test_unknown_ids_are_remembered_briefly(
     auth: TokenAuthenticator, store: CountingStore, timer: FakeClock
 ) -> None:

@@ -174,6 +174,7 @@ class RedisSlots:
         self._known: dict[bytes, float] = {}
         self._known_max = 2 * sum(lim.requests for lim in self._limits) + 1000
         self.healthy = True
+        self.changes = 0  # bumped when the view learns what other replicas did
         self._tasks: set[asyncio.Task[Any]] = set()
         self._reserve = client.register_script(_RESERVE)
         self._snapshot = client.register_script(_SNAPSHOT)
@@ -224,6 +225,7 @@ class RedisSlots:
             if at is None:
                 at = known[fresh[i]] = score - self._offset
                 self.mirror.record(at)
+                self.changes += 1
             if fresh[i] == member:
                 mine = at
             self._cursor = max(self._cursor, score)
@@ -302,6 +304,7 @@ class RedisSlots:
         if frozen > now:
             mirror.freeze(frozen)
         self.mirror, self._mirror_at, self._offset = mirror, now, offset
+        self.changes += 1
 
     @property
     def budget(self) -> CredentialBudget:
