@@ -25,7 +25,8 @@ WORKDIR /src
 RUN python -m venv --without-pip /opt/echowin-gateway
 COPY pyproject.toml README.md ./
 COPY proxy/ proxy/
-RUN pip --python /opt/echowin-gateway/bin/python install --no-cache-dir "./[redis]" \
+# fast: uvloop, which server.event_loop (auto) then runs on (docs/performance.md).
+RUN pip --python /opt/echowin-gateway/bin/python install --no-cache-dir "./[redis,fast]" \
     && /opt/echowin-gateway/bin/echowin-gateway --version
 
 FROM python:3.11-slim-bookworm

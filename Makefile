@@ -3,12 +3,12 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test test-deps lint typecheck unit bench clean
+.PHONY: run test test-deps lint typecheck unit unit-workers bench clean
 
 run: $(VENV)/.installed
 	$(BIN)/echowin-gateway quickstart --config config/gateway.example.yaml
 
-test: $(VENV)/.installed test-deps lint typecheck unit
+test: $(VENV)/.installed test-deps lint typecheck unit unit-workers
 
 # Redis, Prometheus, Chromium: installed when missing, Redis started when down.
 test-deps:
@@ -25,6 +25,11 @@ typecheck: $(VENV)/.installed
 
 unit: $(VENV)/.installed
 	$(BIN)/pytest -q -p no:cacheprovider
+
+# The end-to-end budget tests once more, every gateway a `serve --workers 2` on sqlite state
+# (tests/procs.py: EGW_TEST_WORKERS; EGW_TEST_STATE=redis for Redis).
+unit-workers: $(VENV)/.installed
+	EGW_TEST_WORKERS=2 $(BIN)/pytest -q -p no:cacheprovider tests/test_budget_e2e.py tests/test_restart.py
 
 # The performance harness (docs/performance.md): a few minutes; writes bench.json, bench.md.
 bench: $(VENV)/.installed

@@ -6,14 +6,19 @@ import asyncio
 import logging
 import signal
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from proxy.admin import build_admin_app
 from proxy.config import GatewayConfig, Secrets
 from proxy.handler import handle
+from proxy.loops import loop_name
 from proxy.reload import reload_config
 from proxy.runtime import RUNTIME, Runtime
+
+if TYPE_CHECKING:
+    from proxy.worker import WorkerSpec
 
 log = logging.getLogger("echowin_gateway")
 
@@ -46,14 +51,19 @@ async def serve(
     ready: asyncio.Event | None = None,
     config_path: str | None = None,
     state_override: str | None = None,
+    worker: WorkerSpec | None = None,
 ) -> None:
     """Run both listeners until SIGTERM or SIGINT, then drain and return.
 
     On SIGTERM/SIGINT the proxy stops accepting at once, requests in flight get
     ``server.shutdown_grace_seconds`` to finish, and then everything closes. On SIGHUP the
-    config at ``config_path`` is read again (see proxy/reload.py).
+    config at ``config_path`` is read again (see proxy/reload.py). As one of ``serve
+    --workers N`` (``worker``), the proxy port is shared (SO_REUSEPORT) and the admin app
+    listens on the worker's private socket (see proxy/worker.py).
     """
     proxy_app, admin_app = build_apps(config, secrets)
+    if worker is not None:
+        _as_worker(proxy_app, admin_app, worker)
     grace = config.server.shutdown_grace_seconds
     # handler_cancellation: a client that hangs up while queued leaves the queue at once.
     proxy_runner = web.AppRunner(
@@ -73,13 +83,29 @@ async def serve(
         host, port = config.listen_address()
         # A burst of new connections must not overflow the listen queue (aiohttp's default
         # is 128; the kernel caps this at net.core.somaxconn).
-        site = web.TCPSite(proxy_runner, host, port, reuse_address=True, backlog=4096)
+        site = web.TCPSite(
+            proxy_runner,
+            host,
+            port,
+            reuse_address=True,
+            reuse_port=worker is not None,
+            backlog=4096,
+        )
         await site.start()
-        ahost, aport = config.admin_address()
-        await web.TCPSite(admin_runner, ahost, aport, reuse_address=True).start()
+        if worker is not None:
+            await worker.admin_site(admin_runner).start()
+        else:
+            ahost, aport = config.admin_address()
+            await web.TCPSite(admin_runner, ahost, aport, reuse_address=True).start()
         log.info(
             "gateway listening",
-            extra={"fields": {"listen": config.listen, "admin_listen": config.admin_listen}},
+            extra={
+                "fields": {
+                    "listen": config.listen,
+                    "admin_listen": config.admin_listen,
+                    "event_loop": loop_name(loop),
+                }
+            },
         )
         if ready is not None:
             ready.set()
@@ -88,5 +114,17 @@ async def serve(
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
+        if worker is not None:
+            worker.ignore_signals()
         await proxy_runner.cleanup()
         await admin_runner.cleanup()
+
+
+def _as_worker(proxy_app: web.Application, admin_app: web.Application, worker: WorkerSpec) -> None:
+    """One of ``worker.count`` processes: a replica of the budget, stopping when its
+    supervisor is gone; its admin app is reached through the supervisor only."""
+    from proxy.worker import forwarded_peer
+
+    proxy_app[RUNTIME].workers = worker.count
+    admin_app.middlewares.append(forwarded_peer)
+    admin_app.cleanup_ctx.append(worker.watching_parent)

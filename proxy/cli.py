@@ -15,14 +15,24 @@ import os
 import sys
 import time
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from proxy import __version__
 from proxy.admin_client import AdminClient, AdminError
-from proxy.config import ConfigError, GatewayConfig, load_config, resolve_secrets
+from proxy.config import (
+    MAX_WORKERS,
+    ConfigError,
+    GatewayConfig,
+    load_config,
+    resolve_secrets,
+    unshared_state,
+)
 from proxy.logs import setup_logging
 from proxy.tokenops import create_token, open_store
 from proxy.tokens import TokenStore
+
+if TYPE_CHECKING:
+    from proxy.worker import WorkerSpec
 
 EXIT_CONFIG = 2
 
@@ -54,18 +64,42 @@ def _load(args: argparse.Namespace) -> GatewayConfig:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from proxy.app import serve
+    from proxy.loops import run as run_loop
+    from proxy.workers import resolve_workers, supervise
 
+    worker = _worker_spec(args)
     try:
         config = _load(args)
         secrets_ = resolve_secrets(config)
+        source = "--workers" if args.workers is not None else "server.workers"
+        count = resolve_workers(config.server.workers if args.workers is None else args.workers)
+        if count > 1 and (problem := unshared_state(config, source, count)):
+            raise ConfigError([problem])
     except ConfigError as exc:
         return _fail(exc.lines)
     setup_logging(config.logging.level, config.logging.format)
     try:
-        asyncio.run(serve(config, secrets_, config_path=args.config, state_override=args.state))
+        if count > 1 and worker is None:
+            return supervise(config, args.config, args.state, count)
+        run_loop(
+            serve(
+                config, secrets_, config_path=args.config, state_override=args.state, worker=worker
+            ),
+            config.server.event_loop,
+        )
     except OSError as exc:
         return _fail([f"cannot start: {exc.strerror or exc}"], code=1)
     return 0
+
+
+def _worker_spec(args: argparse.Namespace) -> WorkerSpec | None:
+    """Set by the supervisor of ``serve --workers N`` on each worker it starts."""
+    from proxy.worker import WorkerSpec
+
+    if args.worker_index is None:
+        return None
+    spec = WorkerSpec(args.worker_index, args.workers, args.worker_socket, args.worker_parent)
+    return spec.bind_to_parent()
 
 
 async def _with_store(
@@ -217,6 +251,13 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
         return _fail([f"cannot start: {exc.strerror or exc}"], code=1)
 
 
+def workers_arg(text: str) -> int | str:
+    """``--workers``: 1-64, or 0 or ``auto`` (one per CPU)."""
+    if text == "auto" or (text.isdigit() and int(text) <= MAX_WORKERS):
+        return text if text == "auto" else int(text)
+    raise argparse.ArgumentTypeError(f"must be 1-{MAX_WORKERS}, or 0 or auto (one per CPU)")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="echowin-gateway", description="Authenticating, budget-keeping proxy for echowin."
@@ -227,6 +268,14 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the gateway")
     serve.add_argument("--config", required=True)
     serve.add_argument("--state", help="override the config's state URL")
+    serve.add_argument(
+        "--workers",
+        type=workers_arg,
+        metavar="N",
+        help="processes sharing the listen port (0 or auto: one per CPU); overrides server.workers",
+    )
+    for hidden, kind in (("index", int), ("socket", str), ("parent", int)):
+        serve.add_argument(f"--worker-{hidden}", type=kind, help=argparse.SUPPRESS)
     serve.set_defaults(func=cmd_serve)
 
     check = sub.add_parser("check-config", help="validate a config file")

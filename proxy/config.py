@@ -26,6 +26,7 @@ from pydantic import (
     model_validator,
 )
 
+from proxy.loops import MISSING_UVLOOP, EventLoop, uvloop_installed
 from proxy.routes import DEFAULT_ROUTES, Route, RouteTable
 from proxy.tokens import DEFAULT_UPSTREAM_KEY
 
@@ -172,9 +173,32 @@ class QueueConfig(_Model):
     max_depth_per_token: PositiveInt = 1_000
 
 
+MAX_WORKERS = 64
+
+
+def _workers(value: object) -> int | str:
+    """``server.workers``: 1-64, or ``auto`` (``0`` is the same): one per CPU."""
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value == 0):
+        return "auto"
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_WORKERS:
+        raise ValueError(f"must be an integer 1-{MAX_WORKERS}, or auto (0): one per CPU")
+    return value
+
+
+def _event_loop(value: object) -> object:
+    """``server.event_loop``: naming uvloop needs it installed (the ``fast`` extra)."""
+    if value == "uvloop" and not uvloop_installed():
+        raise ValueError(MISSING_UVLOOP)
+    return value
+
+
 class ServerConfig(_Model):
     max_request_body_bytes: PositiveInt = 10 * 1024 * 1024
     shutdown_grace_seconds: NonNegativeFloat = 10.0
+    # Proxy processes sharing the listen port (SO_REUSEPORT); see proxy/workers.py.
+    workers: Annotated[int | Literal["auto"], BeforeValidator(_workers)] = 1
+    # asyncio's loop or uvloop (proxy/loops.py); auto: uvloop when it is installed.
+    event_loop: Annotated[EventLoop, BeforeValidator(_event_loop)] = "auto"
 
 
 class TokensConfig(_Model):
@@ -350,7 +374,22 @@ def parse_config(raw: object, source: str = "config") -> GatewayConfig:
         config.route_table()
     except ValueError as exc:
         raise ConfigError([f"routes: {exc}"]) from None
+    if config.server.workers != 1 and (problem := unshared_state(config, "server.workers")):
+        raise ConfigError([problem])
     return config
+
+
+def unshared_state(config: GatewayConfig, source: str, workers: int | str | None = None) -> str:
+    """Why ``state`` cannot serve several worker processes ("" when it can): ``memory://``
+    keeps the budget inside one process, so each worker would spend all of it. ``source``
+    names where the worker count came from (``server.workers``, ``--workers``)."""
+    count = config.server.workers if workers is None else workers
+    if count == 1 or not config.state.lower().startswith("memory:"):
+        return ""
+    return (
+        f"state: memory:// keeps the budget inside one process; with {source} {count} each"
+        " worker would spend the whole budget: use sqlite:///PATH or redis://HOST:PORT/DB"
+    )
 
 
 def load_config(path: str | os.PathLike[str]) -> GatewayConfig:

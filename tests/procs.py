@@ -141,6 +141,19 @@ class Proc:
 Spawn = Callable[..., Proc]
 
 
+def workers_under_test() -> int:
+    """``EGW_TEST_WORKERS=N``: every ``serve`` these helpers start runs ``--workers N``, so
+    the same end-to-end tests prove the budget across N processes (``make test`` runs the
+    budget tests once more that way)."""
+    return int(os.environ.get("EGW_TEST_WORKERS") or 1)
+
+
+def _with_workers(args: tuple[str | Path, ...]) -> tuple[str | Path, ...]:
+    if args[:1] == ("serve",) and "--workers" not in args and workers_under_test() > 1:
+        return (*args, "--workers", str(workers_under_test()))
+    return args
+
+
 @pytest.fixture
 def spawn(tmp_path: Path) -> Iterator[Spawn]:
     """Start CLI subprocesses (stdout/stderr to files); all are killed at teardown."""
@@ -150,7 +163,7 @@ def spawn(tmp_path: Path) -> Iterator[Spawn]:
         out, err = tmp_path / f"{name}.stdout", tmp_path / f"{name}.stderr"
         with out.open("wb") as fout, err.open("wb") as ferr:
             popen = subprocess.Popen(
-                [*CLI, *map(str, args)],
+                [*CLI, *map(str, _with_workers(args))],
                 env=env,
                 cwd=tmp_path,
                 stdin=subprocess.DEVNULL,
@@ -202,7 +215,7 @@ async def eventually(cond: Callable[[], Awaitable[bool]], what: str, timeout: fl
 async def connection_refused(port: int) -> bool:
     try:
         _, writer = await asyncio.open_connection("127.0.0.1", port)
-    except ConnectionRefusedError:
+    except (ConnectionRefusedError, ConnectionResetError):  # reset: the listener was closing
         return True
     writer.close()
     await writer.wait_closed()

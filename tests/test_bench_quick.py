@@ -42,7 +42,14 @@ def test_quick_mode_reports_every_scenario(tmp_path: Path) -> None:
     result = json.loads(run.stdout)
     assert json.loads(out_json.read_text(encoding="utf-8")) == result
 
-    assert set(result["scenarios"]) == set(harness.SCENARIOS)
+    assert set(result["scenarios"]) == {*harness.SCENARIOS, "workers"}
+    workers = result["scenarios"]["workers"]
+    assert set(workers["targets"]) == {"gateway-1w", "gateway-2w"}
+    for entry in workers["targets"].values():
+        assert entry["all_as_expected"], entry["rounds"]
+        assert entry["rounds"][0]["requests"] > 0 and entry["cores"]["median"] is not None
+    assert workers["ratio"] is not None
+    assert "admitted req/s, 2 workers vs 1" in [t["name"] for t in result["targets"]]
     for name in THROUGHPUT:
         scenario = result["scenarios"][name]
         assert scenario["connections"] == (1 if name == "latency" else 50)
@@ -68,11 +75,12 @@ def test_quick_mode_reports_every_scenario(tmp_path: Path) -> None:
     assert queued["targets"]["gateway"]["queued"] > 0
 
     names = [t["name"] for t in result["targets"]]
-    assert len(names) == 5
+    assert len(names) == 6
     assert all(isinstance(t["met"], bool) for t in result["targets"])
     table = out_md.read_text(encoding="utf-8")
     assert "| Scenario | Server |" in table
     assert "| Target | Wanted | Measured | Met |" in table
+    assert "| gateway-2w |" in table
 
 
 async def test_python_load_generator_and_burst(aiohttp_server: ServerFactory) -> None:
@@ -130,3 +138,39 @@ async def test_upstream_answers_like_echowin(aiohttp_server: ServerFactory) -> N
         assert await resp.json() == json.loads(upstream.BODY)
         for name, value in upstream.RATE_LIMIT_HEADERS.items():
             assert resp.headers[name] == value
+
+
+def test_variants_have_their_own_floor_and_are_paired_with_their_main_server() -> None:
+    """--loop twice and --baseline: gateway+uvloop is compared with passthrough+uvloop, and
+    each variant with its main server round by round."""
+
+    def runs(*rps: float) -> list[dict[str, object]]:
+        return [
+            {"rps": r, "p50_ms": 1000 / r, "p90_ms": 1.0, "p99_ms": 1.0, "as_expected": True}
+            for r in rps
+        ]
+
+    rounds = {
+        "gateway": runs(400, 500),
+        "passthrough": runs(1000, 1000),
+        "gateway+uvloop": runs(600, 600),
+        "passthrough+uvloop": runs(1200, 1200),
+        "gateway@base": runs(200, 250),
+    }
+    targets = harness.summarise("admitted", 50, rounds, {})["targets"]
+    assert targets["gateway"]["rps_ratio"] == 0.45
+    assert targets["gateway+uvloop"]["rps_ratio"] == 0.5  # over passthrough+uvloop
+    assert targets["gateway@base"]["rps_ratio"] == 0.225  # over the main passthrough
+    assert "vs_main" not in targets["gateway"]
+    assert targets["gateway+uvloop"]["vs_main"]["rps_ratio_paired"]["median"] == 1.35
+    assert targets["passthrough+uvloop"]["vs_main"]["rps_ratio_paired"]["median"] == 1.2
+    assert targets["gateway@base"]["vs_main"]["rps_ratio_paired"]["median"] == 0.5
+
+    checked = harness.check_targets({"admitted": {"targets": targets}}, ["gateway", "gateway@base"])
+    assert [t["name"] for t in checked] == [
+        "admitted req/s vs pass-through",
+        "admitted req/s vs pass-through (gateway@base)",
+    ]
+    table = "\n".join(harness._loops_markdown({"admitted": {"targets": targets}}))
+    assert "| admitted | gateway+uvloop vs gateway | 1.350 [1.200, 1.500] |" in table
+    assert "| admitted | gateway@base vs gateway | 0.500 [0.500, 0.500] |" in table

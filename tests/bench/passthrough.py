@@ -1,13 +1,13 @@
 """The benchmark's floor: a bare aiohttp pass-through (one handler, one ClientSession).
 
-    python -m tests.bench.passthrough --port P --upstream http://127.0.0.1:U
+    python -m tests.bench.passthrough --port P --upstream http://127.0.0.1:U [--loop uvloop]
 
 It forwards every request to the upstream as it came (minus hop-by-hop headers) and streams
 the answer back: no authentication, no scope, no budget, no metrics, no access log. The
 gateway's targets are ratios to this, measured in the same run on the same core. It uses the
-same settings the gateway uses where they bear on speed: the default asyncio loop, the
-default listen backlog, no access log, a keep-alive pool of 100 connections, bodies never
-decompressed.
+same settings the gateway uses where they bear on speed: the same event loop (``--loop``,
+asyncio's by default), the default listen backlog, no access log, a keep-alive pool of 100
+connections, bodies never decompressed.
 """
 
 from __future__ import annotations
@@ -106,8 +106,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--upstream", required=True, help="e.g. http://127.0.0.1:8081")
+    parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
     args = parser.parse_args(argv)
-    asyncio.run(serve(args.host, args.port, args.upstream))
+    factory = None
+    if args.loop == "uvloop":
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(serve(args.host, args.port, args.upstream))
     return 0
 
 

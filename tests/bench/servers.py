@@ -234,10 +234,12 @@ def start_python_upstream(procs: Processes, cpu: int | None) -> Proc:
     return procs.start("aiohttp-upstream", cmd, f"http://127.0.0.1:{port}", cpu, env=_env())
 
 
-def start_passthrough(procs: Processes, upstream: str, cpu: int | None, name: str) -> Proc:
+def start_passthrough(
+    procs: Processes, upstream: str, cpu: int | None, name: str, loop: str = "asyncio"
+) -> Proc:
     (port,) = free_ports(1)
     cmd = [sys.executable, "-m", "tests.bench.passthrough", "--port", str(port)]
-    cmd += ["--upstream", upstream]
+    cmd += ["--upstream", upstream, "--loop", loop]
     return procs.start(name, cmd, f"http://127.0.0.1:{port}", cpu, env=_env())
 
 
@@ -257,6 +259,8 @@ def start_gateway(
     limits: list[tuple[int, float]],
     max_wait: float,
     max_depth: int = 10_000,
+    event_loop: str | None = "asyncio",
+    source: Path | None = None,
 ) -> Gateway:
     """``echowin-gateway serve`` with every feature on: auth, scope, budget, metrics, JSON
     access log (to its stderr file); state in memory."""
@@ -283,9 +287,13 @@ def start_gateway(
         "server": {"shutdown_grace_seconds": 2},
         "logging": {"level": "info", "format": "json", "access_log": True},
     }
+    if event_loop is not None:  # None: the gateway's default (an older tree may not know it)
+        raw["server"]["event_loop"] = event_loop
     config = procs.tmp / f"{name}.yaml"
     config.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
     env = _env(ECHOWIN_API_KEY=BENCH_KEY, GATEWAY_ADMIN_TOKEN=admin_token)
+    if source is not None:  # another tree's proxy package, ahead of this one
+        env["PYTHONPATH"] = os.pathsep.join([str(source), env["PYTHONPATH"]])
     proc = procs.start(
         name,
         [*GATEWAY_CLI, "serve", "--config", str(config)],
