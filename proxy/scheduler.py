@@ -144,7 +144,7 @@ class Lane:
         self.name = name
         if source is None:
             assert send_log is not None, "a Lane needs a send log or a slot source"
-            source = LocalSlots(name, CredentialBudget(limits, guard), send_log)
+            source = LocalSlots(name, CredentialBudget(limits, guard), send_log, clock)
         self.source = source
         self.policy = policy
         self.observer = observer

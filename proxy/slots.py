@@ -157,8 +157,18 @@ class LocalSlots:
     LEASE_MIN = 16  # smaller blocks are not worth it: a row per send (>= 256 free to lease)
     POLL_SECONDS = 0.05  # how often ``refresh`` reads other processes' rows
 
-    def __init__(self, name: str, budget: CredentialBudget, log: SendLog) -> None:
+    def __init__(
+        self,
+        name: str,
+        budget: CredentialBudget,
+        log: SendLog,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        """``clock``: read again when a row is planned, since ``reserve`` may have waited
+        for another process's write lock: a send is never stamped before it was decided.
+        """
         self.name = name
+        self.clock = clock
         self.budget = budget
         self.log = log
         self.durable = log.durable
@@ -210,6 +220,8 @@ class LocalSlots:
 
     def _plan(self, now: float, rows: list[Row]) -> Row | None:
         """Inside the log's transaction: what to reserve, given the others' new rows."""
+        if self.clock is not None:
+            now = max(now, self.clock())
         self._merge(rows)
         if self.budget.wait_time(now) > 0:
             return None
