@@ -109,12 +109,25 @@ def _create_private(path: str) -> None:
     """Create the file (and its missing directories) readable by the owner only.
 
     SQLite gives its -wal and -shm files the main file's mode, so they stay private too.
-    An existing file keeps the mode its owner gave it.
+    An existing file keeps the mode its owner gave it, and is not opened here at all:
+    closing any descriptor of a database file drops every POSIX lock this process holds on
+    it, those of its open SQLite connections included (SQLite's "posix advisory locks"
+    caveat). A process whose connections had silently lost their shared lock let another
+    process take the file for the last user on close, checkpoint and delete the WAL, and
+    every later commit of the first process went to the deleted file: gone. That is how a
+    second connection in one process (token store, then send log) lost budget rows with
+    ``serve --workers``.
     """
+    if os.path.exists(path):
+        return
     parent = os.path.dirname(path)
     if parent:
         os.makedirs(parent, mode=0o700, exist_ok=True)
-    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another process made it just now
+        return
+    os.close(fd)
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
