@@ -280,22 +280,37 @@ async def test_the_budget_holds_across_workers(
     assert set(admitted) == {"0", "1"}, admitted
 
 
-async def test_sigterm_drains_every_worker_and_exits_0(
-    tmp_path: Path, spawn: Spawn, big_sim: tuple[Simulator, str], redis_prefix: str
-) -> None:
+async def group_with_calls_in_flight(
+    tmp_path: Path,
+    spawn: Spawn,
+    big_sim: tuple[Simulator, str],
+    redis_prefix: str,
+    count: int,
+) -> tuple[Gateway, Proc, list[int], list[asyncio.Future[Counter[int]]]]:
+    """A 2-worker group on Redis, its worker pids, and ``count`` calls held in flight by a
+    slow simulator (1.5 s), once the merged metrics count all of them."""
     sim, sim_url = big_sim
     gw = group_config(tmp_path, sim_url, "redis", redis_prefix, HUGE_LIMITS)
     proc = await start_group(spawn, gw)
     token = await new_token(gw)
     pids = [w["pid"] for w in (await health(gw))["workers"]]
     sim.set_faults(Faults(latency_seconds=1.5))
-    calls = [asyncio.ensure_future(fresh_connections(gw, token, 1)) for _ in range(8)]
+    calls = [asyncio.ensure_future(fresh_connections(gw, token, 1)) for _ in range(count)]
 
     async def all_in_flight() -> bool:
         text = await metrics_text(gw)
-        return sum(by_worker(text, "echowin_gateway_in_flight_requests").values()) == 8
+        return sum(by_worker(text, "echowin_gateway_in_flight_requests").values()) == count
 
-    await eventually(all_in_flight, "8 requests in flight", DEADLINE)
+    await eventually(all_in_flight, f"{count} requests in flight", DEADLINE)
+    return gw, proc, pids, calls
+
+
+async def test_sigterm_drains_every_worker_and_exits_0(
+    tmp_path: Path, spawn: Spawn, big_sim: tuple[Simulator, str], redis_prefix: str
+) -> None:
+    gw, proc, pids, calls = await group_with_calls_in_flight(
+        tmp_path, spawn, big_sim, redis_prefix, 8
+    )
     proc.popen.send_signal(signal.SIGTERM)
     answered = sum(await asyncio.gather(*calls), Counter())
     assert answered == Counter({200: 8}), answered  # in flight when it stopped: finished
@@ -355,19 +370,9 @@ async def test_workers_die_with_their_supervisor(
     tmp_path: Path, spawn: Spawn, big_sim: tuple[Simulator, str], redis_prefix: str
 ) -> None:
     """SIGKILL to the supervisor: the kernel tells the workers, which drain and exit."""
-    sim, sim_url = big_sim
-    gw = group_config(tmp_path, sim_url, "redis", redis_prefix, HUGE_LIMITS)
-    proc = await start_group(spawn, gw)
-    token = await new_token(gw)
-    pids = [w["pid"] for w in (await health(gw))["workers"]]
-    sim.set_faults(Faults(latency_seconds=1.5))
-    calls = [asyncio.ensure_future(fresh_connections(gw, token, 1)) for _ in range(4)]
-
-    async def all_in_flight() -> bool:
-        text = await metrics_text(gw)
-        return sum(by_worker(text, "echowin_gateway_in_flight_requests").values()) == 4
-
-    await eventually(all_in_flight, "4 requests in flight", DEADLINE)
+    gw, proc, pids, calls = await group_with_calls_in_flight(
+        tmp_path, spawn, big_sim, redis_prefix, 4
+    )
     proc.popen.send_signal(signal.SIGKILL)
     await proc.wait_exit(5)
     answered = sum(await asyncio.gather(*calls), Counter())
