@@ -27,12 +27,10 @@ unit: $(VENV)/.installed
 	$(BIN)/pytest -q -p no:cacheprovider
 
 # The end-to-end budget tests once more, every gateway a `serve --workers 2` on sqlite state
-# (tests/procs.py: EGW_TEST_WORKERS; EGW_TEST_STATE=redis for Redis). Not yet the noisy-token
-# fairness test: queues are fair per worker only, and one worker can lose every race for the
-# next slot to the other, so its quiet callers wait (failed once under load; open, issue 7).
+# (tests/procs.py: EGW_TEST_WORKERS; EGW_TEST_STATE=redis for Redis).
 unit-workers: $(VENV)/.installed
 	EGW_TEST_WORKERS=2 $(BIN)/pytest -q -p no:cacheprovider tests/test_budget_e2e.py \
-	    tests/test_restart.py -k "not test_a_noisy_token_cannot_starve_quiet_ones"
+	    tests/test_restart.py
 
 # The performance harness (docs/performance.md): a few minutes; writes bench.json, bench.md.
 bench: $(VENV)/.installed

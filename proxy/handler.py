@@ -92,6 +92,7 @@ class Exchange:
     upstream_seconds: float = 0.0
     refusal: str | None = None
     bytes_out: int = 0
+    client_gone: bool = False
 
 
 class BodyTooLarge(Exception):
@@ -421,25 +422,36 @@ async def _relay(
     headers.update(extra)  # the caller's rate-limit fields, Server-Timing, X-Request-ID
     if upstream.content_length is not None:
         response.content_length = upstream.content_length
-    await response.prepare(request)
     try:
-        async for chunk in upstream.content.iter_any():
+        await response.prepare(request)
+        chunks = upstream.content.iter_any()
+        while True:
+            try:
+                chunk = await anext(chunks)
+            except StopAsyncIteration:
+                break
+            except (aiohttp.ClientError, TimeoutError):
+                # Too late for a status: cut the connection so the client sees a broken answer.
+                ex.refusal = "upstream_broken_body"
+                if request.transport is not None:
+                    request.transport.close()
+                return response
             ex.bytes_out += len(chunk)
             await response.write(chunk)
-    except (aiohttp.ClientError, TimeoutError):
-        # Too late for a status: cut the connection so the client sees a broken answer.
-        ex.refusal = "upstream_broken_body"
-        if request.transport is not None:
-            request.transport.close()
-        return response
-    await response.write_eof()
+        await response.write_eof()
+    except ConnectionResetError:
+        # The caller hung up while its answer was being written: nothing to answer, no
+        # gateway fault (aiohttp's ClientConnectionResetError is a ConnectionResetError).
+        ex.refusal = "client_closed"
+        ex.client_gone = True
     return response
 
 
 def _account(
     rt: Runtime, request: web.Request, ex: Exchange, response: web.StreamResponse | None
 ) -> None:
-    status = response.status if response is not None else 499
+    # 499 (as nginx logs it): the caller went away before its answer was written.
+    status = response.status if response is not None and not ex.client_gone else 499
     token_name = ex.token.name if ex.token is not None else ANONYMOUS
     total = time.perf_counter() - ex.started
     metrics = rt.metrics

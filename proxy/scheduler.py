@@ -177,12 +177,12 @@ class Lane:
     def _can_send(self) -> bool:
         return self.calibrated or not self.probing
 
-    async def _take(self, now: float) -> SlotGrant | None:
-        """A slot now, if the budget (and the calibration probe) allow. May raise
-        StateUnavailable."""
+    async def _take(self, now: float, waiting: bool = False) -> SlotGrant | None:
+        """A slot now, if the budget (and the calibration probe) allow; ``waiting``: for a
+        queued request. May raise StateUnavailable."""
         if not self._can_send():
             return None
-        slot = await self.source.take(now)
+        slot = await self.source.take(now, waiting)
         if slot is None:
             return None
         self.version += 1
@@ -319,7 +319,7 @@ class Lane:
         timer for the moment the budget allows the next send."""
         while self.depth > 0:
             try:
-                grant = await self._take(self.clock())
+                grant = await self._take(self.clock(), waiting=True)
             except StateUnavailable:
                 self._fail_waiters(_STATE_DOWN)
                 return

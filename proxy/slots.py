@@ -43,6 +43,25 @@ Row = tuple[float, int]
 ``n`` gives back that many sends recorded at ``at`` (they never left); ``n`` = 0 is a
 freeze: no send before ``at``."""
 
+LINE_GRACE = 0.05
+"""Seconds a process keeps its turn for a free slot past the moment it said it would try
+(see :class:`Line`); after that the others stop waiting for it."""
+
+
+@dataclasses.dataclass(slots=True)
+class Line:
+    """The processes that wait to send with one credential (``serve --workers``: they
+    share one SQLite file; replicas: one Redis). Each waiting process has one place,
+    ``(served, due)``: when it last got a slot, and the moment after which it has lost
+    its turn (it said it would try again by ``due`` - LINE_GRACE). A free slot goes to the
+    waiting process served longest ago, so no worker's queue can lose every race for the
+    next slot to another's. ``others`` is read inside the log's transaction; ``plan``
+    sets ``mine`` (None: not in line) and the log writes it there.
+    """
+
+    others: list[tuple[float, float]]
+    mine: tuple[float, float] | None = None
+
 
 class SendLog(Protocol):
     """Write-ahead record of sends, per credential (local backends only). A SQLite file
@@ -53,13 +72,17 @@ class SendLog(Protocol):
     block_max: int  # the most sends one row may reserve ahead (1: a row per send)
 
     def reserve(
-        self, credential: str, plan: Callable[[list[Row]], Row | None], returned: Row | None
+        self,
+        credential: str,
+        plan: Callable[[list[Row], Line], Row | None],
+        returned: Row | None,
     ) -> Row | None:
         """One atomic step, synchronous (a few tens of microseconds, on the event loop):
-        read the rows other processes wrote for ``credential`` since the last call, hand
-        them to ``plan``, and write the row ``plan`` returns (if any) together with
-        ``returned`` (slots given back, ``n`` < 0). Durable when it returns; returns the
-        planned row. Raises what the backend raises; nothing is written then."""
+        read the rows other processes wrote for ``credential`` since the last call and
+        the :class:`Line`, hand them to ``plan``, and write the row ``plan`` returns (if
+        any) together with ``returned`` (slots given back, ``n`` < 0) and this process's
+        place in line as ``plan`` left it. Durable when it returns; returns the planned
+        row. Raises what the backend raises; nothing is written then."""
 
     def poll(self, credential: str) -> list[Row]:
         """Rows other processes wrote for ``credential`` since the last call."""
@@ -97,8 +120,10 @@ class SlotSource(Protocol):
     async def refresh(self, now: float) -> None:
         """Bring the local view up to date before a prediction (no-op for local slots)."""
 
-    async def take(self, now: float) -> Slot | None:
-        """Reserve one send at ``now`` if every limit allows it, else None. Raises
+    async def take(self, now: float, waiting: bool = False) -> Slot | None:
+        """Reserve one send at ``now`` if every limit allows it and no other process is
+        ahead in line for it, else None. ``waiting``: this process has requests queued
+        for the credential, so it keeps (or takes) a place in line. Raises
         StateUnavailable when the backend is down and the mode is "closed"."""
 
     async def commit(self, slot: Slot) -> None:
@@ -175,10 +200,13 @@ class LocalSlots:
         self.healthy = True
         self.changes = 0
         self._lease: _Lease | None = None
+        self._line_due = -math.inf  # the ``due`` of this process's place in line
+        self._yield_until = -math.inf  # a slot is free but another process's turn
+        self._served = 0.0  # when this process last got a slot from the log (its line order)
         self._polled = -math.inf
         self._background: set[asyncio.Task[None]] = set()
 
-    async def take(self, now: float) -> Slot | None:
+    async def take(self, now: float, waiting: bool = False) -> Slot | None:
         lease = self._lease
         if lease is not None:
             if lease.left > 0 and now <= lease.at:
@@ -190,12 +218,16 @@ class LocalSlots:
                 self.budget.release(lease.at)
         else:
             returned = None
-        if returned is None and self.budget.wait_time(now) > 0:
-            return None  # the view is never more pessimistic than the log: no trip needed
+        if returned is None:
+            # The view is never more pessimistic than the log: no trip needed, unless this
+            # process waits and its place in line would lapse before it tries again.
+            retry = max(self.budget.wait_time(now), self._yield_until - now)
+            if retry > 0 and not (waiting and self._line_due < now + retry + LINE_GRACE / 2):
+                return None
         planned: list[Row] = []
 
-        def plan(rows: list[Row]) -> Row | None:
-            row = self._plan(now, rows)
+        def plan(rows: list[Row], line: Line) -> Row | None:
+            row = self._plan(now, rows, line, waiting)
             if row is not None:
                 planned.append(row)
             return row
@@ -206,6 +238,7 @@ class LocalSlots:
             for at, n in planned:  # not written: not reserved
                 for _ in range(n):
                     self.budget.release(at)
+            self._line_due = -math.inf  # the place in line was not written either
             log.warning(
                 "send log write failed",
                 extra={"fields": {"credential": self.name, "error": type(exc).__name__}},
@@ -218,18 +251,40 @@ class LocalSlots:
             self._lease = _Lease(at, n - 1)
         return Slot(at, committed=True)
 
-    def _plan(self, now: float, rows: list[Row]) -> Row | None:
-        """Inside the log's transaction: what to reserve, given the others' new rows."""
+    def _plan(self, now: float, rows: list[Row], line: Line, waiting: bool) -> Row | None:
+        """Inside the log's transaction: what to reserve, given the others' new rows and
+        who else waits in line (each process ahead of this one gets a free slot first)."""
         if self.clock is not None:
             now = max(now, self.clock())
         self._merge(rows)
-        if self.budget.wait_time(now) > 0:
-            return None
-        n = self._block(now)
-        at = now + self.LEASE_SECONDS if n > 1 else now
-        for _ in range(n):
-            self.budget.record(at)
-        return at, n
+        self._yield_until = -math.inf
+        # Ahead: served before us and about to try (a process that will not try within
+        # the grace is not ready for this slot; it keeps its place for a later one).
+        ahead = [
+            due
+            for served, due in line.others
+            if served < self._served and now <= due <= now + 2 * LINE_GRACE
+        ]
+        wait = self.budget.wait_time(now)
+        if wait <= 0:
+            free = min(self.budget.remaining(now, i) for i in range(len(self.budget.limits)))
+            if free > len(ahead):
+                n = self._block(now)
+                at = now + self.LEASE_SECONDS if n > 1 else now
+                for _ in range(n):
+                    self.budget.record(at)
+                line.mine = None  # served: behind every waiting process next time
+                self._line_due = -math.inf
+                self._served = now
+                return at, n
+            self._yield_until = min(ahead)  # the slot is theirs until then
+            retry = self._yield_until
+        else:
+            retry = now + wait
+        if waiting:
+            line.mine = (self._served, retry + LINE_GRACE)
+            self._line_due = retry + LINE_GRACE
+        return None
 
     def _block(self, now: float) -> int:
         """How many slots one row reserves: 1 near any limit, up to ``block_max`` far."""
@@ -273,7 +328,7 @@ class LocalSlots:
             self._spawn(self.log.give_back(self.name, slot.at, 1))
 
     def retry_in(self, now: float) -> float:
-        return self.budget.wait_time(now)
+        return max(self.budget.wait_time(now), self._yield_until - now, 0.0)
 
     def predict_wait(self, now: float, ahead: int, horizon: float | None) -> float:
         return self.budget.predict_wait(now, ahead, horizon=horizon)

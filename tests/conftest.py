@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from redis.asyncio import Redis
 
 from proxy.app import build_apps
 from proxy.config import parse_config, resolve_secrets
@@ -115,3 +116,15 @@ def app_of(server: TestServer) -> web.Application:
     app = server.app
     assert app is not None
     return app
+
+
+@pytest.fixture
+async def redis_client() -> AsyncIterator[Redis]:
+    """A client of the Redis on 127.0.0.1:6379; fails (never skips) without one."""
+    redis = Redis(host="127.0.0.1", port=6379, socket_timeout=1, socket_connect_timeout=1)
+    try:
+        await redis.ping()
+    except Exception as exc:  # pragma: no cover - the environment's fault
+        pytest.fail(f"this test needs Redis on 127.0.0.1:6379: {exc!r}")
+    yield redis
+    await redis.aclose()

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import io
 import json
 import logging
+import socket
+import struct
 import time
 from collections.abc import Awaitable, Callable
 
@@ -13,6 +16,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from multidict import CIMultiDict
+from prometheus_client import generate_latest
 
 from proxy.logs import JsonFormatter
 from proxy.sim import Faults
@@ -618,3 +622,56 @@ async def test_answers_of_every_shape_relay_whole(
     status, headers, body = await call("GET", gw.url("/api/v1/contacts"), token=token)
     assert (status, headers["Content-Length"], body) == (200, "7", b'{"n":1}')
     assert headers["X-RateLimit-Remaining"] and headers["X-Request-ID"]
+
+
+async def test_a_caller_hanging_up_mid_answer_is_499_not_a_gateway_error(
+    make_gateway: MakeGateway, aiohttp_server: ServerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The caller resets its connection while a large answer is being relayed: the
+    request is logged and counted as 499 (client closed), never as an unhandled 500."""
+    caplog.set_level(logging.ERROR, logger="echowin_gateway")
+    chunk = b"x" * 65536
+    first_sent = asyncio.Event()
+    hung_up = asyncio.Event()
+
+    async def big(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        await response.write(chunk)
+        first_sent.set()
+        await hung_up.wait()
+        for _ in range(64):  # 4 MiB more: more than the sockets buffer
+            await response.write(chunk)
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_get("/api/v1/contacts", big)
+    upstream = await aiohttp_server(app)
+    gw = await make_gateway(str(upstream.make_url("")).rstrip("/"))
+    buffer = capture_access_log(gw)
+    token = await gw.token("contacts:read")
+    rounds = 20
+    for _ in range(rounds):
+        first_sent.clear()
+        hung_up.clear()
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.proxy.port)
+        writer.write(
+            f"GET /api/v1/contacts HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+            "\r\n".encode()
+        )
+        await asyncio.wait_for(first_sent.wait(), 10)
+        await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)  # the answer has begun
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        hung_up.set()  # the rest of the answer and the reset reach the gateway together
+        writer.transport.abort()  # RST, not FIN
+        for _ in range(500):  # until the gateway has finished with it (bounded)
+            if gw.runtime.metrics.in_flight_now == 0:
+                break
+            await asyncio.sleep(0.01)
+    lines = [line for line in access_lines(gw, buffer) if line["route"] != "unmatched"]
+    assert len(lines) == rounds
+    assert {(line["status"], line["refusal"]) for line in lines} == {(499, "client_closed")}
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert 'status="500"' not in generate_latest(gw.runtime.metrics.registry).decode()

@@ -10,6 +10,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Unpack
 
+from proxy.slots import Line
 from proxy.tokens import TokenChanges, TokenRecord, apply_changes
 
 if TYPE_CHECKING:
@@ -82,10 +83,10 @@ class MemorySendLog:
     def reserve(
         self,
         credential: str,
-        plan: Callable[[builtins.list[Row]], Row | None],
+        plan: Callable[[builtins.list[Row], Line], Row | None],
         returned: Row | None,
     ) -> Row | None:
-        return plan([])
+        return plan([], Line([]))  # one process: no one else in line
 
     def poll(self, credential: str) -> builtins.list[Row]:
         return []

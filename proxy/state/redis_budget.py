@@ -16,7 +16,8 @@ again what was sent.
 
 Keys, for credential ``c`` and prefix ``p``: ``p{c}:sends`` (sorted set, score = Redis
 time of the send, member = ``replica:seq``), ``p{c}:ext:{i}`` (external sends counted in
-window ``i``) and ``p{c}:frozen`` (Redis time until which nothing may be sent).
+window ``i``), ``p{c}:frozen`` (Redis time until which nothing may be sent) and
+``p{c}:line`` (hash: the replicas waiting for the next free slot, ``proxy.slots.Line``).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from proxy.budget import CredentialBudget, Limit, WindowView
-from proxy.slots import Slot, StateUnavailable
+from proxy.slots import LINE_GRACE, Slot, StateUnavailable
 
 log = logging.getLogger("echowin_gateway.state")
 
@@ -52,8 +53,12 @@ local k = tonumber(ARGV[3])
 local guard = tonumber(ARGV[2])
 local horizon = tonumber(ARGV[4 + 2 * k])
 local since = '(' .. ARGV[5 + 2 * k]
+local me, waiting, grace = ARGV[6 + 2 * k], ARGV[7 + 2 * k] == '1', tonumber(ARGV[8 + 2 * k])
+local served = tonumber(ARGV[9 + 2 * k])
+local line = KEYS[k + 3]
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. string.format('%.6f', now - horizon))
 local wait = 0
+local free = math.huge
 local frozen = tonumber(redis.call('GET', KEYS[k + 2]) or '0')
 if frozen > now then wait = frozen - now end
 for i = 1, k do
@@ -62,6 +67,7 @@ for i = 1, k do
   local lo = '(' .. string.format('%.6f', now - span)
   local c = redis.call('ZCOUNT', KEYS[1], lo, '+inf')
   c = c + redis.call('ZCOUNT', KEYS[1 + i], lo, '+inf')
+  if n - c < free then free = n - c end
   if c >= n then
     local m = c - n + 1
     local scores = {}
@@ -74,11 +80,40 @@ for i = 1, k do
     if w > wait then wait = w end
   end
 end
+-- The line of replicas waiting for a free slot (proxy.slots.Line): field = replica,
+-- value = 'served due'. Each replica served before this one and about to try gets a
+-- free slot first.
+local mine = false
+local ahead, first = 0, nil
+local raw = redis.call('HGETALL', line)
+for j = 1, #raw, 2 do
+  local s, d = string.match(raw[j + 1], '^(%S+) (%S+)$')
+  s, d = tonumber(s), tonumber(d)
+  if raw[j] == me then
+    mine = true
+  elseif d < now - horizon then
+    redis.call('HDEL', line, raw[j])
+  elseif s < served and d >= now and d <= now + 2 * grace then
+    ahead = ahead + 1
+    if first == nil or d < first then first = d end
+  end
+end
 local ok = 0
+local retry = now + wait
 if wait <= 0 then
-  redis.call('ZADD', KEYS[1], string.format('%.6f', now), ARGV[1])
-  redis.call('PEXPIRE', KEYS[1], math.ceil(horizon * 1000))
-  ok = 1
+  if free > ahead then
+    redis.call('ZADD', KEYS[1], string.format('%.6f', now), ARGV[1])
+    redis.call('PEXPIRE', KEYS[1], math.ceil(horizon * 1000))
+    if mine then redis.call('HDEL', line, me) end
+    ok = 1
+  else
+    retry = first
+    wait = first - now
+  end
+end
+if ok == 0 and waiting then
+  redis.call('HSET', line, me, string.format('%.6f %.6f', served, retry + grace))
+  redis.call('PEXPIRE', line, math.ceil(horizon * 1000))
 end
 -- Every send recorded after the caller's cursor (its own included): keeps its view fresh.
 local fresh = redis.call('ZRANGEBYSCORE', KEYS[1], since, '+inf', 'WITHSCORES', 'LIMIT', 0, 1000)
@@ -158,6 +193,8 @@ class RedisSlots:
         self._sends = f"{base}:sends"
         self._ext = [f"{base}:ext:{i}" for i in range(len(self._limits))]
         self._frozen_key = f"{base}:frozen"
+        self._line = f"{base}:line"
+        self._served = 0.0  # Redis time this replica last got a slot (its order in line)
         self._horizon = max(lim.per_seconds for lim in self._limits) + guard
         self._replica = secrets.token_hex(6)
         self._seq = 0
@@ -183,18 +220,19 @@ class RedisSlots:
 
     # --- reserving -------------------------------------------------------------------
 
-    async def take(self, now: float) -> Slot | None:
+    async def take(self, now: float, waiting: bool = False) -> Slot | None:
         if not self.healthy:
             return self._take_alone(now)
         if now < self._hint_until:
-            return None
+            return None  # the script set the hint before the place in line lapses
         self._seq += 1
         member = f"{self._replica}:{self._seq}"
         k = len(self._limits)
         args: list[Any] = [member, self._guard, k]
         args += [lim.requests for lim in self._limits] + [lim.per_seconds for lim in self._limits]
-        args += [self._horizon, f"{self._cursor:.6f}"]
-        keys = [self._sends, *self._ext, self._frozen_key]
+        args += [self._horizon, f"{self._cursor:.6f}", self._replica, int(waiting), LINE_GRACE]
+        args.append(f"{self._served:.6f}")
+        keys = [self._sends, *self._ext, self._frozen_key, self._line]
         try:
             reply = await self._call("reserve", self._reserve, keys, args)
         except (RedisError, OSError):
@@ -208,6 +246,7 @@ class RedisSlots:
         if not ok:
             self._hint_until = now + wait
             return None
+        self._served = redis_now
         at = now if mine is None else mine
         self._journal.append((at, member))
         self._trim_journal(now)
@@ -462,3 +501,6 @@ class RedisSlots:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.healthy:  # leave the line at once (else the place lapses by itself)
+            with contextlib.suppress(RedisError, OSError):
+                await self._redis.hdel(self._line, self._replica)

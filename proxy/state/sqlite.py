@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Self, TypeVar, Unpack
 
+from proxy.slots import Line
 from proxy.tokens import TokenChanges, TokenRecord, apply_changes
 
 if TYPE_CHECKING:
@@ -77,6 +78,18 @@ SCHEMA_MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "DROP TABLE sends",
         "CREATE INDEX send_rows_by_credential ON send_rows (credential, id)",
         "CREATE INDEX send_rows_by_time ON send_rows (at)",
+    ),
+    # 3 -> 4: the line of processes waiting for a credential's next free slot
+    # (proxy.slots.Line): one place per waiting process, in line since ``since``, lapsed
+    # after ``due``.
+    (
+        """CREATE TABLE send_line (
+            credential TEXT NOT NULL,
+            owner TEXT NOT NULL,
+            since REAL NOT NULL,
+            due REAL NOT NULL,
+            PRIMARY KEY (credential, owner)
+        ) WITHOUT ROWID""",
     ),
 )
 """Entry ``i`` takes the schema from ``PRAGMA user_version`` ``i`` to ``i + 1``. Only append."""
@@ -336,16 +349,36 @@ class SqliteSendLog(_Connection):
     def reserve(
         self,
         credential: str,
-        plan: Callable[[builtins.list[Row]], Row | None],
+        plan: Callable[[builtins.list[Row], Line], Row | None],
         returned: Row | None,
     ) -> Row | None:
         with self._lock, transaction(self._conn) as conn:
-            row = plan(self._new_rows(conn, credential))
+            line = Line([])
+            for owner, since, due in conn.execute(
+                "SELECT owner, since, due FROM send_line WHERE credential = ?", (credential,)
+            ):
+                if owner == self.owner:
+                    line.mine = (float(since), float(due))
+                else:
+                    line.others.append((float(since), float(due)))
+            mine = line.mine
+            row = plan(self._new_rows(conn, credential), line)
             writes = [r for r in (returned, row) if r is not None]
             if writes:
                 conn.executemany(
                     "INSERT INTO send_rows (credential, at, n, owner) VALUES (?, ?, ?, ?)",
                     [(credential, at, n, self.owner) for at, n in writes],
+                )
+            if line.mine is None and mine is not None:
+                conn.execute(
+                    "DELETE FROM send_line WHERE credential = ? AND owner = ?",
+                    (credential, self.owner),
+                )
+            elif line.mine is not None and line.mine != mine:
+                conn.execute(
+                    "INSERT OR REPLACE INTO send_line (credential, owner, since, due)"
+                    " VALUES (?, ?, ?, ?)",
+                    (credential, self.owner, *line.mine),
                 )
             return row
 
@@ -396,4 +429,19 @@ class SqliteSendLog(_Connection):
         return [at for at, n in net for _ in range(max(n, 0))]
 
     async def prune(self, before: float) -> None:
-        await self._run(lambda c: c.execute("DELETE FROM send_rows WHERE at < ?", (before,)))
+        def delete(conn: sqlite3.Connection) -> None:
+            conn.execute("DELETE FROM send_rows WHERE at < ?", (before,))
+            conn.execute("DELETE FROM send_line WHERE due < ?", (before,))
+
+        await self._run(delete)
+
+    async def close(self) -> None:
+        """Leave every line this process is in, then close."""
+
+        def leave(conn: sqlite3.Connection) -> None:
+            conn.execute("DELETE FROM send_line WHERE owner = ?", (self.owner,))
+
+        try:
+            await self._run(leave)
+        finally:
+            await super().close()
