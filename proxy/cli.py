@@ -27,7 +27,7 @@ from proxy.config import (
     resolve_secrets,
     unshared_state,
 )
-from proxy.logs import setup_logging
+from proxy.logs import setup_logging, tag_process
 from proxy.tokenops import create_token, open_store
 from proxy.tokens import TokenStore
 
@@ -78,6 +78,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         return _fail(exc.lines)
     setup_logging(config.logging.level, config.logging.format)
+    if worker is not None:
+        tag_process(worker=worker.index)
     try:
         if count > 1 and worker is None:
             return supervise(config, args.config, args.state, count)

@@ -26,7 +26,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import Metric
+from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
@@ -112,12 +112,31 @@ class WorkerLinks:
 
 
 def _labelled(families: Iterable[Metric], worker: str) -> Iterator[Metric]:
+    """Each sample labelled with its worker (one that names its worker already keeps it)."""
     for family in families:
         out = Metric(family.name, family.documentation, family.type, family.unit)
         out.samples = [
-            s._replace(labels={**s.labels, WORKER_LABEL: worker}) for s in family.samples
+            s if WORKER_LABEL in s.labels else s._replace(labels={**s.labels, WORKER_LABEL: worker})
+            for s in family.samples
         ]
         yield out
+
+
+class _Restarts(Collector):
+    """``echowin_gateway_worker_restarts_total``: the supervisor's count per worker."""
+
+    def __init__(self, group: Group) -> None:
+        self._group = group
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "echowin_gateway_worker_restarts",
+            "Times the supervisor restarted a worker that died, by worker index.",
+            labels=[WORKER_LABEL],
+        )
+        for member in self._group.workers:
+            family.add_metric([str(member.index)], member.restarts)
+        yield family
 
 
 class _Merged(Collector):
@@ -283,6 +302,7 @@ def build_group_admin_app(group: Group) -> web.Application:
     app[GROUP] = group
     registry = CollectorRegistry()
     ProcessCollector(namespace="echowin_gateway", registry=registry)
+    registry.register(_Restarts(group))
     app[SUPERVISOR_REGISTRY] = registry
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

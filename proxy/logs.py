@@ -21,6 +21,16 @@ ACCESS_LOGGER = "echowin_gateway.access"
 LOGGER = "echowin_gateway"
 
 
+_PROCESS_FIELDS: dict[str, object] = {}
+"""Fields every line of this process carries (``worker`` in a ``serve --workers`` group)."""
+
+
+def tag_process(**fields: object) -> None:
+    """Add ``fields`` to every log line this process writes from now on, access lines
+    included (set once, at start, before the access log's first line)."""
+    _PROCESS_FIELDS.update(fields)
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message and any ``extra`` fields."""
 
@@ -32,6 +42,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        out.update(_PROCESS_FIELDS)
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):
             out.update(fields)
@@ -44,8 +55,11 @@ class JsonFormatter(logging.Formatter):
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         fields = getattr(record, "fields", None)
+        if not isinstance(fields, dict):
+            fields = {}
+        fields = {**_PROCESS_FIELDS, **fields}
         tail = ""
-        if isinstance(fields, dict):
+        if fields:
             tail = " " + " ".join(f"{k}={v}" for k, v in fields.items())
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
         return f"{stamp} {record.levelname.lower()} {record.name}: {record.getMessage()}{tail}"
@@ -194,11 +208,15 @@ class AccessLog:
                 f'"method":{_json(method)},"route":{_json(route)},'
                 f'"credential":{_json(credential)}'
             )
+            for key, value in _PROCESS_FIELDS.items():
+                middle += f",{_json(key)}:{json.dumps(value, default=str)}"
         else:
             middle = (
                 f"token_id={token_id} token_name={token_name} method={method} "
                 f"route={route} credential={credential}"
             )
+            for key, value in _PROCESS_FIELDS.items():
+                middle += f" {key}={value}"
         if len(self._middles) >= _MIDDLES:
             self._middles.clear()
         self._middles[(token_id, token_name, method, route, credential)] = middle

@@ -18,11 +18,13 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
+from prometheus_client import generate_latest
 from pydantic import BaseModel
 
 from proxy import reload
 from proxy.cli import _parser
 from proxy.config import GatewayConfig, SecretRef, parse_config
+from proxy.group_admin import SUPERVISOR_REGISTRY, Member, build_group_admin_app
 from tests.conftest import GatewayHandle
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -263,6 +265,11 @@ def test_command_lines_parse(name: str) -> None:
             pytest.fail(f"{name}: `echowin-gateway {' '.join(argv)}` does not parse")
 
 
+class _EmptyGroup:
+    workers: tuple[Member, ...] = ()
+    links: Any = None
+
+
 async def test_metrics_named_exist(gateway: GatewayHandle) -> None:
     async with (
         aiohttp.ClientSession() as session,
@@ -271,6 +278,10 @@ async def test_metrics_named_exist(gateway: GatewayHandle) -> None:
         page = await resp.text()
     exported = set(re.findall(r"^# TYPE (\S+)", page, flags=re.M))
     exported |= set(re.findall(r"^([a-z_:][a-z0-9_:]*)", page, flags=re.M))
+    # The supervisor of `serve --workers N` adds its own (an empty group: no worker runs).
+    group = build_group_admin_app(_EmptyGroup())
+    page = generate_latest(group[SUPERVISOR_REGISTRY]).decode()
+    exported |= set(re.findall(r"^# TYPE (\S+)", page, flags=re.M))
     exported |= {n + "_total" for n in exported}
     for name in OURS:
         for metric in re.findall(r"\b(echowin_gateway_[a-z0-9_]+)", read(name)):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import time
 import uuid
@@ -363,6 +364,18 @@ async def test_a_killed_worker_is_restarted(
     assert await fresh_connections(gw, token, 10) == Counter({200: 10})
     assert "worker died; restarting worker=1" in proc.stderr()
     assert "status=137" in proc.stderr()
+    restarts = by_worker(await metrics_text(gw), "echowin_gateway_worker_restarts_total")
+    assert restarts == Counter({"0": 0, "1": 1})
+
+    # Every line a worker writes names it, access lines included (written within 0.2 s).
+    def access() -> list[str]:
+        return [line for line in proc.stderr().splitlines() if "echowin_gateway.access" in line]
+
+    async def logged() -> bool:
+        return len(access()) >= 10
+
+    await eventually(logged, "access lines written", DEADLINE)
+    assert all(re.search(r" worker=[01]( |$)", line) for line in access())
     proc.check_alive()
 
 
