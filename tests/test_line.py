@@ -61,6 +61,24 @@ async def test_the_worker_that_always_tries_first_does_not_take_every_slot(
     assert abs(shares["a"] - shares["b"]) <= 1, shares
 
 
+async def test_a_new_request_does_not_jump_the_line(
+    two_workers: tuple[LocalSlots, LocalSlots],
+) -> None:
+    a, b = two_workers
+    assert await drain(b, T0) == 1
+    assert await drain(a, T0) == 0  # a waits, in line
+    # At T0 + 1 a new request reaches b first: the free slot is a's (served longer ago).
+    assert await b.take(T0 + 1) is None
+    assert await drain(b, T0 + 1) == 0  # queued there, b takes its place in line
+    assert 0 < b.retry_in(T0 + 1) <= 2 * LINE_GRACE
+    assert await drain(a, T0 + 1) == 1
+    # b tries again when a's turn is over, learns the slot went, waits for the next one ...
+    assert await drain(b, T0 + 1 + b.retry_in(T0 + 1)) == 0
+    # ... which is b's, though a asks first.
+    assert await drain(a, T0 + 2) == 0
+    assert await drain(b, T0 + 2) == 1
+
+
 async def test_without_waiters_nobody_takes_a_place_in_line(
     two_workers: tuple[LocalSlots, LocalSlots],
 ) -> None:

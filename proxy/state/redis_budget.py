@@ -195,6 +195,7 @@ class RedisSlots:
         self._frozen_key = f"{base}:frozen"
         self._line = f"{base}:line"
         self._served = 0.0  # Redis time this replica last got a slot (its order in line)
+        self._line_due = -math.inf  # local time our place in line lapses (-inf: no place)
         self._horizon = max(lim.per_seconds for lim in self._limits) + guard
         self._replica = secrets.token_hex(6)
         self._seq = 0
@@ -223,8 +224,8 @@ class RedisSlots:
     async def take(self, now: float, waiting: bool = False) -> Slot | None:
         if not self.healthy:
             return self._take_alone(now)
-        if now < self._hint_until:
-            return None  # the script set the hint before the place in line lapses
+        if now < self._hint_until and not (waiting and self._line_due < self._hint_until):
+            return None  # no slot before the hint, and our place in line (if we wait) holds
         self._seq += 1
         member = f"{self._replica}:{self._seq}"
         k = len(self._limits)
@@ -245,8 +246,11 @@ class RedisSlots:
         mine = self._learn(reply[3], now, member.encode())
         if not ok:
             self._hint_until = now + wait
+            if waiting:  # the script wrote our place: good until the retry plus the grace
+                self._line_due = self._hint_until + LINE_GRACE
             return None
         self._served = redis_now
+        self._line_due = -math.inf
         at = now if mine is None else mine
         self._journal.append((at, member))
         self._trim_journal(now)
