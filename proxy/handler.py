@@ -23,7 +23,13 @@ from proxy.metrics import ANONYMOUS
 from proxy.routes import PathError, RouteMatch, scope_allows
 from proxy.runtime import RUNTIME, Runtime
 from proxy.tokens import AuthFailure, TokenRecord
-from proxy.upstream import HOP_BY_HOP, UpstreamError, UpstreamUnreachable, connection_tokens
+from proxy.upstream import (
+    HOP_BY_HOP,
+    UpstreamError,
+    UpstreamResponse,
+    UpstreamUnreachable,
+    connection_tokens,
+)
 
 log = logging.getLogger("echowin_gateway.proxy")
 
@@ -304,18 +310,21 @@ def _refuse(ex: Exchange, refusal: Refusal, limits: Mapping[str, str]) -> web.Re
 
 
 def _upstream_headers(
-    request: web.Request, credential: Credential, ex: Exchange
+    request: web.Request, credential: Credential, ex: Exchange, host: str
 ) -> CIMultiDict[str]:
-    """The headers echowin gets, in one pass: the client's end-to-end fields less the
-    dropped ones, then the length, X-Forwarded-For/-Proto, X-Request-ID, and the real key
-    last."""
+    """The headers echowin gets, in one pass: Host, the client's end-to-end fields less the
+    dropped ones (``Accept: */*`` when it sent none), then the length, X-Forwarded-For/-Proto,
+    X-Request-ID, and the real key last."""
     given = request.headers
     named = connection_tokens(given)
     out: CIMultiDict[str] = CIMultiDict()
+    out["Host"] = host
     for name, value in given.items():
         low = name.lower()
         if low not in _SKIP_REQUEST and low not in named:
             out.add(name, value)
+    if "Accept" not in out:
+        out["Accept"] = "*/*"
     if request.body_exists:
         length = request.content_length
         if length is not None:
@@ -346,7 +355,10 @@ async def _forward(
     sent_at = time.perf_counter()
     try:
         upstream = await rt.upstream.send(
-            request.method, path_qs, _upstream_headers(request, credential, ex), body
+            request.method,
+            path_qs,
+            _upstream_headers(request, credential, ex, rt.upstream.host),
+            body,
         )
     except (UpstreamError, BodyTooLarge) as exc:
         ex.upstream_seconds = time.perf_counter() - sent_at
@@ -404,7 +416,7 @@ def _upstream_failed(
 
 async def _relay(
     request: web.Request,
-    upstream: aiohttp.ClientResponse,
+    upstream: UpstreamResponse,
     credential: Credential,
     ex: Exchange,
     extra: dict[str, str],
@@ -424,6 +436,7 @@ async def _relay(
         response.content_length = upstream.content_length
     try:
         await response.prepare(request)
+        assert upstream.content is not None
         chunks = upstream.content.iter_any()
         while True:
             try:

@@ -340,6 +340,11 @@ class LocalSlots:
         # The cost: others' use hidden behind our in-flight sends shows up one answer later.
         # Unused slots of an open lease count as ours too: far from the limits only.
         index = self.budget.window_index(limit)
+        if limit - remaining > self.budget.count(now, index):
+            # echowin counts more than we know of: first read what the other processes on
+            # this log sent (not someone else's use of the key), then compare.
+            with contextlib.suppress(Exception):
+                self._merge(self.log.poll(self.name))
         self.budget.observe(
             now, limit=limit, remaining=remaining, sent_count=self.budget.own_count(now, index)
         )

@@ -178,6 +178,21 @@ async def test_another_process_sees_the_leases_and_the_rows(files: Files) -> Non
     assert len(first) + len(granted_a) + len(granted_b) == 1000
 
 
+async def test_the_other_processes_sends_are_not_taken_for_someone_elses(files: Files) -> None:
+    a = await files.source(Limit(40, 10))
+    b = await files.source(Limit(40, 10))
+    assert len(await take(a, T0, 5)) == 5
+    assert len(await take(b, T0, 5)) == 5  # a has not read b's rows yet
+    # echowin's answer to one of a's sends counts all ten: none of them is someone else's.
+    a.observe(T0 + 0.1, limit=40, remaining=30)
+    (window,) = a.snapshot(T0 + 0.1)
+    assert (window.used, window.external) == (10, 0)
+    # Someone else's sends still show: echowin counts 3 more than the two processes made.
+    a.observe(T0 + 0.2, limit=40, remaining=27)
+    (window,) = a.snapshot(T0 + 0.2)
+    assert (window.used, window.external) == (13, 3)
+
+
 async def test_schema_is_migrated_with_the_old_sends_kept(tmp_path: Path) -> None:
     path = tmp_path / "old.db"
     conn = sqlite3.connect(path)

@@ -78,7 +78,9 @@ class MemorySendLog:
     """
 
     durable = False
-    block_max = 1  # nothing is written, so there is nothing to save by reserving ahead
+    # Nothing is written, but a block of slots planned at once (far from every limit) saves
+    # planning each send: the same leases as a SQLite log's (proxy.slots.LocalSlots).
+    block_max = 256
 
     def reserve(
         self,

@@ -263,14 +263,14 @@ def start_gateway(
     source: Path | None = None,
 ) -> Gateway:
     """``echowin-gateway serve`` with every feature on: auth, scope, budget, metrics, JSON
-    access log (to its stderr file); state in memory."""
+    access log (to its stderr file); state in a SQLite file, as ``serve`` keeps it by default."""
     port, admin_port = free_ports(2)
     admin_token = secrets.token_urlsafe(24)
     raw: dict[str, Any] = {
         "listen": f"127.0.0.1:{port}",
         "admin_listen": f"127.0.0.1:{admin_port}",
         "admin_token": {"env": "GATEWAY_ADMIN_TOKEN"},
-        "state": "memory://",
+        "state": f"sqlite:///{procs.tmp / name}.db",
         "upstream": {
             "base_url": upstream,
             "api_key": {"env": "ECHOWIN_API_KEY"},
@@ -310,7 +310,7 @@ def start_gateway(
 
 
 async def create_token(session: aiohttp.ClientSession, gw: Gateway, scope: str) -> str:
-    """A new token holding ``scope``, made through the admin API (state is in memory)."""
+    """A new token holding ``scope``, made through the admin API."""
     deadline = time.monotonic() + STARTUP_SECONDS
     while True:
         gw.check_alive()

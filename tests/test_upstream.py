@@ -1,0 +1,268 @@
+"""The upstream pool on its own, against real servers on loopback: connections are reused
+only when that is safe, the pool holds its limit, and one timeout covers a whole exchange.
+
+Some upstreams here are raw asyncio servers that write exact bytes (an answer with no
+length, a 100 Continue, a server that drops idle connections), since aiohttp's server
+would not misbehave on purpose.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+from aiohttp import web
+from multidict import CIMultiDict
+
+from proxy.upstream import Upstream, UpstreamResponse, UpstreamTimeout, UpstreamUnreachable
+from tests.conftest import ServerFactory
+from tests.procs import free_ports
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+async def raw_server(handle: Handler) -> tuple[asyncio.Server, str]:
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    return server, f"http://127.0.0.1:{port}"
+
+
+async def read_head(reader: asyncio.StreamReader) -> bytes:
+    return await reader.readuntil(b"\r\n\r\n")
+
+
+def headers(up: Upstream, **more: str) -> CIMultiDict[str]:
+    out: CIMultiDict[str] = CIMultiDict(Host=up.host)
+    out.update(more)
+    return out
+
+
+async def body_of(response: UpstreamResponse) -> bytes:
+    assert response.content is not None
+    try:
+        return await response.content.read()
+    finally:
+        response.release()
+
+
+async def get(up: Upstream, path: str = "/x") -> tuple[int, bytes]:
+    response = await up.send("GET", path, headers(up), None)
+    return response.status, await body_of(response)
+
+
+@pytest.fixture
+async def pool_of() -> AsyncIterator[Callable[..., Awaitable[Upstream]]]:
+    made: list[Upstream] = []
+
+    async def make(url: str, timeout: float = 5.0, max_connections: int = 10) -> Upstream:
+        up = Upstream(
+            url,
+            timeout_seconds=timeout,
+            connect_timeout_seconds=2.0,
+            max_connections=max_connections,
+        )
+        await up.start()
+        made.append(up)
+        return up
+
+    yield make
+    for up in made:
+        await up.close()
+
+
+async def counting_app(aiohttp_server: ServerFactory) -> tuple[set[object], str]:
+    """An aiohttp upstream that remembers each connection it was asked on."""
+    peers: set[object] = set()
+
+    async def answer(request: web.Request) -> web.Response:
+        assert request.transport is not None
+        peers.add(request.transport.get_extra_info("peername"))
+        if request.method == "POST":
+            return web.Response(body=await request.read())
+        if request.path == "/big":
+            return web.Response(body=b"b" * 4_000_000)
+        return web.Response(body=b"ok")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", answer)
+    server = await aiohttp_server(app)
+    return peers, str(server.make_url("")).rstrip("/")
+
+
+async def test_a_read_answer_leaves_its_connection_for_the_next(
+    aiohttp_server: ServerFactory, pool_of: Callable[..., Awaitable[Upstream]]
+) -> None:
+    peers, url = await counting_app(aiohttp_server)
+    up = await pool_of(url)
+    assert [await get(up) for _ in range(5)] == [(200, b"ok")] * 5
+    assert len(peers) == 1
+    # An answer released before its end closes its connection: the next one is new.
+    response = await up.send("GET", "/big", headers(up), None)
+    response.release()
+    assert await get(up) == (200, b"ok")
+    assert len(peers) == 2
+
+
+async def test_the_pool_never_opens_more_than_its_limit(
+    pool_of: Callable[..., Awaitable[Upstream]],
+) -> None:
+    open_now = 0
+    most = 0
+    release = asyncio.Event()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal open_now, most
+        open_now += 1
+        most = max(most, open_now)
+        try:
+            while True:
+                try:
+                    await read_head(reader)
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return
+                await release.wait()
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                await writer.drain()
+        finally:
+            open_now -= 1
+            writer.close()
+
+    server, url = await raw_server(handle)
+    async with server:
+        up = await pool_of(url, max_connections=2)
+        calls = [asyncio.ensure_future(get(up)) for _ in range(6)]
+        for _ in range(100):  # until two requests wait at the server (bounded)
+            if open_now == 2:
+                break
+            await asyncio.sleep(0.01)
+        release.set()
+        assert await asyncio.gather(*calls) == [(200, b"ok")] * 6
+        assert most == 2
+
+
+async def test_an_answer_without_length_is_read_to_the_end_and_not_reused(
+    pool_of: Callable[..., Awaitable[Upstream]],
+) -> None:
+    connections = 0
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\n" + b"z" * 100_000)
+        await writer.drain()
+        writer.close()  # the end of the body is the end of the connection
+
+    server, url = await raw_server(handle)
+    async with server:
+        up = await pool_of(url)
+        assert await get(up) == (200, b"z" * 100_000)
+        assert await get(up) == (200, b"z" * 100_000)
+        assert connections == 2
+
+
+async def test_a_connection_the_server_dropped_while_idle_is_not_used(
+    pool_of: Callable[..., Awaitable[Upstream]],
+) -> None:
+    dropped = asyncio.Event()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        writer.close()  # keep-alive promised, then dropped while idle
+        await writer.wait_closed()
+        dropped.set()
+
+    server, url = await raw_server(handle)
+    async with server:
+        up = await pool_of(url)
+        assert await get(up) == (200, b"ok")
+        await asyncio.wait_for(dropped.wait(), 5)
+        for _ in range(100):  # until our side has seen the close (bounded)
+            if not up._idle or not up._idle[-1][0].is_connected():
+                break
+            await asyncio.sleep(0.01)
+        assert await get(up) == (200, b"ok")
+
+
+async def test_an_interim_100_continue_is_skipped(
+    pool_of: Callable[..., Awaitable[Upstream]],
+) -> None:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        writer.write(b"HTTP/1.1 201 Created\r\nContent-Length: 4\r\n\r\ndone")
+        await writer.drain()
+        writer.close()
+
+    server, url = await raw_server(handle)
+    async with server:
+        up = await pool_of(url)
+        assert await get(up) == (201, b"done")
+
+
+async def test_a_body_of_unknown_length_goes_chunked(
+    aiohttp_server: ServerFactory, pool_of: Callable[..., Awaitable[Upstream]]
+) -> None:
+    _, url = await counting_app(aiohttp_server)
+    up = await pool_of(url)
+
+    async def body() -> AsyncIterator[bytes]:
+        for part in (b"one,", b"two,", b"three"):
+            yield part
+
+    response = await up.send("POST", "/echo", headers(up), body())
+    assert await body_of(response) == b"one,two,three"
+    response = await up.send("POST", "/echo", headers(up), None)  # no body: length 0
+    assert await body_of(response) == b""
+
+
+async def test_one_timeout_covers_the_head_and_the_body(
+    pool_of: Callable[..., Awaitable[Upstream]],
+) -> None:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await read_head(reader)
+            if b"/stall-body" in head:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf")
+                await writer.drain()
+            await reader.read()  # never answers in full; ends when the client hangs up
+        finally:
+            writer.close()
+
+    server, url = await raw_server(handle)
+    async with server:
+        up = await pool_of(url, timeout=0.3)
+        # The server never answers in full: only the timeout ends each of these.
+        with pytest.raises(UpstreamTimeout):
+            await up.send("GET", "/stall-head", headers(up), None)
+        response = await up.send("GET", "/stall-body", headers(up), None)
+        assert response.content is not None
+        with pytest.raises(TimeoutError):
+            await response.content.read()
+        response.release()
+        assert not up._idle  # neither connection went back to the pool
+
+
+async def test_connect_failure_is_unreachable_and_nothing_was_sent(
+    pool_of: Callable[..., Awaitable[Upstream]],
+) -> None:
+    (port,) = free_ports(1)
+    up = await pool_of(f"http://127.0.0.1:{port}")
+    with pytest.raises(UpstreamUnreachable) as caught:
+        await up.send("GET", "/x", headers(up), None)
+    assert caught.value.sent is False
+    assert up._open == 0  # the failed attempt holds no place in the pool
+
+
+def test_host_field_and_path_prefix() -> None:
+    up = Upstream(
+        "https://echo.win", timeout_seconds=1, connect_timeout_seconds=1, max_connections=1
+    )
+    assert up.host == "echo.win"
+    up = Upstream(
+        "http://[::1]:8080/base/", timeout_seconds=1, connect_timeout_seconds=1, max_connections=1
+    )
+    assert up.host == "[::1]:8080" and up._prefix == "/base"
