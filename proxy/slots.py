@@ -340,11 +340,12 @@ class LocalSlots:
         # The cost: others' use hidden behind our in-flight sends shows up one answer later.
         # Unused slots of an open lease count as ours too: far from the limits only.
         index = self.budget.window_index(limit)
-        if limit - remaining > self.budget.count(now, index):
-            # echowin counts more than we know of: first read what the other processes on
-            # this log sent (not someone else's use of the key), then compare.
-            with contextlib.suppress(Exception):
-                self._merge(self.log.poll(self.name))
+        if limit - remaining <= self.budget.count(now, index):
+            return  # echowin counts no more than we know of: nothing to learn (most answers)
+        # echowin counts more than we know of: first read what the other processes on this
+        # log sent (not someone else's use of the key), then compare.
+        with contextlib.suppress(Exception):
+            self._merge(self.log.poll(self.name))
         self.budget.observe(
             now, limit=limit, remaining=remaining, sent_count=self.budget.own_count(now, index)
         )
@@ -371,13 +372,17 @@ class LocalSlots:
         if lease is None or not lease.left:
             return views
         # The open lease's unused slots are reserved, not spent: show them as free.
+        left = lease.left
         return [
-            dataclasses.replace(
-                view,
-                used=max(0, view.used - lease.left),
-                remaining=min(view.requests, view.remaining + lease.left),
+            WindowView(
+                v.requests,
+                v.per_seconds,
+                max(0, v.used - left),
+                min(v.requests, v.remaining + left),
+                v.reset_in,
+                v.external,
             )
-            for view in views
+            for v in views
         ]
 
     async def restore(self, now: float) -> None:

@@ -112,11 +112,16 @@ class UpstreamResponse:
     def _expire(self) -> None:
         """The request's deadline passed: fail what waits on the head or the body."""
         self._timer = None
+        content = self.content
+        if content is not None and content.is_eof():
+            # All of the answer is here (an empty one may be aiohttp's shared EMPTY_PAYLOAD,
+            # which must never carry an exception): only the caller is slow to take it.
+            return
         exc = aiohttp.ServerTimeoutError("echowin did not answer in time")
         if self._proto is not None:
             self._proto.set_exception(exc)
-        if self.content is not None:
-            self.content.set_exception(exc)
+        if content is not None:
+            content.set_exception(exc)
 
     def release(self) -> None:
         """Give the connection back (or close it when the body was not read to its end)."""
@@ -227,11 +232,14 @@ class Upstream:
             try:
                 async with asyncio.timeout_at(deadline):
                     await waiter
-            finally:
-                if not waiter.done():
+            except BaseException:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake()  # woken, but leaving: the turn goes to the next in line
+                else:
                     waiter.cancel()
-                with contextlib.suppress(ValueError):
-                    self._waiters.remove(waiter)
+                    with contextlib.suppress(ValueError):
+                        self._waiters.remove(waiter)
+                raise
         self._open += 1
         try:
             async with asyncio.timeout(min(self._connect_timeout, max(0.0, deadline - now))):

@@ -266,3 +266,37 @@ def test_host_field_and_path_prefix() -> None:
         "http://[::1]:8080/base/", timeout_seconds=1, connect_timeout_seconds=1, max_connections=1
     )
     assert up.host == "[::1]:8080" and up._prefix == "/base"
+
+
+async def test_a_waiter_that_leaves_passes_its_turn_on(
+    aiohttp_server: ServerFactory, pool_of: Callable[..., Awaitable[Upstream]]
+) -> None:
+    _, url = await counting_app(aiohttp_server)
+    up = await pool_of(url, timeout=2.0, max_connections=1)
+    held = await up.send("GET", "/x", headers(up), None)
+    second = asyncio.ensure_future(get(up))
+    third = asyncio.ensure_future(get(up))
+    for _ in range(100):  # until both wait for the one connection (bounded)
+        if len(up._waiters) == 2:
+            break
+        await asyncio.sleep(0)
+    assert len(up._waiters) == 2
+    assert await body_of(held) == b"ok"  # back to the pool: the second is woken ...
+    second.cancel()  # ... and leaves before it runs
+    assert await third == (200, b"ok")
+    assert second.cancelled()
+
+
+async def test_the_deadline_of_a_complete_empty_answer_harms_nothing(
+    aiohttp_server: ServerFactory, pool_of: Callable[..., Awaitable[Upstream]]
+) -> None:
+    peers, url = await counting_app(aiohttp_server)
+    up = await pool_of(url)
+    slow = await up.send("HEAD", "/x", headers(up), None)
+    assert slow.content is not None and slow.content.is_eof()
+    slow._expire()  # the deadline passes while the caller is slow to take the answer
+    slow.release()
+    again = await up.send("HEAD", "/x", headers(up), None)
+    assert again.status == 200 and await body_of(again) == b""
+    assert again.content is not None and again.content.exception() is None
+    assert len(peers) == 1  # the complete exchange left its connection reusable
