@@ -26,6 +26,7 @@ import math
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 __all__ = ["CredentialBudget", "Limit", "WindowView"]
 
@@ -58,9 +59,9 @@ class Limit:
             raise ValueError(f"per_seconds must be a finite number > 0, got {self.per_seconds!r}")
 
 
-@dataclass(frozen=True, slots=True)
-class WindowView:
-    """One window at one moment, for headers, metrics and /admin/budget."""
+class WindowView(NamedTuple):
+    """One window at one moment, for headers, metrics and /admin/budget (a NamedTuple: one
+    is made per window for every answer's rate-limit fields)."""
 
     requests: int
     per_seconds: float

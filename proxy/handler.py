@@ -351,7 +351,9 @@ async def _forward(
     headers = {"X-Request-ID": ex.request_id}
     limit = rt.config.server.max_request_body_bytes
     body = CappedBody(request, limit) if request.body_exists else None
-    path_qs = match.path + (f"?{request.query_string}" if request.query_string else "")
+    raw = request.raw_path
+    query = raw.find("?")
+    path_qs = match.path if query < 0 or query == len(raw) - 1 else match.path + raw[query:]
     sent_at = time.perf_counter()
     try:
         upstream = await rt.upstream.send(
@@ -434,10 +436,17 @@ async def _relay(
     headers.update(extra)  # the caller's rate-limit fields, Server-Timing, X-Request-ID
     if upstream.content_length is not None:
         response.content_length = upstream.content_length
+    content = upstream.content
+    assert content is not None
     try:
         await response.prepare(request)
-        assert upstream.content is not None
-        chunks = upstream.content.iter_any()
+        if content.is_eof() and content.exception() is None:
+            # The whole answer is here already (most are small): one write, no loop.
+            chunk = content.read_nowait()
+            ex.bytes_out += len(chunk)
+            await response.write_eof(chunk)
+            return response
+        chunks = content.iter_any()
         while True:
             try:
                 chunk = await anext(chunks)

@@ -404,8 +404,9 @@ class Lane:
     def _reconcile(self, now: float, quota: UpstreamQuota) -> None:
         if quota.remaining is None:
             return
-        self.reported_remaining = quota.remaining
-        self.observer.reported_remaining(self.name, quota.remaining)
+        if quota.remaining != self.reported_remaining:
+            self.reported_remaining = quota.remaining
+            self.observer.reported_remaining(self.name, quota.remaining)
         if quota.limit is None or quota.remaining > quota.limit:
             return
         if not self.calibrated:

@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 
 import aiohttp
 import pytest
+import yarl
 from aiohttp import web
 from multidict import CIMultiDict
 from prometheus_client import generate_latest
@@ -86,6 +87,20 @@ async def test_proxies_with_the_real_key_and_never_the_token(
     assert "authorization" not in lowered
     assert all(token not in v for v in seen.headers.values())
     assert headers["X-Request-ID"]
+
+
+async def test_the_query_reaches_echowin_byte_for_byte(
+    gateway: GatewayHandle, sim: SimHandle
+) -> None:
+    token = await gateway.token("contacts:read")
+    query = "?search=a%20b&tag=%2Fx&plus=1+2&empty="
+    url = gateway.url("/api/v1/contacts") + query
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(yarl.URL(url, encoded=True), headers={"Authorization": f"Bearer {token}"}) as r,
+    ):
+        assert r.status == 200
+    assert last_request(sim).path == "/api/v1/contacts" + query
 
 
 @pytest.mark.parametrize("style", ["bearer", "x-api-key"])
