@@ -396,10 +396,11 @@ class CredentialBudget:
         entries = self._windows[index].entries
         return entries[0][0] + self._windows[index].span if entries else now
 
-    def snapshot(self, now: float) -> list[WindowView]:
-        """Every window at ``now``, in the order of ``limits``."""
+    def snapshot(self, now: float, unused: int = 0) -> list[WindowView]:
+        """Every window at ``now``, in the order of ``limits``; ``unused`` of the sends in
+        each are reserved but not spent (an open lease's), and shown as free."""
         self._prune(now)
-        return [self._view(now, index) for index in range(len(self._windows))]
+        return [self._view(now, index, unused) for index in range(len(self._windows))]
 
     def sends(self) -> list[float]:
         """Our own send times not yet pruned, oldest first (what a write-ahead log keeps)."""
@@ -458,16 +459,17 @@ class CredentialBudget:
                 window.add((at, False))
         return at - now
 
-    def _view(self, now: float, index: int) -> WindowView:
+    def _view(self, now: float, index: int, unused: int = 0) -> WindowView:
         # Only after _prune(now): reset_at(now, index) - now without pruning again.
         window = self._windows[index]
         entries = window.entries
-        used = len(entries)
+        requests = window.limit.requests
+        used = max(0, len(entries) - unused)
         return WindowView(
-            requests=window.limit.requests,
-            per_seconds=window.limit.per_seconds,
-            used=used,
-            remaining=max(0, window.limit.requests - used),
-            reset_in=entries[0][0] + window.span - now if entries else 0.0,
-            external=window.external,
+            requests,
+            window.limit.per_seconds,
+            used,
+            max(0, requests - used),
+            entries[0][0] + window.span - now if entries else 0.0,
+            window.external,
         )

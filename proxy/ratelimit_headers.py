@@ -90,6 +90,12 @@ def parse_upstream_quota(headers: Mapping[str, str], now: float) -> UpstreamQuot
     return UpstreamQuota(limit, remaining, reset, retry)
 
 
+def parse_limit_remaining(headers: Mapping[str, str]) -> tuple[int | None, int | None]:
+    """X-RateLimit-Limit and X-RateLimit-Remaining only (every answer carries them)."""
+    get = headers.get
+    return _int(get("X-RateLimit-Limit")), _int(get("X-RateLimit-Remaining"))
+
+
 def _number(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else f"{value:g}"
 

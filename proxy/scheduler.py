@@ -27,6 +27,7 @@ from proxy.budget import CredentialBudget, Limit, WindowView
 from proxy.ratelimit_headers import (
     UpstreamQuota,
     caller_headers,
+    parse_limit_remaining,
     parse_upstream_quota,
     policy_header,
     unchanged_for,
@@ -391,11 +392,16 @@ class Lane:
     def on_response(self, grant: SlotGrant, status: int, headers: Mapping[str, str]) -> None:
         now = self.clock()
         self.version += 1
-        quota = parse_upstream_quota(headers, now) if headers else None
-        if quota is not None:
-            self._reconcile(now, quota)
         if status == 429:
+            quota = parse_upstream_quota(headers, now) if headers else None
+            if quota is not None:
+                self._reconcile(now, quota)
             self._freeze(now, quota)
+        elif headers:
+            # Only Limit and Remaining matter here (the times only say when a freeze ends).
+            limit, remaining = parse_limit_remaining(headers)
+            if remaining is not None:
+                self._reconcile(now, UpstreamQuota(limit, remaining, None, None))
         if self.probing:
             self.probing = False
         if self.depth:
@@ -452,6 +458,26 @@ class Lane:
         await self.source.close()
 
 
+class _KeptHeaders:
+    """Caller headers made at ``made`` from ``windows`` when the lane was at ``version``;
+    good until ``until`` (None: not yet worked out)."""
+
+    __slots__ = ("headers", "made", "until", "version", "windows")
+
+    def __init__(
+        self,
+        version: tuple[int, int],
+        made: float,
+        windows: list[tuple[str, WindowView]],
+        headers: Mapping[str, str],
+    ) -> None:
+        self.version = version
+        self.made = made
+        self.windows = windows
+        self.headers = headers
+        self.until: float | None = None
+
+
 class Scheduler:
     """The Admitter: per-token quota first, then the credential's lane."""
 
@@ -469,8 +495,8 @@ class Scheduler:
         # Per token id: its quota limits, their budget, and the token's name (for metrics).
         self._quotas: dict[str, tuple[tuple[Limit, ...], CredentialBudget, str]] = {}
         # Per credential: the caller headers of a token without its own quota (see
-        # caller_headers), as ((lane version, source changes), made at, good until, headers).
-        self._headers: dict[str, tuple[tuple[int, int], float, float, Mapping[str, str]]] = {}
+        # caller_headers) and what they were made from.
+        self._headers: dict[str, _KeptHeaders] = {}
         self._policies: dict[str, str] = {}  # RateLimit-Policy per credential
 
     def _token_quota(self, token: TokenRecord) -> CredentialBudget | None:
@@ -526,11 +552,14 @@ class Scheduler:
         now = self.clock()
         lane = self.lanes[request.credential]
         quota = self._quotas.get(request.token.id)
+        version = (lane.version, lane.source.changes)
         if quota is None:
             kept = self._headers.get(lane.name)
-            version = (lane.version, lane.source.changes)
-            if kept is not None and kept[0] == version and kept[1] <= now < kept[2]:
-                return kept[3]
+            if kept is not None and kept.version == version and kept.made <= now:
+                if kept.until is None:  # worked out on the first reuse: most are never reused
+                    kept.until = kept.made + unchanged_for(kept.made, kept.windows)
+                if now < kept.until:
+                    return kept.headers
         windows = [("echowin", w) for w in lane.source.snapshot(now)]
         if quota is not None:
             windows += [("token", w) for w in quota[1].snapshot(now)]
@@ -539,8 +568,7 @@ class Scheduler:
         if policy is None:
             policy = self._policies[lane.name] = policy_header(windows)
         headers = caller_headers(now, windows, policy)
-        version = (lane.version, lane.source.changes)
-        self._headers[lane.name] = (version, now, now + unchanged_for(now, windows), headers)
+        self._headers[lane.name] = _KeptHeaders(version, now, windows, headers)
         return headers
 
     def token_quotas(self) -> dict[str, list[WindowView]]:

@@ -367,23 +367,9 @@ class LocalSlots:
         return self.budget.frozen_until(now)
 
     def snapshot(self, now: float) -> list[WindowView]:
-        views = self.budget.snapshot(now)
+        # The open lease's unused slots are reserved, not spent: shown as free.
         lease = self._lease
-        if lease is None or not lease.left:
-            return views
-        # The open lease's unused slots are reserved, not spent: show them as free.
-        left = lease.left
-        return [
-            WindowView(
-                v.requests,
-                v.per_seconds,
-                max(0, v.used - left),
-                min(v.requests, v.remaining + left),
-                v.reset_in,
-                v.external,
-            )
-            for v in views
-        ]
+        return self.budget.snapshot(now, lease.left if lease is not None else 0)
 
     async def restore(self, now: float) -> None:
         horizon = max(lim.per_seconds for lim in self.budget.limits) + self.budget.guard

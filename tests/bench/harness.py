@@ -146,6 +146,19 @@ class Target:
     url: str
     headers: dict[str, str]
     expect: int
+    pid: int | None = None  # the server process, for its CPU time (None: not read)
+
+
+def cpu_seconds(pid: int | None) -> float | None:
+    """User plus system CPU time of process ``pid`` so far (Linux /proc), or None."""
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def log(message: str) -> None:
@@ -347,10 +360,12 @@ class Bench:
                 "unauthorized": UNKNOWN_TOKEN,
             }[scenario]
             gw = stack.gw_spent if scenario == "refusal" else stack.gw
-            out.append(Target(f"gateway{stack.suffix}", gw.url + PATH, self._auth(token), want))
+            name, auth = f"gateway{stack.suffix}", self._auth(token)
+            out.append(Target(name, gw.url + PATH, auth, want, gw.pid))
             if stack.pt is not None:
                 pt = stack.pt.url + PATH
-                out.append(Target(f"passthrough{stack.suffix}", pt, self._auth(token), 200))
+                name = f"passthrough{stack.suffix}"
+                out.append(Target(name, pt, self._auth(token), 200, stack.pt.pid))
         if self.ngx is not None:
             token = self.token if scenario != "unauthorized" else UNKNOWN_TOKEN
             out.append(Target("nginx", self.ngx.url + PATH, self._auth(token), 200))
@@ -359,11 +374,19 @@ class Bench:
     # --- measuring ---------------------------------------------------------------------------
 
     async def measure(self, target: Target, connections: int, seconds: int) -> dict[str, Any]:
+        cpu_before = cpu_seconds(target.pid)
         if self.wrk:
-            return await loadgen.run_wrk(
+            res = await loadgen.run_wrk(
                 self.wrk, target.url, target.headers, connections, seconds, self.load_cpu, self.tmp
             )
-        return await loadgen.run_python(target.url, target.headers, connections, seconds)
+        else:
+            res = await loadgen.run_python(target.url, target.headers, connections, seconds)
+        cpu_after = cpu_seconds(target.pid)
+        if cpu_before is not None and cpu_after is not None and res["requests"]:
+            # The server's own CPU time per answer: unlike req/s, it hardly moves when a
+            # neighbour on a shared machine takes CPU time away.
+            res["cpu_us"] = round((cpu_after - cpu_before) * 1e6 / res["requests"], 1)
+        return res
 
     async def throughput_scenario(self, scenario: str) -> dict[str, Any]:
         connections = 1 if scenario == "latency" else 50
@@ -586,6 +609,13 @@ def summarise(
         floor_rps = statistics.median(f["rps"] for f in floor)
         entry["rps_ratio"] = round(entry["rps"]["median"] / floor_rps, 3) if floor_rps else None
         entry["rps_ratio_paired"] = spread(paired_ratio, 3)
+        cpu = [r["cpu_us"] for r in runs if "cpu_us" in r]
+        floor_cpu = [f["cpu_us"] for f in floor if "cpu_us" in f]
+        if cpu and floor_cpu:
+            entry["cpu_us"] = spread(cpu, 1)
+            # The floor's CPU per answer over this server's: the req/s ratio a CPU-bound
+            # server would reach on a quiet machine.
+            entry["cpu_ratio"] = round(statistics.median(floor_cpu) / statistics.median(cpu), 3)
         entry["p50_added_ms"] = spread(paired_added)
         base = rounds.get(_variant_of(name))
         if base is not None:  # the same server on the main loop, or from --baseline
@@ -760,8 +790,9 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"{meta['loadavg_before'][0]} before, {meta['loadavg_after'][0]} after.",
         "",
         "| Scenario | Server | req/s: median [min, max] | x pass-through | "
-        "p50 ms: median [min, max] | p99 ms: median | p50 minus pass-through, ms |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        "p50 ms: median [min, max] | p99 ms: median | p50 minus pass-through, ms | "
+        "CPU µs per answer | pass-through's CPU / this |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for scenario in SCENARIOS[:-1]:
         entry = sc.get(scenario)
@@ -775,7 +806,8 @@ def render_markdown(result: dict[str, Any]) -> str:
             lines.append(
                 f"| {scenario} ({entry['connections']} conn.) | {name}{flag} | "
                 f"{_range(t['rps'], 0)} | {_fmt(t['rps_ratio'], 2)} | {_range(t['p50_ms'], 3)} | "
-                f"{_fmt(t['p99_ms']['median'], 3)} | {_fmt(t['p50_added_ms']['median'], 3)} |"
+                f"{_fmt(t['p99_ms']['median'], 3)} | {_fmt(t['p50_added_ms']['median'], 3)} | "
+                f"{_fmt(t.get('cpu_us', {}).get('median'), 1)} | {_fmt(t.get('cpu_ratio'), 2)} |"
             )
     lines += _loops_markdown(sc)
     lines += _queued_markdown(sc["queued"]) if "queued" in sc else []
