@@ -162,6 +162,9 @@ class Lane:
         self.version = 0
         self._timer: asyncio.TimerHandle | None = None
         self._pump: asyncio.Task[None] | None = None
+        # The last prediction with nobody queued: ((version, changes, probing), when the
+        # budget frees, the freeze then), for refusing again without predicting again.
+        self._refusing: tuple[tuple[int, int, bool], float, float | None] | None = None
 
     @property
     def budget(self) -> CredentialBudget:
@@ -169,9 +172,18 @@ class Lane:
         return self.source.budget
 
     async def restore(self) -> None:
-        """Load what the slot source remembers (after a restart)."""
-        await self.source.restore(self.clock())
+        """Load what the slot source remembers (after a restart). A send log that holds
+        nothing in any window (a first start, or a stop longer than the longest window)
+        says nothing about anyone else's use of the key either: calibrate with one probe,
+        as without a durable log. A log with recent sends is trusted, as before the stop."""
+        now = self.clock()
+        await self.source.restore(now)
         self.version += 1
+        budget = self.source.budget
+        if not self.source.remembers_external and not any(
+            budget.count(now, index) for index in range(len(budget.limits))
+        ):
+            self.calibrated = False
 
     # --- admission ------------------------------------------------------------------
 
@@ -214,7 +226,12 @@ class Lane:
         """A reserved, written-ahead slot, or a refusal. Never waits past ``max_wait``."""
         now = self.clock()
         try:
-            grant: SlotGrant | Refusal | None = await self._take(now) if self.depth == 0 else None
+            grant: SlotGrant | Refusal | None = None
+            if self.depth == 0:
+                await self.source.refresh(now)
+                grant = self._known_refusal(now, token, max_wait)
+                if grant is None:
+                    grant = await self._take(now)
             if grant is None:
                 await self.source.refresh(now)
                 grant = self._refusal_for_new(now, token, max_wait)
@@ -229,24 +246,45 @@ class Lane:
             await self._write_ahead(grant)
         return grant
 
-    def _refusal_for_new(self, now: float, token: TokenRecord, max_wait: float) -> Refusal | None:
+    def _known_refusal(self, now: float, token: TokenRecord, max_wait: float) -> Refusal | None:
+        """With nobody queued and nothing changed since the last refusal, the budget frees
+        at the same moment: refuse again without asking it (a flood of refused requests)."""
+        known = self._refusing
+        if known is None or known[0] != (self.version, self.source.changes, self.probing):
+            return None
+        _, free_at, frozen = known
+        if free_at - now <= max_wait:
+            return None
+        return self._queue_full(token) or self._refusal(now, free_at - now, frozen, max_wait)
+
+    def _queue_full(self, token: TokenRecord) -> Refusal | None:
         queue = self.queues.get(token.id)
         if self.policy.waiting >= self.policy.max_depth or (
             queue is not None and len(queue.waiters) >= self.policy.max_depth_per_token
         ):
             return Refusal("queue_full", 1.0, "Too many requests are waiting; try again later")
+        return None
+
+    def _refusal_for_new(self, now: float, token: TokenRecord, max_wait: float) -> Refusal | None:
+        full = self._queue_full(token)
+        if full is not None:
+            return full
         frozen = self.source.frozen_until(now)
-        wait = self.predicted_wait(now, token, max_wait)
+        # One prediction, without a horizon: a refusal needs the whole wait for Retry-After.
+        wait = self.source.predict_wait(now, self._ahead_of_new(token), None)
+        if self.depth == 0:  # the moment the budget frees, as long as nothing changes
+            self._refusing = ((self.version, self.source.changes, self.probing), now + wait, frozen)
         if wait <= max_wait:
             return None
+        return self._refusal(now, wait, frozen, max_wait)
+
+    def _refusal(self, now: float, wait: float, frozen: float | None, max_wait: float) -> Refusal:
         if frozen is not None and frozen - now > max_wait:
             return Refusal(
                 "upstream_frozen", frozen - now, "echowin asked us to pause; try again later"
             )
-        ahead = self._ahead_of_new(token)
-        retry = wait if math.isfinite(wait) else self.source.predict_wait(now, ahead, None)
         return Refusal(
-            "upstream_budget", max(retry, 1.0), "Rate limit exceeded. Please try again later."
+            "upstream_budget", max(wait, 1.0), "Rate limit exceeded. Please try again later."
         )
 
     async def _wait(self, now: float, token: TokenRecord, max_wait: float) -> SlotGrant | Refusal:

@@ -110,6 +110,7 @@ class SlotSource(Protocol):
     """The budget of one upstream credential, as the scheduler sees it."""
 
     durable: bool  # False: after a start nothing is known; calibrate with one probe
+    remembers_external: bool  # True: others' use of the key learnt before a restart is kept
     healthy: bool  # False while a shared backend is unreachable
     changes: int  # bumped whenever the view learns what other processes did
 
@@ -197,6 +198,7 @@ class LocalSlots:
         self.budget = budget
         self.log = log
         self.durable = log.durable
+        self.remembers_external = False  # the log holds this gateway's own sends only
         self.healthy = True
         self.changes = 0
         self._lease: _Lease | None = None

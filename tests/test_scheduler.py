@@ -400,6 +400,38 @@ async def test_a_wait_beyond_max_wait_is_refused_at_once(rig: Rig) -> None:
     assert lane.budget.count(T0, 0) == 1  # a refusal spends nothing
 
 
+async def test_a_refusal_flood_is_answered_from_the_known_free_moment(rig: Rig) -> None:
+    lane, _ = await full_lane(rig, Limit(1, 10))
+    svc = token("svc")
+    first = await refuse_now(lane.admit(svc, None, 5.0), "upstream_budget")
+    assert first.retry_after == pytest.approx(10.25)
+    rig.clock.now += 3
+    predictions = 0
+    predict = lane.source.predict_wait
+
+    def counting(now: float, ahead: int, horizon: float | None) -> float:
+        nonlocal predictions
+        predictions += 1
+        return predict(now, ahead, horizon)
+
+    lane.source.predict_wait = counting  # type: ignore[method-assign]
+    again = await refuse_now(lane.admit(svc, None, 5.0), "upstream_budget")
+    assert again.retry_after == pytest.approx(7.25)  # the same free moment, 3 s later
+    assert predictions == 0  # nothing changed: no prediction, no slot asked for
+    # Within max_wait of the free moment, the request queues (and is served then).
+    rig.clock.now += 2.5
+    task = await rig.enqueue(lane, svc, max_wait=5.0)
+    assert lane.depth == 1 and not task.done()
+    assert predictions == 1  # queueing predicts, as ever
+    await fire(lane, rig.clock, 4.75)
+    (done,) = await finished([task], 1)
+    assert granted(done).at == T0 + 10.25
+    # The send changed the budget: the next refusal is predicted again.
+    later = await refuse_now(lane.admit(svc, None, 5.0), "upstream_budget")
+    assert later.retry_after == pytest.approx(10.25)
+    assert predictions == 2
+
+
 async def test_a_wait_within_max_wait_queues_instead(rig: Rig) -> None:
     lane, _ = await full_lane(rig, Limit(1, 10))
     task = await rig.enqueue(lane, token("svc"), max_wait=10.25)

@@ -165,6 +165,7 @@ class RedisSlots:
     """:class:`proxy.slots.SlotSource` for one credential, on a shared Redis client."""
 
     durable = True
+    remembers_external = True  # the ext:{i} keys keep what echowin reported to any replica
 
     def __init__(
         self,
