@@ -228,8 +228,9 @@ class Lane:
         try:
             grant: SlotGrant | Refusal | None = None
             if self.depth == 0:
-                await self.source.refresh(now)
-                grant = self._known_refusal(now, token, max_wait)
+                if self._refusing is not None:  # refused before: has anything changed?
+                    await self.source.refresh(now)
+                    grant = self._known_refusal(now, token, max_wait)
                 if grant is None:
                     grant = await self._take(now)
             if grant is None:
@@ -251,6 +252,7 @@ class Lane:
         at the same moment: refuse again without asking it (a flood of refused requests)."""
         known = self._refusing
         if known is None or known[0] != (self.version, self.source.changes, self.probing):
+            self._refusing = None  # out of date for good: the counters only grow
             return None
         _, free_at, frozen = known
         if free_at - now <= max_wait:
