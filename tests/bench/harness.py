@@ -718,8 +718,11 @@ def _package(short: str) -> str:
 
 def hotspots(raw: Path, top: int = 20) -> dict[str, Any]:
     """Self and inclusive shares of samples per function and per package, from py-spy's
-    collapsed stacks (``frame;frame;... count`` per line)."""
+    collapsed stacks (``frame;frame;... count`` per line). Only the main thread's: the
+    event loop runs there, and another thread (the state file's worker thread, mostly
+    idle) would make every share look half as large."""
     total = 0
+    other_threads = 0
     own: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
     package: Counter[str] = Counter()
@@ -730,6 +733,9 @@ def hotspots(raw: Path, top: int = 20) -> dict[str, Any]:
         n = int(count)
         frames = [_short_frame(f) for f in stack.split(";") if f]
         if not frames:
+            continue
+        if frames[0].startswith("Thread._bootstrap (threading.py"):
+            other_threads += n
             continue
         total += n
         own[frames[-1]] += n
@@ -749,6 +755,7 @@ def hotspots(raw: Path, top: int = 20) -> dict[str, Any]:
     gateway = Counter({k: v for k, v in inclusive.items() if "(proxy/" in k})
     return {
         "samples": total,
+        "other_threads_samples": other_threads,
         "self": share(own),
         "inclusive": share(inclusive),
         "inclusive_gateway": share(gateway),
