@@ -9,7 +9,10 @@ would not misbehave on purpose.
 from __future__ import annotations
 
 import asyncio
+import ssl
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import pytest
 from aiohttp import web
@@ -300,3 +303,32 @@ async def test_the_deadline_of_a_complete_empty_answer_harms_nothing(
     assert again.status == 200 and await body_of(again) == b""
     assert again.content is not None and again.content.exception() is None
     assert len(peers) == 1  # the complete exchange left its connection reusable
+
+
+async def test_https_upstreams_are_reached_over_verified_tls(
+    tmp_path: Path, pool_of: Callable[..., Awaitable[Upstream]]
+) -> None:
+    """echo.win is https: the pool verifies the server's certificate and its name."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    make = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
+    names = ["-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"]
+    subprocess.run(
+        [*make, *names, "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True
+    )
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(cert, key)
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecure")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=server_tls)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        up = await pool_of(f"https://127.0.0.1:{port}")
+        with pytest.raises(UpstreamUnreachable):  # a certificate nobody vouches for
+            await up.send("GET", "/x", headers(up), None)
+        up._ssl = ssl.create_default_context(cafile=str(cert))  # now one we trust
+        assert await get(up) == (200, b"secure")
