@@ -374,18 +374,19 @@ async def _forward(
         if isinstance(exc, UpstreamError):
             return _upstream_failed(rt, ex, exc, grant, headers)
         raise
-    ex.upstream_seconds = time.perf_counter() - sent_at
-    ex.upstream_status = upstream.status
-    grant.sent(upstream.status, upstream.headers)
-    extra = dict(rt.admitter.caller_headers(admit))
-    extra["Server-Timing"] = (
-        f"queue;dur={ex.queue_seconds * 1000:.3f}, upstream;dur={ex.upstream_seconds * 1000:.3f}"
-    )
-    extra["X-Request-ID"] = ex.request_id
     try:
+        ex.upstream_seconds = time.perf_counter() - sent_at
+        ex.upstream_status = upstream.status
+        grant.sent(upstream.status, upstream.headers)
+        extra = dict(rt.admitter.caller_headers(admit))
+        extra["Server-Timing"] = (
+            f"queue;dur={ex.queue_seconds * 1000:.3f}, "
+            f"upstream;dur={ex.upstream_seconds * 1000:.3f}"
+        )
+        extra["X-Request-ID"] = ex.request_id
         return await _relay(request, upstream, credential, ex, extra)
     finally:
-        upstream.release()
+        upstream.release()  # whatever happened since the answer came: never a leaked connection
         # Counted once the answer is on its way, not on the caller's time.
         metrics = rt.metrics
         metrics.child(metrics.upstream_duration, credential.name, ex.route).observe(
@@ -402,7 +403,7 @@ def _upstream_failed(
     headers: dict[str, str],
 ) -> web.Response:
     rt.metrics.upstream_errors.labels(ex.credential, exc.kind).inc()
-    if isinstance(exc, UpstreamUnreachable) and not exc.sent:
+    if not exc.sent:  # no byte left: the slot goes back to the budget
         grant.unsent()
     else:
         grant.sent(0, {})

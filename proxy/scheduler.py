@@ -162,9 +162,10 @@ class Lane:
         self.version = 0
         self._timer: asyncio.TimerHandle | None = None
         self._pump: asyncio.Task[None] | None = None
-        # The last prediction with nobody queued: ((version, changes, probing), when the
-        # budget frees, the freeze then), for refusing again without predicting again.
-        self._refusing: tuple[tuple[int, int, bool], float, float | None] | None = None
+        # The last prediction with nobody queued: ((version, changes, probing, state
+        # healthy), when the budget frees, the freeze then), for refusing again without
+        # predicting again.
+        self._refusing: tuple[tuple[int, int, bool, bool], float, float | None] | None = None
 
     @property
     def budget(self) -> CredentialBudget:
@@ -251,8 +252,13 @@ class Lane:
         """With nobody queued and nothing changed since the last refusal, the budget frees
         at the same moment: refuse again without asking it (a flood of refused requests)."""
         known = self._refusing
-        if known is None or known[0] != (self.version, self.source.changes, self.probing):
-            self._refusing = None  # out of date for good: the counters only grow
+        if known is None or known[0] != (
+            self.version,
+            self.source.changes,
+            self.probing,
+            self.source.healthy,
+        ):
+            self._refusing = None  # out of date (the counters only grow; health may return)
             return None
         _, free_at, frozen = known
         if free_at - now <= max_wait:
@@ -275,7 +281,11 @@ class Lane:
         # One prediction, without a horizon: a refusal needs the whole wait for Retry-After.
         wait = self.source.predict_wait(now, self._ahead_of_new(token), None)
         if self.depth == 0:  # the moment the budget frees, as long as nothing changes
-            self._refusing = ((self.version, self.source.changes, self.probing), now + wait, frozen)
+            self._refusing = (
+                (self.version, self.source.changes, self.probing, self.source.healthy),
+                now + wait,
+                frozen,
+            )
         if wait <= max_wait:
             return None
         return self._refusal(now, wait, frozen, max_wait)

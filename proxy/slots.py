@@ -279,7 +279,11 @@ class LocalSlots:
                 self._line_due = -math.inf
                 self._served = now
                 return at, n
-            self._yield_until = min(ahead)  # the slot is theirs until then
+            # The slot is theirs: look again when the first of them said it would try
+            # (it has taken it by then, or it comes late), and at the latest when its
+            # place lapses.
+            due = min(ahead)
+            self._yield_until = due - LINE_GRACE + 0.001 if due - LINE_GRACE > now else due
             retry = self._yield_until
         else:
             retry = now + wait

@@ -44,9 +44,14 @@ HOP_BY_HOP = frozenset(
 
 
 class UpstreamError(Exception):
-    """An exchange with echowin that produced no usable response."""
+    """An exchange with echowin that produced no usable response. ``sent`` is False only
+    when no byte of the request can have left (the budget gets the slot back then)."""
 
     kind = "error"
+
+    def __init__(self, message: str, *, sent: bool = True) -> None:
+        super().__init__(message)
+        self.sent = sent
 
 
 class UpstreamTimeout(UpstreamError):
@@ -54,13 +59,12 @@ class UpstreamTimeout(UpstreamError):
 
 
 class UpstreamUnreachable(UpstreamError):
-    """Connect failure or reset. ``sent`` is False only when no byte can have left."""
+    """Connect failure or reset."""
 
     kind = "connect"
 
     def __init__(self, message: str, *, sent: bool) -> None:
-        super().__init__(message)
-        self.sent = sent
+        super().__init__(message, sent=sent)
         if sent:
             self.kind = "reset"
 
@@ -177,7 +181,7 @@ class Upstream:
         self._ssl: ssl.SSLContext | None = None
         self._idle: deque[tuple[ResponseHandler, float]] = deque()
         self._open = 0  # connections open or being opened
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._waiters: deque[asyncio.Future[ResponseHandler | None]] = deque()
         self._started = False
 
     async def start(self) -> None:
@@ -188,11 +192,11 @@ class Upstream:
     async def close(self) -> None:
         self._started = False
         while self._idle:
-            proto, _ = self._idle.popleft()
-            proto.close()
-            self._open -= 1
-        for waiter in self._waiters:
+            self._discard(self._idle.popleft()[0])
+        while self._waiters:  # each learns the pool is closed (it was counted a place)
+            waiter = self._waiters.popleft()
             if not waiter.done():
+                self._open += 1
                 waiter.set_result(None)
 
     async def __aenter__(self) -> Upstream:
@@ -210,39 +214,55 @@ class Upstream:
     # --- the pool ---------------------------------------------------------------------
 
     async def _acquire(self, loop: asyncio.AbstractEventLoop, deadline: float) -> ResponseHandler:
+        """A connection: an idle one, a new one, or one handed over by a request that is
+        done with it, first come first served (a caller never overtakes one that waits)."""
+        if not self._started:
+            raise UpstreamUnreachable("the upstream pool is closed", sent=False)
         idle = self._idle
-        while True:
-            now = loop.time()
-            while idle and now - idle[0][1] > IDLE_SECONDS:  # the oldest first
-                proto, _ = idle.popleft()
-                proto.close()
-                self._open -= 1
+        now = loop.time()
+        while idle and now - idle[0][1] > IDLE_SECONDS:  # the oldest first
+            self._discard(idle.popleft()[0])
+            self._hand_on()
+        if not self._waiters:
             while idle:  # the most recently used: the least likely to have been closed
-                proto, _ = idle.pop()
-                if proto.is_connected():
+                proto = idle.pop()[0]
+                if self._reusable(proto):
                     return proto
-                proto.close()
-                self._open -= 1
-            if not self._started:
-                raise RuntimeError("Upstream.send before start()")
+                self._discard(proto)
             if self._open < self._max_connections:
-                break
-            waiter = loop.create_future()
-            self._waiters.append(waiter)
-            try:
-                async with asyncio.timeout_at(deadline):
-                    await waiter
-            except BaseException:
-                if waiter.done() and not waiter.cancelled():
-                    self._wake()  # woken, but leaving: the turn goes to the next in line
-                else:
-                    waiter.cancel()
-                    with contextlib.suppress(ValueError):
-                        self._waiters.remove(waiter)
-                raise
-        self._open += 1
+                self._open += 1
+                return await self._connect(loop, deadline)
+        waiter: asyncio.Future[ResponseHandler | None] = loop.create_future()
+        self._waiters.append(waiter)
         try:
-            async with asyncio.timeout(min(self._connect_timeout, max(0.0, deadline - now))):
+            async with asyncio.timeout_at(deadline):
+                handed = await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                # Handed a connection (or a place to open one) but leaving: pass it on.
+                given = waiter.result()
+                if given is not None:
+                    self._release(given)
+                else:
+                    self._open -= 1
+                    self._hand_on()
+            else:
+                waiter.cancel()
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+            raise
+        if handed is not None:
+            return handed
+        if not self._started:
+            self._open -= 1
+            raise UpstreamUnreachable("the upstream pool is closed", sent=False)
+        return await self._connect(loop, deadline)  # the place was counted for us
+
+    async def _connect(self, loop: asyncio.AbstractEventLoop, deadline: float) -> ResponseHandler:
+        """Open a connection whose place in ``_open`` is already counted."""
+        try:
+            wait = min(self._connect_timeout, max(0.0, deadline - loop.time()))
+            async with asyncio.timeout(wait):
                 _, proto = await loop.create_connection(
                     lambda: ResponseHandler(loop),
                     self._host,
@@ -252,22 +272,38 @@ class Upstream:
                 )
         except BaseException:
             self._open -= 1
-            self._wake()
+            self._hand_on()
             raise
         return proto
 
-    def _release(self, proto: ResponseHandler) -> None:
-        if self._started and not proto.should_close and proto.is_connected():
-            self._idle.append((proto, asyncio.get_running_loop().time()))
-        else:
-            proto.close()
-            self._open -= 1
-        self._wake()
+    @staticmethod
+    def _reusable(proto: ResponseHandler) -> bool:
+        # should_close also covers bytes the server sent while the connection was idle.
+        return proto.is_connected() and not proto.should_close
 
-    def _wake(self) -> None:
-        while self._waiters:
+    def _discard(self, proto: ResponseHandler) -> None:
+        proto.close()
+        self._open -= 1
+
+    def _release(self, proto: ResponseHandler) -> None:
+        """A request is done with ``proto``: to the longest waiter, to the pool, or closed."""
+        if self._started and self._reusable(proto):
+            while self._waiters:
+                waiter = self._waiters.popleft()
+                if not waiter.done():
+                    waiter.set_result(proto)
+                    return
+            self._idle.append((proto, asyncio.get_running_loop().time()))
+            return
+        self._discard(proto)
+        self._hand_on()
+
+    def _hand_on(self) -> None:
+        """A place in the pool came free: the longest waiter may open a connection in it."""
+        while self._waiters and self._open < self._max_connections:
             waiter = self._waiters.popleft()
             if not waiter.done():
+                self._open += 1  # counted now, for the waiter
                 waiter.set_result(None)
                 return
 
@@ -292,8 +328,8 @@ class Upstream:
         deadline = loop.time() + self._timeout
         try:
             proto = await self._acquire(loop, deadline)
-        except TimeoutError:
-            raise UpstreamTimeout("echowin did not answer in time") from None
+        except TimeoutError:  # no connection in time: nothing left
+            raise UpstreamTimeout("echowin did not answer in time", sent=False) from None
         except OSError:
             raise UpstreamUnreachable("cannot connect to echowin", sent=False) from None
         response = UpstreamResponse(self, proto)
@@ -313,14 +349,21 @@ class Upstream:
                 headers[hdrs.TRANSFER_ENCODING] = "chunked"
                 writer.enable_chunking()
             await writer.write_headers(f"{method} {self._prefix}{path_qs} HTTP/1.1", headers)
-            if body is not None:
-                async for chunk in body:
-                    await writer.write(chunk)
-            await writer.write_eof()
+            if body is None:
+                await writer.write_eof()
+            else:
+                # The deadline covers the upload too: a caller trickling its body, or an
+                # echowin that stops reading, must not hold a connection for longer.
+                async with asyncio.timeout_at(deadline):
+                    async for chunk in body:
+                        await writer.write(chunk)
+                    await writer.write_eof()
             while True:
                 message, payload = await proto.read()
                 if not 100 <= message.code <= 199 or message.code == 101:
                     break  # a 1xx before the answer: read on
+            if response._timer is None:  # the deadline passed as the head came in
+                raise TimeoutError
         except BaseException as exc:
             response._proto = None
             if response._timer is not None:

@@ -332,3 +332,90 @@ async def test_https_upstreams_are_reached_over_verified_tls(
             await up.send("GET", "/x", headers(up), None)
         up._ssl = ssl.create_default_context(cafile=str(cert))  # now one we trust
         assert await get(up) == (200, b"secure")
+
+
+async def test_the_deadline_covers_a_stalled_upload(
+    aiohttp_server: ServerFactory, pool_of: Callable[..., Awaitable[Upstream]]
+) -> None:
+    _, url = await counting_app(aiohttp_server)
+    up = await pool_of(url, timeout=0.3)
+    stalled = asyncio.Event()
+
+    async def trickle() -> AsyncIterator[bytes]:
+        yield b"first part,"
+        await stalled.wait()  # the caller never sends the rest
+        yield b"never"
+
+    with pytest.raises(UpstreamTimeout) as caught:  # not a hang (bounded here at 5 s)
+        await asyncio.wait_for(up.send("POST", "/echo", headers(up), trickle()), 5)
+    assert caught.value.sent is True  # part of the request left
+    assert up._open == 0 and not up._idle  # the half-sent connection is closed
+
+
+async def test_waiting_for_a_connection_is_first_come_first_served(
+    aiohttp_server: ServerFactory, pool_of: Callable[..., Awaitable[Upstream]]
+) -> None:
+    _, url = await counting_app(aiohttp_server)
+    up = await pool_of(url, timeout=2.0, max_connections=1)
+    order: list[int] = []
+
+    async def call(i: int) -> None:
+        assert await get(up) == (200, b"ok")
+        order.append(i)
+
+    held = await up.send("GET", "/x", headers(up), None)
+    waiting = [asyncio.ensure_future(call(i)) for i in range(5)]
+    for _ in range(100):  # until all five wait (bounded)
+        if len(up._waiters) == 5:
+            break
+        await asyncio.sleep(0)
+    assert await body_of(held) == b"ok"  # the connection goes back ...
+    await call(5)  # ... and a new caller asks for one before the first waiter has run
+    await asyncio.gather(*waiting)
+    assert order == list(range(6))
+
+
+async def test_a_pool_wait_past_the_deadline_sent_nothing(
+    aiohttp_server: ServerFactory, pool_of: Callable[..., Awaitable[Upstream]]
+) -> None:
+    _, url = await counting_app(aiohttp_server)
+    up = await pool_of(url, timeout=0.2, max_connections=1)
+    held = await up.send("GET", "/x", headers(up), None)
+    with pytest.raises(UpstreamTimeout) as caught:
+        await up.send("GET", "/x", headers(up), None)
+    assert caught.value.sent is False  # the budget gets its slot back
+    held.release()
+
+
+async def test_bytes_arriving_on_an_idle_connection_retire_it(
+    pool_of: Callable[..., Awaitable[Upstream]],
+) -> None:
+    connections = 0
+    idle = asyncio.Event()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        try:
+            await read_head(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+            await idle.wait()  # ... then, on the idle keep-alive connection, an answer
+            writer.write(b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n\r\n")
+            await writer.drain()
+            await reader.read()
+        finally:
+            writer.close()
+
+    server, url = await raw_server(handle)
+    async with server:
+        up = await pool_of(url)
+        assert await get(up) == (200, b"ok")
+        assert len(up._idle) == 1
+        idle.set()
+        for _ in range(100):  # until the stray bytes reached our side (bounded)
+            if up._idle and up._idle[-1][0].should_close:
+                break
+            await asyncio.sleep(0.01)
+        assert await get(up) == (200, b"ok")  # not the stray 408
+        assert connections == 2

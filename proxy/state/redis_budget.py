@@ -107,8 +107,9 @@ if wait <= 0 then
     if mine then redis.call('HDEL', line, me) end
     ok = 1
   else
-    retry = first
-    wait = first - now
+    -- theirs: look again when the first of them said it would try, or when it lapses
+    if first - grace > now then retry = first - grace + 0.001 else retry = first end
+    wait = retry - now
   end
 end
 if ok == 0 and waiting then
