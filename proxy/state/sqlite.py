@@ -14,6 +14,7 @@ import os
 import secrets
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Self, TypeVar, Unpack
@@ -158,6 +159,24 @@ def _migrate(conn: sqlite3.Connection) -> None:
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION:d}")
 
 
+def _set_wal(conn: sqlite3.Connection) -> str:
+    """``PRAGMA journal_mode=WAL``, waiting out other processes that open the same new file
+    at the same moment (``serve --workers N``): switching the journal mode needs the file
+    to itself, and SQLite answers "database is locked" at once there instead of calling its
+    busy handler."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_SECONDS
+    pause = 0.005
+    while True:
+        try:
+            (mode,) = conn.execute("PRAGMA journal_mode=WAL").fetchone()
+            return str(mode)
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() + pause > deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.1)
+
+
 def open_sqlite(path: str | os.PathLike[str]) -> sqlite3.Connection:
     """Open the state database at ``path``, creating it (mode 0600) and migrating its schema.
 
@@ -172,7 +191,7 @@ def open_sqlite(path: str | os.PathLike[str]) -> sqlite3.Connection:
         path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None, check_same_thread=False
     )
     try:
-        (mode,) = conn.execute("PRAGMA journal_mode=WAL").fetchone()
+        mode = _set_wal(conn)
         if mode != "wal":
             raise RuntimeError(f"state: SQLite refused WAL mode (got {mode!r})")
         conn.execute("PRAGMA synchronous=NORMAL")
