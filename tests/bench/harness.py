@@ -65,13 +65,12 @@ import aiohttp
 from proxy.loops import resolve
 from tests.bench import loadgen, servers
 from tests.bench import workers as bench_workers
-from tests.bench.servers import Gateway, Proc, Processes
+from tests.bench.servers import HUGE_LIMITS, Gateway, Proc, Processes
 
 PATH = "/api/v1/contacts"
 SCOPE = "contacts:read"
 # Well-formed (egw_<12>_<43>) so the gateway looks it up; no such token exists.
 UNKNOWN_TOKEN = "egw_" + "0" * 12 + "_" + "A" * 43
-HUGE_LIMITS = [(10_000_000, 3600.0), (1_000_000, 60.0)]
 SPENT_LIMITS = [(1, 3600.0)]
 
 SCENARIOS = ("admitted", "latency", "refusal", "unauthorized", "queued")

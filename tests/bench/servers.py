@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -250,6 +251,79 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
+HUGE_LIMITS = [(10_000_000, 3600.0), (1_000_000, 60.0)]
+"""Limits too large to bind in any run: the admitted path's budget."""
+
+
+def gateway_config(
+    upstream: str,
+    state: str,
+    limits: list[tuple[int, float]],
+    *,
+    max_wait: float,
+    max_depth: int | None = None,
+    event_loop: str | None = "asyncio",
+) -> dict[str, Any]:
+    """A bench gateway's config with every feature on: auth, scope, budget, metrics, JSON
+    access log; listeners and admin token are filled in by ``launch_gateway``."""
+    queue: dict[str, Any] = {"max_wait_seconds": max_wait}
+    if max_depth is not None:
+        queue.update(max_depth=max_depth, max_depth_per_token=max_depth)
+    raw: dict[str, Any] = {
+        "admin_token": {"env": "GATEWAY_ADMIN_TOKEN"},
+        "state": state,
+        "upstream": {
+            "base_url": upstream,
+            "api_key": {"env": "ECHOWIN_API_KEY"},
+            "timeout_seconds": 30,
+            "connect_timeout_seconds": 5,
+            "max_connections": 100,
+            "limits": [{"requests": n, "per_seconds": t} for n, t in limits],
+        },
+        "queue": queue,
+        "server": {"shutdown_grace_seconds": 2},
+        "logging": {"level": "info", "format": "json", "access_log": True},
+    }
+    if event_loop is not None:  # None: the gateway's default (an older tree may not know it)
+        raw["server"]["event_loop"] = event_loop
+    return raw
+
+
+def launch_gateway(
+    procs: Processes,
+    name: str,
+    raw: dict[str, Any],
+    cpu: int | None,
+    *,
+    serve_args: Sequence[str] = (),
+    wrap: Callable[[list[str]], list[str]] = list,
+    source: Path | None = None,
+) -> Gateway:
+    """``echowin-gateway serve`` on free loopback ports with the config ``raw`` (see
+    ``gateway_config``), its stderr to a file; ``wrap`` may prefix the command line."""
+    port, admin_port = free_ports(2)
+    admin_token = secrets.token_urlsafe(24)
+    raw = {"listen": f"127.0.0.1:{port}", "admin_listen": f"127.0.0.1:{admin_port}", **raw}
+    config = procs.tmp / f"{name}.yaml"
+    config.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
+    env = _env(ECHOWIN_API_KEY=BENCH_KEY, GATEWAY_ADMIN_TOKEN=admin_token)
+    if source is not None:  # another tree's proxy package, ahead of this one
+        env["PYTHONPATH"] = os.pathsep.join([str(source), env["PYTHONPATH"]])
+    proc = procs.start(
+        name,
+        wrap([*GATEWAY_CLI, "serve", "--config", str(config), *serve_args]),
+        f"http://127.0.0.1:{port}",
+        cpu,
+        env=env,
+        cls=Gateway,
+        admin_url=f"http://127.0.0.1:{admin_port}",
+        admin_token=admin_token,
+        config_path=config,
+    )
+    assert isinstance(proc, Gateway)
+    return proc
+
+
 def start_gateway(
     procs: Processes,
     upstream: str,
@@ -262,51 +336,13 @@ def start_gateway(
     event_loop: str | None = "asyncio",
     source: Path | None = None,
 ) -> Gateway:
-    """``echowin-gateway serve`` with every feature on: auth, scope, budget, metrics, JSON
-    access log (to its stderr file); state in a SQLite file, as ``serve`` keeps it by default."""
-    port, admin_port = free_ports(2)
-    admin_token = secrets.token_urlsafe(24)
-    raw: dict[str, Any] = {
-        "listen": f"127.0.0.1:{port}",
-        "admin_listen": f"127.0.0.1:{admin_port}",
-        "admin_token": {"env": "GATEWAY_ADMIN_TOKEN"},
-        "state": f"sqlite:///{procs.tmp / name}.db",
-        "upstream": {
-            "base_url": upstream,
-            "api_key": {"env": "ECHOWIN_API_KEY"},
-            "timeout_seconds": 30,
-            "connect_timeout_seconds": 5,
-            "max_connections": 100,
-            "limits": [{"requests": n, "per_seconds": t} for n, t in limits],
-        },
-        "queue": {
-            "max_wait_seconds": max_wait,
-            "max_depth": max_depth,
-            "max_depth_per_token": max_depth,
-        },
-        "server": {"shutdown_grace_seconds": 2},
-        "logging": {"level": "info", "format": "json", "access_log": True},
-    }
-    if event_loop is not None:  # None: the gateway's default (an older tree may not know it)
-        raw["server"]["event_loop"] = event_loop
-    config = procs.tmp / f"{name}.yaml"
-    config.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
-    env = _env(ECHOWIN_API_KEY=BENCH_KEY, GATEWAY_ADMIN_TOKEN=admin_token)
-    if source is not None:  # another tree's proxy package, ahead of this one
-        env["PYTHONPATH"] = os.pathsep.join([str(source), env["PYTHONPATH"]])
-    proc = procs.start(
-        name,
-        [*GATEWAY_CLI, "serve", "--config", str(config)],
-        f"http://127.0.0.1:{port}",
-        cpu,
-        env=env,
-        cls=Gateway,
-        admin_url=f"http://127.0.0.1:{admin_port}",
-        admin_token=admin_token,
-        config_path=config,
+    """The gateway of the throughput scenarios: state in a SQLite file, as ``serve`` keeps
+    it by default."""
+    state = f"sqlite:///{procs.tmp / name}.db"
+    raw = gateway_config(
+        upstream, state, limits, max_wait=max_wait, max_depth=max_depth, event_loop=event_loop
     )
-    assert isinstance(proc, Gateway)
-    return proc
+    return launch_gateway(procs, name, raw, cpu, source=source)
 
 
 async def create_token(session: aiohttp.ClientSession, gw: Gateway, scope: str) -> str:

@@ -27,7 +27,6 @@ import argparse
 import asyncio
 import json
 import os
-import secrets
 import shutil
 import statistics
 import sys
@@ -39,18 +38,15 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import yaml
 
 from tests.bench import loadgen, servers
-from tests.bench.servers import Gateway, Proc, Processes
-from tests.procs import free_ports
+from tests.bench.servers import HUGE_LIMITS, Gateway, Proc, Processes
 
 PATH = "/api/v1/contacts"
 SCOPE = "contacts:read"
 CONNECTIONS = 50
 WORKERS_RATIO = 1.7
 COUNTS = (1, 2)
-HUGE_LIMITS = [(10_000_000, 3600.0), (1_000_000, 60.0)]
 TICKS = os.sysconf("SC_CLK_TCK")
 DESCRIPTION = (
     "admitted path, 50 connections, serve --workers 2 vs --workers 1 (wrk and upstream on the"
@@ -82,50 +78,20 @@ def every_cpu(cmd: list[str]) -> list[str]:
 
 
 def start_group(
-    procs: Processes, upstream: str, count: int, state: str, tmp: Path, loop: str | None
+    procs: Processes, upstream: str, count: int, state: str, loop: str | None
 ) -> Gateway:
     """``echowin-gateway serve --workers COUNT``: the admitted scenario's gateway, with state
     shared between processes (a sqlite file or a Redis prefix of its own)."""
-    port, admin_port = free_ports(2)
-    admin_token = secrets.token_urlsafe(24)
     name = name_of(count)
-    raw: dict[str, Any] = {
-        "listen": f"127.0.0.1:{port}",
-        "admin_listen": f"127.0.0.1:{admin_port}",
-        "admin_token": {"env": "GATEWAY_ADMIN_TOKEN"},
-        "state": f"sqlite:///{tmp}/{name}.db",
-        "upstream": {
-            "base_url": upstream,
-            "api_key": {"env": "ECHOWIN_API_KEY"},
-            "max_connections": 100,
-            "limits": [{"requests": n, "per_seconds": t} for n, t in HUGE_LIMITS],
-        },
-        "queue": {"max_wait_seconds": 10},
-        "server": {"shutdown_grace_seconds": 2},
-        "logging": {"level": "info", "format": "json", "access_log": True},
-    }
-    if loop is not None:  # None: the gateway's own choice
-        raw["server"]["event_loop"] = loop
+    raw = servers.gateway_config(
+        upstream, f"sqlite:///{procs.tmp}/{name}.db", HUGE_LIMITS, max_wait=10, event_loop=loop
+    )
     if state == "redis":
         raw["state"] = "redis://127.0.0.1:6379/0"
         raw["redis"] = {"key_prefix": f"egw-bench-{uuid.uuid4().hex[:8]}:"}
-    config = tmp / f"{name}.yaml"
-    config.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
-    env = servers._env(ECHOWIN_API_KEY=servers.BENCH_KEY, GATEWAY_ADMIN_TOKEN=admin_token)
-    cmd = [*servers.GATEWAY_CLI, "serve", "--config", str(config), "--workers", str(count)]
-    proc = procs.start(
-        name,
-        every_cpu(cmd),
-        f"http://127.0.0.1:{port}",
-        None,
-        env=env,
-        cls=Gateway,
-        admin_url=f"http://127.0.0.1:{admin_port}",
-        admin_token=admin_token,
-        config_path=config,
+    return servers.launch_gateway(
+        procs, name, raw, None, serve_args=("--workers", str(count)), wrap=every_cpu
     )
-    assert isinstance(proc, Gateway)
-    return proc
 
 
 async def group_pids(session: aiohttp.ClientSession, gw: Gateway) -> list[int]:
@@ -215,7 +181,7 @@ async def run_scenario(
     log: Any = None,
 ) -> dict[str, Any]:
     """Start both gateways, measure them interleaved, stop them; the scenario's summary."""
-    targets = [Target(c, start_group(procs, upstream, c, state, tmp, loop)) for c in COUNTS]
+    targets = [Target(c, start_group(procs, upstream, c, state, loop)) for c in COUNTS]
     try:
         for t in targets:
             t.token = await servers.create_token(session, t.gw, SCOPE)
