@@ -641,18 +641,21 @@ def check_targets(
     return found
 
 
+def _at_least(name: str, ratio: float | None, floor: float) -> dict[str, Any]:
+    """A target row: a req/s ratio that must reach ``floor``."""
+    return {
+        "name": name,
+        "want": f">= {floor} x",
+        "value": ratio,
+        "met": ratio is not None and ratio >= floor,
+    }
+
+
 def _gateway_targets(scenarios: dict[str, Any], gw: str, tag: str) -> list[dict[str, Any]]:
     found: list[dict[str, Any]] = []
     if "admitted" in scenarios:
-        adm = scenarios["admitted"]["targets"][gw]
-        found.append(
-            {
-                "name": f"admitted req/s vs pass-through{tag}",
-                "want": f">= {ADMITTED_RATIO} x",
-                "value": adm["rps_ratio"],
-                "met": adm["rps_ratio"] is not None and adm["rps_ratio"] >= ADMITTED_RATIO,
-            }
-        )
+        ratio = scenarios["admitted"]["targets"][gw]["rps_ratio"]
+        found.append(_at_least(f"admitted req/s vs pass-through{tag}", ratio, ADMITTED_RATIO))
     if "latency" in scenarios:
         added = scenarios["latency"]["targets"][gw]["p50_added_ms"]["median"]
         found.append(
@@ -664,15 +667,8 @@ def _gateway_targets(scenarios: dict[str, Any], gw: str, tag: str) -> list[dict[
             }
         )
     if "refusal" in scenarios:
-        ref = scenarios["refusal"]["targets"][gw]
-        found.append(
-            {
-                "name": f"refusal (429) req/s vs pass-through{tag}",
-                "want": f">= {REFUSAL_RATIO} x",
-                "value": ref["rps_ratio"],
-                "met": ref["rps_ratio"] is not None and ref["rps_ratio"] >= REFUSAL_RATIO,
-            }
-        )
+        ratio = scenarios["refusal"]["targets"][gw]["rps_ratio"]
+        found.append(_at_least(f"refusal (429) req/s vs pass-through{tag}", ratio, REFUSAL_RATIO))
     if "queued" not in scenarios:  # --no-queued
         return found
     que = scenarios["queued"]["targets"][gw]
