@@ -31,6 +31,7 @@ from tests.conftest import (
     ServerFactory,
     SimHandle,
 )
+from tests.procs import eventually
 
 MakeGateway = Callable[..., Awaitable[GatewayHandle]]
 
@@ -667,6 +668,10 @@ async def test_a_caller_hanging_up_mid_answer_is_499_not_a_gateway_error(
     buffer = capture_access_log(gw)
     token = await gw.token("contacts:read")
     rounds = 20
+
+    async def finished() -> bool:
+        return gw.runtime.metrics.in_flight_now == 0
+
     for _ in range(rounds):
         first_sent.clear()
         hung_up.clear()
@@ -681,10 +686,7 @@ async def test_a_caller_hanging_up_mid_answer_is_499_not_a_gateway_error(
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         hung_up.set()  # the rest of the answer and the reset reach the gateway together
         writer.transport.abort()  # RST, not FIN
-        for _ in range(500):  # until the gateway has finished with it (bounded)
-            if gw.runtime.metrics.in_flight_now == 0:
-                break
-            await asyncio.sleep(0.01)
+        await eventually(finished, "the gateway done with the request", 5)
     lines = [line for line in access_lines(gw, buffer) if line["route"] != "unmatched"]
     assert len(lines) == rounds
     assert {(line["status"], line["refusal"]) for line in lines} == {(499, "client_closed")}

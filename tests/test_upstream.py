@@ -20,7 +20,7 @@ from multidict import CIMultiDict
 
 from proxy.upstream import Upstream, UpstreamResponse, UpstreamTimeout, UpstreamUnreachable
 from tests.conftest import ServerFactory
-from tests.procs import free_ports
+from tests.procs import eventually, free_ports
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -135,10 +135,11 @@ async def test_the_pool_never_opens_more_than_its_limit(
     async with server:
         up = await pool_of(url, max_connections=2)
         calls = [asyncio.ensure_future(get(up)) for _ in range(6)]
-        for _ in range(100):  # until two requests wait at the server (bounded)
-            if open_now == 2:
-                break
-            await asyncio.sleep(0.01)
+
+        async def two_at_the_server() -> bool:
+            return open_now == 2
+
+        await eventually(two_at_the_server, "two requests at the server", 5)
         release.set()
         assert await asyncio.gather(*calls) == [(200, b"ok")] * 6
         assert most == 2
@@ -183,10 +184,11 @@ async def test_a_connection_the_server_dropped_while_idle_is_not_used(
         up = await pool_of(url)
         assert await get(up) == (200, b"ok")
         await asyncio.wait_for(dropped.wait(), 5)
-        for _ in range(100):  # until our side has seen the close (bounded)
-            if not up._idle or not up._idle[-1][0].is_connected():
-                break
-            await asyncio.sleep(0.01)
+
+        async def close_seen() -> bool:
+            return not up._idle or not up._idle[-1][0].is_connected()
+
+        await eventually(close_seen, "the close seen on our side", 5)
         assert await get(up) == (200, b"ok")
 
 
@@ -279,11 +281,11 @@ async def test_a_waiter_that_leaves_passes_its_turn_on(
     held = await up.send("GET", "/x", headers(up), None)
     second = asyncio.ensure_future(get(up))
     third = asyncio.ensure_future(get(up))
-    for _ in range(100):  # until both wait for the one connection (bounded)
-        if len(up._waiters) == 2:
-            break
-        await asyncio.sleep(0)
-    assert len(up._waiters) == 2
+
+    async def both_wait() -> bool:
+        return len(up._waiters) == 2
+
+    await eventually(both_wait, "two requests waiting for the connection", 5)
     assert await body_of(held) == b"ok"  # back to the pool: the second is woken ...
     second.cancel()  # ... and leaves before it runs
     assert await third == (200, b"ok")
@@ -365,10 +367,11 @@ async def test_waiting_for_a_connection_is_first_come_first_served(
 
     held = await up.send("GET", "/x", headers(up), None)
     waiting = [asyncio.ensure_future(call(i)) for i in range(5)]
-    for _ in range(100):  # until all five wait (bounded)
-        if len(up._waiters) == 5:
-            break
-        await asyncio.sleep(0)
+
+    async def five_wait() -> bool:
+        return len(up._waiters) == 5
+
+    await eventually(five_wait, "five requests waiting for the connection", 5)
     assert await body_of(held) == b"ok"  # the connection goes back ...
     await call(5)  # ... and a new caller asks for one before the first waiter has run
     await asyncio.gather(*waiting)
@@ -413,9 +416,10 @@ async def test_bytes_arriving_on_an_idle_connection_retire_it(
         assert await get(up) == (200, b"ok")
         assert len(up._idle) == 1
         idle.set()
-        for _ in range(100):  # until the stray bytes reached our side (bounded)
-            if up._idle and up._idle[-1][0].should_close:
-                break
-            await asyncio.sleep(0.01)
+
+        async def stray_bytes_seen() -> bool:
+            return bool(up._idle) and up._idle[-1][0].should_close
+
+        await eventually(stray_bytes_seen, "the stray answer seen on our side", 5)
         assert await get(up) == (200, b"ok")  # not the stray 408
         assert connections == 2
