@@ -78,9 +78,8 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
 
 def parse_upstream_quota(headers: Mapping[str, str], now: float) -> UpstreamQuota | None:
     """echowin's view of the budget, or None when the response carried none of it."""
+    limit, remaining = parse_limit_remaining(headers)
     get = headers.get
-    limit = _int(get("X-RateLimit-Limit"))
-    remaining = _int(get("X-RateLimit-Remaining"))
     raw_reset = get("X-RateLimit-Reset")
     reset = None if raw_reset is None else parse_reset(raw_reset, now)
     raw_retry = get("Retry-After")

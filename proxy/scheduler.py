@@ -204,7 +204,7 @@ class Lane:
             self.probing = True
         return SlotGrant(self, slot)
 
-    def predicted_wait(self, now: float, token: TokenRecord, horizon: float) -> float:
+    def predicted_wait(self, now: float, token: TokenRecord, horizon: float | None) -> float:
         """Seconds until a new request of ``token`` would be served, given who waits."""
         # While a calibration probe is out the wait is at least its round trip, which no
         # budget math knows; the probe is already recorded, so it is not counted again.
@@ -228,14 +228,17 @@ class Lane:
         now = self.clock()
         try:
             grant: SlotGrant | Refusal | None = None
+            refreshed = False
             if self.depth == 0:
                 if self._refusing is not None:  # refused before: has anything changed?
                     await self.source.refresh(now)
+                    refreshed = True
                     grant = self._known_refusal(now, token, max_wait)
                 if grant is None:
                     grant = await self._take(now)
             if grant is None:
-                await self.source.refresh(now)
+                if not refreshed:
+                    await self.source.refresh(now)
                 grant = self._refusal_for_new(now, token, max_wait)
         except StateUnavailable:
             return _STATE_DOWN
@@ -279,7 +282,7 @@ class Lane:
             return full
         frozen = self.source.frozen_until(now)
         # One prediction, without a horizon: a refusal needs the whole wait for Retry-After.
-        wait = self.source.predict_wait(now, self._ahead_of_new(token), None)
+        wait = self.predicted_wait(now, token, None)
         if self.depth == 0:  # the moment the budget frees, as long as nothing changes
             self._refusing = (
                 (self.version, self.source.changes, self.probing, self.source.healthy),

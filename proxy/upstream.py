@@ -365,11 +365,8 @@ class Upstream:
             if response._timer is None:  # the deadline passed as the head came in
                 raise TimeoutError
         except BaseException as exc:
-            response._proto = None
-            if response._timer is not None:
-                response._timer.cancel()
             proto.set_exception(ConnectionResetError("request abandoned"))
-            self._release(proto)  # closed: should_close holds after an exception
+            response.release()  # closed: should_close holds after an exception
             if isinstance(exc, TimeoutError):
                 raise UpstreamTimeout("echowin did not answer in time") from None
             if isinstance(exc, (aiohttp.ClientError, HttpProcessingError, OSError)):
