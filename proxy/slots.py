@@ -350,14 +350,22 @@ class LocalSlots:
             return  # echowin counts no more than we know of: nothing to learn (most answers)
         # echowin counts more than we know of: first read what the other processes on this
         # log sent (not someone else's use of the key), then compare.
-        with contextlib.suppress(Exception):
-            self._merge(self.log.poll(self.name))
+        self._read_others()
         self.budget.observe(
             now, limit=limit, remaining=remaining, sent_count=self.budget.own_count(now, index)
         )
 
     def assume_external(self, now: float, used: int) -> None:
+        # echowin's count includes what the other processes on this log sent (every worker
+        # of a first start probes): read their rows first, or they would count twice.
+        self._read_others()
         self.budget.assume_external(now, used)
+
+    def _read_others(self) -> None:
+        """Merge what the other processes on this log wrote since the last read; a log
+        that cannot be read now is read at the next refresh."""
+        with contextlib.suppress(Exception):
+            self._merge(self.log.poll(self.name))
 
     def freeze(self, until: float) -> None:
         self.budget.freeze(until)

@@ -193,6 +193,19 @@ async def test_the_other_processes_sends_are_not_taken_for_someone_elses(files: 
     assert (window.used, window.external) == (13, 3)
 
 
+async def test_first_start_probes_of_two_processes_count_each_send_once(files: Files) -> None:
+    # ``serve --workers 2`` on a new file: each worker calibrates with one probe, and
+    # echowin's answer to a's probe already counts b's.
+    a = await files.source(Limit(12, 2), Limit(40, 10))
+    b = await files.source(Limit(12, 2), Limit(40, 10))
+    assert len(await take(a, T0, 1)) == 1
+    assert len(await take(b, T0, 1)) == 1  # a has not read b's row yet
+    a.assume_external(T0 + 0.1, 2)
+    assert [(v.used, v.external) for v in a.snapshot(T0 + 0.1)] == [(2, 0), (2, 0)]
+    # The ten slots left are a's and b's to take, not nine.
+    assert len(await take(a, T0 + 0.1, 5)) + len(await take(b, T0 + 0.1, 10)) == 10
+
+
 async def test_schema_is_migrated_with_the_old_sends_kept(tmp_path: Path) -> None:
     path = tmp_path / "old.db"
     conn = sqlite3.connect(path)
