@@ -11,20 +11,21 @@ import asyncio
 import contextlib
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
 
 from proxy.admission import Admitter, OpenAdmitter
-from proxy.budget import Limit
+from proxy.budget import CredentialBudget, Limit
 from proxy.config import GatewayConfig, Secrets
 from proxy.logs import AccessLog, setup_logging
 from proxy.metrics import Metrics
 from proxy.request_ids import RequestIds
 from proxy.routes import RouteTable
-from proxy.scheduler import Lane, QueuePolicy, Scheduler
-from proxy.slots import SendLog, SlotSource
+from proxy.scheduler import QUOTA_HORIZON, Lane, QueuePolicy, Scheduler
+from proxy.slots import LocalSlots, SendLog, SlotSource
 from proxy.state import open_send_log, open_token_store, parse_state_url
 from proxy.tokenops import redis_options
 from proxy.tokens import TokenAuthenticator, TokenStore
@@ -127,7 +128,9 @@ class Runtime:
         if self._send_log is not None:
             self._pruner = asyncio.get_running_loop().create_task(self._prune_forever())
 
-    def _slot_source(self, name: str, limits: list[Limit]) -> SlotSource | None:
+    def _slot_source(
+        self, name: str, limits: Sequence[Limit], guard: float | None = None
+    ) -> SlotSource | None:
         """The shared (Redis) slot source for a credential; None for local slots."""
         if self._redis is None:
             return None
@@ -139,7 +142,7 @@ class Runtime:
             self._redis,
             cfg.redis.key_prefix,
             limits,
-            cfg.upstream.window_guard_seconds,
+            cfg.upstream.window_guard_seconds if guard is None else guard,
             replicas=cfg.replicas * self.workers,
             mode=cfg.on_state_failure,
             on_latency=lambda op, s: self.metrics.state_latency.labels(op).observe(s),
@@ -168,15 +171,25 @@ class Runtime:
             await lane.restore()
             lanes[name] = lane
             self.metrics.upstream_429s.labels(name)  # exported as 0 from the start
-        scheduler = Scheduler(lanes, policy, self.metrics)
+        scheduler = Scheduler(lanes, policy, self.metrics, quota_sources=self._quota_source)
         self.metrics.attach_budget(scheduler.snapshot, scheduler.token_quotas)
         self.metrics.queue_max_wait.set(cfg.queue.max_wait_seconds)
         return scheduler
 
+    def _quota_source(self, name: str, limits: tuple[Limit, ...]) -> SlotSource:
+        """A token's own quota, kept where the credentials' budgets are (no guard: the
+        gateway counts it, echowin does not)."""
+        source = self._slot_source(name, limits, guard=0.0)
+        if source is None:
+            assert self._send_log is not None
+            source = LocalSlots(name, CredentialBudget(limits, 0.0), self._send_log, time.time)
+        return source
+
     def _horizon(self) -> float:
-        """How long a recorded send can still matter, seconds."""
+        """How long a recorded send can still matter, seconds: a token quota's hour too."""
         up = self.config.upstream
-        return max(lim.per_seconds for lim in up.limits) + up.window_guard_seconds
+        longest = max(lim.per_seconds for lim in up.limits) + up.window_guard_seconds
+        return max(longest, QUOTA_HORIZON)
 
     async def _prune_forever(self) -> None:
         """Drop sends no window counts any more, once a minute."""

@@ -33,6 +33,7 @@ from proxy.ratelimit_headers import (
     unchanged_for,
 )
 from proxy.slots import LocalSlots, SendLog, Slot, SlotSource, StateUnavailable
+from proxy.state.memory import MemorySendLog
 from proxy.tokens import TokenRecord
 
 log = logging.getLogger("echowin_gateway.budget")
@@ -79,17 +80,31 @@ class _TokenQueue:
 
 @dataclass(slots=True)
 class TokenCharge:
-    """One send charged to a token's own quota at ``at``."""
+    """One send charged to a token's own quota: a slot of the quota's source."""
 
-    budget: CredentialBudget
-    at: float
+    source: SlotSource
+    slot: Slot
     refunded: bool = False
 
     def refund(self) -> None:
         """Give the send back to the token's quota (idempotent)."""
         if not self.refunded:
             self.refunded = True
-            self.budget.release(self.at)
+            self.source.give_back(self.slot)
+
+
+QuotaSources = Callable[[str, tuple[Limit, ...]], SlotSource]
+"""Makes the slot source of one token's own quota: ``(name, limits)``. The name is
+``quota:<token id>`` (credential names cannot hold a colon). A source on the gateway's
+state (SQLite, Redis) holds the quota across workers, replicas and restarts."""
+
+
+@dataclass(slots=True, eq=False)
+class _Quota:
+    limits: tuple[Limit, ...]
+    source: SlotSource
+    token_name: str
+    restored: asyncio.Future[None]  # what the state remembers of the quota, loaded
 
 
 class SlotGrant:
@@ -540,44 +555,91 @@ class Scheduler:
         policy: QueuePolicy,
         observer: Observer,
         clock: Callable[[], float] = time.time,
+        quota_sources: QuotaSources | None = None,
     ) -> None:
+        """``quota_sources``: where token quotas are kept; by default in this process."""
         self.lanes = dict(lanes)
         self.policy = policy
         self.observer = observer
         self.clock = clock
-        # Per token id: its quota limits, their budget, and the token's name (for metrics).
-        self._quotas: dict[str, tuple[tuple[Limit, ...], CredentialBudget, str]] = {}
+        if quota_sources is None:
+            memory = MemorySendLog()
+
+            def quota_sources(name: str, limits: tuple[Limit, ...]) -> SlotSource:
+                return LocalSlots(name, CredentialBudget(limits, 0.0), memory, clock)
+
+        self._quota_sources = quota_sources
+        # Per token id with a quota of its own: its limits and their slot source.
+        self._quotas: dict[str, _Quota] = {}
+        self._closing: set[asyncio.Future[None]] = set()  # sources of changed quotas
         # Per credential: the caller headers of a token without its own quota (see
         # caller_headers) and what they were made from.
         self._headers: dict[str, _KeptHeaders] = {}
         self._policies: dict[str, str] = {}  # RateLimit-Policy per credential
 
-    def _token_quota(self, token: TokenRecord) -> CredentialBudget | None:
-        if token.hourly is None and token.per_minute is None and token.id not in self._quotas:
-            return None  # the common case, without building the (empty) limits
+    async def _token_quota(self, token: TokenRecord) -> _Quota | None:
+        """The token's quota, its source made and restored on first use (and again when
+        its limits change); None without one."""
         limits = token_limits(token)
-        if not limits:
-            self._quotas.pop(token.id, None)
-            return None
         known = self._quotas.get(token.id)
-        if known is None or known[0] != limits:
-            known = (limits, CredentialBudget(limits, guard=0.0), token.name)
-            self._quotas[token.id] = known
-        return known[1]
+        if known is None or known.limits != limits:
+            if known is not None:
+                del self._quotas[token.id]
+                closing = asyncio.ensure_future(known.source.close())
+                self._closing.add(closing)
+                closing.add_done_callback(self._closing.discard)
+            if not limits:
+                return None
+            source = self._quota_sources(f"quota:{token.id}", limits)
+            restored = asyncio.ensure_future(source.restore(self.clock()))
+            known = self._quotas[token.id] = _Quota(limits, source, token.name, restored)
+        if not known.restored.done():
+            # Shared by every request of the token that arrives meanwhile; a caller that
+            # leaves does not cancel it for the others.
+            await asyncio.shield(known.restored)
+        if known.restored.exception() is not None:
+            del self._quotas[token.id]  # tried again by the next request
+            raise StateUnavailable("token quota: restore failed")
+        return known
+
+    async def _charge(self, token: TokenRecord) -> TokenCharge | Refusal | None:
+        """One send charged to the token's own quota, a refusal, or None (no quota)."""
+        quota = await self._token_quota(token)
+        if quota is None:
+            return None
+        source = quota.source
+        now = self.clock()
+        slot = await source.take(now)
+        if slot is None:
+            # The view says spent; another process may have given a charge back since this
+            # one last looked (the view catches up at most every few tens of ms).
+            await source.refresh(now)
+            wait = source.predict_wait(now, 0, None)
+            if wait <= 0:
+                slot = await source.take(now)
+            if slot is None:
+                return Refusal(
+                    "token_quota",
+                    max(wait, source.retry_in(now)),
+                    "This token's own quota is spent",
+                )
+        return TokenCharge(source, slot)
 
     async def admit(self, request: AdmitRequest) -> Grant | Refusal:
         lane = self.lanes[request.credential]
         token = request.token
-        now = self.clock()
-        quota = self._token_quota(token)
         charge: TokenCharge | None = None
-        if quota is not None:
-            if not quota.try_record(now):
-                self.observer.refused(lane.name, token.name, "token_quota")
-                return Refusal(
-                    "token_quota", quota.wait_time(now), "This token's own quota is spent"
-                )
-            charge = TokenCharge(quota, now)
+        if token.hourly is not None or token.per_minute is not None or token.id in self._quotas:
+            # The token's own quota is charged first, in the gateway's state (a worker or a
+            # replica sees the others' charges), and refunded if the request is refused.
+            try:
+                charged = await self._charge(token)
+            except StateUnavailable:
+                charged = _STATE_DOWN
+            if isinstance(charged, Refusal):
+                self.observer.refused(lane.name, token.name, charged.reason)
+                return charged
+            charge = charged
         max_wait = self.policy.max_wait
         if request.max_wait is not None:
             max_wait = min(max_wait, request.max_wait)
@@ -615,7 +677,7 @@ class Scheduler:
                     return kept.headers
         windows = [("echowin", w) for w in lane.source.snapshot(now)]
         if quota is not None:
-            windows += [("token", w) for w in quota[1].snapshot(now)]
+            windows += [("token", w) for w in quota.source.snapshot(now)]
             return caller_headers(now, windows)
         policy = self._policies.get(lane.name)
         if policy is None:
@@ -627,13 +689,13 @@ class Scheduler:
     def token_quotas(self) -> dict[str, list[WindowView]]:
         """Every token quota in use, by token name, at now (for metrics)."""
         now = self.clock()
-        return {name: budget.snapshot(now) for _, budget, name in self._quotas.values()}
+        return {q.token_name: q.source.snapshot(now) for q in self._quotas.values()}
 
     def token_quota_view(self, token_id: str) -> list[dict[str, object]] | None:
         known = self._quotas.get(token_id)
         if known is None:
             return None
-        return [_window_json(w) for w in known[1].snapshot(self.clock())]
+        return [_window_json(w) for w in known.source.snapshot(self.clock())]
 
     def snapshot(self) -> dict[str, object]:
         now = self.clock()
@@ -653,6 +715,13 @@ class Scheduler:
     async def close(self) -> None:
         for lane in self.lanes.values():
             await lane.close()
+        for quota in self._quotas.values():
+            if quota.restored.done():
+                await quota.source.close()
+            else:
+                quota.restored.cancel()
+        self._quotas.clear()
+        await asyncio.gather(*self._closing, return_exceptions=True)
 
 
 def _window_json(w: WindowView) -> dict[str, object]:
@@ -679,13 +748,17 @@ def _frozen_for(source: SlotSource, now: float) -> float:
     return round(until - now, 3) if until is not None else 0.0
 
 
+QUOTA_HORIZON = 3600.0
+"""The longest window of a token's own quota (``hourly``), seconds."""
+
+
 def token_limits(token: TokenRecord) -> tuple[Limit, ...]:
     limits: list[Limit] = []
     if token.hourly is not None:
-        limits.append(Limit(token.hourly, 3600.0))
+        limits.append(Limit(token.hourly, QUOTA_HORIZON))
     if token.per_minute is not None:
         limits.append(Limit(token.per_minute, 60.0))
     return tuple(limits)
 
 
-__all__ = ["Lane", "QueuePolicy", "Scheduler", "SendLog", "SlotGrant"]
+__all__ = ["QUOTA_HORIZON", "Lane", "QueuePolicy", "Scheduler", "SendLog", "SlotGrant"]

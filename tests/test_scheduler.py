@@ -245,9 +245,10 @@ async def test_free_budget_grants_at_once_written_ahead_and_unsent_gives_all_bac
 ) -> None:
     log = await rig.sqlite_log()
     lane = rig.lane(log, Limit(2, 60))
-    quota = CredentialBudget([Limit(5, 60)], guard=0.0)
-    assert quota.try_record(T0)
-    charge = TokenCharge(quota, T0)
+    quota = LocalSlots("quota:svc", CredentialBudget([Limit(5, 60)], guard=0.0), MemorySendLog())
+    slot = await quota.take(T0)
+    assert slot is not None
+    charge = TokenCharge(quota, slot)
 
     grant = await lane.admit(token("svc"), charge, 1.0)
 
@@ -261,14 +262,14 @@ async def test_free_budget_grants_at_once_written_ahead_and_unsent_gives_all_bac
     grant.unsent()
     assert lane.budget.count(rig.clock.now, 0) == 0  # at once, before any I/O
     assert charge.refunded
-    assert quota.count(rig.clock.now, 0) == 0
+    assert quota.budget.count(rig.clock.now, 0) == 0
     await drain(lane)
     assert await log.recent(CREDENTIAL, 0.0) == []
 
     grant.sent(200, {})  # a grant takes effect once: this is ignored
     grant.unsent()
     assert lane.budget.count(rig.clock.now, 0) == 0
-    assert quota.count(rig.clock.now, 0) == 0
+    assert quota.budget.count(rig.clock.now, 0) == 0
 
 
 async def test_a_sent_grant_keeps_its_slot_and_its_row(rig: Rig) -> None:

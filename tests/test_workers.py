@@ -414,16 +414,16 @@ async def test_a_worker_that_cannot_start_stops_the_group(
     assert await connection_refused(gw.admin_port)
 
 
-@pytest.mark.xfail(
-    reason="token quotas (--hourly, --per-minute) are kept per process (proxy/scheduler.py:"
-    " Scheduler._quotas), so each worker grants the whole quota",
-    strict=True,
-)
+@pytest.mark.parametrize("state", ["sqlite", "redis"])
 async def test_a_token_quota_holds_across_workers(
-    tmp_path: Path, spawn: Spawn, big_sim: tuple[Simulator, str], redis_prefix: str
+    tmp_path: Path,
+    spawn: Spawn,
+    big_sim: tuple[Simulator, str],
+    redis_prefix: str,
+    state: str,
 ) -> None:
     _, sim_url = big_sim
-    gw = group_config(tmp_path, sim_url, "redis", redis_prefix, HUGE_LIMITS)
+    gw = group_config(tmp_path, sim_url, state, redis_prefix, HUGE_LIMITS)
     await start_group(spawn, gw)
     status, body = await admin_call(
         gw, "POST", "/admin/tokens", json={"name": "capped", "scopes": ["*"], "per_minute": 3}

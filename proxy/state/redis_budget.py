@@ -350,6 +350,8 @@ class RedisSlots:
             mirror.freeze(frozen)
         self.mirror, self._mirror_at, self._offset = mirror, now, offset
         self.changes += 1
+        if self._hint_until > now and mirror.wait_time(now) <= 0:
+            self._hint_until = 0.0  # another replica gave a slot back: worth asking again
 
     @property
     def budget(self) -> CredentialBudget:
