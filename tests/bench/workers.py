@@ -71,6 +71,16 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / TICKS
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds every CPU of the machine has been busy so far (/proc/stat's ``cpu``
+    line: all but idle and iowait), whoever used them."""
+    with open("/proc/stat", encoding="ascii") as fh:
+        fields = [int(x) for x in fh.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    # guest time is counted in user time already
+    return (sum(fields[:8]) - idle) / TICKS
+
+
 def every_cpu(cmd: list[str]) -> list[str]:
     """``cmd`` allowed on every CPU (the harness itself is pinned to the load CPU)."""
     cpus = ",".join(str(c) for c in range(os.cpu_count() or 1))
@@ -118,13 +128,20 @@ async def measure(
 ) -> dict[str, Any]:
     url = target.gw.url + PATH
     before = cpu_seconds(list(target.pids))
+    busy_before = machine_busy_seconds()
     if wrk:
         res = await loadgen.run_wrk(wrk, url, target.headers, CONNECTIONS, seconds, load_cpu, tmp)
     else:
         res = await loadgen.run_python(url, target.headers, CONNECTIONS, seconds)
     used = cpu_seconds(list(target.pids)) - before
+    rest = machine_busy_seconds() - busy_before - used
     res["cores"] = round(used / res["seconds"], 3) if res["seconds"] else None
     res["rps_per_core"] = round(res["rps"] / res["cores"], 1) if res["cores"] else None
+    if res["requests"]:
+        # CPU per answer: the gateway's, and the rest of the machine's (wrk, the upstream,
+        # the harness, the kernel's share not charged to a process, anyone else).
+        res["gateway_us"] = round(used / res["requests"] * 1e6, 1)
+        res["rest_us"] = round(rest / res["requests"] * 1e6, 1)
     res["as_expected"] = bool(res["requests"] and not res["errors"] and not res["non_2xx"])
     target.gw.check_alive()
     return res
@@ -155,6 +172,8 @@ def summarise(rounds: dict[int, list[dict[str, Any]]], state: str) -> dict[str, 
             "p99_ms": _spread([r["p99_ms"] for r in runs], 4),
             "cores": _spread([r["cores"] for r in runs if r["cores"] is not None], 3),
             "rps_per_core": _spread([r["rps_per_core"] for r in runs if r["rps_per_core"]], 1),
+            "gateway_us": _spread([r["gateway_us"] for r in runs if "gateway_us" in r], 1),
+            "rest_us": _spread([r["rest_us"] for r in runs if "rest_us" in r], 1),
             "all_as_expected": all(r["as_expected"] for r in runs),
             "rounds": runs,
         }
@@ -233,11 +252,12 @@ def markdown(scenario: dict[str, Any], load_cpu: int | None) -> list[str]:
         f"Workers: admitted path, {scenario['connections']} connections, state "
         f"{scenario['state']}; load generator and upstream on CPU {load_cpu}, the gateways "
         f"on every CPU. 2 workers / 1 worker: {scenario['ratio']} (paired per round: "
-        f"{fmt(scenario['ratio_paired'], 3)}).",
+        f"{fmt(scenario['ratio_paired'], 3)}). CPU per answer: the gateway's processes', and "
+        "the rest of the machine's (wrk, the upstream, the harness, anyone else).",
         "",
         "| Server | req/s: median [min, max] | x 1 worker | CPU cores used | req/s per core | "
-        "p50 ms | p99 ms |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "gateway CPU µs per answer | rest of the machine, µs per answer | p50 ms | p99 ms |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     base = scenario["targets"][name_of(1)]["rps"]["median"]
     for name, t in scenario["targets"].items():
@@ -245,7 +265,8 @@ def markdown(scenario: dict[str, Any], load_cpu: int | None) -> list[str]:
         flag = "" if t["all_as_expected"] else " (UNEXPECTED STATUS)"
         lines.append(
             f"| {name}{flag} | {fmt(t['rps'], 0)} | {ratio} | {fmt(t['cores'], 2)} | "
-            f"{fmt(t['rps_per_core'], 0)} | {t['p50_ms']['median']} | {t['p99_ms']['median']} |"
+            f"{fmt(t['rps_per_core'], 0)} | {fmt(t['gateway_us'], 1)} | {fmt(t['rest_us'], 1)} | "
+            f"{t['p50_ms']['median']} | {t['p99_ms']['median']} |"
         )
     return lines
 
