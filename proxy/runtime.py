@@ -18,14 +18,14 @@ from typing import Any
 from aiohttp import web
 
 from proxy.admission import Admitter, OpenAdmitter
-from proxy.budget import CredentialBudget, Limit
+from proxy.budget import Limit
 from proxy.config import GatewayConfig, Secrets
 from proxy.logs import AccessLog, setup_logging
 from proxy.metrics import Metrics
 from proxy.request_ids import RequestIds
 from proxy.routes import RouteTable
-from proxy.scheduler import QUOTA_HORIZON, Lane, QueuePolicy, Scheduler
-from proxy.slots import LocalSlots, SendLog, SlotSource
+from proxy.scheduler import QUOTA_HORIZON, Lane, QueuePolicy, Scheduler, local_quota_source
+from proxy.slots import SendLog, SlotSource
 from proxy.state import open_send_log, open_token_store, parse_state_url
 from proxy.tokenops import redis_options
 from proxy.tokens import TokenAuthenticator, TokenStore
@@ -182,7 +182,7 @@ class Runtime:
         source = self._slot_source(name, limits, guard=0.0)
         if source is None:
             assert self._send_log is not None
-            source = LocalSlots(name, CredentialBudget(limits, 0.0), self._send_log, time.time)
+            source = local_quota_source(name, limits, self._send_log, time.time)
         return source
 
     def _horizon(self) -> float:

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -99,12 +100,25 @@ QuotaSources = Callable[[str, tuple[Limit, ...]], SlotSource]
 state (SQLite, Redis) holds the quota across workers, replicas and restarts."""
 
 
+def local_quota_source(
+    name: str,
+    limits: Sequence[Limit],
+    log: SendLog,
+    clock: Callable[[], float] | None = None,
+) -> LocalSlots:
+    """A token's quota on a send log (``memory://``, SQLite). No guard: the gateway counts
+    it, echowin does not. No leases: a token's requests may move between processes, and a
+    lease's unused slots would stay with the one that took it until it takes again."""
+    return LocalSlots(name, CredentialBudget(limits, 0.0), log, clock, leases=False)
+
+
 @dataclass(slots=True, eq=False)
 class _Quota:
     limits: tuple[Limit, ...]
     source: SlotSource
     token_name: str
-    restored: asyncio.Future[None]  # what the state remembers of the quota, loaded
+    # The source's view loaded from the state (restored, or rebuilt for new limits).
+    ready: asyncio.Future[None]
 
 
 class SlotGrant:
@@ -265,6 +279,18 @@ class Lane:
                 self.observer.waited(self.name, 0.0)  # admitted at once: a wait of 0
             await self._write_ahead(grant)
         return grant
+
+    async def known_refusal(self, token: TokenRecord, max_wait: float) -> Refusal | None:
+        """The refusal :meth:`admit` would give at once without asking the budget (nobody
+        waits and nothing changed since the last refusal), else None."""
+        if self.depth or self._refusing is None:
+            return None
+        now = self.clock()
+        try:
+            await self.source.refresh(now)
+        except StateUnavailable:
+            return None  # admit says so
+        return self._known_refusal(now, token, max_wait)
 
     def _known_refusal(self, now: float, token: TokenRecord, max_wait: float) -> Refusal | None:
         """With nobody queued and nothing changed since the last refusal, the budget frees
@@ -566,41 +592,54 @@ class Scheduler:
             memory = MemorySendLog()
 
             def quota_sources(name: str, limits: tuple[Limit, ...]) -> SlotSource:
-                return LocalSlots(name, CredentialBudget(limits, 0.0), memory, clock)
+                return local_quota_source(name, limits, memory, clock)
 
         self._quota_sources = quota_sources
         # Per token id with a quota of its own: its limits and their slot source.
         self._quotas: dict[str, _Quota] = {}
-        self._closing: set[asyncio.Future[None]] = set()  # sources of changed quotas
+        self._closing: set[asyncio.Future[None]] = set()  # sources of dropped quotas
         # Per credential: the caller headers of a token without its own quota (see
         # caller_headers) and what they were made from.
         self._headers: dict[str, _KeptHeaders] = {}
         self._policies: dict[str, str] = {}  # RateLimit-Policy per credential
 
     async def _token_quota(self, token: TokenRecord) -> _Quota | None:
-        """The token's quota, its source made and restored on first use (and again when
-        its limits change); None without one."""
+        """The token's quota, its source made and restored on first use and its view
+        rebuilt when its limits change; None without one. One source per token for as
+        long as it has a quota: slots charged before a change are given back to it."""
         limits = token_limits(token)
         known = self._quotas.get(token.id)
-        if known is None or known.limits != limits:
-            if known is not None:
+        if not limits:
+            if known is not None:  # the quota was taken away
                 del self._quotas[token.id]
-                closing = asyncio.ensure_future(known.source.close())
-                self._closing.add(closing)
-                closing.add_done_callback(self._closing.discard)
-            if not limits:
-                return None
+                self._in_background(known.source.close())
+            return None
+        now = self.clock()
+        if known is None:
             source = self._quota_sources(f"quota:{token.id}", limits)
-            restored = asyncio.ensure_future(source.restore(self.clock()))
-            known = self._quotas[token.id] = _Quota(limits, source, token.name, restored)
-        if not known.restored.done():
+            restore = asyncio.ensure_future(source.restore(now))
+            known = self._quotas[token.id] = _Quota(limits, source, token.name, restore)
+        elif known.limits != limits:
+            known.limits = limits
+            relimit = functools.partial(known.source.relimit, limits, now)
+            known.ready = asyncio.ensure_future(_after(known.ready, relimit))
+        ready = known.ready
+        if not ready.done():
             # Shared by every request of the token that arrives meanwhile; a caller that
             # leaves does not cancel it for the others.
-            await asyncio.shield(known.restored)
-        if known.restored.exception() is not None:
-            del self._quotas[token.id]  # tried again by the next request
-            raise StateUnavailable("token quota: restore failed")
+            with contextlib.suppress(Exception):
+                await asyncio.shield(ready)
+        if ready.cancelled() or ready.exception() is not None:
+            if self._quotas.get(token.id) is known:  # made again by the next request
+                del self._quotas[token.id]
+                self._in_background(known.source.close())
+            raise StateUnavailable("token quota: the state could not be read")
         return known
+
+    def _in_background(self, coro: Coroutine[object, object, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     async def _charge(self, token: TokenRecord) -> TokenCharge | Refusal | None:
         """One send charged to the token's own quota, a refusal, or None (no quota)."""
@@ -628,21 +667,24 @@ class Scheduler:
     async def admit(self, request: AdmitRequest) -> Grant | Refusal:
         lane = self.lanes[request.credential]
         token = request.token
+        max_wait = self.policy.max_wait
+        if request.max_wait is not None:
+            max_wait = min(max_wait, request.max_wait)
         charge: TokenCharge | None = None
         if token.hourly is not None or token.per_minute is not None or token.id in self._quotas:
             # The token's own quota is charged first, in the gateway's state (a worker or a
-            # replica sees the others' charges), and refunded if the request is refused.
-            try:
-                charged = await self._charge(token)
-            except StateUnavailable:
-                charged = _STATE_DOWN
+            # replica sees the others' charges), and refunded if the request is refused;
+            # not at all when the lane refuses at once anyway (a flood costs no writes).
+            charged: TokenCharge | Refusal | None = await lane.known_refusal(token, max_wait)
+            if charged is None:
+                try:
+                    charged = await self._charge(token)
+                except StateUnavailable:
+                    charged = _STATE_DOWN
             if isinstance(charged, Refusal):
                 self.observer.refused(lane.name, token.name, charged.reason)
                 return charged
             charge = charged
-        max_wait = self.policy.max_wait
-        if request.max_wait is not None:
-            max_wait = min(max_wait, request.max_wait)
         try:
             result = await lane.admit(token, charge, max_wait)
         except BaseException:
@@ -715,12 +757,10 @@ class Scheduler:
     async def close(self) -> None:
         for lane in self.lanes.values():
             await lane.close()
-        for quota in self._quotas.values():
-            if quota.restored.done():
-                await quota.source.close()
-            else:
-                quota.restored.cancel()
-        self._quotas.clear()
+        while self._quotas:
+            _, quota = self._quotas.popitem()
+            quota.ready.cancel()
+            await quota.source.close()
         await asyncio.gather(*self._closing, return_exceptions=True)
 
 
@@ -733,6 +773,16 @@ def _window_json(w: WindowView) -> dict[str, object]:
         "reset_in": round(w.reset_in, 3),
         "external": w.external,
     }
+
+
+async def _after(
+    previous: asyncio.Future[None], then: Callable[[], Coroutine[object, object, None]]
+) -> None:
+    """``then()`` once ``previous`` has ended, however it ended."""
+    await asyncio.wait([previous])
+    if not previous.cancelled():
+        previous.exception()  # retrieved: its callers were told, or there were none
+    await then()
 
 
 def _settled(waiter: _Waiter) -> SlotGrant | Refusal | None:
@@ -761,4 +811,12 @@ def token_limits(token: TokenRecord) -> tuple[Limit, ...]:
     return tuple(limits)
 
 
-__all__ = ["QUOTA_HORIZON", "Lane", "QueuePolicy", "Scheduler", "SendLog", "SlotGrant"]
+__all__ = [
+    "QUOTA_HORIZON",
+    "Lane",
+    "QueuePolicy",
+    "Scheduler",
+    "SendLog",
+    "SlotGrant",
+    "local_quota_source",
+]

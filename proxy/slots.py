@@ -16,10 +16,10 @@ import contextlib
 import dataclasses
 import logging
 import math
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Protocol
 
-from proxy.budget import CredentialBudget, WindowView
+from proxy.budget import CredentialBudget, Limit, WindowView
 
 log = logging.getLogger("echowin_gateway.budget")
 
@@ -155,6 +155,10 @@ class SlotSource(Protocol):
     async def restore(self, now: float) -> None:
         """Load what the backend remembers (after a restart)."""
 
+    async def relimit(self, limits: Sequence[Limit], now: float) -> None:
+        """New limits over the same sends (a token's quota changed): the view is rebuilt
+        with every send still counted; slots handed out before stay valid to give back."""
+
     async def close(self) -> None: ...
 
 
@@ -189,14 +193,19 @@ class LocalSlots:
         budget: CredentialBudget,
         log: SendLog,
         clock: Callable[[], float] | None = None,
+        *,
+        leases: bool = True,
     ) -> None:
         """``clock``: read again when a row is planned, since ``reserve`` may have waited
         for another process's write lock: a send is never stamped before it was decided.
+        ``leases``: False for a token's quota, whose requests may move between processes
+        (a lease's unused slots stay with the process that took it until it takes again).
         """
         self.name = name
         self.clock = clock
         self.budget = budget
         self.log = log
+        self._block_max = log.block_max if leases else 1
         self.durable = log.durable
         self.remembers_external = False  # the log holds this gateway's own sends only
         self.healthy = True
@@ -294,10 +303,10 @@ class LocalSlots:
 
     def _block(self, now: float) -> int:
         """How many slots one row reserves: 1 near any limit, up to ``block_max`` far."""
-        if self.log.block_max <= 1:
+        if self._block_max <= 1:
             return 1
         free = min(self.budget.remaining(now, index) for index in range(len(self.budget.limits)))
-        block = min(self.log.block_max, free // self.LEASE_FRACTION)
+        block = min(self._block_max, free // self.LEASE_FRACTION)
         return block if block >= self.LEASE_MIN else 1
 
     def _merge(self, rows: list[Row]) -> None:
@@ -370,8 +379,12 @@ class LocalSlots:
     def freeze(self, until: float) -> None:
         self.budget.freeze(until)
         self._spawn(self.log.freeze(self.name, until))  # for a restart and other workers
+        self._end_lease()  # nothing more leaves before ``until``
+
+    def _end_lease(self) -> None:
+        """Give the open lease's unused slots back now (the view at once, the log behind)."""
         lease = self._lease
-        if lease is not None and lease.left:  # nothing more leaves before ``until``
+        if lease is not None and lease.left:
             self._lease = None
             for _ in range(lease.left):
                 self.budget.release(lease.at)
@@ -391,6 +404,21 @@ class LocalSlots:
         until = await self.log.frozen(self.name)
         if until is not None:
             self.budget.freeze(until)
+
+    async def relimit(self, limits: Sequence[Limit], now: float) -> None:
+        old = self.budget
+        self._end_lease()
+        self.budget = CredentialBudget(limits, old.guard)
+        if self.durable:
+            # The log holds every send, older than the old limits' windows too; its rows
+            # written in the background (given back) first, or they would count.
+            await asyncio.gather(*self._background, return_exceptions=True)
+            await self.restore(now)
+        else:
+            self.budget.load(old.sends(), now)
+            frozen = old.frozen_until(now)
+            if frozen is not None:
+                self.budget.freeze(frozen)
 
     async def close(self) -> None:
         lease = self._lease

@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
@@ -21,7 +22,7 @@ from redis.asyncio import Redis
 from proxy.budget import Limit
 from proxy.slots import StateUnavailable
 from proxy.state.redis_budget import PROBE_INTERVAL, RedisSlots
-from tests.procs import free_ports
+from tests.procs import eventually, free_ports
 
 LIMITS = (Limit(5, 10.0), Limit(3, 1.0))
 
@@ -252,3 +253,33 @@ async def test_a_freeze_set_while_alone_reaches_redis_when_it_is_back(
     assert 20_000 < ttl <= 30_000  # every replica now sees the freeze
     await a.close()
     await client.aclose()
+
+
+async def test_a_reservation_whose_caller_left_records_no_send(client: Redis, prefix: str) -> None:
+    """A client hanging up while the reservation script runs: the script records the send,
+    the caller is gone before it hears so; the send must not stay counted."""
+    a = slots(client, prefix)
+    ran, release = asyncio.Event(), asyncio.Event()
+    real_call = a._call
+
+    async def held_reply(op: str, script: Any, keys: list[str], args: list[Any]) -> Any:
+        reply = await real_call(op, script, keys, args)
+        ran.set()  # Redis has recorded it; the reply is on its way back
+        await release.wait()
+        return reply
+
+    a._call = held_reply  # type: ignore[method-assign]
+    taking = asyncio.ensure_future(a.take(time.time()))
+    await ran.wait()
+    assert await client.zcard(f"{prefix}default:sends") == 1
+    taking.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await taking
+    release.set()
+    await eventually(
+        lambda: _zcard_is(client, f"{prefix}default:sends", 0), "the send removed", 5.0
+    )
+
+
+async def _zcard_is(client: Redis, key: str, n: int) -> bool:
+    return bool(await client.zcard(key) == n)

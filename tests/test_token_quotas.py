@@ -9,8 +9,10 @@ without it). Redis decides with its own clock, so every test stays inside one mi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import math
+import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -19,8 +21,15 @@ import pytest
 from redis.asyncio import Redis
 
 from proxy.admission import AdmitRequest, Refusal
-from proxy.budget import CredentialBudget, Limit
-from proxy.scheduler import Lane, QueuePolicy, Scheduler, SlotGrant
+from proxy.budget import Limit
+from proxy.scheduler import (
+    Lane,
+    QueuePolicy,
+    QuotaSources,
+    Scheduler,
+    SlotGrant,
+    local_quota_source,
+)
 from proxy.slots import LocalSlots, SlotSource
 from proxy.state.memory import MemorySendLog
 from proxy.state.redis_budget import RedisSlots
@@ -44,7 +53,7 @@ class Processes:
         self.schedulers: list[Scheduler] = []
         self.logs: list[SqliteSendLog] = []
 
-    async def start(self) -> Scheduler:
+    async def start(self, lane_limit: Limit = HUGE) -> Scheduler:
         log: SqliteSendLog | None = None
         if self.kind == "sqlite":
             log = await SqliteSendLog.open(self.db)
@@ -52,15 +61,13 @@ class Processes:
 
         def quota_source(name: str, limits: tuple[Limit, ...]) -> SlotSource:
             if log is not None:
-                return LocalSlots(name, CredentialBudget(limits, 0.0), log)
+                return local_quota_source(name, limits, log)  # as proxy/runtime.py does
             assert self.redis is not None
             return RedisSlots(name, self.redis, self.prefix, limits, 0.0, replicas=2, mode="local")
 
-        policy = QueuePolicy(max_wait=0.0, max_depth=100, max_depth_per_token=50)
-        observer = Recorder()
-        lane = Lane(CREDENTIAL, [HUGE], 0.0, MemorySendLog(), policy, observer)
-        lane.calibrated = True  # no probe: the credential's budget is not the subject
-        scheduler = Scheduler({CREDENTIAL: lane}, policy, observer, quota_sources=quota_source)
+        return self.track(scheduler_on(quota_source, lane_limit))
+
+    def track(self, scheduler: Scheduler) -> Scheduler:
         self.schedulers.append(scheduler)
         return scheduler
 
@@ -69,6 +76,16 @@ class Processes:
             await scheduler.close()
         for log in self.logs:
             await log.close()
+
+
+def scheduler_on(quotas: QuotaSources, lane_limit: Limit = HUGE) -> Scheduler:
+    """One process's scheduler: token quotas from ``quotas``, the credential's budget (the
+    lane) local and calibrated (no probe)."""
+    policy = QueuePolicy(max_wait=0.0, max_depth=100, max_depth_per_token=50)
+    observer = Recorder()
+    lane = Lane(CREDENTIAL, [lane_limit], 0.0, MemorySendLog(), policy, observer)
+    lane.calibrated = True
+    return Scheduler({CREDENTIAL: lane}, policy, observer, quota_sources=quotas)
 
 
 @pytest.fixture(params=["sqlite", "redis"])
@@ -168,3 +185,98 @@ async def test_a_changed_quota_counts_what_was_already_sent(processes: Processes
     lowered = dataclasses.replace(token, per_minute=None)  # and then took it away
     assert isinstance(await admit(a, lowered), SlotGrant)
     assert token.id not in a._quotas
+
+
+async def test_charges_made_before_a_change_are_given_back_after_it(
+    processes: Processes,
+) -> None:
+    a = await processes.start()
+    token = capped(3)
+    in_flight = [await admit(a, token) for _ in range(3)]
+    raised = dataclasses.replace(token, per_minute=4)
+    last = await admit(a, raised)
+    assert isinstance(last, SlotGrant)
+    for grant in in_flight:  # charged before the change; they never reached echowin
+        assert isinstance(grant, SlotGrant)
+        grant.unsent()
+    await settle(a)
+    age_views(a)
+    assert await granted(a, raised, 4) == [True, True, True, False]
+
+
+async def test_two_limits_at_first_use_make_one_source(processes: Processes) -> None:
+    """Requests of one token with its old and new limits meet at the quota's first use
+    (a cached record and a fresh one): one source, every charge counted once."""
+    a = await processes.start()
+    old = capped(3)
+    new = dataclasses.replace(old, per_minute=2)
+    results = await asyncio.gather(admit(a, old), admit(a, new), admit(a, old))
+    grants = sum(isinstance(r, SlotGrant) for r in results)
+    assert grants >= 2
+    quota = a._quotas[old.id]
+    await quota.ready
+    assert [v.used for v in quota.source.snapshot(a.clock())] == [grants]
+    await a.close()
+    restarted = await processes.start()
+    assert await granted(restarted, new, 1) == [False]  # the state holds both charges
+
+
+async def test_no_process_holds_back_part_of_a_quota(processes: Processes) -> None:
+    """A quota large enough for the credentials' leases (blocks of slots reserved ahead)
+    is still granted whole when its token's requests move to another process."""
+    a, b = await processes.start(), await processes.start()
+    token = dataclasses.replace(capped(1), per_minute=None, hourly=1000)
+    assert await granted(a, token, 1) == [True]  # then a never sees the token again
+    got = await granted(b, token, 1000)
+    assert got.count(True) == 999 and got[-1] is False
+
+
+async def test_a_request_the_budget_refuses_at_once_is_not_charged(
+    processes: Processes,
+) -> None:
+    a = await processes.start(lane_limit=Limit(1, 60.0))
+    token = capped(5)
+    assert await granted(a, token, 1) == [True]
+    for _ in range(20):  # a flood the credential's budget refuses
+        refusal = await admit(a, token)
+        assert isinstance(refusal, Refusal) and refusal.reason == "upstream_budget"
+    await settle(a)
+    source = a._quotas[token.id].source
+    assert [v.used for v in source.snapshot(a.clock())] == [1]
+    # The first refusal was charged and given back (the lane learnt then that it refuses
+    # until the window moves): a row each; the 19 after it wrote nothing.
+    if processes.kind == "sqlite":
+        with contextlib.closing(sqlite3.connect(processes.db)) as conn:
+            (rows,) = conn.execute(
+                "SELECT COUNT(*) FROM send_rows WHERE credential = ?", (source.name,)
+            ).fetchone()
+        assert rows == 1 + 2
+
+
+class FailingLog(MemorySendLog):
+    """A durable-looking log whose first read fails, as a locked or broken file would."""
+
+    durable = True
+
+    def __init__(self) -> None:
+        self.failures = 1
+
+    async def recent(self, credential: str, since: float) -> list[float]:
+        await asyncio.sleep(0)
+        if self.failures:
+            self.failures -= 1
+            raise sqlite3.OperationalError("database is locked")
+        return []
+
+
+async def test_a_quota_that_cannot_be_read_refuses_with_503_then_recovers() -> None:
+    log = FailingLog()
+    scheduler = scheduler_on(lambda name, limits: local_quota_source(name, limits, log))
+    token = capped(5)
+    first = await asyncio.gather(admit(scheduler, token), admit(scheduler, token))
+    assert [(r.status, r.reason) for r in first if isinstance(r, Refusal)] == [
+        (503, "state_unavailable"),
+        (503, "state_unavailable"),
+    ]
+    assert isinstance(await admit(scheduler, token), SlotGrant)  # read again, and fine
+    await scheduler.close()

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import math
@@ -184,21 +185,19 @@ class RedisSlots:
     ) -> None:
         self.name = name
         self._redis = client
-        self._limits = tuple(limits)
         self._guard = guard
         self._replicas = replicas
         self._mode = mode
         self._clock = clock
         self._on_latency = on_latency or (lambda op, seconds: None)
         self._on_health = on_health or (lambda up: None)
-        base = f"{prefix}{name}"
+        self._base = base = f"{prefix}{name}"
         self._sends = f"{base}:sends"
-        self._ext = [f"{base}:ext:{i}" for i in range(len(self._limits))]
         self._frozen_key = f"{base}:frozen"
         self._line = f"{base}:line"
         self._served = 0.0  # Redis time this replica last got a slot (its order in line)
         self._line_due = -math.inf  # local time our place in line lapses (-inf: no place)
-        self._horizon = max(lim.per_seconds for lim in self._limits) + guard
+        self._set_limits(limits)
         self._replica = secrets.token_hex(6)
         self._seq = 0
         self._observations = itertools.count()
@@ -212,7 +211,6 @@ class RedisSlots:
         # already in it (bounded: more than any window can count).
         self._cursor = 0.0
         self._known: dict[bytes, float] = {}
-        self._known_max = 2 * sum(lim.requests for lim in self._limits) + 1000
         self.healthy = True
         self.changes = 0  # bumped when the view learns what other replicas did
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -220,6 +218,23 @@ class RedisSlots:
         self._snapshot = client.register_script(_SNAPSHOT)
         self._observe = client.register_script(_OBSERVE)
         self._freeze = client.register_script(_FREEZE)
+
+    def _set_limits(self, limits: Sequence[Limit]) -> None:
+        self._limits = tuple(limits)
+        self._ext = [f"{self._base}:ext:{i}" for i in range(len(self._limits))]
+        self._horizon = max(lim.per_seconds for lim in self._limits) + self._guard
+        # The members kept known: more than any window can count.
+        self._known_max = 2 * sum(lim.requests for lim in self._limits) + 1000
+
+    async def relimit(self, limits: Sequence[Limit], now: float) -> None:
+        self._set_limits(limits)
+        self.mirror = CredentialBudget(self._limits, self._guard)
+        self._hint_until = 0.0
+        old = self._fallback
+        if old is not None:  # Redis is away: carry what this replica counted alone
+            self._fallback = CredentialBudget(self._limits, self._guard)
+            self._fallback.load(old.sends(), now)
+        await self.restore(now)
 
     # --- reserving -------------------------------------------------------------------
 
@@ -236,8 +251,14 @@ class RedisSlots:
         args += [self._horizon, f"{self._cursor:.6f}", self._replica, int(waiting), LINE_GRACE]
         args.append(f"{self._served:.6f}")
         keys = [self._sends, *self._ext, self._frozen_key, self._line]
+        call = asyncio.ensure_future(self._call("reserve", self._reserve, keys, args))
         try:
-            reply = await self._call("reserve", self._reserve, keys, args)
+            # The script runs to its end whoever waits: a caller that leaves meanwhile (a
+            # client hanging up) must not leave its send recorded.
+            reply = await asyncio.shield(call)
+        except asyncio.CancelledError:
+            call.add_done_callback(functools.partial(self._abandoned, member))
+            raise
         except (RedisError, OSError):
             self._went_down()
             # The failed call took time (up to the Redis timeout): a send recorded at the
@@ -257,6 +278,12 @@ class RedisSlots:
         self._journal.append((at, member))
         self._trim_journal(now)
         return Slot(at, member)
+
+    def _abandoned(self, member: str, call: asyncio.Future[Any]) -> None:
+        """A reservation whose caller left: remove its send if the script recorded one."""
+        if call.cancelled() or call.exception() is not None or not int(call.result()[0]):
+            return
+        self._spawn(self._quietly("release", self._redis.zrem(self._sends, member)))
 
     def _learn(self, fresh: Sequence[bytes], now: float, member: bytes) -> float | None:
         """Add the sends Redis recorded since our cursor to the view, each once (concurrent
