@@ -423,3 +423,42 @@ async def test_bytes_arriving_on_an_idle_connection_retire_it(
         await eventually(stray_bytes_seen, "the stray answer seen on our side", 5)
         assert await get(up) == (200, b"ok")  # not the stray 408
         assert connections == 2
+
+
+async def test_an_answer_before_the_whole_upload_is_relayed(
+    pool_of: Callable[..., Awaitable[Upstream]],
+) -> None:
+    """An upstream that refuses a body early (a 413 as soon as it has the head) and then
+    reads the rest away before it closes (a lingering close, as nginx does): the caller
+    gets that answer, not a 502. (An upstream that closes without reading the rest resets
+    the connection, and the kernel may drop its answer: a 502 then.)"""
+    answer = b'{"error":"too large"}'
+    answered = asyncio.Event()
+
+    async def refuse_early(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(
+            b"HTTP/1.1 413 Payload Too Large\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(answer), answer)
+        )
+        await writer.drain()
+        answered.set()
+        while await reader.read(65536):  # bounded: the client sends 65 x 64 KiB and stops
+            pass
+        writer.close()
+
+    server, url = await raw_server(refuse_early)
+    up = await pool_of(url)
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b"x" * 65536
+        await answered.wait()  # the rest goes after the answer
+        for _ in range(64):
+            yield b"x" * 65536
+
+    fields = headers(up, **{"Content-Length": str(65 * 65536)})
+    response = await up.send("POST", "/upload", fields, body())
+    assert response.status == 413
+    assert await body_of(response) == answer
+    assert up._open == 0  # "Connection: close": not reused
+    server.close()
