@@ -421,14 +421,8 @@ class LocalSlots:
                 self.budget.freeze(frozen)
 
     async def close(self) -> None:
-        lease = self._lease
-        if lease is not None and lease.left:
-            self._lease = None
-            for _ in range(lease.left):  # keep the view consistent with the row below
-                self.budget.release(lease.at)
-            with contextlib.suppress(Exception):
-                await self.log.give_back(self.name, lease.at, lease.left)
-        if self._background:
+        self._end_lease()
+        if self._background:  # the lease's slots given back among them
             await asyncio.gather(*self._background, return_exceptions=True)
 
     def _spawn(self, coro: Coroutine[object, object, None]) -> None:
