@@ -141,13 +141,13 @@ async def test_two_processes_grant_a_quota_once_between_them(processes: Processe
     a, b = await processes.start(), await processes.start()
     token = capped(3)
     results = [await admit(scheduler, token) for scheduler in (a, b) * 4]
-    granted = [r for r in results if isinstance(r, SlotGrant)]
+    grants = [r for r in results if isinstance(r, SlotGrant)]
     refused = [r for r in results if isinstance(r, Refusal)]
-    assert len(granted) == 3
+    assert len(grants) == 3
     assert {r.reason for r in refused} == {"token_quota"}
     assert all(0 < r.retry_after <= 60 for r in refused)
     # Both processes granted: the quota was shared, not used up by the first alone.
-    assert granted[0].lane is not granted[1].lane
+    assert grants[0].lane is not grants[1].lane
 
 
 async def test_a_quota_outlives_a_restart(processes: Processes) -> None:
