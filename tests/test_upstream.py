@@ -433,9 +433,16 @@ async def test_an_answer_before_the_whole_upload_is_relayed(
     gets that answer, not a 502. (An upstream that closes without reading the rest resets
     the connection, and the kernel may drop its answer: a 502 then.)"""
     answer = b'{"error":"too large"}'
-    answered = asyncio.Event()
+    answered, closed = asyncio.Event(), asyncio.Event()
 
     async def refuse_early(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await refuse(reader, writer)
+        finally:
+            writer.close()
+            closed.set()
+
+    async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_head(reader)
         writer.write(
             b"HTTP/1.1 413 Payload Too Large\r\nContent-Type: application/json\r\n"
@@ -445,7 +452,6 @@ async def test_an_answer_before_the_whole_upload_is_relayed(
         answered.set()
         while await reader.read(65536):  # bounded: the client sends 65 x 64 KiB and stops
             pass
-        writer.close()
 
     server, url = await raw_server(refuse_early)
     up = await pool_of(url)
@@ -461,4 +467,5 @@ async def test_an_answer_before_the_whole_upload_is_relayed(
     assert response.status == 413
     assert await body_of(response) == answer
     assert up._open == 0  # "Connection: close": not reused
+    await asyncio.wait_for(closed.wait(), 5)  # the server saw the client close: all closed
     server.close()
