@@ -78,9 +78,9 @@ class Processes:
             await log.close()
 
 
-def scheduler_on(quotas: QuotaSources, lane_limit: Limit = HUGE) -> Scheduler:
-    """One process's scheduler: token quotas from ``quotas``, the credential's budget (the
-    lane) local and calibrated (no probe)."""
+def scheduler_on(quotas: QuotaSources | None, lane_limit: Limit = HUGE) -> Scheduler:
+    """One process's scheduler: token quotas from ``quotas`` (None: in memory, as with
+    ``memory://``), the credential's budget (the lane) local and calibrated (no probe)."""
     policy = QueuePolicy(max_wait=0.0, max_depth=100, max_depth_per_token=50)
     observer = Recorder()
     lane = Lane(CREDENTIAL, [lane_limit], 0.0, MemorySendLog(), policy, observer)
@@ -279,4 +279,13 @@ async def test_a_quota_that_cannot_be_read_refuses_with_503_then_recovers() -> N
         (503, "state_unavailable"),
     ]
     assert isinstance(await admit(scheduler, token), SlotGrant)  # read again, and fine
+    await scheduler.close()
+
+
+async def test_a_changed_quota_in_memory_counts_what_was_already_sent() -> None:
+    scheduler = scheduler_on(None)  # memory://: nothing to read back, the view is carried
+    token = capped(3)
+    assert await granted(scheduler, token, 4) == [True, True, True, False]
+    raised = dataclasses.replace(token, per_minute=5, hourly=4)
+    assert await granted(scheduler, raised, 2) == [True, False]  # the hour has 3 of 4
     await scheduler.close()
