@@ -641,20 +641,26 @@ class Scheduler:
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
-    async def _charge(self, token: TokenRecord) -> TokenCharge | Refusal | None:
-        """One send charged to the token's own quota, a refusal, or None (no quota)."""
+    async def _charge(
+        self, token: TokenRecord, lane_refusal: Refusal | None
+    ) -> TokenCharge | Refusal | None:
+        """One send charged to the token's own quota, a refusal, or None (no quota). With
+        ``lane_refusal`` (the lane refuses at once anyway) nothing is charged: the quota's
+        own refusal if it is spent too (the quota comes first), else ``lane_refusal``."""
         quota = await self._token_quota(token)
         if quota is None:
-            return None
+            return lane_refusal
         source = quota.source
         now = self.clock()
-        slot = await source.take(now)
+        slot = None if lane_refusal is not None else await source.take(now)
         if slot is None:
             # The view says spent; another process may have given a charge back since this
             # one last looked (the view catches up at most every few tens of ms).
             await source.refresh(now)
             wait = source.predict_wait(now, 0, None)
             if wait <= 0:
+                if lane_refusal is not None:
+                    return lane_refusal
                 slot = await source.take(now)
             if slot is None:
                 return Refusal(
@@ -675,12 +681,10 @@ class Scheduler:
             # The token's own quota is charged first, in the gateway's state (a worker or a
             # replica sees the others' charges), and refunded if the request is refused;
             # not at all when the lane refuses at once anyway (a flood costs no writes).
-            charged: TokenCharge | Refusal | None = await lane.known_refusal(token, max_wait)
-            if charged is None:
-                try:
-                    charged = await self._charge(token)
-                except StateUnavailable:
-                    charged = _STATE_DOWN
+            try:
+                charged = await self._charge(token, await lane.known_refusal(token, max_wait))
+            except StateUnavailable:
+                charged = _STATE_DOWN
             if isinstance(charged, Refusal):
                 self.observer.refused(lane.name, token.name, charged.reason)
                 return charged
@@ -778,8 +782,13 @@ def _window_json(w: WindowView) -> dict[str, object]:
 async def _after(
     previous: asyncio.Future[None], then: Callable[[], Coroutine[object, object, None]]
 ) -> None:
-    """``then()`` once ``previous`` has ended, however it ended."""
-    await asyncio.wait([previous])
+    """``then()`` once ``previous`` has ended, however it ended; cancelled, it cancels
+    ``previous`` too (a closing scheduler cancels only the last of a chain)."""
+    try:
+        await asyncio.wait([previous])
+    except asyncio.CancelledError:
+        previous.cancel()
+        raise
     if not previous.cancelled():
         previous.exception()  # retrieved: its callers were told, or there were none
     await then()

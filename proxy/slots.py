@@ -157,7 +157,9 @@ class SlotSource(Protocol):
 
     async def relimit(self, limits: Sequence[Limit], now: float) -> None:
         """New limits over the same sends (a token's quota changed): the view is rebuilt
-        with every send still counted; slots handed out before stay valid to give back."""
+        from what the state still holds (a longer new window counts only the sends the
+        state kept: SQLite an hour, Redis the old longest window); slots handed out before
+        stay valid to give back, during the rebuild too."""
 
     async def close(self) -> None: ...
 
@@ -216,6 +218,8 @@ class LocalSlots:
         self._served = 0.0  # when this process last got a slot from the log (its line order)
         self._polled = -math.inf
         self._background: set[asyncio.Task[None]] = set()
+        # Slots given back while ``relimit`` reads the log: written once the new view is in.
+        self._held: list[float] | None = None
 
     async def take(self, now: float, waiting: bool = False) -> Slot | None:
         lease = self._lease
@@ -339,7 +343,11 @@ class LocalSlots:
             lease.left += 1
             return
         self.budget.release(slot.at)
-        if slot.committed:
+        if not slot.committed:
+            return
+        if self._held is not None:
+            self._held.append(slot.at)
+        else:
             self._spawn(self.log.give_back(self.name, slot.at, 1))
 
     def retry_in(self, now: float) -> float:
@@ -399,26 +407,41 @@ class LocalSlots:
         return self.budget.snapshot(now, lease.left if lease is not None else 0)
 
     async def restore(self, now: float) -> None:
-        horizon = max(lim.per_seconds for lim in self.budget.limits) + self.budget.guard
-        self.budget.load(await self.log.recent(self.name, now - horizon), now)
+        await self._load(self.budget, now)
+
+    async def _load(self, budget: CredentialBudget, now: float) -> None:
+        horizon = max(lim.per_seconds for lim in budget.limits) + budget.guard
+        budget.load(await self.log.recent(self.name, now - horizon), now)
         until = await self.log.frozen(self.name)
         if until is not None:
-            self.budget.freeze(until)
+            budget.freeze(until)
 
     async def relimit(self, limits: Sequence[Limit], now: float) -> None:
         old = self.budget
         self._end_lease()
-        self.budget = CredentialBudget(limits, old.guard)
-        if self.durable:
-            # The log holds every send, older than the old limits' windows too; its rows
-            # written in the background (given back) first, or they would count.
-            await asyncio.gather(*self._background, return_exceptions=True)
-            await self.restore(now)
-        else:
-            self.budget.load(old.sends(), now)
+        budget = CredentialBudget(limits, old.guard)
+        if not self.durable:
+            budget.load(old.sends(), now)
             frozen = old.frozen_until(now)
             if frozen is not None:
-                self.budget.freeze(frozen)
+                budget.freeze(frozen)
+            self.budget = budget
+            return
+        # The log holds every send, older than the old limits' windows too. Rows written
+        # in the background (given back) go first; slots given back while it is read are
+        # held, or the read might miss their rows and this process never reads its own.
+        held: list[float] = []
+        self._held = held
+        try:
+            await asyncio.gather(*self._background, return_exceptions=True)
+            await self._load(budget, now)
+            self.budget = budget  # the old view serves until the new one is whole
+        finally:
+            self._held = None
+            for at in held:
+                if self.budget is budget:  # the old view released it already
+                    budget.release(at)
+                self._spawn(self.log.give_back(self.name, at, 1))
 
     async def close(self) -> None:
         self._end_lease()

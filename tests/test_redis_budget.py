@@ -146,17 +146,17 @@ async def test_local_mode_carries_on_with_a_share(prefix: str) -> None:
 
 async def test_new_limits_while_alone_keep_this_replicas_sends(prefix: str) -> None:
     """A quota changed while Redis is away (``relimit``): the fallback keeps counting the
-    sends this replica made alone."""
+    sends this replica made alone and the others' it allowed for."""
     (port,) = free_ports(1)
     dead = Redis(host="127.0.0.1", port=port, socket_timeout=0.2, socket_connect_timeout=0.2)
     clock = Clock()
     a = slots(dead, prefix, replicas=2, clock=clock)
     assert await a.take(clock.now) is None  # as above: Redis found away, room assumed used
     clock.now += 1.01
-    assert await a.take(clock.now) is not None  # counted twice (2 replicas): 2 of 5
-    await a.relimit([Limit(5, 10.0)], clock.now)  # the per-second limit dropped
+    assert await a.take(clock.now) is not None  # counted twice (2 replicas): 3 + 2 of 5
+    await a.relimit([Limit(7, 10.0)], clock.now)  # raised, the per-second limit dropped
     taken = [await a.take(clock.now) for _ in range(3)]
-    assert sum(s is not None for s in taken) == 1  # 2 + 2 of 5: one more, not two
+    assert sum(s is not None for s in taken) == 1  # 3 + 2 of 7: one more (x2), not two
     await a.close()
     await dead.aclose()
 

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import math
 import sqlite3
+import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -289,3 +290,72 @@ async def test_a_changed_quota_in_memory_counts_what_was_already_sent() -> None:
     raised = dataclasses.replace(token, per_minute=5, hourly=4)
     assert await granted(scheduler, raised, 2) == [True, False]  # the hour has 3 of 4
     await scheduler.close()
+
+
+async def test_a_spent_quota_refuses_as_itself_while_the_budget_refuses_too(
+    processes: Processes,
+) -> None:
+    """The quota comes first: once the credential's budget refuses at once (and charging
+    is skipped), a token whose own quota is spent still hears ``token_quota`` and its
+    Retry-After, not the budget's."""
+    a = await processes.start(lane_limit=Limit(1, 60.0))
+    capped_hourly = dataclasses.replace(capped(1), per_minute=None, hourly=1)
+    assert await granted(a, capped_hourly, 1) == [True]  # the lane's slot and the quota
+    plain = mint_token(name="plain", scopes=("*",), now=0.0).record
+    lane_refusal = await admit(a, plain)
+    assert isinstance(lane_refusal, Refusal) and lane_refusal.reason == "upstream_budget"
+    refusal = await admit(a, capped_hourly)
+    assert isinstance(refusal, Refusal)
+    assert (refusal.reason, refusal.retry_after > 3000) == ("token_quota", True)
+
+
+async def test_a_charge_given_back_while_the_quota_changes_is_freed(tmp_path: Path) -> None:
+    log = await SqliteSendLog.open(tmp_path / "state.db")
+    source = local_quota_source("quota:t", [Limit(3, 60.0)], log)
+    now = time.time()
+    slots = [await source.take(now) for _ in range(2)]
+    changing = asyncio.ensure_future(source.relimit([Limit(5, 60.0)], now))
+    await asyncio.sleep(0)  # the rebuild is reading the log ...
+    assert source._held is not None and not changing.done()
+    first = slots[0]
+    assert first is not None
+    source.give_back(first)  # ... when a request that never left gives its charge back
+    await changing
+    await source.close()
+    assert [v.used for v in source.snapshot(now)] == [1]
+    assert len(await log.recent("quota:t", now - 60)) == 1  # and the log agrees
+    await log.close()
+
+
+class StalledLog(MemorySendLog):
+    """A durable-looking log whose reads never finish (a file locked for good)."""
+
+    durable = True
+
+    def __init__(self) -> None:
+        self.reads_cancelled = 0
+
+    async def recent(self, credential: str, since: float) -> list[float]:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.reads_cancelled += 1
+            raise
+        return []
+
+
+async def test_closing_stops_a_quota_still_being_read_and_changed() -> None:
+    log = StalledLog()
+    scheduler = scheduler_on(lambda name, limits: local_quota_source(name, limits, log))
+    token = capped(3)
+    waiting = [
+        asyncio.ensure_future(admit(scheduler, token)),  # its quota's first read stalls
+        asyncio.ensure_future(admit(scheduler, dataclasses.replace(token, per_minute=5))),
+    ]
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not any(task.done() for task in waiting)
+    await scheduler.close()
+    # Bounded: a read left running would keep the first request waiting for good.
+    await asyncio.wait_for(asyncio.gather(*waiting, return_exceptions=True), 5)
+    assert log.reads_cancelled == 1  # the first read too, not only the change after it
