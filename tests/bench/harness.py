@@ -149,15 +149,8 @@ class Target:
 
 
 def cpu_seconds(pid: int | None) -> float | None:
-    """User plus system CPU time of process ``pid`` so far (Linux /proc), or None."""
-    if pid is None:
-        return None
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
-            fields = fh.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return None
+    """User plus system CPU time of process ``pid`` so far, or None (no pid, unreadable)."""
+    return None if pid is None else servers.cpu_seconds(pid)
 
 
 def log(message: str) -> None:

@@ -47,6 +47,17 @@ def nginx_version(path: str) -> str:
     return text.split("/")[-1] if "/" in text else text
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """User plus system CPU time of process ``pid`` so far (Linux /proc), or None when
+    unreadable (gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def read_status_kb(pid: int, key: str) -> int | None:
     """A ``/proc/<pid>/status`` field in kB (VmRSS, VmHWM), or None when unreadable."""
     try:

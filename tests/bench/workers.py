@@ -60,15 +60,7 @@ def name_of(count: int) -> str:
 
 def cpu_seconds(pids: list[int]) -> float:
     """User + system CPU seconds the processes have used so far (gone ones count 0)."""
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
-                fields = fh.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / TICKS
+    return sum(servers.cpu_seconds(pid) or 0.0 for pid in pids)
 
 
 def machine_busy_seconds() -> float:
