@@ -417,6 +417,16 @@ class CredentialBudget:
             kept = [(at, False) for at in restored if at + window.span > now]
             window.entries = deque(heapq.merge(window.entries, kept, key=_at))
 
+    def relimited(self, limits: Sequence[Limit], now: float) -> CredentialBudget:
+        """A budget with other ``limits`` (same guard) holding this one's own sends and
+        freeze; a longer new window counts only the sends this one still kept."""
+        budget = CredentialBudget(limits, self.guard)
+        budget.load(self.sends(), now)
+        frozen = self.frozen_until(now)
+        if frozen is not None:
+            budget.freeze(frozen)
+        return budget
+
     def load_external(self, index: int, times: Iterable[float], now: float) -> None:
         """Restore external sends counted in window ``index`` (a shared backend's view)."""
         self._prune(now)

@@ -419,14 +419,10 @@ class LocalSlots:
     async def relimit(self, limits: Sequence[Limit], now: float) -> None:
         old = self.budget
         self._end_lease()
-        budget = CredentialBudget(limits, old.guard)
-        if not self.durable:
-            budget.load(old.sends(), now)
-            frozen = old.frozen_until(now)
-            if frozen is not None:
-                budget.freeze(frozen)
-            self.budget = budget
+        if not self.durable:  # nothing to read back: the view is all there is
+            self.budget = old.relimited(limits, now)
             return
+        budget = CredentialBudget(limits, old.guard)
         # The log holds every send, older than the old limits' windows too. Rows written
         # in the background (given back) go first; slots given back while it is read are
         # held, or the read might miss their rows and this process never reads its own.

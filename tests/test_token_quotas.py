@@ -38,6 +38,7 @@ from proxy.state.sqlite import SqliteSendLog
 from proxy.tokens import TokenRecord, mint_token
 from tests.test_scheduler import Recorder
 from tests.test_slot_contract import scratch_redis
+from tests.test_slot_contract import settle as settle_source
 
 CREDENTIAL = "default"
 HUGE = Limit(1_000_000, 60.0)
@@ -130,12 +131,7 @@ def age_views(scheduler: Scheduler) -> None:
 async def settle(scheduler: Scheduler) -> None:
     """Wait for the quota sources' background writes (a charge given back)."""
     for quota in scheduler._quotas.values():
-        source = quota.source
-        if isinstance(source, RedisSlots):
-            await asyncio.gather(*list(source._tasks))
-        else:
-            assert isinstance(source, LocalSlots)
-            await asyncio.gather(*list(source._background))
+        await settle_source(quota.source)
 
 
 async def test_two_processes_grant_a_quota_once_between_them(processes: Processes) -> None:

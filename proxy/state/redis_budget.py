@@ -232,16 +232,12 @@ class RedisSlots:
         self._hint_until = 0.0
         old = self._fallback
         if old is not None:  # Redis is away: carry what this replica counts alone
-            fallback = CredentialBudget(self._limits, self._guard)
-            fallback.load(old.sends(), now)
+            fallback = old.relimited(self._limits, now)
             # The others' sends it allowed for (seen before, or assumed when Redis went
             # away): as many as the fullest old window held, counted from now.
             external = max(view.external for view in old.snapshot(now))
             for index in range(len(self._limits)):
                 fallback.load_external(index, [now] * external, now)
-            frozen = old.frozen_until(now)
-            if frozen is not None:
-                fallback.freeze(frozen)
             self._fallback = fallback
         await self.restore(now)
 
