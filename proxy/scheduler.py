@@ -69,7 +69,11 @@ class QueuePolicy:
 class _Waiter:
     token: TokenRecord
     deadline: float
-    future: asyncio.Future[SlotGrant | Refusal]
+    # Settled by the pump (a grant), a refusal for everyone (a freeze, the state gone), or
+    # None by ``timer`` when the wait is over. One timer handle per waiter: asyncio.timeout
+    # would add a Timeout, its handle and a cancellation of the task.
+    future: asyncio.Future[SlotGrant | Refusal | None]
+    timer: asyncio.TimerHandle
 
 
 @dataclass(slots=True, eq=False)
@@ -272,7 +276,17 @@ class Lane:
         except StateUnavailable:
             return _STATE_DOWN
         if grant is None:
-            grant = await self._wait(now, token, max_wait)
+            # Queued. The wait is awaited here, not in a coroutine of its own: with 10,000
+            # queued, every frame and timer per waiter counts (docs/performance.md#memory).
+            waiter = self._enqueue(now, token, max_wait)
+            try:
+                settled = await waiter.future
+            except asyncio.CancelledError:
+                self._left(waiter)
+                raise
+            finally:
+                waiter.timer.cancel()
+            grant = self._waited(now, waiter, settled)
         if isinstance(grant, SlotGrant):
             grant.quota = charge
             if grant.queued_seconds == 0.0:
@@ -343,9 +357,11 @@ class Lane:
             "upstream_budget", max(wait, 1.0), "Rate limit exceeded. Please try again later."
         )
 
-    async def _wait(self, now: float, token: TokenRecord, max_wait: float) -> SlotGrant | Refusal:
+    def _enqueue(self, now: float, token: TokenRecord, max_wait: float) -> _Waiter:
         loop = asyncio.get_running_loop()
-        waiter = _Waiter(token, now + max_wait, loop.create_future())
+        future: asyncio.Future[SlotGrant | Refusal | None] = loop.create_future()
+        timer = loop.call_later(max_wait + 0.05, _wait_over, future)
+        waiter = _Waiter(token, now + max_wait, future, timer)
         queue = self.queues.get(token.id)
         if queue is None:
             queue = self.queues[token.id] = _TokenQueue(token)
@@ -353,27 +369,29 @@ class Lane:
         self.depth += 1
         self.policy.waiting += 1
         self._schedule()
-        try:
-            async with asyncio.timeout(max_wait + 0.05):
-                result = await waiter.future
-        except TimeoutError:
-            result = _settled(waiter) or Refusal(
+        return waiter
+
+    def _left(self, waiter: _Waiter) -> None:
+        """The client went away: leave the queue, or give back a slot already granted."""
+        granted = _settled(waiter)
+        if isinstance(granted, SlotGrant):
+            granted.unsent()
+        self._drop(waiter)
+
+    def _waited(
+        self, now: float, waiter: _Waiter, settled: SlotGrant | Refusal | None
+    ) -> SlotGrant | Refusal:
+        if settled is None:  # the wait is over
+            self._drop(waiter)
+            return Refusal(
                 "upstream_budget",
                 max(self.source.predict_wait(self.clock(), self.depth, None), 1.0),
                 "Waited too long for echowin budget",
             )
-            self._drop(waiter)
-        except asyncio.CancelledError:
-            # The client went away: leave the queue, or give back a slot already granted.
-            granted = _settled(waiter)
-            if isinstance(granted, SlotGrant):
-                granted.unsent()
-            self._drop(waiter)
-            raise
-        if isinstance(result, SlotGrant):
-            result.queued_seconds = self.clock() - now
-            self.observer.waited(self.name, result.queued_seconds)
-        return result
+        if isinstance(settled, SlotGrant):
+            settled.queued_seconds = self.clock() - now
+            self.observer.waited(self.name, settled.queued_seconds)
+        return settled
 
     def _drop(self, waiter: _Waiter) -> None:
         queue = self.queues.get(waiter.token.id)
@@ -792,6 +810,11 @@ async def _after(
     if not previous.cancelled():
         previous.exception()  # retrieved: its callers were told, or there were none
     await then()
+
+
+def _wait_over(future: asyncio.Future[SlotGrant | Refusal | None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _settled(waiter: _Waiter) -> SlotGrant | Refusal | None:
