@@ -180,13 +180,18 @@ class LocalSlots:
     a block of slots (a *lease*) that this process hands out for the next ``lease_seconds``;
     they are recorded at the lease's end, the latest moment any of them can leave, so a
     restart or another process counts every one of them for at least as long as echowin
-    does. Slots a lease did not use are given back when it ends. Near a limit each send has
+    does. Slots a lease did not use are given back when the process takes again after the
+    lease's end, or by a timer if it does not (an idle worker). Near a limit each send has
     its own row, recorded at the moment it is taken. See docs/budget.md, "Write-ahead".
     """
 
     LEASE_SECONDS = 0.25  # how long the slots of one block may be handed out
     LEASE_FRACTION = 16  # a block is at most 1/16 of what the tightest window has free
     LEASE_MIN = 16  # smaller blocks are not worth it: a row per send (>= 256 free to lease)
+    # An idle process gives back a lease's unused slots this long (loop time) after taking
+    # it: the lease is over by then. Longer than the lease, so a test moving a fake clock
+    # meets the timer only if it runs that long in real time.
+    LEASE_IDLE_SECONDS = 1.0
     POLL_SECONDS = 0.05  # how often ``refresh`` reads other processes' rows
 
     def __init__(
@@ -263,8 +268,16 @@ class LocalSlots:
             return None
         at, n = row
         if n > 1:
-            self._lease = _Lease(at, n - 1)
+            lease = self._lease = _Lease(at, n - 1)
+            asyncio.get_running_loop().call_later(self.LEASE_IDLE_SECONDS, self._lease_idle, lease)
         return Slot(at, committed=True)
+
+    def _lease_idle(self, lease: _Lease) -> None:
+        """The lease timer. If this process has not taken since the lease ended (an idle
+        worker), its unused slots would stay reserved until it takes again: give them back
+        now, for the other processes."""
+        if self._lease is lease:
+            self._end_lease()
 
     def _plan(self, now: float, rows: list[Row], line: Line, waiting: bool) -> Row | None:
         """Inside the log's transaction: what to reserve, given the others' new rows and

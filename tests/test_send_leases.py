@@ -8,6 +8,7 @@ clock is passed in: no test sleeps.
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -176,6 +177,26 @@ async def test_another_process_sees_the_leases_and_the_rows(files: Files) -> Non
     granted_b = await take(b, T0, 1000)
     granted_a = await take(a, T0, 1000)
     assert len(first) + len(granted_a) + len(granted_b) == 1000
+
+
+async def test_an_idle_process_gives_its_lease_back_for_the_others(
+    files: Files, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A worker that takes one slot and then gets no more requests: its lease's unused
+    # slots go back when the lease's timer fires, not when it next takes (maybe never).
+    monkeypatch.setattr(LocalSlots, "LEASE_IDLE_SECONDS", 0.0)
+    a = await files.source(Limit(1000, 60))
+    b = await files.source(Limit(1000, 60))
+    assert len(await take(a, T0, 1)) == 1  # a lease of 1000 // 16 = 62
+    block = files.rows()[0][1]
+    assert block > 1
+    async with asyncio.timeout(5):
+        while a._lease is not None:  # the timer ended the lease
+            await asyncio.sleep(0.001)
+        while a._background:  # and the row giving it back is written
+            await asyncio.gather(*a._background)
+    assert files.rows()[-1] == (T0 + LEASE, -(block - 1))
+    assert len(await take(b, T0, 1000)) == 999  # all but a's one send
 
 
 async def test_the_other_processes_sends_are_not_taken_for_someone_elses(files: Files) -> None:
