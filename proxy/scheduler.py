@@ -450,8 +450,8 @@ class Lane:
 
     def _next_live_waiter(self) -> _Waiter | None:
         """The next waiter in weighted round-robin order whose request still waits. A waiter
-        whose task was cancelled (client gone, wait over) has a cancelled future but stays
-        queued until its task runs again: skip it, it takes no slot."""
+        whose wait is over (settled with None) or whose task was cancelled (client gone: a
+        cancelled future) stays queued until its task runs again: skip it, it takes no slot."""
         while self.depth > 0:
             queue = self._next_queue()
             waiter = queue.waiters.popleft()

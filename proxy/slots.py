@@ -405,8 +405,11 @@ class LocalSlots:
     def _end_lease(self) -> None:
         """Give the open lease's unused slots back now (the view at once, the log behind)."""
         lease = self._lease
+        # Used up or not: a slot of it given back later goes back to the budget, never
+        # into the lease, which would hand it out again (past a freeze, or never give it
+        # back to the others).
+        self._lease = None
         if lease is not None and lease.left:
-            self._lease = None
             for _ in range(lease.left):
                 self.budget.release(lease.at)
             self._spawn(self.log.give_back(self.name, lease.at, lease.left))

@@ -199,6 +199,38 @@ async def test_an_idle_process_gives_its_lease_back_for_the_others(
     assert len(await take(b, T0, 1000)) == 999  # all but a's one send
 
 
+async def test_a_used_up_lease_ends_too_and_a_slot_given_back_later_goes_to_everyone(
+    files: Files, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The idle worker's lease has no slot left when its timer fires; one of its requests
+    # then never leaves. Its slot goes back to the log, not into the ended lease.
+    monkeypatch.setattr(LocalSlots, "LEASE_IDLE_SECONDS", 0.0)
+    a = await files.source(Limit(1000, 60))
+    b = await files.source(Limit(1000, 60))
+    slots = await take(a, T0, 1000 // 16)  # one lease of 62, all of it handed out
+    assert files.rows() == [(T0 + LEASE, len(slots))]
+    async with asyncio.timeout(5):
+        while a._lease is not None:
+            await asyncio.sleep(0.001)
+        a.give_back(slots[-1])
+        while a._background:
+            await asyncio.gather(*a._background)
+    assert files.rows()[-1] == (T0 + LEASE, -1)
+    assert len(await take(b, T0, 1000)) == 1000 - (len(slots) - 1)
+
+
+async def test_a_slot_given_back_after_a_freeze_does_not_leave_through_a_used_up_lease(
+    files: Files,
+) -> None:
+    source = await files.source(Limit(10_000, 60))
+    slots = await take(source, T0, SqliteSendLog.block_max)  # the first lease, used up
+    assert source._lease is not None and source._lease.left == 0
+    source.freeze(T0 + 30)  # echowin answered 429: nothing leaves before T0 + 30
+    source.give_back(slots[-1])  # a request of the lease that never left
+    assert await source.take(T0 + 0.1) is None
+    assert await source.take(T0 + 30) is not None
+
+
 async def test_the_other_processes_sends_are_not_taken_for_someone_elses(files: Files) -> None:
     a = await files.source(Limit(40, 10))
     b = await files.source(Limit(40, 10))
