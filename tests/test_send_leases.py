@@ -179,6 +179,20 @@ async def test_another_process_sees_the_leases_and_the_rows(files: Files) -> Non
     assert len(first) + len(granted_a) + len(granted_b) == 1000
 
 
+async def lease_timer_fired(source: LocalSlots) -> None:
+    """Until the lease's timer (LEASE_IDLE_SECONDS patched to 0) has ended the lease."""
+    async with asyncio.timeout(5):
+        while source._lease is not None:
+            await asyncio.sleep(0.001)
+
+
+async def written(source: LocalSlots) -> None:
+    """Until the rows the source writes in the background are in the log."""
+    async with asyncio.timeout(5):
+        while source._background:
+            await asyncio.gather(*source._background)
+
+
 async def test_an_idle_process_gives_its_lease_back_for_the_others(
     files: Files, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -190,11 +204,8 @@ async def test_an_idle_process_gives_its_lease_back_for_the_others(
     assert len(await take(a, T0, 1)) == 1  # a lease of 1000 // 16 = 62
     block = files.rows()[0][1]
     assert block > 1
-    async with asyncio.timeout(5):
-        while a._lease is not None:  # the timer ended the lease
-            await asyncio.sleep(0.001)
-        while a._background:  # and the row giving it back is written
-            await asyncio.gather(*a._background)
+    await lease_timer_fired(a)
+    await written(a)
     assert files.rows()[-1] == (T0 + LEASE, -(block - 1))
     assert len(await take(b, T0, 1000)) == 999  # all but a's one send
 
@@ -209,12 +220,9 @@ async def test_a_used_up_lease_ends_too_and_a_slot_given_back_later_goes_to_ever
     b = await files.source(Limit(1000, 60))
     slots = await take(a, T0, 1000 // 16)  # one lease of 62, all of it handed out
     assert files.rows() == [(T0 + LEASE, len(slots))]
-    async with asyncio.timeout(5):
-        while a._lease is not None:
-            await asyncio.sleep(0.001)
-        a.give_back(slots[-1])
-        while a._background:
-            await asyncio.gather(*a._background)
+    await lease_timer_fired(a)
+    a.give_back(slots[-1])
+    await written(a)
     assert files.rows()[-1] == (T0 + LEASE, -1)
     assert len(await take(b, T0, 1000)) == 1000 - (len(slots) - 1)
 
