@@ -453,14 +453,21 @@ class CredentialBudget:
             window.add(entry)
 
     def _replay(self, now: float, ahead: int, horizon: float | None) -> float:
-        # Some sends are logged after `now` (a clock step back), so planned sends interleave
-        # with them: replay the greedy schedule on a copy instead of the fast recurrence.
+        # Some sends are logged after `now` (a lease's block, stamped at its end; a clock
+        # step back), so planned sends interleave with them: replay the greedy schedule on
+        # a copy, but only while they do. Once a planned send is at or past every logged
+        # one, the rest is the fast recurrence from there, on the copy (same limits, same
+        # reach). A queue behind a spent budget rarely replays a step: O(window) to copy.
         copy = CredentialBudget(self._limits, self._guard)
-        copy._frozen = self._frozen
+        copy._frozen, copy._reach = self._frozen, self._reach  # the reach: limits only
         for mine, theirs in zip(copy._windows, self._windows, strict=True):
             mine.entries, mine.external = deque(theirs.entries), theirs.external
+        newest = max(w.entries[-1][0] for w in self._windows if w.entries)
         at = now
-        for _ in range(ahead + 1):
+        for done in range(ahead + 1):
+            if at >= newest:
+                left = None if horizon is None else horizon - (at - now)
+                return at - now + copy.predict_wait(at, ahead - done, left)
             copy._prune(at)
             at = copy._earliest(at)
             if horizon is not None and at - now > horizon:
