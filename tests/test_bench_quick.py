@@ -174,3 +174,20 @@ def test_variants_have_their_own_floor_and_are_paired_with_their_main_server() -
     table = "\n".join(harness._loops_markdown({"admitted": {"targets": targets}}))
     assert "| admitted | gateway+uvloop vs gateway | 1.350 [1.200, 1.500] |" in table
     assert "| admitted | gateway@base vs gateway | 0.500 [0.500, 0.500] |" in table
+
+
+def test_memory_floor_holds_every_request_then_answers(tmp_path: Path) -> None:
+    # tests/bench/memory_floor.py: both floor servers hold N requests, report their RSS
+    # with all N in, then answer every one (the numbers themselves are not checked).
+    out = tmp_path / "floor.json"
+    cmd = [sys.executable, "-m", "tests.bench.memory_floor", "--requests", "50"]
+    cmd += ["--json", str(out)]
+    run = subprocess.run(
+        cmd, cwd=REPO, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    rows = json.loads(out.read_text(encoding="utf-8"))
+    assert [r["server"] for r in rows] == ["aiohttp", "protocol"]
+    for row in rows:
+        assert (row["answered"], row["errors"], row["event_loop"]) == (50, 0, "asyncio")
+        assert 0 < row["rss_start_mb"] <= row["rss_held_mb"]
