@@ -23,7 +23,7 @@ _ERRORS = {
 _NOT_FOUND = {"404": _json(_ref("Error"), "Unknown token id")}
 _TOKEN_ID = {"name": "token_id", "in": "path", "required": True, "schema": {"type": "string"}}
 
-_QUOTA = {"type": ["integer", "null"], "minimum": 1}
+_QUOTA = {"type": ["integer", "null"], "minimum": 1, "maximum": 2**53 - 1}
 _SCHEMAS: dict[str, Any] = {
     "Error": {
         "type": "object",
@@ -149,6 +149,14 @@ def openapi_document() -> dict[str, Any]:
             "get": {
                 "summary": "What a token has used",
                 "responses": {"200": _json(_ref("Usage"), "Usage"), **_ERRORS, **_NOT_FOUND},
+            },
+        },
+        "/admin/tokens/{token_id}/forget": {
+            "parameters": [_TOKEN_ID],
+            "post": {
+                "summary": "Drop this process's cached copy of a token (serve --workers uses"
+                " it to make a revocation or change take effect on every worker at once)",
+                "responses": {"200": _json({"type": "object"}, "Forgotten"), **_ERRORS},
             },
         },
         "/admin/budget": {

@@ -26,7 +26,7 @@ async def read_json(request: web.Request) -> dict[str, Any]:
         raise web.HTTPRequestEntityTooLarge(max_size=MAX_ADMIN_BODY, actual_size=0)
     try:
         data = json.loads(await request.read() or b"{}")
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         raise _bad("body must be a JSON object") from None
     if not isinstance(data, dict):
         raise _bad("body must be a JSON object")
@@ -132,6 +132,15 @@ async def token_usage(request: web.Request) -> web.Response:
     )
 
 
+async def token_forget(request: web.Request) -> web.Response:
+    """Drop what this process caches about a token, so its next request reads the store.
+
+    The supervisor of ``serve --workers N`` calls it on every other worker after one of them
+    revoked or changed the token, so the change takes effect at once on all of them."""
+    request.app[RUNTIME].auth.invalidate(request.match_info["token_id"])
+    return web.json_response({"forgotten": request.match_info["token_id"]})
+
+
 def add_token_routes(router: web.UrlDispatcher) -> None:
     router.add_post("/admin/tokens", tokens_create)
     router.add_get("/admin/tokens", tokens_list)
@@ -139,3 +148,4 @@ def add_token_routes(router: web.UrlDispatcher) -> None:
     router.add_patch("/admin/tokens/{token_id}", token_update)
     router.add_delete("/admin/tokens/{token_id}", token_revoke)
     router.add_get("/admin/tokens/{token_id}/usage", token_usage)
+    router.add_post("/admin/tokens/{token_id}/forget", token_forget)

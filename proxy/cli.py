@@ -26,6 +26,7 @@ from proxy.config import (
     load_config,
     resolve_secrets,
     unshared_state,
+    with_state,
 )
 from proxy.logs import setup_logging, tag_process
 from proxy.tokenops import create_token, open_store
@@ -58,7 +59,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def _load(args: argparse.Namespace) -> GatewayConfig:
     config = load_config(args.config)
     if getattr(args, "state", None):
-        config = config.model_copy(update={"state": args.state})
+        config = with_state(config, args.state)
     return config
 
 

@@ -9,6 +9,7 @@ are never inline: a secret is ``{env: NAME}`` or ``{file: PATH}`` and is resolve
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -42,6 +43,8 @@ def _positive_int(value: object) -> int:
 def _number(value: object, *, allow_zero: bool) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError("must be a number")
+    if not math.isfinite(value):
+        raise ValueError("must be a finite number")
     if value < 0 or (value == 0 and not allow_zero):
         raise ValueError("must be a number >= 0" if allow_zero else "must be a positive number")
     return float(value)
@@ -117,6 +120,8 @@ class SecretRef(_Model):
         except OSError as exc:
             reason = exc.strerror or type(exc).__name__
             raise ConfigError([f"{key}: cannot read secret file {self.file}: {reason}"]) from None
+        except UnicodeDecodeError:
+            raise ConfigError([f"{key}: secret file {self.file} is not UTF-8 text"]) from None
         if not value:
             raise ConfigError([f"{key}: secret file {self.file} is empty"])
         return Secret(value, f"file:{self.file}")
@@ -263,6 +268,7 @@ class GatewayConfig(_Model):
     def _state(cls, value: str) -> str:
         if not value.startswith(("memory://", "sqlite:///", "redis://", "rediss://")):
             raise ValueError("must start with memory://, sqlite:///, redis:// or rediss://")
+        check_state_url(value)
         return value
 
     def route_table(self) -> RouteTable:
@@ -279,6 +285,18 @@ class GatewayConfig(_Model):
 
     def admin_address(self) -> tuple[str, int]:
         return parse_address(self.admin_listen)
+
+
+def check_state_url(value: str) -> None:
+    """The checks ``serve`` makes when it opens the state, made up front: ValueError (its
+    message without the ``state:`` prefix, which the error line adds) for a URL it would
+    refuse. Messages never repeat the URL, which may carry a password."""
+    from proxy.state import parse_state_url
+
+    try:
+        parse_state_url(value)
+    except ValueError as exc:
+        raise ValueError(str(exc).removeprefix("state: ")) from None
 
 
 def parse_address(value: str) -> tuple[str, int]:
@@ -392,12 +410,23 @@ def unshared_state(config: GatewayConfig, source: str, workers: int | str | None
     )
 
 
+def with_state(config: GatewayConfig, state: str) -> GatewayConfig:
+    """``config`` with its ``state`` replaced (``--state``), checked as the file's would be;
+    ConfigError naming ``state`` otherwise."""
+    try:
+        return GatewayConfig.model_validate({**config.model_dump(), "state": state})
+    except ValidationError as exc:
+        raise ConfigError(_error_lines(exc)) from None
+
+
 def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
     """Read and validate a YAML config file; ConfigError on any problem."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read config: {exc.strerror}"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}: not UTF-8 text (byte {exc.start})"]) from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:

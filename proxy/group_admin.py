@@ -19,8 +19,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
+from urllib.parse import quote
 
 import aiohttp
 from aiohttp import web
@@ -292,9 +294,46 @@ async def forward(request: web.Request) -> web.StreamResponse:
             out = CIMultiDict(
                 (k, v) for k, v in resp.headers.items() if k.lower() not in ANSWER_SKIP
             )
-            return web.Response(status=resp.status, body=data, headers=out)
+            status = resp.status
     except (aiohttp.ClientError, OSError, TimeoutError):
         return json_error(502, "The worker did not answer", reason="worker_unavailable")
+    token_id = _changed_token(request, status)
+    if token_id is not None:
+        await _forget_everywhere(group, member, token_id, request.headers)
+    return web.Response(status=status, body=data, headers=out)
+
+
+_TOKEN_PATH = re.compile(r"/admin/tokens/([^/]+)")
+
+
+def _changed_token(request: web.Request, status: int) -> str | None:
+    """The id of the token a successful revoke or update just changed, else None."""
+    if request.method not in ("DELETE", "PATCH") or not 200 <= status < 300:
+        return None
+    match = _TOKEN_PATH.fullmatch(request.path)
+    return None if match is None else match.group(1)
+
+
+async def _forget_everywhere(
+    group: Group, done: Member, token_id: str, headers: Mapping[str, str]
+) -> None:
+    """Tell every other ready worker to drop its cached copy of ``token_id``: the worker
+    that made the change forgot its own, the others would keep theirs for up to
+    ``tokens.cache_ttl_seconds``. Best effort: a worker that does not answer is starting or
+    gone, and a starting worker has nothing cached."""
+    auth = {"Authorization": headers.get("Authorization", "")}
+    path = f"/admin/tokens/{quote(token_id, safe='')}/forget"
+
+    async def forget(member: Member) -> None:
+        try:
+            async with group.links.session(member).post(
+                f"http://worker{path}", headers=auth
+            ) as resp:
+                await resp.read()
+        except (aiohttp.ClientError, OSError, TimeoutError):
+            log.warning("worker did not forget a token", extra={"fields": {"worker": member.index}})
+
+    await asyncio.gather(*(forget(w) for w in group.workers if w.ready and w is not done))
 
 
 def build_group_admin_app(group: Group) -> web.Application:

@@ -75,6 +75,8 @@ async def create_token(
             raise ValueError(f"{field_name}: must be a positive integer, got {value!r}")
     seconds: float | None = None
     if expires_in is not None:
+        if isinstance(expires_in, bool) or not isinstance(expires_in, str | int | float):
+            raise ValueError(f"expires_in: must be a duration like 30d, got {expires_in!r}")
         seconds = parse_duration(expires_in) if isinstance(expires_in, str) else float(expires_in)
         if seconds <= 0:
             raise ValueError(f"expires_in: must be positive, got {expires_in!r}")

@@ -56,6 +56,7 @@ ID_LENGTH = 12
 SECRET_LENGTH = 43  # 43 * log2(62) = 256.03 bits
 TOKEN_LENGTH = len(TOKEN_PREFIX) + ID_LENGTH + 1 + SECRET_LENGTH
 MAX_WEIGHT = 1000
+MAX_QUOTA = 2**53 - 1  # requests; fits every store's integers (SQLite: 64 bits) and JSON's
 MAX_EXPIRES_IN = 100 * 365 * 86400.0  # seconds; keeps expires_at representable as a date
 MAX_TIMESTAMP = 253402300799.0  # 9999-12-31T23:59:59Z, the last instant ISO 8601 can show here
 
@@ -74,8 +75,10 @@ _UNIT_SECONDS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 6
 
 
 def _check_quota(field_name: str, value: int | None) -> None:
-    if value is not None and (type(value) is not int or value < 1):
-        raise ValueError(f"{field_name}: must be a whole number >= 1 or unset, got {value!r}")
+    if value is not None and (type(value) is not int or not 1 <= value <= MAX_QUOTA):
+        raise ValueError(
+            f"{field_name}: must be a whole number in [1, {MAX_QUOTA}] or unset, got {value!r}"
+        )
 
 
 def _check_time(field_name: str, value: float | None) -> None:
