@@ -143,7 +143,7 @@ def test_secret_file_not_utf8_is_a_clear_error(tmp_path: Path) -> None:
     assert info.value.lines[0].startswith("upstream.api_key: "), info.value.lines
 
 
-# --- admin API inputs that give a 500 ---------------------------------------------------
+# --- admin API inputs that must not give a 500 -------------------------------------------
 
 
 async def test_huge_quota_is_a_400_not_a_500(make_gateway: MakeGateway, tmp_path: Path) -> None:
