@@ -424,7 +424,9 @@ async def _relay(
     ex: Exchange,
     extra: dict[str, str],
 ) -> web.StreamResponse:
-    response = _Relayed(status=upstream.status, reason=upstream.reason)
+    # The standard reason phrase, not echowin's: its free text is not relayed (it could
+    # carry the key, and no header filter sees it).
+    response = _Relayed(status=upstream.status)
     headers = response.headers
     given = upstream.headers
     named = connection_tokens(given)

@@ -97,14 +97,13 @@ class UpstreamResponse:
     connection goes back to the pool when the body was read to its end, else it is closed.
     Reading past the request's deadline raises ``TimeoutError``."""
 
-    __slots__ = ("_proto", "_timer", "_upstream", "content", "headers", "reason", "status")
+    __slots__ = ("_proto", "_timer", "_upstream", "content", "headers", "status")
 
     def __init__(self, upstream: Upstream, proto: ResponseHandler) -> None:
         self._upstream = upstream
         self._proto: ResponseHandler | None = proto
         self._timer: asyncio.TimerHandle | None = None
         self.status = 0
-        self.reason = ""
         self.headers: CIMultiDictProxy[str] = _NO_HEADERS
         self.content: StreamReader | None = None
 
@@ -117,15 +116,19 @@ class UpstreamResponse:
         """The request's deadline passed: fail what waits on the head or the body."""
         self._timer = None
         content = self.content
-        if content is not None and content.is_eof():
-            # All of the answer is here (an empty one may be aiohttp's shared EMPTY_PAYLOAD,
-            # which must never carry an exception): only the caller is slow to take it.
-            return
-        exc = aiohttp.ServerTimeoutError("echowin did not answer in time")
-        if self._proto is not None:
-            self._proto.set_exception(exc)
+        if content is None or not content.is_eof():
+            # (A complete answer, maybe aiohttp's shared EMPTY_PAYLOAD, which must never
+            # carry an exception, is left alone: only the caller is slow to take it.)
+            exc = aiohttp.ServerTimeoutError("echowin did not answer in time")
+            if self._proto is not None:
+                self._proto.set_exception(exc)
+            if content is not None:
+                content.set_exception(exc)
         if content is not None:
-            content.set_exception(exc)
+            # The head was handed out: its reader may be stuck writing to a caller that
+            # stopped reading. The connection must not wait for that caller: back to the
+            # pool if the answer is complete, else closed (send() cleans up before that).
+            self.release()
 
     def release(self) -> None:
         """Give the connection back (or close it when the body was not read to its end)."""
@@ -373,7 +376,6 @@ class Upstream:
                 raise UpstreamUnreachable("echowin closed the connection", sent=True) from None
             raise
         response.status = message.code
-        response.reason = message.reason
         response.headers = message.headers
         response.content = payload
         return response

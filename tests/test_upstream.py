@@ -384,6 +384,10 @@ async def test_a_pool_wait_past_the_deadline_sent_nothing(
     _, url = await counting_app(aiohttp_server)
     up = await pool_of(url, timeout=0.2, max_connections=1)
     held = await up.send("GET", "/x", headers(up), None)
+    # The one connection stays busy past the waiter's deadline: held's own deadline, which
+    # would free it a moment before (a caller slow to read loses its connection), is off.
+    assert held._timer is not None
+    held._timer.cancel()
     with pytest.raises(UpstreamTimeout) as caught:
         await up.send("GET", "/x", headers(up), None)
     assert caught.value.sent is False  # the budget gets its slot back
