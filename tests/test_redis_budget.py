@@ -130,6 +130,7 @@ async def test_local_mode_carries_on_with_a_share(prefix: str) -> None:
     dead = Redis(host="127.0.0.1", port=port, socket_timeout=0.2, socket_connect_timeout=0.2)
     clock = Clock()
     a = slots(dead, prefix, replicas=2, clock=clock)
+    a._seen_at = clock.now  # it saw Redis empty a moment ago (a view of no age)
     # Knowing nothing, it assumes other replicas may have used what the tightest window
     # had free (3 per second) just before Redis went away: nothing now...
     assert await a.take(clock.now) is None
@@ -151,6 +152,7 @@ async def test_new_limits_while_alone_keep_this_replicas_sends(prefix: str) -> N
     dead = Redis(host="127.0.0.1", port=port, socket_timeout=0.2, socket_connect_timeout=0.2)
     clock = Clock()
     a = slots(dead, prefix, replicas=2, clock=clock)
+    a._seen_at = clock.now  # it saw Redis empty a moment ago (a view of no age)
     assert await a.take(clock.now) is None  # as above: Redis found away, room assumed used
     clock.now += 1.01
     assert await a.take(clock.now) is not None  # counted twice (2 replicas): 3 + 2 of 5

@@ -46,6 +46,9 @@ log = logging.getLogger("echowin_gateway.state")
 MIRROR_MAX_AGE = 0.1
 # While Redis is down, probe it this often, seconds.
 PROBE_INTERVAL = 0.5
+# An idle replica reads the shared view at least this often, seconds: should Redis go away,
+# the fallback starts from a view this old at most (see RedisSlots._went_down).
+VIEW_MAX_IDLE = 5.0
 
 _RESERVE = """
 local t = redis.call('TIME')
@@ -57,6 +60,18 @@ local since = '(' .. ARGV[5 + 2 * k]
 local me, waiting, grace = ARGV[6 + 2 * k], ARGV[7 + 2 * k] == '1', tonumber(ARGV[8 + 2 * k])
 local served = tonumber(ARGV[9 + 2 * k])
 local line = KEYS[k + 3]
+-- The state's epoch: set by the first reservation a Redis sees. A replica that knew another
+-- one is talking to a Redis that lost its data (restarted empty behind a client that
+-- reconnected by itself): it must put back what it knows before anything is reserved.
+local epoch = redis.call('GET', KEYS[k + 4])
+if not epoch then
+  epoch = ARGV[11 + 2 * k]
+  redis.call('SET', KEYS[k + 4], epoch)
+end
+redis.call('PEXPIRE', KEYS[k + 4], math.ceil(horizon * 1000))
+if ARGV[10 + 2 * k] ~= '' and ARGV[10 + 2 * k] ~= epoch then
+  return {-1, '0', string.format('%.6f', now), {}, epoch}
+end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. string.format('%.6f', now - horizon))
 local wait = 0
 local free = math.huge
@@ -119,7 +134,7 @@ if ok == 0 and waiting then
 end
 -- Every send recorded after the caller's cursor (its own included): keeps its view fresh.
 local fresh = redis.call('ZRANGEBYSCORE', KEYS[1], since, '+inf', 'WITHSCORES', 'LIMIT', 0, 1000)
-return {ok, string.format('%.6f', math.max(wait, 0)), string.format('%.6f', now), fresh}
+return {ok, string.format('%.6f', math.max(wait, 0)), string.format('%.6f', now), fresh, epoch}
 """
 
 _SNAPSHOT = """
@@ -195,6 +210,8 @@ class RedisSlots:
         self._sends = f"{base}:sends"
         self._frozen_key = f"{base}:frozen"
         self._line = f"{base}:line"
+        self._epoch_key = f"{base}:epoch"
+        self._epoch = ""  # the epoch of the Redis state this replica knows ("": none yet)
         self._served = 0.0  # Redis time this replica last got a slot (its order in line)
         self._line_due = -math.inf  # local time our place in line lapses (-inf: no place)
         self._set_limits(limits)
@@ -204,9 +221,12 @@ class RedisSlots:
         self._offset = 0.0  # Redis time minus local time, seconds
         self.mirror = CredentialBudget(self._limits, guard)  # the shared view, for predictions
         self._mirror_at = -math.inf
+        self._seen_at = -math.inf  # local time of the last answer from Redis (the view's age)
         self._hint_until = 0.0  # Redis said: no slot before this (local time)
         self._journal: deque[tuple[float, str]] = deque()  # own sends: (local time, member)
         self._fallback: CredentialBudget | None = None
+        self._pending_release: list[str] = []  # given back while Redis was away
+        self._fresh: asyncio.Task[None] | None = None  # the idle refresh (_keep_fresh)
         # Redis time of the newest send already in the view (0: none yet), and the members
         # already in it (bounded: more than any window can count).
         self._cursor = 0.0
@@ -243,7 +263,7 @@ class RedisSlots:
 
     # --- reserving -------------------------------------------------------------------
 
-    async def take(self, now: float, waiting: bool = False) -> Slot | None:
+    async def take(self, now: float, waiting: bool = False, *, again: bool = True) -> Slot | None:
         if not self.healthy:
             return self._take_alone(now)
         if now < self._hint_until and not (waiting and self._line_due < self._hint_until):
@@ -254,8 +274,8 @@ class RedisSlots:
         args: list[Any] = [member, self._guard, k]
         args += [lim.requests for lim in self._limits] + [lim.per_seconds for lim in self._limits]
         args += [self._horizon, f"{self._cursor:.6f}", self._replica, int(waiting), LINE_GRACE]
-        args.append(f"{self._served:.6f}")
-        keys = [self._sends, *self._ext, self._frozen_key, self._line]
+        args += [f"{self._served:.6f}", self._epoch, secrets.token_hex(8)]
+        keys = [self._sends, *self._ext, self._frozen_key, self._line, self._epoch_key]
         call = asyncio.ensure_future(self._call("reserve", self._reserve, keys, args))
         try:
             # The script runs to its end whoever waits: a caller that leaves meanwhile (a
@@ -265,12 +285,29 @@ class RedisSlots:
             call.add_done_callback(functools.partial(self._abandoned, member))
             raise
         except (RedisError, OSError):
+            # A timeout may come after the script ran: its send, if recorded, never leaves.
+            self._pending_release.append(member)
             self._went_down()
             # The failed call took time (up to the Redis timeout): a send recorded at the
             # earlier `now` would stop counting before echowin stops counting it.
             return self._take_alone(self._clock())
         ok, wait, redis_now = int(reply[0]), float(reply[1]), float(reply[2])
         self._offset = redis_now - now
+        self._seen_at = now
+        epoch = reply[4].decode() if isinstance(reply[4], bytes) else str(reply[4])
+        if ok < 0:  # Redis lost the shared state: put back what we know, then ask again
+            try:
+                await self._replay(self._offset, everything=True)
+                await self._carry_freeze()
+            except (RedisError, OSError):
+                self._went_down()
+                return self._take_alone(self._clock())
+            self._epoch = epoch
+            self._mirror_at = -math.inf
+            if not again:
+                return None
+            return await self.take(now, waiting, again=False)
+        self._epoch = epoch
         mine = self._learn(reply[3], now, member.encode())
         if not ok:
             self._hint_until = now + wait
@@ -286,9 +323,22 @@ class RedisSlots:
 
     def _abandoned(self, member: str, call: asyncio.Future[Any]) -> None:
         """A reservation whose caller left: remove its send if the script recorded one."""
-        if call.cancelled() or call.exception() is not None or not int(call.result()[0]):
+        if call.cancelled():
             return
-        self._spawn(self._quietly("release", self._redis.zrem(self._sends, member)))
+        if call.exception() is None and int(call.result()[0]) < 1:
+            return  # refused: nothing recorded
+        # Recorded, or failed (a timeout may come after the script ran): remove it.
+        self._spawn(self._release(member))
+
+    async def _release(self, member: str) -> None:
+        started = time.perf_counter()
+        try:
+            await self._redis.zrem(self._sends, member)
+        except (RedisError, OSError):
+            self._pending_release.append(member)  # removed once Redis is back
+            self._went_down()
+        finally:
+            self._on_latency("release", time.perf_counter() - started)
 
     def _learn(self, fresh: Sequence[bytes], now: float, member: bytes) -> float | None:
         """Add the sends Redis recorded since our cursor to the view, each once (concurrent
@@ -339,8 +389,11 @@ class RedisSlots:
                 self._fallback.release(slot.at)
         with contextlib.suppress(ValueError):
             self._journal.remove((slot.at, slot.ref or ""))
-        if self.healthy and slot.ref is not None:
-            self._spawn(self._quietly("release", self._redis.zrem(self._sends, slot.ref)))
+        if slot.ref is not None:
+            if self.healthy:
+                self._spawn(self._release(slot.ref))
+            else:  # Redis may hold it (taken before it went away): remove it once back
+                self._pending_release.append(slot.ref)
 
     def retry_in(self, now: float) -> float:
         if not self.healthy:
@@ -380,7 +433,12 @@ class RedisSlots:
         frozen = float(reply[1]) - offset
         if frozen > now:
             mirror.freeze(frozen)
+        # A freeze set here since Redis answered (an upstream 429) is still on its way there.
+        local = self.mirror.frozen_until(now)
+        if local is not None:
+            mirror.freeze(local)
         self.mirror, self._mirror_at, self._offset = mirror, now, offset
+        self._seen_at = now
         self.changes += 1
         if self._hint_until > now and mirror.wait_time(now) <= 0:
             self._hint_until = 0.0  # another replica gave a slot back: worth asking again
@@ -452,12 +510,24 @@ class RedisSlots:
         fallback.load(sends.values(), now)
         for index, view in enumerate(self.mirror.snapshot(now)):
             fallback.load_external(index, [now] * view.external, now)
-        # Other replicas may have sent after our last answer from Redis and before it went
-        # away; they cannot have sent more than the tightest window had free. Count that
-        # much as sent now, in every window, so the replicas' sum still stays in the limit.
-        blind = min(view.remaining for view in fallback.snapshot(now))
-        for index in range(len(self._limits)):
-            fallback.load_external(index, [now] * blind, now)
+        # Other replicas may have sent after our last answer from Redis (``age`` ago) and
+        # before it went away. A window at least as long as that gap still counts all of
+        # those sends: they are no more than it has free. A shorter window may have turned
+        # over meanwhile: over the gap it let through at most its limit per turn. The least
+        # of these bounds them; count that much as sent now in every window (each at most
+        # full), so the replicas' sum still stays in the limits. A view far older than the
+        # longest window (an idle replica) bounds nothing: every window counts as full.
+        age = now - self._seen_at
+        views = fallback.snapshot(now)
+        blind = math.inf
+        if math.isfinite(age):
+            for view, limit in zip(views, self._limits, strict=True):
+                if limit.per_seconds + self._guard >= age:
+                    blind = min(blind, view.remaining)
+                else:
+                    blind = min(blind, limit.requests * math.ceil(age / limit.per_seconds))
+        for index, view in enumerate(views):
+            fallback.load_external(index, [now] * int(min(view.remaining, blind)), now)
         frozen = self.mirror.frozen_until(now)
         if frozen is not None:
             fallback.freeze(frozen)
@@ -473,9 +543,15 @@ class RedisSlots:
         while True:
             await asyncio.sleep(PROBE_INTERVAL)
             try:
-                redis_now = await self._redis_time()
-                await self._replay(redis_now - self._clock())
-                await self._carry_freeze()
+                # Sends taken alone while these calls are on their way are in the journal
+                # only: replay again until a round found none (each round is idempotent).
+                seq = None
+                while seq != self._seq:
+                    seq = self._seq
+                    redis_now = await self._redis_time()
+                    await self._replay(redis_now - self._clock())
+                    await self._carry_freeze()
+                    await self._release_pending()
             except (RedisError, OSError):
                 continue
             break
@@ -485,6 +561,14 @@ class RedisSlots:
         self.healthy = True
         self._on_health(True)
         log.warning("shared state reachable again", extra={"fields": {"credential": self.name}})
+
+    async def _release_pending(self) -> None:
+        """Slots given back while Redis was away that it may still hold (recorded there
+        before it went away, or replayed since): remove them now."""
+        while self._pending_release:
+            member = self._pending_release[-1]
+            await self._redis.zrem(self._sends, member)
+            self._pending_release.pop()
 
     async def _carry_freeze(self) -> None:
         """A freeze set while alone (an upstream 429) must hold for every replica too."""
@@ -497,12 +581,20 @@ class RedisSlots:
         seconds, micros = await self._redis.time()
         return float(seconds) + micros / 1e6
 
-    async def _replay(self, offset: float) -> None:
-        """Put our own recent sends (back) into the shared set; idempotent."""
+    async def _replay(self, offset: float, everything: bool = False) -> None:
+        """Put our own recent sends (back) into the shared set; idempotent. ``everything``:
+        the other replicas' sends we know of too (a Redis that lost them)."""
         now = self._clock()
         self._trim_journal(now)
-        if self._journal:
-            mapping = {member: at + offset for at, member in self._journal}
+        mapping: dict[str, float] = {}
+        if everything:
+            mapping.update(
+                (member.decode(), at + offset)
+                for member, at in self._known.items()
+                if at + self._horizon > now
+            )
+        mapping.update((member, at + offset) for at, member in self._journal)
+        if mapping:
             await self._redis.zadd(self._sends, mapping)
             await self._redis.pexpire(self._sends, math.ceil(self._horizon * 1000))
 
@@ -536,11 +628,33 @@ class RedisSlots:
     async def restore(self, now: float) -> None:
         self._mirror_at = -math.inf
         await self.refresh(now)
+        if self._fresh is None:  # not among _tasks: it never ends by itself
+            self._fresh = asyncio.get_running_loop().create_task(self._keep_fresh())
+
+    async def _keep_fresh(self) -> None:
+        """Read the shared view when nothing else has for VIEW_MAX_IDLE. Without it an idle
+        replica's view ages, and a fallback built on an old view must assume the other
+        replicas used every window meanwhile (nothing sent until they turn over)."""
+        while True:
+            await asyncio.sleep(VIEW_MAX_IDLE)
+            now = self._clock()
+            if self.healthy and now - self._seen_at >= VIEW_MAX_IDLE:
+                try:
+                    await self.refresh(now)  # Redis away: refresh falls back by itself
+                except Exception as exc:  # a bug must not end the idle refresh for good
+                    log.warning(
+                        "shared view refresh failed",
+                        extra={"fields": {"credential": self.name, "error": type(exc).__name__}},
+                    )
 
     async def close(self) -> None:
+        if self._fresh is not None:
+            self._fresh.cancel()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._fresh is not None:
+            await asyncio.gather(self._fresh, return_exceptions=True)
         if self.healthy:  # leave the line at once (else the place lapses by itself)
             with contextlib.suppress(RedisError, OSError):
                 await self._redis.hdel(self._line, self._replica)
