@@ -46,6 +46,16 @@ async def members_once_back(a: RedisSlots, client: Redis, prefix: str) -> list[b
     return members
 
 
+async def restart_empty(port: int, procs: list[subprocess.Popen[bytes]], tmp_path: Path) -> None:
+    """Kill the private redis-server and start it again: back, empty (nothing on disk)."""
+    procs[0].kill()
+    procs[0].wait(timeout=5)
+    start_redis(port, procs, tmp_path)
+    probe = Redis(host="127.0.0.1", port=port, socket_timeout=0.3, socket_connect_timeout=0.3)
+    await wait_redis(probe, up=True)
+    await probe.aclose()
+
+
 async def test_a_redis_restarted_empty_behind_a_reconnecting_client_forgets_nothing(
     redis_server: tuple[int, list[subprocess.Popen[bytes]]],  # noqa: F811
     tmp_path: Path,
@@ -62,12 +72,7 @@ async def test_a_redis_restarted_empty_behind_a_reconnecting_client_forgets_noth
     a = slots(client, prefix, (Limit(3, 30.0),), replicas=1)
     now = time.time()
     assert [await a.take(now) is not None for _ in range(3)] == [True] * 3
-    procs[0].kill()
-    procs[0].wait(timeout=5)
-    start_redis(port, procs, tmp_path)  # back, empty: it keeps nothing on disk
-    probe = Redis(host="127.0.0.1", port=port, socket_timeout=0.3, socket_connect_timeout=0.3)
-    await wait_redis(probe, up=True)
-    await probe.aclose()
+    await restart_empty(port, procs, tmp_path)
     a._hint_until = 0.0
     # The 30 s window is full: 3 sends a moment ago.
     assert await a.take(time.time()) is None, "the restarted Redis granted a 4th send"
@@ -318,3 +323,89 @@ async def test_an_idle_replica_reads_the_shared_view_by_itself(
     assert [v.used for v in a.snapshot(clock.now)] == [1, 1]  # b's send, made since
     await a.close()
     await b.close()
+
+
+async def test_a_refresh_after_an_empty_restart_puts_back_the_others_sends(
+    redis_server: tuple[int, list[subprocess.Popen[bytes]]],  # noqa: F811
+    tmp_path: Path,
+    prefix: str,
+) -> None:
+    """B fills the window and A learns it (refused). Redis restarts empty. A's first call
+    after it is a refresh (a lane refreshes after a refusal; an idle replica every few
+    seconds): the view it reads is empty, but the epoch says Redis lost the state, so A
+    puts back B's sends too before it takes the empty view, and the window stays full."""
+    port, procs = redis_server
+    start_redis(port, procs, tmp_path)
+    url = f"redis://127.0.0.1:{port}/0"
+    ca = open_redis(url, RedisOptions(timeout_seconds=0.5))
+    cb = open_redis(url, RedisOptions(timeout_seconds=0.5))
+    await wait_redis(ca, up=True)
+    a = slots(ca, prefix, (Limit(3, 30.0),))
+    b = slots(cb, prefix, (Limit(3, 30.0),))
+    assert [await b.take(time.time()) is not None for _ in range(3)] == [True] * 3
+    assert await a.take(time.time()) is None  # refused: A knows B's 3
+    await restart_empty(port, procs, tmp_path)
+    now = time.time()
+    assert await a.take(now) is None  # the hint: no call to Redis
+    await a.refresh(now)
+    assert await a.take(time.time()) is None, "a 4th send in the 30 s window"
+    assert await ca.zcard(f"{prefix}default:sends") == 3
+    for source in (a, b):
+        await source.close()
+    for client in (ca, cb):
+        await client.aclose()
+
+
+async def test_a_slot_given_back_while_pending_removals_are_sent_is_removed_too(
+    client_6379: Redis, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Removals of slots given back while Redis was away are sent when it is back; one
+    more given back during one of them is sent too, not dropped from the list unsent."""
+    a = slots(client_6379, prefix, (Limit(10, 30.0),), replicas=1)
+    first, second = await a.take(time.time()), await a.take(time.time())
+    assert first is not None and first.ref is not None
+    assert second is not None and second.ref is not None
+    a._pending_release.append(first.ref)  # given back while Redis was away
+    real = client_6379.zrem
+    removing = asyncio.Event()
+
+    async def zrem(key: str, *members: str) -> Any:
+        removing.set()
+        await asyncio.sleep(0)
+        return await real(key, *members)
+
+    monkeypatch.setattr(client_6379, "zrem", zrem)
+    pending = asyncio.ensure_future(a._release_pending())
+    await removing.wait()
+    a._pending_release.append(second.ref)  # another one, during the first removal
+    await pending
+    left = await client_6379.zrange(f"{prefix}default:sends", 0, -1)
+    assert (first.ref.encode() in left, second.ref.encode() in left) == (False, False)
+    assert a._pending_release == []
+    await a.close()
+
+
+async def test_an_epoch_change_whose_refill_fails_is_not_a_fresh_view(
+    client_6379: Redis, prefix: str
+) -> None:
+    """Redis answers -1 (another epoch), and putting back what we know fails: nothing was
+    learned, so the fallback treats the view as old as it is (3 s: the 1 s window may have
+    let 2 x 3 through), not as fresh."""
+    clock = Clock()
+    a = slots(client_6379, prefix, (Limit(5, 10.0), Limit(2, 1.0)), replicas=2, clock=clock)
+    assert await a.take(clock.now) is not None  # the last real view
+    clock.now += 3.0
+
+    async def new_epoch(op: str, script: Any, keys: list[str], args: list[Any]) -> Any:
+        return [-1, b"0", f"{clock.now + a._offset:.6f}".encode(), [], b"another"]
+
+    async def replay_fails(offset: float, everything: bool = False) -> None:
+        raise ConnectionError("Redis is away again")
+
+    a._call = new_epoch  # type: ignore[method-assign]
+    a._replay = replay_fails  # type: ignore[method-assign]
+    assert await a.take(clock.now) is None
+    assert a.healthy is False
+    clock.now += 1.01
+    assert await a.take(clock.now) is None, "1 + up to 4 unseen + this one: 6 in 10 s"
+    await a.close()

@@ -141,8 +141,14 @@ _SNAPSHOT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local lo = '(' .. string.format('%.6f', now - tonumber(ARGV[1]))
-local out = {string.format('%.6f', now), redis.call('GET', KEYS[#KEYS]) or '0'}
-for i = 1, #KEYS - 1 do
+-- The state's epoch, as the reservation script keeps it (a new one if Redis has none).
+local epoch = redis.call('GET', KEYS[#KEYS])
+if not epoch then
+  epoch = ARGV[2]
+  redis.call('SET', KEYS[#KEYS], epoch, 'PX', math.ceil(tonumber(ARGV[1]) * 1000))
+end
+local out = {string.format('%.6f', now), redis.call('GET', KEYS[#KEYS - 1]) or '0', epoch}
+for i = 1, #KEYS - 2 do
   out[#out + 1] = redis.call('ZRANGEBYSCORE', KEYS[i], lo, '+inf', 'WITHSCORES')
 end
 return out
@@ -171,6 +177,10 @@ if tonumber(redis.call('GET', KEYS[1]) or '0') < untl then
 end
 return 1
 """
+
+
+def _text(raw: bytes | str) -> str:
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
 
 
 def _pairs(raw: Sequence[bytes]) -> list[float]:
@@ -227,6 +237,7 @@ class RedisSlots:
         self._fallback: CredentialBudget | None = None
         self._pending_release: list[str] = []  # given back while Redis was away
         self._fresh: asyncio.Task[None] | None = None  # the idle refresh (_keep_fresh)
+        self._closed = False
         # Redis time of the newest send already in the view (0: none yet), and the members
         # already in it (bounded: more than any window can count).
         self._cursor = 0.0
@@ -293,21 +304,14 @@ class RedisSlots:
             return self._take_alone(self._clock())
         ok, wait, redis_now = int(reply[0]), float(reply[1]), float(reply[2])
         self._offset = redis_now - now
-        self._seen_at = now
-        epoch = reply[4].decode() if isinstance(reply[4], bytes) else str(reply[4])
         if ok < 0:  # Redis lost the shared state: put back what we know, then ask again
-            try:
-                await self._replay(self._offset, everything=True)
-                await self._carry_freeze()
-            except (RedisError, OSError):
-                self._went_down()
+            if not await self._refill(_text(reply[4])):
                 return self._take_alone(self._clock())
-            self._epoch = epoch
-            self._mirror_at = -math.inf
             if not again:
                 return None
             return await self.take(now, waiting, again=False)
-        self._epoch = epoch
+        self._epoch = _text(reply[4])
+        self._seen_at = now  # the view is current as of this answer
         mine = self._learn(reply[3], now, member.encode())
         if not ok:
             self._hint_until = now + wait
@@ -321,6 +325,21 @@ class RedisSlots:
         self._trim_journal(now)
         return Slot(at, member)
 
+    async def _refill(self, epoch: str) -> bool:
+        """Redis answered with another epoch than ours: it lost the shared state (restarted
+        empty). Put back our journal and every other replica's send we know of, and the
+        freeze, before anything else is reserved or read; then the epoch is ours. False
+        (and alone) when Redis went away meanwhile."""
+        try:
+            await self._replay(self._offset, everything=True)
+            await self._carry_freeze()
+        except (RedisError, OSError):
+            self._went_down()
+            return False
+        self._epoch = epoch
+        self._mirror_at = -math.inf  # the view is read again, with what was put back
+        return True
+
     def _abandoned(self, member: str, call: asyncio.Future[Any]) -> None:
         """A reservation whose caller left: remove its send if the script recorded one."""
         if call.cancelled():
@@ -328,6 +347,7 @@ class RedisSlots:
         if call.exception() is None and int(call.result()[0]) < 1:
             return  # refused: nothing recorded
         # Recorded, or failed (a timeout may come after the script ran): remove it.
+        self._known.pop(member.encode(), None)
         self._spawn(self._release(member))
 
     async def _release(self, member: str) -> None:
@@ -390,6 +410,7 @@ class RedisSlots:
         with contextlib.suppress(ValueError):
             self._journal.remove((slot.at, slot.ref or ""))
         if slot.ref is not None:
+            self._known.pop(slot.ref.encode(), None)  # never put back after a restart
             if self.healthy:
                 self._spawn(self._release(slot.ref))
             else:  # Redis may hold it (taken before it went away): remove it once back
@@ -409,15 +430,24 @@ class RedisSlots:
         """Rebuild the shared view from Redis if it is older than MIRROR_MAX_AGE."""
         if not self.healthy or now - self._mirror_at < MIRROR_MAX_AGE:
             return
-        keys = [self._sends, *self._ext, self._frozen_key]
+        keys = [self._sends, *self._ext, self._frozen_key, self._epoch_key]
+        args = [self._horizon, secrets.token_hex(8)]
         try:
-            reply = await self._call("snapshot", self._snapshot, keys, [self._horizon])
+            reply = await self._call("snapshot", self._snapshot, keys, args)
         except (RedisError, OSError):
             self._went_down()
             return
         offset = float(reply[0]) - now
+        epoch = _text(reply[2])
+        if self._epoch and epoch != self._epoch:
+            # Redis lost the shared state: what it holds is no view. Put back what we know
+            # (the others' sends too) before the view replaces what we know.
+            self._offset = offset
+            await self._refill(epoch)
+            return
+        self._epoch = epoch
         mirror = CredentialBudget(self._limits, self._guard)
-        sends = reply[2]
+        sends = reply[3]
         # A send already in the view keeps the local time it was given (the slot and the
         # journal hold that time); only new ones are placed with this call's clock offset.
         known = {}
@@ -428,7 +458,7 @@ class RedisSlots:
         mirror.load(known.values(), now)
         if sends:
             self._cursor = max(self._cursor, float(sends[-1]))
-        for index, raw in enumerate(reply[3:]):
+        for index, raw in enumerate(reply[4:]):
             mirror.load_external(index, [at - offset for at in _pairs(raw)], now)
         frozen = float(reply[1]) - offset
         if frozen > now:
@@ -568,7 +598,8 @@ class RedisSlots:
         while self._pending_release:
             member = self._pending_release[-1]
             await self._redis.zrem(self._sends, member)
-            self._pending_release.pop()
+            # Not pop(): a slot given back during the await was appended after it.
+            self._pending_release.remove(member)
 
     async def _carry_freeze(self) -> None:
         """A freeze set while alone (an upstream 429) must hold for every replica too."""
@@ -628,7 +659,7 @@ class RedisSlots:
     async def restore(self, now: float) -> None:
         self._mirror_at = -math.inf
         await self.refresh(now)
-        if self._fresh is None:  # not among _tasks: it never ends by itself
+        if self._fresh is None and not self._closed:  # not among _tasks: it never ends
             self._fresh = asyncio.get_running_loop().create_task(self._keep_fresh())
 
     async def _keep_fresh(self) -> None:
@@ -636,18 +667,22 @@ class RedisSlots:
         replica's view ages, and a fallback built on an old view must assume the other
         replicas used every window meanwhile (nothing sent until they turn over)."""
         while True:
-            await asyncio.sleep(VIEW_MAX_IDLE)
             now = self._clock()
-            if self.healthy and now - self._seen_at >= VIEW_MAX_IDLE:
-                try:
-                    await self.refresh(now)  # Redis away: refresh falls back by itself
-                except Exception as exc:  # a bug must not end the idle refresh for good
-                    log.warning(
-                        "shared view refresh failed",
-                        extra={"fields": {"credential": self.name, "error": type(exc).__name__}},
-                    )
+            left = self._seen_at + VIEW_MAX_IDLE - now
+            if not self.healthy or left > 0:  # away: the probe reads Redis again
+                await asyncio.sleep(min(left, VIEW_MAX_IDLE) if left > 0 else VIEW_MAX_IDLE)
+                continue
+            try:
+                await self.refresh(now)  # Redis away: refresh falls back by itself
+            except Exception as exc:  # a bug must not end the idle refresh for good
+                log.warning(
+                    "shared view refresh failed",
+                    extra={"fields": {"credential": self.name, "error": type(exc).__name__}},
+                )
+                await asyncio.sleep(VIEW_MAX_IDLE)
 
     async def close(self) -> None:
+        self._closed = True
         if self._fresh is not None:
             self._fresh.cancel()
         for task in list(self._tasks):
