@@ -309,7 +309,8 @@ class RedisSlots:
                 return self._take_alone(self._clock())
             if not again:
                 return None
-            return await self.take(now, waiting, again=False)
+            # The refill took round trips: a send is placed at the time it is reserved.
+            return await self.take(self._clock(), waiting, again=False)
         self._epoch = _text(reply[4])
         self._seen_at = now  # the view is current as of this answer
         mine = self._learn(reply[3], now, member.encode())
