@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from proxy import __version__
+from proxy.tokens import MAX_QUOTA
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -23,7 +24,7 @@ _ERRORS = {
 _NOT_FOUND = {"404": _json(_ref("Error"), "Unknown token id")}
 _TOKEN_ID = {"name": "token_id", "in": "path", "required": True, "schema": {"type": "string"}}
 
-_QUOTA = {"type": ["integer", "null"], "minimum": 1, "maximum": 2**53 - 1}
+_QUOTA = {"type": ["integer", "null"], "minimum": 1, "maximum": MAX_QUOTA}
 _SCHEMAS: dict[str, Any] = {
     "Error": {
         "type": "object",

@@ -94,7 +94,13 @@ class WorkerLinks:
     async def get(
         self, member: Member, path: str, headers: Mapping[str, str] | None = None
     ) -> tuple[int, bytes]:
-        async with self.session(member).get(f"http://worker{path}", headers=headers) as resp:
+        return await self.call(member, "GET", path, headers)
+
+    async def call(
+        self, member: Member, method: str, path: str, headers: Mapping[str, str] | None = None
+    ) -> tuple[int, bytes]:
+        url = f"http://worker{path}"
+        async with self.session(member).request(method, url, headers=headers) as resp:
             return resp.status, await resp.read()
 
     async def healthy(self, member: Member) -> bool:
@@ -326,10 +332,7 @@ async def _forget_everywhere(
 
     async def forget(member: Member) -> None:
         try:
-            async with group.links.session(member).post(
-                f"http://worker{path}", headers=auth
-            ) as resp:
-                await resp.read()
+            await group.links.call(member, "POST", path, auth)
         except (aiohttp.ClientError, OSError, TimeoutError):
             log.warning("worker did not forget a token", extra={"fields": {"worker": member.index}})
 

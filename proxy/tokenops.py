@@ -73,13 +73,7 @@ async def create_token(
     for field_name, value in (("hourly", hourly), ("per_minute", per_minute)):
         if value is not None and (isinstance(value, bool) or value <= 0):
             raise ValueError(f"{field_name}: must be a positive integer, got {value!r}")
-    seconds: float | None = None
-    if expires_in is not None:
-        if isinstance(expires_in, bool) or not isinstance(expires_in, str | int | float):
-            raise ValueError(f"expires_in: must be a duration like 30d, got {expires_in!r}")
-        seconds = parse_duration(expires_in) if isinstance(expires_in, str) else float(expires_in)
-        if seconds <= 0:
-            raise ValueError(f"expires_in: must be positive, got {expires_in!r}")
+    seconds = None if expires_in is None else _expires_in_seconds(expires_in, "")
     new = mint_token(
         name=name,
         scopes=list(scopes),
@@ -135,12 +129,19 @@ def token_changes(
 def _expires_at(value: object, now: float | None) -> float | None:
     if value is None:
         return None
+    return (time.time() if now is None else now) + _expires_in_seconds(value, ", or null")
+
+
+def _expires_in_seconds(value: object, also: str) -> float:
+    """``expires_in`` in seconds: a duration like ``30d`` or a number of seconds (not a
+    bool), positive; ValueError naming the field otherwise (``also``: other values the
+    caller takes, for the message)."""
     if isinstance(value, str):
         seconds = parse_duration(value)
     elif type(value) in (int, float):
         seconds = float(value)  # type: ignore[arg-type]
     else:
-        raise ValueError(f"expires_in: must be a duration like 30d, or null, got {value!r}")
+        raise ValueError(f"expires_in: must be a duration like 30d{also}, got {value!r}")
     if seconds <= 0:
         raise ValueError(f"expires_in: must be positive, got {value!r}")
-    return (time.time() if now is None else now) + seconds
+    return seconds
