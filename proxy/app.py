@@ -12,7 +12,7 @@ from aiohttp import web
 
 from proxy.admin import build_admin_app
 from proxy.config import GatewayConfig, Secrets
-from proxy.handler import handle
+from proxy.handler import expect_later, handle
 from proxy.loops import loop_name
 from proxy.reload import reload_config
 from proxy.runtime import RUNTIME, Runtime
@@ -34,7 +34,8 @@ def build_proxy_app(runtime: Runtime) -> web.Application:
         await runtime.close()
 
     app.cleanup_ctx.append(lifecycle)
-    app.router.add_route("*", "/{tail:.*}", handle)
+    # No "100 Continue" before the request is authenticated and admitted (expect_later).
+    app.router.add_route("*", "/{tail:.*}", handle, expect_handler=expect_later)
     return app
 
 

@@ -25,6 +25,7 @@ from proxy.runtime import RUNTIME, Runtime
 from proxy.tokens import AuthFailure, TokenRecord
 from proxy.upstream import (
     HOP_BY_HOP,
+    Upstream,
     UpstreamError,
     UpstreamResponse,
     UpstreamUnreachable,
@@ -71,6 +72,9 @@ _DROP_RESPONSE = frozenset(
 # What never passes, either way: the lists above plus the hop-by-hop fields (lower case).
 _SKIP_REQUEST = _DROP_REQUEST | HOP_BY_HOP
 _SKIP_RESPONSE = _DROP_RESPONSE | HOP_BY_HOP
+# Response fields holding a URL: one into echowin's API becomes the gateway's own path.
+_LOCATIONS = frozenset({"location", "content-location"})
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _API_PREFIX = "/api/v1/"
 _AGENCY_PREFIX = "/api/v1/agency/"
 _CHUNK = 64 * 1024
@@ -99,6 +103,7 @@ class Exchange:
     refusal: str | None = None
     bytes_out: int = 0
     client_gone: bool = False
+    awaits_continue: bool = False  # the caller holds its body until "100 Continue"
 
 
 class BodyTooLarge(Exception):
@@ -171,7 +176,6 @@ async def handle(request: web.Request) -> web.StreamResponse:
     response: web.StreamResponse | None = None
     try:
         response = await _handle(request, rt, ex)
-        return response
     except web.HTTPException:
         raise
     except Exception:
@@ -179,14 +183,46 @@ async def handle(request: web.Request) -> web.StreamResponse:
         log.exception("unhandled error", extra={"fields": {"request_id": ex.request_id}})
         ex.refusal = "internal_error"
         response = json_error(500, "Internal gateway error", reason="internal_error")
-        return response
     finally:
         rt.metrics.in_flight_now -= 1
         _account(rt, request, ex, response)
+    if ex.awaits_continue:
+        # Answered before the caller was told to send its body: it may never send it,
+        # and reading it to keep the connection would wait on the caller.
+        response.force_close()
+    return response
+
+
+async def expect_later(request: web.Request) -> None:
+    """The proxy route's Expect handler: it sends nothing. ``100 Continue`` goes out once
+    the request is authenticated and admitted (:func:`_continue`), so that a caller that
+    is refused, or waits in the queue, has not sent its body yet."""
+
+
+def _expects_continue(request: web.Request) -> bool | None:
+    """True when the caller waits for ``100 Continue``; None for an expectation the
+    gateway cannot meet (417)."""
+    expect = request.headers.get("Expect")
+    if expect is None or request.version < aiohttp.HttpVersion11:
+        return False  # HTTP/1.0 knows no Expect: ignored (RFC 9110 §10.1.1)
+    return True if expect.strip().lower() == "100-continue" else None
+
+
+async def _continue(request: web.Request, ex: Exchange) -> None:
+    if ex.awaits_continue:
+        ex.awaits_continue = False
+        await request.writer.write(_CONTINUE)
 
 
 async def _handle(request: web.Request, rt: Runtime, ex: Exchange) -> web.StreamResponse:
     headers = {"X-Request-ID": ex.request_id}
+    expects = _expects_continue(request)
+    if expects is None:
+        ex.refusal = "bad_expect"
+        return json_error(
+            417, "Only Expect: 100-continue is supported", reason="bad_expect", headers=headers
+        )
+    ex.awaits_continue = expects and request.body_exists
     try:
         result = await rt.auth.authenticate(_presented_token(request))
     except Exception as exc:  # the token store cannot answer
@@ -235,6 +271,11 @@ async def _handle(request: web.Request, rt: Runtime, ex: Exchange) -> web.Stream
     if isinstance(admitted, Refusal):
         return _refuse(ex, admitted, rt.admitter.caller_headers(admit))
     ex.queue_seconds = admitted.queued_seconds
+    try:
+        await _continue(request, ex)
+    except BaseException:  # the caller is gone: nothing left for echowin
+        admitted.unsent()
+        raise
     try:
         return await _forward(request, rt, ex, match, credential, admitted, admit)
     except BaseException:
@@ -384,7 +425,7 @@ async def _forward(
             f"upstream;dur={ex.upstream_seconds * 1000:.3f}"
         )
         extra["X-Request-ID"] = ex.request_id
-        return await _relay(request, upstream, credential, ex, extra)
+        return await _relay(request, upstream, rt.upstream, credential, ex, extra)
     finally:
         upstream.release()  # whatever happened since the answer came: never a leaked connection
         # Counted once the answer is on its way, not on the caller's time.
@@ -420,6 +461,7 @@ def _upstream_failed(
 async def _relay(
     request: web.Request,
     upstream: UpstreamResponse,
+    pool: Upstream,
     credential: Credential,
     ex: Exchange,
     extra: dict[str, str],
@@ -435,7 +477,7 @@ async def _relay(
         low = name.lower()
         # echowin has no reason to echo a key back; if it ever does, it stops here.
         if low not in _SKIP_RESPONSE and low not in named and secret not in value:
-            headers.add(name, value)
+            headers.add(name, pool.relative(value) if low in _LOCATIONS else value)
     headers.update(extra)  # the caller's rate-limit fields, Server-Timing, X-Request-ID
     if upstream.content_length is not None:
         response.content_length = upstream.content_length

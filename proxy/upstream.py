@@ -178,6 +178,7 @@ class Upstream:
         self.host = host if self._port == default else f"{host}:{self._port}"
         """The Host field for echowin: what the caller puts first in ``send``'s headers."""
         self._prefix = url.raw_path.rstrip("/")
+        self._origin = f"{url.scheme}://{self.host}".lower()
         self._timeout = timeout_seconds
         self._connect_timeout = connect_timeout_seconds
         self._max_connections = max_connections
@@ -186,6 +187,15 @@ class Upstream:
         self._open = 0  # connections open or being opened
         self._waiters: deque[asyncio.Future[ResponseHandler | None]] = deque()
         self._started = False
+
+    def relative(self, url: str) -> str:
+        """``url`` as the gateway's own path when it points into echowin's API (as a
+        ``Location`` echowin sends may), so that the caller comes back through the
+        gateway; any other URL unchanged."""
+        n = len(self._origin)
+        if url[:n].lower() == self._origin and url.startswith(self._prefix + "/", n):
+            return url[n + len(self._prefix) :]
+        return url
 
     async def start(self) -> None:
         if self._tls and self._ssl is None:

@@ -1,6 +1,8 @@
-"""Edge cases of relaying echowin's answer: the status line's free text never reaches the
-caller (it could carry the key), and a caller that stops reading does not hold an echowin
-connection past the request's deadline. Real gateway, loopback only."""
+"""Edge cases of relaying: the status line's free text never reaches the caller (it could
+carry the key); a caller that stops reading does not hold an echowin connection past the
+request's deadline; ``100 Continue`` only once a request is admitted; a ``Location`` into
+echowin comes back as the gateway's path; a broken upload is the caller's, not echowin's.
+Real gateway, loopback only."""
 
 from __future__ import annotations
 
@@ -99,3 +101,165 @@ async def test_a_caller_that_never_reads_frees_its_echowin_connection_at_the_dea
         assert await get_status(gw, token, "/api/v1/tags") == 200
     finally:
         writer.transport.abort()
+
+
+async def exchange_raw(port: int, data: bytes, *, body: bytes | None = None) -> list[bytes]:
+    """Send ``data``; read heads until a final one. With ``body``, it is sent after the
+    first head (as a client that waits for ``100 Continue`` does). Returns every head read
+    and, last, the final answer's body."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    heads: list[bytes] = []
+    try:
+        writer.write(data)
+        async with asyncio.timeout(5):
+            while True:
+                heads.append(await reader.readuntil(b"\r\n\r\n"))
+                if not heads[-1].startswith(b"HTTP/1.1 1"):
+                    break
+                if body is not None:
+                    writer.write(body)
+            length = next(
+                int(line.split(b":")[1])
+                for line in heads[-1].lower().split(b"\r\n")
+                if line.startswith(b"content-length:")
+            )
+            heads.append(await reader.readexactly(length))
+    finally:
+        writer.transport.abort()
+    return heads
+
+
+def post_head(token: str, body: bytes, *fields: str, version: str = "1.1") -> bytes:
+    lines = [f"POST /api/v1/contacts HTTP/{version}", "Host: x"]
+    lines += [f"Authorization: Bearer {token}", "Content-Type: application/json"]
+    lines += [f"Content-Length: {len(body)}", *fields]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+CONTACT = b'{"number": "+15550100", "firstName": "Ada"}'
+
+
+async def test_100_continue_comes_only_once_the_request_is_admitted(
+    make_gateway: MakeGateway,
+) -> None:
+    gw = await make_gateway(
+        upstream={"limits": [{"requests": 2, "per_seconds": 3600}]},
+        queue={"max_wait_seconds": 1},
+        server={"max_request_body_bytes": 1 << 20},
+    )
+    token = await gw.token("contacts:*")
+    port = gw.proxy.port
+    expect = "Expect: 100-continue"
+
+    # Admitted: "100 Continue", then the body goes through to echowin.
+    heads = await exchange_raw(port, post_head(token, CONTACT, expect), body=CONTACT)
+    assert heads[0] == b"HTTP/1.1 100 Continue\r\n\r\n"
+    assert heads[1].startswith(b"HTTP/1.1 201 ")
+    assert b'"Ada"' in heads[2]
+
+    # Refused, before its body: no "100 Continue", and the connection is not kept for a
+    # body the caller may never send.
+    for head in (
+        post_head("egw_" + "x" * 52, CONTACT, expect),  # unknown token: 401
+        post_head(token, b"x" * (2 << 20), expect),  # over max_request_body_bytes: 413
+    ):
+        first, body = await exchange_raw(port, head)
+        assert not first.startswith(b"HTTP/1.1 100"), first
+        assert b"connection: close" in first.lower()
+        assert b'"reason"' in body
+
+    assert await get_status(gw, token, "/api/v1/contacts") == 200  # the budget's last send
+    first, body = await exchange_raw(port, post_head(token, CONTACT, expect))
+    assert first.startswith(b"HTTP/1.1 429 "), first
+    assert b"upstream_budget" in body
+
+    # An expectation other than 100-continue: 417, as JSON.
+    first, body = await exchange_raw(port, post_head(token, CONTACT, "Expect: teapot"))
+    assert first.startswith(b"HTTP/1.1 417 "), first
+    assert b'"bad_expect"' in body
+
+
+async def test_http_1_0_expect_is_ignored(make_gateway: MakeGateway) -> None:
+    gw = await make_gateway()
+    token = await gw.token("contacts:*")
+    head = post_head(token, CONTACT, "Expect: 100-continue", version="1.0")
+    heads = await exchange_raw(gw.proxy.port, head + CONTACT)
+    assert heads[0].startswith(b"HTTP/1.0 201 "), heads[0]
+    assert b'"Ada"' in heads[1]
+
+
+async def test_a_location_into_echowin_comes_back_as_the_gateways_path(
+    make_gateway: MakeGateway, aiohttp_server: ServerFactory
+) -> None:
+    async def created(request: web.Request) -> web.Response:
+        base = f"http://{request.host}/echowin"
+        return web.json_response(
+            {"data": {"id": "42"}},
+            status=201,
+            headers={
+                "Location": f"{base}/api/v1/contacts/42?x=1",
+                "Content-Location": "http://elsewhere.example/echowin/api/v1/contacts/42",
+            },
+        )
+
+    app = web.Application()
+    app.router.add_post("/echowin/api/v1/contacts", created)
+    upstream = await aiohttp_server(app)
+    gw = await make_gateway(str(upstream.make_url("/echowin")))
+    token = await gw.token("contacts:write")
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            gw.url("/api/v1/contacts"),
+            json={"number": "+15550100"},
+            headers={"Authorization": f"Bearer {token}"},
+            allow_redirects=False,
+        ) as resp,
+    ):
+        assert resp.status == 201
+        assert resp.headers["Location"] == "/api/v1/contacts/42?x=1"
+        # Not echowin: relayed as it came.
+        assert (
+            resp.headers["Content-Location"]
+            == "http://elsewhere.example/echowin/api/v1/contacts/42"
+        )
+
+
+def sample(gw: GatewayHandle, name: str, **labels: str) -> float:
+    return gw.runtime.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+async def test_a_caller_that_breaks_its_upload_is_not_an_echowin_failure(
+    make_gateway: MakeGateway, aiohttp_server: ServerFactory
+) -> None:
+    reading = asyncio.Event()
+
+    async def slow_reader(request: web.Request) -> web.Response:
+        reading.set()
+        await request.read()
+        return web.json_response({})
+
+    app = web.Application()
+    app.router.add_post("/api/v1/contacts", slow_reader)
+    upstream = await aiohttp_server(app)
+    gw = await make_gateway(str(upstream.make_url("")).rstrip("/"))
+    token = await gw.token("contacts:write")
+    port = gw.proxy.port
+
+    # A caller that hangs up halfway through its upload: 499 in the metrics, not a 502
+    # and an echowin error (the request is cancelled before the broken body is read).
+    _, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(post_head(token, b"x" * 100_000) + b"x" * 10)
+    await asyncio.wait_for(reading.wait(), 5)  # echowin is reading the body
+    writer.transport.abort()
+    labels = {"token": "svc", "route": "/api/v1/contacts", "method": "POST"}
+
+    async with asyncio.timeout(5):
+        while sample(gw, "echowin_gateway_requests_total", status="499", **labels) < 1:
+            await asyncio.sleep(0.01)
+    assert sample(gw, "echowin_gateway_requests_total", status="502", **labels) == 0
+    for kind in ("reset", "timeout", "connect"):
+        errors = sample(
+            gw, "echowin_gateway_upstream_errors_total", credential="default", kind=kind
+        )
+        assert errors == 0, kind
