@@ -104,6 +104,10 @@ class Exchange:
     bytes_out: int = 0
     client_gone: bool = False
     awaits_continue: bool = False  # the caller holds its body until "100 Continue"
+    on_wire: bool = False  # the request's head may have left for echowin
+
+    def wired(self) -> None:
+        self.on_wire = True
 
 
 class BodyTooLarge(Exception):
@@ -273,14 +277,15 @@ async def _handle(request: web.Request, rt: Runtime, ex: Exchange) -> web.Stream
     ex.queue_seconds = admitted.queued_seconds
     try:
         await _continue(request, ex)
-    except BaseException:  # the caller is gone: nothing left for echowin
-        admitted.unsent()
-        raise
-    try:
         return await _forward(request, rt, ex, match, credential, admitted, admit)
     except BaseException:
-        # Whatever broke (a client gone mid-send included) may have reached echowin.
-        admitted.sent(0, {})
+        # Whatever broke once the head left (a client gone mid-send included) may have
+        # reached echowin; before that (a caller gone before its "100 Continue" or while
+        # a connection was awaited), the slot goes back.
+        if ex.on_wire:
+            admitted.sent(0, {})
+        else:
+            admitted.unsent()
         raise
 
 
@@ -402,6 +407,7 @@ async def _forward(
             path_qs,
             _upstream_headers(request, credential, ex, rt.upstream.host),
             body,
+            ex.wired,
         )
     except (UpstreamError, BodyTooLarge) as exc:
         ex.upstream_seconds = time.perf_counter() - sent_at

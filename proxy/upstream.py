@@ -14,7 +14,7 @@ import contextlib
 import functools
 import ssl
 from collections import deque
-from collections.abc import AsyncIterable, Mapping
+from collections.abc import AsyncIterable, Callable, Mapping
 from types import TracebackType
 
 import aiohttp
@@ -328,6 +328,7 @@ class Upstream:
         path_qs: str,
         headers: CIMultiDict[str],
         body: AsyncIterable[bytes] | None,
+        on_wire: Callable[[], None] | None = None,
     ) -> UpstreamResponse:
         """Send one request; the caller streams and then releases the response.
 
@@ -335,7 +336,9 @@ class Upstream:
         body's framing: ``Content-Length: 0`` for a method that usually has a body and has
         none, ``Transfer-Encoding: chunked`` for a body of unknown length. Raises
         UpstreamTimeout or UpstreamUnreachable, never an exception whose text could carry
-        our headers; and what the body's iterator raises.
+        our headers; and what the body's iterator raises. ``on_wire`` is called just
+        before the head is written: until then nothing has left, whatever stops the send
+        (the caller's cancellation while it waits for a connection included).
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timeout
@@ -361,6 +364,8 @@ class Upstream:
             elif hdrs.CONTENT_LENGTH not in headers:
                 headers[hdrs.TRANSFER_ENCODING] = "chunked"
                 writer.enable_chunking()
+            if on_wire is not None:
+                on_wire()
             await writer.write_headers(f"{method} {self._prefix}{path_qs} HTTP/1.1", headers)
             if body is None:
                 await writer.write_eof()

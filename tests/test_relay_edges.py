@@ -263,3 +263,47 @@ async def test_a_caller_that_breaks_its_upload_is_not_an_echowin_failure(
             gw, "echowin_gateway_upstream_errors_total", credential="default", kind=kind
         )
         assert errors == 0, kind
+
+
+async def test_a_caller_gone_while_a_connection_is_awaited_gives_its_slot_back(
+    make_gateway: MakeGateway, aiohttp_server: ServerFactory
+) -> None:
+    holding, release = asyncio.Event(), asyncio.Event()
+
+    async def slow(request: web.Request) -> web.Response:
+        holding.set()
+        await release.wait()
+        return web.json_response({"data": []})
+
+    async def quick(request: web.Request) -> web.Response:
+        # The first answer calibrates the budget (one send, ours, in the hour so far).
+        limits = {"X-RateLimit-Limit": "3", "X-RateLimit-Remaining": "2"}
+        return web.json_response({"data": []}, headers=limits)
+
+    app = web.Application()
+    app.router.add_get("/api/v1/contacts", slow)
+    app.router.add_get("/api/v1/tags", quick)
+    upstream = await aiohttp_server(app)
+    gw = await make_gateway(
+        str(upstream.make_url("")).rstrip("/"),
+        upstream={"max_connections": 1, "limits": [{"requests": 3, "per_seconds": 3600}]},
+        queue={"max_wait_seconds": 0.5},
+    )
+    token = await gw.token("*")
+    pool = gw.runtime.upstream
+    assert await get_status(gw, token, "/api/v1/tags") == 200  # send 1 of 3
+    first = asyncio.ensure_future(get_status(gw, token, "/api/v1/contacts"))  # send 2
+    await asyncio.wait_for(holding.wait(), 5)  # it holds the pool's one connection
+    _, writer = await asyncio.open_connection("127.0.0.1", gw.proxy.port)
+    writer.write(request_bytes(token))  # admitted with the last slot, waits for the pool
+    async with asyncio.timeout(5):
+        while not pool._waiters:
+            await asyncio.sleep(0.01)
+    writer.transport.abort()  # and hangs up: nothing of it left for echowin
+    async with asyncio.timeout(5):
+        while pool._waiters:
+            await asyncio.sleep(0.01)
+    release.set()
+    assert await first == 200
+    # The slot came back: the third send of the window goes out.
+    assert await get_status(gw, token, "/api/v1/tags") == 200
