@@ -136,7 +136,7 @@ async def _measure(kind: str, n: int, event_loop: str) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "tests.bench.memory_floor", "--serve", kind]
     cmd += ["--port", str(port), "--requests", str(n), "--loop", event_loop]
     proc = await asyncio.create_subprocess_exec(
-        *cmd, stdout=subprocess.PIPE, env=servers._env(), cwd=servers.REPO
+        *cmd, stdout=subprocess.PIPE, env=servers.child_env(), cwd=servers.REPO
     )
     assert proc.stdout is not None
     try:

@@ -243,7 +243,7 @@ def start_nginx_proxy(procs: Processes, nginx: str, upstream: str, cpu: int | No
 def start_python_upstream(procs: Processes, cpu: int | None) -> Proc:
     (port,) = free_ports(1)
     cmd = [sys.executable, "-m", "tests.bench.upstream", "--port", str(port)]
-    return procs.start("aiohttp-upstream", cmd, f"http://127.0.0.1:{port}", cpu, env=_env())
+    return procs.start("aiohttp-upstream", cmd, f"http://127.0.0.1:{port}", cpu, env=child_env())
 
 
 def start_passthrough(
@@ -252,10 +252,12 @@ def start_passthrough(
     (port,) = free_ports(1)
     cmd = [sys.executable, "-m", "tests.bench.passthrough", "--port", str(port)]
     cmd += ["--upstream", upstream, "--loop", loop]
-    return procs.start(name, cmd, f"http://127.0.0.1:{port}", cpu, env=_env())
+    return procs.start(name, cmd, f"http://127.0.0.1:{port}", cpu, env=child_env())
 
 
-def _env(**extra: str) -> dict[str, str]:
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment of a server the bench starts: this checkout first on the path, no
+    echowin key (unless ``extra`` gives one)."""
     env = {k: v for k, v in os.environ.items() if k not in ("ECHOWIN_API_KEY", "PYTHONUNBUFFERED")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env.update(extra)
@@ -317,7 +319,7 @@ def launch_gateway(
     raw = {"listen": f"127.0.0.1:{port}", "admin_listen": f"127.0.0.1:{admin_port}", **raw}
     config = procs.tmp / f"{name}.yaml"
     config.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
-    env = _env(ECHOWIN_API_KEY=BENCH_KEY, GATEWAY_ADMIN_TOKEN=admin_token)
+    env = child_env(ECHOWIN_API_KEY=BENCH_KEY, GATEWAY_ADMIN_TOKEN=admin_token)
     if source is not None:  # another tree's proxy package, ahead of this one
         env["PYTHONPATH"] = os.pathsep.join([str(source), env["PYTHONPATH"]])
     proc = procs.start(
