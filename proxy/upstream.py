@@ -14,7 +14,7 @@ import contextlib
 import functools
 import ssl
 from collections import deque
-from collections.abc import AsyncIterable, Callable, Mapping
+from collections.abc import AsyncIterable, Callable
 from types import TracebackType
 
 import aiohttp
@@ -23,7 +23,7 @@ from aiohttp.client_proto import ResponseHandler
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.http_writer import StreamWriter
 from aiohttp.streams import StreamReader
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy, MultiMapping
 from yarl import URL
 
 # RFC 9110 §7.6.1 connection-specific fields, plus the old Proxy-Connection and
@@ -69,10 +69,15 @@ class UpstreamUnreachable(UpstreamError):
             self.kind = "reset"
 
 
-def connection_tokens(headers: Mapping[str, str]) -> frozenset[str]:
-    """The header names a ``Connection`` field marks as hop-by-hop, lower-cased."""
-    value = headers.get("Connection")
-    return _NO_TOKENS if value is None else _tokens(value)
+def connection_tokens(headers: MultiMapping[str]) -> frozenset[str]:
+    """The header names the ``Connection`` field marks as hop-by-hop, lower-cased.
+
+    Every ``Connection`` line counts: a list-based field sent on several lines is one
+    field (RFC 9110 §5.3), so a name on the second line is as hop-by-hop as on the first."""
+    values = headers.getall("Connection", ())
+    if not values:
+        return _NO_TOKENS
+    return _tokens(values[0] if len(values) == 1 else ",".join(values))
 
 
 _NO_TOKENS: frozenset[str] = frozenset()

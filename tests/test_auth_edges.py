@@ -1,0 +1,75 @@
+"""Authentication, scopes and secret handling at the edges: what a caller can send that
+would carry the real key back to it, widen its scope, or pass a field meant for one hop.
+Real gateway and, where echowin's behaviour matters, a loopback upstream that behaves as
+the RFCs allow a server to."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+from tests.conftest import TEAM_KEY, GatewayHandle, ServerFactory, SimHandle
+
+MakeGateway = Callable[..., Awaitable[GatewayHandle]]
+
+
+async def exchange(gw: GatewayHandle, request: bytes) -> bytes:
+    """One raw HTTP/1.1 exchange with the gateway (the request must say Connection: close)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.proxy.port)
+    try:
+        writer.write(request)
+        return await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+async def test_every_connection_field_line_names_hop_by_hop_fields(
+    gateway: GatewayHandle, sim: SimHandle
+) -> None:
+    token = await gateway.token("contacts:read")
+    request = (
+        "GET /api/v1/contacts HTTP/1.1\r\nHost: x\r\n"
+        f"Authorization: Bearer {token}\r\n"
+        "Connection: keep-alive\r\nConnection: X-Hop-One\r\nConnection: close, X-Hop-Two\r\n"
+        "X-Hop-One: 1\r\nX-Hop-Two: 2\r\nX-Kept: yes\r\n\r\n"
+    )
+    answer = await exchange(gateway, request.encode())
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+    seen = {name.lower() for name in sim.sim.log[-1].headers}
+    assert "x-kept" in seen
+    assert not seen & {"x-hop-one", "x-hop-two"}, seen
+
+
+async def test_every_connection_field_line_of_echowin_is_honoured(
+    make_gateway: MakeGateway, aiohttp_server: ServerFactory
+) -> None:
+    async def answer(request: web.Request) -> web.Response:
+        headers = CIMultiDict(
+            [
+                ("Connection", "keep-alive"),
+                ("Connection", "X-Upstream-Hop"),
+                ("X-Upstream-Hop", "for the gateway only"),
+                ("X-Kept", "yes"),
+            ]
+        )
+        return web.Response(body=b"{}", headers=headers)
+
+    app = web.Application()
+    app.router.add_get("/api/v1/contacts", answer)
+    upstream = await aiohttp_server(app)
+    gw = await make_gateway(str(upstream.make_url("")).rstrip("/"))
+    token = await gw.token("contacts:read")
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(gw.url("/api/v1/contacts"), headers={"X-API-Key": token}) as resp,
+    ):
+        assert resp.status == 200
+        names = {name.lower() for name in resp.headers}
+    assert "x-kept" in names
+    assert "x-upstream-hop" not in names
+    assert TEAM_KEY  # the echoing upstream of test_proxy covers the key itself
