@@ -79,6 +79,10 @@ _API_PREFIX = "/api/v1/"
 _AGENCY_PREFIX = "/api/v1/agency/"
 _CHUNK = 64 * 1024
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+# Methods whose answer is the request as the server received it (TRACE, and IIS's TRACK):
+# with the real key the gateway put in it. Never forwarded, whatever the token may do.
+_REFLECTING = frozenset({"TRACE", "TRACK"})
+_ALLOW = ", ".join(sorted(_METHODS))
 
 _AUTH_MESSAGES = {
     AuthFailure.MALFORMED: "Invalid API key",
@@ -254,7 +258,7 @@ async def _handle(request: web.Request, rt: Runtime, ex: Exchange) -> web.Stream
     ex.route = match.template
     denied = _authorise(token, match, request.method, headers)
     if denied is not None:
-        ex.refusal = "forbidden" if denied.status == 403 else "unknown_route"
+        ex.refusal = _DENIALS[denied.status]
         return denied
     credential = _credential(rt, token, match)
     if credential is None:
@@ -304,7 +308,14 @@ def _auth_error(
 def _authorise(
     token: TokenRecord, match: RouteMatch, method: str, headers: dict[str, str]
 ) -> web.Response | None:
-    """None when the token may take this route; otherwise the 403/404 to answer."""
+    """None when the token may take this route; otherwise the 403/404/405 to answer."""
+    if method in _REFLECTING:
+        return json_error(
+            405,
+            f"Method {method} is not forwarded",
+            reason="method_not_allowed",
+            headers={**headers, "Allow": _ALLOW},
+        )
     if match.route is None:
         if "*" in token.scopes and match.path.startswith(_API_PREFIX):
             return None
@@ -320,6 +331,9 @@ def _authorise(
         scope=match.route.scope,
         headers=headers,
     )
+
+
+_DENIALS = {403: "forbidden", 404: "unknown_route", 405: "method_not_allowed"}
 
 
 def _credential(rt: Runtime, token: TokenRecord, match: RouteMatch) -> Credential | None:

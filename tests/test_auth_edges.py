@@ -12,7 +12,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from tests.conftest import TEAM_KEY, GatewayHandle, ServerFactory, SimHandle
+from tests.conftest import SECRETS, GatewayHandle, ServerFactory, SimHandle
 
 MakeGateway = Callable[..., Awaitable[GatewayHandle]]
 
@@ -26,6 +26,42 @@ async def exchange(gw: GatewayHandle, request: bytes) -> bytes:
     finally:
         writer.close()
         await writer.wait_closed()
+
+
+async def reflecting_upstream(aiohttp_server: ServerFactory) -> str:
+    """An upstream that answers TRACE as RFC 9110 §9.3.8 describes: the request it
+    received, headers included, as a message/http body."""
+
+    async def trace(request: web.Request) -> web.Response:
+        lines = [f"{request.method} {request.raw_path} HTTP/1.1"]
+        lines += [f"{name}: {value}" for name, value in request.headers.items()]
+        return web.Response(body="\r\n".join(lines).encode(), content_type="message/http")
+
+    app = web.Application()
+    app.router.add_route("TRACE", "/{tail:.*}", trace)
+    server = await aiohttp_server(app)
+    return str(server.make_url("")).rstrip("/")
+
+
+async def test_trace_never_reflects_the_real_key(
+    make_gateway: MakeGateway, aiohttp_server: ServerFactory
+) -> None:
+    gw = await make_gateway(await reflecting_upstream(aiohttp_server))
+    token = await gw.token("*")
+    for path in ("/api/v1/contacts", "/api/v1/agency/subteams"):
+        async with (
+            aiohttp.ClientSession() as session,
+            session.request(
+                "TRACE", gw.url(path), headers={"Authorization": f"Bearer {token}"}
+            ) as resp,
+        ):
+            body = await resp.read()
+            fields = list(resp.headers.items())
+        for secret in SECRETS:
+            assert secret.encode() not in body, path
+            assert all(secret not in f"{name}: {value}" for name, value in fields), path
+        assert resp.status == 405, path
+        assert "TRACE" not in resp.headers.get("Allow", "TRACE")
 
 
 async def test_every_connection_field_line_names_hop_by_hop_fields(
@@ -72,4 +108,3 @@ async def test_every_connection_field_line_of_echowin_is_honoured(
         names = {name.lower() for name in resp.headers}
     assert "x-kept" in names
     assert "x-upstream-hop" not in names
-    assert TEAM_KEY  # the echoing upstream of test_proxy covers the key itself
