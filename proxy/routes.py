@@ -9,7 +9,11 @@ re-splits or resolves dot segments can read it as a different route.
 Matching is a walk over a segment trie (dict lookups): a literal segment beats a
 `{param}` segment at the same position, there is no backtracking, and the method is
 looked up only on the node the path reached. So `PUT /api/v1/contacts/custom-fields`
-does not fall back to `PUT /api/v1/contacts/{contactId}`; it is simply unmatched.
+does not fall back to `PUT /api/v1/contacts/{contactId}`; it is simply unmatched. Nor does
+a segment that folds to a literal (`Custom-Fields`; `%EF%BD%83ustom-fields`, whose first
+letter is a fullwidth c) take the `{param}` beside it: an upstream that routes
+case-insensitively or after NFKC would read it as the literal's route, whose scope may be
+wider than the param route's.
 """
 
 from __future__ import annotations
@@ -136,7 +140,7 @@ class RouteMatch:
     holds "*"); `template` is then UNMATCHED_TEMPLATE. `path` is the canonical,
     percent-encoded path to forward upstream (without query string). `family` is the
     route's, or for unmatched paths "agency" iff the first three segments are api, v1,
-    agency compared case-insensitively: should the upstream route case-insensitively, an
+    agency compared case-insensitively and after NFKC: should the upstream route so, an
     agency-looking path still gets the agency credential and never the team key.
     """
 
@@ -274,6 +278,8 @@ class _Node:
     literals: Mapping[str, _Node]
     param: _Node | None
     methods: Mapping[str, Route]
+    folded: frozenset[str] = frozenset()
+    """The literals' `_fold`s, kept only beside a param child (the only place they matter)."""
 
 
 def _build(entries: Sequence[tuple[tuple[str, ...], Route]], depth: int) -> _Node:
@@ -293,7 +299,15 @@ def _build(entries: Sequence[tuple[tuple[str, ...], Route]], depth: int) -> _Nod
         literals=MappingProxyType(literals),
         param=_build(param_group, depth + 1) if param_group else None,
         methods=MappingProxyType(methods),
+        folded=frozenset(map(_fold, literals)) if param_group else frozenset(),
     )
+
+
+def _fold(segment: str) -> str:
+    """`segment` as a case-insensitive, NFKC-normalising router would compare it."""
+    if segment.isascii():
+        return segment.lower()
+    return normalize("NFKC", normalize("NFKC", segment).casefold())
 
 
 class RouteTable:
@@ -330,7 +344,9 @@ class RouteTable:
 
         `method` must equal a route's method exactly ("get" matches nothing). The path
         picks one trie node, literal segments first and without backtracking; a method
-        missing on that node gives an unmatched result rather than a looser route.
+        missing on that node gives an unmatched result rather than a looser route, and so
+        does a segment that is not a literal but folds to one (`_fold`) where a `{param}`
+        could have taken it.
         """
         key = (method, raw_path)
         found = self._matches.get(key)
@@ -348,7 +364,7 @@ class RouteTable:
         path = "/" + "/".join(quote(segment, safe="") for segment in segments)
         if route is not None:
             return RouteMatch(route=route, template=route.template, path=path, family=route.family)
-        head = [segment.casefold() for segment in segments[:3]]
+        head = [_fold(segment) for segment in segments[:3]]
         family: Family = "agency" if head == ["api", "v1", "agency"] else "team"
         return RouteMatch(route=None, template=UNMATCHED_TEMPLATE, path=path, family=family)
 
@@ -357,9 +373,9 @@ class RouteTable:
         for segment in segments:
             child = node.literals.get(segment)
             if child is None:
+                if node.param is None or (node.folded and _fold(segment) in node.folded):
+                    return None
                 child = node.param
-            if child is None:
-                return None
             node = child
         return node.methods.get(method)
 

@@ -6,9 +6,12 @@ the RFCs allow a server to."""
 from __future__ import annotations
 
 import asyncio
+import unicodedata
 from collections.abc import Awaitable, Callable
 
 import aiohttp
+import pytest
+import yarl
 from aiohttp import web
 from multidict import CIMultiDict
 
@@ -108,3 +111,49 @@ async def test_every_connection_field_line_of_echowin_is_honoured(
         names = {name.lower() for name in resp.headers}
     assert "x-kept" in names
     assert "x-upstream-hop" not in names
+
+
+def case_blind_upstream() -> web.Application:
+    """An echowin that routes as Express does by default (case-insensitively), after a
+    Unicode compatibility fold (NFKC), as some stacks do: ``/contacts/Export`` and
+    ``/contacts/%EF%BD%85xport`` reach the ``export`` route."""
+
+    async def route(request: web.Request) -> web.Response:
+        path = unicodedata.normalize("NFKC", request.path).lower()
+        if path == "/api/v1/contacts/export":
+            return web.json_response({"export": "every contact"})
+        contact_id = request.match_info["cid"]
+        return web.json_response({"data": {"id": contact_id}})
+
+    app = web.Application()
+    app.router.add_get("/api/v1/contacts/{cid}", route)
+    return app
+
+
+@pytest.mark.parametrize(
+    "segment", ["Export", "EXPORT", "%EF%BD%85xport", "%EF%BC%A5XPORT", "export"]
+)
+async def test_a_case_variant_of_a_literal_segment_never_takes_the_param_route(
+    make_gateway: MakeGateway, aiohttp_server: ServerFactory, segment: str
+) -> None:
+    upstream = await aiohttp_server(case_blind_upstream())
+    routes = [{"method": "GET", "path": "/api/v1/contacts/export", "scope": "contacts:export"}]
+    gw = await make_gateway(str(upstream.make_url("")).rstrip("/"), routes=routes)
+    reader = await gw.token("contacts:read")
+    url = yarl.URL(gw.url("/api/v1/contacts/") + segment, encoded=True)
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(url, headers={"Authorization": f"Bearer {reader}"}) as resp,
+    ):
+        body = await resp.json()
+    assert "export" not in body, segment
+    assert resp.status in (403, 404), segment
+    # An id is still an id: the param route itself keeps working.
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(
+            gw.url("/api/v1/contacts/c-123"), headers={"Authorization": f"Bearer {reader}"}
+        ) as resp,
+    ):
+        assert resp.status == 200
+        assert (await resp.json())["data"]["id"] == "c-123"

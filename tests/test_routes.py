@@ -119,8 +119,18 @@ def test_every_spec_endpoint_matches(method: str, template: str, scope: str) -> 
 def test_literal_segment_wins_over_param() -> None:
     assert TABLE.match("GET", f"{C}/custom-fields").template == f"{C}/custom-fields"
     assert TABLE.match("GET", f"{C}/custom-field").template == CID
-    assert TABLE.match("GET", f"{C}/Custom-Fields").template == CID
     assert TABLE.match("GET", f"{C}/bulk2").template == CID
+
+
+@pytest.mark.parametrize(
+    "segment", ["Custom-Fields", "BULK", "Bulk", "%EF%BD%82ulk", "%EF%BC%A2%EF%BC%B5LK"]
+)
+@pytest.mark.parametrize("method", ["GET", "PUT", "DELETE"])
+def test_a_segment_folding_to_a_literal_never_takes_the_param(method: str, segment: str) -> None:
+    # A case-insensitive (or NFKC-folding) upstream would read it as the literal's route.
+    match = TABLE.match(method, f"{C}/{segment}")
+    assert match.route is None
+    assert match.template == UNMATCHED_TEMPLATE
 
 
 @pytest.mark.parametrize(
@@ -186,6 +196,8 @@ def test_escaped_unreserved_letters_are_just_letters() -> None:
         ("/api/v1/agency/teams", "agency"),
         ("/API/V1/AGENCY/subteams", "agency"),
         ("/api/v1/Agency", "agency"),
+        ("/api/v1/%EF%BD%81gency/subteams", "agency"),
+        ("/api/v1/%EF%BC%A1GENCY", "agency"),
         ("/api/v1/agencyx/subteams", "team"),
         ("/api/v2/agency/subteams", "team"),
         ("/api/v1/agents", "team"),
