@@ -34,8 +34,10 @@ from proxy.upstream import (
 
 log = logging.getLogger("echowin_gateway.proxy")
 
-# Client headers that never travel upstream: internal credentials, method overrides
-# (a scope is decided by the real method only) and our own control headers.
+# Client headers that never travel upstream: internal credentials, method and path
+# overrides (a scope is decided by the real method and the matched path only: a stack
+# that routes on X-Original-URL or X-Rewrite-URL must not see one) and our own control
+# headers.
 _DROP_REQUEST = frozenset(
     {
         "authorization",
@@ -46,6 +48,10 @@ _DROP_REQUEST = frozenset(
         "x-http-method-override",
         "x-http-method",
         "x-method-override",
+        "x-original-url",
+        "x-rewrite-url",
+        "x-original-uri",
+        "x-forwarded-uri",
         "x-gateway-max-wait",
         "x-forwarded-for",
         "x-forwarded-proto",

@@ -157,3 +157,36 @@ async def test_a_case_variant_of_a_literal_segment_never_takes_the_param_route(
     ):
         assert resp.status == 200
         assert (await resp.json())["data"]["id"] == "c-123"
+
+
+def path_override_upstream() -> web.Application:
+    """An echowin behind a stack that routes on a path-override header when one is sent
+    (Symfony's X-Original-URL / X-Rewrite-URL, IIS URL Rewrite, ...)."""
+
+    async def route(request: web.Request) -> web.Response:
+        path = request.path
+        for name in ("X-Original-URL", "X-Rewrite-URL", "X-Original-URI", "X-Forwarded-URI"):
+            path = request.headers.get(name, path)
+        return web.json_response({"routed_to": path})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", route)
+    return app
+
+
+@pytest.mark.parametrize(
+    "header", ["X-Original-URL", "X-Rewrite-URL", "X-Original-URI", "X-Forwarded-URI"]
+)
+async def test_path_override_headers_never_reach_echowin(
+    make_gateway: MakeGateway, aiohttp_server: ServerFactory, header: str
+) -> None:
+    upstream = await aiohttp_server(path_override_upstream())
+    gw = await make_gateway(str(upstream.make_url("")).rstrip("/"))
+    reader = await gw.token("contacts:read")
+    headers = {"Authorization": f"Bearer {reader}", header: "/api/v1/agency/subteams"}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(gw.url("/api/v1/contacts"), headers=headers) as resp,
+    ):
+        assert resp.status == 200
+        assert (await resp.json())["routed_to"] == "/api/v1/contacts", header
