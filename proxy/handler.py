@@ -499,10 +499,17 @@ async def _relay(
     given = upstream.headers
     named = connection_tokens(given)
     secret = credential.secret.reveal()
+    folded = secret.lower()  # field names are case-insensitive, and some servers recase them
     for name, value in given.items():
         low = name.lower()
-        # echowin has no reason to echo a key back; if it ever does, it stops here.
-        if low not in _SKIP_RESPONSE and low not in named and secret not in value:
+        # echowin has no reason to echo a key back; if it ever does, in a field's value or
+        # its name, it stops here.
+        if (
+            low not in _SKIP_RESPONSE
+            and low not in named
+            and secret not in value
+            and folded not in low
+        ):
             headers.add(name, pool.relative(value) if low in _LOCATIONS else value)
     headers.update(extra)  # the caller's rate-limit fields, Server-Timing, X-Request-ID
     if upstream.content_length is not None:

@@ -15,7 +15,7 @@ import yarl
 from aiohttp import web
 from multidict import CIMultiDict
 
-from tests.conftest import SECRETS, GatewayHandle, ServerFactory, SimHandle
+from tests.conftest import SECRETS, TEAM_KEY, GatewayHandle, ServerFactory, SimHandle
 
 MakeGateway = Callable[..., Awaitable[GatewayHandle]]
 
@@ -190,3 +190,37 @@ async def test_path_override_headers_never_reach_echowin(
     ):
         assert resp.status == 200
         assert (await resp.json())["routed_to"] == "/api/v1/contacts", header
+
+
+async def test_an_upstream_naming_a_field_after_the_key_never_shows_it(
+    make_gateway: MakeGateway,
+) -> None:
+    # Field names as a Go server would canonicalise them, and as sent.
+    fields = (
+        f"X-{TEAM_KEY}: 1\r\nX-{TEAM_KEY.title()}: 2\r\n{TEAM_KEY.upper()}: 3\r\nX-Kept: yes\r\n"
+    )
+    answer = f"HTTP/1.1 200 OK\r\n{fields}Content-Length: 2\r\n\r\n{{}}".encode()
+
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(answer)
+            await writer.drain()
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(upstream, "127.0.0.1", 0)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        gw = await make_gateway(f"http://127.0.0.1:{port}")
+        token = await gw.token("contacts:read")
+        request = (
+            f"GET /api/v1/contacts HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+            "Connection: close\r\n\r\n"
+        )
+        answered = await exchange(gw, request.encode())
+    assert answered.startswith(b"HTTP/1.1 200 "), answered[:200]
+    assert b"X-Kept: yes" in answered
+    assert TEAM_KEY.lower().encode() not in answered.lower()
