@@ -66,15 +66,20 @@ class ConfigError(Exception):
 class Secret:
     """A secret value that never shows itself in repr, str, logs or tracebacks."""
 
-    __slots__ = ("_value", "source")
+    __slots__ = ("_encoded", "_value", "source")
 
     def __init__(self, value: str, source: str) -> None:
         self._value = value
+        self._encoded = value.encode()
         self.source = source  # e.g. "env:ECHOWIN_API_KEY": safe to show
 
     def reveal(self) -> str:
         """The secret itself: only for the one place that puts it on the wire."""
         return self._value
+
+    def reveal_bytes(self) -> bytes:
+        """The secret as bytes (UTF-8): only to look for it in what comes back."""
+        return self._encoded
 
     def __repr__(self) -> str:
         return f"Secret(<{self.source}>)"

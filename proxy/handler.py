@@ -516,15 +516,20 @@ async def _relay(
         response.content_length = upstream.content_length
     content = upstream.content
     assert content is not None
+    key = credential.secret.reveal_bytes()
     try:
         await response.prepare(request)
         if content.is_eof() and content.exception() is None:
             # The whole answer is here already (most are small): one write, no loop.
-            chunk = content.read_nowait()
+            chunk = _masked(content.read_nowait(), key, credential)
             ex.bytes_out += len(chunk)
             await response.write_eof(chunk)
             return response
         chunks = content.iter_any()
+        # The last len(key) - 1 bytes wait for the next chunk: a key split between two
+        # chunks is masked too.
+        keep = len(key) - 1
+        held = b""
         while True:
             try:
                 chunk = await anext(chunks)
@@ -536,15 +541,32 @@ async def _relay(
                 if request.transport is not None:
                     request.transport.close()
                 return response
-            ex.bytes_out += len(chunk)
-            await response.write(chunk)
-        await response.write_eof()
+            data = _masked(held + chunk if held else chunk, key, credential)
+            cut = max(0, len(data) - keep)
+            held = data[cut:]
+            if cut:
+                ex.bytes_out += cut
+                await response.write(memoryview(data)[:cut])
+        ex.bytes_out += len(held)
+        await response.write_eof(held)
     except ConnectionResetError:
         # The caller hung up while its answer was being written: nothing to answer, no
         # gateway fault (aiohttp's ClientConnectionResetError is a ConnectionResetError).
         ex.refusal = "client_closed"
         ex.client_gone = True
     return response
+
+
+def _masked(data: bytes, key: bytes, credential: Credential) -> bytes:
+    """``data`` with every copy of the real key turned into as many ``*``: echowin has no
+    reason to echo it (a debug page that shows the request would), and the caller must
+    never see it. The length stays, so Content-Length still holds."""
+    if key not in data:
+        return data
+    log.warning(
+        "echowin's answer held the key; masked", extra={"fields": {"credential": credential.name}}
+    )
+    return data.replace(key, b"*" * len(key))
 
 
 def _account(

@@ -224,3 +224,41 @@ async def test_an_upstream_naming_a_field_after_the_key_never_shows_it(
     assert answered.startswith(b"HTTP/1.1 200 "), answered[:200]
     assert b"X-Kept: yes" in answered
     assert TEAM_KEY.lower().encode() not in answered.lower()
+
+
+async def test_an_upstream_echoing_the_key_in_its_body_never_shows_it(
+    make_gateway: MakeGateway, aiohttp_server: ServerFactory
+) -> None:
+    """A debug page that prints the request it got: once whole, once streamed in pieces that
+    split the key between two of them."""
+
+    async def whole(request: web.Request) -> web.Response:
+        return web.Response(text=f"key={request.headers['X-API-Key']}; again {TEAM_KEY}.")
+
+    async def pieces(request: web.Request) -> web.StreamResponse:
+        body = f"<pre>X-API-Key: {request.headers['X-API-Key']}</pre>".encode()
+        response = web.StreamResponse()
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        for i in range(0, len(body), 7):  # 7-byte chunks: the key spans several
+            await response.write(body[i : i + 7])
+            await asyncio.sleep(0)  # each its own chunk on the wire
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_get("/api/v1/contacts", whole)
+    app.router.add_get("/api/v1/tags", pieces)
+    upstream = await aiohttp_server(app)
+    gw = await make_gateway(str(upstream.make_url("")).rstrip("/"))
+    token = await gw.token("*")
+    masked = "*" * len(TEAM_KEY)
+    async with aiohttp.ClientSession() as session:
+        auth = {"Authorization": f"Bearer {token}"}
+        async with session.get(gw.url("/api/v1/contacts"), headers=auth) as resp:
+            text = await resp.text()
+            assert text == f"key={masked}; again {masked}."
+            assert resp.headers["Content-Length"] == str(len(text))
+        async with session.get(gw.url("/api/v1/tags"), headers=auth) as resp:
+            text = await resp.text()
+            assert text == f"<pre>X-API-Key: {masked}</pre>"
