@@ -25,10 +25,12 @@ class AdmitRequest:
 
 @dataclass(frozen=True, slots=True)
 class Refusal:
-    reason: str  # upstream_budget | token_quota | queue_full | upstream_frozen | state_unavailable
+    # upstream_budget | token_quota | queue_full | upstream_frozen | state_unavailable |
+    # shutting_down
+    reason: str
     retry_after: float  # seconds
     message: str
-    status: int = 429  # 503 for state_unavailable (on_state_failure: closed)
+    status: int = 429  # 503 for state_unavailable (on_state_failure: closed), shutting_down
 
 
 class Grant(Protocol):
@@ -53,6 +55,10 @@ class Admitter(Protocol):
 
     def token_quota_view(self, token_id: str) -> list[dict[str, object]] | None:
         """A token's own quota windows (JSON-able), or None when it has no quota."""
+
+    def shed(self) -> None:
+        """Shutting down: answer every queued request with a refusal now, and refuse
+        every later one at once."""
 
     async def close(self) -> None: ...
 
@@ -83,6 +89,9 @@ class OpenAdmitter:
         return {}
 
     def token_quota_view(self, token_id: str) -> list[dict[str, object]] | None:
+        return None
+
+    def shed(self) -> None:
         return None
 
     async def close(self) -> None:

@@ -22,6 +22,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("echowin_gateway")
 
+# Requests still queued this long before the drain's grace ends are refused (503
+# shutting_down): an answer written then reaches the caller before the server cancels
+# what is left, where a cancelled request would get no answer at all.
+SHED_MARGIN_SECONDS = 0.25
+
 
 def build_proxy_app(runtime: Runtime) -> web.Application:
     """The proxy listener's app; its cleanup_ctx opens and closes ``runtime``."""
@@ -112,6 +117,8 @@ async def serve(
             ready.set()
         await stop.wait()
         log.info("shutting down", extra={"fields": {"grace_seconds": grace}})
+        admitter = proxy_app[RUNTIME].admitter
+        loop.call_later(max(0.0, grace - SHED_MARGIN_SECONDS), admitter.shed)
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)

@@ -158,6 +158,9 @@ class SlotGrant:
 _STATE_DOWN = Refusal(
     "state_unavailable", 1.0, "The gateway's shared state is unavailable", status=503
 )
+_SHUTTING_DOWN = Refusal(
+    "shutting_down", 1.0, "The gateway is shutting down; try again", status=503
+)
 
 
 class Lane:
@@ -434,7 +437,7 @@ class Lane:
             try:
                 grant = await self._take(self.clock(), waiting=True)
             except StateUnavailable:
-                self._fail_waiters(_STATE_DOWN)
+                self.fail_waiters(_STATE_DOWN)
                 return
             if grant is None:
                 break
@@ -463,7 +466,8 @@ class Lane:
                 return waiter
         return None
 
-    def _fail_waiters(self, refusal: Refusal) -> None:
+    def fail_waiters(self, refusal: Refusal) -> None:
+        """Answer every queued request with ``refusal``."""
         for queue in list(self.queues.values()):
             for waiter in list(queue.waiters):
                 if not waiter.future.done():
@@ -620,6 +624,7 @@ class Scheduler:
         # caller_headers) and what they were made from.
         self._headers: dict[str, _KeptHeaders] = {}
         self._policies: dict[str, str] = {}  # RateLimit-Policy per credential
+        self._shedding = False  # shutting down: see shed
 
     async def _token_quota(self, token: TokenRecord) -> _Quota | None:
         """The token's quota, its source made and restored on first use and its view
@@ -691,6 +696,9 @@ class Scheduler:
     async def admit(self, request: AdmitRequest) -> Grant | Refusal:
         lane = self.lanes[request.credential]
         token = request.token
+        if self._shedding:
+            self.observer.refused(lane.name, token.name, _SHUTTING_DOWN.reason)
+            return _SHUTTING_DOWN
         max_wait = self.policy.max_wait
         if request.max_wait is not None:
             max_wait = min(max_wait, request.max_wait)
@@ -775,6 +783,14 @@ class Scheduler:
                 "calibrated": lane.calibrated,
             }
         return out
+
+    def shed(self) -> None:
+        """Shutting down: refuse every queued request now (503 ``shutting_down``), and
+        every later one at once. Called as the drain's grace runs out, so that a request
+        still waiting for budget gets an answer before the server cancels it."""
+        self._shedding = True
+        for lane in self.lanes.values():
+            lane.fail_waiters(_SHUTTING_DOWN)
 
     async def close(self) -> None:
         for lane in self.lanes.values():
