@@ -12,6 +12,7 @@ import contextlib
 import io
 import json
 import os
+import sqlite3
 import sys
 import time
 from collections.abc import Callable, Coroutine, Sequence
@@ -29,6 +30,7 @@ from proxy.config import (
     with_state,
 )
 from proxy.logs import setup_logging, tag_process
+from proxy.state.sqlite import StateFileError
 from proxy.tokenops import create_token, open_store
 from proxy.tokens import TokenStore
 
@@ -90,6 +92,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             ),
             config.server.event_loop,
         )
+    except StateFileError as exc:
+        return _fail([str(exc)], code=1)
     except OSError as exc:
         return _fail([f"cannot start: {exc.strerror or exc}"], code=1)
     return 0
@@ -105,14 +109,31 @@ def _worker_spec(args: argparse.Namespace) -> WorkerSpec | None:
     return spec.bind_to_parent()
 
 
+def _state_errors() -> tuple[type[Exception], ...]:
+    """What the token store raises when its state cannot answer (Redis' errors once
+    redis-py is loaded: it is imported only for a redis:// state)."""
+    errors: list[type[Exception]] = [StateFileError, sqlite3.Error]
+    redis_exceptions = sys.modules.get("redis.exceptions")
+    if redis_exceptions is not None:
+        errors.append(redis_exceptions.RedisError)
+    return tuple(errors)
+
+
 async def _with_store(
     config: GatewayConfig, fn: Callable[[TokenStore], Coroutine[Any, Any, int]]
 ) -> int:
-    store = await open_store(config)
+    """``fn`` on the config's token store; 1 and one error line when the state fails."""
     try:
-        return await fn(store)
-    finally:
-        await store.close()
+        store = await open_store(config)
+        try:
+            return await fn(store)
+        finally:
+            await store.close()
+    except _state_errors() as exc:
+        if isinstance(exc, StateFileError):
+            return _fail([str(exc)], code=1)
+        # sqlite's and Redis' texts name no secret (the URL's password is refused).
+        return _fail([f"state: the token store failed: {type(exc).__name__}: {exc}"], code=1)
 
 
 def _print_created(view: dict[str, Any], token: str) -> None:

@@ -438,6 +438,8 @@ def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         raise ConfigError([f"{path}: not valid YAML{where}"]) from None
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise ConfigError([f"{path}: not a usable config: nested too deeply"]) from None
     return parse_config(raw, str(path))
 
 

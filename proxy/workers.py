@@ -152,6 +152,8 @@ class Supervisor:
         await asyncio.wait((up, stopped), return_when=asyncio.FIRST_COMPLETED)
         up.cancel()
         stopped.cancel()
+        # Collected, so that a cancelled gather is not reported as "never retrieved".
+        await asyncio.gather(up, stopped, return_exceptions=True)
         self.started = not self._stopping.is_set()
         return self.started
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import sqlite3
 import time
 from pathlib import Path
 
@@ -12,10 +13,13 @@ import aiohttp
 
 from tests.procs import (
     Spawn,
+    assert_clean_error,
     create_token,
     eventually,
+    free_ports,
     gateway_config,
     http_client,
+    run_cli,
     start_gateway,
     start_sim,
 )
@@ -81,3 +85,96 @@ async def test_sigterm_answers_a_request_still_queued_when_the_grace_ends(
         assert await proc.wait_exit(timeout=10) == 0, proc.stderr()[-3000:]
         assert time.monotonic() - signalled < 1 + 2
         assert "Traceback" not in proc.stderr()
+
+
+# --- a state file that cannot be used: one clear error line, never a traceback ------------
+
+
+def _corrupt(path: Path) -> None:
+    path.write_bytes(b"this is no sqlite database, only text " * 200)
+
+
+def _newer_schema(path: Path) -> None:
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA user_version = 9999")
+    conn.commit()
+    conn.close()
+
+
+def test_token_commands_on_a_corrupt_state_file_give_one_clear_error(tmp_path: Path) -> None:
+    gw = gateway_config(tmp_path, "http://127.0.0.1:9")
+    state = tmp_path / "state.db"
+    _corrupt(state)
+    for args in (
+        ("list",),
+        ("create", "--name", "svc", "--scope", "contacts:read"),
+        ("revoke", "tok_abc"),
+    ):
+        result = run_cli("token", *args, "--config", gw.config, env=gw.env)
+        assert_clean_error(result, 1, "state:", str(state), "not a database")
+
+
+def test_serve_on_a_corrupt_state_file_gives_one_clear_error(tmp_path: Path) -> None:
+    gw = gateway_config(tmp_path, "http://127.0.0.1:9")
+    state = tmp_path / "state.db"
+    _corrupt(state)
+    result = run_cli("serve", "--config", gw.config, env=gw.env)
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.returncode == 1, result.stderr
+    assert f"error: state: cannot use the sqlite file {state}" in result.stderr
+
+
+def test_a_newer_state_file_is_refused_with_one_clear_error(tmp_path: Path) -> None:
+    gw = gateway_config(tmp_path, "http://127.0.0.1:9")
+    _newer_schema(tmp_path / "state.db")
+    result = run_cli("token", "list", "--config", gw.config, env=gw.env)
+    assert_clean_error(result, 1, "state:", "newer than this gateway")
+    served = run_cli("serve", "--config", gw.config, env=gw.env)
+    assert "Traceback" not in served.stderr, served.stderr
+    assert served.returncode == 1
+    assert "newer than this gateway" in served.stderr
+
+
+def test_a_state_path_through_a_file_gives_one_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "plain").write_text("a file, not a directory")
+    gw = gateway_config(tmp_path, "http://127.0.0.1:9", state=f"sqlite:///{tmp_path}/plain/s.db")
+    result = run_cli("token", "list", "--config", gw.config, env=gw.env)
+    assert_clean_error(result, 1, "state:", str(tmp_path / "plain" / "s.db"))
+
+
+def test_a_nul_byte_in_the_state_path_is_a_config_error(tmp_path: Path) -> None:
+    gw = gateway_config(tmp_path, "http://127.0.0.1:9", state=f"sqlite:///{tmp_path}/a%00b.db")
+    result = run_cli("check-config", gw.config, env=gw.env)
+    assert_clean_error(result, 2, "state:")
+    result = run_cli("token", "list", "--config", gw.config, env=gw.env)
+    assert_clean_error(result, 2, "state:")
+
+
+def test_token_commands_with_redis_down_give_one_clear_error(tmp_path: Path) -> None:
+    (closed,) = free_ports(1)  # nothing listens there
+    gw = gateway_config(tmp_path, "http://127.0.0.1:9", state=f"redis://127.0.0.1:{closed}/0")
+    for args in (("list",), ("create", "--name", "svc", "--scope", "*"), ("revoke", "x")):
+        result = run_cli("token", *args, "--config", gw.config, env=gw.env)
+        assert_clean_error(result, 1, "state:")
+
+
+def test_a_deeply_nested_config_gives_one_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "deep.yaml"
+    path.write_text("routes: " + "[" * 5000 + "]" * 5000 + "\n", encoding="utf-8")
+    result = run_cli("check-config", path)
+    assert_clean_error(result, 2, str(path))
+
+
+async def test_a_group_whose_workers_cannot_start_exits_1_without_a_traceback(
+    tmp_path: Path, spawn: Spawn
+) -> None:
+    gw = gateway_config(tmp_path, "http://127.0.0.1:9")
+    state = tmp_path / "state.db"
+    _corrupt(state)
+    proc = spawn("serve", "--config", gw.config, "--workers", "2", env=gw.env, name="group")
+    assert await proc.wait_exit(20) == 1
+    err = proc.stderr()
+    assert f"error: state: cannot use the sqlite file {state}" in err
+    assert "worker failed to start; stopping" in err
+    assert "Traceback" not in err, err
+    assert "never retrieved" not in err, err

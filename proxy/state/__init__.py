@@ -81,6 +81,8 @@ def _sqlite_path(rest: str) -> str:
     if "?" in rest or "#" in rest:
         raise ValueError("state: a sqlite URL takes no query or fragment")
     path = unquote(rest[1:])
+    if "\x00" in path:
+        raise ValueError("state: a sqlite file path cannot hold a NUL byte (%00)")
     relative = path.startswith(("./", "../")) or "/" not in path
     if not relative and not path.startswith("/"):
         path = "/" + path
@@ -123,7 +125,8 @@ async def open_token_store(
     """Open the token store named by a ``state`` URL (async: opening may touch disk or network).
 
     The caller owns the store and must ``await store.close()``. ValueError for a bad URL (see
-    ``parse_state_url``); OSError or ``sqlite3.Error`` if the file cannot be opened.
+    ``parse_state_url``); ``StateFileError`` (proxy.state.sqlite) if the file cannot be
+    opened.
 
     For ``redis://``: ``redis_options`` gives the password, key prefix and timeout (default
     ``RedisOptions()``). With ``redis_client`` (from ``open_redis``, shared with the budget)

@@ -30,11 +30,18 @@ __all__ = [
     "SCHEMA_VERSION",
     "SqliteSendLog",
     "SqliteTokenStore",
+    "StateFileError",
     "open_sqlite",
     "transaction",
 ]
 
 T = TypeVar("T")
+
+
+class StateFileError(RuntimeError):
+    """The state file cannot be used: not created, not a database, read-only, or of a newer
+    schema. The message starts ``state:`` and names the file (a path holds no secret)."""
+
 
 BUSY_TIMEOUT_SECONDS = 5.0
 """How long a statement waits for another process's write lock before failing."""
@@ -148,7 +155,7 @@ def _migrate(conn: sqlite3.Connection) -> None:
     with transaction(conn):
         (version,) = conn.execute("PRAGMA user_version").fetchone()
         if version > SCHEMA_VERSION:
-            raise RuntimeError(
+            raise StateFileError(
                 f"state: database schema version {version} is newer than this gateway"
                 f" understands ({SCHEMA_VERSION}); upgrade the gateway"
             )
@@ -183,23 +190,35 @@ def open_sqlite(path: str | os.PathLike[str]) -> sqlite3.Connection:
     The connection is in autocommit mode (use ``transaction``), WAL journal, synchronous=NORMAL
     (durable across process crashes; a power cut may lose the last commits), and usable from
     any thread (``check_same_thread=False``): the caller serialises access with a lock.
-    Blocking: call it through ``asyncio.to_thread`` from async code.
+    Blocking: call it through ``asyncio.to_thread`` from async code. StateFileError when
+    the file cannot be created, opened or migrated.
     """
     path = os.fspath(path)
-    _create_private(path)
-    conn = sqlite3.connect(
-        path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None, check_same_thread=False
-    )
+    try:
+        _create_private(path)
+        conn = sqlite3.connect(
+            path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None, check_same_thread=False
+        )
+    except (OSError, sqlite3.Error) as exc:
+        raise _unusable(path, exc) from None
     try:
         mode = _set_wal(conn)
         if mode != "wal":
-            raise RuntimeError(f"state: SQLite refused WAL mode (got {mode!r})")
+            raise StateFileError(f"state: SQLite refused WAL mode for {path} (got {mode!r})")
         conn.execute("PRAGMA synchronous=NORMAL")
         _migrate(conn)
+    except sqlite3.Error as exc:
+        conn.close()
+        raise _unusable(path, exc) from None
     except BaseException:
         conn.close()
         raise
     return conn
+
+
+def _unusable(path: str, exc: OSError | sqlite3.Error) -> StateFileError:
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    return StateFileError(f"state: cannot use the sqlite file {path}: {reason}")
 
 
 def _to_row(record: TokenRecord) -> tuple[object, ...]:
