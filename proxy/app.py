@@ -14,7 +14,7 @@ from proxy.admin import build_admin_app
 from proxy.config import GatewayConfig, Secrets
 from proxy.handler import expect_later, handle
 from proxy.loops import loop_name
-from proxy.reload import reload_config
+from proxy.reload import EarlyHangups, reload_config
 from proxy.runtime import RUNTIME, Runtime
 
 if TYPE_CHECKING:
@@ -58,6 +58,7 @@ async def serve(
     config_path: str | None = None,
     state_override: str | None = None,
     worker: WorkerSpec | None = None,
+    hangups: EarlyHangups | None = None,
 ) -> None:
     """Run both listeners until SIGTERM or SIGINT, then drain and return.
 
@@ -65,7 +66,9 @@ async def serve(
     ``server.shutdown_grace_seconds`` to finish, and then everything closes. On SIGHUP the
     config at ``config_path`` is read again (see proxy/reload.py). As one of ``serve
     --workers N`` (``worker``), the proxy port is shared (SO_REUSEPORT) and the admin app
-    listens on the worker's private socket (see proxy/worker.py).
+    listens on the worker's private socket (see proxy/worker.py). A SIGHUP noted in
+    ``hangups`` while starting is one reload once the runtime is open; one during the
+    drain is ignored.
     """
     proxy_app, admin_app = build_apps(config, secrets)
     if worker is not None:
@@ -85,6 +88,8 @@ async def serve(
     if config_path is not None:
         runtime = proxy_app[RUNTIME]
         loop.add_signal_handler(signal.SIGHUP, reload_config, runtime, config_path, state_override)
+        if hangups is not None and hangups.pending:
+            loop.call_soon(reload_config, runtime, config_path, state_override)
     try:
         host, port = config.listen_address()
         # A burst of new connections must not overflow the listen queue (aiohttp's default
@@ -122,6 +127,8 @@ async def serve(
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
+        # Draining: a reload is moot, and SIGHUP's default action would cut the drain short.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         if worker is not None:
             worker.ignore_signals()
         await proxy_runner.cleanup()

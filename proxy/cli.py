@@ -68,11 +68,15 @@ def _load(args: argparse.Namespace) -> GatewayConfig:
 def cmd_serve(args: argparse.Namespace) -> int:
     from proxy.app import serve
     from proxy.loops import run as run_loop
+    from proxy.reload import EarlyHangups
     from proxy.workers import resolve_workers, supervise
 
-    worker = _worker_spec(args)
+    worker = _worker_spec(args)  # a worker ignores SIGHUP until up; its supervisor resends
+    hangups = EarlyHangups() if worker is None else None
     try:
         config = _load(args)
+        if hangups is not None:
+            hangups.pending = False  # what came before is read now
         secrets_ = resolve_secrets(config)
         source = "--workers" if args.workers is not None else "server.workers"
         count = resolve_workers(config.server.workers if args.workers is None else args.workers)
@@ -88,7 +92,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
             return supervise(config, args.config, args.state, count)
         run_loop(
             serve(
-                config, secrets_, config_path=args.config, state_override=args.state, worker=worker
+                config,
+                secrets_,
+                config_path=args.config,
+                state_override=args.state,
+                worker=worker,
+                hangups=hangups,
             ),
             config.server.event_loop,
         )

@@ -5,6 +5,7 @@ can change, is refused and logged; the running one stays. Reloads are counted.""
 from __future__ import annotations
 
 import logging
+import signal
 import time
 
 from proxy.config import ConfigError, GatewayConfig, load_config, resolve_secrets
@@ -67,3 +68,16 @@ def _refused(runtime: Runtime, lines: list[str]) -> bool:
         "config reload refused; the running config stays", extra={"fields": {"errors": lines}}
     )
     return False
+
+
+class EarlyHangups:
+    """SIGHUPs that come while ``serve`` starts, before it can reload: noted instead of
+    ending the process (SIGHUP's default action), so that ``serve`` reloads once it is up.
+    Made before the config is read; ``serve`` replaces the handler with its own."""
+
+    def __init__(self) -> None:
+        self.pending = False
+        signal.signal(signal.SIGHUP, self._note)
+
+    def _note(self, signum: int, frame: object) -> None:
+        self.pending = True

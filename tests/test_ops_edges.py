@@ -4,6 +4,7 @@ that must give one clear error. Real ``serve`` and CLI subprocesses (tests/procs
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import sqlite3
 import time
@@ -22,6 +23,7 @@ from tests.procs import (
     run_cli,
     start_gateway,
     start_sim,
+    wait_http,
 )
 
 
@@ -178,3 +180,86 @@ async def test_a_group_whose_workers_cannot_start_exits_1_without_a_traceback(
     assert "worker failed to start; stopping" in err
     assert "Traceback" not in err, err
     assert "never retrieved" not in err, err
+
+
+# --- SIGHUP while the gateway is still starting --------------------------------------------
+
+
+def _has_open(pid: int, path: Path) -> bool:
+    fds = Path(f"/proc/{pid}/fd")
+    try:
+        return any(os.path.realpath(fd) == str(path) for fd in fds.iterdir())
+    except OSError:
+        return False
+
+
+async def test_a_sighup_while_starting_neither_kills_the_gateway_nor_is_lost(
+    tmp_path: Path, spawn: Spawn
+) -> None:
+    """A SIGHUP between reading the config and being up (here: while the state file is
+    locked by another process) must not kill the gateway (SIGHUP's default action), and the
+    config changed meanwhile is applied once it is up."""
+    gw = gateway_config(tmp_path, "http://127.0.0.1:9", queue={"max_wait_seconds": 10})
+    state = tmp_path / "state.db"
+    holder = sqlite3.connect(state, isolation_level=None)
+    holder.execute("CREATE TABLE holder (x)")
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        proc = spawn("serve", "--config", gw.config, env=gw.env, name="serve")
+
+        async def opening_state() -> bool:
+            proc.check_alive()
+            return _has_open(proc.popen.pid, state)
+
+        await eventually(opening_state, "serve opening its locked state file", timeout=10)
+        text = gw.config.read_text(encoding="utf-8")
+        gw.config.write_text(
+            text.replace("max_wait_seconds: 10", "max_wait_seconds: 7"), encoding="utf-8"
+        )
+        proc.popen.send_signal(signal.SIGHUP)  # SIGHUP's default action ends it at once
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    async with http_client() as session:
+        assert await wait_http(session, gw.admin_url("/healthz"), proc) == 200
+
+        async def reloaded() -> bool:
+            async with session.get(gw.admin_url("/metrics")) as resp:
+                text = await resp.text()
+            return "echowin_gateway_queue_max_wait_seconds 7.0" in text
+
+        await eventually(reloaded, "the config changed while starting applied", timeout=5)
+
+
+async def test_a_sighup_during_the_drain_does_not_cut_it_short(
+    tmp_path: Path, spawn: Spawn
+) -> None:
+    sim = await start_sim(spawn)
+    gw = gateway_config(tmp_path, sim.url)
+    token = create_token(gw, "--name", "slow", "--scope", "contacts:read")
+    async with http_client() as session:
+        proc = await start_gateway(spawn, session, gw)
+        async with session.post(f"{sim.url}/_sim/faults", json={"latency_seconds": 1.5}) as resp:
+            assert resp.status == 200
+
+        async def slow_request() -> int:
+            url, headers = gw.url("/api/v1/contacts"), {"X-API-Key": token}
+            async with http_client() as client, client.get(url, headers=headers) as resp:
+                await resp.read()
+                return resp.status
+
+        async def in_flight() -> bool:
+            async with session.get(gw.admin_url("/metrics")) as resp:
+                return "echowin_gateway_in_flight_requests 1.0" in await resp.text()
+
+        request = asyncio.create_task(slow_request())
+        await eventually(in_flight, "a request in flight", timeout=5)
+        proc.popen.send_signal(signal.SIGTERM)
+
+        async def draining() -> bool:
+            return "shutting down" in proc.stderr()
+
+        await eventually(draining, "the drain begun", timeout=5)
+        proc.popen.send_signal(signal.SIGHUP)
+        assert await asyncio.wait_for(request, timeout=10) == 200
+        assert await proc.wait_exit(timeout=10) == 0, proc.stderr()[-3000:]
