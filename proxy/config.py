@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,23 +114,33 @@ class SecretRef(_Model):
         return self
 
     def resolve(self, key: str, environ: Mapping[str, str]) -> Secret:
-        """Read the secret; raises ConfigError naming ``key`` and the variable or file."""
+        """Read the secret; raises ConfigError naming ``key`` and the variable or file.
+
+        The variable's name or the file's path is shown (in errors, and as the Secret's
+        source) only when it looks like one: a key pasted where the name goes must not be
+        echoed back."""
         if self.env is not None:
+            env = self.env if _ENV_NAME.fullmatch(self.env) else f"named at {key}.env"
             value = environ.get(self.env, "")
             if not value.strip():
-                raise ConfigError([f"{key}: environment variable {self.env} is not set or empty"])
-            return Secret(value.strip(), f"env:{self.env}")
+                raise ConfigError([f"{key}: environment variable {env} is not set or empty"])
+            return Secret(value.strip(), f"env:{env}")
         assert self.file is not None
+        file = self.file if "/" in self.file else f"named at {key}.file"
         try:
             value = Path(self.file).read_text(encoding="utf-8").strip()
         except OSError as exc:
             reason = exc.strerror or type(exc).__name__
-            raise ConfigError([f"{key}: cannot read secret file {self.file}: {reason}"]) from None
+            raise ConfigError([f"{key}: cannot read secret file {file}: {reason}"]) from None
         except UnicodeDecodeError:
-            raise ConfigError([f"{key}: secret file {self.file} is not UTF-8 text"]) from None
+            raise ConfigError([f"{key}: secret file {file} is not UTF-8 text"]) from None
         if not value:
-            raise ConfigError([f"{key}: secret file {self.file} is empty"])
-        return Secret(value, f"file:{self.file}")
+            raise ConfigError([f"{key}: secret file {file} is empty"])
+        return Secret(value, f"file:{file}")
+
+
+# An environment variable's name as people write them (upper case, digits, underscores).
+_ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]{0,63}")
 
 
 class LimitConfig(_Model):

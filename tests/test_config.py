@@ -151,6 +151,25 @@ def test_missing_secrets_are_one_line_each(tmp_path: Path) -> None:
     assert all("\n" not in line for line in lines)
 
 
+def test_a_key_pasted_where_its_name_goes_is_not_echoed() -> None:
+    pasted = "ew_live_4f9a8c7e6d5b"  # a key, written as the variable's name or the file
+    config = parse_config(
+        {"upstream": {"api_key": {"env": pasted}, "agency_key": {"file": pasted}}}
+    )
+    with pytest.raises(ConfigError) as info:
+        resolve_secrets(config, {})
+    assert info.value.lines == [
+        "upstream.api_key: environment variable named at upstream.api_key.env is not set or empty",
+        "upstream.agency_key: cannot read secret file named at upstream.agency_key.file: "
+        "No such file or directory",
+    ]
+    # Set, it works, and the secret's source does not show the name either.
+    secrets = resolve_secrets(
+        parse_config({"upstream": {"api_key": {"env": pasted}}}), {pasted: "k"}
+    )
+    assert pasted not in repr(secrets.credentials["default"].secret)
+
+
 def test_secret_never_shows() -> None:
     secret = Secret("hunter2-value", "env:X")
     assert "hunter2" not in repr(secret) and "hunter2" not in f"{secret}"
