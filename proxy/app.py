@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
@@ -102,12 +103,13 @@ async def serve(
             reuse_port=worker is not None,
             backlog=4096,
         )
-        await site.start()
+        await _start(site, "listen", config.listen)
         if worker is not None:
             await worker.admin_site(admin_runner).start()
         else:
             ahost, aport = config.admin_address()
-            await web.TCPSite(admin_runner, ahost, aport, reuse_address=True).start()
+            admin_site = web.TCPSite(admin_runner, ahost, aport, reuse_address=True)
+            await _start(admin_site, "admin_listen", config.admin_listen)
         log.info(
             "gateway listening",
             extra={
@@ -133,6 +135,18 @@ async def serve(
             worker.ignore_signals()
         await proxy_runner.cleanup()
         await admin_runner.cleanup()
+
+
+async def _start(site: web.BaseSite, key: str, address: str) -> None:
+    """Start ``site``; an OSError (a port in use, a host that does not resolve) names the
+    config key and its address."""
+    try:
+        await site.start()
+    except OSError as exc:
+        # The errno's own text: asyncio's repeats the address in a sentence of its own.
+        errno = exc.errno
+        reason = os.strerror(errno) if errno is not None and errno > 0 else exc.strerror or exc
+        raise OSError(errno, f"{key} {address}: {reason}") from None
 
 
 def _as_worker(proxy_app: web.Application, admin_app: web.Application, worker: WorkerSpec) -> None:

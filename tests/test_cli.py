@@ -281,11 +281,14 @@ def test_serve_bad_config_exits_2(tmp_path: Path) -> None:
 
 def test_serve_port_in_use_exits_1(tmp_path: Path) -> None:
     gw = gateway_config(tmp_path, "http://127.0.0.1:9")
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as busy:
-        busy.bind(("127.0.0.1", gw.port))
-        busy.listen()
-        result = run_cli("serve", "--config", gw.config, env=gw.env)
-    assert_clean_error(result, 1, "cannot start")
+    for key, port in (("listen", gw.port), ("admin_listen", gw.admin_port)):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as busy:
+            busy.bind(("127.0.0.1", port))
+            busy.listen()
+            result = run_cli("serve", "--config", gw.config, env=gw.env)
+        # Which of the two listeners could not start, named by its key.
+        expected = f"cannot start: {key} 127.0.0.1:{port}: Address already in use"
+        assert assert_clean_error(result, 1).endswith(expected)
 
 
 # --- graceful shutdown -------------------------------------------------------------------------
