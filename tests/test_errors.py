@@ -1,13 +1,18 @@
-"""JSON error bodies: byte for byte what json.dumps makes, without building a dict."""
+"""JSON error bodies: byte for byte what json.dumps makes, without building a dict; and
+JSON even for a request the HTTP parser refuses."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+from http import HTTPStatus
+from pathlib import Path
 
 from hypothesis import given
 from hypothesis import strategies as st
 
 from proxy.errors import json_body, json_error
+from tests.procs import Spawn, gateway_config, http_client, start_gateway
 
 values = st.one_of(st.text(), st.integers(), st.floats(allow_nan=False), st.booleans(), st.none())
 
@@ -29,3 +34,29 @@ def test_json_error_answers_json() -> None:
     response = json_error(429, "Slow down", reason="upstream_budget", retryAfter=3)
     assert response.status == 429 and response.content_type == "application/json"
     assert response.body == b'{"error":"Slow down","reason":"upstream_budget","retryAfter":3}'
+
+
+async def test_a_request_aiohttp_cannot_parse_gets_a_json_error(
+    tmp_path: Path, spawn: Spawn
+) -> None:
+    """Answers the HTTP parser gives before any handler runs are JSON too (real ``serve``)."""
+    gw = gateway_config(tmp_path, "http://127.0.0.1:9")
+    async with http_client() as session:
+        await start_gateway(spawn, session, gw)
+    start = "GET /api/v1/contacts HTTP/1.1\r\nHost: x\r\n"
+    for head, status in (
+        (start + "X-Big: " + "a" * 20_000 + "\r\n\r\n", 431),  # over max_field_size
+        (start + "Not a header line\r\n\r\n", 400),
+        ("GET /api/v1/contacts HTTP/9.x\r\n\r\n", 400),
+    ):
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        try:
+            writer.write(head.encode())
+            answer = await asyncio.wait_for(reader.read(), 5)  # and the connection closes
+        finally:
+            writer.close()
+        line, _, rest = answer.partition(b"\r\n")
+        fields, _, body = rest.partition(b"\r\n\r\n")
+        assert line.split()[1] == str(status).encode(), answer[:200]
+        assert b"content-type: application/json" in fields.lower()
+        assert json.loads(body) == {"error": HTTPStatus(status).phrase, "reason": "bad_request"}
