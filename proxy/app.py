@@ -60,8 +60,8 @@ class _JsonErrorServer(web.Server):
         return _JsonErrors(self, loop=self._loop, **self._kwargs)
 
 
-class _ProxyRunner(web.AppRunner):
-    """The proxy listener's runner: its connections answer unparsable requests in JSON."""
+class _JsonErrorRunner(web.AppRunner):
+    """A runner whose connections answer unparsable requests in JSON."""
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
@@ -116,10 +116,10 @@ async def serve(
         _as_worker(proxy_app, admin_app, worker)
     grace = config.server.shutdown_grace_seconds
     # handler_cancellation: a client that hangs up while queued leaves the queue at once.
-    proxy_runner = _ProxyRunner(
+    proxy_runner = _JsonErrorRunner(
         proxy_app, access_log=None, shutdown_timeout=grace, handler_cancellation=True
     )
-    admin_runner = web.AppRunner(admin_app, access_log=None, shutdown_timeout=1.0)
+    admin_runner = _JsonErrorRunner(admin_app, access_log=None, shutdown_timeout=1.0)
     await proxy_runner.setup()
     await admin_runner.setup()
     stop = asyncio.Event()
