@@ -30,10 +30,14 @@ class UpstreamQuota(NamedTuple):
     reset_at: float | None
     retry_at: float | None
 
-    @property
-    def resume_at(self) -> float | None:
-        """When echowin will serve again after a 429: Retry-After, else Reset."""
-        return self.retry_at if self.retry_at is not None else self.reset_at
+    def resume_at(self, now: float) -> float | None:
+        """When echowin will serve again after a 429: Retry-After, else Reset, the first of
+        them later than ``now`` (a ``Retry-After: 0`` or a past date says nothing about when;
+        a Reset still may); None if neither is."""
+        for at in (self.retry_at, self.reset_at):
+            if at is not None and at > now:
+                return at
+        return None
 
 
 def _int(value: str | None) -> int | None:
@@ -68,7 +72,7 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
     if value is None or not value.strip():
         return None
     text = value.strip()
-    if text.isdigit():
+    if text.isascii() and text.isdigit():  # "²".isdigit() too, and int() refuses it
         return now + int(text)
     try:
         return parsedate_to_datetime(text).timestamp()

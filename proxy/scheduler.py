@@ -353,8 +353,12 @@ class Lane:
 
     def _refusal(self, now: float, wait: float, frozen: float | None, max_wait: float) -> Refusal:
         if frozen is not None and frozen - now > max_wait:
+            # ``wait`` covers the freeze and what the budget holds after it (a 429 that
+            # said the window is spent): the client is not refused again when it comes back.
             return Refusal(
-                "upstream_frozen", frozen - now, "echowin asked us to pause; try again later"
+                "upstream_frozen",
+                max(wait, frozen - now),
+                "echowin asked us to pause; try again later",
             )
         return Refusal(
             "upstream_budget", max(wait, 1.0), "Rate limit exceeded. Please try again later."
@@ -538,8 +542,8 @@ class Lane:
         self.source.observe(now, quota.limit, quota.remaining)
 
     def _freeze(self, now: float, quota: UpstreamQuota | None) -> None:
-        until = quota.resume_at if quota is not None and quota.resume_at is not None else None
-        if until is None or until <= now:
+        until = quota.resume_at(now) if quota is not None else None
+        if until is None:
             until = now + DEFAULT_FREEZE_SECONDS
         until = min(until, now + MAX_FREEZE_SECONDS)
         self.source.freeze(until)
@@ -549,13 +553,16 @@ class Lane:
             "upstream 429: credential frozen",
             extra={"fields": {"credential": self.name, "seconds": round(until - now, 3)}},
         )
+        # The first send the budget allows: the freeze's end, or later when echowin's
+        # answer said a window is spent. A waiter that cannot last that long goes now.
+        resume = now + self.source.predict_wait(now, 0, None)
         for queue in list(self.queues.values()):
             for waiter in list(queue.waiters):
-                if waiter.deadline < until:
+                if waiter.deadline < resume:
                     if not waiter.future.done():
                         refusal = Refusal(
                             "upstream_frozen",
-                            until - now,
+                            resume - now,
                             "echowin asked us to pause; try again later",
                         )
                         waiter.future.set_result(refusal)
@@ -686,9 +693,12 @@ class Scheduler:
                     return lane_refusal
                 slot = await source.take(now)
             if slot is None:
+                # Past the lane's refusal too, when it is known: back sooner, the client
+                # would be refused again by the shared budget.
+                shared = 0.0 if lane_refusal is None else lane_refusal.retry_after
                 return Refusal(
                     "token_quota",
-                    max(wait, source.retry_in(now)),
+                    max(wait, source.retry_in(now), shared),
                     "This token's own quota is spent",
                 )
         return TokenCharge(source, slot)

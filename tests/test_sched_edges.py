@@ -1,0 +1,131 @@
+"""Edge cases of the budget, the queue and echowin's rate-limit headers, each found by a
+review: a test here failed on the code before its fix. Driven like tests/test_scheduler.py
+(a fake clock, timers fired by hand, no real waits)."""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy.admission import AdmitRequest
+from proxy.budget import Limit
+from proxy.ratelimit_headers import parse_retry_after
+from proxy.scheduler import Scheduler, SlotGrant
+from proxy.state.memory import MemorySendLog
+from tests.test_scheduler import (
+    CREDENTIAL,
+    T0,
+    Rig,
+    finished,
+    fire,
+    granted,
+    refuse_now,
+    rig,
+    settle,
+    token,
+)
+
+__all__ = ["rig"]  # the fixture, imported for pytest
+
+
+# --- malformed headers from echowin ------------------------------------------------------
+
+
+def test_a_retry_after_of_non_ascii_digits_is_ignored_not_a_crash() -> None:
+    # "²".isdigit() is True but int("²") raises: a header aiohttp decodes from UTF-8.
+    assert parse_retry_after("²", T0) is None
+    assert parse_retry_after("٣", T0) is None
+    assert parse_retry_after("3", T0) == T0 + 3
+
+
+async def test_a_429_with_a_malformed_retry_after_still_freezes_and_ends_the_probe(
+    rig: Rig,
+) -> None:
+    # memory://: uncalibrated, one probe at a time. The probe's 429 must freeze the key and
+    # end the probe; a crash in on_response left the lane probing (never sending again).
+    lane = rig.lane(MemorySendLog(), Limit(10, 60))
+    svc = token("svc")
+    probe = await lane.admit(svc, None, 1.0)
+    assert isinstance(probe, SlotGrant)
+    waiting = await rig.enqueue(lane, svc, max_wait=1000.0)
+    probe.sent(429, {"Retry-After": "²"})
+    assert lane.budget.frozen_until(T0) == T0 + 60.0  # the default freeze
+    assert not lane.probing
+    await fire(lane, rig.clock, 60.0)
+    (done,) = await finished([waiting], 1)
+    assert granted(done).at == T0 + 60.0
+
+
+# --- the freeze after an unexpected 429 --------------------------------------------------
+
+
+async def test_a_429_with_retry_after_0_freezes_until_a_future_reset(rig: Rig) -> None:
+    # Retry-After: 0 says nothing usable; X-RateLimit-Reset does: 5 s, not the 60 s default.
+    lane = rig.lane(await rig.sqlite_log(), Limit(10, 60))
+    grant = await lane.admit(token("svc"), None, 1.0)
+    assert isinstance(grant, SlotGrant)
+    grant.sent(429, {"Retry-After": "0", "X-RateLimit-Reset": "5"})  # a delta
+    assert lane.budget.frozen_until(T0) == T0 + 5.0
+
+
+async def test_a_429_with_a_past_retry_after_date_freezes_until_a_future_reset(
+    rig: Rig,
+) -> None:
+    lane = rig.lane(await rig.sqlite_log(), Limit(10, 60))
+    grant = await lane.admit(token("svc"), None, 1.0)
+    assert isinstance(grant, SlotGrant)
+    past = "Thu, 01 Jan 1970 00:00:00 GMT"
+    grant.sent(429, {"Retry-After": past, "X-RateLimit-Reset": "7"})  # a delta
+    assert lane.budget.frozen_until(T0) == T0 + 7.0
+
+
+async def test_a_frozen_refusal_says_when_the_budget_frees_not_only_the_freeze(
+    rig: Rig,
+) -> None:
+    # echowin's 429 says the window is spent (Remaining 0) and to pause 5 s. The window
+    # holds until T0 + 60.25 at least: a Retry-After of 5 sends the client back to be
+    # refused again.
+    lane = rig.lane(await rig.sqlite_log(), Limit(10, 60))
+    grant = await lane.admit(token("svc"), None, 1.0)
+    assert isinstance(grant, SlotGrant)
+    grant.sent(429, {"X-RateLimit-Limit": "10", "X-RateLimit-Remaining": "0", "Retry-After": "5"})
+    assert lane.budget.frozen_until(T0) == T0 + 5.0
+    first = await refuse_now(lane.admit(token("svc"), None, 1.0), "upstream_frozen")
+    assert first.retry_after == pytest.approx(60.25)
+    again = await refuse_now(lane.admit(token("svc"), None, 1.0), "upstream_frozen")
+    assert again.retry_after == pytest.approx(60.25)  # the known refusal, too
+
+
+async def test_a_429_refuses_a_waiter_at_once_when_the_budget_outlasts_its_wait(
+    rig: Rig,
+) -> None:
+    # The freeze is 5 s, but the spent window keeps the waiter (deadline T0 + 20) from
+    # being served before T0 + 60.25: refuse it now with that Retry-After, not at T0 + 20.
+    lane = rig.lane(await rig.sqlite_log(), Limit(1, 1), Limit(10, 60))
+    grant = await lane.admit(token("svc"), None, 1.0)
+    assert isinstance(grant, SlotGrant)
+    waiter = await rig.enqueue(lane, token("other"), max_wait=20.0)
+    grant.sent(429, {"X-RateLimit-Limit": "10", "X-RateLimit-Remaining": "0", "Retry-After": "5"})
+    await settle()
+    assert waiter.done()
+    refusal = waiter.result()
+    assert not isinstance(refusal, SlotGrant)
+    assert refusal.reason == "upstream_frozen"
+    assert refusal.retry_after == pytest.approx(60.25)
+    assert lane.depth == 0
+
+
+# --- token quotas ----------------------------------------------------------------------------
+
+
+async def test_a_quota_refusal_covers_the_lane_refusal_it_was_told_of(rig: Rig) -> None:
+    # Both refuse at once: the quota frees at T0 + 60, the shared budget at T0 + 100.25.
+    # A Retry-After of 60 sends the client back to be refused again by the budget.
+    lane = rig.lane(await rig.sqlite_log(), Limit(1, 100))
+    scheduler = Scheduler({CREDENTIAL: lane}, rig.policy, rig.observer, clock=rig.clock)
+    svc = token("svc", per_minute=1)
+    request = AdmitRequest(svc, CREDENTIAL, "/v1/calls", max_wait=1.0)
+    assert isinstance(await scheduler.admit(request), SlotGrant)
+    other = AdmitRequest(token("other"), CREDENTIAL, "/v1/calls", max_wait=1.0)
+    await refuse_now(scheduler.admit(other), "upstream_budget")  # the lane knows its answer
+    refusal = await refuse_now(scheduler.admit(request), "token_quota")
+    assert refusal.retry_after == pytest.approx(100.25)
