@@ -407,7 +407,7 @@ class Lane:
             self.depth -= 1
             self.policy.waiting -= 1
             if not queue.waiters:
-                self._retire(queue)
+                self._emptied(queue)
         if not waiter.future.done():
             waiter.future.cancel()
 
@@ -465,7 +465,7 @@ class Lane:
             self.depth -= 1
             self.policy.waiting -= 1
             if not queue.waiters:
-                self._retire(queue)
+                self._emptied(queue)
             if not waiter.future.done():
                 return waiter
         return None
@@ -478,23 +478,37 @@ class Lane:
                     waiter.future.set_result(refusal)
                 self._drop(waiter)
 
+    def _emptied(self, queue: _TokenQueue) -> None:
+        """A token's queue has no waiter left. In debt (negative credit: it was just served)
+        it stays in the round, not chosen, until the rounds have repaid it: a token that
+        keeps one request waiting (its next comes as the last is served) would otherwise
+        come back at 0 each time, its debt left with the others, and take every slot from
+        a noisy token of lower weight. With nobody waiting, every debt is forgotten. Left
+        in the round until the next choice (``_next_queue`` retires those that owe
+        nothing): its client's next request may come before then, credit and all."""
+        if self.depth == 0:
+            self.queues.clear()
+
     def _retire(self, queue: _TokenQueue) -> None:
-        """Remove an emptied queue. Its round-robin credit (usually negative: it was just
-        served) goes to those still waiting, by weight, so the credits keep summing to zero
-        and a token that comes and goes cannot leave others ahead of a newcomer."""
+        """Remove an emptied queue that owes nothing. Its credit goes to those still in
+        the round, by weight, so the credits keep summing to zero and a token that comes
+        and goes cannot leave others ahead of a newcomer."""
         del self.queues[queue.token.id]
         total = sum(q.token.weight for q in self.queues.values())
         for other in self.queues.values():
             other.current += queue.current * other.token.weight / total
 
     def _next_queue(self) -> _TokenQueue:
-        """Smooth weighted round-robin (as nginx does) over tokens that wait."""
+        """Smooth weighted round-robin (as nginx does) over tokens that wait; a token in
+        debt with none waiting takes part (repaying by its weight) but is not chosen."""
+        for queue in [q for q in self.queues.values() if not q.waiters and q.current >= 0]:
+            self._retire(queue)  # repaid: out of the round
         total = 0
         best: _TokenQueue | None = None
         for queue in self.queues.values():
             queue.current += queue.token.weight
             total += queue.token.weight
-            if best is None or queue.current > best.current:
+            if queue.waiters and (best is None or queue.current > best.current):
                 best = queue
         assert best is not None
         best.current -= total
@@ -786,7 +800,7 @@ class Scheduler:
             out[name] = {
                 "windows": [_window_json(w) for w in lane.source.snapshot(now)],
                 "queue_depth": lane.depth,
-                "waiting_tokens": len(lane.queues),
+                "waiting_tokens": sum(1 for q in lane.queues.values() if q.waiters),
                 "frozen_for": _frozen_for(lane.source, now),
                 "state_healthy": lane.source.healthy,
                 "echowin_reported_remaining": lane.reported_remaining,

@@ -17,6 +17,7 @@ from tests.test_scheduler import (
     Rig,
     finished,
     fire,
+    full_lane,
     granted,
     refuse_now,
     rig,
@@ -129,3 +130,43 @@ async def test_a_quota_refusal_covers_the_lane_refusal_it_was_told_of(rig: Rig) 
     await refuse_now(scheduler.admit(other), "upstream_budget")  # the lane knows its answer
     refusal = await refuse_now(scheduler.admit(request), "token_quota")
     assert refusal.retry_after == pytest.approx(100.25)
+
+
+# --- fairness: a token whose queue empties as it is served -----------------------------------
+
+
+async def closed_loop_shares(
+    rig: Rig, noisy_weight: int, loop_weights: list[int], slots: int
+) -> dict[str, int]:
+    """A noisy token with a backlog, and tokens that each keep one request waiting (a
+    client with one request in flight: the next comes as soon as the last is served).
+    Returns how many of ``slots`` consecutive slots each got."""
+    lane, _ = await full_lane(rig, Limit(1, 1))
+    noisy = token("noisy", weight=noisy_weight)
+    owner = {await rig.enqueue(lane, noisy): "noisy" for _ in range(slots)}
+    loops = [token(f"loop{i}", weight=w) for i, w in enumerate(loop_weights)]
+    for tok in loops:
+        owner[await rig.enqueue(lane, tok)] = tok.name
+    shares = dict.fromkeys(["noisy", *(tok.name for tok in loops)], 0)
+    for _ in range(slots):
+        await fire(lane, rig.clock, 1.25)
+        (done,) = await finished(list(owner), 1)
+        name = owner.pop(done)
+        shares[name] += 1
+        for tok in loops:
+            if tok.name == name:  # served: its client sends the next one at once
+                owner[await rig.enqueue(lane, tok)] = name
+    return shares
+
+
+async def test_a_heavier_token_with_one_request_waiting_does_not_starve_a_noisy_one(
+    rig: Rig,
+) -> None:
+    # Weights 3 and 1, both always waiting: 3 slots in 4 and 1 in 4. Its queue emptying
+    # each time it was served used to hand its debt to the noisy token: 8 of 8.
+    assert await closed_loop_shares(rig, 1, [3], 8) == {"noisy": 2, "loop0": 6}
+
+
+async def test_two_one_at_a_time_tokens_and_a_noisy_one_share_by_weight(rig: Rig) -> None:
+    shares = await closed_loop_shares(rig, 1, [1, 1], 9)
+    assert shares == {"noisy": 3, "loop0": 3, "loop1": 3}

@@ -377,11 +377,13 @@ async def test_a_quiet_token_is_not_held_back_by_credit_from_tokens_that_came_an
     lane, _ = await full_lane(rig, Limit(1, 1))
     noisy, heavy, quiet = token("noisy"), token("heavy", weight=10), token("quiet")
     backlog = [await rig.enqueue(lane, noisy) for _ in range(20)]
-    for _ in range(8):  # a heavy token's lone requests come and are served at once
+    served: list[AdmitTask] = []
+    for _ in range(8):  # a heavy token's lone requests come and go, 10 slots in 11 theirs
         visit = await rig.enqueue(lane, heavy)
-        await fire(lane, rig.clock, 1.25)
-        (done,) = await finished([*backlog, visit], 1)
-        assert done is visit
+        while visit not in served:
+            await fire(lane, rig.clock, 1.25)
+            served += await finished([*backlog, visit], 1)
+    assert len(served) == 9  # the noisy token's one slot in the round of 11
     predicted = lane.predicted_wait(rig.clock.now, quiet, 1000.0)
     mine = await rig.enqueue(lane, quiet)
     served = await grant_one_per_window(rig, lane, [*backlog, mine], 2)
@@ -862,7 +864,10 @@ class Model:
         lane, policy = self.lane, self.policy
         queued = sum(len(queue.waiters) for queue in lane.queues.values())
         assert lane.depth == queued == policy.waiting == len(self.pending())
-        assert all(queue.waiters for queue in lane.queues.values())
+        # A token's emptied queue stays in the round while it owes (see Lane._emptied), never
+        # once nobody waits; the round-robin credits keep summing to zero.
+        assert lane.depth or not lane.queues
+        assert abs(sum(queue.current for queue in lane.queues.values())) < 1e-6
         # Every send that counts is ours in the lane's log, and nothing else of ours is.
         longest = max(limit.per_seconds for limit in lane.budget.limits) + GUARD
         assert own_sends(lane, now) == sorted(t for t in self.live if t + longest > now)
