@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import NamedTuple, Protocol
 
@@ -62,9 +62,12 @@ def parse_reset(value: str | None, now: float) -> float | None:
     if math.isfinite(number) and number >= 0:
         return now + number if number < _DELTA_MAX else number
     try:
-        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
         return None
+    if moment.tzinfo is None:  # no offset: UTC, like the Unix form, never the host's zone
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
 
 
 def parse_retry_after(value: str | None, now: float) -> float | None:

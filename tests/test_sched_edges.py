@@ -4,11 +4,16 @@ review: a test here failed on the code before its fix. Driven like tests/test_sc
 
 from __future__ import annotations
 
+import os
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+
 import pytest
 
 from proxy.admission import AdmitRequest
 from proxy.budget import Limit
-from proxy.ratelimit_headers import parse_retry_after
+from proxy.ratelimit_headers import parse_reset, parse_retry_after
 from proxy.scheduler import Scheduler, SlotGrant
 from proxy.state.memory import MemorySendLog
 from tests.test_scheduler import (
@@ -170,3 +175,32 @@ async def test_a_heavier_token_with_one_request_waiting_does_not_starve_a_noisy_
 async def test_two_one_at_a_time_tokens_and_a_noisy_one_share_by_weight(rig: Rig) -> None:
     shares = await closed_loop_shares(rig, 1, [1, 1], 9)
     assert shares == {"noisy": 3, "loop0": 3, "loop1": 3}
+
+
+# --- X-RateLimit-Reset as ISO 8601 ------------------------------------------------------------
+
+
+@pytest.fixture
+def new_york() -> Iterator[None]:
+    """The process's local time zone is not UTC (a host or container set to one)."""
+    old = os.environ.get("TZ")
+    os.environ["TZ"] = "America/New_York"
+    time.tzset()
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["TZ"]
+        else:
+            os.environ["TZ"] = old
+        time.tzset()
+
+
+@pytest.mark.usefixtures("new_york")
+def test_an_iso_reset_without_an_offset_is_utc_whatever_the_local_zone() -> None:
+    # A timestamp with no offset is UTC (as echowin's Unix seconds are); read as local time
+    # it was hours off: a freeze of an hour (the cap) or none at all.
+    now = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC).timestamp()
+    assert parse_reset("2026-01-01T12:00:30", now) == now + 30
+    assert parse_reset("2026-01-01T12:00:30Z", now) == now + 30
+    assert parse_reset("2026-01-01T07:00:30-05:00", now) == now + 30
