@@ -83,6 +83,19 @@ class _TokenQueue:
     current: float = 0.0  # smooth weighted round-robin state
 
 
+@dataclass(slots=True, eq=False)
+class _Turns:
+    """A copy of one token queue's round-robin state, for a prediction to play forward."""
+
+    current: float
+    waiting: int
+    weight: int
+
+
+def _credit(turns: _Turns) -> float:
+    return turns.current
+
+
 @dataclass(slots=True)
 class TokenCharge:
     """One send charged to a token's own quota: a slot of the quota's source."""
@@ -166,6 +179,10 @@ _SHUTTING_DOWN = Refusal(
 class Lane:
     """Queues and fairness for one upstream credential; its slots come from a SlotSource."""
 
+    # Sends ahead of a new request that a prediction plays out exactly (echowin's tightest
+    # window holds 100): a deeper queue shared by several tokens gets a bound instead.
+    PLAYED_MAX = 256
+
     def __init__(
         self,
         name: str,
@@ -247,7 +264,47 @@ class Lane:
         return self.source.predict_wait(now, self._ahead_of_new(token), horizon)
 
     def _ahead_of_new(self, token: TokenRecord) -> int:
-        """Sends weighted round-robin serves before a new request of ``token``."""
+        """Sends the weighted round-robin serves before a new request of ``token`` if
+        nobody else comes: its choices played forward, as ``_next_queue`` makes them, on
+        copies of the credits. Smooth round-robin spreads a token's turns through a round
+        and the credits carry over, so counting whole rounds of weights was wrong both
+        ways (a request refused that would have been served in time; one queued that then
+        waited past its max wait). Costs O(sends ahead * tokens waiting) until only its
+        own are left; past PLAYED_MAX sends ahead, a bound by rounds of weights."""
+        own = self.queues.get(token.id)
+        # In the dict's order: ties go to the first, as in _next_queue.
+        queues = [
+            _Turns(q.current, len(q.waiters) + (q is own), q.token.weight)
+            for q in self.queues.values()
+        ]
+        if own is None:
+            me = _Turns(0.0, 1, token.weight)
+            queues.append(me)
+        else:
+            me = queues[list(self.queues).index(token.id)]
+        ahead = 0
+        while ahead <= self.PLAYED_MAX:
+            if not any(q.waiting for q in queues if q is not me):
+                return ahead + me.waiting - 1  # the rest are its own, in order
+            for gone in [q for q in queues if not q.waiting and q.current >= 0]:
+                queues.remove(gone)  # retired, as _retire does
+                weights = sum(q.weight for q in queues)
+                for q in queues:
+                    q.current += gone.current * q.weight / weights
+            total = 0
+            for q in queues:
+                q.current += q.weight
+                total += q.weight
+            best = max((q for q in queues if q.waiting), key=_credit)
+            best.current -= total
+            best.waiting -= 1
+            if best is me and not me.waiting:
+                return ahead
+            ahead += 1
+        return max(self.PLAYED_MAX + 1, self._rounds_ahead(token))
+
+    def _rounds_ahead(self, token: TokenRecord) -> int:
+        """A bound on the sends ahead of a new request of ``token``, by rounds of weights."""
         own = self.queues.get(token.id)
         mine = len(own.waiters) if own is not None else 0
         rounds = (mine + 1) / token.weight

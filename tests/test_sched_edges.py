@@ -4,21 +4,28 @@ review: a test here failed on the code before its fix. Driven like tests/test_sc
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from proxy.admission import AdmitRequest
 from proxy.budget import Limit
 from proxy.ratelimit_headers import parse_reset, parse_retry_after
-from proxy.scheduler import Scheduler, SlotGrant
+from proxy.scheduler import Lane, QueuePolicy, Scheduler, SlotGrant
 from proxy.state.memory import MemorySendLog
 from tests.test_scheduler import (
     CREDENTIAL,
+    GUARD,
     T0,
+    AdmitTask,
+    FakeClock,
+    Recorder,
     Rig,
     finished,
     fire,
@@ -26,6 +33,7 @@ from tests.test_scheduler import (
     granted,
     refuse_now,
     rig,
+    rl,
     settle,
     token,
 )
@@ -204,3 +212,92 @@ def test_an_iso_reset_without_an_offset_is_utc_whatever_the_local_zone() -> None
     assert parse_reset("2026-01-01T12:00:30", now) == now + 30
     assert parse_reset("2026-01-01T12:00:30Z", now) == now + 30
     assert parse_reset("2026-01-01T07:00:30-05:00", now) == now + 30
+
+
+# --- predicted waits: the round-robin's own order ---------------------------------------------
+
+
+async def served_at(rig: Rig, lane: Lane, task: AdmitTask, others: list[AdmitTask]) -> float:
+    """Step the clock a slot (1.25 s) at a time until ``task`` is granted; its slot's time."""
+    while not task.done():
+        await fire(lane, rig.clock, 1.25)
+        await finished([*others, task], 1)
+    return granted(task).at
+
+
+async def test_a_request_predicted_to_be_served_in_time_is_not_refused(rig: Rig) -> None:
+    # Weight 5 with 8 waiting, and a weight-1 newcomer: smooth round-robin serves it
+    # third... fourth (3 ahead, T0 + 5), not after a whole round of 5 (T0 + 7.5).
+    lane, _ = await full_lane(rig, Limit(1, 1))
+    heavy, light = token("heavy", weight=5), token("light")
+    backlog = [await rig.enqueue(lane, heavy) for _ in range(8)]
+    assert lane.predicted_wait(T0, light, None) == 5.0
+    mine = await rig.enqueue(lane, light, max_wait=5.0)  # was refused: 7.5 > 5
+    assert await served_at(rig, lane, mine, backlog) == T0 + 5.0
+
+
+async def test_a_queued_request_is_served_within_its_predicted_wait(rig: Rig) -> None:
+    # One t0 waiting, three t1, one t2 (weight 3); a second t0 request is served sixth
+    # (T0 + 7.5), not fifth as rounds of weights said (T0 + 6.25): with a max wait of 6.25
+    # it was queued, then waited past it, instead of being refused at once.
+    lane, _ = await full_lane(rig, Limit(1, 1))
+    t0, t1, t2 = token("t0"), token("t1"), token("t2", weight=3)
+    others = [await rig.enqueue(lane, t0)]
+    others += [await rig.enqueue(lane, t1) for _ in range(3)]
+    others += [await rig.enqueue(lane, t2)]
+    assert lane.predicted_wait(T0, t0, None) == 7.5
+    await refuse_now(lane.admit(t0, None, 6.25), "upstream_budget")
+    mine = await rig.enqueue(lane, t0, max_wait=7.5)
+    assert await served_at(rig, lane, mine, others) == T0 + 7.5
+
+
+async def play_prediction(weights: list[int], ops: list[tuple[bool, int]], who: int) -> None:
+    clock = FakeClock()
+    policy = QueuePolicy(max_wait=1000.0, max_depth=1000, max_depth_per_token=1000)
+    lane = Lane(CREDENTIAL, [Limit(1, 1)], GUARD, MemorySendLog(), policy, Recorder(), clock)
+    tokens = [token(f"t{i}", weight=w) for i, w in enumerate(weights)]
+    tasks: dict[AdmitTask, int] = {}
+
+    def admit(i: int) -> None:
+        tasks[asyncio.ensure_future(lane.admit(tokens[i], None, 1000.0))] = i
+
+    try:
+        probe = await lane.admit(tokens[0], None, 1.0)
+        assert isinstance(probe, SlotGrant)
+        probe.sent(200, rl(1, 0))  # calibrated; the window is full until T0 + 1.25
+        for step, i in ops:  # arrivals, and slots whose token sends its next at once
+            if step and any(not task.done() for task in tasks):
+                await fire(lane, clock, 1.25)
+                (done,) = await finished(list(tasks), 1)
+                if i % 2:
+                    admit(tasks[done])
+            else:
+                admit(i % len(tokens))
+            await settle()
+        predicted = lane.predicted_wait(clock.now, tokens[who % len(tokens)], None)
+        start = clock.now
+        admit(who % len(tokens))
+        await settle()
+        mine = list(tasks)[-1]
+        while not mine.done():
+            await fire(lane, clock, 1.25)
+            await finished(list(tasks), 1)
+        assert granted(mine).at - start == predicted
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await lane.close()
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    weights=st.lists(st.integers(1, 5), min_size=1, max_size=4),
+    ops=st.lists(st.tuples(st.booleans(), st.integers(0, 7)), max_size=30),
+    who=st.integers(0, 3),
+)
+def test_the_predicted_wait_is_when_the_round_robin_serves_it(
+    weights: list[int], ops: list[tuple[bool, int]], who: int
+) -> None:
+    # With nobody else arriving, a new request is served exactly when predicted.
+    asyncio.run(play_prediction(weights, ops, who))
