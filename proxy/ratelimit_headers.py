@@ -76,7 +76,8 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
         return None
     text = value.strip()
     if text.isascii() and text.isdigit():  # "²".isdigit() too, and int() refuses it
-        return now + int(text)
+        # float, not int: int() refuses more than 4300 digits. Capped: finite, far away.
+        return now + min(float(text), _DELTA_MAX)
     try:
         return parsedate_to_datetime(text).timestamp()
     except (TypeError, ValueError, IndexError):

@@ -5,6 +5,7 @@ review: a test here failed on the code before its fix. Driven like tests/test_sc
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import time
 from collections.abc import Iterator
@@ -49,6 +50,15 @@ def test_a_retry_after_of_non_ascii_digits_is_ignored_not_a_crash() -> None:
     assert parse_retry_after("²", T0) is None
     assert parse_retry_after("٣", T0) is None
     assert parse_retry_after("3", T0) == T0 + 3
+
+
+def test_a_retry_after_too_long_for_int_is_far_away_not_a_crash() -> None:
+    # int() refuses more than 4300 digits (Python 3.11's limit); aiohttp's client takes a
+    # header value of up to 8190 bytes. Like any huge delay, it is far away (a freeze caps
+    # it at an hour).
+    at = parse_retry_after("9" * 5000, T0)
+    assert at is not None and T0 + 3600 < at < math.inf
+    assert parse_retry_after("9" * 20, T0) == at
 
 
 async def test_a_429_with_a_malformed_retry_after_still_freezes_and_ends_the_probe(
