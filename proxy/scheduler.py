@@ -200,6 +200,7 @@ class Lane:
             assert send_log is not None, "a Lane needs a send log or a slot source"
             source = LocalSlots(name, CredentialBudget(limits, guard), send_log, clock)
         self.source = source
+        source.on_frozen = self._frozen_elsewhere
         self.policy = policy
         self.observer = observer
         self.clock = clock
@@ -624,8 +625,21 @@ class Lane:
             "upstream 429: credential frozen",
             extra={"fields": {"credential": self.name, "seconds": round(until - now, 3)}},
         )
-        # The first send the budget allows: the freeze's end, or later when echowin's
-        # answer said a window is spent. A waiter that cannot last that long goes now.
+        self._refuse_frozen(now)
+
+    def _frozen_elsewhere(self, until: float) -> None:
+        """The source learnt of a freeze another process set (its upstream 429): it holds
+        here too, and the waiters that cannot wait it out are refused now, not at their
+        deadline."""
+        now = self.clock()
+        if until > now:  # a freeze row read late may have ended already
+            self.version += 1
+            self._refuse_frozen(now)
+
+    def _refuse_frozen(self, now: float) -> None:
+        """Refuse (``upstream_frozen``) every waiter that cannot last until the first send
+        the budget allows: the freeze's end, or later when echowin's answer said a window
+        is spent."""
         resume = now + self.source.predict_wait(now, 0, None)
         for queue in list(self.queues.values()):
             for waiter in list(queue.waiters):

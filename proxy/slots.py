@@ -113,6 +113,9 @@ class SlotSource(Protocol):
     remembers_external: bool  # True: others' use of the key learnt before a restart is kept
     healthy: bool  # False while a shared backend is unreachable
     changes: int  # bumped whenever the view learns what other processes did
+    # Set by the lane that owns the source: called with ``until`` when the view learns of a
+    # freeze another process set (its unexpected upstream 429), not for ``freeze`` here.
+    on_frozen: Callable[[float], None] | None
 
     @property
     def budget(self) -> CredentialBudget:
@@ -217,6 +220,7 @@ class LocalSlots:
         self.remembers_external = False  # the log holds this gateway's own sends only
         self.healthy = True
         self.changes = 0
+        self.on_frozen: Callable[[float], None] | None = None
         self._lease: _Lease | None = None
         self._line_due = -math.inf  # the ``due`` of this process's place in line
         self._yield_until = -math.inf  # a slot is free but another process's turn
@@ -332,6 +336,8 @@ class LocalSlots:
         for at, n in rows:
             if n == 0:  # another process met an unexpected 429: the key is frozen for all
                 self.budget.freeze(at)
+                if self.on_frozen is not None:
+                    self.on_frozen(at)
             elif n > 0:
                 for _ in range(n):
                     self.budget.record(at)

@@ -669,6 +669,26 @@ async def test_an_upstream_429_freezes_the_lane(rig: Rig) -> None:
     assert granted(done).at == T0 + 5.5
 
 
+async def test_a_freeze_another_worker_wrote_refuses_this_workers_waiters(rig: Rig) -> None:
+    """``serve --workers``: a worker that reads another's freeze row from the shared log
+    refuses the waiters that cannot wait the freeze out, as the worker that met the 429
+    does, instead of letting them wait out their max wait."""
+    a = rig.lane(await rig.sqlite_log(), Limit(1, 1))
+    b = rig.lane(await rig.sqlite_log(), Limit(1, 1))
+    first = await a.admit(token("first"), None, 1.0)
+    assert isinstance(first, SlotGrant)
+    short = await rig.enqueue(b, token("short"), max_wait=3.0)  # deadline T0 + 3
+    patient = await rig.enqueue(b, token("patient"), max_wait=1000.0)
+    first.sent(429, {"Retry-After": "5"})  # A: frozen until T0 + 5
+    await drain(a)  # the freeze row is in the log
+    rig.clock.now += LocalSlots.POLL_SECONDS
+    await b.source.refresh(rig.clock.now)  # B reads the others' rows
+    await settle()
+    assert refused(short.result(), "upstream_frozen").retry_after == pytest.approx(4.95)
+    assert not patient.done()
+    assert b.depth == 1
+
+
 async def test_a_429_through_a_grant_freezes_with_the_default_when_no_header_says(
     rig: Rig,
 ) -> None:

@@ -18,6 +18,8 @@ Keys, for credential ``c`` and prefix ``p``: ``p{c}:sends`` (sorted set, score =
 time of the send, member = ``replica:seq``), ``p{c}:ext:{i}`` (external sends counted in
 window ``i``), ``p{c}:frozen`` (Redis time until which nothing may be sent) and
 ``p{c}:line`` (hash: the replicas waiting for the next free slot, ``proxy.slots.Line``).
+A freeze is also published on the channel ``p{c}:freezes`` (``"<replica> <Redis time>"``),
+so that the other replicas refuse their waiters at once (``RedisSlots.on_frozen``).
 """
 
 from __future__ import annotations
@@ -49,6 +51,9 @@ PROBE_INTERVAL = 0.5
 # An idle replica reads the shared view at least this often, seconds: should Redis go away,
 # the fallback starts from a view this old at most (see RedisSlots._went_down).
 VIEW_MAX_IDLE = 5.0
+# A freeze read back from Redis within this of the one the view holds is the same freeze
+# (each read converts Redis time with its own clock offset: they differ by a round trip).
+FREEZE_SAME = 0.05
 
 _RESERVE = """
 local t = redis.call('TIME')
@@ -134,7 +139,8 @@ if ok == 0 and waiting then
 end
 -- Every send recorded after the caller's cursor (its own included): keeps its view fresh.
 local fresh = redis.call('ZRANGEBYSCORE', KEYS[1], since, '+inf', 'WITHSCORES', 'LIMIT', 0, 1000)
-return {ok, string.format('%.6f', math.max(wait, 0)), string.format('%.6f', now), fresh, epoch}
+return {ok, string.format('%.6f', math.max(wait, 0)), string.format('%.6f', now), fresh, epoch,
+  string.format('%.6f', frozen)}
 """
 
 _SNAPSHOT = """
@@ -172,9 +178,14 @@ _FREEZE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local untl = now + tonumber(ARGV[1])
-if tonumber(redis.call('GET', KEYS[1]) or '0') < untl then
+local held = tonumber(redis.call('GET', KEYS[1]) or '0')
+if held < untl then
   redis.call('SET', KEYS[1], string.format('%.6f', untl), 'PX', math.ceil(tonumber(ARGV[1]) * 1000))
+else
+  untl = held
 end
+-- Tell the replicas listening (RedisSlots._listen): their waiters need not wait it out.
+redis.call('PUBLISH', ARGV[2], ARGV[3] .. ' ' .. string.format('%.6f', untl))
 return 1
 """
 
@@ -220,6 +231,7 @@ class RedisSlots:
         self._sends = f"{base}:sends"
         self._frozen_key = f"{base}:frozen"
         self._line = f"{base}:line"
+        self._freezes = f"{base}:freezes"  # pub/sub channel: "<replica> <Redis time>"
         self._epoch_key = f"{base}:epoch"
         self._epoch = ""  # the epoch of the Redis state this replica knows ("": none yet)
         self._served = 0.0  # Redis time this replica last got a slot (its order in line)
@@ -237,6 +249,9 @@ class RedisSlots:
         self._fallback: CredentialBudget | None = None
         self._pending_release: list[str] = []  # given back while Redis was away
         self._fresh: asyncio.Task[None] | None = None  # the idle refresh (_keep_fresh)
+        self._listener: asyncio.Task[None] | None = None  # hears freezes (_listen)
+        # Set by the lane: told when the view learns of a freeze another replica set.
+        self.on_frozen: Callable[[float], None] | None = None
         self._closed = False
         # Redis time of the newest send already in the view (0: none yet), and the members
         # already in it (bounded: more than any window can count).
@@ -313,6 +328,7 @@ class RedisSlots:
             return await self.take(self._clock(), waiting, again=False)
         self._epoch = _text(reply[4])
         self._seen_at = now  # the view is current as of this answer
+        self._heard_freeze(float(reply[5]) - self._offset, now)
         mine = self._learn(reply[3], now, member.encode())
         if not ok:
             self._hint_until = now + wait
@@ -461,10 +477,9 @@ class RedisSlots:
             self._cursor = max(self._cursor, float(sends[-1]))
         for index, raw in enumerate(reply[4:]):
             mirror.load_external(index, [at - offset for at in _pairs(raw)], now)
-        frozen = float(reply[1]) - offset
-        if frozen > now:
-            mirror.freeze(frozen)
-        # A freeze set here since Redis answered (an upstream 429) is still on its way there.
+        # Redis' freeze goes into the current view first (told to the lane if it is news);
+        # a freeze set here since Redis answered (an upstream 429) is still on its way there.
+        self._heard_freeze(float(reply[1]) - offset, now)
         local = self.mirror.frozen_until(now)
         if local is not None:
             mirror.freeze(local)
@@ -521,9 +536,28 @@ class RedisSlots:
         if self._fallback is not None:
             self._fallback.freeze(until)
         if self.healthy and until > now:
-            self._spawn(
-                self._quietly("freeze", self._freeze(keys=[self._frozen_key], args=[until - now]))
-            )
+            self._spawn(self._quietly("freeze", self._write_freeze(until - now)))
+
+    def _write_freeze(self, seconds: float) -> Awaitable[Any]:
+        """The freeze script: no send for ``seconds`` (Redis time), published to the others."""
+        args: list[str | float] = [seconds, self._freezes, self._replica]
+        result: Awaitable[Any] = self._freeze(keys=[self._frozen_key], args=args)
+        return result
+
+    def _heard_freeze(self, until: float, now: float) -> None:
+        """Redis holds a freeze until ``until`` (local time): it holds in this view too, and
+        one the view did not know yet (another replica met an upstream 429) is told to the
+        lane, which refuses at once the waiters that cannot wait it out."""
+        if until <= now:
+            return
+        known = self.mirror.frozen_until(now)
+        self.mirror.freeze(until)
+        if self._fallback is not None:
+            self._fallback.freeze(until)
+        if known is None or until > known + FREEZE_SAME:
+            self.changes += 1
+            if self.on_frozen is not None:
+                self.on_frozen(until)
 
     # --- health ----------------------------------------------------------------------
 
@@ -607,7 +641,7 @@ class RedisSlots:
         now = self._clock()
         until = self.budget.frozen_until(now)
         if until is not None:
-            await self._freeze(keys=[self._frozen_key], args=[until - now])
+            await self._write_freeze(until - now)
 
     async def _redis_time(self) -> float:
         seconds, micros = await self._redis.time()
@@ -662,6 +696,8 @@ class RedisSlots:
         await self.refresh(now)
         if self._fresh is None and not self._closed:  # not among _tasks: it never ends
             self._fresh = asyncio.get_running_loop().create_task(self._keep_fresh())
+        if self.on_frozen is not None and self._listener is None and not self._closed:
+            self._listener = asyncio.get_running_loop().create_task(self._listen())
 
     async def _keep_fresh(self) -> None:
         """Read the shared view when nothing else has for VIEW_MAX_IDLE. Without it an idle
@@ -676,21 +712,64 @@ class RedisSlots:
             try:
                 await self.refresh(now)  # Redis away: refresh falls back by itself
             except Exception as exc:  # a bug must not end the idle refresh for good
-                log.warning(
-                    "shared view refresh failed",
-                    extra={"fields": {"credential": self.name, "error": type(exc).__name__}},
-                )
+                self._warn("shared view refresh failed", exc)
                 await asyncio.sleep(VIEW_MAX_IDLE)
+
+    async def _listen(self) -> None:
+        """Hear the freezes the other replicas publish (their upstream 429s) as they happen;
+        one connection per credential, none for token quotas (nobody sets ``on_frozen``).
+        After each subscription, and each reconnection the client makes by itself, the
+        freeze key is read once: a freeze published meanwhile is not missed. Redis away:
+        subscribe again every PROBE_INTERVAL."""
+        while True:
+            try:
+                async with self._redis.pubsub(ignore_subscribe_messages=True) as channel:
+                    await channel.subscribe(self._freezes)
+                    connection = channel.connection
+                    assert connection is not None  # subscribed
+                    connection.register_connect_callback(self._reconnected)
+                    try:
+                        await self._read_freeze()
+                        while True:
+                            message = await channel.get_message(timeout=VIEW_MAX_IDLE)
+                            if message is not None:
+                                replica, _, until = _text(message["data"]).partition(" ")
+                                if replica != self._replica:
+                                    self._heard_freeze(float(until) - self._offset, self._clock())
+                    finally:
+                        connection.deregister_connect_callback(self._reconnected)
+            except (RedisError, OSError):
+                await asyncio.sleep(PROBE_INTERVAL)
+            except Exception as exc:  # a bug must not end the listening for good
+                self._warn("freeze listener failed", exc)
+                await asyncio.sleep(VIEW_MAX_IDLE)
+
+    def _reconnected(self, connection: Any) -> None:
+        """The listener's connection came back (the client subscribes again by itself)."""
+        self._spawn(self._read_freeze(quietly=True))
+
+    async def _read_freeze(self, quietly: bool = False) -> None:
+        """Read the freeze Redis holds into the view (the lane is told if it is news)."""
+        try:
+            raw = await self._redis.get(self._frozen_key)
+        except (RedisError, OSError):
+            if quietly:  # the listener, or the next reservation or refresh, finds out
+                return
+            raise
+        if raw is not None:
+            self._heard_freeze(float(raw) - self._offset, self._clock())
+
+    def _warn(self, message: str, exc: Exception) -> None:
+        log.warning(
+            message, extra={"fields": {"credential": self.name, "error": type(exc).__name__}}
+        )
 
     async def close(self) -> None:
         self._closed = True
-        if self._fresh is not None:
-            self._fresh.cancel()
-        for task in list(self._tasks):
+        running = [task for task in (self._fresh, self._listener, *self._tasks) if task]
+        for task in running:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._fresh is not None:
-            await asyncio.gather(self._fresh, return_exceptions=True)
+        await asyncio.gather(*running, return_exceptions=True)
         if self.healthy:  # leave the line at once (else the place lapses by itself)
             with contextlib.suppress(RedisError, OSError):
                 await self._redis.hdel(self._line, self._replica)
