@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -129,12 +130,14 @@ class Runtime:
             self._pruner = asyncio.get_running_loop().create_task(self._prune_forever())
 
     def _slot_source(
-        self, name: str, limits: Sequence[Limit], guard: float | None = None
+        self, name: str, limits: Sequence[Limit], *, quota: bool = False
     ) -> SlotSource | None:
-        """The shared (Redis) slot source for a credential; None for local slots."""
+        """The shared (Redis) slot source for a credential or (``quota``) a token's own
+        quota: no guard (the gateway counts it, echowin does not), and its view kept fresh
+        only while the token is in use here. None for local slots."""
         if self._redis is None:
             return None
-        from proxy.state.redis_budget import RedisSlots
+        from proxy.state.redis_budget import QUOTA_IN_USE, RedisSlots
 
         cfg = self.config
         return RedisSlots(
@@ -142,11 +145,12 @@ class Runtime:
             self._redis,
             cfg.redis.key_prefix,
             limits,
-            cfg.upstream.window_guard_seconds if guard is None else guard,
+            0.0 if quota else cfg.upstream.window_guard_seconds,
             replicas=cfg.replicas * self.workers,
             mode=cfg.on_state_failure,
             on_latency=lambda op, s: self.metrics.state_latency.labels(op).observe(s),
             on_health=lambda up: self.metrics.state_up.labels("redis").set(1 if up else 0),
+            keep_view=QUOTA_IN_USE if quota else math.inf,
         )
 
     async def _open_scheduler(self, backend: str) -> Scheduler:
@@ -179,7 +183,7 @@ class Runtime:
     def _quota_source(self, name: str, limits: tuple[Limit, ...]) -> SlotSource:
         """A token's own quota, kept where the credentials' budgets are (no guard: the
         gateway counts it, echowin does not)."""
-        source = self._slot_source(name, limits, guard=0.0)
+        source = self._slot_source(name, limits, quota=True)
         if source is None:
             assert self._send_log is not None
             source = local_quota_source(name, limits, self._send_log, time.time)

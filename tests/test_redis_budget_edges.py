@@ -9,6 +9,7 @@ import asyncio
 import subprocess
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from proxy.budget import Limit
 from proxy.state import redis_budget
 from proxy.state.redis import RedisOptions, open_redis
 from proxy.state.redis_budget import RedisSlots
-from tests.procs import free_ports
+from tests.procs import eventually, free_ports
 from tests.test_redis_budget import Clock, redis_server, start_redis, wait_redis  # noqa: F401
 
 LIMITS = (Limit(5, 10.0), Limit(3, 1.0))
@@ -323,6 +324,39 @@ async def test_an_idle_replica_reads_the_shared_view_by_itself(
     assert [v.used for v in a.snapshot(clock.now)] == [1, 1]  # b's send, made since
     await a.close()
     await b.close()
+
+
+async def test_a_view_kept_for_a_while_is_read_only_while_in_use(
+    client_6379: Redis, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``keep_view`` (a token's quota): the idle refresh reads the shared view while this
+    replica reserved within ``keep_view``, then stops reading Redis, and the next
+    reservation starts it again. Counted through the latency hook (the metric's source)."""
+    monkeypatch.setattr(redis_budget, "VIEW_MAX_IDLE", 0.02)
+    monkeypatch.setattr(redis_budget, "MIRROR_MAX_AGE", 0.005)  # below a tick
+    reads: Counter[str] = Counter()
+    a = slots(client_6379, prefix, keep_view=0.2, on_latency=lambda op, seconds: reads.update([op]))
+
+    async def read_again() -> bool:
+        mark = reads["snapshot"]
+        async with asyncio.timeout(2):
+            while reads["snapshot"] < mark + 3:
+                await asyncio.sleep(0.005)
+        return True
+
+    await a.restore(time.time())
+    await read_again()  # in use: restored just now
+    await eventually(lambda: _quiet_for(reads, 0.1), "the idle refresh stopped", 5.0)
+    assert await a.take(time.time()) is not None  # in use again
+    await read_again()
+    await a.close()
+
+
+async def _quiet_for(reads: Counter[str], seconds: float) -> bool:
+    """No snapshot read during ``seconds`` (5 ticks of VIEW_MAX_IDLE here)."""
+    mark = reads["snapshot"]
+    await asyncio.sleep(seconds)
+    return reads["snapshot"] == mark
 
 
 async def test_a_refresh_after_an_empty_restart_puts_back_the_others_sends(

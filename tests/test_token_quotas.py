@@ -12,12 +12,14 @@ import asyncio
 import contextlib
 import dataclasses
 import math
+import re
 import sqlite3
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
 
+import aiohttp
 import pytest
 from redis.asyncio import Redis
 
@@ -32,10 +34,12 @@ from proxy.scheduler import (
     local_quota_source,
 )
 from proxy.slots import LocalSlots, SlotSource
+from proxy.state import redis_budget
 from proxy.state.memory import MemorySendLog
 from proxy.state.redis_budget import RedisSlots
 from proxy.state.sqlite import SqliteSendLog
 from proxy.tokens import TokenRecord, mint_token
+from tests.conftest import GatewayHandle
 from tests.test_scheduler import Recorder
 from tests.test_slot_contract import scratch_redis
 from tests.test_slot_contract import settle as settle_source
@@ -355,3 +359,56 @@ async def test_closing_stops_a_quota_still_being_read_and_changed() -> None:
     # Bounded: a read left running would keep the first request waiting for good.
     await asyncio.wait_for(asyncio.gather(*waiting, return_exceptions=True), 5)
     assert log.reads_cancelled == 1  # the first read too, not only the change after it
+
+
+IDLE_TOKENS = 60
+SNAPSHOTS = re.compile(
+    r'^echowin_gateway_state_backend_duration_seconds_count\{operation="snapshot"\} (\S+)$', re.M
+)
+
+
+async def test_idle_token_quotas_on_redis_do_not_read_redis_every_tick(
+    make_gateway: Callable[..., Awaitable[GatewayHandle]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real gateway on Redis, 60 tokens with a quota, one request each, then none: a
+    quota's view is kept fresh only while its token is in use here (QUOTA_IN_USE), so the
+    idle tokens cost no Redis call per refresh tick; only the credentials' views (3 here,
+    kept fresh always) are read. Counted by the gateway's own metric of snapshot reads."""
+    monkeypatch.setattr(redis_budget, "VIEW_MAX_IDLE", 0.05)  # one tick
+    monkeypatch.setattr(redis_budget, "MIRROR_MAX_AGE", 0.01)  # below a tick
+    monkeypatch.setattr(redis_budget, "QUOTA_IN_USE", 0.2)
+    async with scratch_redis() as (_, prefix):
+        gateway = await make_gateway(state="redis://127.0.0.1:6379/0", redis={"key_prefix": prefix})
+        lanes = len(gateway.runtime.secrets.credentials)  # team, acme, agency
+        tokens = [
+            await gateway.token("tags:read", name=f"svc{i}", per_minute=100)
+            for i in range(IDLE_TOKENS)
+        ]
+        async with aiohttp.ClientSession() as session:
+
+            async def snapshots() -> float:
+                async with session.get(gateway.admin_url("/metrics")) as response:
+                    match = SNAPSHOTS.search(await response.text())
+                assert match is not None
+                return float(match.group(1))
+
+            for value in tokens:
+                headers = {"Authorization": f"Bearer {value}"}
+                async with session.get(gateway.url("/api/v1/tags"), headers=headers) as response:
+                    assert response.status == 200
+            assert await snapshots() >= IDLE_TOKENS  # each quota read its view once at least
+
+            async def reads_in(seconds: float) -> float:
+                before = await snapshots()
+                await asyncio.sleep(seconds)  # a measured interval, not a wait for an event
+                return await snapshots() - before
+
+            # Per 10 ticks the credentials' views are read about 10 times each; every idle
+            # quota read each tick would add 600.
+            interval = 10 * redis_budget.VIEW_MAX_IDLE
+            bound = lanes * (10 + 3)
+            deadline = time.monotonic() + 5.0
+            while (reads := await reads_in(interval)) > bound:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"{reads} snapshot reads per 10 ticks with every token idle")
+            assert await reads_in(interval) <= bound

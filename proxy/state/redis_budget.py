@@ -51,6 +51,9 @@ PROBE_INTERVAL = 0.5
 # An idle replica reads the shared view at least this often, seconds: should Redis go away,
 # the fallback starts from a view this old at most (see RedisSlots._went_down).
 VIEW_MAX_IDLE = 5.0
+# A token quota's view is kept VIEW_MAX_IDLE fresh only this long after this replica last
+# reserved from it (a credential's view: always); see RedisSlots(keep_view=...).
+QUOTA_IN_USE = 60.0
 # A freeze read back from Redis within this of the one the view holds is the same freeze
 # (each read converts Redis time with its own clock offset: they differ by a round trip).
 FREEZE_SAME = 0.05
@@ -218,7 +221,13 @@ class RedisSlots:
         on_latency: Callable[[str, float], None] | None = None,
         on_health: Callable[[bool], None] | None = None,
         clock: Callable[[], float] = time.time,
+        keep_view: float = math.inf,
     ) -> None:
+        """``keep_view``: seconds after this replica's last reservation during which the
+        idle refresh keeps the view at most VIEW_MAX_IDLE old. A credential's budget keeps
+        it always (its fallback should start from a young view); a token's quota
+        QUOTA_IN_USE, so that thousands of tokens cost Redis calls only for those in use
+        (an older view only widens the fallback's blind margin: never unsafe)."""
         self.name = name
         self._redis = client
         self._guard = guard
@@ -249,6 +258,8 @@ class RedisSlots:
         self._fallback: CredentialBudget | None = None
         self._pending_release: list[str] = []  # given back while Redis was away
         self._fresh: asyncio.Task[None] | None = None  # the idle refresh (_keep_fresh)
+        self._keep_view = keep_view
+        self._used_at = -math.inf  # local time of the last reservation (or restore)
         self._listener: asyncio.Task[None] | None = None  # hears freezes (_listen)
         # Set by the lane: told when the view learns of a freeze another replica set.
         self.on_frozen: Callable[[float], None] | None = None
@@ -328,6 +339,9 @@ class RedisSlots:
             return await self.take(self._clock(), waiting, again=False)
         self._epoch = _text(reply[4])
         self._seen_at = now  # the view is current as of this answer
+        self._used_at = now
+        if self._fresh is not None and self._fresh.done():  # restored, idle until now
+            self._keep_fresh_running()
         self._heard_freeze(float(reply[5]) - self._offset, now)
         mine = self._learn(reply[3], now, member.encode())
         if not ok:
@@ -693,18 +707,26 @@ class RedisSlots:
 
     async def restore(self, now: float) -> None:
         self._mirror_at = -math.inf
+        self._used_at = max(self._used_at, now)
         await self.refresh(now)
-        if self._fresh is None and not self._closed:  # not among _tasks: it never ends
-            self._fresh = asyncio.get_running_loop().create_task(self._keep_fresh())
+        self._keep_fresh_running()
         if self.on_frozen is not None and self._listener is None and not self._closed:
             self._listener = asyncio.get_running_loop().create_task(self._listen())
+
+    def _keep_fresh_running(self) -> None:
+        """Start the idle refresh unless it runs (not among _tasks: it ends on its own)."""
+        if (self._fresh is None or self._fresh.done()) and not self._closed:
+            self._fresh = asyncio.get_running_loop().create_task(self._keep_fresh())
 
     async def _keep_fresh(self) -> None:
         """Read the shared view when nothing else has for VIEW_MAX_IDLE. Without it an idle
         replica's view ages, and a fallback built on an old view must assume the other
-        replicas used every window meanwhile (nothing sent until they turn over)."""
+        replicas used every window meanwhile (nothing sent until they turn over). Ends once
+        this replica has not reserved for ``keep_view`` seconds; ``take`` starts it again."""
         while True:
             now = self._clock()
+            if now - self._used_at > self._keep_view:
+                return  # not in use: no Redis call for it until it is
             left = self._seen_at + VIEW_MAX_IDLE - now
             if not self.healthy or left > 0:  # away: the probe reads Redis again
                 await asyncio.sleep(min(left, VIEW_MAX_IDLE) if left > 0 else VIEW_MAX_IDLE)
