@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +37,11 @@ ENV = {
 ServerFactory = Callable[..., Awaitable[TestServer]]
 
 
+def base_url(server: TestServer) -> str:
+    """A test server's URL without the trailing slash: an upstream's ``base_url``."""
+    return str(server.make_url("")).rstrip("/")
+
+
 @dataclass
 class SimHandle:
     sim: Simulator
@@ -42,7 +49,7 @@ class SimHandle:
 
     @property
     def url(self) -> str:
-        return str(self.server.make_url("")).rstrip("/")
+        return base_url(self.server)
 
 
 @dataclass
@@ -128,3 +135,23 @@ async def redis_client() -> AsyncIterator[Redis]:
         pytest.fail(f"this test needs Redis on 127.0.0.1:6379: {exc!r}")
     yield redis
     await redis.aclose()
+
+
+@contextlib.asynccontextmanager
+async def raw_upstream(answer: bytes) -> AsyncIterator[str]:
+    """A loopback upstream that reads a request's head, writes ``answer`` as given (bytes no
+    well-behaved server would send), and closes; yields its base URL."""
+
+    async def reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(answer)
+            await writer.drain()
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(reply, "127.0.0.1", 0)
+    async with server:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"

@@ -15,7 +15,15 @@ import yarl
 from aiohttp import web
 from multidict import CIMultiDict
 
-from tests.conftest import SECRETS, TEAM_KEY, GatewayHandle, ServerFactory, SimHandle
+from tests.conftest import (
+    SECRETS,
+    TEAM_KEY,
+    GatewayHandle,
+    ServerFactory,
+    SimHandle,
+    base_url,
+    raw_upstream,
+)
 
 MakeGateway = Callable[..., Awaitable[GatewayHandle]]
 
@@ -43,7 +51,7 @@ async def reflecting_upstream(aiohttp_server: ServerFactory) -> str:
     app = web.Application()
     app.router.add_route("TRACE", "/{tail:.*}", trace)
     server = await aiohttp_server(app)
-    return str(server.make_url("")).rstrip("/")
+    return base_url(server)
 
 
 async def test_trace_never_reflects_the_real_key(
@@ -101,7 +109,7 @@ async def test_every_connection_field_line_of_echowin_is_honoured(
     app = web.Application()
     app.router.add_get("/api/v1/contacts", answer)
     upstream = await aiohttp_server(app)
-    gw = await make_gateway(str(upstream.make_url("")).rstrip("/"))
+    gw = await make_gateway(base_url(upstream))
     token = await gw.token("contacts:read")
     async with (
         aiohttp.ClientSession() as session,
@@ -138,7 +146,7 @@ async def test_a_case_variant_of_a_literal_segment_never_takes_the_param_route(
 ) -> None:
     upstream = await aiohttp_server(case_blind_upstream())
     routes = [{"method": "GET", "path": "/api/v1/contacts/export", "scope": "contacts:export"}]
-    gw = await make_gateway(str(upstream.make_url("")).rstrip("/"), routes=routes)
+    gw = await make_gateway(base_url(upstream), routes=routes)
     reader = await gw.token("contacts:read")
     url = yarl.URL(gw.url("/api/v1/contacts/") + segment, encoded=True)
     async with (
@@ -181,7 +189,7 @@ async def test_path_override_headers_never_reach_echowin(
     make_gateway: MakeGateway, aiohttp_server: ServerFactory, header: str
 ) -> None:
     upstream = await aiohttp_server(path_override_upstream())
-    gw = await make_gateway(str(upstream.make_url("")).rstrip("/"))
+    gw = await make_gateway(base_url(upstream))
     reader = await gw.token("contacts:read")
     headers = {"Authorization": f"Bearer {reader}", header: "/api/v1/agency/subteams"}
     async with (
@@ -200,21 +208,8 @@ async def test_an_upstream_naming_a_field_after_the_key_never_shows_it(
         f"X-{TEAM_KEY}: 1\r\nX-{TEAM_KEY.title()}: 2\r\n{TEAM_KEY.upper()}: 3\r\nX-Kept: yes\r\n"
     )
     answer = f"HTTP/1.1 200 OK\r\n{fields}Content-Length: 2\r\n\r\n{{}}".encode()
-
-    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            await reader.readuntil(b"\r\n\r\n")
-            writer.write(answer)
-            await writer.drain()
-        except (OSError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            writer.close()
-
-    server = await asyncio.start_server(upstream, "127.0.0.1", 0)
-    async with server:
-        port = server.sockets[0].getsockname()[1]
-        gw = await make_gateway(f"http://127.0.0.1:{port}")
+    async with raw_upstream(answer) as url:
+        gw = await make_gateway(url)
         token = await gw.token("contacts:read")
         request = (
             f"GET /api/v1/contacts HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
@@ -250,7 +245,7 @@ async def test_an_upstream_echoing_the_key_in_its_body_never_shows_it(
     app.router.add_get("/api/v1/contacts", whole)
     app.router.add_get("/api/v1/tags", pieces)
     upstream = await aiohttp_server(app)
-    gw = await make_gateway(str(upstream.make_url("")).rstrip("/"))
+    gw = await make_gateway(base_url(upstream))
     token = await gw.token("*")
     masked = "*" * len(TEAM_KEY)
     async with aiohttp.ClientSession() as session:

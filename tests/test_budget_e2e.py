@@ -33,6 +33,7 @@ from tests.conftest import (
     ENV,
     TEAM_KEY,
     GatewayHandle,
+    base_url,
     gateway_config,
 )
 from tests.procs import (
@@ -132,7 +133,7 @@ async def short_sim(aiohttp_server: ServerFactory) -> tuple[Simulator, str]:
         )
     )
     server = await aiohttp_server(simulator.app())
-    return simulator, str(server.make_url("")).rstrip("/")
+    return simulator, base_url(server)
 
 
 @dataclass

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 import aiohttp
 from aiohttp import web
 
-from tests.conftest import TEAM_KEY, GatewayHandle, ServerFactory
+from tests.conftest import TEAM_KEY, GatewayHandle, ServerFactory, base_url, raw_upstream
 
 MakeGateway = Callable[..., Awaitable[GatewayHandle]]
 
@@ -34,20 +34,8 @@ def request_bytes(token: str, extra: bytes = b"") -> bytes:
 async def test_the_key_never_leaks_through_the_reason_phrase(make_gateway: MakeGateway) -> None:
     answer = b"HTTP/1.1 401 Invalid key %s\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}"
 
-    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            await reader.readuntil(b"\r\n\r\n")
-            writer.write(answer % TEAM_KEY.encode())
-            await writer.drain()
-        except (OSError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            writer.close()
-
-    server = await asyncio.start_server(upstream, "127.0.0.1", 0)
-    async with server:
-        port = server.sockets[0].getsockname()[1]
-        gw = await make_gateway(f"http://127.0.0.1:{port}")
+    async with raw_upstream(answer % TEAM_KEY.encode()) as url:
+        gw = await make_gateway(url)
         token = await gw.token("contacts:read")
         reader, writer = await asyncio.open_connection("127.0.0.1", gw.proxy.port)
         writer.write(request_bytes(token, b"Connection: close\r\n"))
@@ -82,7 +70,7 @@ async def test_a_caller_that_never_reads_frees_its_echowin_connection_at_the_dea
     upstream = await aiohttp_server(app)
     limits = [{"requests": 100_000, "per_seconds": 3600}]
     gw = await make_gateway(
-        str(upstream.make_url("")).rstrip("/"),
+        base_url(upstream),
         upstream={"max_connections": 1, "timeout_seconds": 1, "limits": limits},
     )
     token = await gw.token("*")
@@ -242,7 +230,7 @@ async def test_a_caller_that_breaks_its_upload_is_not_an_echowin_failure(
     app = web.Application()
     app.router.add_post("/api/v1/contacts", slow_reader)
     upstream = await aiohttp_server(app)
-    gw = await make_gateway(str(upstream.make_url("")).rstrip("/"))
+    gw = await make_gateway(base_url(upstream))
     token = await gw.token("contacts:write")
     port = gw.proxy.port
 
@@ -285,7 +273,7 @@ async def test_a_caller_gone_while_a_connection_is_awaited_gives_its_slot_back(
     app.router.add_get("/api/v1/tags", quick)
     upstream = await aiohttp_server(app)
     gw = await make_gateway(
-        str(upstream.make_url("")).rstrip("/"),
+        base_url(upstream),
         upstream={"max_connections": 1, "limits": [{"requests": 3, "per_seconds": 3600}]},
         queue={"max_wait_seconds": 0.5},
     )

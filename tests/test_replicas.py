@@ -27,6 +27,7 @@ from proxy.sim import SimConfig, Simulator
 from proxy.state import open_token_store
 from proxy.state.redis import RedisOptions
 from proxy.tokenops import create_token
+from tests.conftest import base_url
 from tests.procs import (
     REAL_KEY,
     Proc,
@@ -182,7 +183,7 @@ async def start_all(spawn: Spawn, replicas: list[Replica]) -> list[Proc]:
 async def sim_server(aiohttp_server: ServerFactory) -> tuple[Simulator, str]:
     sim = Simulator(SimConfig(team_keys=frozenset({REAL_KEY}), limits=SIM_LIMITS))
     server = await aiohttp_server(sim.app())
-    return sim, str(server.make_url("")).rstrip("/")
+    return sim, base_url(server)
 
 
 def served_arrivals(sim: Simulator) -> list[float]:

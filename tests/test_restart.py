@@ -24,6 +24,7 @@ from proxy.config import load_config
 from proxy.sim import SimConfig, SimLimit, Simulator
 from proxy.state import open_token_store
 from proxy.tokenops import create_token
+from tests.conftest import base_url
 from tests.procs import REAL_KEY, Proc, Spawn, gateway_config, load_loop, wait_http, write_config
 from tests.test_budget_e2e import LIMITS, max_in_any_window
 
@@ -45,7 +46,7 @@ async def test_sigkill_restarts_under_load_cause_no_upstream_429(
     sim_limits = tuple(SimLimit(n, t) for n, t in limits)
     sim = Simulator(SimConfig(team_keys=frozenset({REAL_KEY}), limits=sim_limits))
     server = await aiohttp_server(sim.app())
-    sim_url = str(server.make_url("")).rstrip("/")
+    sim_url = base_url(server)
     upstream = {
         "base_url": sim_url,
         "api_key": {"env": "ECHOWIN_API_KEY"},

@@ -19,7 +19,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from proxy.upstream import Upstream, UpstreamResponse, UpstreamTimeout, UpstreamUnreachable
-from tests.conftest import ServerFactory
+from tests.conftest import ServerFactory, base_url
 from tests.procs import eventually, free_ports
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -90,7 +90,7 @@ async def counting_app(aiohttp_server: ServerFactory) -> tuple[set[object], str]
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", answer)
     server = await aiohttp_server(app)
-    return peers, str(server.make_url("")).rstrip("/")
+    return peers, base_url(server)
 
 
 async def test_a_read_answer_leaves_its_connection_for_the_next(

@@ -28,6 +28,7 @@ from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.sim import Faults, SimConfig, SimLimit, Simulator
+from tests.conftest import base_url
 from tests.procs import (
     REAL_KEY,
     Gateway,
@@ -69,7 +70,7 @@ async def short_sim(aiohttp_server: ServerFactory) -> tuple[Simulator, str]:
     """echowin with the short windows of the budget tests."""
     sim = Simulator(SimConfig(team_keys=frozenset({REAL_KEY}), limits=SIM_LIMITS))
     server = await aiohttp_server(sim.app())
-    return sim, str(server.make_url("")).rstrip("/")
+    return sim, base_url(server)
 
 
 @pytest.fixture
@@ -77,7 +78,7 @@ async def big_sim(aiohttp_server: ServerFactory) -> tuple[Simulator, str]:
     """echowin with limits no test reaches."""
     sim = Simulator(SimConfig(team_keys=frozenset({REAL_KEY}), limits=(SimLimit(10**6, 3600),)))
     server = await aiohttp_server(sim.app())
-    return sim, str(server.make_url("")).rstrip("/")
+    return sim, base_url(server)
 
 
 def group_config(
