@@ -26,6 +26,8 @@ from aiohttp.streams import StreamReader
 from multidict import CIMultiDict, CIMultiDictProxy, MultiMapping
 from yarl import URL
 
+from proxy.routes import API_PREFIX
+
 # RFC 9110 §7.6.1 connection-specific fields, plus the old Proxy-Connection and
 # Keep-Alive that HTTP/1.0 peers still send.
 HOP_BY_HOP = frozenset(
@@ -183,7 +185,10 @@ class Upstream:
         self.host = host if self._port == default else f"{host}:{self._port}"
         """The Host field for echowin: what the caller puts first in ``send``'s headers."""
         self._prefix = url.raw_path.rstrip("/")
-        self._origin = f"{url.scheme}://{self.host}".lower()
+        # echowin's origin as a Location may write it: the default port left out or not.
+        origin = f"{url.scheme}://{host}".lower()
+        self._origins = (f"{origin}:{self._port}", *((origin,) if self._port == default else ()))
+        self._api = self._prefix + API_PREFIX
         self._timeout = timeout_seconds
         self._connect_timeout = connect_timeout_seconds
         self._max_connections = max_connections
@@ -196,10 +201,12 @@ class Upstream:
     def relative(self, url: str) -> str:
         """``url`` as the gateway's own path when it points into echowin's API (as a
         ``Location`` echowin sends may), so that the caller comes back through the
-        gateway; any other URL unchanged."""
-        n = len(self._origin)
-        if url[:n].lower() == self._origin and url.startswith(self._prefix + "/", n):
-            return url[n + len(self._prefix) :]
+        gateway; any other URL (echowin's web pages included: the gateway serves its API
+        only) unchanged."""
+        for origin in self._origins:
+            n = len(origin)
+            if url[:n].lower() == origin and url.startswith(self._api, n):
+                return url[n + len(self._prefix) :]
         return url
 
     async def start(self) -> None:

@@ -473,3 +473,35 @@ async def test_an_answer_before_the_whole_upload_is_relayed(
     assert up._open == 0  # "Connection: close": not reused
     await asyncio.wait_for(closed.wait(), 5)  # the server saw the client close: all closed
     server.close()
+
+
+def test_relative_rewrites_only_what_points_into_echowins_api() -> None:
+    """A Location into echowin's API becomes the gateway's path; anything else of echowin's
+    (its web pages, the API root) stays absolute: the gateway serves /api/v1/ only."""
+
+    def pool(base: str) -> Upstream:
+        return Upstream(base, timeout_seconds=1, connect_timeout_seconds=1, max_connections=1)
+
+    up = pool("https://echo.win")
+    assert up.relative("https://echo.win/api/v1/contacts/5?x=1") == "/api/v1/contacts/5?x=1"
+    assert up.relative("HTTPS://Echo.Win/api/v1/contacts/5") == "/api/v1/contacts/5"
+    # The default port written out is still echowin: a client following it would take its
+    # gateway token (X-API-Key: egw_...) to echowin.
+    assert up.relative("https://echo.win:443/api/v1/contacts/5") == "/api/v1/contacts/5"
+    for elsewhere in (
+        "https://echo.win/login?next=/app",  # echowin's web app: the gateway would 404
+        "https://echo.win/",
+        "https://echo.win:8443/api/v1/contacts/5",
+        "https://user@echo.win/api/v1/contacts/5",
+        "https://echo.win.example/api/v1/contacts/5",
+        "http://echo.win/api/v1/contacts/5",
+    ):
+        assert up.relative(elsewhere) == elsewhere
+    prefixed = pool("http://127.0.0.1:8080/echowin")
+    assert prefixed.relative("http://127.0.0.1:8080/echowin/api/v1/tags") == "/api/v1/tags"
+    assert prefixed.relative("http://127.0.0.1:8080/echowin/docs") == (
+        "http://127.0.0.1:8080/echowin/docs"
+    )
+    assert prefixed.relative("http://127.0.0.1:8080/api/v1/tags") == (
+        "http://127.0.0.1:8080/api/v1/tags"
+    )
