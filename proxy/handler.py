@@ -232,6 +232,8 @@ async def _handle(request: web.Request, rt: Runtime, ex: Exchange) -> web.Stream
     headers = {"X-Request-ID": ex.request_id}
     expects = _expects_continue(request)
     if expects is None:
+        # Refused before the body, which the caller may hold back: the connection closes.
+        ex.awaits_continue = request.body_exists
         ex.refusal = "bad_expect"
         return json_error(
             417, "Only Expect: 100-continue is supported", reason="bad_expect", headers=headers

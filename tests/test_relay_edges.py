@@ -295,3 +295,16 @@ async def test_a_caller_gone_while_a_connection_is_awaited_gives_its_slot_back(
     assert await first == 200
     # The slot came back: the third send of the window goes out.
     assert await get_status(gw, token, "/api/v1/tags") == 200
+
+
+async def test_a_417_before_the_body_closes_the_connection(make_gateway: MakeGateway) -> None:
+    """An expectation the gateway cannot meet is refused before the body, like any other
+    refusal: the caller may hold its body back (it waits for an answer to its Expect), and
+    a kept connection would read its next request as that body."""
+    gw = await make_gateway()
+    token = await gw.token("contacts:*")
+    for expect in ("Expect: teapot", "Expect: 100-continue, x-also"):
+        first, body = await exchange_raw(gw.proxy.port, post_head(token, CONTACT, expect))
+        assert first.startswith(b"HTTP/1.1 417 "), first
+        assert b"connection: close" in first.lower(), first
+        assert b'"bad_expect"' in body
