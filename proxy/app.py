@@ -60,7 +60,7 @@ class _JsonErrorServer(web.Server):
         return _JsonErrors(self, loop=self._loop, **self._kwargs)
 
 
-class _JsonErrorRunner(web.AppRunner):
+class JsonErrorRunner(web.AppRunner):
     """A runner whose connections answer unparsable requests in JSON."""
 
     async def _make_server(self) -> web.Server:
@@ -116,10 +116,10 @@ async def serve(
         _as_worker(proxy_app, admin_app, worker)
     grace = config.server.shutdown_grace_seconds
     # handler_cancellation: a client that hangs up while queued leaves the queue at once.
-    proxy_runner = _JsonErrorRunner(
+    proxy_runner = JsonErrorRunner(
         proxy_app, access_log=None, shutdown_timeout=grace, handler_cancellation=True
     )
-    admin_runner = _JsonErrorRunner(admin_app, access_log=None, shutdown_timeout=1.0)
+    admin_runner = JsonErrorRunner(admin_app, access_log=None, shutdown_timeout=1.0)
     await proxy_runner.setup()
     await admin_runner.setup()
     stop = asyncio.Event()
@@ -143,13 +143,13 @@ async def serve(
             reuse_port=worker is not None,
             backlog=4096,
         )
-        await _start(site, "listen", config.listen)
+        await start_site(site, "listen", config.listen)
         if worker is not None:
             await worker.admin_site(admin_runner).start()
         else:
             ahost, aport = config.admin_address()
             admin_site = web.TCPSite(admin_runner, ahost, aport, reuse_address=True)
-            await _start(admin_site, "admin_listen", config.admin_listen)
+            await start_site(admin_site, "admin_listen", config.admin_listen)
         log.info(
             "gateway listening",
             extra={
@@ -177,16 +177,21 @@ async def serve(
         await admin_runner.cleanup()
 
 
-async def _start(site: web.BaseSite, key: str, address: str) -> None:
+async def start_site(site: web.BaseSite, key: str, address: str) -> None:
     """Start ``site``; an OSError (a port in use, a host that does not resolve) names the
     config key and its address."""
     try:
         await site.start()
     except OSError as exc:
-        # The errno's own text: asyncio's repeats the address in a sentence of its own.
-        errno = exc.errno
-        reason = os.strerror(errno) if errno is not None and errno > 0 else exc.strerror or exc
-        raise OSError(errno, f"{key} {address}: {reason}") from None
+        raise listener_error(exc, key, address) from None
+
+
+def listener_error(exc: OSError, key: str, address: str) -> OSError:
+    """``exc`` (a listener that cannot start) as one naming the config key and address."""
+    # The errno's own text: asyncio's repeats the address in a sentence of its own.
+    errno = exc.errno
+    reason = os.strerror(errno) if errno is not None and errno > 0 else exc.strerror or exc
+    return OSError(errno, f"{key} {address}: {reason}")
 
 
 def _as_worker(proxy_app: web.Application, admin_app: web.Application, worker: WorkerSpec) -> None:

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from proxy.app import JsonErrorRunner, listener_error, start_site
 from proxy.config import MAX_WORKERS, GatewayConfig
 from proxy.group_admin import WorkerLinks, build_group_admin_app
 
@@ -119,7 +120,7 @@ class Supervisor:
         process, /healthz answering means the proxy port accepts); keep the workers until
         told to stop."""
         loop = asyncio.get_running_loop()
-        admin = web.AppRunner(build_group_admin_app(self), access_log=None, shutdown_timeout=1.0)
+        admin = JsonErrorRunner(build_group_admin_app(self), access_log=None, shutdown_timeout=1.0)
         await admin.setup()
         keepers: list[asyncio.Task[None]] = []
         try:
@@ -160,7 +161,8 @@ class Supervisor:
     async def _open_admin(self, admin: web.AppRunner, keepers: list[asyncio.Task[None]]) -> None:
         host, port = self.config.admin_address()
         try:
-            await web.TCPSite(admin, host, port, reuse_address=True).start()
+            site = web.TCPSite(admin, host, port, reuse_address=True)
+            await start_site(site, "admin_listen", self.config.admin_listen)
         except OSError:
             self._stopping.set()
             await self._drain(keepers)
@@ -269,11 +271,18 @@ def worker_argv(config_path: str, state: str | None, count: int) -> list[str]:
 def check_listen(config: GatewayConfig) -> None:
     """OSError if a port is taken, before any worker starts: on the proxy port the workers'
     SO_REUSEPORT would otherwise join another program's sockets (same user)."""
-    for host, port in (config.listen_address(), config.admin_address()):
+    listeners = (
+        ("listen", config.listen, config.listen_address()),
+        ("admin_listen", config.admin_listen, config.admin_address()),
+    )
+    for key, address, (host, port) in listeners:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         with socket.socket(family, socket.SOCK_STREAM) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            probe.bind((host, port))
+            try:
+                probe.bind((host, port))
+            except OSError as exc:
+                raise listener_error(exc, key, address) from None
 
 
 def supervise(config: GatewayConfig, config_path: str, state: str | None, count: int) -> int:

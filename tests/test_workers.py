@@ -11,9 +11,11 @@ The sqlite variants need the budget shared across processes on one SQLite file
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
+import socket
 import time
 import uuid
 from collections import Counter
@@ -193,6 +195,38 @@ def test_memory_state_with_workers_is_one_clear_error(tmp_path: Path) -> None:
     result = run_cli("serve", "--config", gw.config, "--workers", "65", env=gw.env)
     assert result.returncode == 2
     assert "--workers: must be 1-64, or 0 or auto" in result.stderr
+
+
+def test_a_port_in_use_names_its_key_with_workers(tmp_path: Path) -> None:
+    """As for one process: which listener could not start, named by its config key."""
+    gw = gateway_config(tmp_path, "http://127.0.0.1:9")
+    for key, port in (("listen", gw.port), ("admin_listen", gw.admin_port)):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as busy:
+            busy.bind(("127.0.0.1", port))
+            busy.listen()
+            result = run_cli("serve", "--config", gw.config, "--workers", "2", env=gw.env)
+        expected = f"cannot start: {key} 127.0.0.1:{port}: Address already in use"
+        assert assert_clean_error(result, 1).endswith(expected)
+
+
+async def test_the_group_admin_listener_answers_unparsable_requests_in_json(
+    tmp_path: Path, spawn: Spawn, big_sim: tuple[Simulator, str]
+) -> None:
+    """As ``serve``'s own admin listener does: the group's is the one callers reach."""
+    _, sim_url = big_sim
+    gw = group_config(tmp_path, sim_url, "sqlite", "", HUGE_LIMITS)
+    await start_group(spawn, gw)
+    for port in (gw.admin_port, gw.port):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nNot a header line\r\n\r\n")
+            answer = await asyncio.wait_for(reader.read(), 5)  # and the connection closes
+        finally:
+            writer.close()
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.split()[1] == b"400", (port, answer[:200])
+        assert b"content-type: application/json" in head.lower(), (port, answer[:300])
+        assert json.loads(body) == {"error": "Bad Request", "reason": "bad_request"}
 
 
 async def test_both_workers_serve_one_port_behind_one_admin_listener(
