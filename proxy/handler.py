@@ -8,17 +8,19 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
+from aiohttp.streams import StreamReader
 from multidict import CIMultiDict
 
 from proxy.admission import AdmitRequest, Grant, Refusal
 from proxy.config import AGENCY_KEY_NAME, Credential
 from proxy.errors import json_body, json_error, json_response
+from proxy.keywatch import Inflated, Unreadable, coding_of, decoded, masked, readable_codings
 from proxy.metrics import ANONYMOUS
 from proxy.routes import PathError, RouteMatch, scope_allows
 from proxy.runtime import RUNTIME, Runtime
@@ -390,7 +392,8 @@ def _upstream_headers(
     for name, value in given.items():
         low = name.lower()
         if low not in _SKIP_REQUEST and low not in named:
-            out.add(name, value)
+            # Only codings whose bodies the gateway can search for the key (keywatch).
+            out.add(name, readable_codings(value) if low == "accept-encoding" else value)
     if "Accept" not in out:
         out["Accept"] = "*/*"
     if request.body_exists:
@@ -519,56 +522,166 @@ async def _relay(
     content = upstream.content
     assert content is not None
     key = credential.secret.reveal_bytes()
+    # The body is searched for the key as the caller would read it (proxy/keywatch.py).
+    coding = coding_of(given.get("Content-Encoding"))
+    whole = content.is_eof() and content.exception() is None
+    body = b""
+    if whole:  # the whole answer is here already (most are small): one write, no loop
+        body = content.read_nowait()
+        if not coding and key in body:
+            _key_seen(credential, "masked")
+            body = masked(body, key)
+    if coding is None or (whole and coding and body):
+        try:
+            body = _decoded_if_leaking(response, body, key, coding, credential)
+        except Unreadable:
+            ex.refusal = "upstream_unreadable"
+            return json_error(
+                502,
+                "echowin's answer is in an encoding the gateway cannot check",
+                reason="upstream_unreadable",
+                headers={"X-Request-ID": ex.request_id},
+            )
     try:
         await response.prepare(request)
-        if content.is_eof() and content.exception() is None:
-            # The whole answer is here already (most are small): one write, no loop.
-            chunk = _masked(content.read_nowait(), key, credential)
-            ex.bytes_out += len(chunk)
-            await response.write_eof(chunk)
+        if whole:
+            ex.bytes_out += len(body)
+            await response.write_eof(body)
             return response
-        chunks = content.iter_any()
-        # The last len(key) - 1 bytes wait for the next chunk: a key split between two
-        # chunks is masked too.
-        keep = len(key) - 1
-        held = b""
-        while True:
-            try:
-                chunk = await anext(chunks)
-            except StopAsyncIteration:
-                break
-            except (aiohttp.ClientError, TimeoutError):
-                # Too late for a status: cut the connection so the client sees a broken answer.
-                ex.refusal = "upstream_broken_body"
-                if request.transport is not None:
-                    request.transport.close()
-                return response
-            data = _masked(held + chunk if held else chunk, key, credential)
-            cut = max(0, len(data) - keep)
-            held = data[cut:]
-            if cut:
-                ex.bytes_out += cut
-                await response.write(memoryview(data)[:cut])
-        ex.bytes_out += len(held)
-        await response.write_eof(held)
+        chunks = _chunks_of(content)
+        if coding:
+            await _stream_inflated(response, chunks, Inflated(key, coding), ex, credential)
+        else:
+            await _stream_masked(response, chunks, key, ex, credential)
+        await response.write_eof()
     except ConnectionResetError:
         # The caller hung up while its answer was being written: nothing to answer, no
         # gateway fault (aiohttp's ClientConnectionResetError is a ConnectionResetError).
         ex.refusal = "client_closed"
         ex.client_gone = True
+    except (_BrokenBody, _KeyInBody, Unreadable) as exc:
+        # Too late for a status: cut the connection so the client sees a broken answer.
+        ex.refusal = _CUT_REASONS[type(exc)]
+        if request.transport is not None:
+            request.transport.close()
     return response
 
 
-def _masked(data: bytes, key: bytes, credential: Credential) -> bytes:
-    """``data`` with every copy of the real key turned into as many ``*``: echowin has no
-    reason to echo it (a debug page that shows the request would), and the caller must
-    never see it. The length stays, so Content-Length still holds."""
-    if key not in data:
-        return data
+class _BrokenBody(Exception):
+    """echowin's answer broke off (a reset, the deadline) while it was being relayed."""
+
+
+class _KeyInBody(Exception):
+    """The real key is in a compressed body being streamed: it cannot be masked there."""
+
+
+_CUT_REASONS = {
+    _BrokenBody: "upstream_broken_body",
+    _KeyInBody: "upstream_key_in_body",
+    Unreadable: "upstream_unreadable",
+}
+
+
+async def _chunks_of(content: StreamReader) -> AsyncIterator[bytes]:
+    """echowin's body as it comes; _BrokenBody when it breaks off (aiohttp's own errors
+    are not told apart from a caller gone, whose write raises a ClientError too)."""
+    chunks = content.iter_any()
+    while True:
+        try:
+            chunk = await anext(chunks)
+        except StopAsyncIteration:
+            return
+        except (aiohttp.ClientError, TimeoutError):
+            raise _BrokenBody from None
+        yield chunk
+
+
+async def _stream_masked(
+    response: web.StreamResponse,
+    chunks: AsyncIterator[bytes],
+    key: bytes,
+    ex: Exchange,
+    credential: Credential,
+) -> None:
+    """An identity body, every copy of the key masked. The last len(key) - 1 bytes wait
+    for the next chunk: a key split between two chunks is masked too."""
+    keep = len(key) - 1
+    held = b""
+    async for chunk in chunks:
+        data = held + chunk if held else chunk
+        if key in data:
+            _key_seen(credential, "masked")
+            data = masked(data, key)
+        cut = max(0, len(data) - keep)
+        held = data[cut:]
+        if cut:
+            ex.bytes_out += cut
+            await response.write(memoryview(data)[:cut])
+    ex.bytes_out += len(held)
+    await response.write(held)
+
+
+async def _stream_inflated(
+    response: web.StreamResponse,
+    chunks: AsyncIterator[bytes],
+    inflated: Inflated,
+    ex: Exchange,
+    credential: Credential,
+) -> None:
+    """A compressed body, relayed as it came, each chunk held back until len(key) - 1
+    inflated bytes follow it: the chunk that completes a key, and every one before it that
+    holds a part of it, are never sent (_KeyInBody: the connection is cut)."""
+    keep = inflated.keep
+    held: deque[tuple[bytes, int]] = deque()  # (chunk, inflated bytes it made)
+    after_first = 0  # inflated bytes of every held chunk but the first
+    async for chunk in chunks:
+        before = inflated.plain_bytes
+        if inflated.holds_key(chunk):
+            _key_seen(credential, "cut")
+            raise _KeyInBody
+        held.append((chunk, inflated.plain_bytes - before))
+        if len(held) > 1:
+            after_first += held[-1][1]
+        while len(held) > 1 and after_first >= keep:
+            sent, _ = held.popleft()
+            after_first -= held[0][1]
+            ex.bytes_out += len(sent)
+            await response.write(sent)
+    if inflated.ends_with_key():
+        _key_seen(credential, "cut")
+        raise _KeyInBody
+    for sent, _ in held:
+        ex.bytes_out += len(sent)
+        await response.write(sent)
+
+
+def _decoded_if_leaking(
+    response: web.StreamResponse,
+    body: bytes,
+    key: bytes,
+    coding: str | None,
+    credential: Credential,
+) -> bytes:
+    """A whole compressed ``body`` as the caller gets it: as it came when the key is not
+    in it inflated, else inflated and masked (Content-Encoding dropped). Unreadable for a
+    coding the gateway cannot read (None) or a corrupt body."""
+    if coding is None:
+        raise Unreadable
+    plain = decoded(body, coding)
+    if key not in plain:
+        return body
+    _key_seen(credential, "masked")
+    del response.headers["Content-Encoding"]
+    body = masked(plain, key)
+    response.content_length = len(body)
+    return body
+
+
+def _key_seen(credential: Credential, action: str) -> None:
     log.warning(
-        "echowin's answer held the key; masked", extra={"fields": {"credential": credential.name}}
+        "echowin's answer held the key",
+        extra={"fields": {"credential": credential.name, "action": action}},
     )
-    return data.replace(key, b"*" * len(key))
 
 
 def _account(
