@@ -220,6 +220,12 @@ class Lane:
         # healthy), when the budget frees, the freeze then), for refusing again without
         # predicting again.
         self._refusing: tuple[tuple[int, int, bool, bool], float, float | None] | None = None
+        # Counts the changes to the queues and their round-robin credits; the sends ahead
+        # of a new request, played out for that state, per (token id if it has a queue,
+        # weight): a flood of refused arrivals plays the round-robin once, not each time.
+        self._queues_version = 0
+        self._ahead: dict[tuple[str | None, int], int] = {}
+        self._ahead_version = -1
 
     @property
     def budget(self) -> CredentialBudget:
@@ -265,6 +271,19 @@ class Lane:
         return self.source.predict_wait(now, self._ahead_of_new(token), horizon)
 
     def _ahead_of_new(self, token: TokenRecord) -> int:
+        """Sends the weighted round-robin serves before a new request of ``token``, played
+        once per state of the queues (see ``_play_ahead``): a new token's depends on its
+        weight only."""
+        if self._ahead_version != self._queues_version:
+            self._ahead.clear()
+            self._ahead_version = self._queues_version
+        key = (token.id if token.id in self.queues else None, token.weight)
+        ahead = self._ahead.get(key)
+        if ahead is None:
+            ahead = self._ahead[key] = self._play_ahead(token)
+        return ahead
+
+    def _play_ahead(self, token: TokenRecord) -> int:
         """Sends the weighted round-robin serves before a new request of ``token`` if
         nobody else comes: its choices played forward, as ``_next_queue`` makes them, on
         copies of the credits. Smooth round-robin spreads a token's turns through a round
@@ -431,6 +450,7 @@ class Lane:
         if queue is None:
             queue = self.queues[token.id] = _TokenQueue(token)
         queue.waiters.append(waiter)
+        self._queues_version += 1
         self.depth += 1
         self.policy.waiting += 1
         self._schedule()
@@ -462,6 +482,7 @@ class Lane:
         queue = self.queues.get(waiter.token.id)
         if queue is not None and waiter in queue.waiters:
             queue.waiters.remove(waiter)
+            self._queues_version += 1
             self.depth -= 1
             self.policy.waiting -= 1
             if not queue.waiters:
@@ -520,6 +541,7 @@ class Lane:
         while self.depth > 0:
             queue = self._next_queue()
             waiter = queue.waiters.popleft()
+            self._queues_version += 1
             self.depth -= 1
             self.policy.waiting -= 1
             if not queue.waiters:

@@ -15,10 +15,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from proxy import scheduler as scheduler_module
 from proxy.admission import AdmitRequest
 from proxy.budget import Limit
 from proxy.ratelimit_headers import parse_reset, parse_retry_after
-from proxy.scheduler import Lane, QueuePolicy, Scheduler, SlotGrant
+from proxy.scheduler import Lane, QueuePolicy, Scheduler, SlotGrant, _Turns
 from proxy.state.memory import MemorySendLog
 from tests.test_scheduler import (
     CREDENTIAL,
@@ -311,3 +312,52 @@ def test_the_predicted_wait_is_when_the_round_robin_serves_it(
 ) -> None:
     # With nobody else arriving, a new request is served exactly when predicted.
     asyncio.run(play_prediction(weights, ops, who))
+
+
+# --- the cost of a prediction on the arrival path --------------------------------------------
+
+
+async def test_a_refusal_flood_does_not_play_the_round_robin_again_for_each_arrival(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 60 tokens wait one request each. Every arrival that is refused predicted its wait by
+    # playing the round-robin forward: O(sends ahead * tokens waiting), about 3,700 steps
+    # here and 37 ms per refused request at 1,000 tokens, while nothing in the queue had
+    # changed since the last arrival. Counted by the round-robin's choices (_credit).
+    lane = rig.lane(
+        await rig.sqlite_log(),
+        Limit(1, 1),
+        policy=QueuePolicy(max_wait=1000.0, max_depth=1000, max_depth_per_token=50),
+    )
+    first = await lane.admit(token("filler"), None, 1.0)
+    assert isinstance(first, SlotGrant)
+    first.sent(200, {})
+    waiting = [token(f"w{i}") for i in range(60)]
+    for tok in waiting:
+        await rig.enqueue(lane, tok)
+    calls = 0
+    credit = scheduler_module._credit
+
+    def counted(turns: _Turns) -> float:
+        nonlocal calls
+        calls += 1
+        return credit(turns)
+
+    monkeypatch.setattr(scheduler_module, "_credit", counted)
+    newcomer, another = token("new"), token("another")
+    expected = [
+        lane.predicted_wait(T0, tok, None) for tok in (newcomer, another, waiting[7], waiting[59])
+    ]
+    once = calls
+    assert once > 1000  # the exact play, for each kind of arrival
+    refusals = []
+    for _ in range(50):
+        for tok in (newcomer, another, waiting[7], waiting[59]):
+            refusals.append(await refuse_now(lane.admit(tok, None, 5.0), "upstream_budget"))
+    assert calls == once  # nothing changed in the queue: nothing played again
+    assert [r.retry_after for r in refusals] == expected * 50
+    # A change in the queue (a slot served) is seen: played again, one fewer ahead.
+    await fire(lane, rig.clock, 1.25)
+    await settle()
+    assert lane.predicted_wait(rig.clock.now, newcomer, None) == expected[0] - 1.25
+    assert calls > once
