@@ -224,6 +224,8 @@ class Lane:
         # of a new request, played out for that state, per (token id if it has a queue,
         # weight): a flood of refused arrivals plays the round-robin once, not each time.
         self._queues_version = 0
+        # Set by shed (shutting down): what a request that would queue gets instead.
+        self.shedding: Refusal | None = None
         self._ahead: dict[tuple[str | None, int], int] = {}
         self._ahead_version = -1
 
@@ -355,6 +357,10 @@ class Lane:
                 grant = self._refusal_for_new(now, token, max_wait)
         except StateUnavailable:
             return _STATE_DOWN
+        if grant is None and self.shedding is not None:
+            # Shed while this request read the state (its quota, Redis): nobody serves the
+            # queue now, and the server cancels what still waits at the end of the drain.
+            grant = self.shedding
         if grant is None:
             # Queued. The wait is awaited here, not in a coroutine of its own: with 10,000
             # queued, every frame and timer per waiter counts (docs/performance.md#memory).
@@ -907,6 +913,7 @@ class Scheduler:
         still waiting for budget gets an answer before the server cancels it."""
         self._shedding = True
         for lane in self.lanes.values():
+            lane.shedding = _SHUTTING_DOWN  # a request past the check above, reading state
             lane.fail_waiters(_SHUTTING_DOWN)
 
     async def close(self) -> None:

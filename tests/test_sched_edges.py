@@ -17,9 +17,10 @@ from hypothesis import strategies as st
 
 from proxy import scheduler as scheduler_module
 from proxy.admission import AdmitRequest
-from proxy.budget import Limit
+from proxy.budget import CredentialBudget, Limit
 from proxy.ratelimit_headers import parse_reset, parse_retry_after
 from proxy.scheduler import Lane, QueuePolicy, Scheduler, SlotGrant, _Turns
+from proxy.slots import LocalSlots
 from proxy.state.memory import MemorySendLog
 from tests.test_scheduler import (
     CREDENTIAL,
@@ -34,6 +35,7 @@ from tests.test_scheduler import (
     full_lane,
     granted,
     refuse_now,
+    refused,
     rig,
     rl,
     settle,
@@ -361,3 +363,45 @@ async def test_a_refusal_flood_does_not_play_the_round_robin_again_for_each_arri
     await settle()
     assert lane.predicted_wait(rig.clock.now, newcomer, None) == expected[0] - 1.25
     assert calls > once
+
+
+# --- shed: the end of the drain --------------------------------------------------------------
+
+
+class GatedQuota(LocalSlots):
+    """A token quota whose state answers only once ``gate`` is set (a slow SQLite or Redis)."""
+
+    def __init__(self, name: str, limits: tuple[Limit, ...], gate: asyncio.Event) -> None:
+        super().__init__(name, CredentialBudget(limits, 0.0), MemorySendLog(), leases=False)
+        self.gate = gate
+
+    async def restore(self, now: float) -> None:
+        await self.gate.wait()
+        await super().restore(now)
+
+
+async def test_a_request_that_reaches_the_queue_after_shed_is_refused_too(rig: Rig) -> None:
+    # shed() refuses the queued requests and every later one "at once"; but a request that
+    # passed the check before shed() and was still reading its token quota's state queued
+    # afterwards, and waited until the server cancelled it: the disconnect shed prevents.
+    lane, _ = await full_lane(rig, Limit(1, 100))
+    gate = asyncio.Event()
+
+    def quotas(name: str, limits: tuple[Limit, ...]) -> LocalSlots:
+        return GatedQuota(name, limits, gate)
+
+    scheduler = Scheduler(
+        {CREDENTIAL: lane}, rig.policy, rig.observer, clock=rig.clock, quota_sources=quotas
+    )
+    request = AdmitRequest(token("svc", per_minute=10), CREDENTIAL, "/v1/calls", None)
+    late = rig.spawn(scheduler.admit(request))
+    await settle()
+    assert not late.done()  # reading its quota
+    scheduler.shed()
+    gate.set()
+    await settle()
+    assert late.done(), "queued after shed: it waits until the server cancels it"
+    assert refused(late.result(), "shutting_down").status == 503
+    assert lane.depth == 0
+    quota = scheduler._quotas[request.token.id].source
+    assert quota.budget.count(rig.clock.now, 0) == 0  # its charge refunded
