@@ -333,17 +333,21 @@ class LocalSlots:
     def _merge(self, rows: list[Row]) -> None:
         if rows:
             self.changes += 1
+        frozen: float | None = None
         for at, n in rows:
             if n == 0:  # another process met an unexpected 429: the key is frozen for all
                 self.budget.freeze(at)
-                if self.on_frozen is not None:
-                    self.on_frozen(at)
+                frozen = at if frozen is None else max(frozen, at)
             elif n > 0:
                 for _ in range(n):
                     self.budget.record(at)
             else:
                 for _ in range(-n):
                     self.budget.release(at)
+        # Told once every row is in: a give-back written after the freeze (the lease's
+        # unused slots, a send that never left) may let a waiter last until the first send.
+        if frozen is not None and self.on_frozen is not None:
+            self.on_frozen(frozen)
 
     async def refresh(self, now: float) -> None:
         if now - self._polled >= self.POLL_SECONDS or now < self._polled:

@@ -30,6 +30,7 @@ from tests.test_scheduler import (
     FakeClock,
     Recorder,
     Rig,
+    drain,
     finished,
     fire,
     full_lane,
@@ -405,3 +406,36 @@ async def test_a_request_that_reaches_the_queue_after_shed_is_refused_too(rig: R
     assert lane.depth == 0
     quota = scheduler._quotas[request.token.id].source
     assert quota.budget.count(rig.clock.now, 0) == 0  # its charge refunded
+
+
+# --- a freeze another worker wrote, read with the rows after it ------------------------------
+
+
+async def test_a_freeze_read_with_a_give_back_after_it_keeps_a_waiter_that_can_wait(
+    rig: Rig,
+) -> None:
+    # serve --workers on one SQLite file. A sends at T0; B's request queues behind the 1 s
+    # window (deadline T0 + 10). A sends again at T0 + 1.375 (B's place in line lapsed; the
+    # 2-a-minute window is now full until T0 + 60.375), its first send meets a 429 (pause
+    # 3 s), and the second never leaves (given back). B reads the three rows at once: the
+    # freeze ends at T0 + 4.375 and
+    # the minute window has room, so B's waiter can wait. It was refused for 59 s: told of
+    # the freeze row before the give-back row after it was merged.
+    limits = (Limit(1, 1), Limit(2, 60))
+    a = rig.lane(await rig.sqlite_log(), *limits)
+    b = rig.lane(await rig.sqlite_log(), *limits)
+    g1 = await a.admit(token("a"), None, 1.0)
+    assert isinstance(g1, SlotGrant)
+    waiter = await rig.enqueue(b, token("b"), max_wait=10.0)
+    rig.clock.now = T0 + 1.375
+    g2 = await a.admit(token("a"), None, 1.0)
+    assert isinstance(g2, SlotGrant)
+    g1.sent(429, {"Retry-After": "3"})
+    await drain(a)
+    g2.unsent()
+    await drain(a)
+    await b.source.refresh(rig.clock.now)
+    await settle()
+    assert not waiter.done(), waiter.result()
+    assert b.depth == 1
+    assert b.source.predict_wait(rig.clock.now, 0, None) == pytest.approx(3.0)
