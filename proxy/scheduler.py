@@ -180,8 +180,11 @@ class Lane:
     """Queues and fairness for one upstream credential; its slots come from a SlotSource."""
 
     # Sends ahead of a new request that a prediction plays out exactly (echowin's tightest
-    # window holds 100): a deeper queue shared by several tokens gets a bound instead.
+    # window holds 100): a deeper queue shared by several tokens gets a bound instead. So
+    # does one shared by so many tokens that the play would look at more than PLAYED_WORK
+    # token queues in all (exact up to 256 sends for 32 tokens; about a millisecond).
     PLAYED_MAX = 256
+    PLAYED_WORK = 8192
 
     def __init__(
         self,
@@ -292,7 +295,8 @@ class Lane:
         and the credits carry over, so counting whole rounds of weights was wrong both
         ways (a request refused that would have been served in time; one queued that then
         waited past its max wait). Costs O(sends ahead * tokens waiting) until only its
-        own are left; past PLAYED_MAX sends ahead, a bound by rounds of weights."""
+        own are left; past PLAYED_MAX sends ahead or PLAYED_WORK queues looked at, a bound
+        by rounds of weights."""
         own = self.queues.get(token.id)
         # In the dict's order: ties go to the first, as in _next_queue.
         queues = [
@@ -305,7 +309,9 @@ class Lane:
         else:
             me = queues[list(self.queues).index(token.id)]
         ahead = 0
-        while ahead <= self.PLAYED_MAX:
+        work = 0
+        while ahead <= self.PLAYED_MAX and work <= self.PLAYED_WORK:
+            work += len(queues)
             if not any(q.waiting for q in queues if q is not me):
                 return ahead + me.waiting - 1  # the rest are its own, in order
             for gone in [q for q in queues if not q.waiting and q.current >= 0]:
@@ -323,7 +329,7 @@ class Lane:
             if best is me and not me.waiting:
                 return ahead
             ahead += 1
-        return max(self.PLAYED_MAX + 1, self._rounds_ahead(token))
+        return max(ahead + 1, self._rounds_ahead(token))  # more than were played
 
     def _rounds_ahead(self, token: TokenRecord) -> int:
         """A bound on the sends ahead of a new request of ``token``, by rounds of weights."""

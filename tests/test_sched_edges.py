@@ -366,6 +366,35 @@ async def test_a_refusal_flood_does_not_play_the_round_robin_again_for_each_arri
     assert calls > once
 
 
+async def test_one_prediction_looks_at_a_bounded_number_of_queues_however_many_tokens_wait(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 500 tokens wait one request each: playing 256 sends forward looked at ~128,000 token
+    # queues (about 15 ms) for the first arrival after each change of the queue.
+    lane = rig.lane(
+        await rig.sqlite_log(),
+        Limit(1, 1),
+        policy=QueuePolicy(max_wait=10_000.0, max_depth=2000, max_depth_per_token=5),
+    )
+    first = await lane.admit(token("filler"), None, 1.0)
+    assert isinstance(first, SlotGrant)
+    first.sent(200, {})
+    for i in range(500):
+        await rig.enqueue(lane, token(f"w{i}"))
+    calls = 0
+    credit = scheduler_module._credit
+
+    def counted(turns: _Turns) -> float:
+        nonlocal calls
+        calls += 1
+        return credit(turns)
+
+    monkeypatch.setattr(scheduler_module, "_credit", counted)
+    wait = lane.predicted_wait(T0, token("new"), None)
+    assert calls <= 10_000  # PLAYED_WORK (8,192) and one last pick, then the bound by rounds
+    assert wait >= 500  # a newcomer still waits behind every one of them (1 send a second)
+
+
 # --- shed: the end of the drain --------------------------------------------------------------
 
 
