@@ -491,15 +491,16 @@ class RedisSlots:
             self._cursor = max(self._cursor, float(sends[-1]))
         for index, raw in enumerate(reply[4:]):
             mirror.load_external(index, [at - offset for at in _pairs(raw)], now)
-        # Redis' freeze goes into the current view first (told to the lane if it is news);
-        # a freeze set here since Redis answered (an upstream 429) is still on its way there.
-        self._heard_freeze(float(reply[1]) - offset, now)
+        # A freeze set here since Redis answered (an upstream 429) is still on its way there.
         local = self.mirror.frozen_until(now)
         if local is not None:
             mirror.freeze(local)
         self.mirror, self._mirror_at, self._offset = mirror, now, offset
         self._seen_at = now
         self.changes += 1
+        # Redis' freeze, told to the lane if it is news only now: the lane predicts who can
+        # wait it out on this view, with the others' give-backs in it, not the one before.
+        self._heard_freeze(float(reply[1]) - offset, now)
         if self._hint_until > now and mirror.wait_time(now) <= 0:
             self._hint_until = 0.0  # another replica gave a slot back: worth asking again
 
