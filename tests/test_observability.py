@@ -31,7 +31,9 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
+from proxy.metrics import Metrics
 from proxy.sim import Faults
 from tests.conftest import GatewayHandle, SimHandle
 from tests.procs import free_ports
@@ -286,6 +288,73 @@ def test_prometheus_config_for_the_compose_stack(tmp_path: Path) -> None:
         timeout=60,
         check=False,
     )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def promtool_test_alert(
+    tmp_path: Path, alert: str, series: dict[str, str], fires_at: str, labels: dict[str, str]
+) -> subprocess.CompletedProcess[str]:
+    """``promtool test rules``: whether ``alert`` of alerts.yml (its expr, for and labels;
+    annotations left out, they hold rendered values) fires at ``fires_at`` on ``series``
+    (one sample a minute), with ``labels``; ``labels`` empty: it must not fire."""
+    (rule,) = [r for r in alert_rules() if r["alert"] == alert]
+    bare = {k: v for k, v in rule.items() if k != "annotations"}
+    rules = tmp_path / "rules.yml"
+    rules.write_text(yaml.safe_dump({"groups": [{"name": "g", "rules": [bare]}]}), "utf-8")
+    expected = [{"exp_labels": {**rule["labels"], **labels}}] if labels else []
+    test = {
+        "rule_files": [str(rules)],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [{"series": s, "values": v} for s, v in series.items()],
+                "alert_rule_test": [
+                    {"eval_time": fires_at, "alertname": alert, "exp_alerts": expected}
+                ],
+            }
+        ],
+    }
+    path = tmp_path / "test.yml"
+    path.write_text(yaml.safe_dump(test), encoding="utf-8")
+    return subprocess.run(
+        [binary("promtool"), "test", "rules", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def queue_wait_series(max_wait: float, waited: float) -> dict[str, str]:
+    """The series a gateway with ``queue.max_wait_seconds: max_wait`` exports while 100
+    requests a minute wait ``waited`` seconds each: its real buckets, from a real
+    ``Metrics``."""
+    metrics = Metrics()
+    metrics.queue_max_wait.set(max_wait)
+    for _ in range(100):
+        metrics.waited("default", waited)
+    text = metrics.exposition().decode()
+    series = {"echowin_gateway_queue_max_wait_seconds": f"{max_wait}x30"}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == "echowin_gateway_queue_wait_seconds_bucket":
+                selector = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+                series[f"{s.name}{{{selector}}}"] = f"0+{s.value:g}x30"
+    return series
+
+
+@pytest.mark.parametrize("max_wait", [10, 120, 600, 3600])
+def test_queue_wait_alert_fires_near_any_max_wait(tmp_path: Path, max_wait: int) -> None:
+    """EchowinGatewayQueueWaitNearMax compares the wait p99 with 0.8 x the configured max
+    wait: the histogram's buckets must reach that far, or the p99 stops at the highest one
+    and the alert can never fire."""
+    alert = "EchowinGatewayQueueWaitNearMax"
+    near = queue_wait_series(max_wait, 0.95 * max_wait)
+    result = promtool_test_alert(tmp_path, alert, near, "15m", {"credential": "default"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    half = queue_wait_series(max_wait, 0.5 * max_wait)
+    result = promtool_test_alert(tmp_path, alert, half, "15m", {})
     assert result.returncode == 0, result.stdout + result.stderr
 
 
