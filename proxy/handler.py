@@ -245,6 +245,8 @@ async def _handle(request: web.Request, rt: Runtime, ex: Exchange) -> web.Stream
         result = await rt.auth.authenticate(_presented_token(request))
     except Exception as exc:  # the token store cannot answer
         ex.refusal = "state_unavailable"
+        # Neither the token nor its key is known yet: both labels are "-".
+        rt.metrics.refused(ANONYMOUS, ANONYMOUS, "state_unavailable")
         log.warning("token store failed", extra={"fields": {"error": type(exc).__name__}})
         return json_error(
             503,

@@ -37,6 +37,7 @@ from proxy.metrics import Metrics
 from proxy.sim import Faults
 from tests.conftest import GatewayHandle, SimHandle
 from tests.procs import free_ports
+from tests.test_replicas import RedisServer, redis_server, wait_redis_up  # noqa: F401
 from tests.test_token_store import REDIS_URL, scratch_redis
 
 REPO = Path(__file__).resolve().parents[1]
@@ -589,3 +590,35 @@ async def test_prometheus_scrapes_the_gateway_and_every_panel_has_data(
             )
 
         await wait_for("alert rules evaluated as expected", 10.0, rules_evaluated, states)
+
+
+# --- refusals the token store causes ---------------------------------------------------------
+
+
+async def test_a_token_store_outage_is_counted_as_a_refusal(
+    make_gateway: MakeGateway,
+    redis_server: RedisServer,  # noqa: F811
+) -> None:
+    """A request whose token cannot be looked up (Redis down, the token not cached) gets 503
+    ``state_unavailable`` at once: a refusal like any other in refusals_total, which the
+    dashboard's refusal panels and the runbook's by-reason list read."""
+    await wait_redis_up(redis_server.url)
+    gw = await make_gateway(
+        state=redis_server.url, on_state_failure="closed", redis={"timeout_seconds": 0.3}
+    )
+    token = await gw.token("contacts:read", name="never-seen")
+    redis_server.stop()
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+        headers = {"Authorization": f"Bearer {token}"}
+        async with session.get(gw.url("/api/v1/contacts"), headers=headers) as resp:
+            assert resp.status == 503
+            assert (await resp.json())["reason"] == "state_unavailable"
+        async with session.get(gw.admin_url("/metrics")) as resp:
+            text = await resp.text()
+    refusals = {
+        s.labels["reason"]: (s.labels["token"], s.value)
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "echowin_gateway_refusals_total"
+    }
+    assert refusals.get("state_unavailable") == ("-", 1.0), refusals
