@@ -256,6 +256,42 @@ def test_dashboard_shape() -> None:
     assert {"Overview", "Upstream budget", "Queue", "Per token", "Upstream (echowin)"} <= rows
 
 
+def target_unit(panel: dict[str, Any], ref_id: str) -> str | None:
+    """The unit Grafana shows a target's series in: an override by its refId, else the
+    panel's default."""
+    config = panel.get("fieldConfig", {})
+    for override in config.get("overrides", []):
+        matcher = override["matcher"]
+        if matcher["id"] == "byFrameRefID" and matcher["options"] == ref_id:
+            for prop in override["properties"]:
+                if prop["id"] == "unit":
+                    return str(prop["value"])
+    unit = config.get("defaults", {}).get("unit")
+    return None if unit is None else str(unit)
+
+
+_SHARE = re.compile(r"\b(echowin_gateway_\w+)_used\b.*\)\s*/\s*.*\b\1_limit\b", re.DOTALL)
+
+
+def test_shares_of_a_limit_show_as_percent() -> None:
+    """A ``..._used / ..._limit`` query is a share (0 to 1): shown in another unit (e.g.
+    req/s next to a rate in the same panel) a half-spent quota reads "0.5 req/s"."""
+    shares = [
+        (panel["title"], target["refId"])
+        for panel in graph_panels()
+        for target in panel["targets"]
+        if _SHARE.search(target["expr"])
+    ]
+    assert len(shares) >= 2  # Budget used, Token quota use
+    wrong = {
+        (title, ref): target_unit(panel, ref)
+        for panel in graph_panels()
+        for title, ref in shares
+        if panel["title"] == title and target_unit(panel, ref) != "percentunit"
+    }
+    assert not wrong, wrong
+
+
 def test_alerts_carry_severity_summary_description_and_a_runbook() -> None:
     runbook = RUNBOOK.read_text(encoding="utf-8").split("\n## Alert runbook\n", 1)[1]
     sections = re.findall(r"^### (\S+)\s*$", runbook, re.MULTILINE)
