@@ -27,8 +27,11 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     """Ready when the token store answers. While a shared store (Redis) is down, a replica
     configured with ``on_state_failure: local`` carries on alone and stays ready (say so in
-    the body); with ``closed`` it answers 503 until the store is back."""
+    the body); with ``closed`` it answers 503 until the store is back. Once SIGTERM's drain
+    has begun the proxy accepts no more: 503 ``draining``."""
     rt = request.app[RUNTIME]
+    if rt.draining:
+        return web.json_response({"status": "draining"}, status=503)
     try:
         await rt.store.ping()
     except Exception as exc:  # any backend failure means the store cannot answer

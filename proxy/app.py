@@ -164,6 +164,7 @@ async def serve(
             ready.set()
         await stop.wait()
         log.info("shutting down", extra={"fields": {"grace_seconds": grace}})
+        proxy_app[RUNTIME].draining = True
         admitter = proxy_app[RUNTIME].admitter
         loop.call_later(max(0.0, grace - SHED_MARGIN_SECONDS), admitter.shed)
     finally:

@@ -48,6 +48,8 @@ class Runtime:
     request_ids: RequestIds = field(default_factory=RequestIds)
     # Worker processes of this gateway (serve --workers): each is a replica of the budget.
     workers: int = 1
+    # Set when SIGTERM's drain starts: the proxy accepts no more, so /readyz says not ready.
+    draining: bool = False
     _store: TokenStore | None = None
     _auth: TokenAuthenticator | None = None
     _upstream: Upstream | None = None

@@ -335,6 +335,49 @@ async def test_serve_sigterm_drains_in_flight_requests(tmp_path: Path, spawn: Sp
         assert "Traceback" not in gateway.stderr()
 
 
+async def test_readyz_says_draining_once_sigterm_closed_the_proxy(
+    tmp_path: Path, spawn: Spawn
+) -> None:
+    """While SIGTERM's drain runs, the proxy port refuses connections: /readyz must not
+    keep saying ready (a load balancer or a Service reading it would keep sending there);
+    /healthz stays 200, the process is alive and finishing its requests."""
+    sim = await start_sim(spawn)
+    gw = gateway_config(tmp_path, sim.url)
+    token = create_token(gw, "--name", "slow", "--scope", "contacts:read")
+    async with http_client() as session:
+        gateway = await start_gateway(spawn, session, gw)
+        async with session.get(gw.admin_url("/readyz")) as resp:
+            assert resp.status == 200
+        async with session.post(f"{sim.url}/_sim/faults", json={"latency_seconds": 2.0}) as resp:
+            assert resp.status == 200
+
+        async def in_flight_request() -> int:
+            url, headers = gw.url("/api/v1/contacts"), {"X-API-Key": token}
+            async with http_client() as client, client.get(url, headers=headers) as resp:
+                return resp.status
+
+        async def gateway_busy() -> bool:
+            async with session.get(gw.admin_url("/metrics")) as resp:
+                text = await resp.text()
+            match = re.search(r"^echowin_gateway_in_flight_requests (\S+)$", text, re.MULTILINE)
+            return match is not None and float(match.group(1)) >= 1
+
+        request = asyncio.create_task(in_flight_request())
+        await eventually(gateway_busy, "request in flight at the gateway", timeout=5)
+        gateway.popen.send_signal(signal.SIGTERM)
+        await eventually(
+            lambda: connection_refused(gw.port), "proxy listener closed after SIGTERM", timeout=3
+        )
+        assert not request.done()
+        async with session.get(gw.admin_url("/readyz")) as resp:
+            assert resp.status == 503
+            assert (await resp.json())["status"] == "draining"
+        async with session.get(gw.admin_url("/healthz")) as resp:
+            assert resp.status == 200
+        assert await asyncio.wait_for(request, timeout=10) == 200
+        assert await gateway.wait_exit(timeout=10) == 0
+
+
 # --- quickstart --------------------------------------------------------------------------------
 
 
