@@ -378,11 +378,11 @@ class Lane:
                 raise
             finally:
                 waiter.timer.cancel()
-            grant = self._waited(now, waiter, settled)
+            grant = self._waited(now, waiter, settled)  # observed the wait it granted
+        elif isinstance(grant, SlotGrant):
+            self.observer.waited(self.name, 0.0)  # admitted at once: a wait of 0
         if isinstance(grant, SlotGrant):
             grant.quota = charge
-            if grant.queued_seconds == 0.0:
-                self.observer.waited(self.name, 0.0)  # admitted at once: a wait of 0
             await self._write_ahead(grant)
         return grant
 

@@ -1023,3 +1023,19 @@ async def test_kept_caller_headers_always_equal_fresh_ones(rig: Rig) -> None:
             grants.pop().sent(200, {})
         assert dict(scheduler.caller_headers(request)) == fresh(), step
         rig.clock.now += 5 / 64
+
+
+async def test_a_queued_request_granted_without_the_clock_moving_is_observed_once(
+    rig: Rig,
+) -> None:
+    """The queue-wait histogram counts each admitted request once, also when a slot given
+    back lets a queued request through before the clock has moved (a wait of 0 s)."""
+    lane = rig.lane(await rig.sqlite_log(), Limit(1, 60))
+    first = await lane.admit(token("filler"), None, 1.0)
+    assert isinstance(first, SlotGrant)
+    rig.observer.calls.clear()
+    waiter = await rig.enqueue(lane, token("svc"))
+    first.unsent()  # its slot back, at the same instant
+    (done,) = await finished([waiter], 1)
+    assert granted(done).queued_seconds == 0.0
+    assert [c for c in rig.observer.calls if c[0] == "waited"] == [("waited", CREDENTIAL, 0.0)]
