@@ -255,6 +255,14 @@ class RouteConfig(_Model):
     path: str
     scope: str
 
+    @model_validator(mode="after")
+    def _valid_route(self) -> RouteConfig:
+        self.route()  # its ValueError names the field; pydantic adds routes[i]
+        return self
+
+    def route(self) -> Route:
+        return Route(method=self.method.upper(), template=self.path, scope=self.scope)
+
 
 class GatewayConfig(_Model):
     listen: str = "0.0.0.0:8080"
@@ -289,11 +297,16 @@ class GatewayConfig(_Model):
 
     def route_table(self) -> RouteTable:
         """The default routes with this config's extra or re-scoped ones."""
-        extra = {(r.method.upper(), r.path): r for r in self.routes}
+        extra: dict[tuple[str, str], int] = {}
+        for index, entry in enumerate(self.routes):
+            key = (entry.method.upper(), entry.path)
+            first = extra.setdefault(key, index)
+            if first != index:  # two scopes for one route: neither may silently win
+                raise ValueError(
+                    f"routes[{index}]: {key[0]} {key[1]} is listed twice (also routes[{first}])"
+                )
         routes = [r for r in DEFAULT_ROUTES if (r.method, r.template) not in extra]
-        routes += [
-            Route(method=r.method.upper(), template=r.path, scope=r.scope) for r in extra.values()
-        ]
+        routes += [entry.route() for entry in self.routes]
         return RouteTable(routes)
 
     def listen_address(self) -> tuple[str, int]:
@@ -407,10 +420,30 @@ def parse_config(raw: object, source: str = "config") -> GatewayConfig:
     try:
         config.route_table()
     except ValueError as exc:
-        raise ConfigError([f"routes: {exc}"]) from None
+        text = str(exc)
+        raise ConfigError([text if text.startswith("routes[") else f"routes: {text}"]) from None
+    if problem := _shared_address(config):
+        raise ConfigError([problem])
     if config.server.workers != 1 and (problem := unshared_state(config, "server.workers")):
         raise ConfigError([problem])
     return config
+
+
+_ANY_HOST = frozenset({"0.0.0.0", "::"})  # noqa: S104 (compared with, never bound)
+
+
+def _shared_address(config: GatewayConfig) -> str:
+    """Why ``admin_listen`` cannot be bound beside ``listen`` ("" when it can): the same
+    port on the same host, or on a wildcard host that takes the port on every address."""
+    host, port = config.listen_address()
+    admin_host, admin_port = config.admin_address()
+    hosts = {host.lower(), admin_host.lower()}
+    if port != admin_port or (len(hosts) > 1 and hosts.isdisjoint(_ANY_HOST)):
+        return ""
+    return (
+        f"admin_listen: {config.admin_listen} takes the port of listen ({config.listen});"
+        " the admin listener needs a port of its own"
+    )
 
 
 def unshared_state(config: GatewayConfig, source: str, workers: int | str | None = None) -> str:

@@ -228,3 +228,44 @@ def test_reference_names_every_schema_key() -> None:
 def test_reference_shows_the_defaults() -> None:
     raw = yaml.safe_load((ROOT / "config" / "gateway.reference.yaml").read_text())
     assert parse_config(raw) == GatewayConfig()
+
+
+@pytest.mark.parametrize(
+    ("listen", "admin_listen"),
+    [
+        ("0.0.0.0:8080", "127.0.0.1:8080"),
+        ("127.0.0.1:9090", "0.0.0.0:9090"),
+        ("127.0.0.1:8080", "127.0.0.1:8080"),
+        ("[::]:8080", "127.0.0.1:8080"),
+        ("LOCALHOST:8080", "localhost:8080"),
+    ],
+)
+def test_admin_listen_on_the_proxy_address_is_refused(listen: str, admin_listen: str) -> None:
+    # serve could never bind both: check-config must say so, not the start that fails.
+    lines = errors_of({"listen": listen, "admin_listen": admin_listen})
+    assert len(lines) == 1
+    assert lines[0].startswith("admin_listen: "), lines
+    assert "listen" in lines[0].removeprefix("admin_listen: ")
+
+
+def test_admin_listen_on_another_port_or_host_is_fine() -> None:
+    parse_config({"listen": "0.0.0.0:8080", "admin_listen": "127.0.0.1:9090"})
+    parse_config({"listen": "127.0.0.1:8080", "admin_listen": "127.0.0.2:8080"})
+
+
+def test_a_route_entry_listed_twice_is_refused_naming_both() -> None:
+    # Before, the last entry silently won: one of two contradicting scopes was ignored.
+    routes = [
+        {"method": "GET", "path": "/api/v1/agents", "scope": "agents:read"},
+        {"method": "get", "path": "/api/v1/agents", "scope": "agents:admin"},
+    ]
+    lines = errors_of({"routes": routes})
+    assert lines == ["routes[1]: GET /api/v1/agents is listed twice (also routes[0])"]
+
+
+def test_a_bad_route_entry_is_named_by_its_index() -> None:
+    routes = [
+        {"method": "GET", "path": "/api/v1/agents", "scope": "agents:read"},
+        {"method": "GET", "path": "/api/v1/calls", "scope": ""},
+    ]
+    assert errors_of({"routes": routes}) == ["routes[1]: route scope is empty"]
