@@ -34,6 +34,7 @@ from typing import Any, Final, Literal
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
+from multidict import MultiMapping
 
 __all__ = [
     "NO_RESPONSE",
@@ -379,7 +380,9 @@ class _ListQuery:
     tag_ids: frozenset[str]
 
     @classmethod
-    def parse(cls, query: Mapping[str, str]) -> _ListQuery:
+    def parse(cls, query: MultiMapping[str]) -> _ListQuery:
+        """``tagIds`` is comma-separated, repeated, or both; a contact with any of them
+        matches."""
         sort_by, order = query.get("sortBy", "createdAt"), query.get("sortOrder", "desc")
         if sort_by not in _SORT_FIELDS:
             raise _ApiError(400, f"sortBy must be one of {', '.join(sorted(_SORT_FIELDS))}")
@@ -391,7 +394,9 @@ class _ListQuery:
             search=query.get("search", "").strip().lower(),
             sort_by=sort_by,
             descending=order == "desc",
-            tag_ids=frozenset(t for t in query.get("tagIds", "").split(",") if t),
+            tag_ids=frozenset(
+                t for given in query.getall("tagIds", []) for t in given.split(",") if t
+            ),
         )
 
     def matches(self, contact: _Contact) -> bool:

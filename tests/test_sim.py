@@ -368,6 +368,19 @@ async def test_contact_list_searches_sorts_and_filters_by_tag(client: Client) ->
     assert all(vip in {t["id"] for t in c["tags"]} for c in tagged["data"])
 
 
+async def test_contact_list_takes_tag_ids_comma_separated_or_repeated(client: Client) -> None:
+    await create_contact(client, firstName="Zoe", tagNames=["VIP"])
+    await create_contact(client, firstName="Bea", tagNames=["Lead"])
+    await create_contact(client, firstName="adam")
+    _, listed = await call(client, "GET", "/api/v1/contacts")
+    ids = {t["name"]: t["id"] for t in listed["availableTags"]}
+    vip, lead = ids["VIP"], ids["Lead"]
+
+    for query in (f"tagIds={vip},{lead}", f"tagIds={vip}&tagIds={lead}"):
+        _, tagged = await call(client, "GET", f"/api/v1/contacts?{query}&sortBy=firstName")
+        assert [c["firstName"] for c in tagged["data"]] == ["Zoe", "Bea"], query
+
+
 async def test_each_team_key_has_its_own_store(client: Client) -> None:
     await create_contact(client)
     _, mine = await call(client, "GET", "/api/v1/contacts")
