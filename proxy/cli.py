@@ -131,7 +131,15 @@ def _state_errors() -> tuple[type[Exception], ...]:
 async def _with_store(
     config: GatewayConfig, fn: Callable[[TokenStore], Coroutine[Any, Any, int]]
 ) -> int:
-    """``fn`` on the config's token store; 1 and one error line when the state fails."""
+    """``fn`` on the config's token store; 1 and one error line when the state fails, 2
+    for ``memory://``: a token kept in this process's memory would reach no gateway."""
+    if config.state.lower().startswith("memory:"):
+        return _fail(
+            [
+                "state: memory:// keeps tokens inside the running gateway; use --admin-url"
+                " (its admin API) or a sqlite:/// or redis:// state"
+            ]
+        )
     try:
         store = await open_store(config)
         try:

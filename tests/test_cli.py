@@ -166,6 +166,30 @@ def test_token_create_refuses_bad_input(
     assert json.loads(listed.stdout) == []  # nothing stored
 
 
+@pytest.mark.parametrize(
+    ("command", "state_in"),
+    [
+        (["create", "--name", "x", "--scope", "*"], "config"),
+        (["list"], "config"),
+        (["revoke", "abcdefghijkl"], "config"),
+        (["create", "--name", "x", "--scope", "*"], "--state"),
+    ],
+    ids=["create", "list", "revoke", "create-state-flag"],
+)
+def test_token_commands_refuse_a_memory_state(
+    tmp_path: Path, command: list[str], state_in: str
+) -> None:
+    # A token made in this process's memory reaches no gateway: it was printed, then lost.
+    gw = gateway_config(tmp_path, "http://127.0.0.1:9", state="memory://")
+    args = ["--config", str(gw.config)]
+    if state_in == "--state":
+        gw = gateway_config(tmp_path, "http://127.0.0.1:9")
+        args = ["--config", str(gw.config), "--state", "memory://"]
+    result = run_cli("token", *command, *args, env=gw.env)
+    assert_clean_error(result, 2, "state", "memory://", "--admin-url")
+    assert not TOKEN_RE.search(result.stdout)
+
+
 # --- simulate ----------------------------------------------------------------------------------
 
 
