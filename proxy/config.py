@@ -354,6 +354,8 @@ _MESSAGES = {
 }
 
 
+_NOT_INLINE = "must be {env: NAME} or {file: PATH}, never inline"
+
 # Keys whose values may be a secret pasted inline by mistake: never echo their input.
 _SECRET_KEYS = frozenset(
     {"api_key", "agency_key", "extra_keys", "admin_token", "state", "password"}
@@ -374,6 +376,9 @@ def _format_error(error: Mapping[str, Any]) -> str:
     loc = tuple(p for p in error["loc"] if not (isinstance(p, str) and p.startswith("function-")))
     kind = error["type"]
     message = _MESSAGES.get(kind)
+    if kind == "model_type":  # a scalar (or list) where a mapping goes
+        secret = error.get("ctx", {}).get("class_name") == SecretRef.__name__
+        message = _NOT_INLINE if secret else "must be a mapping of keys"
     if message is None:
         message = str(error["msg"]).removeprefix("Value error, ")
     line = f"{_loc(loc)}: {message}"

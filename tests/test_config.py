@@ -269,3 +269,22 @@ def test_a_bad_route_entry_is_named_by_its_index() -> None:
         {"method": "GET", "path": "/api/v1/calls", "scope": ""},
     ]
     assert errors_of({"routes": routes}) == ["routes[1]: route scope is empty"]
+
+
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        ({"upstream": {"api_key": "sk-inline"}}, "upstream.api_key"),
+        ({"upstream": {"extra_keys": {"acme": "sk-inline"}}}, "upstream.extra_keys.acme"),
+        ({"admin_token": "sk-inline"}, "admin_token"),
+        ({"redis": {"password": "sk-inline"}}, "redis.password"),
+    ],
+)
+def test_an_inline_secret_is_told_where_secrets_come_from(raw: dict[str, Any], key: str) -> None:
+    # The why, in the config's own words (was pydantic's "... instance of SecretRef").
+    assert errors_of(raw) == [f"{key}: must be {{env: NAME}} or {{file: PATH}}, never inline"]
+
+
+def test_a_section_that_is_not_a_mapping_says_so() -> None:
+    lines = errors_of({"upstream": "https://echo.win"})
+    assert lines == ['upstream: must be a mapping of keys, got "https://echo.win"']
