@@ -257,6 +257,17 @@ def cmd_status(args: argparse.Namespace) -> int:
     return _admin_call(args, fetch)
 
 
+def _sim_keys(given: list[str] | None, variable: str, header: str, made_up: str) -> list[str]:
+    """The keys ``simulate`` accepts: ``given``, else ``$variable``, else ``made_up``, which
+    (and only it: the others may be real keys) is told on stderr so a caller can use it."""
+    if given:
+        return given
+    if os.environ.get(variable):
+        return [os.environ[variable]]
+    print(f"no --key or ${variable}: accepting {header}: {made_up}", file=sys.stderr)
+    return [made_up]
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     from proxy.sim import SimConfig, parse_limit, run_simulator
 
@@ -264,8 +275,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         limits = tuple(parse_limit(text) for text in (args.limit or ["1000/3600", "100/60"]))
     except ValueError as exc:
         return _fail([f"--limit: {exc}"])
-    keys = args.key or [os.environ.get("ECHOWIN_API_KEY") or "sim-team-key"]
-    agency = args.agency_key or [os.environ.get("ECHOWIN_AGENCY_KEY") or "sim-agency-key"]
+    keys = _sim_keys(args.key, "ECHOWIN_API_KEY", "X-API-Key", "sim-team-key")
+    agency = _sim_keys(args.agency_key, "ECHOWIN_AGENCY_KEY", "X-AGENCY-KEY", "sim-agency-key")
     config = SimConfig(
         team_keys=frozenset(keys),
         agency_keys=frozenset(agency),
@@ -360,8 +371,16 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--host", default="127.0.0.1")
     sim.add_argument("--port", type=int, default=8081)
     sim.add_argument("--limit", action="append", help="N/SECONDS, repeatable")
-    sim.add_argument("--key", action="append", help="accepted team key (default $ECHOWIN_API_KEY)")
-    sim.add_argument("--agency-key", action="append", help="accepted agency key")
+    sim.add_argument(
+        "--key",
+        action="append",
+        help="accepted team key, repeatable (default $ECHOWIN_API_KEY, else sim-team-key)",
+    )
+    sim.add_argument(
+        "--agency-key",
+        action="append",
+        help="accepted agency key, repeatable (default $ECHOWIN_AGENCY_KEY, else sim-agency-key)",
+    )
     sim.add_argument("--reset-format", choices=("unix", "iso"), default="unix")
     sim.set_defaults(func=cmd_simulate)
 

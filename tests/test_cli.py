@@ -218,6 +218,33 @@ async def test_simulate_serves_limits_and_answers_429(spawn: Spawn) -> None:
             assert int(resp.headers["Retry-After"]) >= 1
 
 
+async def test_simulate_tells_the_made_up_keys_it_accepts(spawn: Spawn) -> None:
+    # No --key and no $ECHOWIN_API_KEY: a developer must learn which key gets past the 401.
+    (port,) = free_ports(1)
+    proc = spawn("simulate", "--port", str(port), env=child_env(), name="sim")
+    await proc.wait_line(rf"^echowin simulator listening on http://127\.0\.0\.1:{port}$")
+    team = re.search(r"X-API-Key: (\S+)", proc.stderr())
+    agency = re.search(r"X-AGENCY-KEY: (\S+)", proc.stderr())
+    assert team and agency, proc.stderr()
+    base = f"http://127.0.0.1:{port}/api/v1"
+    subteam = {"firstName": "A", "lastName": "B", "teamName": "C", "email": "a@b.example"}
+    async with http_client() as session:
+        async with session.get(f"{base}/contacts", headers={"X-API-Key": team[1]}) as resp:
+            assert resp.status == 200
+        headers = {"X-AGENCY-KEY": agency[1]}
+        async with session.post(f"{base}/agency/subteams", json=subteam, headers=headers) as resp:
+            assert resp.status == 201
+
+
+async def test_simulate_never_prints_a_key_from_the_environment(spawn: Spawn) -> None:
+    (port,) = free_ports(1)
+    env = child_env(ECHOWIN_API_KEY=REAL_KEY, ECHOWIN_AGENCY_KEY="real-agency-key-0123456789")
+    proc = spawn("simulate", "--port", str(port), env=env, name="sim")
+    await proc.wait_line(rf"^echowin simulator listening on http://127\.0\.0\.1:{port}$")
+    for secret in (REAL_KEY, "real-agency-key-0123456789"):
+        assert secret not in proc.stdout() + proc.stderr()
+
+
 @pytest.mark.parametrize("limit", ["abc", "10/0", "0/60"])
 def test_simulate_bad_limit_exits_2(limit: str) -> None:
     result = run_cli("simulate", "--port", str(free_ports(1)[0]), "--limit", limit)
