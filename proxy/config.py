@@ -331,7 +331,8 @@ def check_state_url(value: str) -> None:
 def parse_address(value: str) -> tuple[str, int]:
     """``"host:port"`` or ``"[v6]:port"`` -> (host, port); ValueError otherwise."""
     host, sep, port_text = value.rpartition(":")
-    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    digits = port_text.isascii() and port_text.isdigit()  # "²".isdigit() too; int() refuses it
+    if not sep or not host or not digits or not 0 < int(port_text) < 65536:
         raise ValueError('must be "host:port" with a port in 1-65535')
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]

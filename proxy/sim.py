@@ -616,7 +616,7 @@ def _positive_int(query: Mapping[str, str], name: str, default: int) -> int:
     text = query.get(name)
     if text is None:
         return default
-    if not text.isdigit() or int(text) < 1:
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:  # "²".isdigit() is True
         raise _ApiError(400, f"{name} must be a positive integer")
     return int(text)
 

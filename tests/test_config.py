@@ -73,6 +73,10 @@ def test_defaults_are_the_contract() -> None:
             'queue.max_wait_seconds: must be a number, got "soon"',
         ),
         ({"listen": "8080"}, 'listen: must be "host:port" with a port in 1-65535, got "8080"'),
+        (
+            {"admin_listen": "127.0.0.1:9\u00b2"},  # a superscript two passes str.isdigit()
+            'admin_listen: must be "host:port" with a port in 1-65535, got "127.0.0.1:9\u00b2"',
+        ),
         ({"upstream": {"colour": "blue"}}, "upstream.colour: unknown key"),
         (
             {"logging": {"format": "xml"}},

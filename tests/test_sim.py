@@ -342,7 +342,17 @@ async def test_contact_list_paginates_with_documented_shape(
 
 
 @pytest.mark.parametrize(
-    "query", ["page=0", "page=x", "limit=0", "limit=-1", "sortBy=password", "sortOrder=up"]
+    "query",
+    [
+        "page=0",
+        "page=x",
+        "limit=0",
+        "limit=-1",
+        "sortBy=password",
+        "sortOrder=up",
+        "page=%C2%B2",  # a superscript two: str.isdigit() says yes, int() says no
+        "limit=%E2%91%A0",  # a circled one
+    ],
 )
 async def test_contact_list_rejects_bad_query(client: Client, query: str) -> None:
     status, body = await call(client, "GET", f"/api/v1/contacts?{query}")
