@@ -22,6 +22,7 @@ import asyncio
 import collections
 import gzip
 import itertools
+import json
 import math
 import time
 import uuid
@@ -570,10 +571,14 @@ class _Store:
 # --- request body and query helpers (raise _ApiError 400) -----------------------------------
 
 
+def _no_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
+
+
 async def _body(request: web.Request) -> JSONObject:
-    try:
-        body = await request.json()
-    except ValueError:
+    try:  # NaN and Infinity are Python's, not JSON's: stored, they would come back unreadable
+        body = json.loads(await request.read(), parse_constant=_no_constant)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         raise _ApiError(400, "Invalid JSON body") from None
     if not isinstance(body, dict):
         raise _ApiError(400, "Request body must be a JSON object")

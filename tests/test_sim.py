@@ -316,8 +316,25 @@ async def test_create_contact_validates(client: Client, body: dict[str, Any], er
     assert listing["pagination"]["totalCount"] == 0  # nothing half-made
 
 
-async def test_invalid_json_body_is_400(client: Client) -> None:
-    response = await client.post("/api/v1/contacts", data=b"{nope", headers=TEAM_H)
+@pytest.mark.parametrize(
+    ("path", "body", "headers"),
+    [
+        ("/api/v1/contacts", b"{nope", TEAM_H),
+        # Python's json reads NaN and Infinity; JSON (and echowin's parser) does not, and the
+        # simulator would store them and answer bodies no JSON client can read.
+        ("/api/v1/contacts", b'{"number": "1", "customFields": {"score": Infinity}}', TEAM_H),
+        (
+            "/api/v1/agency/subteams",
+            b'{"firstName": "A", "lastName": "B", "teamName": "C", "email": "a@b.example",'
+            b' "totalMonthlyCredits": NaN}',
+            AGENCY_H,
+        ),
+    ],
+)
+async def test_invalid_json_body_is_400(
+    client: Client, path: str, body: bytes, headers: dict[str, str]
+) -> None:
+    response = await client.post(path, data=body, headers=headers)
     assert response.status == 400
     assert await response.json() == {"error": "Invalid JSON body"}
 
