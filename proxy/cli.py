@@ -203,10 +203,14 @@ def _print_tokens(views: list[dict[str, Any]], as_json: bool) -> None:
     if as_json:
         print(json.dumps(views, indent=2))
         return
-    print(f"{'ID':<14}{'NAME':<24}{'STATUS':<9}{'KEY':<12}SCOPES")
-    for v in views:
-        scopes = " ".join(v["scopes"])
-        print(f"{v['id']:<14}{v['name']:<24}{v['status']:<9}{v['upstream_key']:<12}{scopes}")
+    rows = [("ID", "NAME", "STATUS", "KEY", "SCOPES")]
+    rows += [
+        (v["id"], v["name"], v["status"], v["upstream_key"], " ".join(v["scopes"])) for v in views
+    ]
+    # Each column as wide as its longest value (names and keys run to 64 characters).
+    widths = [max(len(row[i]) for row in rows) + 2 for i in range(4)]
+    for row in rows:
+        print("".join(row[i].ljust(widths[i]) for i in range(4)) + row[4])
 
 
 def cmd_token_list(args: argparse.Namespace) -> int:

@@ -166,6 +166,23 @@ def test_token_create_refuses_bad_input(
     assert json.loads(listed.stdout) == []  # nothing stored
 
 
+def test_token_list_keeps_long_names_and_keys_in_their_columns(tmp_path: Path) -> None:
+    name = "crm-sync-for-the-eu-west-datacenter"  # longer than the NAME column's 24
+    gw = gateway_config(tmp_path, "http://127.0.0.1:9")
+    token_id = create_token(gw, "--name", name, "--scope", "contacts:read").split("_")[1]
+    create_token(gw, "--name", "short", "--scope", "tags:read")
+    listed = run_cli("token", "list", "--config", gw.config, env=gw.env)
+    assert listed.returncode == 0, listed.stderr
+    header, *rows = listed.stdout.splitlines()
+    assert header.split() == ["ID", "NAME", "STATUS", "KEY", "SCOPES"]
+    (row,) = [r for r in rows if r.startswith(token_id)]
+    assert row.split() == [token_id, name, "active", "default", "contacts:read"]
+    # The columns line up: every field starts where its header does.
+    for field in ("NAME", "STATUS", "KEY", "SCOPES"):
+        column = header.index(field)
+        assert all(r[column - 1] == " " and r[column] != " " for r in rows), (field, rows)
+
+
 @pytest.mark.parametrize(
     ("command", "state_in"),
     [
