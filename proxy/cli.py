@@ -1,7 +1,8 @@
 """The ``echowin-gateway`` command line.
 
-Exit codes: 0 success, 1 runtime failure, 2 bad usage or bad configuration. Config and
-secret errors print one line per offending key, never a traceback.
+Exit codes: 0 success, 1 runtime failure, 2 bad usage or bad configuration, 141 stdout
+closed by its reader (``token list | head``). Config and secret errors print one line per
+offending key, never a traceback.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
     from proxy.worker import WorkerSpec
 
 EXIT_CONFIG = 2
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a writer its reader left
 
 
 def _fail(lines: Sequence[str], code: int = EXIT_CONFIG) -> int:
@@ -402,8 +404,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         code: int = args.func(args)
+        sys.stdout.flush()  # a reader gone (`token list | head`) shows here, not at exit
     except ConfigError as exc:
         return _fail(exc.lines)
+    except BrokenPipeError:
+        # Python's advice: point stdout at /dev/null so the flush at exit cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     return code
 
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import signal
 import socket
+import subprocess
 import time
 from datetime import datetime
 from pathlib import Path
@@ -21,6 +23,8 @@ import pytest
 import yaml
 
 from tests.procs import (
+    CLI,
+    COMMAND_SECONDS,
     EXAMPLE_CONFIG,
     REAL_KEY,
     REFERENCE_CONFIG,
@@ -181,6 +185,30 @@ def test_token_list_keeps_long_names_and_keys_in_their_columns(tmp_path: Path) -
     for field in ("NAME", "STATUS", "KEY", "SCOPES"):
         column = header.index(field)
         assert all(r[column - 1] == " " and r[column] != " " for r in rows), (field, rows)
+
+
+def test_token_list_into_a_closed_pipe_ends_without_a_traceback(tmp_path: Path) -> None:
+    # `token list | head -1`: the reader leaves before the writer is done.
+    gw = gateway_config(tmp_path, "http://127.0.0.1:9")
+    create_token(gw, "--name", "crm", "--scope", "contacts:read")
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # before the command writes a byte: every write fails with EPIPE
+    try:
+        result = subprocess.run(
+            [*CLI, "token", "list", "--config", str(gw.config)],
+            env=gw.env,
+            stdin=subprocess.DEVNULL,
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=COMMAND_SECONDS,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+    assert "Traceback" not in result.stderr, result.stderr
+    assert "BrokenPipeError" not in result.stderr, result.stderr
+    assert result.returncode == 141  # what a shell reports for a writer killed by SIGPIPE
 
 
 @pytest.mark.parametrize(
