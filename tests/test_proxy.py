@@ -128,6 +128,20 @@ async def test_agency_route_gets_the_agency_key(gateway: GatewayHandle, sim: Sim
     assert "x-api-key" not in seen
 
 
+async def test_agency_route_without_an_agency_key_is_503_and_never_sent(
+    make_gateway: Callable[..., Awaitable[GatewayHandle]], sim: SimHandle
+) -> None:
+    gateway = await make_gateway(upstream={"agency_key": None})
+    token = await gateway.token("agency:subteams:write")
+    body = {"firstName": "A", "lastName": "B", "teamName": "T", "email": "a@example.com"}
+    status, _, raw = await call(
+        "POST", gateway.url("/api/v1/agency/subteams"), headers={"X-AGENCY-KEY": token}, json=body
+    )
+    assert status == 503, raw
+    assert json.loads(raw)["reason"] == "no_credential"
+    assert not sim.sim.log  # the team key is never sent in its place
+
+
 async def test_token_bound_to_an_extra_key_spends_that_key(
     gateway: GatewayHandle, sim: SimHandle
 ) -> None:
