@@ -290,7 +290,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         reset_format=args.reset_format,
     )
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(run_simulator(config, args.host, args.port))
+        try:
+            asyncio.run(run_simulator(config, args.host, args.port))
+        except OSError as exc:  # the port is taken, the host does not resolve, ...
+            errno = exc.errno or 0  # getaddrinfo's are negative: its strerror says it
+            reason = os.strerror(errno) if errno > 0 else exc.strerror or str(exc)
+            return _fail([f"cannot start: {args.host}:{args.port}: {reason}"], code=1)
     return 0
 
 
@@ -307,6 +312,13 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
         return asyncio.run(run_quickstart(config, sim_port=args.sim_port))
     except OSError as exc:
         return _fail([f"cannot start: {exc.strerror or exc}"], code=1)
+
+
+def port_arg(text: str) -> int:
+    """A TCP port, 0-65535 (0: any free port)."""
+    if text.isascii() and text.isdigit() and int(text) <= 65535:
+        return int(text)
+    raise argparse.ArgumentTypeError("must be a port number, 0-65535 (0: any free port)")
 
 
 def workers_arg(text: str) -> int | str:
@@ -375,7 +387,7 @@ def _parser() -> argparse.ArgumentParser:
 
     sim = sub.add_parser("simulate", help="run a local echowin stand-in")
     sim.add_argument("--host", default="127.0.0.1")
-    sim.add_argument("--port", type=int, default=8081)
+    sim.add_argument("--port", type=port_arg, default=8081)
     sim.add_argument("--limit", action="append", help="N/SECONDS, repeatable")
     sim.add_argument(
         "--key",

@@ -290,6 +290,23 @@ async def test_simulate_never_prints_a_key_from_the_environment(spawn: Spawn) ->
         assert secret not in proc.stdout() + proc.stderr()
 
 
+def test_simulate_on_a_busy_port_exits_1_with_one_line() -> None:
+    (port,) = free_ports(1)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as busy:
+        busy.bind(("127.0.0.1", port))
+        busy.listen()
+        result = run_cli("simulate", "--port", str(port), "--key", "k", "--agency-key", "a")
+    assert_clean_error(result, 1, "cannot start", f"127.0.0.1:{port}", "in use")
+
+
+@pytest.mark.parametrize("port", ["99999", "-1", "http"])
+def test_simulate_bad_port_exits_2(port: str) -> None:
+    result = run_cli("simulate", "--port", port, "--key", "k")
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "--port" in result.stderr
+
+
 @pytest.mark.parametrize("limit", ["abc", "10/0", "0/60"])
 def test_simulate_bad_limit_exits_2(limit: str) -> None:
     result = run_cli("simulate", "--port", str(free_ports(1)[0]), "--limit", limit)
