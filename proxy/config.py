@@ -474,6 +474,34 @@ def with_state(config: GatewayConfig, state: str) -> GatewayConfig:
         raise ConfigError(_error_lines(exc)) from None
 
 
+def _key_listed_twice(root: yaml.Node | None) -> str:
+    """The first mapping key given twice, as ``KEY: listed twice (lines A and B)``, or "".
+
+    YAML loaders keep the last value silently: a second ``upstream:`` block would drop
+    everything the first one set."""
+    seen: set[int] = set()  # aliases may make the node graph loop
+    stack: list[tuple[yaml.Node, str]] = [(root, "")] if root is not None else []
+    while stack:
+        node, where = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            stack += [(item, f"{where}[{i}]") for i, item in enumerate(node.value)]
+        elif isinstance(node, yaml.MappingNode):
+            lines: dict[object, int] = {}
+            for key, value in node.value:
+                name = key.value if isinstance(key, yaml.ScalarNode) else None
+                child = f"{where}.{name}" if where else str(name)
+                if isinstance(name, str) and name != "<<":
+                    line = key.start_mark.line + 1
+                    if name in lines:
+                        return f"{child}: listed twice (lines {lines[name]} and {line})"
+                    lines[name] = line
+                stack.append((value, child))
+    return ""
+
+
 def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
     """Read and validate a YAML config file; ConfigError on any problem."""
     try:
@@ -483,6 +511,9 @@ def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
     except UnicodeDecodeError as exc:
         raise ConfigError([f"{path}: not UTF-8 text (byte {exc.start})"]) from None
     try:
+        twice = _key_listed_twice(yaml.compose(text, Loader=yaml.SafeLoader))
+        if twice:
+            raise ConfigError([f"{path}: {twice}"])
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)

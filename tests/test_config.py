@@ -189,6 +189,29 @@ def test_bad_yaml_names_the_file_and_line(tmp_path: Path) -> None:
     assert str(path) in info.value.lines[0] and "line" in info.value.lines[0]
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            # Two upstream blocks: YAML keeps the last, and the first's key would be dropped.
+            "upstream:\n  api_key: {env: ECHOWIN_API_KEY}\nqueue: {}\n"
+            "upstream:\n  timeout_seconds: 5\n",
+            "upstream: listed twice (lines 1 and 4)",
+        ),
+        (
+            "upstream:\n  limits:\n    - {requests: 10, requests: 20, per_seconds: 60}\n",
+            "upstream.limits[0].requests: listed twice (lines 3 and 3)",
+        ),
+    ],
+)
+def test_a_key_listed_twice_is_refused_naming_it(tmp_path: Path, text: str, expected: str) -> None:
+    path = tmp_path / "twice.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.lines == [f"{path}: {expected}"]
+
+
 @pytest.mark.parametrize("name", ["gateway.example.yaml", "gateway.reference.yaml"])
 def test_shipped_configs_load(name: str) -> None:
     config = load_config(ROOT / "config" / name)
