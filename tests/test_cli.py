@@ -19,6 +19,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+import aiohttp
 import pytest
 import yaml
 
@@ -29,6 +30,7 @@ from tests.procs import (
     REAL_KEY,
     REFERENCE_CONFIG,
     TOKEN_RE,
+    Gateway,
     Spawn,
     assert_clean_error,
     child_env,
@@ -392,6 +394,14 @@ def test_serve_bad_config_exits_2(tmp_path: Path) -> None:
     assert "queue.max_wait_seconds:" in result.stderr
 
 
+async def has_in_flight(session: aiohttp.ClientSession, gw: Gateway) -> bool:
+    """Whether the gateway's /metrics counts a request in flight."""
+    async with session.get(gw.admin_url("/metrics")) as resp:
+        text = await resp.text()
+    match = re.search(r"^echowin_gateway_in_flight_requests (\S+)$", text, re.MULTILINE)
+    return match is not None and float(match.group(1)) >= 1
+
+
 def test_serve_port_in_use_exits_1(tmp_path: Path) -> None:
     gw = gateway_config(tmp_path, "http://127.0.0.1:9")
     for key, port in (("listen", gw.port), ("admin_listen", gw.admin_port)):
@@ -421,14 +431,10 @@ async def test_serve_sigterm_drains_in_flight_requests(tmp_path: Path, spawn: Sp
             async with http_client() as client, client.get(url, headers=headers) as resp:
                 return resp.status, await resp.text()
 
-        async def gateway_busy() -> bool:
-            async with session.get(gw.admin_url("/metrics")) as resp:
-                text = await resp.text()
-            match = re.search(r"^echowin_gateway_in_flight_requests (\S+)$", text, re.MULTILINE)
-            return match is not None and float(match.group(1)) >= 1
-
         request = asyncio.create_task(in_flight_request())
-        await eventually(gateway_busy, "request in flight at the gateway", timeout=5)
+        await eventually(
+            lambda: has_in_flight(session, gw), "request in flight at the gateway", timeout=5
+        )
         assert not request.done()
         signalled = time.monotonic()
         gateway.popen.send_signal(signal.SIGTERM)
@@ -469,14 +475,10 @@ async def test_readyz_says_draining_once_sigterm_closed_the_proxy(
             async with http_client() as client, client.get(url, headers=headers) as resp:
                 return resp.status
 
-        async def gateway_busy() -> bool:
-            async with session.get(gw.admin_url("/metrics")) as resp:
-                text = await resp.text()
-            match = re.search(r"^echowin_gateway_in_flight_requests (\S+)$", text, re.MULTILINE)
-            return match is not None and float(match.group(1)) >= 1
-
         request = asyncio.create_task(in_flight_request())
-        await eventually(gateway_busy, "request in flight at the gateway", timeout=5)
+        await eventually(
+            lambda: has_in_flight(session, gw), "request in flight at the gateway", timeout=5
+        )
         gateway.popen.send_signal(signal.SIGTERM)
         await eventually(
             lambda: connection_refused(gw.port), "proxy listener closed after SIGTERM", timeout=3

@@ -22,6 +22,7 @@ from proxy.ratelimit_headers import parse_reset, parse_retry_after
 from proxy.scheduler import Lane, QueuePolicy, Scheduler, SlotGrant, _Turns
 from proxy.slots import LocalSlots
 from proxy.state.memory import MemorySendLog
+from proxy.tokens import TokenRecord
 from tests.test_scheduler import (
     CREDENTIAL,
     GUARD,
@@ -320,6 +321,31 @@ def test_the_predicted_wait_is_when_the_round_robin_serves_it(
 # --- the cost of a prediction on the arrival path --------------------------------------------
 
 
+async def spent_lane_with(rig: Rig, waiting: list[TokenRecord], policy: QueuePolicy) -> Lane:
+    """A lane of one send a second whose send is spent, one request of each token queued."""
+    lane = rig.lane(await rig.sqlite_log(), Limit(1, 1), policy=policy)
+    first = await lane.admit(token("filler"), None, 1.0)
+    assert isinstance(first, SlotGrant)
+    first.sent(200, {})
+    for tok in waiting:
+        await rig.enqueue(lane, tok)
+    return lane
+
+
+def count_plays(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """From now on, the round-robin's choices a prediction plays (``_credit`` calls) are
+    counted in the returned list's one item."""
+    calls = [0]
+    credit = scheduler_module._credit
+
+    def counted(turns: _Turns) -> float:
+        calls[0] += 1
+        return credit(turns)
+
+    monkeypatch.setattr(scheduler_module, "_credit", counted)
+    return calls
+
+
 async def test_a_refusal_flood_does_not_play_the_round_robin_again_for_each_arrival(
     rig: Rig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -327,43 +353,27 @@ async def test_a_refusal_flood_does_not_play_the_round_robin_again_for_each_arri
     # playing the round-robin forward: O(sends ahead * tokens waiting), about 3,700 steps
     # here and 37 ms per refused request at 1,000 tokens, while nothing in the queue had
     # changed since the last arrival. Counted by the round-robin's choices (_credit).
-    lane = rig.lane(
-        await rig.sqlite_log(),
-        Limit(1, 1),
-        policy=QueuePolicy(max_wait=1000.0, max_depth=1000, max_depth_per_token=50),
-    )
-    first = await lane.admit(token("filler"), None, 1.0)
-    assert isinstance(first, SlotGrant)
-    first.sent(200, {})
     waiting = [token(f"w{i}") for i in range(60)]
-    for tok in waiting:
-        await rig.enqueue(lane, tok)
-    calls = 0
-    credit = scheduler_module._credit
-
-    def counted(turns: _Turns) -> float:
-        nonlocal calls
-        calls += 1
-        return credit(turns)
-
-    monkeypatch.setattr(scheduler_module, "_credit", counted)
+    policy = QueuePolicy(max_wait=1000.0, max_depth=1000, max_depth_per_token=50)
+    lane = await spent_lane_with(rig, waiting, policy)
+    calls = count_plays(monkeypatch)
     newcomer, another = token("new"), token("another")
     expected = [
         lane.predicted_wait(T0, tok, None) for tok in (newcomer, another, waiting[7], waiting[59])
     ]
-    once = calls
+    once = calls[0]
     assert once > 1000  # the exact play, for each kind of arrival
     refusals = []
     for _ in range(50):
         for tok in (newcomer, another, waiting[7], waiting[59]):
             refusals.append(await refuse_now(lane.admit(tok, None, 5.0), "upstream_budget"))
-    assert calls == once  # nothing changed in the queue: nothing played again
+    assert calls[0] == once  # nothing changed in the queue: nothing played again
     assert [r.retry_after for r in refusals] == expected * 50
     # A change in the queue (a slot served) is seen: played again, one fewer ahead.
     await fire(lane, rig.clock, 1.25)
     await settle()
     assert lane.predicted_wait(rig.clock.now, newcomer, None) == expected[0] - 1.25
-    assert calls > once
+    assert calls[0] > once
 
 
 async def test_one_prediction_looks_at_a_bounded_number_of_queues_however_many_tokens_wait(
@@ -371,27 +381,11 @@ async def test_one_prediction_looks_at_a_bounded_number_of_queues_however_many_t
 ) -> None:
     # 500 tokens wait one request each: playing 256 sends forward looked at ~128,000 token
     # queues (about 15 ms) for the first arrival after each change of the queue.
-    lane = rig.lane(
-        await rig.sqlite_log(),
-        Limit(1, 1),
-        policy=QueuePolicy(max_wait=10_000.0, max_depth=2000, max_depth_per_token=5),
-    )
-    first = await lane.admit(token("filler"), None, 1.0)
-    assert isinstance(first, SlotGrant)
-    first.sent(200, {})
-    for i in range(500):
-        await rig.enqueue(lane, token(f"w{i}"))
-    calls = 0
-    credit = scheduler_module._credit
-
-    def counted(turns: _Turns) -> float:
-        nonlocal calls
-        calls += 1
-        return credit(turns)
-
-    monkeypatch.setattr(scheduler_module, "_credit", counted)
+    policy = QueuePolicy(max_wait=10_000.0, max_depth=2000, max_depth_per_token=5)
+    lane = await spent_lane_with(rig, [token(f"w{i}") for i in range(500)], policy)
+    calls = count_plays(monkeypatch)
     wait = lane.predicted_wait(T0, token("new"), None)
-    assert calls <= 10_000  # PLAYED_WORK (8,192) and one last pick, then the bound by rounds
+    assert calls[0] <= 10_000  # PLAYED_WORK (8,192) and one last pick, then the bound by rounds
     assert wait >= 500  # a newcomer still waits behind every one of them (1 send a second)
 
 
