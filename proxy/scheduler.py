@@ -227,10 +227,10 @@ class Lane:
         # of a new request, played out for that state, per (token id if it has a queue,
         # weight): a flood of refused arrivals plays the round-robin once, not each time.
         self._queues_version = 0
-        # Set by shed (shutting down): what a request that would queue gets instead.
-        self.shedding: Refusal | None = None
         self._ahead: dict[tuple[str | None, int], int] = {}
         self._ahead_version = -1
+        # Set by shed (shutting down): what a request that would queue gets instead.
+        self.shedding: Refusal | None = None
 
     @property
     def budget(self) -> CredentialBudget:
