@@ -181,14 +181,15 @@ def binary(name: str) -> str:
     return path
 
 
-def promtool_check_rules(path: Path) -> subprocess.CompletedProcess[str]:
+def promtool(*args: str) -> subprocess.CompletedProcess[str]:
+    """``promtool ARGS``, its output captured (bounded in time)."""
     return subprocess.run(
-        [binary("promtool"), "check", "rules", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+        [binary("promtool"), *args], capture_output=True, text=True, timeout=60, check=False
     )
+
+
+def promtool_check_rules(path: Path) -> subprocess.CompletedProcess[str]:
+    return promtool("check", "rules", str(path))
 
 
 def recording_rules(queries: list[Query]) -> dict[str, Any]:
@@ -318,13 +319,7 @@ def test_prometheus_config_for_the_compose_stack(tmp_path: Path) -> None:
     config["rule_files"] = [str(ALERTS)]
     local = tmp_path / "prometheus.yml"
     local.write_text(yaml.safe_dump(config), encoding="utf-8")
-    result = subprocess.run(
-        [binary("promtool"), "check", "config", str(local)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = promtool("check", "config", str(local))
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -354,13 +349,7 @@ def promtool_test_alert(
     }
     path = tmp_path / "test.yml"
     path.write_text(yaml.safe_dump(test), encoding="utf-8")
-    return subprocess.run(
-        [binary("promtool"), "test", "rules", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return promtool("test", "rules", str(path))
 
 
 def queue_wait_series(max_wait: float, waited: float) -> dict[str, str]:
