@@ -402,13 +402,14 @@ async def has_in_flight(session: aiohttp.ClientSession, gw: Gateway) -> bool:
     return match is not None and float(match.group(1)) >= 1
 
 
-def test_serve_port_in_use_exits_1(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [(), ("--workers", "2")], ids=["one", "workers"])
+def test_serve_port_in_use_exits_1(tmp_path: Path, workers: tuple[str, ...]) -> None:
     gw = gateway_config(tmp_path, "http://127.0.0.1:9")
     for key, port in (("listen", gw.port), ("admin_listen", gw.admin_port)):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as busy:
             busy.bind(("127.0.0.1", port))
             busy.listen()
-            result = run_cli("serve", "--config", gw.config, env=gw.env)
+            result = run_cli("serve", "--config", gw.config, *workers, env=gw.env)
         # Which of the two listeners could not start, named by its key.
         expected = f"cannot start: {key} 127.0.0.1:{port}: Address already in use"
         assert assert_clean_error(result, 1).endswith(expected)

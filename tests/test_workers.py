@@ -15,7 +15,6 @@ import json
 import os
 import re
 import signal
-import socket
 import time
 import uuid
 from collections import Counter
@@ -195,18 +194,6 @@ def test_memory_state_with_workers_is_one_clear_error(tmp_path: Path) -> None:
     result = run_cli("serve", "--config", gw.config, "--workers", "65", env=gw.env)
     assert result.returncode == 2
     assert "--workers: must be 1-64, or 0 or auto" in result.stderr
-
-
-def test_a_port_in_use_names_its_key_with_workers(tmp_path: Path) -> None:
-    """As for one process: which listener could not start, named by its config key."""
-    gw = gateway_config(tmp_path, "http://127.0.0.1:9")
-    for key, port in (("listen", gw.port), ("admin_listen", gw.admin_port)):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as busy:
-            busy.bind(("127.0.0.1", port))
-            busy.listen()
-            result = run_cli("serve", "--config", gw.config, "--workers", "2", env=gw.env)
-        expected = f"cannot start: {key} 127.0.0.1:{port}: Address already in use"
-        assert assert_clean_error(result, 1).endswith(expected)
 
 
 async def test_the_group_admin_listener_answers_unparsable_requests_in_json(
