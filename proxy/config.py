@@ -510,17 +510,21 @@ def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
         raise ConfigError([f"{path}: cannot read config: {exc.strerror}"]) from None
     except UnicodeDecodeError as exc:
         raise ConfigError([f"{path}: not UTF-8 text (byte {exc.start})"]) from None
+    loader = yaml.SafeLoader(text)  # one parse: the node graph is checked, then built
     try:
-        twice = _key_listed_twice(yaml.compose(text, Loader=yaml.SafeLoader))
+        node = loader.get_single_node()
+        twice = _key_listed_twice(node)
         if twice:
             raise ConfigError([f"{path}: {twice}"])
-        raw = yaml.safe_load(text)
+        raw = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         raise ConfigError([f"{path}: not valid YAML{where}"]) from None
     except RecursionError:  # PyYAML composes nested collections recursively
         raise ConfigError([f"{path}: not a usable config: nested too deeply"]) from None
+    finally:
+        loader.dispose()
     return parse_config(raw, str(path))
 
 
