@@ -8,9 +8,10 @@ becomes a 429 with Retry-After.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from proxy.tokens import TokenRecord
 
@@ -43,9 +44,29 @@ class Grant(Protocol):
         """Nothing reached echowin: give the slot back."""
 
 
+class Held(Protocol):
+    """A request queued before its handler runs (:meth:`Admitter.hold`)."""
+
+    @property
+    def future(self) -> asyncio.Future[Any]:
+        """Done when its wait is: ``admit(request, held)`` will not wait."""
+
+    @property
+    def granted(self) -> bool:
+        """A slot is reserved for it: the wait ended with a send."""
+
+    def release(self) -> None:
+        """Give the place (or the slot already granted) up; a no-op once admit took it."""
+
+
 class Admitter(Protocol):
-    async def admit(self, request: AdmitRequest) -> Grant | Refusal:
-        """Wait (bounded) for budget, or refuse at once."""
+    def hold(self, request: AdmitRequest) -> Held | None:
+        """Queue ``request`` at once, with no coroutine, if it would be queued; None when
+        ``admit`` must decide."""
+
+    async def admit(self, request: AdmitRequest, held: Held | None = None) -> Grant | Refusal:
+        """Wait (bounded) for budget, or refuse at once. ``held``: what ``hold`` gave for
+        this request; its wait goes on here."""
 
     def caller_headers(self, request: AdmitRequest) -> Mapping[str, str]:
         """The caller's own rate-limit view, as response header fields."""
@@ -79,7 +100,10 @@ class OpenAdmitter:
 
     _grant = _OpenGrant()
 
-    async def admit(self, request: AdmitRequest) -> Grant | Refusal:
+    def hold(self, request: AdmitRequest) -> Held | None:
+        return None
+
+    async def admit(self, request: AdmitRequest, held: Held | None = None) -> Grant | Refusal:
         return self._grant
 
     def caller_headers(self, request: AdmitRequest) -> Mapping[str, str]:

@@ -7,16 +7,14 @@ import logging
 import os
 import signal
 from collections.abc import AsyncIterator
-from http import HTTPStatus
 from typing import TYPE_CHECKING
 
 from aiohttp import web
-from aiohttp.http_exceptions import LineTooLong
 
 from proxy.admin import build_admin_app
 from proxy.config import GatewayConfig, Secrets
-from proxy.errors import json_error
-from proxy.handler import expect_later, handle
+from proxy.handler import expect_later, handle, lobby_decider
+from proxy.lobby import JsonErrorRunner, ProxyRunner
 from proxy.loops import loop_name
 from proxy.reload import EarlyHangups, reload_config
 from proxy.runtime import RUNTIME, Runtime
@@ -30,43 +28,6 @@ log = logging.getLogger("echowin_gateway")
 # shutting_down): an answer written then reaches the caller before the server cancels
 # what is left, where a cancelled request would get no answer at all.
 SHED_MARGIN_SECONDS = 0.25
-
-
-class _JsonErrors(web.RequestHandler):
-    """aiohttp's connection handler, whose own answers to a request it cannot parse (a bad
-    request line or header, a header over ``max_field_size``) are the gateway's JSON
-    instead of text; the connection still closes after them."""
-
-    def handle_error(
-        self,
-        request: web.BaseRequest,
-        status: int = 500,
-        exc: BaseException | None = None,
-        message: str | None = None,
-    ) -> web.StreamResponse:
-        super().handle_error(request, status, exc, message)  # logs; raises if sent already
-        if isinstance(exc, LineTooLong):
-            status = HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE
-        phrase = HTTPStatus(status).phrase
-        answer = json_error(status, phrase, reason="bad_request" if status < 500 else None)
-        answer.force_close()
-        return answer
-
-
-class _JsonErrorServer(web.Server):
-    __slots__ = ()
-
-    def __call__(self) -> web.RequestHandler:
-        return _JsonErrors(self, loop=self._loop, **self._kwargs)
-
-
-class JsonErrorRunner(web.AppRunner):
-    """A runner whose connections answer unparsable requests in JSON."""
-
-    async def _make_server(self) -> web.Server:
-        server = await super()._make_server()
-        server.__class__ = _JsonErrorServer  # aiohttp makes the Server; only its class changes
-        return server
 
 
 def build_proxy_app(runtime: Runtime) -> web.Application:
@@ -116,8 +77,13 @@ async def serve(
         _as_worker(proxy_app, admin_app, worker)
     grace = config.server.shutdown_grace_seconds
     # handler_cancellation: a client that hangs up while queued leaves the queue at once.
-    proxy_runner = JsonErrorRunner(
-        proxy_app, access_log=None, shutdown_timeout=grace, handler_cancellation=True
+    proxy_runner = ProxyRunner(
+        proxy_app,
+        lobby_decider(proxy_app[RUNTIME]),
+        lambda: proxy_app[RUNTIME].config.upstream.max_connections,
+        access_log=None,
+        shutdown_timeout=grace,
+        handler_cancellation=True,
     )
     admin_runner = JsonErrorRunner(admin_app, access_log=None, shutdown_timeout=1.0)
     await proxy_runner.setup()

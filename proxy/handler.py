@@ -5,11 +5,12 @@ authenticate -> route and authorise -> admit (the budget seam) -> forward -> acc
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import time
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 
 import aiohttp
@@ -17,14 +18,15 @@ from aiohttp import web
 from aiohttp.streams import StreamReader
 from multidict import CIMultiDict
 
-from proxy.admission import AdmitRequest, Grant, Refusal
+from proxy.admission import AdmitRequest, Grant, Held, Refusal
 from proxy.config import AGENCY_KEY_NAME, Credential
 from proxy.errors import json_body, json_error, json_response
 from proxy.keywatch import Inflated, Unreadable, coding_of, decoded, masked, readable_codings
+from proxy.lobby import Decide, Head, on_its_way, take_waiting
 from proxy.metrics import ANONYMOUS
 from proxy.routes import PathError, RouteMatch, scope_allows
 from proxy.runtime import RUNTIME, Runtime
-from proxy.tokens import AuthFailure, TokenRecord
+from proxy.tokens import AuthFailure, AuthResult, TokenRecord
 from proxy.upstream import (
     HOP_BY_HOP,
     Upstream,
@@ -86,6 +88,7 @@ _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _API_PREFIX = "/api/v1/"
 _AGENCY_PREFIX = "/api/v1/agency/"
 _CHUNK = 64 * 1024
+_LOBBY_CHECKS = 1024  # distinct tokens the lobby checks at once
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 # Methods whose answer is the request as the server received it (TRACE, and IIS's TRACK):
 # with the real key the gateway put in it. Never forwarded, whatever the token may do.
@@ -117,9 +120,13 @@ class Exchange:
     client_gone: bool = False
     awaits_continue: bool = False  # the caller holds its body until "100 Continue"
     on_wire: bool = False  # the request's head may have left for echowin
+    then: Callable[[], None] | None = None  # called once when the head leaves
 
     def wired(self) -> None:
         self.on_wire = True
+        then, self.then = self.then, None
+        if then is not None:
+            then()
 
 
 class BodyTooLarge(Exception):
@@ -171,27 +178,120 @@ def _request_id(request: web.Request, rt: Runtime) -> str:
     return rt.request_ids.new()
 
 
-def _presented_token(request: web.Request) -> str | None:
-    auth = request.headers.get("Authorization")
+def _presented_token(headers: Mapping[str, str], raw_path: str) -> str | None:
+    auth = headers.get("Authorization")
     if auth is not None:
         scheme, _, value = auth.partition(" ")
         return value.strip() if scheme.lower() == "bearer" else ""
-    key = request.headers.get("X-API-Key")
+    key = headers.get("X-API-Key")
     if key is not None:
         return key.strip()
-    if request.raw_path.startswith(_AGENCY_PREFIX):
-        return request.headers.get("X-AGENCY-KEY")
+    if raw_path.startswith(_AGENCY_PREFIX):
+        return headers.get("X-AGENCY-KEY")
     return None
+
+
+class _Waiting:
+    """A request queued from the lobby (proxy/lobby.py): what its 499 is accounted with
+    if the caller leaves there."""
+
+    __slots__ = ("_rt", "arrived", "credential", "held", "method", "route", "token")
+
+    def __init__(
+        self, rt: Runtime, held: Held, token: TokenRecord, route: str, credential: str, method: str
+    ) -> None:
+        self._rt = rt
+        self.held = held
+        self.token = token
+        self.route = route
+        self.credential = credential
+        self.method = method
+        self.arrived = time.perf_counter()
+        rt.metrics.in_flight_now += 1
+
+    def taken(self) -> None:
+        self._rt.metrics.in_flight_now -= 1
+
+    def release(self) -> None:
+        self._rt.metrics.in_flight_now -= 1
+        self.held.release()
+
+    def gone(self) -> None:
+        self.release()
+        rt = self._rt
+        ex = Exchange(rt.request_ids.new(), self.arrived, self.token, self.route, self.credential)
+        ex.client_gone = True
+        _account(rt, self.method, ex, None)
+
+
+def lobby_decider(rt: Runtime) -> Decide:
+    """The lobby's question for ``rt``: would this head's request wait for budget? If so
+    it is queued now (``Admitter.hold``). Only what ``_handle`` would admit and queue: a
+    valid token, a route it may take, no expectation but 100-continue, no body over the
+    limit, no chunked body, not draining. A token this process has not verified lately
+    is checked first (one check per token however many connections present it), and the
+    lobby asks again with its result."""
+    checks: dict[str, asyncio.Future[AuthResult]] = {}
+
+    def check(raw: str) -> asyncio.Future[AuthResult] | None:
+        future = checks.get(raw)
+        if future is None:
+            if len(checks) >= _LOBBY_CHECKS:
+                return None  # a flood of tokens: checked by their handlers
+            future = checks[raw] = asyncio.ensure_future(rt.auth.authenticate(raw))
+            future.add_done_callback(lambda _: checks.pop(raw, None))
+        return future
+
+    def decide(head: Head, known: object) -> _Waiting | asyncio.Future[AuthResult] | None:
+        fields = head.fields
+        expect = fields.get("Expect")
+        length = fields.get("Content-Length", "0")
+        limit = rt.config.server.max_request_body_bytes
+        if (
+            rt.draining
+            or (expect is not None and expect.strip().lower() != "100-continue")
+            or "Transfer-Encoding" in fields
+            or not (length.isdigit() and int(length) <= limit)
+        ):
+            return None
+        raw = _presented_token(fields, head.target)
+        if not raw:
+            return None
+        auth = known if isinstance(known, AuthResult) else rt.auth.recall(raw)
+        if auth is None:
+            return check(raw)
+        token = auth.record
+        if token is None:
+            return None
+        try:
+            match = rt.routes.match(head.method, head.target.partition("?")[0])
+        except PathError:
+            return None
+        if _authorise(token, match, head.method, {}) is not None:
+            return None
+        credential = _credential(rt, token, match)
+        if credential is None:
+            return None
+        held = rt.admitter.hold(
+            AdmitRequest(token, credential.name, match.template, _max_wait(fields))
+        )
+        if held is None:
+            return None
+        return _Waiting(rt, held, token, match.template, credential.name, head.method)
+
+    return decide
 
 
 async def handle(request: web.Request) -> web.StreamResponse:
     """Every proxied request enters here."""
     rt = request.app[RUNTIME]
-    ex = Exchange(_request_id(request, rt), time.perf_counter())
+    waiting = take_waiting(request)
+    ex = Exchange(_request_id(request, rt), waiting.arrived if waiting else time.perf_counter())
+    ex.then = on_its_way(request)
     rt.metrics.in_flight_now += 1
     response: web.StreamResponse | None = None
     try:
-        response = await _handle(request, rt, ex)
+        response = await _handle(request, rt, ex, waiting.held if waiting else None)
     except web.HTTPException:
         raise
     except Exception:
@@ -201,7 +301,9 @@ async def handle(request: web.Request) -> web.StreamResponse:
         response = json_error(500, "Internal gateway error", reason="internal_error")
     finally:
         rt.metrics.in_flight_now -= 1
-        _account(rt, request, ex, response)
+        if waiting is not None:
+            waiting.held.release()  # answered before admission took it over: a no-op after
+        _account(rt, request.method, ex, response)
     if ex.awaits_continue:
         # Answered before the caller was told to send its body: it may never send it,
         # and reading it to keep the connection would wait on the caller.
@@ -230,7 +332,9 @@ async def _continue(request: web.Request, ex: Exchange) -> None:
         await request.writer.write(_CONTINUE)
 
 
-async def _handle(request: web.Request, rt: Runtime, ex: Exchange) -> web.StreamResponse:
+async def _handle(
+    request: web.Request, rt: Runtime, ex: Exchange, held: Held | None
+) -> web.StreamResponse:
     headers = {"X-Request-ID": ex.request_id}
     expects = _expects_continue(request)
     if expects is None:
@@ -242,7 +346,7 @@ async def _handle(request: web.Request, rt: Runtime, ex: Exchange) -> web.Stream
         )
     ex.awaits_continue = expects and request.body_exists
     try:
-        result = await rt.auth.authenticate(_presented_token(request))
+        result = await rt.auth.authenticate(_presented_token(request.headers, request.raw_path))
     except Exception as exc:  # the token store cannot answer
         ex.refusal = "state_unavailable"
         # Neither the token nor its key is known yet: both labels are "-".
@@ -286,8 +390,8 @@ async def _handle(request: web.Request, rt: Runtime, ex: Exchange) -> web.Stream
     if length is not None and length > rt.config.server.max_request_body_bytes:
         ex.refusal = "body_too_large"
         return json_error(413, "Request body too large", reason="body_too_large", headers=headers)
-    admit = AdmitRequest(token, credential.name, match.template, _max_wait(request))
-    admitted = await rt.admitter.admit(admit)
+    admit = AdmitRequest(token, credential.name, match.template, _max_wait(request.headers))
+    admitted = await rt.admitter.admit(admit, held)
     if isinstance(admitted, Refusal):
         return _refuse(ex, admitted, rt.admitter.caller_headers(admit))
     ex.queue_seconds = admitted.queued_seconds
@@ -353,8 +457,8 @@ def _credential(rt: Runtime, token: TokenRecord, match: RouteMatch) -> Credentia
     return rt.secrets.credentials.get(name)
 
 
-def _max_wait(request: web.Request) -> float | None:
-    raw = request.headers.get("X-Gateway-Max-Wait")
+def _max_wait(headers: Mapping[str, str]) -> float | None:
+    raw = headers.get("X-Gateway-Max-Wait")
     if raw is None:
         return None
     try:
@@ -686,16 +790,14 @@ def _key_seen(credential: Credential, action: str) -> None:
     )
 
 
-def _account(
-    rt: Runtime, request: web.Request, ex: Exchange, response: web.StreamResponse | None
-) -> None:
+def _account(rt: Runtime, method: str, ex: Exchange, response: web.StreamResponse | None) -> None:
     # 499 (as nginx logs it): the caller went away before its answer was written.
     status = response.status if response is not None and not ex.client_gone else 499
     token_name = ex.token.name if ex.token is not None else ANONYMOUS
     total = time.perf_counter() - ex.started
     metrics = rt.metrics
-    method = request.method if request.method in _METHODS else "OTHER"  # bounded labels
-    metrics.child(metrics.requests, token_name, ex.route, method, str(status)).inc()
+    label = method if method in _METHODS else "OTHER"  # bounded labels
+    metrics.child(metrics.requests, token_name, ex.route, label, str(status)).inc()
     if ex.token is not None:
         counts = rt.usage.get(ex.token.id)
         if counts is None:
@@ -709,7 +811,7 @@ def _account(
             ex.request_id,
             ex.token.id if ex.token is not None else None,
             token_name,
-            request.method,
+            method,
             ex.route,
             ex.credential or None,
             status,
@@ -722,4 +824,4 @@ def _account(
         )
 
 
-__all__ = ["HOP_BY_HOP", "handle"]
+__all__ = ["HOP_BY_HOP", "handle", "lobby_decider"]

@@ -23,7 +23,7 @@ from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from proxy.admission import AdmitRequest, Grant, Refusal
+from proxy.admission import AdmitRequest, Grant, Held, Refusal
 from proxy.budget import CredentialBudget, Limit, WindowView
 from proxy.ratelimit_headers import (
     UpstreamQuota,
@@ -74,6 +74,7 @@ class _Waiter:
     # would add a Timeout, its handle and a cancellation of the task.
     future: asyncio.Future[SlotGrant | Refusal | None]
     timer: asyncio.TimerHandle
+    since: float  # when it was queued
 
 
 @dataclass(slots=True, eq=False)
@@ -166,6 +167,48 @@ class SlotGrant:
             if self.quota is not None:
                 self.quota.refund()
             self.lane.give_back(self.slot)
+
+
+class Hold:
+    """A request queued by :meth:`Scheduler.hold` before its handler runs: its place in
+    its lane's queue, until ``admit`` takes it over or ``release`` gives it up."""
+
+    __slots__ = ("lane", "waiter")
+
+    def __init__(self, lane: Lane, waiter: _Waiter) -> None:
+        self.lane = lane
+        self.waiter: _Waiter | None = waiter
+
+    @property
+    def future(self) -> asyncio.Future[SlotGrant | Refusal | None]:
+        """Done when the wait is: a slot granted, a refusal, or the wait over (None)."""
+        assert self.waiter is not None
+        return self.waiter.future
+
+    @property
+    def granted(self) -> bool:
+        return self.waiter is not None and isinstance(_settled(self.waiter), SlotGrant)
+
+    def take(self, lane: Lane, token: TokenRecord) -> _Waiter | None:
+        """The waiter, for ``lane.admit`` to await, if it was queued for ``token`` in
+        ``lane`` (else given up: the request is admitted anew)."""
+        waiter, self.waiter = self.waiter, None
+        if waiter is not None and (lane is not self.lane or waiter.token.id != token.id):
+            _give_up(self.lane, waiter)
+            return None
+        return waiter
+
+    def release(self) -> None:
+        """Never taken (the caller left, or was answered before admission): leave the
+        queue, or give back the slot already granted."""
+        waiter, self.waiter = self.waiter, None
+        if waiter is not None:
+            _give_up(self.lane, waiter)
+
+
+def _give_up(lane: Lane, waiter: _Waiter) -> None:
+    waiter.timer.cancel()
+    lane._left(waiter)
 
 
 _STATE_DOWN = Refusal(
@@ -342,35 +385,66 @@ class Lane:
                 ahead += min(len(queue.waiters), math.ceil(rounds * queue.token.weight))
         return ahead
 
-    async def admit(
-        self, token: TokenRecord, charge: TokenCharge | None, max_wait: float
-    ) -> SlotGrant | Refusal:
-        """A reserved, written-ahead slot, or a refusal. Never waits past ``max_wait``."""
+    def hold(self, token: TokenRecord, max_wait: float) -> _Waiter | None:
+        """Queue a new request of ``token`` at once, without awaiting its turn, unless
+        ``admit`` would refuse it: the view of the budget is current without reading the
+        state, and the prediction does not refuse it. A slot free now is handed out by the
+        pump, in the queue's order. None: ``admit`` decides. The waiter is awaited later by
+        ``admit(..., held=waiter)``, or given up with ``_left``. The lobby (proxy/lobby.py)
+        keeps a request queued this way with no coroutine of its own: a burst of new
+        connections is queued as it comes, before aiohttp has run one of its handlers."""
+        if self.shedding is not None:
+            return None
         now = self.clock()
         try:
-            grant: SlotGrant | Refusal | None = None
-            refreshed = False
-            if self.depth == 0:
-                if self._refusing is not None:  # refused before: has anything changed?
-                    await self.source.refresh(now)
-                    refreshed = True
-                    grant = self._known_refusal(now, token, max_wait)
-                if grant is None:
-                    grant = await self._take(now)
-            if grant is None:
-                if not refreshed:
-                    await self.source.refresh(now)
-                grant = self._refusal_for_new(now, token, max_wait)
+            if (
+                not self.source.refreshed(now)
+                or self._known_refusal(now, token, max_wait) is not None
+                or self._refusal_for_new(now, token, max_wait) is not None
+            ):
+                return None
         except StateUnavailable:
-            return _STATE_DOWN
-        if grant is None and self.shedding is not None:
-            # Shed while this request read the state (its quota, Redis): nobody serves the
-            # queue now, and the server cancels what still waits at the end of the drain.
-            grant = self.shedding
+            return None
+        return self._enqueue(now, token, max_wait)
+
+    async def admit(
+        self,
+        token: TokenRecord,
+        charge: TokenCharge | None,
+        max_wait: float,
+        held: _Waiter | None = None,
+    ) -> SlotGrant | Refusal:
+        """A reserved, written-ahead slot, or a refusal. Never waits past ``max_wait``.
+        ``held``: the request was queued by ``hold``; its wait goes on here."""
+        grant: SlotGrant | Refusal | None = None
+        if held is None:
+            now = self.clock()
+            try:
+                refreshed = False
+                if self.depth == 0:
+                    if self._refusing is not None:  # refused before: has anything changed?
+                        await self.source.refresh(now)
+                        refreshed = True
+                        grant = self._known_refusal(now, token, max_wait)
+                    if grant is None:
+                        grant = await self._take(now)
+                if grant is None:
+                    if not refreshed:
+                        await self.source.refresh(now)
+                    grant = self._refusal_for_new(now, token, max_wait)
+            except StateUnavailable:
+                return _STATE_DOWN
+            if grant is None and self.shedding is not None:
+                # Shed while this request read the state (its quota, Redis): nobody serves
+                # the queue now, and the server cancels what still waits at the end of the
+                # drain.
+                grant = self.shedding
+        else:
+            now = held.since
         if grant is None:
             # Queued. The wait is awaited here, not in a coroutine of its own: with 10,000
             # queued, every frame and timer per waiter counts (docs/performance.md#memory).
-            waiter = self._enqueue(now, token, max_wait)
+            waiter = self._enqueue(now, token, max_wait) if held is None else held
             try:
                 settled = await waiter.future
             except asyncio.CancelledError:
@@ -457,7 +531,7 @@ class Lane:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[SlotGrant | Refusal | None] = loop.create_future()
         timer = loop.call_later(max_wait + 0.05, _wait_over, future)
-        waiter = _Waiter(token, now + max_wait, future, timer)
+        waiter = _Waiter(token, now + max_wait, future, timer, now)
         queue = self.queues.get(token.id)
         if queue is None:
             queue = self.queues[token.id] = _TokenQueue(token)
@@ -822,17 +896,43 @@ class Scheduler:
                 )
         return TokenCharge(source, slot)
 
-    async def admit(self, request: AdmitRequest) -> Grant | Refusal:
+    def _max_wait(self, request: AdmitRequest) -> float:
+        if request.max_wait is None:
+            return self.policy.max_wait
+        return min(self.policy.max_wait, request.max_wait)
+
+    @staticmethod
+    def _has_quota_of_its_own(token: TokenRecord, quotas: Mapping[str, _Quota]) -> bool:
+        return token.hourly is not None or token.per_minute is not None or token.id in quotas
+
+    def hold(self, request: AdmitRequest) -> Hold | None:
+        """Queue ``request`` now, without a coroutine, when it would be queued (see
+        ``Lane.hold``); ``admit(request, held)`` takes the wait over. None when ``admit``
+        must decide: a slot free now, a refusal, the state to read first (a token quota of
+        its own is charged in the state before the lane is asked)."""
+        token = request.token
+        if self._shedding or self._has_quota_of_its_own(token, self._quotas):
+            return None
+        lane = self.lanes[request.credential]
+        waiter = lane.hold(token, self._max_wait(request))
+        return None if waiter is None else Hold(lane, waiter)
+
+    async def admit(self, request: AdmitRequest, held: Held | None = None) -> Grant | Refusal:
         lane = self.lanes[request.credential]
         token = request.token
+        waiter = None
+        if isinstance(held, Hold):
+            waiter = held.take(lane, token)
+        elif held is not None:
+            held.release()
         if self._shedding:
+            if waiter is not None:
+                _give_up(lane, waiter)
             self.observer.refused(lane.name, token.name, _SHUTTING_DOWN.reason)
             return _SHUTTING_DOWN
-        max_wait = self.policy.max_wait
-        if request.max_wait is not None:
-            max_wait = min(max_wait, request.max_wait)
+        max_wait = self._max_wait(request)
         charge: TokenCharge | None = None
-        if token.hourly is not None or token.per_minute is not None or token.id in self._quotas:
+        if self._has_quota_of_its_own(token, self._quotas):
             # The token's own quota is charged first, in the gateway's state (a worker or a
             # replica sees the others' charges), and refunded if the request is refused;
             # not at all when the lane refuses at once anyway (a flood costs no writes).
@@ -840,12 +940,18 @@ class Scheduler:
                 charged = await self._charge(token, await lane.known_refusal(token, max_wait))
             except StateUnavailable:
                 charged = _STATE_DOWN
+            except BaseException:
+                if waiter is not None:
+                    _give_up(lane, waiter)
+                raise
             if isinstance(charged, Refusal):
+                if waiter is not None:
+                    _give_up(lane, waiter)
                 self.observer.refused(lane.name, token.name, charged.reason)
                 return charged
             charge = charged
         try:
-            result = await lane.admit(token, charge, max_wait)
+            result = await lane.admit(token, charge, max_wait, waiter)
         except BaseException:
             if charge is not None:
                 charge.refund()
@@ -991,6 +1097,7 @@ def token_limits(token: TokenRecord) -> tuple[Limit, ...]:
 
 __all__ = [
     "QUOTA_HORIZON",
+    "Hold",
     "Lane",
     "QueuePolicy",
     "Scheduler",

@@ -124,6 +124,11 @@ class SlotSource(Protocol):
     async def refresh(self, now: float) -> None:
         """Bring the local view up to date before a prediction (no-op for local slots)."""
 
+    def refreshed(self, now: float) -> bool:
+        """Bring the view up to date as ``refresh`` does if that needs no wait (local
+        slots read their log at once): True when it is up to date, False when only
+        ``refresh`` can bring it (a shared view past its age)."""
+
     async def take(self, now: float, waiting: bool = False) -> Slot | None:
         """Reserve one send at ``now`` if every limit allows it and no other process is
         ahead in line for it, else None. ``waiting``: this process has requests queued
@@ -350,9 +355,13 @@ class LocalSlots:
             self.on_frozen(frozen)
 
     async def refresh(self, now: float) -> None:
+        self.refreshed(now)
+
+    def refreshed(self, now: float) -> bool:
         if now - self._polled >= self.POLL_SECONDS or now < self._polled:
             self._polled = now
             self._merge(self.log.poll(self.name))
+        return True
 
     async def commit(self, slot: Slot) -> None:
         if not slot.committed:  # every slot ``take`` hands out is already written ahead

@@ -412,14 +412,9 @@ class TokenAuthenticator:
         """
         if not raw:
             return _FAILED[AuthFailure.MISSING]
-        known = self._verified.get(raw[len(TOKEN_PREFIX) : len(TOKEN_PREFIX) + ID_LENGTH])
-        if (
-            known is not None
-            and raw.isascii()  # compare_digest takes ASCII strings only
-            and hmac.compare_digest(known[0], raw)
-            and self._timer() < known[2]
-        ):
-            return self._judge(known[1])
+        recalled = self.recall(raw)
+        if recalled is not None:
+            return recalled
         parsed = parse_token(raw)
         if parsed is None:
             return _FAILED[AuthFailure.MALFORMED]
@@ -430,6 +425,19 @@ class TokenAuthenticator:
         accepted = AuthResult(record, None)
         self._remember(token_id, raw, accepted)
         return self._judge(accepted)
+
+    def recall(self, raw: str) -> AuthResult | None:
+        """What ``authenticate(raw)`` answers, if this instance verified ``raw`` lately (no
+        hash, no store lookup); None when only ``authenticate`` can tell."""
+        known = self._verified.get(raw[len(TOKEN_PREFIX) : len(TOKEN_PREFIX) + ID_LENGTH])
+        if (
+            known is not None
+            and raw.isascii()  # compare_digest takes ASCII strings only
+            and hmac.compare_digest(known[0], raw)
+            and self._timer() < known[2]
+        ):
+            return self._judge(known[1])
+        return None
 
     def _judge(self, accepted: AuthResult) -> AuthResult:
         """``accepted`` (its secret matched), unless its record is revoked or expired now."""

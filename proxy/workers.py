@@ -37,9 +37,10 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from proxy.app import JsonErrorRunner, listener_error, start_site
+from proxy.app import listener_error, start_site
 from proxy.config import MAX_WORKERS, GatewayConfig
 from proxy.group_admin import WorkerLinks, build_group_admin_app
+from proxy.lobby import JsonErrorRunner
 
 log = logging.getLogger("echowin_gateway.workers")
 

@@ -11,10 +11,13 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from aiohttp.web_runner import BaseRunner
 from redis.asyncio import Redis
 
 from proxy.app import build_apps
 from proxy.config import parse_config, resolve_secrets
+from proxy.handler import lobby_decider
+from proxy.lobby import ProxyRunner
 from proxy.runtime import RUNTIME, Runtime
 from proxy.sim import SimConfig, SimLimit, Simulator
 from proxy.tokenops import create_token
@@ -103,15 +106,35 @@ def gateway_config(upstream_url: str, **overrides: Any) -> dict[str, Any]:
 @pytest.fixture
 async def make_gateway(
     aiohttp_server: ServerFactory, sim: SimHandle
-) -> Callable[..., Awaitable[GatewayHandle]]:
+) -> AsyncIterator[Callable[..., Awaitable[GatewayHandle]]]:
+    proxies: list[TestServer] = []
+
     async def make(upstream_url: str | None = None, **overrides: Any) -> GatewayHandle:
         config = parse_config(gateway_config(upstream_url or sim.url, **overrides))
         proxy_app, admin_app = build_apps(config, resolve_secrets(config, ENV))
-        proxy = await aiohttp_server(proxy_app)
+        proxy = ProxyTestServer(proxy_app, host="127.0.0.1")
+        await proxy.start_server()
+        proxies.append(proxy)
         admin = await aiohttp_server(admin_app)
         return GatewayHandle(proxy_app[RUNTIME], proxy, admin)
 
-    return make
+    yield make
+    while proxies:
+        await proxies.pop().close()
+
+
+class ProxyTestServer(TestServer):
+    """The proxy app served as ``serve`` serves it: connections start in the lobby."""
+
+    async def _make_runner(self, **kwargs: Any) -> BaseRunner:
+        assert self.app is not None
+        rt = self.app[RUNTIME]
+        return ProxyRunner(
+            self.app,
+            lobby_decider(rt),
+            lambda: rt.config.upstream.max_connections,
+            **kwargs,
+        )
 
 
 @pytest.fixture

@@ -457,9 +457,12 @@ class RedisSlots:
 
     # --- predictions and views -------------------------------------------------------
 
+    def refreshed(self, now: float) -> bool:
+        return not self.healthy or now - self._mirror_at < MIRROR_MAX_AGE
+
     async def refresh(self, now: float) -> None:
         """Rebuild the shared view from Redis if it is older than MIRROR_MAX_AGE."""
-        if not self.healthy or now - self._mirror_at < MIRROR_MAX_AGE:
+        if self.refreshed(now):
             return
         keys = [self._sends, *self._ext, self._frozen_key, self._epoch_key]
         args = [self._horizon, secrets.token_hex(8)]

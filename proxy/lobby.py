@@ -1,0 +1,518 @@
+"""How the listeners take their connections, and the proxy listener's lobby.
+
+Every listener answers a request aiohttp cannot parse in the gateway's JSON
+(:class:`JsonErrorRunner`). The proxy listener adds a lobby (:class:`ProxyRunner`): a new
+connection starts with a :class:`Lobby` protocol instead of aiohttp's handler. aiohttp
+holds a waiting request in about 10 KB (the parsed message, the connection's handler and
+parser, two tasks, coroutine frames, the Request: docs/performance.md#memory). The lobby
+reads the first request's head and asks ``decide`` whether it would wait for budget; if
+so it is queued at once (``Admitter.hold``) and the connection keeps only the bytes read,
+its transport and its place in the queue, with no coroutine. When the wait ends (a slot,
+a refusal, the wait over), or anything else comes (the caller's EOF, the drain, more than
+``BUFFER_BYTES`` of body), the connection goes to aiohttp's handler with the bytes read,
+and the request handler takes the wait over (``Admitter.admit(request, held)``).
+
+The lobby only chooses where a request waits: whatever it reads is read again by aiohttp
+and decided again by the handler. A head it does not find plain (split across reads, a
+field it reads given twice, a byte aiohttp might refuse) goes to aiohttp at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import re
+from collections import deque
+from collections.abc import Callable
+from http import HTTPStatus
+from typing import Any, Protocol, cast
+
+from aiohttp import web
+from aiohttp.http_exceptions import LineTooLong
+from multidict import CIMultiDict
+
+from proxy.admission import Held
+from proxy.errors import json_error
+
+BUFFER_BYTES = 64 * 1024
+"""Body bytes a waiting request's connection reads ahead; past them it stops reading."""
+HEAD_BYTES = 8 * 1024
+"""A longer head goes to aiohttp at once (whose own limit on the request line is 8190)."""
+IDLE_SECONDS = 75.0
+"""A connection that sends nothing for this long is closed (aiohttp's keep-alive default)."""
+
+# The fields a decision reads; the others stay in the bytes for aiohttp.
+_READ = frozenset(
+    {
+        b"authorization",
+        b"x-api-key",
+        b"x-agency-key",
+        b"x-gateway-max-wait",
+        b"expect",
+        b"content-length",
+        b"transfer-encoding",
+    }
+)
+_REQUEST_LINE = re.compile(rb"([A-Z]{1,16}) (/[\x21-\x7e]*) HTTP/1\.[01]")
+_FIELD_NAME = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+# Control bytes other than tab, and CR or LF outside a CRLF.
+_CONTROL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\r(?!\n)|(?<!\r)\n")
+
+
+class Head:
+    """A request head as the lobby reads it: method, target, the fields it decides on, and
+    the request's size on the wire (head and body) when its length is known."""
+
+    __slots__ = ("fields", "method", "size", "target")
+
+    def __init__(
+        self, method: str, target: str, fields: CIMultiDict[str], size: int | None
+    ) -> None:
+        self.method = method
+        self.target = target
+        self.fields = fields
+        self.size = size
+
+
+def parse_head(data: bytes) -> Head | None:
+    """The head at the start of ``data``, if ``data`` holds all of it and it is plain;
+    None leaves the request to aiohttp."""
+    end = data.find(b"\r\n\r\n", 0, HEAD_BYTES)
+    if end < 0 or _CONTROL.search(data, 0, end + 4) is not None:
+        return None
+    lines = data[:end].split(b"\r\n")
+    line = _REQUEST_LINE.fullmatch(lines[0])
+    if line is None:
+        return None
+    fields: CIMultiDict[str] = CIMultiDict()
+    for raw in lines[1:]:
+        name, colon, value = raw.partition(b":")
+        if not colon or _FIELD_NAME.fullmatch(name) is None:
+            return None  # obs-fold, a space before the colon, no name
+        if name.lower() in _READ:
+            key = name.decode("ascii")
+            if key in fields or not value.isascii():
+                return None
+            fields[key] = value.strip(b" \t").decode("ascii")
+    length = fields.get("Content-Length", "0")
+    size = end + 4 + int(length) if length.isdigit() and "Transfer-Encoding" not in fields else None
+    return Head(line[1].decode("ascii"), line[2].decode("ascii"), fields, size)
+
+
+class Waiting(Protocol):
+    """A request queued from the lobby, as ``decide`` made it."""
+
+    held: Held
+    arrived: float  # when the lobby queued it (time.perf_counter)
+
+    def taken(self) -> None:
+        """Its handler runs: the request is the handler's to answer and account."""
+
+    def release(self) -> None:
+        """Given up before its handler ran (aiohttp refused the bytes): not accounted."""
+
+    def gone(self) -> None:
+        """The caller left while it waited in the lobby: given up, and accounted."""
+
+
+class JsonErrors(web.RequestHandler):
+    """aiohttp's connection handler, whose own answers to a request it cannot parse (a bad
+    request line or header, a header over ``max_field_size``) are the gateway's JSON
+    instead of text; the connection still closes after them."""
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        super().handle_error(request, status, exc, message)  # logs; raises if sent already
+        if isinstance(exc, LineTooLong):
+            status = HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE
+        phrase = HTTPStatus(status).phrase
+        answer = json_error(status, phrase, reason="bad_request" if status < 500 else None)
+        answer.force_close()
+        return answer
+
+
+class HeldHandler(JsonErrors):
+    """The proxy listener's connection handler, given the connection by the lobby with the
+    bytes it read. ``waiting``: its first request's place in the queue, taken in the lobby,
+    until the request handler takes it (``take_waiting``). ``size``: that request's bytes
+    on the wire, if known; ``fed``: the bytes given to aiohttp's parser. When they are equal
+    once the answer is out, no byte of a next request was read: while the listener holds
+    more than ``PARK_ABOVE`` connections, the idle connection goes back to a lobby
+    (``park``) instead of keeping its handler, parser and last request until the next."""
+
+    __slots__ = ("_lobby_server", "fed", "forwarding", "size", "waiting")
+
+    def __init__(self, server: LobbyServer, **kwargs: Any) -> None:
+        super().__init__(server, **kwargs)
+        self._lobby_server: LobbyServer | None = server
+        self.waiting: Waiting | None = None
+        self.size: int | None = None
+        self.fed = 0
+        self.forwarding = False  # its request was granted a slot in the lobby, and goes on
+
+    def done_forwarding(self, done: object = None) -> None:
+        if self.forwarding and self._lobby_server is not None:
+            self.forwarding = False
+            self._lobby_server.forwarded()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert self._lobby_server is not None
+        self._lobby_server.handlers += 1
+        super().connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.fed += len(data)
+        super().data_received(data)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        waiting, self.waiting = self.waiting, None
+        if waiting is not None:  # aiohttp answered the bytes without the request handler
+            waiting.release()
+        self.done_forwarding()
+        if self._lobby_server is not None:
+            self._lobby_server.handlers -= 1
+            self._lobby_server = None
+        super().connection_lost(exc)
+
+    def park_when_idle(self, done: object) -> None:
+        """The request handler's task is done (its answer written): if the connection is
+        idle between requests and the listener is crowded, back to a lobby with it."""
+        server = self._lobby_server
+        transport = self.transport
+        if (
+            server is None
+            or server.closing
+            or transport is None
+            or self.size is None
+            or self.fed != self.size
+            or server.handlers + len(server.lobbies) <= PARK_ABOVE
+            or not _idle(self)
+        ):
+            return
+        self.transport = None  # kept open: the handler lets go of it, as if it were lost
+        self.connection_lost(None)
+        lobby = Lobby(server)
+        transport.set_protocol(lobby)
+        lobby.connection_made(transport)
+
+
+PARK_ABOVE = 512
+"""Connections (in the lobby and in aiohttp's handlers) above which an idle keep-alive
+connection waits in a lobby: about 1.5 KB each instead of about 12 KB."""
+
+
+def _idle(handler: web.RequestHandler) -> bool:
+    """aiohttp's handler waits for a next request it has none of, and will keep the
+    connection. Read from aiohttp's own state (3.14); anything unknown reads as busy."""
+    waiter = getattr(handler, "_waiter", None)
+    return (
+        waiter is not None
+        and not waiter.done()
+        and not getattr(handler, "_messages", True)
+        and not getattr(handler, "_request_in_progress", True)
+        and getattr(handler, "_keepalive", False) is True
+        and not getattr(handler, "_close", True)
+        and not getattr(handler, "_force_close", True)
+        and not getattr(handler, "_upgraded", True)
+        and getattr(handler, "_payload_parser", True) is None
+    )
+
+
+def on_its_way(request: web.BaseRequest) -> Callable[[], None] | None:
+    """What to call once the request's head has left for echowin: the lobby then hands
+    over the next request granted (see ``LobbyServer.forwarding``)."""
+    protocol = request.protocol
+    if isinstance(protocol, HeldHandler) and protocol.forwarding:
+        return protocol.done_forwarding
+    return None
+
+
+def take_waiting(request: web.BaseRequest) -> Waiting | None:
+    """The request's place in the queue, if it was queued in the lobby (once). A request
+    whose size the lobby knew may see its connection parked once it is answered."""
+    protocol = request.protocol
+    if not isinstance(protocol, HeldHandler):
+        return None
+    task = asyncio.current_task()
+    if task is not None:
+        if protocol.forwarding:
+            task.add_done_callback(protocol.done_forwarding)
+        if protocol.size is not None:
+            task.add_done_callback(protocol.park_when_idle)
+    waiting, protocol.waiting = protocol.waiting, None
+    if waiting is not None:
+        waiting.taken()
+    return waiting
+
+
+class _JsonErrorServer(web.Server):
+    __slots__ = ()
+
+    def __call__(self) -> web.RequestHandler:
+        return JsonErrors(self, loop=self._loop, **self._kwargs)
+
+
+class JsonErrorRunner(web.AppRunner):
+    """A runner whose connections answer unparsable requests in JSON."""
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        server.__class__ = _JsonErrorServer  # aiohttp makes the Server; only its class changes
+        return server
+
+
+Decide = Callable[[Head, object], "Waiting | asyncio.Future[Any] | None"]
+"""``decide(head, known)``: queue the head's request if it would wait (a Waiting), leave
+it to aiohttp (None), or a future to wait for first (the token's check), whose result is
+given back as ``known``."""
+
+
+class LobbyServer(web.Server):
+    """The proxy listener's protocol factory: every connection starts in a Lobby."""
+
+    decide: Decide
+    lobbies: set[Lobby]  # connections in the lobby
+    waiting: int  # of them, those whose request waits
+    handlers: int  # connections in aiohttp's handlers
+    # Granted requests handed to aiohttp whose heads have not left for echowin yet (nor
+    # their handlers ended), at most forward_limit() (the upstream pool's size): the
+    # others granted wait in ``ready``, in order, with no handler of their own.
+    forwarding: int
+    forward_limit: Callable[[], int]
+    ready: deque[Lobby]
+    drained: asyncio.Future[None] | None  # set while draining: done once none waits
+    closing: bool  # the listener is stopping: no connection goes back to a lobby
+
+    def pre_shutdown(self) -> None:
+        self.closing = True
+        super().pre_shutdown()
+
+    def __call__(self) -> Lobby:  # type: ignore[override]
+        return Lobby(self)
+
+    def handler(self) -> HeldHandler:
+        return HeldHandler(self, loop=self._loop, **self._kwargs)
+
+    def forwarded(self) -> None:
+        self.forwarding -= 1
+        ready = self.ready
+        while ready and self.forwarding < self.forward_limit():
+            ready.popleft().forward()
+
+    def stopped_waiting(self) -> None:
+        self.waiting -= 1
+        drained = self.drained
+        if drained is not None and not drained.done() and not self.waiting:
+            drained.set_result(None)
+
+    async def drain(self, within: float) -> None:
+        """Close the connections that sent nothing yet, give aiohttp the requests not
+        queued, and wait up to ``within`` seconds for those waiting in the lobby to leave
+        it (the drain's shed answers them)."""
+        for lobby in list(self.lobbies):
+            lobby.leave()
+        if not self.waiting:
+            return
+        self.drained = self._loop.create_future()
+        try:
+            await asyncio.wait_for(asyncio.shield(self.drained), within)
+        except TimeoutError:
+            for lobby in list(self.lobbies):
+                lobby.close()  # never answered: as aiohttp cancels what is left
+
+
+class Lobby(asyncio.Protocol):
+    """One connection until its first request goes to aiohttp (see the module's text)."""
+
+    __slots__ = (
+        "_data",
+        "_paused",
+        "_server",
+        "_size",
+        "_timer",
+        "_transport",
+        "waiting",
+    )
+
+    def __init__(self, server: LobbyServer) -> None:
+        self._server = server
+        self._transport: asyncio.Transport | None = None
+        self._data = b""
+        self._timer: asyncio.TimerHandle | None = None
+        self._paused = False
+        self._size: int | None = None  # the request's bytes on the wire, if known
+        self.waiting: Waiting | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
+        self._server.lobbies.add(self)
+        self._timer = asyncio.get_running_loop().call_later(IDLE_SECONDS, self.close)
+
+    def data_received(self, data: bytes) -> None:
+        if self._data:  # a body, or the next request: kept for aiohttp
+            self._data += data
+            if len(self._data) > BUFFER_BYTES and not self._paused:
+                self._paused = True
+                assert self._transport is not None
+                self._transport.pause_reading()
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        head = parse_head(data)
+        if head is None:
+            self._hand_over(data)
+            return
+        self._data = data
+        self._size = head.size
+        self._decide(head, None)
+
+    def _decide(self, head: Head, known: object) -> None:
+        decision = self._server.decide(head, known)
+        if isinstance(decision, asyncio.Future):  # the token's check first
+            decision.add_done_callback(functools.partial(self._checked, head))
+        elif decision is None:
+            self._hand_over(self._data)
+        else:
+            self.waiting = decision
+            self._server.waiting += 1
+            decision.held.future.add_done_callback(self._settled)
+
+    def _checked(self, head: Head, check: asyncio.Future[Any]) -> None:
+        if self._transport is None:
+            return  # gone, or handed over meanwhile
+        if check.cancelled() or check.exception() is not None:
+            self._hand_over(self._data)  # the request handler tells the caller
+        else:
+            self._decide(head, check.result())
+
+    def _settled(self, _: object) -> None:
+        waiting = self.waiting
+        if self._transport is None or waiting is None:
+            return
+        if not waiting.held.granted:
+            self._hand_over(self._data)  # refused, or its wait is over: answered at once
+            return
+        server = self._server
+        if server.forwarding < server.forward_limit():
+            self.forward()
+        else:
+            server.ready.append(self)  # handed over as an earlier one finishes
+
+    def forward(self) -> None:
+        """The request, granted its slot, goes on in aiohttp's handler."""
+        if self._transport is None or self.waiting is None:
+            return  # gone while it waited in ``ready``
+        self._server.forwarding += 1
+        self._hand_over(self._data).forwarding = True
+
+    def eof_received(self) -> bool | None:
+        # The connection closes, as aiohttp's does at the caller's EOF: a request waiting
+        # here is given up (connection_lost), one not decided yet is aiohttp's to account.
+        if self._data and self.waiting is None:
+            self._hand_over(self._data).eof_received()
+        return None
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._close_lobby()
+        waiting, self.waiting = self.waiting, None
+        if waiting is not None:
+            self._server.stopped_waiting()
+            waiting.gone()
+
+    def leave(self) -> None:
+        """The drain: a request read goes to aiohttp now, a connection without one closes."""
+        if self._transport is None or self.waiting is not None:
+            return
+        if self._data:
+            self._hand_over(self._data)
+        else:
+            self._transport.close()
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+    def _close_lobby(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._transport = None
+        self._server.lobbies.discard(self)
+
+    def _hand_over(self, data: bytes) -> HeldHandler:
+        transport = self._transport
+        assert transport is not None
+        handler = self._server.handler()
+        handler.size = self._size
+        handler.waiting, self.waiting = self.waiting, None
+        self._data = b""
+        self._close_lobby()
+        if handler.waiting is not None:
+            self._server.stopped_waiting()
+        transport.set_protocol(handler)
+        handler.connection_made(transport)
+        if self._paused:
+            transport.resume_reading()
+        if data:
+            handler.data_received(data)
+        return handler
+
+
+class ProxyRunner(JsonErrorRunner):
+    """The proxy listener's runner: connections start in the lobby, where ``decide``
+    queues a new connection's first request if it would wait."""
+
+    def __init__(
+        self,
+        app: web.Application,
+        decide: Decide,
+        forward_limit: Callable[[], int],
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(app, **kwargs)
+        self._decide = decide
+        self._forward_limit = forward_limit
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        server.__class__ = LobbyServer
+        assert isinstance(server, LobbyServer)
+        server.decide = self._decide
+        server.lobbies = set()
+        server.waiting = 0
+        server.handlers = 0
+        server.forwarding = 0
+        server.forward_limit = self._forward_limit
+        server.ready = deque()
+        server.drained = None
+        server.closing = False
+        return server
+
+    async def shutdown(self) -> None:
+        """Before aiohttp waits for its handlers: the lobby's waiting requests, within the
+        same grace (what they take of it is taken from aiohttp's wait)."""
+        server = self.server
+        if isinstance(server, LobbyServer):
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            grace = self._shutdown_timeout
+            await server.drain(grace)
+            self._shutdown_timeout = max(0.0, grace - (loop.time() - started))
+        await super().shutdown()
+
+
+__all__ = [
+    "HeldHandler",
+    "JsonErrorRunner",
+    "Lobby",
+    "ProxyRunner",
+    "Waiting",
+    "parse_head",
+    "take_waiting",
+]

@@ -1,0 +1,327 @@
+"""The proxy listener's lobby (proxy/lobby.py): a new connection's request waits for budget
+with no aiohttp handler; idle keep-alive connections wait there when the listener is
+crowded; granted requests go on at most as many at once as echowin's pool holds.
+
+The head parser and the lanes' ``hold`` are driven directly; the rest runs the real
+gateway (in-process, served by its ProxyRunner, as ``serve`` serves it) in front of the
+simulator, with raw sockets for callers, and short budget windows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+from aiohttp import web
+
+import proxy.lobby
+from proxy.admission import AdmitRequest
+from proxy.budget import Limit
+from proxy.lobby import LobbyServer, parse_head
+from proxy.scheduler import Hold, Scheduler, SlotGrant
+from tests.conftest import GatewayHandle, ServerFactory, SimHandle, base_url
+from tests.test_relay_edges import get_status
+from tests.test_scheduler import Recorder, Rig, settle, token
+from tests.test_scheduler import rig as rig  # the fixture
+
+MakeGateway = Callable[..., Awaitable[GatewayHandle]]
+WAIT = 10.0  # seconds a condition may take to come true on loopback; only a bug takes it
+
+
+# --- the head as the lobby reads it ------------------------------------------------------
+
+
+def test_a_plain_head_is_read_with_its_size() -> None:
+    data = (
+        b"POST /api/v1/contacts?x=1 HTTP/1.1\r\nHost: h\r\nauthorization: Bearer t\r\n"
+        b"Content-Length: 5\r\nX-Other: y\r\n\r\nhello"
+    )
+    head = parse_head(data)
+    assert head is not None
+    assert (head.method, head.target) == ("POST", "/api/v1/contacts?x=1")
+    assert dict(head.fields) == {"authorization": "Bearer t", "Content-Length": "5"}
+    assert head.fields["Authorization"] == "Bearer t"  # read as aiohttp does: any case
+    assert head.size == len(data)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"GET /api/v1/contacts HTTP/1.1\r\nHost: h\r\n",  # not all of it yet
+        b"GET /api/v1/contacts HTTP/1.1\r\nX: a\r\n b\r\n\r\n",  # obs-fold
+        b"GET /api/v1/contacts HTTP/1.1\r\nX : a\r\n\r\n",  # a space before the colon
+        b"GET /api/v1/contacts HTTP/1.1\r\nAuthorization: a\r\nauthorization: b\r\n\r\n",
+        b"GET /api/v1/contacts HTTP/1.1\nHost: h\n\n",  # bare LF
+        b"GET /api/v1/contacts HTTP/1.1\r\nX: a\x00b\r\n\r\n",
+        b"GET /api/v1/contacts HTTP/1.1\r\nX-API-Key: \xc3\xa9\r\n\r\n",
+        b"GET http://h/api/v1/contacts HTTP/1.1\r\n\r\n",  # absolute form
+        b"GET /api/v1/contacts HTTP/2.0\r\n\r\n",
+        b"get /api/v1/contacts HTTP/1.1\r\n\r\n",
+        b"GET /api/v1/contacts HTTP/1.1\r\nX: " + b"a" * 9000 + b"\r\n\r\n",
+    ],
+)
+def test_a_head_that_is_not_plain_is_left_to_aiohttp(data: bytes) -> None:
+    assert parse_head(data) is None
+
+
+def test_a_chunked_request_has_no_known_size() -> None:
+    head = parse_head(b"POST /api/v1/contacts HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
+    assert head is not None and head.size is None
+
+
+# --- hold: queued at once, the wait taken over by admit ---------------------------------
+
+
+async def test_a_held_request_is_queued_at_once_and_admit_takes_its_grant(rig: Rig) -> None:
+    lane = rig.lane(await rig.sqlite_log(), Limit(5, 60.0))
+    tok = token("svc")
+    waiter = lane.hold(tok, 10.0)
+    assert waiter is not None and lane.depth == 1  # queued, though the budget is free
+    await settle()
+    assert waiter.future.done()  # the pump granted it, in the queue's order
+    rig.clock.now += 0.5
+    grant = await lane.admit(tok, None, 10.0, waiter)
+    assert isinstance(grant, SlotGrant) and grant is waiter.future.result()
+    assert grant.queued_seconds == 0.5  # from when it was held
+    assert lane.depth == 0 and len(lane.budget.sends()) == 1
+
+
+async def test_a_request_admit_would_refuse_is_not_held(rig: Rig) -> None:
+    lane = rig.lane(await rig.sqlite_log(), Limit(1, 60.0))
+    first = await lane.admit(token("filler"), None, 1.0)
+    assert isinstance(first, SlotGrant)
+    first.sent(200, {})
+    assert lane.hold(token("svc"), 1.0) is None  # the budget frees in a minute
+    assert lane.depth == 0
+    assert lane.hold(token("svc"), 120.0) is not None  # within its max wait: queued
+
+
+async def test_a_released_hold_gives_its_slot_back_and_one_taken_for_another_is_dropped(
+    rig: Rig,
+) -> None:
+    lane = rig.lane(await rig.sqlite_log(), Limit(5, 60.0))
+    scheduler = Scheduler({"team": lane}, rig.policy, Recorder(), rig.clock)
+    tok = token("svc")
+    held = scheduler.hold(AdmitRequest(tok, "team", "/api/v1/contacts", None))
+    assert isinstance(held, Hold)
+    await settle()
+    assert held.granted and len(lane.budget.sends()) == 1
+    held.release()  # the caller left before its handler ran
+    assert not lane.budget.sends() and lane.depth == 0
+    held.release()  # once only
+
+    other = scheduler.hold(AdmitRequest(tok, "team", "/api/v1/contacts", None))
+    assert isinstance(other, Hold)
+    assert other.take(lane, token("someone-else")) is None  # its handler saw another token
+    await settle()
+    assert lane.depth == 0 and not lane.budget.sends()
+
+
+async def test_nothing_is_held_while_shedding_or_for_a_token_with_a_quota(rig: Rig) -> None:
+    lane = rig.lane(await rig.sqlite_log(), Limit(5, 60.0))
+    scheduler = Scheduler({"team": lane}, rig.policy, Recorder(), rig.clock)
+    capped = token("capped", per_minute=3)
+    assert scheduler.hold(AdmitRequest(capped, "team", "/api/v1/contacts", None)) is None
+    scheduler.shed()
+    assert scheduler.hold(AdmitRequest(token("svc"), "team", "/api/v1/contacts", None)) is None
+    assert lane.depth == 0
+
+
+# --- the real gateway: raw callers --------------------------------------------------------
+
+
+def request_bytes(token: str, method: str = "GET", body: bytes = b"") -> bytes:
+    head = (
+        f"{method} /api/v1/contacts HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+async def read_answer(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
+    line, *lines = head.decode("latin-1").split("\r\n")
+    fields = {}
+    for raw in lines:
+        if raw:
+            name, _, value = raw.partition(":")
+            fields[name.strip().lower()] = value.strip()
+    body = await asyncio.wait_for(reader.readexactly(int(fields["content-length"])), WAIT)
+    return int(line.split()[1]), fields, body
+
+
+async def until(check: Callable[[], bool]) -> None:
+    async with asyncio.timeout(WAIT):
+        while not check():
+            await asyncio.sleep(0.005)
+
+
+def lobby_of(gw: GatewayHandle) -> LobbyServer:
+    runner = gw.proxy.runner
+    assert runner is not None and isinstance(runner.server, LobbyServer)
+    return runner.server
+
+
+Conn = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+@pytest.fixture
+async def connections() -> AsyncIterator[list[Conn]]:
+    opened: list[Conn] = []
+    yield opened
+    for _, writer in opened:
+        writer.transport.abort()
+
+
+async def connect(gw: GatewayHandle, opened: list[Conn]) -> Conn:
+    conn = await asyncio.open_connection("127.0.0.1", gw.proxy.port)
+    opened.append(conn)
+    return conn
+
+
+def queue_depth(gw: GatewayHandle) -> int:
+    lane = gw.runtime.admitter.snapshot()["default"]
+    assert isinstance(lane, dict)
+    depth = lane["queue_depth"]
+    assert isinstance(depth, int)
+    return depth
+
+
+async def test_new_connections_wait_for_budget_in_the_lobby_without_a_handler(
+    make_gateway: MakeGateway, sim: SimHandle, connections: list[Conn]
+) -> None:
+    gw = await make_gateway(upstream={"limits": [{"requests": 4, "per_seconds": 2}]})
+    token = await gw.token("*")
+    assert await get_status(gw, token, "/api/v1/contacts") == 200  # the calibration probe
+    lobby = lobby_of(gw)
+    handlers_before = lobby.handlers
+    conns = [await connect(gw, connections) for _ in range(9)]
+    for _, writer in conns:
+        writer.write(request_bytes(token))
+    # Three more fit in this window; the other six wait in the lobby, and in the queue.
+    await until(lambda: lobby.waiting == 6)
+    assert queue_depth(gw) == 6
+    assert lobby.handlers <= handlers_before + 3  # no aiohttp handler for those waiting
+    answers = [await read_answer(reader) for reader, _ in conns]
+    assert [status for status, _, _ in answers] == [200] * 9
+    waited = [float(f["server-timing"].split("dur=")[1].split(",")[0]) for _, f, _ in answers]
+    assert max(waited) > 1000  # the last ones waited for the next windows (ms)
+    assert lobby.waiting == 0 and queue_depth(gw) == 0
+    assert len(sim.sim.log) == 10
+
+
+async def test_a_caller_that_leaves_the_lobby_gives_its_place_back(
+    make_gateway: MakeGateway, sim: SimHandle, connections: list[Conn]
+) -> None:
+    gw = await make_gateway(upstream={"limits": [{"requests": 2, "per_seconds": 2}]})
+    token = await gw.token("*")
+    assert await get_status(gw, token, "/api/v1/contacts") == 200
+    lobby = lobby_of(gw)
+    conns = [await connect(gw, connections) for _ in range(4)]
+    for _, writer in conns:
+        writer.write(request_bytes(token))
+    await until(lambda: lobby.waiting == 3)
+    gone_before = _requests_with_status(gw, "499")
+    conns[-1][1].transport.abort()  # the last in line hangs up
+    await until(lambda: lobby.waiting == 2)
+    assert queue_depth(gw) == 2
+    assert _requests_with_status(gw, "499") == gone_before + 1  # accounted as nginx would
+    answers = [await read_answer(reader) for reader, _ in conns[:-1]]
+    assert [status for status, _, _ in answers] == [200] * 3
+    assert len(sim.sim.log) == 4  # the one that left took no slot from echowin
+
+
+def _requests_with_status(gw: GatewayHandle, status: str) -> float:
+    total = 0.0
+    for metric in gw.runtime.metrics.requests.collect():
+        for sample in metric.samples:
+            if sample.name.endswith("_total") and sample.labels.get("status") == status:
+                total += sample.value
+    return total
+
+
+async def test_idle_connections_wait_in_the_lobby_when_the_listener_is_crowded(
+    make_gateway: MakeGateway,
+    sim: SimHandle,
+    connections: list[Conn],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(proxy.lobby, "PARK_ABOVE", 0)  # every idle connection is "crowded"
+    gw = await make_gateway()
+    token = await gw.token("*")
+    lobby = lobby_of(gw)
+    reader, writer = await connect(gw, connections)
+    for _ in range(3):  # one connection, kept alive, parked after each answer
+        writer.write(request_bytes(token))
+        status, fields, _ = await read_answer(reader)
+        assert status == 200 and fields.get("connection", "").lower() != "close"
+        await until(lambda: lobby.handlers == 0 and len(lobby.lobbies) == 1)
+    body = json.dumps({"firstName": "Ada", "number": "+15550100"}).encode()
+    writer.write(request_bytes(token, "POST", body))  # a body, on a parked connection
+    status, _, answer = await read_answer(reader)
+    assert status == 201 and b"Ada" in answer
+    # Two requests in one write: the second is read with the first and is not lost.
+    writer.write(request_bytes(token) + request_bytes(token))
+    assert [(await read_answer(reader))[0] for _ in range(2)] == [200, 200]
+    assert len(sim.sim.log) == 6
+
+
+async def test_granted_requests_go_on_no_faster_than_echowins_pool_takes_them(
+    make_gateway: MakeGateway, aiohttp_server: ServerFactory, connections: list[Conn]
+) -> None:
+    gate: asyncio.Queue[None] = asyncio.Queue()  # one item lets one upstream answer go
+    seen = 0
+
+    async def slow(request: web.Request) -> web.Response:
+        nonlocal seen
+        seen += 1
+        await gate.get()
+        quota = {"X-RateLimit-Limit": "1000", "X-RateLimit-Remaining": str(1000 - seen)}
+        return web.json_response({"ok": True}, headers=quota)  # the probe calibrates
+
+    app = web.Application()
+    app.router.add_get("/api/v1/contacts", slow)
+    upstream = await aiohttp_server(app)
+    limits = [{"requests": 100, "per_seconds": 60}]
+    gw = await make_gateway(base_url(upstream), upstream={"max_connections": 1, "limits": limits})
+    token = await gw.token("*")
+    lobby = lobby_of(gw)
+    probe = asyncio.ensure_future(get_status(gw, token, "/api/v1/contacts"))
+    await until(lambda: seen == 1)  # the calibration probe: the others wait for its answer
+    conns = [await connect(gw, connections) for _ in range(6)]
+    for _, writer in conns:
+        writer.write(request_bytes(token))
+    await until(lambda: lobby.waiting == 6)
+    gate.put_nowait(None)
+    assert await probe == 200
+    # All six granted: one at echowin on the pool's one connection, one in a handler
+    # waiting for that connection, four in the lobby's line with no handler yet.
+    await until(lambda: seen == 2)
+    await until(lambda: lobby.forwarding == 1)
+    assert (len(lobby.ready), lobby.waiting, lobby.handlers) == (4, 4, 2)
+    for _ in range(6):
+        gate.put_nowait(None)
+    answers = [await read_answer(reader) for reader, _ in conns]
+    assert [status for status, _, _ in answers] == [200] * 6
+    assert lobby.forwarding == 0 and not lobby.ready
+
+
+async def test_a_request_aiohttp_refuses_after_the_lobby_gives_its_place_back(
+    make_gateway: MakeGateway, sim: SimHandle, connections: list[Conn]
+) -> None:
+    """The lobby reads less than aiohttp: what aiohttp then refuses (here more header
+    lines than its max_headers) loses its place in the queue and any slot granted."""
+    gw = await make_gateway()
+    token = await gw.token("*")
+    assert await get_status(gw, token, "/api/v1/contacts") == 200
+    reader, writer = await connect(gw, connections)
+    many = b"".join(b"X-%d: 1\r\n" % n for n in range(200))
+    writer.write(request_bytes(token).replace(b"Host: x\r\n", b"Host: x\r\n" + many))
+    status, _, _ = await read_answer(reader)
+    assert status == 400
+    await until(lambda: queue_depth(gw) == 0)
+    lane = gw.runtime.admitter.lanes["default"]  # type: ignore[attr-defined]
+    await until(lambda: len(lane.budget.sends()) == 1)  # the probe's only
+    assert len(sim.sim.log) == 1
