@@ -287,7 +287,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
     rt = request.app[RUNTIME]
     waiting = take_waiting(request)
     ex = Exchange(_request_id(request, rt), waiting.arrived if waiting else time.perf_counter())
-    ex.then = on_its_way(request)
+    if waiting is not None:
+        ex.then = on_its_way(request)
     rt.metrics.in_flight_now += 1
     response: web.StreamResponse | None = None
     try:

@@ -233,19 +233,23 @@ def on_its_way(request: web.BaseRequest) -> Callable[[], None] | None:
 
 
 def take_waiting(request: web.BaseRequest) -> Waiting | None:
-    """The request's place in the queue, if it was queued in the lobby (once). A request
-    whose size the lobby knew may see its connection parked once it is answered."""
+    """The request's place in the queue, if it was queued in the lobby (once). The first
+    request of a connection from the lobby, its size known, may see the connection parked
+    once it is answered, if the listener is crowded by then. Later requests on a
+    connection that was not parked pass through here with three attribute reads."""
     protocol = request.protocol
     if not isinstance(protocol, HeldHandler):
         return None
+    waiting = protocol.waiting
+    if waiting is None and protocol.fed != protocol.size:
+        return None  # not the lobby's request, and its connection cannot be parked
     task = asyncio.current_task()
     if task is not None:
         if protocol.forwarding:
             task.add_done_callback(protocol.done_forwarding)
-        if protocol.size is not None:
-            task.add_done_callback(protocol.park_when_idle)
-    waiting, protocol.waiting = protocol.waiting, None
+        task.add_done_callback(protocol.park_when_idle)
     if waiting is not None:
+        protocol.waiting = None
         waiting.taken()
     return waiting
 
