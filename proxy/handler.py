@@ -239,7 +239,7 @@ def lobby_decider(rt: Runtime) -> Decide:
             if len(checks) >= _LOBBY_CHECKS:
                 return None  # a flood of tokens: checked by their handlers
             future = checks[raw] = asyncio.ensure_future(rt.auth.authenticate(raw))
-            future.add_done_callback(lambda _: checks.pop(raw, None))
+            future.add_done_callback(functools.partial(_checked, checks, raw))
         return future
 
     def decide(head: Head, known: object) -> _Waiting | asyncio.Future[AuthResult] | None:
@@ -251,7 +251,7 @@ def lobby_decider(rt: Runtime) -> Decide:
             rt.draining
             or (expect is not None and expect.strip().lower() != "100-continue")
             or "Transfer-Encoding" in fields
-            or not (length.isdigit() and int(length) <= limit)
+            or not (length.isdigit() and len(length) <= 18 and int(length) <= limit)
         ):
             return None
         raw = _presented_token(fields, head.target)
@@ -280,6 +280,14 @@ def lobby_decider(rt: Runtime) -> Decide:
         return _Waiting(rt, held, token, match.template, credential.name, head.method)
 
     return decide
+
+
+def _checked(
+    checks: dict[str, asyncio.Future[AuthResult]], raw: str, future: asyncio.Future[AuthResult]
+) -> None:
+    checks.pop(raw, None)
+    if not future.cancelled():
+        future.exception()  # read: every lobby that waited on it may have gone meanwhile
 
 
 async def handle(request: web.Request) -> web.StreamResponse:

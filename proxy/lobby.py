@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import re
 from collections import deque
 from collections.abc import Callable
@@ -33,6 +34,8 @@ from multidict import CIMultiDict
 
 from proxy.admission import Held
 from proxy.errors import json_error
+
+log = logging.getLogger("echowin_gateway")
 
 BUFFER_BYTES = 64 * 1024
 """Body bytes a waiting request's connection reads ahead; past them it stops reading."""
@@ -95,7 +98,8 @@ def parse_head(data: bytes) -> Head | None:
                 return None
             fields[key] = value.strip(b" \t").decode("ascii")
     length = fields.get("Content-Length", "0")
-    size = end + 4 + int(length) if length.isdigit() and "Transfer-Encoding" not in fields else None
+    known = length.isdigit() and len(length) <= 18 and "Transfer-Encoding" not in fields
+    size = end + 4 + int(length) if known else None
     return Head(line[1].decode("ascii"), line[2].decode("ascii"), fields, size)
 
 
@@ -180,8 +184,14 @@ class HeldHandler(JsonErrors):
         super().connection_lost(exc)
 
     def park_when_idle(self, done: object) -> None:
-        """The request handler's task is done (its answer written): if the connection is
-        idle between requests and the listener is crowded, back to a lobby with it."""
+        """The request handler's task is done: once aiohttp's ``start`` has seen it (a
+        turn of the loop later: on Python 3.12 and later the task may finish before
+        ``start`` awaits it), ``park_if_idle``."""
+        asyncio.get_running_loop().call_soon(self.park_if_idle)
+
+    def park_if_idle(self) -> bool:
+        """If the connection is idle between requests, all of its answer handed to the
+        socket, and the listener is crowded: back to a lobby with it. True if parked."""
         server = self._lobby_server
         transport = self.transport
         if (
@@ -192,13 +202,18 @@ class HeldHandler(JsonErrors):
             or self.fed != self.size
             or server.handlers + len(server.lobbies) <= PARK_ABOVE
             or not _idle(self)
+            # A lobby neither writes nor hears of the transport's pause_writing: a handler
+            # that came after it would write without backpressure.
+            or getattr(self, "_paused", True)
+            or transport.get_write_buffer_size() != 0
         ):
-            return
+            return False
         self.transport = None  # kept open: the handler lets go of it, as if it were lost
         self.connection_lost(None)
         lobby = Lobby(server)
         transport.set_protocol(lobby)
         lobby.connection_made(transport)
+        return True
 
 
 PARK_ABOVE = 512
@@ -360,10 +375,7 @@ class Lobby(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._data:  # a body, or the next request: kept for aiohttp
             self._data += data
-            if len(self._data) > BUFFER_BYTES and not self._paused:
-                self._paused = True
-                assert self._transport is not None
-                self._transport.pause_reading()
+            self._keep_within_buffer()
             return
         if self._timer is not None:
             self._timer.cancel()
@@ -377,7 +389,11 @@ class Lobby(asyncio.Protocol):
         self._decide(head, None)
 
     def _decide(self, head: Head, known: object) -> None:
-        decision = self._server.decide(head, known)
+        try:
+            decision = self._server.decide(head, known)
+        except Exception:  # a bug must not cost the connection: aiohttp and the handler
+            log.exception("the lobby could not decide; the request goes to its handler")
+            decision = None
         if isinstance(decision, asyncio.Future):  # the token's check first
             decision.add_done_callback(functools.partial(self._checked, head))
         elif decision is None:
@@ -385,7 +401,13 @@ class Lobby(asyncio.Protocol):
         else:
             self.waiting = decision
             self._server.waiting += 1
+            self._keep_within_buffer()
             decision.held.future.add_done_callback(self._settled)
+
+    def _keep_within_buffer(self) -> None:
+        if len(self._data) > BUFFER_BYTES and not self._paused and self._transport is not None:
+            self._paused = True
+            self._transport.pause_reading()
 
     def _checked(self, head: Head, check: asyncio.Future[Any]) -> None:
         if self._transport is None:
@@ -397,8 +419,8 @@ class Lobby(asyncio.Protocol):
 
     def _settled(self, _: object) -> None:
         waiting = self.waiting
-        if self._transport is None or waiting is None:
-            return
+        if self._transport is None or self._transport.is_closing() or waiting is None:
+            return  # closing: connection_lost gives the place up and accounts the 499
         if not waiting.held.granted:
             self._hand_over(self._data)  # refused, or its wait is over: answered at once
             return
@@ -410,7 +432,7 @@ class Lobby(asyncio.Protocol):
 
     def forward(self) -> None:
         """The request, granted its slot, goes on in aiohttp's handler."""
-        if self._transport is None or self.waiting is None:
+        if self._transport is None or self._transport.is_closing() or self.waiting is None:
             return  # gone while it waited in ``ready``
         self._server.forwarding += 1
         self._hand_over(self._data).forwarding = True
@@ -424,6 +446,7 @@ class Lobby(asyncio.Protocol):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._close_lobby()
+        self._data = b""
         waiting, self.waiting = self.waiting, None
         if waiting is not None:
             self._server.stopped_waiting()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
@@ -325,3 +326,64 @@ async def test_a_request_aiohttp_refuses_after_the_lobby_gives_its_place_back(
     lane = gw.runtime.admitter.lanes["default"]  # type: ignore[attr-defined]
     await until(lambda: len(lane.budget.sends()) == 1)  # the probe's only
     assert len(sim.sim.log) == 1
+
+
+async def test_a_content_length_too_long_to_read_gets_aiohttps_400(
+    make_gateway: MakeGateway, connections: list[Conn]
+) -> None:
+    gw = await make_gateway()
+    reader, writer = await connect(gw, connections)
+    writer.write(b"POST /api/v1/contacts HTTP/1.1\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\n")
+    status, _, body = await read_answer(reader)
+    assert status == 400 and json.loads(body)["reason"] == "bad_request"
+
+
+async def test_a_connection_is_not_parked_while_its_answer_is_still_being_written(
+    make_gateway: MakeGateway,
+    aiohttp_server: ServerFactory,
+    connections: list[Conn],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A lobby hears nothing of the transport's pause_writing: parking a connection whose
+    answer still sits in the transport's buffer would leave the next handler writing with
+    no backpressure. The caller here never reads, so the buffer fills."""
+    monkeypatch.setattr(proxy.lobby, "PARK_ABOVE", 0)
+    decisions: list[tuple[int, bool]] = []
+    park_if_idle = proxy.lobby.HeldHandler.park_if_idle
+
+    def recorded(self: proxy.lobby.HeldHandler) -> bool:
+        transport = self.transport
+        buffered = transport.get_write_buffer_size() if transport is not None else 0
+        parked = park_if_idle(self)
+        decisions.append((buffered, parked))
+        return parked
+
+    monkeypatch.setattr(proxy.lobby.HeldHandler, "park_if_idle", recorded)
+    quota = {"X-RateLimit-Limit": "100000", "X-RateLimit-Remaining": "99999"}
+
+    async def big(request: web.Request) -> web.Response:
+        return web.Response(body=b"a" * 60_000, headers=quota)
+
+    app = web.Application()
+    app.router.add_get("/api/v1/contacts", big)
+    upstream = await aiohttp_server(app)
+    gw = await make_gateway(base_url(upstream))
+    token = await gw.token("*")
+    lobby = lobby_of(gw)
+    small = socket.socket()
+    small.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting
+    small.connect(("127.0.0.1", gw.proxy.port))
+    small.setblocking(False)
+    _, writer = await asyncio.open_connection(sock=small)
+    connections.append((_, writer))
+    await until(lambda: len(lobby.lobbies) == 1)
+    server_side = next(iter(lobby.lobbies))._transport
+    assert server_side is not None
+    server_side.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    for count in range(1, 41):  # never read: answers pile up in the gateway's buffer
+        writer.write(request_bytes(token))
+        await until(lambda n=count: len(decisions) == n)  # type: ignore[misc]
+        if any(buffered for buffered, _ in decisions):
+            break
+    assert any(buffered for buffered, _ in decisions), decisions  # the case was reached
+    assert not [d for d in decisions if d[0] and d[1]], decisions  # and never parked
