@@ -399,7 +399,7 @@ class Lane:
         try:
             if (
                 not self.source.refreshed(now)
-                or self._known_refusal(now, token, max_wait) is not None
+                or (self.depth == 0 and self._known_refusal(now, token, max_wait) is not None)
                 or self._refusal_for_new(now, token, max_wait) is not None
             ):
                 return None
