@@ -149,7 +149,7 @@ class HeldHandler(JsonErrors):
     more than ``PARK_ABOVE`` connections, the idle connection goes back to a lobby
     (``park``) instead of keeping its handler, parser and last request until the next."""
 
-    __slots__ = ("_lobby_server", "fed", "forwarding", "size", "waiting")
+    __slots__ = ("_lobby_server", "fed", "forwarding", "refused", "size", "waiting")
 
     def __init__(self, server: LobbyServer, **kwargs: Any) -> None:
         super().__init__(server, **kwargs)
@@ -158,6 +158,17 @@ class HeldHandler(JsonErrors):
         self.size: int | None = None
         self.fed = 0
         self.forwarding = False  # its request was granted a slot in the lobby, and goes on
+        self.refused = False  # aiohttp answered bytes it could not parse
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        self.refused = True
+        return super().handle_error(request, status, exc, message)
 
     def done_forwarding(self, done: object = None) -> None:
         if self.forwarding and self._lobby_server is not None:
@@ -175,8 +186,11 @@ class HeldHandler(JsonErrors):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         waiting, self.waiting = self.waiting, None
-        if waiting is not None:  # aiohttp answered the bytes without the request handler
-            waiting.release()
+        if waiting is not None:  # the request handler never ran
+            if self.refused:  # aiohttp answered the bytes itself: no request to account
+                waiting.release()
+            else:  # the caller left as the connection came from the lobby
+                waiting.gone()
         self.done_forwarding()
         if self._lobby_server is not None:
             self._lobby_server.handlers -= 1

@@ -317,6 +317,7 @@ async def test_a_request_aiohttp_refuses_after_the_lobby_gives_its_place_back(
     gw = await make_gateway()
     token = await gw.token("*")
     assert await get_status(gw, token, "/api/v1/contacts") == 200
+    gone_before = _requests_with_status(gw, "499")
     reader, writer = await connect(gw, connections)
     many = b"".join(b"X-%d: 1\r\n" % n for n in range(200))
     writer.write(request_bytes(token).replace(b"Host: x\r\n", b"Host: x\r\n" + many))
@@ -326,6 +327,7 @@ async def test_a_request_aiohttp_refuses_after_the_lobby_gives_its_place_back(
     lane = gw.runtime.admitter.lanes["default"]  # type: ignore[attr-defined]
     await until(lambda: len(lane.budget.sends()) == 1)  # the probe's only
     assert len(sim.sim.log) == 1
+    assert _requests_with_status(gw, "499") == gone_before  # aiohttp's answer, not a leaver
 
 
 async def test_a_content_length_too_long_to_read_gets_aiohttps_400(
