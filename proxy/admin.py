@@ -12,6 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from proxy.admin_openapi import openapi_document
 from proxy.admin_tokens import MAX_ADMIN_BODY, add_token_routes
 from proxy.errors import json_error
+from proxy.lobby import HANDLER_ARGS
 from proxy.runtime import RUNTIME, Runtime
 from proxy.status import status_json, status_page
 
@@ -76,7 +77,9 @@ async def budget(request: web.Request) -> web.Response:
 
 
 def build_admin_app(runtime: Runtime) -> web.Application:
-    app = web.Application(middlewares=[admin_auth], client_max_size=MAX_ADMIN_BODY)
+    app = web.Application(
+        middlewares=[admin_auth], client_max_size=MAX_ADMIN_BODY, handler_args=HANDLER_ARGS
+    )
     app[RUNTIME] = runtime
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

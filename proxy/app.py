@@ -14,7 +14,7 @@ from aiohttp import web
 from proxy.admin import build_admin_app
 from proxy.config import GatewayConfig, Secrets
 from proxy.handler import expect_later, handle, lobby_decider
-from proxy.lobby import JsonErrorRunner, ProxyRunner
+from proxy.lobby import HANDLER_ARGS, JsonErrorRunner, ProxyRunner
 from proxy.loops import loop_name
 from proxy.reload import EarlyHangups, reload_config
 from proxy.runtime import RUNTIME, Runtime
@@ -32,7 +32,7 @@ SHED_MARGIN_SECONDS = 0.25
 
 def build_proxy_app(runtime: Runtime) -> web.Application:
     """The proxy listener's app; its cleanup_ctx opens and closes ``runtime``."""
-    app = web.Application(handler_args={"max_field_size": 16 * 1024})
+    app = web.Application(handler_args=HANDLER_ARGS)
     app[RUNTIME] = runtime
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:

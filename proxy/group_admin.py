@@ -36,6 +36,7 @@ from prometheus_client.registry import Collector
 from proxy.admin_tokens import MAX_ADMIN_BODY
 from proxy.errors import json_error
 from proxy.group_status import merge_credentials, merge_status
+from proxy.lobby import HANDLER_ARGS
 from proxy.status import status_html
 
 log = logging.getLogger("echowin_gateway.admin")
@@ -340,7 +341,7 @@ async def _forget_everywhere(
 
 
 def build_group_admin_app(group: Group) -> web.Application:
-    app = web.Application(client_max_size=MAX_ADMIN_BODY)
+    app = web.Application(client_max_size=MAX_ADMIN_BODY, handler_args=HANDLER_ARGS)
     app[GROUP] = group
     registry = CollectorRegistry()
     ProcessCollector(namespace="echowin_gateway", registry=registry)

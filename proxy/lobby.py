@@ -37,6 +37,12 @@ from proxy.errors import json_error
 
 log = logging.getLogger("echowin_gateway")
 
+MAX_LINE_BYTES = 8190
+"""The longest request line every listener reads (aiohttp's default): past it, 414."""
+MAX_FIELD_BYTES = 16 * 1024
+"""The longest header field every listener reads: past it, 431."""
+HANDLER_ARGS = {"max_line_size": MAX_LINE_BYTES, "max_field_size": MAX_FIELD_BYTES}
+
 BUFFER_BYTES = 64 * 1024
 """Body bytes a waiting request's connection reads ahead; past them it stops reading."""
 HEAD_BYTES = 8 * 1024
@@ -133,7 +139,13 @@ class JsonErrors(web.RequestHandler):
     ) -> web.StreamResponse:
         super().handle_error(request, status, exc, message)  # logs; raises if sent already
         if isinstance(exc, LineTooLong):
-            status = HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE
+            # Its limit says which: the request line's (the target) or a field's.
+            too_long = exc.args[1] if len(exc.args) > 1 else None
+            status = (
+                HTTPStatus.REQUEST_URI_TOO_LONG
+                if too_long == MAX_LINE_BYTES
+                else HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE
+            )
         phrase = HTTPStatus(status).phrase
         answer = json_error(status, phrase, reason="bad_request" if status < 500 else None)
         answer.force_close()

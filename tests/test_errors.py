@@ -46,6 +46,7 @@ async def test_a_request_aiohttp_cannot_parse_gets_a_json_error(
     start = "GET /api/v1/contacts HTTP/1.1\r\nHost: x\r\n"
     for head, status in (
         (start + "X-Big: " + "a" * 20_000 + "\r\n\r\n", 431),  # over max_field_size
+        ("GET /api/v1/contacts?q=" + "a" * 9000 + " HTTP/1.1\r\nHost: x\r\n\r\n", 414),
         (start + "Not a header line\r\n\r\n", 400),
         ("GET /api/v1/contacts HTTP/9.x\r\n\r\n", 400),
     ):
