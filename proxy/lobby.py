@@ -122,7 +122,8 @@ class Waiting(Protocol):
         """Given up before its handler ran (aiohttp refused the bytes): not accounted."""
 
     def gone(self) -> None:
-        """The caller left while it waited in the lobby: given up, and accounted."""
+        """The caller left before its handler ran (in the lobby, or as the connection
+        went to aiohttp): given up, and accounted (499)."""
 
 
 class JsonErrors(web.RequestHandler):
