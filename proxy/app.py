@@ -81,6 +81,7 @@ async def serve(
         proxy_app,
         lobby_decider(proxy_app[RUNTIME]),
         lambda: proxy_app[RUNTIME].config.upstream.max_connections,
+        proxy_app[RUNTIME].metrics.count_connections,
         access_log=None,
         shutdown_timeout=grace,
         handler_cancellation=True,

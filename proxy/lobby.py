@@ -344,6 +344,10 @@ class LobbyServer(web.Server):
     def handler(self) -> HeldHandler:
         return HeldHandler(self, loop=self._loop, **self._kwargs)
 
+    def counts(self) -> tuple[int, int, int]:
+        """Connections: in the lobby idle, in the lobby waiting, in aiohttp's handlers."""
+        return len(self.lobbies) - self.waiting, self.waiting, self.handlers
+
     def forwarded(self) -> None:
         self.forwarding -= 1
         ready = self.ready
@@ -527,11 +531,14 @@ class ProxyRunner(JsonErrorRunner):
         app: web.Application,
         decide: Decide,
         forward_limit: Callable[[], int],
+        count_connections: Callable[[Callable[[], tuple[int, int, int]]], None] | None = None,
         **kwargs: Any,
     ) -> None:
+        """``count_connections``: given the server's ``counts`` once it exists (metrics)."""
         super().__init__(app, **kwargs)
         self._decide = decide
         self._forward_limit = forward_limit
+        self._count_connections = count_connections
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
@@ -546,6 +553,8 @@ class ProxyRunner(JsonErrorRunner):
         server.ready = deque()
         server.drained = None
         server.closing = False
+        if self._count_connections is not None:
+            self._count_connections(server.counts)
         return server
 
     async def shutdown(self) -> None:

@@ -7,6 +7,7 @@ authenticated token are labelled ``token="-"``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -166,6 +167,19 @@ class Metrics:
         # dec take a lock each, twice per request.
         self.in_flight_now = 0
         self.in_flight.set_function(lambda: self.in_flight_now)
+        self.connections = Gauge(
+            "echowin_gateway_client_connections",
+            "Callers' connections to the proxy listener, by state: lobby_idle (no request"
+            " yet, or parked between requests), lobby_waiting (a request queued in the"
+            " lobby), handler (in aiohttp's request handler).",
+            ["state"],
+            registry=r,
+        )
+        self._connection_counts: Callable[[], tuple[int, int, int]] = lambda: (0, 0, 0)
+        for index, state in enumerate(("lobby_idle", "lobby_waiting", "handler")):
+            self.connections.labels(state).set_function(
+                functools.partial(self._connection_count, index)
+            )
         self.refusals = Counter(
             "echowin_gateway_refusals_total",
             "Requests the gateway refused at once (429; 503 for state_unavailable), by"
@@ -245,6 +259,13 @@ class Metrics:
         if found is None:
             found = self._children[key] = metric.labels(*values)
         return found
+
+    def count_connections(self, counts: Callable[[], tuple[int, int, int]]) -> None:
+        """Export the proxy listener's connections, ``counts()`` at every scrape."""
+        self._connection_counts = counts
+
+    def _connection_count(self, index: int) -> float:
+        return self._connection_counts()[index]
 
     def attach_budget(self, source: BudgetSource, quotas: QuotaSource) -> None:
         """Export the scheduler's budget state and token quotas at every scrape."""

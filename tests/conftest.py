@@ -133,6 +133,7 @@ class ProxyTestServer(TestServer):
             self.app,
             lobby_decider(rt),
             lambda: rt.config.upstream.max_connections,
+            rt.metrics.count_connections,
             **kwargs,
         )
 

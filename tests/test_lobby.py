@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 from aiohttp import web
+from prometheus_client import generate_latest
 
 import proxy.lobby
 from proxy.admission import AdmitRequest
@@ -205,6 +206,9 @@ async def test_new_connections_wait_for_budget_in_the_lobby_without_a_handler(
     await until(lambda: lobby.waiting == 6)
     assert queue_depth(gw) == 6
     assert lobby.handlers <= handlers_before + 3  # no aiohttp handler for those waiting
+    exported = generate_latest(gw.runtime.metrics.registry).decode()
+    assert 'echowin_gateway_client_connections{state="lobby_waiting"} 6.0' in exported
+    assert f'echowin_gateway_client_connections{{state="handler"}} {lobby.handlers}.0' in exported
     answers = [await read_answer(reader) for reader, _ in conns]
     assert [status for status, _, _ in answers] == [200] * 9
     waited = [float(f["server-timing"].split("dur=")[1].split(",")[0]) for _, f, _ in answers]
