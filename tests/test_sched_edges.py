@@ -36,6 +36,7 @@ from tests.test_scheduler import (
     fire,
     full_lane,
     granted,
+    lane_after_429,
     refuse_now,
     refused,
     rig,
@@ -89,21 +90,15 @@ async def test_a_429_with_a_malformed_retry_after_still_freezes_and_ends_the_pro
 
 async def test_a_429_with_retry_after_0_freezes_until_a_future_reset(rig: Rig) -> None:
     # Retry-After: 0 says nothing usable; X-RateLimit-Reset does: 5 s, not the 60 s default.
-    lane = rig.lane(await rig.sqlite_log(), Limit(10, 60))
-    grant = await lane.admit(token("svc"), None, 1.0)
-    assert isinstance(grant, SlotGrant)
-    grant.sent(429, {"Retry-After": "0", "X-RateLimit-Reset": "5"})  # a delta
+    lane = await lane_after_429(rig, {"Retry-After": "0", "X-RateLimit-Reset": "5"})  # a delta
     assert lane.budget.frozen_until(T0) == T0 + 5.0
 
 
 async def test_a_429_with_a_past_retry_after_date_freezes_until_a_future_reset(
     rig: Rig,
 ) -> None:
-    lane = rig.lane(await rig.sqlite_log(), Limit(10, 60))
-    grant = await lane.admit(token("svc"), None, 1.0)
-    assert isinstance(grant, SlotGrant)
     past = "Thu, 01 Jan 1970 00:00:00 GMT"
-    grant.sent(429, {"Retry-After": past, "X-RateLimit-Reset": "7"})  # a delta
+    lane = await lane_after_429(rig, {"Retry-After": past, "X-RateLimit-Reset": "7"})  # a delta
     assert lane.budget.frozen_until(T0) == T0 + 7.0
 
 
@@ -113,10 +108,8 @@ async def test_a_frozen_refusal_says_when_the_budget_frees_not_only_the_freeze(
     # echowin's 429 says the window is spent (Remaining 0) and to pause 5 s. The window
     # holds until T0 + 60.25 at least: a Retry-After of 5 sends the client back to be
     # refused again.
-    lane = rig.lane(await rig.sqlite_log(), Limit(10, 60))
-    grant = await lane.admit(token("svc"), None, 1.0)
-    assert isinstance(grant, SlotGrant)
-    grant.sent(429, {"X-RateLimit-Limit": "10", "X-RateLimit-Remaining": "0", "Retry-After": "5"})
+    spent = {"X-RateLimit-Limit": "10", "X-RateLimit-Remaining": "0", "Retry-After": "5"}
+    lane = await lane_after_429(rig, spent)
     assert lane.budget.frozen_until(T0) == T0 + 5.0
     first = await refuse_now(lane.admit(token("svc"), None, 1.0), "upstream_frozen")
     assert first.retry_after == pytest.approx(60.25)

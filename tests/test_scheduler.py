@@ -237,6 +237,16 @@ async def full_lane(rig: Rig, *limits: Limit) -> tuple[Lane, SlotGrant]:
     return lane, first
 
 
+async def lane_after_429(rig: Rig, headers: dict[str, str]) -> Lane:
+    """A lane on the SQLite log (10 per 60 s) whose one send echowin answered 429 with
+    ``headers``."""
+    lane = rig.lane(await rig.sqlite_log(), Limit(10, 60))
+    grant = await lane.admit(token("svc"), None, 1.0)
+    assert isinstance(grant, SlotGrant)
+    grant.sent(429, headers)
+    return lane
+
+
 # --- 1. immediate grant, write-ahead, unsent ------------------------------------------------
 
 
@@ -692,10 +702,7 @@ async def test_a_freeze_another_worker_wrote_refuses_this_workers_waiters(rig: R
 async def test_a_429_through_a_grant_freezes_with_the_default_when_no_header_says(
     rig: Rig,
 ) -> None:
-    lane = rig.lane(await rig.sqlite_log(), Limit(10, 60))
-    grant = await lane.admit(token("svc"), None, 1.0)
-    assert isinstance(grant, SlotGrant)
-    grant.sent(429, {})
+    lane = await lane_after_429(rig, {})
     assert lane.budget.frozen_until(T0) == T0 + 60.0
     await refuse_now(lane.admit(token("svc"), None, 10.0), "upstream_frozen")
     assert own_sends(lane, T0) == [T0]  # a 429 answer still counts as sent
