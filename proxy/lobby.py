@@ -129,7 +129,10 @@ class Waiting(Protocol):
 class JsonErrors(web.RequestHandler):
     """aiohttp's connection handler, whose own answers to a request it cannot parse (a bad
     request line or header, a header over ``max_field_size``) are the gateway's JSON
-    instead of text; the connection still closes after them."""
+    instead of text; the connection still closes after them. ``refused``: it answered
+    one."""
+
+    refused = False
 
     def handle_error(
         self,
@@ -138,6 +141,7 @@ class JsonErrors(web.RequestHandler):
         exc: BaseException | None = None,
         message: str | None = None,
     ) -> web.StreamResponse:
+        self.refused = True
         super().handle_error(request, status, exc, message)  # logs; raises if sent already
         if isinstance(exc, LineTooLong):
             # Its limit says which: the request line's (the target) or a field's.
@@ -162,7 +166,7 @@ class HeldHandler(JsonErrors):
     more than ``PARK_ABOVE`` connections, the idle connection goes back to a lobby
     (``park``) instead of keeping its handler, parser and last request until the next."""
 
-    __slots__ = ("_lobby_server", "fed", "forwarding", "refused", "size", "waiting")
+    __slots__ = ("_lobby_server", "fed", "forwarding", "size", "waiting")
 
     def __init__(self, server: LobbyServer, **kwargs: Any) -> None:
         super().__init__(server, **kwargs)
@@ -171,17 +175,6 @@ class HeldHandler(JsonErrors):
         self.size: int | None = None
         self.fed = 0
         self.forwarding = False  # its request was granted a slot in the lobby, and goes on
-        self.refused = False  # aiohttp answered bytes it could not parse
-
-    def handle_error(
-        self,
-        request: web.BaseRequest,
-        status: int = 500,
-        exc: BaseException | None = None,
-        message: str | None = None,
-    ) -> web.StreamResponse:
-        self.refused = True
-        return super().handle_error(request, status, exc, message)
 
     def done_forwarding(self, done: object = None) -> None:
         if self.forwarding and self._lobby_server is not None:
