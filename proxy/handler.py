@@ -245,13 +245,11 @@ def lobby_decider(rt: Runtime) -> Decide:
     def decide(head: Head, known: object) -> _Waiting | asyncio.Future[AuthResult] | None:
         fields = head.fields
         expect = fields.get("Expect")
-        length = fields.get("Content-Length", "0")
-        limit = rt.config.server.max_request_body_bytes
         if (
             rt.draining
-            or (expect is not None and expect.strip().lower() != "100-continue")
-            or "Transfer-Encoding" in fields
-            or not (length.isdigit() and len(length) <= 18 and int(length) <= limit)
+            or (expect is not None and not _asks_continue(expect))
+            or head.length is None  # chunked, or a length the lobby does not read
+            or head.length > rt.config.server.max_request_body_bytes
         ):
             return None
         raw = _presented_token(fields, head.target)
@@ -332,7 +330,12 @@ def _expects_continue(request: web.Request) -> bool | None:
     expect = request.headers.get("Expect")
     if expect is None or request.version < aiohttp.HttpVersion11:
         return False  # HTTP/1.0 knows no Expect: ignored (RFC 9110 §10.1.1)
-    return True if expect.strip().lower() == "100-continue" else None
+    return True if _asks_continue(expect) else None
+
+
+def _asks_continue(expect: str) -> bool:
+    """The one expectation the gateway meets."""
+    return expect.strip().lower() == "100-continue"
 
 
 async def _continue(request: web.Request, ex: Exchange) -> None:

@@ -70,17 +70,19 @@ _CONTROL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\r(?!\n)|(?<!\r)\n")
 
 class Head:
     """A request head as the lobby reads it: method, target, the fields it decides on, and
-    the request's size on the wire (head and body) when its length is known."""
+    its body's length and the request's size on the wire (head and body), when the length
+    is known (a Content-Length of at most 18 digits, or none, and no Transfer-Encoding)."""
 
-    __slots__ = ("fields", "method", "size", "target")
+    __slots__ = ("fields", "length", "method", "size", "target")
 
-    def __init__(
-        self, method: str, target: str, fields: CIMultiDict[str], size: int | None
-    ) -> None:
+    def __init__(self, method: str, target: str, fields: CIMultiDict[str], head_size: int) -> None:
         self.method = method
         self.target = target
         self.fields = fields
-        self.size = size
+        length = fields.get("Content-Length", "0")
+        known = length.isdigit() and len(length) <= 18 and "Transfer-Encoding" not in fields
+        self.length = int(length) if known else None
+        self.size = None if self.length is None else head_size + self.length
 
 
 def parse_head(data: bytes) -> Head | None:
@@ -103,10 +105,7 @@ def parse_head(data: bytes) -> Head | None:
             if key in fields or not value.isascii():
                 return None
             fields[key] = value.strip(b" \t").decode("ascii")
-    length = fields.get("Content-Length", "0")
-    known = length.isdigit() and len(length) <= 18 and "Transfer-Encoding" not in fields
-    size = end + 4 + int(length) if known else None
-    return Head(line[1].decode("ascii"), line[2].decode("ascii"), fields, size)
+    return Head(line[1].decode("ascii"), line[2].decode("ascii"), fields, end + 4)
 
 
 class Waiting(Protocol):
