@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 from aiohttp import web
+from aiohttp.web_urldispatcher import UrlMappingMatchInfo
 
 from proxy.admin import build_admin_app
 from proxy.config import GatewayConfig, Secrets
@@ -30,6 +31,28 @@ log = logging.getLogger("echowin_gateway")
 SHED_MARGIN_SECONDS = 0.25
 
 
+class _OneRoute(web.UrlDispatcher):
+    """The proxy app's router: its one route takes every request, whatever its method and
+    path (proxy/routes.py reads the path). aiohttp's own resolve would build the request's
+    URL, walk the path's parts through its index and run the route's pattern on the path
+    for nothing; worse, a pattern cannot match a path holding a decoded newline, which
+    would get aiohttp's 404 page instead of the gateway's JSON 400."""
+
+    async def resolve(self, request: web.Request) -> UrlMappingMatchInfo:
+        return UrlMappingMatchInfo({}, self._route)
+
+    @classmethod
+    def over(cls, router: web.UrlDispatcher) -> None:
+        """Make ``router``, holding one route, this kind of router."""
+        (resource,) = router.resources()
+        (route,) = resource
+        router.__class__ = cls
+        assert isinstance(router, cls)
+        router._route = route
+
+    _route: web.AbstractRoute
+
+
 def build_proxy_app(runtime: Runtime) -> web.Application:
     """The proxy listener's app; its cleanup_ctx opens and closes ``runtime``."""
     app = web.Application(handler_args=HANDLER_ARGS)
@@ -43,6 +66,7 @@ def build_proxy_app(runtime: Runtime) -> web.Application:
     app.cleanup_ctx.append(lifecycle)
     # No "100 Continue" before the request is authenticated and admitted (expect_later).
     app.router.add_route("*", "/{tail:.*}", handle, expect_handler=expect_later)
+    _OneRoute.over(app.router)
     return app
 
 

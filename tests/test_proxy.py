@@ -221,6 +221,7 @@ async def test_unknown_routes_need_star(gateway: GatewayHandle, sim: SimHandle) 
         "/api/v1/contacts/abc;x=1",
         "/api/v1/contacts/a%5Cb",
         "/api/v1/contacts/a%00",
+        "/api/v1/contacts/a%0Ab",  # a decoded newline: no pattern of aiohttp matches it
     ],
 )
 async def test_path_tricks_are_400(gateway: GatewayHandle, sim: SimHandle, path: str) -> None:

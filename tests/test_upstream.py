@@ -107,6 +107,22 @@ async def test_a_read_answer_leaves_its_connection_for_the_next(
     assert len(peers) == 2
 
 
+async def test_answers_to_head_and_get_alternate_on_one_connection(
+    aiohttp_server: ServerFactory, pool_of: Callable[..., Awaitable[Upstream]]
+) -> None:
+    """A connection reads each answer as its request asks: an answer to HEAD announces a
+    length and has no body, the next GET's has one (each read by its own kind of parser,
+    kept while requests of the same kind follow)."""
+    peers, url = await counting_app(aiohttp_server)
+    up = await pool_of(url)
+    seen = []
+    for method in ("GET", "HEAD", "HEAD", "GET", "GET", "HEAD", "GET"):
+        response = await up.send(method, "/x", headers(up), None)
+        seen.append((method, response.status, response.content_length, await body_of(response)))
+    assert seen == [(m, 200, 2, b"" if m == "HEAD" else b"ok") for m, *_ in seen]
+    assert len(peers) == 1
+
+
 async def test_the_pool_never_opens_more_than_its_limit(
     pool_of: Callable[..., Awaitable[Upstream]],
 ) -> None:
