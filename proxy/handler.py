@@ -579,10 +579,8 @@ async def _forward(
         upstream.release()  # whatever happened since the answer came: never a leaked connection
         # Counted once the answer is on its way, not on the caller's time.
         metrics = rt.metrics
-        metrics.child(metrics.upstream_duration, credential.name, ex.route).observe(
-            ex.upstream_seconds
-        )
-        metrics.child(metrics.upstream_responses, credential.name, str(upstream.status)).inc()
+        metrics.upstream_duration.observe(ex.upstream_seconds, credential.name, ex.route)
+        metrics.upstream_responses.inc(credential.name, str(upstream.status))
 
 
 def _upstream_failed(
@@ -809,14 +807,14 @@ def _account(rt: Runtime, method: str, ex: Exchange, response: web.StreamRespons
     total = time.perf_counter() - ex.started
     metrics = rt.metrics
     label = method if method in _METHODS else "OTHER"  # bounded labels
-    metrics.child(metrics.requests, token_name, ex.route, label, str(status)).inc()
+    metrics.requests.inc(token_name, ex.route, label, str(status))
     if ex.token is not None:
         counts = rt.usage.get(ex.token.id)
         if counts is None:
             counts = rt.usage[ex.token.id] = Counter()
             rt.usage_names[ex.token.id] = ex.token.name
         counts[status] += 1
-    metrics.child(metrics.request_duration, ex.route).observe(total)
+    metrics.request_duration.observe(total, ex.route)
     access = rt.access_log
     if access.enabled:
         access.request(

@@ -7,9 +7,11 @@ authenticated token are labelled ``token="-"``.
 
 from __future__ import annotations
 
+import bisect
 import functools
-from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, Generic, TypeVar
 
 from prometheus_client import (
     CollectorRegistry,
@@ -19,12 +21,23 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
+from prometheus_client.utils import floatToGoString
 
 from proxy import __version__
 
 ANONYMOUS = "-"
+
+_Series = TypeVar("_Series")
+# How prometheus_client writes a bucket's bound in ``le`` (typed here: it is not).
+_le_of: Callable[[float], str] = floatToGoString
 
 # Upstream latency buckets in seconds: echowin answers in tens to hundreds of ms.
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -43,6 +56,96 @@ QuotaSource = Callable[[], Mapping[str, Any]]
 def window_label(per_seconds: float) -> str:
     """A window's label value: its length, e.g. ``3600s``."""
     return f"{per_seconds:g}s"
+
+
+class _LoopMetric(Collector, Generic[_Series]):
+    """A labelled metric updated on every request, kept in plain numbers.
+
+    prometheus_client's children take a lock for every update, and a histogram's walks
+    its buckets in Python: several microseconds per request for five updates. These are
+    only ever updated on the event loop's thread, so a plain number will do; a scrape
+    reads them as they are (as it reads prometheus_client's). The exposition is the
+    same as prometheus_client's Counter and Histogram make, ``_created`` companions
+    included."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Iterable[str],
+        registry: CollectorRegistry,
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self._series: dict[tuple[str, ...], _Series] = {}  # per label set
+        self._created: dict[tuple[str, ...], float] = {}
+        registry.register(self)
+
+    def _check(self, values: tuple[str, ...]) -> None:
+        """A new label set: the right number of values, and its creation time noted."""
+        if len(values) != len(self.labelnames):
+            raise ValueError(f"{self.name} takes labels {self.labelnames}, got {values!r}")
+        self._created[values] = time.time()
+
+
+class LoopCounter(_LoopMetric[int]):
+    """A counter (see _LoopMetric): ``inc(*label_values)`` adds one."""
+
+    def inc(self, *values: str) -> None:
+        counts = self._series
+        try:
+            counts[values] += 1
+        except KeyError:
+            self._check(values)
+            counts[values] = 1
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        created = self._created
+        for values, count in list(self._series.items()):
+            family.add_metric(values, count, created=created[values])
+        yield family
+
+
+class LoopHistogram(_LoopMetric[list[float]]):
+    """A histogram (see _LoopMetric): ``observe(amount, *label_values)``. Per label set,
+    the count of each bucket alone (not cumulative), +Inf's last, then the sum."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Iterable[str],
+        registry: CollectorRegistry,
+        buckets: Iterable[float],
+    ) -> None:
+        self.bounds = tuple(sorted(float(b) for b in buckets))
+        self._les = [_le_of(b) for b in self.bounds] + ["+Inf"]
+        super().__init__(name, documentation, labelnames, registry)
+
+    def observe(self, amount: float, *values: str) -> None:
+        series = self._series.get(values)
+        if series is None:
+            self._check(values)
+            series = self._series[values] = [0] * (len(self.bounds) + 2)
+        # The first bucket whose bound is at least the amount (``le``: less or equal).
+        series[bisect.bisect_left(self.bounds, amount)] += 1
+        series[-1] += amount
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        created = self._created
+        for values, series in list(self._series.items()):
+            total = 0.0
+            buckets = []
+            for le, count in zip(self._les, series, strict=False):
+                total += count
+                buckets.append((le, total))
+            family.add_metric(values, buckets, series[-1])
+            labels = dict(zip(self.labelnames, values, strict=True))
+            family.samples.append(Sample(f"{self.name}_created", labels, created[values]))
+        yield family
 
 
 class BudgetCollector(Collector):
@@ -120,31 +223,32 @@ class Metrics:
         self.build_info.labels(__version__).set(1)
         # CPU seconds, resident memory, open file descriptors of this process.
         ProcessCollector(namespace="echowin_gateway", registry=r)
-        self.requests = Counter(
+        # Updated on every request: plain numbers on the event loop (see _LoopMetric).
+        self.requests = LoopCounter(
             "echowin_gateway_requests_total",
             "Requests answered by the gateway, by token name, route template, method, status.",
             ["token", "route", "method", "status"],
-            registry=r,
+            r,
         )
-        self.request_duration = Histogram(
+        self.request_duration = LoopHistogram(
             "echowin_gateway_request_duration_seconds",
             "Time from request arrival to the last byte of the answer, in seconds.",
             ["route"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+            r,
+            _LATENCY_BUCKETS,
         )
-        self.upstream_duration = Histogram(
+        self.upstream_duration = LoopHistogram(
             "echowin_gateway_upstream_duration_seconds",
             "Time from sending to echowin until its response headers arrived, in seconds.",
             ["credential", "route"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+            r,
+            _LATENCY_BUCKETS,
         )
-        self.upstream_responses = Counter(
+        self.upstream_responses = LoopCounter(
             "echowin_gateway_upstream_responses_total",
             "Responses received from echowin, by credential name and status.",
             ["credential", "status"],
-            registry=r,
+            r,
         )
         self.upstream_errors = Counter(
             "echowin_gateway_upstream_errors_total",
@@ -187,12 +291,12 @@ class Metrics:
             ["credential", "token", "reason"],
             registry=r,
         )
-        self.queue_wait = Histogram(
+        self.queue_wait = LoopHistogram(
             "echowin_gateway_queue_wait_seconds",
             "Time admitted requests waited for budget, in seconds (0 when admitted at once).",
             ["credential"],
-            buckets=_WAIT_BUCKETS,
-            registry=r,
+            r,
+            _WAIT_BUCKETS,
         )
         self.upstream_429s = Counter(
             "echowin_gateway_upstream_429_total",
@@ -277,7 +381,7 @@ class Metrics:
         self.child(self.refusals, credential, token, reason).inc()
 
     def waited(self, credential: str, seconds: float) -> None:
-        self.child(self.queue_wait, credential).observe(seconds)
+        self.queue_wait.observe(seconds, credential)
 
     def upstream_429(self, credential: str) -> None:
         self.child(self.upstream_429s, credential).inc()
