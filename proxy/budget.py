@@ -402,6 +402,23 @@ class CredentialBudget:
         self._prune(now)
         return [self._view(now, index, unused) for index in range(len(self._windows))]
 
+    def tightest(self, now: float, unused: int = 0) -> tuple[int, int, list[float]]:
+        """What the caller's rate-limit fields take from ``snapshot(now, unused)``, without
+        making it (they are made for every answer): the index of the window with the fewest
+        sends remaining (of equals, the one that resets last, then the first), its
+        remaining, and every window's ``reset_in`` in order."""
+        self._prune(now)
+        tight, fewest, latest = 0, 0, 0.0
+        resets = []
+        for index, window in enumerate(self._windows):
+            entries = window.entries
+            remaining = max(0, window.limit.requests - max(0, len(entries) - unused))
+            reset_in = entries[0][0] + window.span - now if entries else 0.0
+            resets.append(reset_in)
+            if index == 0 or remaining < fewest or (remaining == fewest and reset_in > latest):
+                tight, fewest, latest = index, remaining, reset_in
+        return tight, fewest, resets
+
     def sends(self) -> list[float]:
         """Our own send times not yet pruned, oldest first (what a write-ahead log keeps)."""
         return [at for at, external in self._windows[self._longest].entries if not external]

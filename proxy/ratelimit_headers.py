@@ -10,7 +10,7 @@ echowin sends ``X-RateLimit-Limit`` (per hour), ``X-RateLimit-Remaining``,
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import NamedTuple, Protocol
@@ -107,22 +107,25 @@ def _number(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
-class WindowState(Protocol):
+class WindowLimit(Protocol):
     @property
     def requests(self) -> int: ...
     @property
     def per_seconds(self) -> float: ...
+
+
+class WindowState(WindowLimit, Protocol):
     @property
     def remaining(self) -> int: ...
     @property
     def reset_in(self) -> float: ...
 
 
-def policy_header(windows: Sequence[tuple[str, WindowState]]) -> str:
+def policy_header(windows: Sequence[tuple[str, WindowLimit]]) -> str:
     """RateLimit-Policy for ``windows`` ((owner, window) pairs): every window, named
     ``<owner>-<seconds>s``. It depends on the limits only, so callers may keep it."""
     return ", ".join(
-        f'"{o}-{_number(w.per_seconds)}s";q={w.requests};w={_number(w.per_seconds)}'
+        f'"{window_name(o, w.per_seconds)}";q={w.requests};w={_number(w.per_seconds)}'
         for o, w in windows
     )
 
@@ -146,26 +149,45 @@ def caller_headers(
             w.remaining == tight.remaining and w.reset_in > tight.reset_in
         ):
             owner, tight = pair
-    reset_in = max(0.0, tight.reset_in)
-    remaining = str(max(0, tight.remaining))
-    name = f"{owner}-{_number(tight.per_seconds)}s"
+    return tight_headers(
+        now,
+        window_name(owner, tight.per_seconds),
+        tight.requests,
+        tight.remaining,
+        tight.reset_in,
+        policy_header(windows) if policy is None else policy,
+    )
+
+
+def window_name(owner: str, per_seconds: float) -> str:
+    """A window's name in RateLimit-Policy and RateLimit: ``<owner>-<seconds>s``."""
+    return f"{owner}-{_number(per_seconds)}s"
+
+
+def tight_headers(
+    now: float, name: str, requests: int, remaining: int, reset_in: float, policy: str
+) -> dict[str, str]:
+    """The caller's rate-limit fields (see ``caller_headers``) once the tightest window is
+    known: its ``name``, limit, remaining and reset_in; ``policy`` lists every window."""
+    reset_in = max(0.0, reset_in)
+    left = str(max(0, remaining))
     return {
-        "X-RateLimit-Limit": str(tight.requests),
-        "X-RateLimit-Remaining": remaining,
+        "X-RateLimit-Limit": str(requests),
+        "X-RateLimit-Remaining": left,
         "X-RateLimit-Reset": str(math.ceil(now + reset_in)),
-        "RateLimit-Policy": policy_header(windows) if policy is None else policy,
-        "RateLimit": f'"{name}";r={remaining};t={math.ceil(reset_in)}',
+        "RateLimit-Policy": policy,
+        "RateLimit": f'"{name}";r={left};t={math.ceil(reset_in)}',
     }
 
 
-def unchanged_for(now: float, windows: Sequence[tuple[str, WindowState]]) -> float:
-    """Seconds, at most 1, during which ``caller_headers(now + s, windows)`` stays the same
-    as long as no send is recorded or given back: until the first window's oldest send
-    stops counting, a RateLimit ``t`` (whole seconds, rounded up) would tick down, or, for
-    a window with nothing in it, X-RateLimit-Reset (``now`` rounded up) would move on."""
+def unchanged_for(now: float, resets: Iterable[float]) -> float:
+    """Seconds, at most 1, during which the caller's fields made at ``now`` from windows
+    whose ``reset_in`` are ``resets`` stay the same as long as no send is recorded or given
+    back: until the first window's oldest send stops counting, a RateLimit ``t`` (whole
+    seconds, rounded up) would tick down, or, for a window with nothing in it,
+    X-RateLimit-Reset (``now`` rounded up) would move on."""
     until = 1.0
-    for _, w in windows:
-        left = w.reset_in
+    for left in resets:
         if left > 0:
             until = min(until, left - math.ceil(left) + 1)
         else:

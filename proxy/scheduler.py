@@ -31,7 +31,9 @@ from proxy.ratelimit_headers import (
     parse_limit_remaining,
     parse_upstream_quota,
     policy_header,
+    tight_headers,
     unchanged_for,
+    window_name,
 )
 from proxy.slots import LocalSlots, SendLog, Slot, SlotSource, StateUnavailable
 from proxy.state.memory import MemorySendLog
@@ -775,23 +777,36 @@ class Lane:
 
 
 class _KeptHeaders:
-    """Caller headers made at ``made`` from ``windows`` when the lane was at ``version``;
-    good until ``until`` (None: not yet worked out)."""
+    """Caller headers made at ``made`` when the lane was at ``version``, from windows whose
+    ``reset_in`` were ``resets``; good until ``until`` (None: not yet worked out)."""
 
-    __slots__ = ("headers", "made", "until", "version", "windows")
+    __slots__ = ("headers", "made", "resets", "until", "version")
 
     def __init__(
         self,
         version: tuple[int, int],
         made: float,
-        windows: list[tuple[str, WindowView]],
+        resets: list[float],
         headers: Mapping[str, str],
     ) -> None:
         self.version = version
         self.made = made
-        self.windows = windows
+        self.resets = resets
         self.headers = headers
         self.until: float | None = None
+
+
+class _Shape:
+    """What a lane's caller headers take from its ``limits``, worked out once: per window
+    its name and limit, and RateLimit-Policy."""
+
+    __slots__ = ("limits", "names", "policy", "requests")
+
+    def __init__(self, limits: tuple[Limit, ...]) -> None:
+        self.limits = limits
+        self.names = [window_name("echowin", lim.per_seconds) for lim in limits]
+        self.requests = [lim.requests for lim in limits]
+        self.policy = policy_header([("echowin", lim) for lim in limits])
 
 
 class Scheduler:
@@ -821,9 +836,9 @@ class Scheduler:
         self._quotas: dict[str, _Quota] = {}
         self._closing: set[asyncio.Future[None]] = set()  # sources of dropped quotas
         # Per credential: the caller headers of a token without its own quota (see
-        # caller_headers) and what they were made from.
+        # caller_headers) and what they were made from; what they take from its limits.
         self._headers: dict[str, _KeptHeaders] = {}
-        self._policies: dict[str, str] = {}  # RateLimit-Policy per credential
+        self._shapes: dict[str, _Shape] = {}
         self._shedding = False  # shutting down: see shed
 
     async def _token_quota(self, token: TokenRecord) -> _Quota | None:
@@ -974,23 +989,26 @@ class Scheduler:
         now = self.clock()
         lane = self.lanes[request.credential]
         quota = self._quotas.get(request.token.id)
-        version = (lane.version, lane.source.changes)
-        if quota is None:
-            kept = self._headers.get(lane.name)
-            if kept is not None and kept.version == version and kept.made <= now:
-                if kept.until is None:  # worked out on the first reuse: most are never reused
-                    kept.until = kept.made + unchanged_for(kept.made, kept.windows)
-                if now < kept.until:
-                    return kept.headers
-        windows = [("echowin", w) for w in lane.source.snapshot(now)]
         if quota is not None:
+            windows = [("echowin", w) for w in lane.source.snapshot(now)]
             windows += [("token", w) for w in quota.source.snapshot(now)]
             return caller_headers(now, windows)
-        policy = self._policies.get(lane.name)
-        if policy is None:
-            policy = self._policies[lane.name] = policy_header(windows)
-        headers = caller_headers(now, windows, policy)
-        self._headers[lane.name] = _KeptHeaders(version, now, windows, headers)
+        version = (lane.version, lane.source.changes)
+        kept = self._headers.get(lane.name)
+        if kept is not None and kept.version == version and kept.made <= now:
+            if kept.until is None:  # worked out on the first reuse: most are never reused
+                kept.until = kept.made + unchanged_for(kept.made, kept.resets)
+            if now < kept.until:
+                return kept.headers
+        shape = self._shapes.get(lane.name)
+        limits = lane.budget.limits
+        if shape is None or shape.limits is not limits:
+            shape = self._shapes[lane.name] = _Shape(limits)
+        index, remaining, resets = lane.source.tightest(now)
+        headers = tight_headers(
+            now, shape.names[index], shape.requests[index], remaining, resets[index], shape.policy
+        )
+        self._headers[lane.name] = _KeptHeaders(version, now, resets, headers)
         return headers
 
     def token_quotas(self) -> dict[str, list[WindowView]]:

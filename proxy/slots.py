@@ -160,6 +160,9 @@ class SlotSource(Protocol):
 
     def snapshot(self, now: float) -> list[WindowView]: ...
 
+    def tightest(self, now: float) -> tuple[int, int, list[float]]:
+        """``CredentialBudget.tightest`` of the view ``snapshot`` shows."""
+
     async def restore(self, now: float) -> None:
         """Load what the backend remembers (after a restart)."""
 
@@ -440,6 +443,10 @@ class LocalSlots:
         # The open lease's unused slots are reserved, not spent: shown as free.
         lease = self._lease
         return self.budget.snapshot(now, lease.left if lease is not None else 0)
+
+    def tightest(self, now: float) -> tuple[int, int, list[float]]:
+        lease = self._lease
+        return self.budget.tightest(now, lease.left if lease is not None else 0)
 
     async def restore(self, now: float) -> None:
         await self._load(self.budget, now)

@@ -1004,10 +1004,20 @@ async def test_a_waiter_cancelled_just_before_the_pump_runs_takes_no_slot(rig: R
     assert lane.budget.count(rig.clock.now, 0) == 1
 
 
-async def test_kept_caller_headers_always_equal_fresh_ones(rig: Rig) -> None:
-    """Scheduler.caller_headers keeps its answer between budget changes: at every moment it
-    must still be what a computation from scratch gives."""
-    lane = rig.lane(await rig.sqlite_log(), Limit(3, 2), Limit(5, 10))
+@pytest.mark.parametrize(
+    "limits",
+    [
+        (Limit(3, 2), Limit(5, 10)),  # the tightest window changes as sends come and go
+        (Limit(2000, 2), Limit(2100, 10)),  # far from both: slots leased in blocks
+    ],
+)
+async def test_kept_caller_headers_always_equal_fresh_ones(
+    rig: Rig, limits: tuple[Limit, Limit]
+) -> None:
+    """Scheduler.caller_headers keeps its answer between budget changes, and makes a new
+    one from the tightest window alone: at every moment it must still be what a
+    computation from scratch gives, whatever echowin reports meanwhile."""
+    lane = rig.lane(await rig.sqlite_log(), *limits)
     scheduler = Scheduler({CREDENTIAL: lane}, rig.policy, rig.observer, clock=rig.clock)
     request = AdmitRequest(token("svc"), CREDENTIAL, "/v1/calls", max_wait=0.0)
 
@@ -1019,17 +1029,30 @@ async def test_kept_caller_headers_always_equal_fresh_ones(rig: Rig) -> None:
     first = scheduler.caller_headers(request)
     assert scheduler.caller_headers(request) is first  # nothing changed: the same answer
     grants = []
+    shown = set()
     for step in range(160):  # 12.5 s in steps of 5/64 s, sends and give-backs on the way
-        if step % 7 == 0:
-            result = await scheduler.admit(request)
-            if isinstance(result, SlotGrant):
-                grants.append(result)
+        for _ in range(1 + step % 3):
+            if step % 7 == 0 or limits[0].requests > 100:
+                result = await scheduler.admit(request)
+                if isinstance(result, SlotGrant):
+                    grants.append(result)
         if step % 11 == 0 and grants:
             grants.pop().unsent()
         if step % 13 == 0 and grants:
-            grants.pop().sent(200, {})
-        assert dict(scheduler.caller_headers(request)) == fresh(), step
+            # echowin counts one more than we do in one of its windows: someone else's
+            spent = lane.source.snapshot(rig.clock.now)[step // 13 % 2]
+            said = {
+                "X-RateLimit-Limit": str(spent.requests),
+                "X-RateLimit-Remaining": str(max(0, spent.remaining - 1)),
+            }
+            grants.pop().sent(200, said)
+        headers = dict(scheduler.caller_headers(request))
+        assert headers == fresh(), step
+        shown.add(headers["RateLimit"].partition(";")[0])
         rig.clock.now += 5 / 64
+    assert len(shown) == 2  # each window was the tightest at some point
+    if limits[0].requests > 100:
+        assert isinstance(lane.source, LocalSlots) and lane.source._lease is not None
 
 
 async def test_a_queued_request_granted_without_the_clock_moving_is_observed_once(

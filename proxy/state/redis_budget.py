@@ -519,6 +519,9 @@ class RedisSlots:
     def snapshot(self, now: float) -> list[WindowView]:
         return self.budget.snapshot(now)
 
+    def tightest(self, now: float) -> tuple[int, int, list[float]]:
+        return self.budget.tightest(now)
+
     def frozen_until(self, now: float) -> float | None:
         return self.budget.frozen_until(now)
 
