@@ -633,8 +633,9 @@ async def _relay(
         ):
             headers.add(name, pool.relative(value) if low in _LOCATIONS else value)
     headers.update(extra)  # the caller's rate-limit fields, Server-Timing, X-Request-ID
-    if upstream.content_length is not None:
-        response.content_length = upstream.content_length
+    length = upstream.content_length
+    if length is not None:
+        response.content_length = length
     content = upstream.content
     assert content is not None
     key = credential.secret.reveal_bytes()

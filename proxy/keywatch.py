@@ -10,6 +10,7 @@ it came when the key is not in it.
 
 from __future__ import annotations
 
+import functools
 import zlib
 
 # Content-Encoding values the gateway can read, and zlib's wbits for them: 47 takes a gzip
@@ -32,9 +33,11 @@ def masked(data: bytes, key: bytes) -> bytes:
     return data.replace(key, b"*" * len(key)) if key in data else data
 
 
+@functools.lru_cache(maxsize=64)
 def readable_codings(accept_encoding: str) -> str:
     """The caller's ``Accept-Encoding`` less what the gateway could not search (br, zstd,
-    ``*``...); ``identity`` when nothing is left."""
+    ``*``...); ``identity`` when nothing is left. Kept for the few values clients send:
+    it is worked out for every request."""
     kept = [
         part.strip()
         for part in accept_encoding.split(",")

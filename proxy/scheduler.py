@@ -459,7 +459,8 @@ class Lane:
             self.observer.waited(self.name, 0.0)  # admitted at once: a wait of 0
         if isinstance(grant, SlotGrant):
             grant.quota = charge
-            await self._write_ahead(grant)
+            if not grant.slot.committed:  # written ahead already: nothing to await
+                await self._write_ahead(grant)
         return grant
 
     async def known_refusal(self, token: TokenRecord, max_wait: float) -> Refusal | None:
