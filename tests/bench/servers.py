@@ -150,9 +150,14 @@ class Processes:
                 proc.popen.kill()
 
 
-async def wait_ready(session: aiohttp.ClientSession, proc: Proc, path: str = "/") -> None:
+async def wait_ready(
+    session: aiohttp.ClientSession,
+    proc: Proc,
+    path: str = "/",
+    timeout: float = STARTUP_SECONDS,
+) -> None:
     """Poll ``proc.url + path`` until it answers any status; raise if it dies or is late."""
-    deadline = time.monotonic() + STARTUP_SECONDS
+    deadline = time.monotonic() + timeout
     while True:
         proc.check_alive()
         try:
@@ -162,7 +167,7 @@ async def wait_ready(session: aiohttp.ClientSession, proc: Proc, path: str = "/"
         except (aiohttp.ClientError, TimeoutError, OSError):
             if time.monotonic() > deadline:
                 raise RuntimeError(
-                    f"{proc.name} did not answer within {STARTUP_SECONDS}s:\n{proc.tail()}"
+                    f"{proc.name} did not answer within {timeout}s:\n{proc.tail()}"
                 ) from None
         await asyncio.sleep(0.05)
 
