@@ -98,31 +98,6 @@ closed it already; a request sent on a dead connection fails after it may have l
 READ_BUFSIZE = 2**16
 
 
-class _Connection(ResponseHandler):
-    """aiohttp's client protocol, keeping its response parser from one answer to the next.
-
-    ``set_response_params`` makes a new parser for every request (a third of what setting
-    up a send costs); aiohttp's server keeps one per connection for every request that
-    comes on it, and a response parser reads one answer after another the same way. It is
-    made again only when the next answer is read another way: one to a HEAD has no body.
-    """
-
-    _for_head: bool | None = None  # what the parser was made for; None: not made yet
-
-    def expect_answer(self, head: bool) -> None:
-        if self._for_head is not head:
-            self.set_response_params(
-                skip_payload=head,
-                read_until_eof=True,
-                auto_decompress=False,
-                read_bufsize=READ_BUFSIZE,
-            )
-            self._for_head = head
-        else:
-            # What set_response_params sets besides the parser, as it sets it.
-            self._skip_payload = head
-
-
 class UpstreamResponse:
     """echowin's answer: ``status``, ``reason``, ``headers``, and ``content``, the body as
     it arrives. The caller reads the body and then calls :meth:`release` (always): the
@@ -131,9 +106,9 @@ class UpstreamResponse:
 
     __slots__ = ("_proto", "_timer", "_upstream", "content", "headers", "status")
 
-    def __init__(self, upstream: Upstream, proto: _Connection) -> None:
+    def __init__(self, upstream: Upstream, proto: ResponseHandler) -> None:
         self._upstream = upstream
-        self._proto: _Connection | None = proto
+        self._proto: ResponseHandler | None = proto
         self._timer: asyncio.TimerHandle | None = None
         self.status = 0
         self.headers: CIMultiDictProxy[str] = _NO_HEADERS
@@ -218,9 +193,9 @@ class Upstream:
         self._connect_timeout = connect_timeout_seconds
         self._max_connections = max_connections
         self._ssl: ssl.SSLContext | None = None
-        self._idle: deque[tuple[_Connection, float]] = deque()
+        self._idle: deque[tuple[ResponseHandler, float]] = deque()
         self._open = 0  # connections open or being opened
-        self._waiters: deque[asyncio.Future[_Connection | None]] = deque()
+        self._waiters: deque[asyncio.Future[ResponseHandler | None]] = deque()
         self._started = False
 
     def relative(self, url: str) -> str:
@@ -263,7 +238,7 @@ class Upstream:
 
     # --- the pool ---------------------------------------------------------------------
 
-    async def _acquire(self, loop: asyncio.AbstractEventLoop, deadline: float) -> _Connection:
+    async def _acquire(self, loop: asyncio.AbstractEventLoop, deadline: float) -> ResponseHandler:
         """A connection: an idle one, a new one, or one handed over by a request that is
         done with it, first come first served (a caller never overtakes one that waits)."""
         if not self._started:
@@ -282,7 +257,7 @@ class Upstream:
             if self._open < self._max_connections:
                 self._open += 1
                 return await self._connect(loop, deadline)
-        waiter: asyncio.Future[_Connection | None] = loop.create_future()
+        waiter: asyncio.Future[ResponseHandler | None] = loop.create_future()
         self._waiters.append(waiter)
         try:
             async with asyncio.timeout_at(deadline):
@@ -308,13 +283,13 @@ class Upstream:
             raise UpstreamUnreachable("the upstream pool is closed", sent=False)
         return await self._connect(loop, deadline)  # the place was counted for us
 
-    async def _connect(self, loop: asyncio.AbstractEventLoop, deadline: float) -> _Connection:
+    async def _connect(self, loop: asyncio.AbstractEventLoop, deadline: float) -> ResponseHandler:
         """Open a connection whose place in ``_open`` is already counted."""
         try:
             wait = min(self._connect_timeout, max(0.0, deadline - loop.time()))
             async with asyncio.timeout(wait):
                 _, proto = await loop.create_connection(
-                    lambda: _Connection(loop),
+                    lambda: ResponseHandler(loop),
                     self._host,
                     self._port,
                     ssl=self._ssl,
@@ -327,15 +302,15 @@ class Upstream:
         return proto
 
     @staticmethod
-    def _reusable(proto: _Connection) -> bool:
+    def _reusable(proto: ResponseHandler) -> bool:
         # should_close also covers bytes the server sent while the connection was idle.
         return proto.is_connected() and not proto.should_close
 
-    def _discard(self, proto: _Connection) -> None:
+    def _discard(self, proto: ResponseHandler) -> None:
         proto.close()
         self._open -= 1
 
-    def _release(self, proto: _Connection) -> None:
+    def _release(self, proto: ResponseHandler) -> None:
         """A request is done with ``proto``: to the longest waiter, to the pool, or closed."""
         if self._started and self._reusable(proto):
             while self._waiters:
@@ -388,7 +363,12 @@ class Upstream:
         response = UpstreamResponse(self, proto)
         response._timer = loop.call_at(deadline, response._expire)
         try:
-            proto.expect_answer(method == "HEAD")
+            proto.set_response_params(
+                skip_payload=method == "HEAD",
+                read_until_eof=True,
+                auto_decompress=False,
+                read_bufsize=READ_BUFSIZE,
+            )
             writer = StreamWriter(proto, loop)
             if body is None:
                 if method not in _NO_BODY_METHODS and hdrs.CONTENT_LENGTH not in headers:

@@ -123,6 +123,33 @@ async def test_answers_to_head_and_get_alternate_on_one_connection(
     assert len(peers) == 1
 
 
+async def test_a_stray_byte_after_an_answer_does_not_spoil_the_next(
+    pool_of: Callable[..., Awaitable[Upstream]],
+) -> None:
+    """An upstream that sends a byte too many after each answer: the next answer on the
+    connection is read by a parser of its own, as the byte never was."""
+    connections = 0
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        try:
+            while True:
+                await read_head(reader)
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokH")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server, url = await raw_server(handle)
+    async with server:
+        up = await pool_of(url)
+        assert [await get(up) for _ in range(3)] == [(200, b"ok")] * 3
+        assert connections == 1
+
+
 async def test_the_pool_never_opens_more_than_its_limit(
     pool_of: Callable[..., Awaitable[Upstream]],
 ) -> None:
