@@ -33,10 +33,12 @@ SHED_MARGIN_SECONDS = 0.25
 
 class _OneRoute(web.UrlDispatcher):
     """The proxy app's router: its one route takes every request, whatever its method and
-    path (proxy/routes.py reads the path). aiohttp's own resolve would build the request's
-    URL, walk the path's parts through its index and run the route's pattern on the path
-    for nothing; worse, a pattern cannot match a path holding a decoded newline, which
-    would get aiohttp's 404 page instead of the gateway's JSON 400."""
+    target (proxy/routes.py reads the path). aiohttp's own resolve would build the
+    request's URL, walk the path's parts through its index and run the route's pattern on
+    the path for nothing; worse, a pattern cannot match a path holding a decoded newline,
+    nor ``OPTIONS *`` or ``CONNECT host:port``, which got aiohttp's plain 404 page instead of
+    the gateway's JSON answer (401 without a token, else 400 bad_path). A route added to
+    the app after ``over`` would never be reached."""
 
     async def resolve(self, request: web.Request) -> UrlMappingMatchInfo:
         return UrlMappingMatchInfo({}, self._route)

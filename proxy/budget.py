@@ -28,6 +28,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from proxy.ratelimit_headers import tighter
+
 __all__ = ["CredentialBudget", "Limit", "WindowView"]
 
 _Entry = tuple[float, bool]  # (send time in seconds, sent by someone else)
@@ -404,9 +406,9 @@ class CredentialBudget:
 
     def tightest(self, now: float, unused: int = 0) -> tuple[int, int, list[float]]:
         """What the caller's rate-limit fields take from ``snapshot(now, unused)``, without
-        making it (they are made for every answer): the index of the window with the fewest
-        sends remaining (of equals, the one that resets last, then the first), its
-        remaining, and every window's ``reset_in`` in order."""
+        making it (they are made for every answer): the index of the tightest window (see
+        ``tighter``), its remaining, and every window's ``reset_in`` in order. The same
+        numbers as ``_view``'s."""
         self._prune(now)
         tight, fewest, latest = 0, 0, 0.0
         resets = []
@@ -415,7 +417,7 @@ class CredentialBudget:
             remaining = max(0, window.limit.requests - max(0, len(entries) - unused))
             reset_in = entries[0][0] + window.span - now if entries else 0.0
             resets.append(reset_in)
-            if index == 0 or remaining < fewest or (remaining == fewest and reset_in > latest):
+            if index == 0 or tighter(remaining, reset_in, fewest, latest):
                 tight, fewest, latest = index, remaining, reset_in
         return tight, fewest, resets
 

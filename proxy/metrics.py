@@ -21,6 +21,7 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
+from prometheus_client import metrics as _prometheus_metrics
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -82,6 +83,22 @@ class _LoopMetric(Collector, Generic[_Series]):
         self._created: dict[tuple[str, ...], float] = {}
         registry.register(self)
 
+    def describe(self) -> Iterator[Metric]:
+        """The family without samples: the registry learns the names (a second metric of
+        the same name is refused, as for prometheus_client's own)."""
+        return self._family([])
+
+    def collect(self) -> Iterator[Metric]:
+        return self._family(list(self._series.items()))
+
+    def _family(self, series: list[tuple[tuple[str, ...], _Series]]) -> Iterator[Metric]:
+        raise NotImplementedError
+
+    def _created_at(self, values: tuple[str, ...]) -> float | None:
+        """The label set's ``_created``, unless prometheus_client is told to leave them out
+        (PROMETHEUS_DISABLE_CREATED_SERIES, disable_created_metrics())."""
+        return self._created[values] if getattr(_prometheus_metrics, "_use_created", True) else None
+
     def _check(self, values: tuple[str, ...]) -> None:
         """A new label set: the right number of values, and its creation time noted."""
         if len(values) != len(self.labelnames):
@@ -100,11 +117,10 @@ class LoopCounter(_LoopMetric[int]):
             self._check(values)
             counts[values] = 1
 
-    def collect(self) -> Iterator[Metric]:
+    def _family(self, series: list[tuple[tuple[str, ...], int]]) -> Iterator[Metric]:
         family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
-        created = self._created
-        for values, count in list(self._series.items()):
-            family.add_metric(values, count, created=created[values])
+        for values, count in series:
+            family.add_metric(values, count, created=self._created_at(values))
         yield family
 
 
@@ -133,18 +149,19 @@ class LoopHistogram(_LoopMetric[list[float]]):
         series[bisect.bisect_left(self.bounds, amount)] += 1
         series[-1] += amount
 
-    def collect(self) -> Iterator[Metric]:
+    def _family(self, series: list[tuple[tuple[str, ...], list[float]]]) -> Iterator[Metric]:
         family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
-        created = self._created
-        for values, series in list(self._series.items()):
+        for values, counts in series:
             total = 0.0
             buckets = []
-            for le, count in zip(self._les, series, strict=False):
+            for le, count in zip(self._les, counts, strict=False):
                 total += count
                 buckets.append((le, total))
-            family.add_metric(values, buckets, series[-1])
-            labels = dict(zip(self.labelnames, values, strict=True))
-            family.samples.append(Sample(f"{self.name}_created", labels, created[values]))
+            family.add_metric(values, buckets, counts[-1])
+            created = self._created_at(values)
+            if created is not None:
+                labels = dict(zip(self.labelnames, values, strict=True))
+                family.samples.append(Sample(f"{self.name}_created", labels, created))
         yield family
 
 
@@ -351,12 +368,12 @@ class Metrics:
         )
         self.last_reload.set_to_current_time()
 
-        # Label children of the per-request metrics, kept: labels() validates and locks on
-        # every call. Bounded like the label values themselves (tokens, routes, statuses).
+        # Label children of the other labelled metrics (refusals, auth failures, 429s...),
+        # kept: labels() validates and locks on every call. Bounded like the label values.
         self._children: dict[tuple[object, ...], Any] = {}
         self._remaining: dict[str, int] = {}  # echowin_remaining as last set, per credential
 
-    def child(self, metric: Counter | Gauge | Histogram, *values: str) -> Any:
+    def child(self, metric: Counter | Gauge, *values: str) -> Any:
         """``metric.labels(*values)``, looked up once per distinct label set."""
         key = (id(metric), *values)
         found = self._children.get(key)

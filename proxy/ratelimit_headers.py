@@ -130,24 +130,19 @@ def policy_header(windows: Sequence[tuple[str, WindowLimit]]) -> str:
     )
 
 
-def caller_headers(
-    now: float, windows: Sequence[tuple[str, WindowState]], policy: str | None = None
-) -> dict[str, str]:
+def caller_headers(now: float, windows: Sequence[tuple[str, WindowState]]) -> dict[str, str]:
     """The caller's rate-limit fields. ``windows`` are (owner, window) pairs, owner being
-    "echowin" (the shared budget) or "token" (the token's own quota); ``policy`` is
-    ``policy_header(windows)`` when the caller has it already.
+    "echowin" (the shared budget) or "token" (the token's own quota).
 
-    X-RateLimit-* and RateLimit describe the tightest window (fewest remaining, then latest
-    reset); RateLimit-Policy lists every window, named ``<owner>-<seconds>s``.
+    X-RateLimit-* and RateLimit describe the tightest window (see ``tighter``);
+    RateLimit-Policy lists every window, named ``<owner>-<seconds>s``.
     """
     if not windows:
         return {}
     owner, tight = windows[0]
-    for pair in windows[1:]:  # min() by (remaining, -reset_in): the first of equals wins
+    for pair in windows[1:]:
         w = pair[1]
-        if w.remaining < tight.remaining or (
-            w.remaining == tight.remaining and w.reset_in > tight.reset_in
-        ):
+        if tighter(w.remaining, w.reset_in, tight.remaining, tight.reset_in):
             owner, tight = pair
     return tight_headers(
         now,
@@ -155,8 +150,16 @@ def caller_headers(
         tight.requests,
         tight.remaining,
         tight.reset_in,
-        policy_header(windows) if policy is None else policy,
+        policy_header(windows),
     )
+
+
+def tighter(remaining: int, reset_in: float, than_remaining: int, than_reset_in: float) -> bool:
+    """Whether a window with ``remaining`` sends left that resets in ``reset_in`` seconds is
+    tighter than the other: fewer remaining, then a later reset. Of equals the first stays:
+    the window the caller's fields describe (CredentialBudget.tightest picks it the same
+    way)."""
+    return remaining < than_remaining or (remaining == than_remaining and reset_in > than_reset_in)
 
 
 def window_name(owner: str, per_seconds: float) -> str:

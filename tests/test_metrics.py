@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 
+import prometheus_client
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
@@ -21,7 +22,8 @@ def _page(registry: CollectorRegistry) -> str:
     return re.sub(r"^(\w+_created(?:\{[^}]*\})?) \S+$", r"\1 T", text, flags=re.MULTILINE)
 
 
-def test_the_loop_metrics_expose_what_prometheus_clients_own_would() -> None:
+def _both() -> tuple[CollectorRegistry, CollectorRegistry]:
+    """The same updates to prometheus_client's metrics and to ours, each on a registry."""
     theirs, ours = CollectorRegistry(), CollectorRegistry()
     their_count = Counter("x_requests_total", "Requests.", ["route", "status"], registry=theirs)
     their_time = Histogram("x_seconds", "Time.", ["route"], buckets=BUCKETS, registry=theirs)
@@ -34,6 +36,11 @@ def test_the_loop_metrics_expose_what_prometheus_clients_own_would() -> None:
         our_count.inc(route, status)
         their_time.labels(route).observe(amount)
         our_time.observe(amount, route)
+    return theirs, ours
+
+
+def test_the_loop_metrics_expose_what_prometheus_clients_own_would() -> None:
+    theirs, ours = _both()
     page = _page(ours)
     assert page == _page(theirs)
     assert 'x_seconds_bucket{le="0.001",route="/a"} 2.0' in page  # 0.0005 and 0.001 itself
@@ -43,6 +50,29 @@ def test_the_loop_metrics_expose_what_prometheus_clients_own_would() -> None:
     assert ours.get_sample_value("x_seconds_sum", {"route": "/a"}) == pytest.approx(
         sum(a for i, a in enumerate(AMOUNTS) if i % 3)
     )
+
+
+def test_created_series_follow_prometheus_clients_switch() -> None:
+    """PROMETHEUS_DISABLE_CREATED_SERIES (or disable_created_metrics()) leaves the
+    ``_created`` companions out of ours as it does of prometheus_client's."""
+    theirs, ours = _both()
+    prometheus_client.disable_created_metrics()
+    try:
+        page = _page(ours)
+        assert page == _page(theirs)
+    finally:
+        prometheus_client.enable_created_metrics()
+    assert "_created" not in page
+    assert "_created" in _page(ours)
+
+
+def test_a_second_metric_of_the_same_name_is_refused() -> None:
+    registry = CollectorRegistry()
+    LoopHistogram("z_seconds", "Z.", ["a"], registry, BUCKETS)
+    with pytest.raises(ValueError, match="Duplicated timeseries"):
+        LoopCounter("z_seconds", "Z again.", ["a"], registry)
+    with pytest.raises(ValueError, match="Duplicated timeseries"):
+        Counter("z_seconds_count", "Z's count.", registry=registry)
 
 
 def test_a_wrong_number_of_label_values_is_refused() -> None:

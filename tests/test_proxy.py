@@ -7,6 +7,7 @@ import gzip
 import io
 import json
 import logging
+import re
 import socket
 import struct
 import time
@@ -233,6 +234,27 @@ async def test_path_tricks_are_400(gateway: GatewayHandle, sim: SimHandle, path:
         ) as resp:
             assert resp.status == 400, path
             assert (await resp.json())["reason"] == "bad_path"
+    assert len(sim.sim.log) == 0
+
+
+@pytest.mark.parametrize("line", ["OPTIONS * HTTP/1.1", "CONNECT echo.win:443 HTTP/1.1"])
+async def test_targets_that_are_no_path_get_the_gateways_json_400(
+    gateway: GatewayHandle, sim: SimHandle, line: str
+) -> None:
+    token = await gateway.token("*")
+    host, port = gateway.url("/").removeprefix("http://").rstrip("/").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        head = f"{line}\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\n\r\n"
+        writer.write(head.encode())
+        status_line = await reader.readline()
+        rest = await reader.readuntil(b"\r\n\r\n")
+        length = int(re.search(rb"(?i)content-length: *(\d+)", rest)[1])  # type: ignore[index]
+        body = json.loads(await reader.readexactly(length))
+    finally:
+        writer.close()
+    assert status_line.split()[1] == b"400", status_line
+    assert body["reason"] == "bad_path"
     assert len(sim.sim.log) == 0
 
 

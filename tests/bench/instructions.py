@@ -62,20 +62,23 @@ async def _one_run(
     source: Path | None,
     n: int,
     concurrency: int,
-    out: Path,
-) -> None:
+    tag: str,
+) -> Path:
     """``server`` under callgrind answers ``n`` admitted requests, ``concurrency`` at a
-    time, then stops."""
+    time, then stops; the callgrind file it wrote. ``tag`` names this run's files: each
+    gateway starts with a state file of its own (one holding an earlier run's sends would
+    cost more to load)."""
+    out = procs.tmp / f"{tag}.out"
     wrap = lambda cmd: [*_callgrind(out), *cmd]  # noqa: E731
     if server == "passthrough":
         (port,) = servers.free_ports(1)
         cmd = [sys.executable, "-m", "tests.bench.passthrough", "--port", str(port)]
         cmd += ["--upstream", upstream, "--loop", _loop()]
-        proc = procs.start(server, wrap(cmd), f"http://127.0.0.1:{port}", None, servers.child_env())
+        proc = procs.start(tag, wrap(cmd), f"http://127.0.0.1:{port}", None, servers.child_env())
     else:
-        state = f"sqlite:///{procs.tmp}/{server}-{n}.db"
+        state = f"sqlite:///{procs.tmp}/{tag}.db"
         raw = servers.gateway_config(upstream, state, HUGE_LIMITS, max_wait=5, event_loop=None)
-        proc = servers.launch_gateway(procs, f"{server}-{n}", raw, None, wrap=wrap, source=source)
+        proc = servers.launch_gateway(procs, tag, raw, None, wrap=wrap, source=source)
     timeout = aiohttp.ClientTimeout(total=REQUEST_SECONDS)
     async with aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=concurrency), timeout=timeout
@@ -94,6 +97,7 @@ async def _one_run(
 
         await asyncio.gather(*(one(i) for i in range(n)))
     procs.stop(proc)  # SIGTERM: callgrind writes its file as the process exits
+    return out
 
 
 def _loop() -> str:
@@ -122,8 +126,8 @@ async def measure(
                     server = "passthrough" if name == "passthrough" else "gateway"
                     totals = []
                     for n in (SMALL, SMALL + requests):
-                        out = Path(tmp) / f"{server}-{round_}-{n}.out"
-                        await _one_run(procs, upstream.url, server, tree, n, concurrency, out)
+                        tag = f"{name.replace('@', '-')}-{round_}-{n}"
+                        out = await _one_run(procs, upstream.url, server, tree, n, concurrency, tag)
                         totals.append(_total(out))
                     per_request[name].append((totals[1] - totals[0]) / requests)
                     print(f"[instructions] {name}: {per_request[name][-1]:,.0f}", file=sys.stderr)
