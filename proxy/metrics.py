@@ -67,7 +67,7 @@ class _LoopMetric(Collector, Generic[_Series]):
     only ever updated on the event loop's thread, so a plain number will do; a scrape
     reads them as they are (as it reads prometheus_client's). The exposition is the
     same as prometheus_client's Counter and Histogram make, ``_created`` companions
-    included."""
+    included unless prometheus_client is told to leave them out."""
 
     def __init__(
         self,
