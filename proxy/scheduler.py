@@ -799,14 +799,13 @@ class _KeptHeaders:
 
 class _Shape:
     """What a lane's caller headers take from its ``limits``, worked out once: per window
-    its name and limit, and RateLimit-Policy."""
+    its name, and RateLimit-Policy."""
 
-    __slots__ = ("limits", "names", "policy", "requests")
+    __slots__ = ("limits", "names", "policy")
 
     def __init__(self, limits: tuple[Limit, ...]) -> None:
         self.limits = limits
         self.names = [window_name("echowin", lim.per_seconds) for lim in limits]
-        self.requests = [lim.requests for lim in limits]
         self.policy = policy_header([("echowin", lim) for lim in limits])
 
 
@@ -917,9 +916,8 @@ class Scheduler:
             return self.policy.max_wait
         return min(self.policy.max_wait, request.max_wait)
 
-    @staticmethod
-    def _has_quota_of_its_own(token: TokenRecord, quotas: Mapping[str, _Quota]) -> bool:
-        return token.hourly is not None or token.per_minute is not None or token.id in quotas
+    def _has_quota_of_its_own(self, token: TokenRecord) -> bool:
+        return token.hourly is not None or token.per_minute is not None or token.id in self._quotas
 
     def hold(self, request: AdmitRequest) -> Hold | None:
         """Queue ``request`` now, without a coroutine, when it would be queued (see
@@ -927,7 +925,7 @@ class Scheduler:
         must decide: a slot free now, a refusal, the state to read first (a token quota of
         its own is charged in the state before the lane is asked)."""
         token = request.token
-        if self._shedding or self._has_quota_of_its_own(token, self._quotas):
+        if self._shedding or self._has_quota_of_its_own(token):
             return None
         lane = self.lanes[request.credential]
         waiter = lane.hold(token, self._max_wait(request))
@@ -948,7 +946,7 @@ class Scheduler:
             return _SHUTTING_DOWN
         max_wait = self._max_wait(request)
         charge: TokenCharge | None = None
-        if self._has_quota_of_its_own(token, self._quotas):
+        if self._has_quota_of_its_own(token):
             # The token's own quota is charged first, in the gateway's state (a worker or a
             # replica sees the others' charges), and refunded if the request is refused;
             # not at all when the lane refuses at once anyway (a flood costs no writes).
@@ -1007,7 +1005,12 @@ class Scheduler:
             shape = self._shapes[lane.name] = _Shape(limits)
         index, remaining, resets = lane.source.tightest(now)
         headers = tight_headers(
-            now, shape.names[index], shape.requests[index], remaining, resets[index], shape.policy
+            now,
+            shape.names[index],
+            limits[index].requests,
+            remaining,
+            resets[index],
+            shape.policy,
         )
         self._headers[lane.name] = _KeptHeaders(version, now, resets, headers)
         return headers
