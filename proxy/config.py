@@ -220,6 +220,46 @@ class ServerConfig(_Model):
     workers: Annotated[int | Literal["auto"], BeforeValidator(_workers)] = 1
     # asyncio's loop or uvloop (proxy/loops.py); auto: uvloop when it is installed.
     event_loop: Annotated[EventLoop, BeforeValidator(_event_loop)] = "auto"
+    # Hostile callers (docs/security.md): a connection that has not sent a whole request
+    # head within this many seconds of its first byte (or of the connection) is closed
+    # (nginx client_header_timeout, HAProxy timeout http-request).
+    request_head_timeout_seconds: PositiveFloat = 10.0
+    # An idle keep-alive connection (no request under way) is closed after this.
+    keepalive_timeout_seconds: PositiveFloat = 75.0
+    # Open connections at once, on each listener of one process, and from one peer address
+    # (a peer in trusted_proxies is exempt: it carries many clients). Past either, a new
+    # connection gets 503 JSON and is closed.
+    max_connections: PositiveInt = 10_000
+    max_connections_per_client: PositiveInt = 512
+    # Proxies (CIDRs) whose X-Forwarded-For names the client; empty: the peer is the client.
+    trusted_proxies: tuple[str, ...] = ()
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _cidrs(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for cidr in value:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ValueError(f"{cidr!r} is not an IP address or CIDR") from None
+        return value
+
+    @model_validator(mode="after")
+    def _per_client_within_total(self) -> ServerConfig:
+        if self.max_connections_per_client > self.max_connections:
+            raise ValueError(
+                "max_connections_per_client must not exceed max_connections "
+                f"({self.max_connections_per_client} > {self.max_connections})"
+            )
+        return self
+
+
+class AuthConfig(_Model):
+    # Failed authentications from one client address (a leaky bucket: aiolimiter): past
+    # it, 429 auth_throttled with no token lookup. Successful ones are not counted.
+    failures_per_client: LimitConfig = LimitConfig(requests=20, per_seconds=60)
+    # Client addresses tracked at once (least recently failing forgotten first).
+    max_clients_tracked: PositiveInt = 10_000
 
 
 class TokensConfig(_Model):
@@ -277,6 +317,7 @@ class GatewayConfig(_Model):
     upstream: UpstreamConfig = UpstreamConfig()
     queue: QueueConfig = QueueConfig()
     server: ServerConfig = ServerConfig()
+    auth: AuthConfig = AuthConfig()
     tokens: TokensConfig = TokensConfig()
     logging: LoggingConfig = LoggingConfig()
     routes: tuple[RouteConfig, ...] = ()
