@@ -13,7 +13,7 @@ import math
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -28,6 +28,7 @@ from pydantic import (
     model_validator,
 )
 
+from proxy.keywatch import KeyWatch
 from proxy.loops import MISSING_UVLOOP, EventLoop, uvloop_installed
 from proxy.routes import DEFAULT_ROUTES, Route, RouteTable
 from proxy.tokens import DEFAULT_UPSTREAM_KEY
@@ -579,6 +580,11 @@ class Credential:
     name: str  # "default", "agency" or an extra_keys name: safe to show
     header: str  # "X-API-Key" or "X-AGENCY-KEY"
     secret: Secret
+    # Every form of the key a caller could undo, compiled once (proxy/keywatch.py).
+    watch: KeyWatch = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "watch", KeyWatch(self.secret.reveal()))
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,12 +16,20 @@ from dataclasses import dataclass
 import aiohttp
 from aiohttp import web
 from aiohttp.streams import StreamReader
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.admission import AdmitRequest, Grant, Held, Refusal
 from proxy.config import AGENCY_KEY_NAME, Credential
 from proxy.errors import json_body, json_error, json_response
-from proxy.keywatch import Inflated, Unreadable, coding_of, decoded, masked, readable_codings
+from proxy.keywatch import (
+    Inflated,
+    KeyWatch,
+    Unreadable,
+    coding_of,
+    decoded,
+    leaking_fields,
+    readable_codings,
+)
 from proxy.lobby import Decide, Head, on_its_way, take_waiting
 from proxy.metrics import ANONYMOUS
 from proxy.routes import PathError, RouteMatch, scope_allows
@@ -616,41 +624,28 @@ async def _relay(
     # The standard reason phrase, not echowin's: its free text is not relayed (it could
     # carry the key, and no header filter sees it).
     response = _Relayed(status=upstream.status)
-    headers = response.headers
     given = upstream.headers
-    named = connection_tokens(given)
-    secret = credential.secret.reveal()
-    folded = secret.lower()  # field names are case-insensitive, and some servers recase them
-    for name, value in given.items():
-        low = name.lower()
-        # echowin has no reason to echo a key back; if it ever does, in a field's value or
-        # its name, it stops here.
-        if (
-            low not in _SKIP_RESPONSE
-            and low not in named
-            and secret not in value
-            and folded not in low
-        ):
-            headers.add(name, pool.relative(value) if low in _LOCATIONS else value)
-    headers.update(extra)  # the caller's rate-limit fields, Server-Timing, X-Request-ID
+    _relay_fields(response.headers, given, pool, credential)
+    response.headers.update(extra)  # the caller's rate-limit fields, Server-Timing, X-Request-ID
     length = upstream.content_length
     if length is not None:
         response.content_length = length
     content = upstream.content
     assert content is not None
-    key = credential.secret.reveal_bytes()
+    watch = credential.watch
     # The body is searched for the key as the caller would read it (proxy/keywatch.py).
     coding = coding_of(given.get("Content-Encoding"))
     whole = content.is_eof() and content.exception() is None
     body = b""
     if whole:  # the whole answer is here already (most are small): one write, no loop
         body = content.read_nowait()
-        if not coding and key in body:
-            _key_seen(credential, "masked")
-            body = masked(body, key)
+        if not coding:
+            body, found = watch.masked(body)
+            if found:
+                _key_seen(credential, "masked")
     if coding is None or (whole and coding and body):
         try:
-            body = _decoded_if_leaking(response, body, key, coding, credential)
+            body = _decoded_if_leaking(response, body, watch, coding, credential)
         except Unreadable:
             ex.refusal = "upstream_unreadable"
             return json_error(
@@ -667,9 +662,9 @@ async def _relay(
             return response
         chunks = _chunks_of(content)
         if coding:
-            await _stream_inflated(response, chunks, Inflated(key, coding), ex, credential)
+            await _stream_inflated(response, chunks, Inflated(watch, coding), ex, credential)
         else:
-            await _stream_masked(response, chunks, key, ex, credential)
+            await _stream_masked(response, chunks, watch, ex, credential)
         await response.write_eof()
     except ConnectionResetError:
         # The caller hung up while its answer was being written: nothing to answer, no
@@ -682,6 +677,29 @@ async def _relay(
         if request.transport is not None:
             request.transport.close()
     return response
+
+
+def _relay_fields(
+    headers: CIMultiDict[str],
+    given: CIMultiDictProxy[str],
+    pool: Upstream,
+    credential: Credential,
+) -> None:
+    """echowin's end-to-end fields into ``headers``, less those the caller never gets and
+    every one holding a form of the key, in its name, its value, or split across values
+    (proxy/keywatch.py); a URL into echowin's API becomes the gateway's own path."""
+    named = connection_tokens(given)
+    kept = [
+        (name, value)
+        for name, value in given.items()
+        if (low := name.lower()) not in _SKIP_RESPONSE and low not in named
+    ]
+    leaking = leaking_fields(credential.watch, kept)
+    if leaking:
+        _key_seen(credential, "dropped")
+    for i, (name, value) in enumerate(kept):
+        if i not in leaking:
+            headers.add(name, pool.relative(value) if name.lower() in _LOCATIONS else value)
 
 
 class _BrokenBody(Exception):
@@ -716,19 +734,18 @@ async def _chunks_of(content: StreamReader) -> AsyncIterator[bytes]:
 async def _stream_masked(
     response: web.StreamResponse,
     chunks: AsyncIterator[bytes],
-    key: bytes,
+    watch: KeyWatch,
     ex: Exchange,
     credential: Credential,
 ) -> None:
-    """An identity body, every copy of the key masked. The last len(key) - 1 bytes wait
-    for the next chunk: a key split between two chunks is masked too."""
-    keep = len(key) - 1
+    """An identity body, every form of the key masked. The last ``watch.keep`` bytes wait
+    for the next chunk: a form split between two chunks is masked too."""
+    keep = watch.keep
     held = b""
     async for chunk in chunks:
-        data = held + chunk if held else chunk
-        if key in data:
+        data, found = watch.masked(held + chunk if held else chunk)
+        if found:
             _key_seen(credential, "masked")
-            data = masked(data, key)
         cut = max(0, len(data) - keep)
         held = data[cut:]
         if cut:
@@ -775,23 +792,22 @@ async def _stream_inflated(
 def _decoded_if_leaking(
     response: web.StreamResponse,
     body: bytes,
-    key: bytes,
+    watch: KeyWatch,
     coding: str | None,
     credential: Credential,
 ) -> bytes:
-    """A whole compressed ``body`` as the caller gets it: as it came when the key is not
-    in it inflated, else inflated and masked (Content-Encoding dropped). Unreadable for a
-    coding the gateway cannot read (None) or a corrupt body."""
+    """A whole compressed ``body`` as the caller gets it: as it came when no form of the
+    key is in it inflated, else inflated and masked (Content-Encoding dropped). Unreadable
+    for a coding the gateway cannot read (None) or a corrupt body."""
     if coding is None:
         raise Unreadable
-    plain = decoded(body, coding)
-    if key not in plain:
+    plain, found = watch.masked(decoded(body, coding))
+    if not found:
         return body
     _key_seen(credential, "masked")
     del response.headers["Content-Encoding"]
-    body = masked(plain, key)
-    response.content_length = len(body)
-    return body
+    response.content_length = len(plain)
+    return plain
 
 
 def _key_seen(credential: Credential, action: str) -> None:
