@@ -275,12 +275,18 @@ def _sim_keys(given: list[str] | None, variable: str, header: str, made_up: str)
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from proxy.sim import SimConfig, parse_limit, run_simulator
+    from proxy.sim import Faults, SimConfig, parse_limit, run_simulator
 
     try:
         limits = tuple(parse_limit(text) for text in (args.limit or ["1000/3600", "100/60"]))
     except ValueError as exc:
         return _fail([f"--limit: {exc}"])
+    faults = None
+    if args.echo_key is not None or args.echo_in is not None:
+        try:  # Faults names the field: echo_key, echo_in
+            faults = Faults(echo_key=args.echo_key, echo_in=args.echo_in or "body")
+        except ValueError as exc:
+            return _fail([f"--echo-key/--echo-in: {exc}"])
     keys = _sim_keys(args.key, "ECHOWIN_API_KEY", "X-API-Key", "sim-team-key")
     agency = _sim_keys(args.agency_key, "ECHOWIN_AGENCY_KEY", "X-AGENCY-KEY", "sim-agency-key")
     config = SimConfig(
@@ -291,7 +297,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     )
     with contextlib.suppress(KeyboardInterrupt):
         try:
-            asyncio.run(run_simulator(config, args.host, args.port))
+            asyncio.run(run_simulator(config, args.host, args.port, faults))
         except OSError as exc:  # the port is taken, the host does not resolve, ...
             errno = exc.errno or 0  # getaddrinfo's are negative: its strerror says it
             reason = os.strerror(errno) if errno > 0 else exc.strerror or str(exc)
@@ -400,6 +406,16 @@ def _parser() -> argparse.ArgumentParser:
         help="accepted agency key, repeatable (default $ECHOWIN_AGENCY_KEY, else sim-agency-key)",
     )
     sim.add_argument("--reset-format", choices=("unix", "iso"), default="unix")
+    sim.add_argument(
+        "--echo-key",
+        metavar="FORM",
+        help="hostile echowin: answer with the key received, in FORM (percent_all, base64_1, ...)",
+    )
+    sim.add_argument(
+        "--echo-in",
+        metavar="PLACE",
+        help="where --echo-key puts it: body (default), header, location, gzip, chunked, ...",
+    )
     sim.set_defaults(func=cmd_simulate)
 
     quick = sub.add_parser(

@@ -37,6 +37,8 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from multidict import MultiMapping
 
+from proxy import sim_echo
+
 __all__ = [
     "NO_RESPONSE",
     "SIMULATOR",
@@ -143,6 +145,13 @@ class Faults:
     > ``force_429`` (echowin's 429 with ``Retry-After: retry_after`` seconds) > the normal
     answer. ``gzip`` sends the answer's body gzip-encoded. ``count`` limits the faults to
     the next ``count`` API requests (counted at arrival); None keeps them until cleared.
+
+    ``echo_key`` (a form of ``sim_echo.FORMS``) puts the key the request carried (its
+    X-API-Key, or X-AGENCY-KEY under /api/v1/agency/), encoded in that form, into the answer
+    at ``echo_in`` (one of ``sim_echo.PLACES``), whatever the answer; a request without a key
+    gets no echo. ``echo_percent`` and ``echo_swapcase`` are the character positions the
+    ``percent_some`` and ``mixed_case`` forms encode or case-swap (``sim_echo.encode``).
+    ``gzip`` leaves an echoed answer that has its own coding, or is streamed, as it is.
     """
 
     latency_seconds: float = 0.0
@@ -152,6 +161,10 @@ class Faults:
     retry_after: int = 1
     count: int | None = None
     gzip: bool = False
+    echo_key: str | None = None
+    echo_in: str = "body"
+    echo_percent: tuple[int, ...] | None = None
+    echo_swapcase: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.latency_seconds <= _MAX_LATENCY_SECONDS:
@@ -164,6 +177,10 @@ class Faults:
             raise ValueError(
                 f"count must be >= 1 (or absent for 'until cleared'), got {self.count}"
             )
+        for name in ("echo_percent", "echo_swapcase"):
+            if isinstance(getattr(self, name), list):  # kept as a tuple: the faults are frozen
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+        sim_echo.check(self.echo_key, self.echo_in, self.echo_percent, self.echo_swapcase)
 
     @classmethod
     def from_json(cls, data: object) -> Faults:
@@ -174,6 +191,7 @@ class Faults:
         if unknown:
             raise ValueError(f"unknown fault field(s): {', '.join(map(str, unknown))}")
         retry_after = _json_int(data, "retry_after")
+        echo_in = _json_str(data, "echo_in")
         return cls(
             latency_seconds=_json_number(data, "latency_seconds"),
             status=_json_int(data, "status"),
@@ -182,6 +200,10 @@ class Faults:
             retry_after=1 if retry_after is None else retry_after,
             count=_json_int(data, "count"),
             gzip=_json_bool(data, "gzip"),
+            echo_key=_json_str(data, "echo_key"),
+            echo_in="body" if echo_in is None else echo_in,
+            echo_percent=_json_ints(data, "echo_percent"),
+            echo_swapcase=_json_ints(data, "echo_swapcase"),
         )
 
     def to_json(self) -> JSONObject:
@@ -202,6 +224,24 @@ def _json_int(data: Mapping[str, object], name: str) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{name} must be an integer")
     return value
+
+
+def _json_str(data: Mapping[str, object], name: str) -> str | None:
+    value = data.get(name)
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"{name} must be a string")
+    return value
+
+
+def _json_ints(data: Mapping[str, object], name: str) -> tuple[int, ...] | None:
+    value = data.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value
+    ):
+        raise ValueError(f"{name} must be an array of integers")
+    return tuple(value)
 
 
 def _json_number(data: Mapping[str, object], name: str) -> float:
@@ -923,7 +963,18 @@ class Simulator:
         response = await self._pick(request, handler, arrival)
         if arrival.quota is not None:
             response.headers.update(self._quota_headers(arrival))
-        if arrival.fault.gzip:
+        fault = arrival.fault
+        if fault.echo_key is not None and arrival.key is not None:
+            encoded = sim_echo.encode(
+                fault.echo_key,
+                arrival.key,
+                percent=fault.echo_percent,
+                swapcase=fault.echo_swapcase,
+            )
+            response = await sim_echo.echo_answer(
+                request, response, arrival.header, encoded, fault.echo_in
+            )
+        if fault.gzip:
             _gzip(response)
         return response
 
@@ -1015,6 +1066,10 @@ def _reason(status: int) -> str:
 
 
 def _gzip(response: web.StreamResponse) -> None:
+    """Gzip a whole answer's body in place; one with a coding already (an echo's) or not
+    whole (streamed) is left as it is."""
+    if "Content-Encoding" in response.headers:
+        return
     if isinstance(response, web.Response) and isinstance(response.body, bytes):
         response.body = gzip.compress(response.body)
         response.headers["Content-Encoding"] = "gzip"
@@ -1095,13 +1150,19 @@ _CONTROL_ROUTES: Final[tuple[tuple[str, str, _ApiHandler], ...]] = (
 )
 
 
-async def run_simulator(config: SimConfig, host: str, port: int) -> None:
-    """Serve a Simulator on ``host:port`` until cancelled (port 0 picks a free port).
+async def run_simulator(
+    config: SimConfig, host: str, port: int, faults: Faults | None = None
+) -> None:
+    """Serve a Simulator on ``host:port`` until cancelled (port 0 picks a free port), with
+    ``faults`` in force from the start if given (``/_sim/faults`` changes them later).
 
     Once the socket is bound it prints exactly one line to stdout,
     ``echowin simulator listening on http://HOST:PORT``, so scripts can wait for it.
     """
-    runner = web.AppRunner(Simulator(config).app())
+    simulator = Simulator(config)
+    if faults is not None:
+        simulator.set_faults(faults)
+    runner = web.AppRunner(simulator.app())
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port).start()

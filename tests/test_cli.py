@@ -315,6 +315,30 @@ def test_simulate_bad_limit_exits_2(limit: str) -> None:
     assert_clean_error(result, 2, "--limit", limit)
 
 
+async def test_simulate_can_start_hostile_echoing_the_key(spawn: Spawn) -> None:
+    sim = await start_sim(spawn, "--echo-key", "hex", "--echo-in", "header", key="k1")
+    async with http_client() as session:
+        async with session.get(f"{sim.url}/api/v1/tags", headers={"X-API-Key": "k1"}) as resp:
+            assert resp.status == 200
+            assert resp.headers["X-Debug-Echo"] == b"k1".hex()
+        async with session.get(f"{sim.url}/_sim/faults") as resp:
+            assert (await resp.json())["faults"]["echo_in"] == "header"
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["--echo-key", "rot13"], "echo_key"),
+        (["--echo-key", "hex", "--echo-in", "moon"], "echo_in"),
+        (["--echo-in", "header"], "echo_in"),
+        (["--echo-key", "utf16le", "--echo-in", "header"], "cannot go in a header"),
+    ],
+)
+def test_simulate_bad_echo_exits_2(args: list[str], named: str) -> None:
+    result = run_cli("simulate", "--port", str(free_ports(1)[0]), "--key", "k", *args)
+    assert_clean_error(result, 2, "--echo-key", named)
+
+
 # --- serve ------------------------------------------------------------------------------------
 
 

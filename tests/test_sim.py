@@ -7,10 +7,13 @@ latency test, which needs real time to pass.
 from __future__ import annotations
 
 import asyncio
+import binascii
 import gzip
 import json
 import re
 import time
+import urllib.parse
+import zlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -202,6 +205,35 @@ def test_config_validates_each_field(overrides: dict[str, Any], message: str) ->
 def test_faults_validate_ranges(fields: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         Faults(**fields)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"echo_key": "rot13"}, "echo_key must be one of verbatim, upper"),
+        ({"echo_key": "verbatim", "echo_in": "footer"}, "echo_in must be one of body, header"),
+        ({"echo_in": "header"}, "echo_in needs echo_key"),
+        ({"echo_key": "utf16le", "echo_in": "header"}, "cannot go in a header"),
+        ({"echo_key": "utf16be", "echo_in": "location"}, "cannot go in a header"),
+        ({"echo_key": "utf16le", "echo_in": "split_headers"}, "cannot go in a header"),
+        ({"echo_key": "verbatim", "echo_percent": (1,)}, "echo_percent applies only"),
+        ({"echo_key": "upper", "echo_swapcase": (1,)}, "echo_swapcase applies only"),
+        ({"echo_key": "percent_some", "echo_percent": (-1,)}, "echo_percent must hold"),
+        ({"echo_key": "percent_some", "echo_percent": (True,)}, "echo_percent must hold"),
+        ({"echo_key": "mixed_case", "echo_swapcase": (4096,)}, "echo_swapcase must hold"),
+        ({"echo_key": "mixed_case", "echo_swapcase": "12"}, "echo_swapcase must be a sequence"),
+        ({"echo_key": "percent_some", "echo_percent": (0,) * 4097}, "at most 4096 positions"),
+    ],
+)
+def test_echo_faults_validate_naming_the_field(fields: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Faults(**fields)
+
+
+def test_echo_faults_keep_positions_as_tuples_and_round_trip_through_json() -> None:
+    faults = Faults(echo_key="percent_some", echo_in="gzip", echo_percent=[3, 1])  # type: ignore[arg-type]
+    assert faults.echo_percent == (3, 1)
+    assert Faults.from_json(json.loads(json.dumps(faults.to_json()))) == faults
 
 
 def test_app_is_built_once(sim: Simulator) -> None:
@@ -787,6 +819,14 @@ async def test_faults_are_switched_over_http(client: Client) -> None:
         ({"latency_seconds": "slow"}, "latency_seconds"),
         ({"count": 1.5}, "count"),
         ([], "object"),
+        ({"echo_key": 5}, "echo_key"),
+        ({"echo_key": "rot13"}, "echo_key"),
+        ({"echo_key": "hex", "echo_in": "moon"}, "echo_in"),
+        ({"echo_key": "hex", "echo_in": 3}, "echo_in"),
+        ({"echo_key": "hex", "echo_in": ""}, "echo_in"),
+        ({"echo_key": "percent_some", "echo_percent": "1,2"}, "echo_percent"),
+        ({"echo_key": "percent_some", "echo_percent": [1.5]}, "echo_percent"),
+        ({"echo_key": "mixed_case", "echo_swapcase": [False]}, "echo_swapcase"),
     ],
 )
 async def test_fault_endpoint_rejects_bad_bodies_naming_the_field(
@@ -795,6 +835,85 @@ async def test_fault_endpoint_rejects_bad_bodies_naming_the_field(
     response = await client.post("/_sim/faults", json=body)
     assert response.status == 400
     assert field in (await response.json())["error"]
+
+
+async def test_echo_fault_puts_the_received_team_key_in_the_body(client: Client) -> None:
+    await client.post("/_sim/faults", json={"echo_key": "percent_all", "echo_in": "body"})
+    response = await client.get("/api/v1/tags", headers=TEAM_H)
+    text = await response.text()
+    assert response.status == 200
+    assert TEAM not in text
+    assert f"X-API-Key: {TEAM}" in urllib.parse.unquote(text)
+    assert '"answer":{"data": []}' in text  # the real answer follows the echo
+
+
+async def test_echo_fault_uses_the_agency_key_on_agency_routes(client: Client) -> None:
+    await client.post("/_sim/faults", json={"echo_key": "hex", "echo_in": "header"})
+    body = {"firstName": "J", "lastName": "D", "teamName": "T", "email": "j@example.com"}
+    response = await client.post("/api/v1/agency/subteams", json=body, headers=AGENCY_H)
+    assert response.status == 201
+    assert binascii.unhexlify(response.headers["X-Debug-Echo"]) == AGENCY.encode()
+    assert (await response.json())["data"]["teamName"] == "T"
+
+
+async def test_echo_fault_echoes_even_a_refused_key_but_nothing_without_one(
+    client: Client,
+) -> None:
+    await client.post("/_sim/faults", json={"echo_key": "upper", "echo_in": "header"})
+    refused = await client.get("/api/v1/tags", headers={"X-API-Key": "wrong"})
+    assert (refused.status, refused.headers["X-Debug-Echo"]) == (401, "WRONG")
+    keyless = await client.get("/api/v1/tags")
+    assert keyless.status == 401
+    assert "X-Debug-Echo" not in keyless.headers
+
+
+async def test_echo_fault_location_and_split_headers(client: Client) -> None:
+    await client.post("/_sim/faults", json={"echo_key": "verbatim", "echo_in": "location"})
+    moved = await client.get("/api/v1/tags", headers=TEAM_H, allow_redirects=False)
+    assert moved.status == 302
+    assert moved.headers["Location"].endswith(f"/api/v1/contacts?api_key={TEAM}")
+    assert moved.headers["Location"].startswith("http://")
+    assert moved.headers["Content-Location"] == f"/api/v1/contacts?api_key={TEAM}"
+    await client.post("/_sim/faults", json={"echo_key": "verbatim", "echo_in": "split_headers"})
+    split = await client.get("/api/v1/tags", headers=TEAM_H)
+    halves = split.headers["X-Debug-A"], split.headers["X-Debug-B"]
+    assert all(halves) and "".join(halves) == TEAM
+
+
+@pytest.mark.parametrize(("place", "wbits"), [("gzip", 31), ("deflate", 15), ("gzip_stream", 31)])
+async def test_echo_fault_compresses_the_body_with_the_coding_it_names(
+    start_sim: StartSim, place: str, wbits: int
+) -> None:
+    sim, client = await start_sim(client_kwargs={"auto_decompress": False})
+    # gzip on top is ignored: the echo's answer has its coding already.
+    sim.set_faults(Faults(echo_key="verbatim", echo_in=place, gzip=True))
+    response = await client.get("/api/v1/tags", headers=TEAM_H)
+    raw = await response.read()
+    assert response.headers["Content-Encoding"] == place.removesuffix("_stream")
+    plain = zlib.decompress(raw, wbits)
+    assert f"X-API-Key: {TEAM}".encode() in plain
+    if place == "gzip_stream":  # kilobytes of filler come before the key
+        assert plain.index(TEAM.encode()) > 8000
+        assert response.headers["Transfer-Encoding"] == "chunked"
+
+
+async def test_echo_fault_chunked_sends_one_byte_per_chunk(start_sim: StartSim) -> None:
+    sim, client = await start_sim()
+    sim.set_faults(Faults(echo_key="json_u", echo_in="chunked"))
+    response = await client.get("/api/v1/tags", headers=TEAM_H)
+    assert response.headers["Transfer-Encoding"] == "chunked"
+    pieces = [data async for data, _ in response.content.iter_chunks() if data]
+    assert {len(piece) for piece in pieces} == {1}  # iter_chunks keeps each chunk's bounds
+    body = json.loads(b"".join(pieces))
+    assert body["debug"] == f"request carried X-API-Key: {TEAM}"  # json_u read back
+
+
+async def test_echo_fault_with_gzip_gzips_a_body_echo(start_sim: StartSim) -> None:
+    sim, client = await start_sim(client_kwargs={"auto_decompress": False})
+    sim.set_faults(Faults(echo_key="verbatim", gzip=True))
+    response = await client.get("/api/v1/tags", headers=TEAM_H)
+    assert response.headers["Content-Encoding"] == "gzip"
+    assert TEAM.encode() in gzip.decompress(await response.read())
 
 
 # --- request log ------------------------------------------------------------------------------
