@@ -16,9 +16,10 @@ from dataclasses import dataclass
 import aiohttp
 from aiohttp import web
 from aiohttp.streams import StreamReader
-from multidict import CIMultiDict
+from multidict import CIMultiDict, MultiMapping
 
 from proxy.admission import AdmitRequest, Grant, Held, Refusal
+from proxy.client_address import Address, client_address
 from proxy.config import AGENCY_KEY_NAME, Credential
 from proxy.errors import json_body, json_error, json_response
 from proxy.keywatch import Inflated, Unreadable, coding_of, decoded, masked, readable_codings
@@ -95,6 +96,7 @@ _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"
 _REFLECTING = frozenset({"TRACE", "TRACK"})
 _ALLOW = ", ".join(sorted(_METHODS))
 
+_THROTTLED = "Too many failed authentications"
 _AUTH_MESSAGES = {
     AuthFailure.MALFORMED: "Invalid API key",
     AuthFailure.UNKNOWN: "Invalid API key",
@@ -227,19 +229,26 @@ class _Waiting:
 def lobby_decider(rt: Runtime) -> Decide:
     """The lobby's question for ``rt``: would this head's request wait for budget? If so
     it is queued now (``Admitter.hold``). Only what ``_handle`` would admit and queue: a
-    valid token, a route it may take, no expectation but 100-continue, no body over the
-    limit, no chunked body, not draining. A token this process has not verified lately
-    is checked first (one check per token however many connections present it), and the
-    lobby asks again with its result."""
+    valid token from a client the auth throttle does not refuse (checked before any
+    lookup, as ``_handle`` does; a failure is charged by the handler, which decides every
+    request the lobby leaves to it again), a route it may take, no expectation but
+    100-continue, no body over the limit, no chunked body, not draining. A token this
+    process has not verified lately is checked first (one check per token however many
+    connections present it), and the lobby asks again with its result."""
     checks: dict[str, asyncio.Future[AuthResult]] = {}
 
-    def check(raw: str) -> asyncio.Future[AuthResult] | None:
+    def check(raw: str, head: Head) -> asyncio.Future[AuthResult] | None:
         future = checks.get(raw)
         if future is None:
             if len(checks) >= _LOBBY_CHECKS:
                 return None  # a flood of tokens: checked by their handlers
+            # The lookup holds a place in the client's bucket until it ends. If the bucket
+            # fills before the handler decides again, the handler refuses the request and
+            # this lookup goes uncharged: the one lookup the throttle lets slip.
+            lookup = rt.auth_throttle.looking_up(_client(rt, head.peer, head.fields))
             future = checks[raw] = asyncio.ensure_future(rt.auth.authenticate(raw))
             future.add_done_callback(functools.partial(_checked, checks, raw))
+            future.add_done_callback(lookup.end)
         return future
 
     def decide(head: Head, known: object) -> _Waiting | asyncio.Future[AuthResult] | None:
@@ -253,11 +262,11 @@ def lobby_decider(rt: Runtime) -> Decide:
         ):
             return None
         raw = _presented_token(fields, head.target)
-        if not raw:
-            return None
+        if not raw or _throttled(rt, head.peer, fields) is not None:
+            return None  # the handler refuses it, after the same check
         auth = known if isinstance(known, AuthResult) else rt.auth.recall(raw)
         if auth is None:
-            return check(raw)
+            return check(raw, head)
         token = auth.record
         if token is None:
             return None
@@ -357,25 +366,10 @@ async def _handle(
             417, "Only Expect: 100-continue is supported", reason="bad_expect", headers=headers
         )
     ex.awaits_continue = expects and request.body_exists
-    try:
-        result = await rt.auth.authenticate(_presented_token(request.headers, request.raw_path))
-    except Exception as exc:  # the token store cannot answer
-        ex.refusal = "state_unavailable"
-        # Neither the token nor its key is known yet: both labels are "-".
-        rt.metrics.refused(ANONYMOUS, ANONYMOUS, "state_unavailable")
-        log.warning("token store failed", extra={"fields": {"error": type(exc).__name__}})
-        return json_error(
-            503,
-            "The gateway's token store is unavailable",
-            reason="state_unavailable",
-            headers={**headers, "Retry-After": "1"},
-        )
-    if result.record is None:
-        failure = result.failure or AuthFailure.MISSING
-        rt.metrics.child(rt.metrics.auth_failures, failure.value).inc()
-        ex.refusal = f"auth_{failure.value}"
-        return _auth_error(request, failure, headers)
-    token = ex.token = result.record
+    authenticated = await _authenticate(request, rt, ex, headers)
+    if isinstance(authenticated, web.Response):
+        return authenticated
+    token = ex.token = authenticated
     try:
         match = rt.routes.match(request.method, request.raw_path.partition("?")[0])
     except PathError as exc:
@@ -419,6 +413,64 @@ async def _handle(
         else:
             admitted.unsent()
         raise
+
+
+def _client(rt: Runtime, peer: str | None, fields: MultiMapping[str]) -> Address | None:
+    """The request's client (proxy/client_address.py): ``peer``, or whom a trusted proxy
+    names in X-Forwarded-For."""
+    return client_address(peer, fields.getall("X-Forwarded-For", ()), rt.trusted_proxies)
+
+
+def _throttled(rt: Runtime, peer: str | None, fields: MultiMapping[str]) -> int | None:
+    """The auth throttle's verdict on a request from ``peer`` with header ``fields``: the
+    seconds to tell it to wait (Retry-After) when its client is refused, else None. The
+    one check both the lobby and the handler make before any token lookup; no work but a
+    clock read while no client has failed lately."""
+    throttle = rt.auth_throttle
+    if throttle.idle:
+        return None
+    return throttle.retry_after(_client(rt, peer, fields))
+
+
+async def _authenticate(
+    request: web.Request, rt: Runtime, ex: Exchange, headers: dict[str, str]
+) -> TokenRecord | web.Response:
+    """The caller's token, or the answer refusing it: 429 ``auth_throttled`` (with no
+    lookup) while its client is throttled, 503 when the token store cannot answer, 401
+    (the failure charged to the client) for a missing or bad token. A token verified
+    lately costs no lookup; one that needs it holds a place in the client's bucket while
+    it is looked up."""
+    fields = request.headers
+    retry = _throttled(rt, request.remote, fields)
+    if retry is not None:
+        ex.refusal = "auth_throttled"
+        rt.metrics.refused(ANONYMOUS, ANONYMOUS, "auth_throttled")
+        body = _refusal_body(_THROTTLED, "auth_throttled", retry)
+        return json_response(429, body, {**headers, "Retry-After": str(retry)})
+    raw = _presented_token(fields, request.raw_path)
+    result = rt.auth.recall(raw) if raw else None
+    if result is None:
+        try:
+            with rt.auth_throttle.looking_up(_client(rt, request.remote, fields)):
+                result = await rt.auth.authenticate(raw)
+        except Exception as exc:  # the token store cannot answer
+            ex.refusal = "state_unavailable"
+            # Neither the token nor its key is known yet: both labels are "-".
+            rt.metrics.refused(ANONYMOUS, ANONYMOUS, "state_unavailable")
+            log.warning("token store failed", extra={"fields": {"error": type(exc).__name__}})
+            return json_error(
+                503,
+                "The gateway's token store is unavailable",
+                reason="state_unavailable",
+                headers={**headers, "Retry-After": "1"},
+            )
+    if result.record is None:
+        failure = result.failure or AuthFailure.MISSING
+        await rt.auth_throttle.failed(_client(rt, request.remote, fields))
+        rt.metrics.child(rt.metrics.auth_failures, failure.value).inc()
+        ex.refusal = f"auth_{failure.value}"
+        return _auth_error(request, failure, headers)
+    return result.record
 
 
 def _auth_error(
