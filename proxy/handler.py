@@ -167,19 +167,6 @@ class CappedBody:
             yield chunk
 
 
-def _request_id(request: web.Request, rt: Runtime) -> str:
-    given = request.headers.get("X-Request-ID")
-    if (
-        given is not None
-        and 0 < len(given) <= 128
-        and given.isascii()
-        and given.isprintable()
-        and " " not in given
-    ):
-        return given
-    return rt.request_ids.new()
-
-
 def _presented_token(headers: Mapping[str, str], raw_path: str) -> str | None:
     auth = headers.get("Authorization")
     if auth is not None:
@@ -301,7 +288,10 @@ async def handle(request: web.Request) -> web.StreamResponse:
     """Every proxied request enters here."""
     rt = request.app[RUNTIME]
     waiting = take_waiting(request)
-    ex = Exchange(_request_id(request, rt), waiting.arrived if waiting else time.perf_counter())
+    ex = Exchange(
+        rt.request_ids.take(request.headers.get("X-Request-ID")),
+        waiting.arrived if waiting else time.perf_counter(),
+    )
     if waiting is not None:
         ex.then = on_its_way(request)
     rt.metrics.in_flight_now += 1

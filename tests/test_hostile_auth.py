@@ -1,6 +1,7 @@
 """Hostile callers against the real gateway and the real simulator (issue 16): guessing
 tokens is throttled per client before any token lookup (on the lobby's path and the
-handler's alike, behind a trusted proxy by X-Forwarded-For).
+handler's alike, behind a trusted proxy by X-Forwarded-For), and a caller's X-Request-ID
+is kept only when plain.
 
 Token lookups are counted by a real MemoryTokenStore subclass that the runtime opens in
 place of the memory store; nothing of the gateway is mocked.
@@ -312,3 +313,35 @@ async def test_the_handler_throttles_on_a_kept_connection(
         writer.write(request_bytes(token))
         assert_throttled(*await read_answer(reader), 1200)
     assert len(store.looked_up) == looked_up  # neither was looked up
+
+
+# --- a caller's X-Request-ID ----------------------------------------------------------------
+
+
+async def test_an_unsafe_request_id_never_reaches_the_access_log_nor_echowin(
+    make_gateway: MakeGateway, sim: SimHandle, connections: list[asyncio.StreamWriter]
+) -> None:
+    gw = await make_gateway()
+    lines = access_log(gw)
+    token = await gw.token("contacts:read")
+    unsafe = [b"x" * 129, b"binary\x80\xff\xfe", b'quote"and space', b"caf\xc3\xa9"]
+    reader, writer = await connect(gw, connections)
+    made = []
+    for given in unsafe:
+        writer.write(request_bytes(token).replace(b"Host: x", b"Host: x\r\nX-Request-ID: " + given))
+        status, fields, _ = await read_answer(reader)
+        assert status == 200
+        ours = fields["x-request-id"]
+        assert len(ours) == 32 and ours.encode() != given
+        assert sim.sim.log[-1].headers["X-Request-ID"] == ours  # what echowin was sent
+        made.append(ours)
+    # A plain one is kept, as before.
+    writer.write(request_bytes(token, "X-Request-ID: svc:job-7.retry_2\r\n"))
+    status, fields, _ = await read_answer(reader)
+    assert fields["x-request-id"] == "svc:job-7.retry_2"
+    logged = lines()
+    assert [line["request_id"] for line in logged] == [*made, "svc:job-7.retry_2"]
+    text = json.dumps(logged)
+    for given in unsafe:
+        assert given.decode("latin-1") not in text
+    assert "x" * 129 not in "".join(str(r.headers) for r in sim.sim.log)
