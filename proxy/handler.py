@@ -25,8 +25,10 @@ from proxy.errors import json_body, json_error, json_response
 from proxy.keywatch import Inflated, Unreadable, coding_of, decoded, masked, readable_codings
 from proxy.lobby import Decide, Head, on_its_way, take_waiting
 from proxy.metrics import ANONYMOUS
+from proxy.ratelimit_headers import parse_upstream_quota
 from proxy.routes import PathError, RouteMatch, scope_allows
 from proxy.runtime import RUNTIME, Runtime
+from proxy.scheduler import freeze_until
 from proxy.tokens import AuthFailure, AuthResult, TokenRecord
 from proxy.upstream import (
     HOP_BY_HOP,
@@ -97,6 +99,7 @@ _REFLECTING = frozenset({"TRACE", "TRACK"})
 _ALLOW = ", ".join(sorted(_METHODS))
 
 _THROTTLED = "Too many failed authentications"
+_UPSTREAM_429 = "echowin refused the request: rate limit exceeded"
 _AUTH_MESSAGES = {
     AuthFailure.MALFORMED: "Invalid API key",
     AuthFailure.UNKNOWN: "Invalid API key",
@@ -610,6 +613,8 @@ async def _forward(
         ex.upstream_seconds = time.perf_counter() - sent_at
         ex.upstream_status = upstream.status
         grant.sent(upstream.status, upstream.headers)
+        if upstream.status == 429:  # the credential is frozen now (see Grant.sent)
+            return _upstream_429(ex, upstream, rt.admitter.caller_headers(admit))
         extra = dict(rt.admitter.caller_headers(admit))
         extra["Server-Timing"] = (
             f"queue;dur={ex.queue_seconds * 1000:.3f}, "
@@ -623,6 +628,18 @@ async def _forward(
         metrics = rt.metrics
         metrics.upstream_duration.observe(ex.upstream_seconds, credential.name, ex.route)
         metrics.upstream_responses.inc(credential.name, str(upstream.status))
+
+
+def _upstream_429(
+    ex: Exchange, upstream: UpstreamResponse, limits: Mapping[str, str]
+) -> web.Response:
+    """echowin's own 429 as the gateway's: its body is not relayed, and Retry-After says
+    how long the freeze it caused lasts (read from echowin's answer by the same rule)."""
+    now = time.time()
+    wait = freeze_until(now, parse_upstream_quota(upstream.headers, now)) - now
+    # Rounded: "Retry-After: 7" read at now, less now, may come out 7.0000002 (floats).
+    refusal = Refusal("upstream_429", round(wait, 3), _UPSTREAM_429)
+    return _refuse(ex, refusal, limits)
 
 
 def _upstream_failed(

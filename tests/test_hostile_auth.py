@@ -1,7 +1,7 @@
 """Hostile callers against the real gateway and the real simulator (issue 16): guessing
 tokens is throttled per client before any token lookup (on the lobby's path and the
-handler's alike, behind a trusted proxy by X-Forwarded-For), and a caller's X-Request-ID
-is kept only when plain.
+handler's alike, behind a trusted proxy by X-Forwarded-For), a caller's X-Request-ID is
+kept only when plain, and echowin's own 429 comes back as the gateway's JSON.
 
 Token lookups are counted by a real MemoryTokenStore subclass that the runtime opens in
 place of the memory store; nothing of the gateway is mocked.
@@ -23,6 +23,7 @@ import pytest
 
 import proxy.runtime
 from proxy.config import parse_config
+from proxy.sim import Faults
 from proxy.state.memory import MemoryTokenStore
 from proxy.tokens import TokenRecord
 from tests.conftest import GatewayHandle, SimHandle, gateway_config
@@ -345,3 +346,40 @@ async def test_an_unsafe_request_id_never_reaches_the_access_log_nor_echowin(
     for given in unsafe:
         assert given.decode("latin-1") not in text
     assert "x" * 129 not in "".join(str(r.headers) for r in sim.sim.log)
+
+
+# --- echowin's own 429 -------------------------------------------------------------------------
+
+
+async def test_echowins_own_429_is_the_gateways_json_and_freezes_the_key(
+    make_gateway: MakeGateway, sim: SimHandle
+) -> None:
+    gw = await make_gateway(queue={"max_wait_seconds": 1})
+    lines = access_log(gw)
+    token = await gw.token("contacts:read")
+    sim.sim.set_faults(Faults(force_429=True, retry_after=7, count=1))
+    async with session_from() as session:
+        status, headers, body = await get(session, gw, token)
+        assert status == 429
+        assert body == {
+            "error": "echowin refused the request: rate limit exceeded",
+            "reason": "upstream_429",
+            "retryAfter": 7,
+        }
+        assert headers["Retry-After"] == "7"
+        assert headers["X-Request-ID"]
+        seen = len(sim.sim.log)
+        assert seen == 1
+        # The key is frozen: the next request is refused without reaching echowin.
+        status, headers, body = await get(session, gw, token)
+        assert status == 429
+        assert body["reason"] == "upstream_frozen"
+        assert int(headers["Retry-After"]) >= 6
+    assert len(sim.sim.log) == seen
+    first, second = lines()
+    assert (first["status"], first["upstream_status"], first["refusal"]) == (
+        429,
+        429,
+        "upstream_429",
+    )
+    assert (second["upstream_status"], second["refusal"]) == (None, "upstream_frozen")
