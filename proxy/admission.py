@@ -27,7 +27,7 @@ class AdmitRequest:
 @dataclass(frozen=True, slots=True)
 class Refusal:
     # upstream_budget | token_quota | queue_full | upstream_frozen | state_unavailable |
-    # shutting_down
+    # shutting_down; upstream_429 (echowin's own, answered by the handler)
     reason: str
     retry_after: float  # seconds
     message: str

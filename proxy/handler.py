@@ -16,9 +16,10 @@ from dataclasses import dataclass
 import aiohttp
 from aiohttp import web
 from aiohttp.streams import StreamReader
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy, MultiMapping
 
 from proxy.admission import AdmitRequest, Grant, Held, Refusal
+from proxy.client_address import Address, client_address
 from proxy.config import AGENCY_KEY_NAME, Credential
 from proxy.errors import json_body, json_error, json_response
 from proxy.keywatch import (
@@ -32,8 +33,10 @@ from proxy.keywatch import (
 )
 from proxy.lobby import Decide, Head, on_its_way, take_waiting
 from proxy.metrics import ANONYMOUS
+from proxy.ratelimit_headers import parse_upstream_quota
 from proxy.routes import PathError, RouteMatch, scope_allows
 from proxy.runtime import RUNTIME, Runtime
+from proxy.scheduler import freeze_until
 from proxy.tokens import AuthFailure, AuthResult, TokenRecord
 from proxy.upstream import (
     HOP_BY_HOP,
@@ -103,6 +106,8 @@ _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"
 _REFLECTING = frozenset({"TRACE", "TRACK"})
 _ALLOW = ", ".join(sorted(_METHODS))
 
+_THROTTLED = "Too many failed authentications"
+_UPSTREAM_429 = "echowin refused the request: rate limit exceeded"
 _AUTH_MESSAGES = {
     AuthFailure.MALFORMED: "Invalid API key",
     AuthFailure.UNKNOWN: "Invalid API key",
@@ -173,19 +178,6 @@ class CappedBody:
             yield chunk
 
 
-def _request_id(request: web.Request, rt: Runtime) -> str:
-    given = request.headers.get("X-Request-ID")
-    if (
-        given is not None
-        and 0 < len(given) <= 128
-        and given.isascii()
-        and given.isprintable()
-        and " " not in given
-    ):
-        return given
-    return rt.request_ids.new()
-
-
 def _presented_token(headers: Mapping[str, str], raw_path: str) -> str | None:
     auth = headers.get("Authorization")
     if auth is not None:
@@ -235,19 +227,26 @@ class _Waiting:
 def lobby_decider(rt: Runtime) -> Decide:
     """The lobby's question for ``rt``: would this head's request wait for budget? If so
     it is queued now (``Admitter.hold``). Only what ``_handle`` would admit and queue: a
-    valid token, a route it may take, no expectation but 100-continue, no body over the
-    limit, no chunked body, not draining. A token this process has not verified lately
-    is checked first (one check per token however many connections present it), and the
-    lobby asks again with its result."""
+    valid token from a client the auth throttle does not refuse (checked before any
+    lookup, as ``_handle`` does; a failure is charged by the handler, which decides every
+    request the lobby leaves to it again), a route it may take, no expectation but
+    100-continue, no body over the limit, no chunked body, not draining. A token this
+    process has not verified lately is checked first (one check per token however many
+    connections present it), and the lobby asks again with its result."""
     checks: dict[str, asyncio.Future[AuthResult]] = {}
 
-    def check(raw: str) -> asyncio.Future[AuthResult] | None:
+    def check(raw: str, head: Head) -> asyncio.Future[AuthResult] | None:
         future = checks.get(raw)
         if future is None:
             if len(checks) >= _LOBBY_CHECKS:
                 return None  # a flood of tokens: checked by their handlers
+            # The lookup holds a place in the client's bucket until it ends. If the bucket
+            # fills before the handler decides again, the handler refuses the request and
+            # this lookup goes uncharged: the one lookup the throttle lets slip.
+            lookup = rt.auth_throttle.looking_up(_client(rt, head.peer, head.fields))
             future = checks[raw] = asyncio.ensure_future(rt.auth.authenticate(raw))
             future.add_done_callback(functools.partial(_checked, checks, raw))
+            future.add_done_callback(lookup.end)
         return future
 
     def decide(head: Head, known: object) -> _Waiting | asyncio.Future[AuthResult] | None:
@@ -261,11 +260,11 @@ def lobby_decider(rt: Runtime) -> Decide:
         ):
             return None
         raw = _presented_token(fields, head.target)
-        if not raw:
-            return None
+        if not raw or _throttled(rt, head.peer, fields) is not None:
+            return None  # the handler refuses it, after the same check
         auth = known if isinstance(known, AuthResult) else rt.auth.recall(raw)
         if auth is None:
-            return check(raw)
+            return check(raw, head)
         token = auth.record
         if token is None:
             return None
@@ -300,7 +299,10 @@ async def handle(request: web.Request) -> web.StreamResponse:
     """Every proxied request enters here."""
     rt = request.app[RUNTIME]
     waiting = take_waiting(request)
-    ex = Exchange(_request_id(request, rt), waiting.arrived if waiting else time.perf_counter())
+    ex = Exchange(
+        rt.request_ids.take(request.headers.get("X-Request-ID")),
+        waiting.arrived if waiting else time.perf_counter(),
+    )
     if waiting is not None:
         ex.then = on_its_way(request)
     rt.metrics.in_flight_now += 1
@@ -365,25 +367,10 @@ async def _handle(
             417, "Only Expect: 100-continue is supported", reason="bad_expect", headers=headers
         )
     ex.awaits_continue = expects and request.body_exists
-    try:
-        result = await rt.auth.authenticate(_presented_token(request.headers, request.raw_path))
-    except Exception as exc:  # the token store cannot answer
-        ex.refusal = "state_unavailable"
-        # Neither the token nor its key is known yet: both labels are "-".
-        rt.metrics.refused(ANONYMOUS, ANONYMOUS, "state_unavailable")
-        log.warning("token store failed", extra={"fields": {"error": type(exc).__name__}})
-        return json_error(
-            503,
-            "The gateway's token store is unavailable",
-            reason="state_unavailable",
-            headers={**headers, "Retry-After": "1"},
-        )
-    if result.record is None:
-        failure = result.failure or AuthFailure.MISSING
-        rt.metrics.child(rt.metrics.auth_failures, failure.value).inc()
-        ex.refusal = f"auth_{failure.value}"
-        return _auth_error(request, failure, headers)
-    token = ex.token = result.record
+    authenticated = await _authenticate(request, rt, ex, headers)
+    if isinstance(authenticated, web.Response):
+        return authenticated
+    token = ex.token = authenticated
     try:
         match = rt.routes.match(request.method, request.raw_path.partition("?")[0])
     except PathError as exc:
@@ -427,6 +414,64 @@ async def _handle(
         else:
             admitted.unsent()
         raise
+
+
+def _client(rt: Runtime, peer: str | None, fields: MultiMapping[str]) -> Address | None:
+    """The request's client (proxy/client_address.py): ``peer``, or whom a trusted proxy
+    names in X-Forwarded-For."""
+    return client_address(peer, fields.getall("X-Forwarded-For", ()), rt.trusted_proxies)
+
+
+def _throttled(rt: Runtime, peer: str | None, fields: MultiMapping[str]) -> int | None:
+    """The auth throttle's verdict on a request from ``peer`` with header ``fields``: the
+    seconds to tell it to wait (Retry-After) when its client is refused, else None. The
+    one check both the lobby and the handler make before any token lookup; no work but a
+    clock read while no client has failed lately."""
+    throttle = rt.auth_throttle
+    if throttle.idle:
+        return None
+    return throttle.retry_after(_client(rt, peer, fields))
+
+
+async def _authenticate(
+    request: web.Request, rt: Runtime, ex: Exchange, headers: dict[str, str]
+) -> TokenRecord | web.Response:
+    """The caller's token, or the answer refusing it: 429 ``auth_throttled`` (with no
+    lookup) while its client is throttled, 503 when the token store cannot answer, 401
+    (the failure charged to the client) for a missing or bad token. A token verified
+    lately costs no lookup; one that needs it holds a place in the client's bucket while
+    it is looked up."""
+    fields = request.headers
+    retry = _throttled(rt, request.remote, fields)
+    if retry is not None:
+        ex.refusal = "auth_throttled"
+        rt.metrics.refused(ANONYMOUS, ANONYMOUS, "auth_throttled")
+        body = _refusal_body(_THROTTLED, "auth_throttled", retry)
+        return json_response(429, body, {**headers, "Retry-After": str(retry)})
+    raw = _presented_token(fields, request.raw_path)
+    result = rt.auth.recall(raw) if raw else None
+    if result is None:
+        try:
+            with rt.auth_throttle.looking_up(_client(rt, request.remote, fields)):
+                result = await rt.auth.authenticate(raw)
+        except Exception as exc:  # the token store cannot answer
+            ex.refusal = "state_unavailable"
+            # Neither the token nor its key is known yet: both labels are "-".
+            rt.metrics.refused(ANONYMOUS, ANONYMOUS, "state_unavailable")
+            log.warning("token store failed", extra={"fields": {"error": type(exc).__name__}})
+            return json_error(
+                503,
+                "The gateway's token store is unavailable",
+                reason="state_unavailable",
+                headers={**headers, "Retry-After": "1"},
+            )
+    if result.record is None:
+        failure = result.failure or AuthFailure.MISSING
+        await rt.auth_throttle.failed(_client(rt, request.remote, fields))
+        rt.metrics.child(rt.metrics.auth_failures, failure.value).inc()
+        ex.refusal = f"auth_{failure.value}"
+        return _auth_error(request, failure, headers)
+    return result.record
 
 
 def _auth_error(
@@ -576,6 +621,8 @@ async def _forward(
         ex.upstream_seconds = time.perf_counter() - sent_at
         ex.upstream_status = upstream.status
         grant.sent(upstream.status, upstream.headers)
+        if upstream.status == 429:  # the credential is frozen now (see Grant.sent)
+            return _upstream_429(ex, upstream, rt.admitter.caller_headers(admit))
         extra = dict(rt.admitter.caller_headers(admit))
         extra["Server-Timing"] = (
             f"queue;dur={ex.queue_seconds * 1000:.3f}, "
@@ -589,6 +636,18 @@ async def _forward(
         metrics = rt.metrics
         metrics.upstream_duration.observe(ex.upstream_seconds, credential.name, ex.route)
         metrics.upstream_responses.inc(credential.name, str(upstream.status))
+
+
+def _upstream_429(
+    ex: Exchange, upstream: UpstreamResponse, limits: Mapping[str, str]
+) -> web.Response:
+    """echowin's own 429 as the gateway's: its body is not relayed, and Retry-After says
+    how long the freeze it caused lasts (read from echowin's answer by the same rule)."""
+    now = time.time()
+    wait = freeze_until(now, parse_upstream_quota(upstream.headers, now)) - now
+    # Rounded: "Retry-After: 7" read at now, less now, may come out 7.0000002 (floats).
+    refusal = Refusal("upstream_429", round(wait, 3), _UPSTREAM_429)
+    return _refuse(ex, refusal, limits)
 
 
 def _upstream_failed(

@@ -60,6 +60,7 @@ _READ = frozenset(
         b"expect",
         b"content-length",
         b"transfer-encoding",
+        b"x-forwarded-for",  # the client behind a trusted proxy (the auth throttle)
     }
 )
 _REQUEST_LINE = re.compile(rb"([A-Z]{1,16}) (/[\x21-\x7e]*) HTTP/1\.[01]")
@@ -71,9 +72,11 @@ _CONTROL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\r(?!\n)|(?<!\r)\n")
 class Head:
     """A request head as the lobby reads it: method, target, the fields it decides on, and
     its body's length and the request's size on the wire (head and body), when the length
-    is known (a Content-Length of at most 18 digits, or none, and no Transfer-Encoding)."""
+    is known (a Content-Length of at most 18 digits, or none, and no Transfer-Encoding).
+    ``peer``: the connection's peer address as aiohttp's ``request.remote`` reads it, set
+    by the lobby that read the head."""
 
-    __slots__ = ("fields", "length", "method", "size", "target")
+    __slots__ = ("fields", "length", "method", "peer", "size", "target")
 
     def __init__(self, method: str, target: str, fields: CIMultiDict[str], head_size: int) -> None:
         self.method = method
@@ -83,6 +86,7 @@ class Head:
         known = length.isdigit() and len(length) <= 18 and "Transfer-Encoding" not in fields
         self.length = int(length) if known else None
         self.size = None if self.length is None else head_size + self.length
+        self.peer: str | None = None
 
 
 def parse_head(data: bytes) -> Head | None:
@@ -409,6 +413,7 @@ class Lobby(asyncio.Protocol):
             return
         self._data = data
         self._size = head.size
+        head.peer = _peer_of(self._transport)
         self._decide(head, None)
 
     def _decide(self, head: Head, known: object) -> None:
@@ -512,6 +517,14 @@ class Lobby(asyncio.Protocol):
         if data:
             handler.data_received(data)
         return handler
+
+
+def _peer_of(transport: asyncio.BaseTransport | None) -> str | None:
+    """The peer's address as aiohttp's ``BaseRequest.remote`` gives it."""
+    peer = None if transport is None else transport.get_extra_info("peername")
+    if isinstance(peer, list | tuple):
+        return str(peer[0])
+    return None if peer is None else str(peer)
 
 
 class ProxyRunner(JsonErrorRunner):

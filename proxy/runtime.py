@@ -19,7 +19,9 @@ from typing import Any
 from aiohttp import web
 
 from proxy.admission import Admitter, OpenAdmitter
+from proxy.auth_throttle import AuthThrottle
 from proxy.budget import Limit
+from proxy.client_address import TrustedProxies
 from proxy.config import GatewayConfig, Secrets
 from proxy.logs import AccessLog, setup_logging
 from proxy.metrics import Metrics
@@ -50,12 +52,20 @@ class Runtime:
     workers: int = 1
     # Set when SIGTERM's drain starts: the proxy accepts no more, so /readyz says not ready.
     draining: bool = False
+    # server.trusted_proxies, parsed once (and again on reload).
+    trusted_proxies: TrustedProxies = field(init=False)
+    # Failed authentications per client (auth.failures_per_client): proxy/auth_throttle.py.
+    auth_throttle: AuthThrottle = field(init=False)
     _store: TokenStore | None = None
     _auth: TokenAuthenticator | None = None
     _upstream: Upstream | None = None
     _send_log: SendLog | None = None
     _pruner: asyncio.Task[None] | None = None
     _redis: Any = None  # redis.asyncio.Redis when state is redis://
+
+    def __post_init__(self) -> None:
+        self.trusted_proxies = TrustedProxies.parse(self.config.server.trusted_proxies)
+        self.auth_throttle = _auth_throttle(self.config)
 
     @classmethod
     def from_config(cls, config: GatewayConfig, secrets: Secrets) -> Runtime:
@@ -65,6 +75,9 @@ class Runtime:
         """Take a reloaded config: secrets, routes, queue bounds, body cap, logging. The
         caller has checked that nothing only a restart can change has changed."""
         self.routes = config.route_table()
+        if config.auth != self.config.auth:  # a new rate: the old buckets do not fit it
+            self.auth_throttle = _auth_throttle(config)
+        self.trusted_proxies = TrustedProxies.parse(config.server.trusted_proxies)
         self.config = config
         self.secrets = secrets
         if isinstance(self.admitter, Scheduler):
@@ -220,6 +233,12 @@ class Runtime:
             await self._store.close()
         if self._redis is not None:
             await self._redis.aclose()
+
+
+def _auth_throttle(config: GatewayConfig) -> AuthThrottle:
+    auth = config.auth
+    rate = auth.failures_per_client
+    return AuthThrottle(rate.requests, rate.per_seconds, auth.max_clients_tracked)
 
 
 RUNTIME = web.AppKey("runtime", Runtime)

@@ -47,6 +47,17 @@ DEFAULT_FREEZE_SECONDS = 60.0
 MAX_FREEZE_SECONDS = 3600.0
 
 
+def freeze_until(now: float, quota: UpstreamQuota | None) -> float:
+    """When a credential frozen at ``now`` by an unexpected upstream 429 may send again
+    (Unix seconds), from what that 429 said (``quota``): its Retry-After, else its
+    X-RateLimit-Reset, else ``DEFAULT_FREEZE_SECONDS``; never past
+    ``MAX_FREEZE_SECONDS``. The caller's own Retry-After for that 429 says the same."""
+    until = quota.resume_at(now) if quota is not None else None
+    if until is None:
+        until = now + DEFAULT_FREEZE_SECONDS
+    return min(until, now + MAX_FREEZE_SECONDS)
+
+
 class Observer(Protocol):
     """What the scheduler reports to metrics; implemented in proxy/metrics.py."""
 
@@ -725,10 +736,7 @@ class Lane:
         self.source.observe(now, quota.limit, quota.remaining)
 
     def _freeze(self, now: float, quota: UpstreamQuota | None) -> None:
-        until = quota.resume_at(now) if quota is not None else None
-        if until is None:
-            until = now + DEFAULT_FREEZE_SECONDS
-        until = min(until, now + MAX_FREEZE_SECONDS)
+        until = freeze_until(now, quota)
         self.source.freeze(until)
         self.observer.upstream_429(self.name)
         self.observer.frozen(self.name)
@@ -1125,5 +1133,6 @@ __all__ = [
     "Scheduler",
     "SendLog",
     "SlotGrant",
+    "freeze_until",
     "local_quota_source",
 ]

@@ -395,7 +395,8 @@ async def test_unexpected_upstream_429_freezes_the_credential(
     async with aiohttp.ClientSession() as session:
         headers = {"Authorization": f"Bearer {token}"}
         async with session.get(gw.url("/api/v1/contacts"), headers=headers) as resp:
-            assert resp.status == 429  # echowin's own 429, passed through once
+            assert resp.status == 429  # echowin's own 429, told as the gateway's
+            assert (await resp.json())["reason"] == "upstream_429"
         seen = len(sim.log)
         async with session.get(gw.url("/api/v1/contacts"), headers=headers) as resp:
             body = await resp.json()

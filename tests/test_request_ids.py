@@ -43,3 +43,24 @@ def test_other_processes_make_other_ids() -> None:
 
 def test_repr_shows_nothing() -> None:
     assert repr(RequestIds()) == "RequestIds()"
+
+
+def test_a_callers_id_is_kept_only_when_plain_and_short() -> None:
+    ids = RequestIds()
+    for given in ("req-123", "a", "0f8fad5b-d9cb-469f-a165-70867728950e", "svc:1.2_x", "x" * 128):
+        assert ids.take(given) == given
+    for given in (
+        None,
+        "",
+        "x" * 129,
+        "has space",
+        "tab\there",
+        "new\nline",
+        'quote"d',
+        "caf\u00e9",
+        "\x00nul",
+        "slash/ed",
+        "abc\n",  # a trailing newline is not "the end" here
+    ):
+        made = ids.take(given)
+        assert made != given and HEX32.fullmatch(made)

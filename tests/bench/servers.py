@@ -283,7 +283,10 @@ def gateway_config(
     event_loop: str | None = "asyncio",
 ) -> dict[str, Any]:
     """A bench gateway's config with every feature on: auth, scope, budget, metrics, JSON
-    access log; listeners and admin token are filled in by ``launch_gateway``."""
+    access log; listeners and admin token are filled in by ``launch_gateway``. The failed
+    authentication throttle is on with a bucket no run fills: the unauthorized scenario
+    measures the 401 path with the throttle's bookkeeping, not the 429 (auth_throttled)
+    a flood from one address would get once its bucket is full."""
     queue: dict[str, Any] = {"max_wait_seconds": max_wait}
     if max_depth is not None:
         queue.update(max_depth=max_depth, max_depth_per_token=max_depth)
@@ -299,6 +302,7 @@ def gateway_config(
             "limits": [{"requests": n, "per_seconds": t} for n, t in limits],
         },
         "queue": queue,
+        "auth": {"failures_per_client": {"requests": 1_000_000_000, "per_seconds": 1}},
         "server": {"shutdown_grace_seconds": 2},
         "logging": {"level": "info", "format": "json", "access_log": True},
     }
