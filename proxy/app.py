@@ -14,6 +14,7 @@ from aiohttp.web_urldispatcher import UrlMappingMatchInfo
 
 from proxy.admin import build_admin_app
 from proxy.config import GatewayConfig, Secrets
+from proxy.guard import Guard, MalformedLog
 from proxy.handler import expect_later, handle, lobby_decider
 from proxy.lobby import HANDLER_ARGS, JsonErrorRunner, ProxyRunner
 from proxy.loops import loop_name
@@ -102,17 +103,24 @@ async def serve(
     if worker is not None:
         _as_worker(proxy_app, admin_app, worker)
     grace = config.server.shutdown_grace_seconds
+    malformed = MalformedLog()  # one per process: both listeners' malformed requests
     # handler_cancellation: a client that hangs up while queued leaves the queue at once.
     proxy_runner = ProxyRunner(
         proxy_app,
         lobby_decider(proxy_app[RUNTIME]),
         lambda: proxy_app[RUNTIME].config.upstream.max_connections,
         proxy_app[RUNTIME].metrics.count_connections,
+        guard=listener_guard(proxy_app[RUNTIME], malformed),
         access_log=None,
         shutdown_timeout=grace,
         handler_cancellation=True,
     )
-    admin_runner = JsonErrorRunner(admin_app, access_log=None, shutdown_timeout=1.0)
+    admin_runner = JsonErrorRunner(
+        admin_app,
+        guard=listener_guard(proxy_app[RUNTIME], malformed),
+        access_log=None,
+        shutdown_timeout=1.0,
+    )
     await proxy_runner.setup()
     await admin_runner.setup()
     stop = asyncio.Event()
@@ -169,6 +177,13 @@ async def serve(
             worker.ignore_signals()
         await proxy_runner.cleanup()
         await admin_runner.cleanup()
+        malformed.close()
+
+
+def listener_guard(runtime: Runtime, malformed: MalformedLog) -> Guard:
+    """A listener's guard (its own connection bounds) from the ``server:`` config section,
+    read at start; refused connections are counted in the runtime's metrics."""
+    return Guard.of(runtime.config.server, malformed, runtime.metrics.connection_refused)
 
 
 async def start_site(site: web.BaseSite, key: str, address: str) -> None:

@@ -36,7 +36,9 @@ from prometheus_client.registry import Collector
 from proxy.admin_tokens import MAX_ADMIN_BODY
 from proxy.errors import json_error
 from proxy.group_status import merge_credentials, merge_status
+from proxy.guard import REFUSAL_REASONS
 from proxy.lobby import HANDLER_ARGS
+from proxy.metrics import CONNECTIONS_REFUSED_HELP
 from proxy.status import status_html
 
 log = logging.getLogger("echowin_gateway.admin")
@@ -146,6 +148,33 @@ class _Restarts(Collector):
         for member in self._group.workers:
             family.add_metric([str(member.index)], member.restarts)
         yield family
+
+
+class ConnectionsRefused(Collector):
+    """``echowin_gateway_connections_refused_total`` of the supervisor's admin listener
+    (``refused`` is its guard's callback). Built here rather than as a prometheus_client
+    Counter: a Counter carries its ``_created`` series inside its own family, while the
+    workers' pages parse theirs into a family apart, which the merged page would then name
+    twice."""
+
+    def __init__(self) -> None:
+        self.counts = dict.fromkeys(REFUSAL_REASONS, 0)
+
+    def refused(self, reason: str) -> None:
+        self.counts[reason] += 1
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "echowin_gateway_connections_refused",
+            CONNECTIONS_REFUSED_HELP,
+            labels=["reason"],
+        )
+        for reason, count in self.counts.items():
+            family.add_metric([reason], count)
+        yield family
+
+
+CONNECTIONS_REFUSED = web.AppKey("connections_refused", ConnectionsRefused)
 
 
 class _Merged(Collector):
@@ -347,6 +376,9 @@ def build_group_admin_app(group: Group) -> web.Application:
     ProcessCollector(namespace="echowin_gateway", registry=registry)
     registry.register(_Restarts(group))
     app[SUPERVISOR_REGISTRY] = registry
+    refused = ConnectionsRefused()
+    registry.register(refused)
+    app[CONNECTIONS_REFUSED] = refused
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

@@ -15,6 +15,23 @@ and the request handler takes the wait over (``Admitter.admit(request, held)``).
 The lobby only chooses where a request waits: whatever it reads is read again by aiohttp
 and decided again by the handler. A head it does not find plain (split across reads, a
 field it reads given twice, a byte aiohttp might refuse) goes to aiohttp at once.
+
+Every listener applies its :class:`~proxy.guard.Guard` (docs/security.md: "Slow and abusive
+connections"): a new connection past the listener's bounds is answered 503 and closed by
+the first protocol it meets (a Lobby, or aiohttp's handler on the admin listeners); the
+head timeout runs from the connection's start for its first request (in the lobby, then
+in the handler it goes to with its deadline) and from the first byte of each later
+request, so trickling a head byte by byte does not stretch it; an idle kept-alive
+connection closes after ``keepalive_timeout`` (aiohttp's own timer, or the lobby's while
+parked); a request aiohttp cannot parse is told to the guard's ``MalformedLog`` instead of
+aiohttp's error log line.
+
+aiohttp's private attributes read here (aiohttp 3.14; the one module that touches them):
+``web.Server._loop`` and ``._kwargs`` (to make handlers); ``RequestHandler._request_count``
+(requests parsed on the connection: a whole head came), ``._waiter``, ``._messages``,
+``._request_in_progress``, ``._keepalive``, ``._close``, ``._force_close``, ``._upgraded``,
+``._payload_parser``, ``._paused`` (an idle connection, for parking), ``._loop``; and
+``AppRunner._shutdown_timeout``.
 """
 
 from __future__ import annotations
@@ -29,11 +46,13 @@ from http import HTTPStatus
 from typing import Any, Protocol, cast
 
 from aiohttp import web
-from aiohttp.http_exceptions import LineTooLong
+from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
+from aiohttp.streams import StreamReader
 from multidict import CIMultiDict
 
 from proxy.admission import Held
 from proxy.errors import json_error
+from proxy.guard import Guard, Slot
 
 log = logging.getLogger("echowin_gateway")
 
@@ -47,8 +66,6 @@ BUFFER_BYTES = 64 * 1024
 """Body bytes a waiting request's connection reads ahead; past them it stops reading."""
 HEAD_BYTES = 8 * 1024
 """A longer head goes to aiohttp at once (whose own limit on the request line is 8190)."""
-IDLE_SECONDS = 75.0
-"""A connection that sends nothing for this long is closed (aiohttp's keep-alive default)."""
 
 # The fields a decision reads; the others stay in the bytes for aiohttp.
 _READ = frozenset(
@@ -130,12 +147,90 @@ class Waiting(Protocol):
 
 
 class JsonErrors(web.RequestHandler):
-    """aiohttp's connection handler, whose own answers to a request it cannot parse (a bad
-    request line or header, a header over ``max_field_size``) are the gateway's JSON
-    instead of text; the connection still closes after them. ``refused``: it answered
-    one."""
+    """aiohttp's connection handler, as every listener runs it, with the listener's
+    ``Guard``:
 
-    refused = False
+    - a new connection past the listener's bounds is refused (``Guard.admit``) before
+      aiohttp sees it; ``slot``: its place in the count, given back when it is lost;
+    - a request head must come whole by ``Guard.head_timeout`` after the connection's start
+      (or, for a later request on the connection, after its first byte), or the connection
+      closes (``head_by``);
+    - its own answers to a request it cannot parse (a bad request line or header, a header
+      over ``max_field_size``) are the gateway's JSON instead of text, the connection still
+      closing after them, and are told to the guard's ``MalformedLog`` instead of aiohttp's
+      error line with the caller's address. ``refused``: it answered one.
+    """
+
+    __slots__ = ("_answered", "_guard", "_head_timer", "_unread_body", "refused", "slot")
+
+    def __init__(self, server: GuardedServer, **kwargs: Any) -> None:
+        super().__init__(server, **kwargs)
+        self._guard = server.guard
+        self.refused = False
+        self.slot: Slot | None = None
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._answered = 0  # requests answered; aiohttp's _request_count: requests parsed
+        # The body of the last request answered, if it was not all in by then: the bytes
+        # that come next are that body's (aiohttp reads it to keep the connection), not a
+        # head's, until it is.
+        self._unread_body: StreamReader | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.slot is not None:  # from a lobby, which admitted it and times its head
+            super().connection_made(transport)
+            return
+        slot = self._guard.admit(transport)
+        if slot is None:
+            return  # refused: answered, and closing
+        self.slot = slot
+        super().connection_made(transport)
+        self.head_by(self._loop.time() + self._guard.head_timeout)
+
+    def head_by(self, deadline: float) -> None:
+        """Close the connection at ``deadline`` (the loop's clock) unless a whole request
+        head has come by then."""
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        self._head_timer = self._loop.call_at(deadline, self._head_late)
+
+    def _head_late(self) -> None:
+        self._head_timer = None
+        if self._request_count == self._answered:  # no head parsed that is not answered
+            log.debug("request head timed out; connection closed")
+            self.force_close()
+
+    def data_received(self, data: bytes) -> None:
+        body = self._unread_body
+        if body is not None and body.is_eof():
+            body = self._unread_body = None
+        super().data_received(data)
+        if self._request_count != self._answered:  # a whole head came: no timer for it
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+        elif self._head_timer is None and data and body is None:
+            # The first bytes of the next request's head (on a kept-alive connection).
+            self.head_by(self._loop.time() + self._guard.head_timeout)
+
+    def log_access(
+        self, request: web.BaseRequest, response: web.StreamResponse, time: float | None
+    ) -> None:
+        # aiohttp calls this once per request, as its answer is written (or fails to be).
+        self._answered += 1
+        content = request.content
+        if not content.is_eof():
+            self._unread_body = content
+        super().log_access(request, response, time)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        slot, self.slot = self.slot, None
+        if slot is not None:
+            slot.release()
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        self._unread_body = None
+        super().connection_lost(exc)
 
     def handle_error(
         self,
@@ -144,8 +239,12 @@ class JsonErrors(web.RequestHandler):
         exc: BaseException | None = None,
         message: str | None = None,
     ) -> web.StreamResponse:
+        # aiohttp's own would log "Error handling request from <address>" at error level,
+        # with a traceback: for every malformed request any caller may send.
         self.refused = True
-        super().handle_error(request, status, exc, message)  # logs; raises if sent already
+        self.log_exception("request failed", exc_info=exc, status=status)
+        if request.writer.output_size > 0:  # as aiohttp's: some of an answer went already
+            raise ConnectionError("an answer was sent already; no error answer can follow")
         if isinstance(exc, LineTooLong):
             # Its limit says which: the request line's (the target) or a field's.
             too_long = exc.args[1] if len(exc.args) > 1 else None
@@ -158,6 +257,18 @@ class JsonErrors(web.RequestHandler):
         answer = json_error(status, phrase, reason="bad_request" if status < 500 else None)
         answer.force_close()
         return answer
+
+    def log_exception(self, *args: Any, **kw: Any) -> None:
+        """aiohttp's error log (its handler's: a request it could not parse, a body cut
+        short while it read it, a request handler that raised): a caller's bad bytes go to
+        the quiet ``MalformedLog``; anything else is the gateway's own failure, one error
+        line naming the exception's class, never the caller's address."""
+        exc = kw.get("exc_info")
+        if isinstance(exc, HttpProcessingError | web.RequestPayloadError):
+            self._guard.malformed.note(kw.get("status", 400), exc)
+            return
+        error = type(exc).__name__ if isinstance(exc, BaseException) else None
+        log.error("request failed", extra={"fields": {"error": error}})
 
 
 class HeldHandler(JsonErrors):
@@ -231,9 +342,10 @@ class HeldHandler(JsonErrors):
             or transport.get_write_buffer_size() != 0
         ):
             return False
+        slot, self.slot = self.slot, None  # the connection's place goes with it
         self.transport = None  # kept open: the handler lets go of it, as if it were lost
         self.connection_lost(None)
-        lobby = Lobby(server)
+        lobby = Lobby(server, slot)
         transport.set_protocol(lobby)
         lobby.connection_made(transport)
         return True
@@ -292,19 +404,31 @@ def take_waiting(request: web.BaseRequest) -> Waiting | None:
     return waiting
 
 
-class _JsonErrorServer(web.Server):
+class GuardedServer(web.Server):
+    """A listener's protocol factory, holding the listener's ``guard``."""
+
     __slots__ = ()
+    guard: Guard
 
     def __call__(self) -> web.RequestHandler:
         return JsonErrors(self, loop=self._loop, **self._kwargs)
 
 
 class JsonErrorRunner(web.AppRunner):
-    """A runner whose connections answer unparsable requests in JSON."""
+    """A runner whose connections are bounded and timed by ``guard`` and answer unparsable
+    requests in JSON (see :class:`JsonErrors`). aiohttp's keep-alive timeout is the
+    guard's."""
+
+    def __init__(self, app: web.Application, *, guard: Guard, **kwargs: Any) -> None:
+        kwargs.setdefault("keepalive_timeout", guard.keepalive_timeout)
+        super().__init__(app, **kwargs)
+        self.guard = guard
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
-        server.__class__ = _JsonErrorServer  # aiohttp makes the Server; only its class changes
+        server.__class__ = GuardedServer  # aiohttp makes the Server; only its class changes
+        assert isinstance(server, GuardedServer)
+        server.guard = self.guard
         return server
 
 
@@ -314,7 +438,7 @@ it to aiohttp (None), or a future to wait for first (the token's check), whose r
 given back as ``known``."""
 
 
-class LobbyServer(web.Server):
+class LobbyServer(GuardedServer):
     """The proxy listener's protocol factory: every connection starts in a Lobby."""
 
     decide: Decide
@@ -373,20 +497,24 @@ class LobbyServer(web.Server):
 
 
 class Lobby(asyncio.Protocol):
-    """One connection until its first request goes to aiohttp (see the module's text)."""
+    """One connection until its first request goes to aiohttp (see the module's text).
+    ``slot``: the connection's place in the listener's count, when it comes back from
+    aiohttp's handler to wait for its next request (parked); a new connection takes one."""
 
     __slots__ = (
         "_data",
         "_paused",
         "_server",
         "_size",
+        "_slot",
         "_timer",
         "_transport",
         "waiting",
     )
 
-    def __init__(self, server: LobbyServer) -> None:
+    def __init__(self, server: LobbyServer, slot: Slot | None = None) -> None:
         self._server = server
+        self._slot = slot
         self._transport: asyncio.Transport | None = None
         self._data = b""
         self._timer: asyncio.TimerHandle | None = None
@@ -395,21 +523,34 @@ class Lobby(asyncio.Protocol):
         self.waiting: Waiting | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        guard = self._server.guard
+        if self._slot is None:  # a new connection: its first head is due within the timeout
+            self._slot = guard.admit(transport)
+            if self._slot is None:
+                return  # refused: answered, and closing
+            wait = guard.head_timeout
+        else:  # parked between requests: idle until the next one's first byte
+            wait = guard.keepalive_timeout
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
         self._server.lobbies.add(self)
-        self._timer = asyncio.get_running_loop().call_later(IDLE_SECONDS, self.close)
+        self._timer = asyncio.get_running_loop().call_later(wait, self.close)
 
     def data_received(self, data: bytes) -> None:
         if self._data:  # a body, or the next request: kept for aiohttp
             self._data += data
             self._keep_within_buffer()
             return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._server.guard.head_timeout
         if self._timer is not None:
+            # A new connection's head is due by its first deadline; a parked one's within
+            # the timeout of this first byte, and within its idle bound (as in aiohttp).
+            deadline = min(deadline, self._timer.when())
             self._timer.cancel()
             self._timer = None
         head = parse_head(data)
         if head is None:
-            self._hand_over(data)
+            self._hand_over(data, deadline)  # the rest of the head, or aiohttp's 400
             return
         self._data = data
         self._size = head.size
@@ -475,6 +616,9 @@ class Lobby(asyncio.Protocol):
     def connection_lost(self, exc: BaseException | None) -> None:
         self._close_lobby()
         self._data = b""
+        slot, self._slot = self._slot, None
+        if slot is not None:
+            slot.release()
         waiting, self.waiting = self.waiting, None
         if waiting is not None:
             self._server.stopped_waiting()
@@ -500,10 +644,13 @@ class Lobby(asyncio.Protocol):
         self._transport = None
         self._server.lobbies.discard(self)
 
-    def _hand_over(self, data: bytes) -> HeldHandler:
+    def _hand_over(self, data: bytes, head_deadline: float | None = None) -> HeldHandler:
+        """The connection, with ``data`` read, goes to aiohttp's handler; ``head_deadline``:
+        when the head must be whole (None: ``data`` holds it all)."""
         transport = self._transport
         assert transport is not None
         handler = self._server.handler()
+        handler.slot, self._slot = self._slot, None
         handler.size = self._size
         handler.waiting, self.waiting = self.waiting, None
         self._data = b""
@@ -512,6 +659,8 @@ class Lobby(asyncio.Protocol):
             self._server.stopped_waiting()
         transport.set_protocol(handler)
         handler.connection_made(transport)
+        if head_deadline is not None:
+            handler.head_by(head_deadline)
         if self._paused:
             transport.resume_reading()
         if data:

@@ -33,6 +33,7 @@ from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
 from proxy import __version__
+from proxy.guard import REFUSAL_REASONS
 
 ANONYMOUS = "-"
 
@@ -49,6 +50,13 @@ _WAIT_BUCKETS = (
     *(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0),
     *(120.0, 300.0, 600.0, 1800.0, 3600.0),
 )
+
+CONNECTIONS_REFUSED_HELP = (
+    "New connections refused past a listener's bounds (503, closed), by reason:"
+    " too_many_connections or too_many_connections_from_client."
+)
+"""The help of ``echowin_gateway_connections_refused_total``, the gateway's and the
+supervisor's alike (proxy/group_admin.py)."""
 
 BudgetSource = Callable[[], Mapping[str, Any]]
 QuotaSource = Callable[[], Mapping[str, Any]]
@@ -301,6 +309,14 @@ class Metrics:
             self.connections.labels(state).set_function(
                 functools.partial(self._connection_count, index)
             )
+        self.connections_refused = Counter(
+            "echowin_gateway_connections_refused_total",
+            CONNECTIONS_REFUSED_HELP,
+            ["reason"],
+            registry=r,
+        )
+        for reason in REFUSAL_REASONS:
+            self.connections_refused.labels(reason)
         self.refusals = Counter(
             "echowin_gateway_refusals_total",
             "Requests the gateway refused at once (429; 503 for state_unavailable), by"
@@ -380,6 +396,10 @@ class Metrics:
         if found is None:
             found = self._children[key] = metric.labels(*values)
         return found
+
+    def connection_refused(self, reason: str) -> None:
+        """A new connection was refused past a listener's bounds (proxy/guard.py)."""
+        self.child(self.connections_refused, reason).inc()
 
     def count_connections(self, counts: Callable[[], tuple[int, int, int]]) -> None:
         """Export the proxy listener's connections, ``counts()`` at every scrape."""

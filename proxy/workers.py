@@ -39,7 +39,8 @@ from aiohttp import web
 
 from proxy.app import listener_error, start_site
 from proxy.config import MAX_WORKERS, GatewayConfig
-from proxy.group_admin import WorkerLinks, build_group_admin_app
+from proxy.group_admin import CONNECTIONS_REFUSED, WorkerLinks, build_group_admin_app
+from proxy.guard import Guard, MalformedLog
 from proxy.lobby import JsonErrorRunner
 
 log = logging.getLogger("echowin_gateway.workers")
@@ -121,7 +122,10 @@ class Supervisor:
         process, /healthz answering means the proxy port accepts); keep the workers until
         told to stop."""
         loop = asyncio.get_running_loop()
-        admin = JsonErrorRunner(build_group_admin_app(self), access_log=None, shutdown_timeout=1.0)
+        app = build_group_admin_app(self)
+        malformed = MalformedLog()
+        guard = Guard.of(self.config.server, malformed, app[CONNECTIONS_REFUSED].refused)
+        admin = JsonErrorRunner(app, guard=guard, access_log=None, shutdown_timeout=1.0)
         await admin.setup()
         keepers: list[asyncio.Task[None]] = []
         try:
@@ -143,6 +147,7 @@ class Supervisor:
             await asyncio.gather(*keepers, return_exceptions=True)
             await self.links.close()
             await admin.cleanup()
+            malformed.close()
         if self.failed is not None:
             return self.failed
         return max((w.status or 0 for w in self.workers), default=0)

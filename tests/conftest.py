@@ -14,10 +14,11 @@ from aiohttp.test_utils import TestServer
 from aiohttp.web_runner import BaseRunner
 from redis.asyncio import Redis
 
-from proxy.app import build_apps
+from proxy.app import build_apps, listener_guard
 from proxy.config import parse_config, resolve_secrets
+from proxy.guard import Guard, MalformedLog
 from proxy.handler import lobby_decider
-from proxy.lobby import ProxyRunner
+from proxy.lobby import JsonErrorRunner, ProxyRunner
 from proxy.runtime import RUNTIME, Runtime
 from proxy.sim import SimConfig, SimLimit, Simulator
 from proxy.tokenops import create_token
@@ -107,24 +108,36 @@ def gateway_config(upstream_url: str, **overrides: Any) -> dict[str, Any]:
 async def make_gateway(
     aiohttp_server: ServerFactory, sim: SimHandle
 ) -> AsyncIterator[Callable[..., Awaitable[GatewayHandle]]]:
-    proxies: list[TestServer] = []
+    proxies: list[ProxyTestServer] = []
+    admins: list[TestServer] = []
 
     async def make(upstream_url: str | None = None, **overrides: Any) -> GatewayHandle:
         config = parse_config(gateway_config(upstream_url or sim.url, **overrides))
         proxy_app, admin_app = build_apps(config, resolve_secrets(config, ENV))
-        proxy = ProxyTestServer(proxy_app, host="127.0.0.1")
+        malformed = MalformedLog()
+        proxy = ProxyTestServer(proxy_app, malformed, host="127.0.0.1")
         await proxy.start_server()
         proxies.append(proxy)
-        admin = await aiohttp_server(admin_app)
+        admin = AdminTestServer(admin_app, listener_guard(proxy_app[RUNTIME], malformed))
+        await admin.start_server()
+        admins.append(admin)
         return GatewayHandle(proxy_app[RUNTIME], proxy, admin)
 
     yield make
     while proxies:
-        await proxies.pop().close()
+        proxy = proxies.pop()
+        await proxy.close()
+        proxy.malformed.close()
+    while admins:
+        await admins.pop().close()
 
 
 class ProxyTestServer(TestServer):
     """The proxy app served as ``serve`` serves it: connections start in the lobby."""
+
+    def __init__(self, app: web.Application, malformed: MalformedLog, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self.malformed = malformed
 
     async def _make_runner(self, **kwargs: Any) -> BaseRunner:
         assert self.app is not None
@@ -134,8 +147,22 @@ class ProxyTestServer(TestServer):
             lobby_decider(rt),
             lambda: rt.config.upstream.max_connections,
             rt.metrics.count_connections,
+            guard=listener_guard(rt, self.malformed),
             **kwargs,
         )
+
+
+class AdminTestServer(TestServer):
+    """The admin app served as ``serve`` serves it: bounded, timed, JSON errors."""
+
+    def __init__(self, app: web.Application, guard: Guard, **kwargs: Any) -> None:
+        kwargs.setdefault("host", "127.0.0.1")
+        super().__init__(app, **kwargs)
+        self.guard = guard
+
+    async def _make_runner(self, **kwargs: Any) -> BaseRunner:
+        assert self.app is not None
+        return JsonErrorRunner(self.app, guard=self.guard, **kwargs)
 
 
 @pytest.fixture

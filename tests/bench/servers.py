@@ -281,12 +281,15 @@ def gateway_config(
     max_wait: float,
     max_depth: int | None = None,
     event_loop: str | None = "asyncio",
+    connections: int | None = None,
 ) -> dict[str, Any]:
     """A bench gateway's config with every feature on: auth, scope, budget, metrics, JSON
     access log; listeners and admin token are filled in by ``launch_gateway``. The failed
     authentication throttle is on with a bucket no run fills: the unauthorized scenario
     measures the 401 path with the throttle's bookkeeping, not the 429 (auth_throttled)
-    a flood from one address would get once its bucket is full."""
+    a flood from one address would get once its bucket is full. ``connections``:
+    ``server.max_connections`` and ``max_connections_per_client`` (every bench caller is
+    127.0.0.1); None leaves them out (an older tree may not know them)."""
     queue: dict[str, Any] = {"max_wait_seconds": max_wait}
     if max_depth is not None:
         queue.update(max_depth=max_depth, max_depth_per_token=max_depth)
@@ -308,6 +311,8 @@ def gateway_config(
     }
     if event_loop is not None:  # None: the gateway's default (an older tree may not know it)
         raw["server"]["event_loop"] = event_loop
+    if connections is not None:
+        raw["server"].update(max_connections=connections, max_connections_per_client=connections)
     return raw
 
 
@@ -361,8 +366,16 @@ def start_gateway(
     """The gateway of the throughput scenarios: state in a SQLite file, as ``serve`` keeps
     it by default."""
     state = f"sqlite:///{procs.tmp / name}.db"
+    # The queued scenario holds max_depth connections at once, all from 127.0.0.1.
+    connections = None if source is not None else max(10_000, max_depth + 1_000)
     raw = gateway_config(
-        upstream, state, limits, max_wait=max_wait, max_depth=max_depth, event_loop=event_loop
+        upstream,
+        state,
+        limits,
+        max_wait=max_wait,
+        max_depth=max_depth,
+        event_loop=event_loop,
+        connections=connections,
     )
     return launch_gateway(procs, name, raw, cpu, source=source)
 
