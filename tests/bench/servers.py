@@ -282,6 +282,7 @@ def gateway_config(
     max_depth: int | None = None,
     event_loop: str | None = "asyncio",
     connections: int | None = None,
+    throttle: bool = True,
 ) -> dict[str, Any]:
     """A bench gateway's config with every feature on: auth, scope, budget, metrics, JSON
     access log; listeners and admin token are filled in by ``launch_gateway``. The failed
@@ -289,7 +290,8 @@ def gateway_config(
     measures the 401 path with the throttle's bookkeeping, not the 429 (auth_throttled)
     a flood from one address would get once its bucket is full. ``connections``:
     ``server.max_connections`` and ``max_connections_per_client`` (every bench caller is
-    127.0.0.1); None leaves them out (an older tree may not know them)."""
+    127.0.0.1); None leaves them out (an older tree may not know them), as ``throttle``
+    False leaves out the ``auth`` section."""
     queue: dict[str, Any] = {"max_wait_seconds": max_wait}
     if max_depth is not None:
         queue.update(max_depth=max_depth, max_depth_per_token=max_depth)
@@ -305,12 +307,13 @@ def gateway_config(
             "limits": [{"requests": n, "per_seconds": t} for n, t in limits],
         },
         "queue": queue,
-        "auth": {"failures_per_client": {"requests": 1_000_000_000, "per_seconds": 1}},
         "server": {"shutdown_grace_seconds": 2},
         "logging": {"level": "info", "format": "json", "access_log": True},
     }
     if event_loop is not None:  # None: the gateway's default (an older tree may not know it)
         raw["server"]["event_loop"] = event_loop
+    if throttle:
+        raw["auth"] = {"failures_per_client": {"requests": 1_000_000_000, "per_seconds": 1}}
     if connections is not None:
         raw["server"].update(max_connections=connections, max_connections_per_client=connections)
     return raw
@@ -376,6 +379,7 @@ def start_gateway(
         max_depth=max_depth,
         event_loop=event_loop,
         connections=connections,
+        throttle=source is None,
     )
     return launch_gateway(procs, name, raw, cpu, source=source)
 
