@@ -12,17 +12,18 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 from aiohttp.web_urldispatcher import UrlMappingMatchInfo
 
-from proxy.admin import build_admin_app
+from proxy.admin.app import build_admin_app
 from proxy.config import GatewayConfig, Secrets
-from proxy.guard import Guard, MalformedLog
-from proxy.handler import expect_later, handle, lobby_decider
-from proxy.lobby import HANDLER_ARGS, JsonErrorRunner, ProxyRunner
-from proxy.loops import loop_name
+from proxy.gateway.handler import WATCHES, expect_later, handle, lobby_decider
+from proxy.gateway.keywatch import Watches
 from proxy.reload import EarlyHangups, reload_config
 from proxy.runtime import RUNTIME, Runtime
+from proxy.server.guard import Guard, MalformedLog
+from proxy.server.lobby import HANDLER_ARGS, JsonErrorRunner, ProxyRunner
+from proxy.server.loops import loop_name
 
 if TYPE_CHECKING:
-    from proxy.worker import WorkerSpec
+    from proxy.server.worker import WorkerSpec
 
 log = logging.getLogger("echowin_gateway")
 
@@ -34,7 +35,7 @@ SHED_MARGIN_SECONDS = 0.25
 
 class _OneRoute(web.UrlDispatcher):
     """The proxy app's router: its one route takes every request, whatever its method and
-    target (proxy/routes.py reads the path). aiohttp's own resolve would build the
+    target (proxy/auth/routes.py reads the path). aiohttp's own resolve would build the
     request's URL, walk the path's parts through its index and run the route's pattern on
     the path for nothing; worse, a pattern cannot match a path holding a decoded newline,
     nor ``OPTIONS *`` or ``CONNECT host:port``, which got aiohttp's plain 404 page instead of
@@ -60,6 +61,7 @@ def build_proxy_app(runtime: Runtime) -> web.Application:
     """The proxy listener's app; its cleanup_ctx opens and closes ``runtime``."""
     app = web.Application(handler_args=HANDLER_ARGS)
     app[RUNTIME] = runtime
+    app[WATCHES] = Watches()
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         await runtime.open()
@@ -95,7 +97,7 @@ async def serve(
     ``server.shutdown_grace_seconds`` to finish, and then everything closes. On SIGHUP the
     config at ``config_path`` is read again (see proxy/reload.py). As one of ``serve
     --workers N`` (``worker``), the proxy port is shared (SO_REUSEPORT) and the admin app
-    listens on the worker's private socket (see proxy/worker.py). A SIGHUP noted in
+    listens on the worker's private socket (see proxy/server/worker.py). A SIGHUP noted in
     ``hangups`` while starting is one reload once the runtime is open; one during the
     drain is ignored.
     """
@@ -206,7 +208,7 @@ def listener_error(exc: OSError, key: str, address: str) -> OSError:
 def _as_worker(proxy_app: web.Application, admin_app: web.Application, worker: WorkerSpec) -> None:
     """One of ``worker.count`` processes: a replica of the budget, stopping when its
     supervisor is gone; its admin app is reached through the supervisor only."""
-    from proxy.worker import forwarded_peer
+    from proxy.server.worker import forwarded_peer
 
     proxy_app[RUNTIME].workers = worker.count
     admin_app.middlewares.append(forwarded_peer)

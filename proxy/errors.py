@@ -11,6 +11,12 @@ from aiohttp import web
 
 _JSON_TYPE = "application/json"
 
+# A listener's connection bounds (proxy/server/guard.py), as the 503's reason and the
+# refused-connections metric's label.
+TOO_MANY = "too_many_connections"
+TOO_MANY_FROM_CLIENT = "too_many_connections_from_client"
+REFUSAL_REASONS = (TOO_MANY, TOO_MANY_FROM_CLIENT)
+
 
 def _value(value: object) -> str:
     """``value`` as json.dumps writes it; str and int (the common cases) without it."""

@@ -18,20 +18,19 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.admission import Admitter, OpenAdmitter
-from proxy.auth_throttle import AuthThrottle
-from proxy.budget import Limit
-from proxy.client_address import TrustedProxies
+from proxy.auth.client_address import TrustedProxies
+from proxy.auth.routes import RouteTable
+from proxy.auth.throttle import AuthThrottle
+from proxy.auth.tokens import TokenAuthenticator, TokenStore
+from proxy.budget.admission import Admitter, OpenAdmitter
+from proxy.budget.scheduler import QUOTA_HORIZON, Lane, QueuePolicy, Scheduler, local_quota_source
+from proxy.budget.slots import SendLog, SlotSource
+from proxy.budget.windows import Limit
 from proxy.config import GatewayConfig, Secrets
-from proxy.logs import AccessLog, setup_logging
-from proxy.metrics import Metrics
-from proxy.request_ids import RequestIds
-from proxy.routes import RouteTable
-from proxy.scheduler import QUOTA_HORIZON, Lane, QueuePolicy, Scheduler, local_quota_source
-from proxy.slots import SendLog, SlotSource
-from proxy.state import open_send_log, open_token_store, parse_state_url
-from proxy.tokenops import redis_options
-from proxy.tokens import TokenAuthenticator, TokenStore
+from proxy.observe.logs import AccessLog, setup_logging
+from proxy.observe.metrics import Metrics
+from proxy.observe.request_ids import RequestIds
+from proxy.state import open_send_log, open_token_store, parse_state_url, redis_options
 from proxy.upstream import Upstream
 
 
@@ -54,7 +53,7 @@ class Runtime:
     draining: bool = False
     # server.trusted_proxies, parsed once (and again on reload).
     trusted_proxies: TrustedProxies = field(init=False)
-    # Failed authentications per client (auth.failures_per_client): proxy/auth_throttle.py.
+    # Failed authentications per client (auth.failures_per_client): proxy/auth/throttle.py.
     auth_throttle: AuthThrottle = field(init=False)
     _store: TokenStore | None = None
     _auth: TokenAuthenticator | None = None

@@ -26,7 +26,7 @@ from aiohttp.streams import StreamReader
 from multidict import CIMultiDict, CIMultiDictProxy, MultiMapping
 from yarl import URL
 
-from proxy.routes import API_PREFIX
+from proxy.auth.routes import API_PREFIX
 
 # RFC 9110 §7.6.1 connection-specific fields, plus the old Proxy-Connection and
 # Keep-Alive that HTTP/1.0 peers still send.

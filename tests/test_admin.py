@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 import aiohttp
 import pytest
 
-from proxy.cli import main
+from proxy.cli.main import main
 from tests.conftest import ADMIN_TOKEN, GatewayHandle, SimHandle
 
 MakeGateway = Callable[..., Awaitable[GatewayHandle]]

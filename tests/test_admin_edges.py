@@ -14,7 +14,7 @@ import pytest
 import yaml
 from aiohttp.test_utils import TestServer
 
-from proxy.cli import main
+from proxy.cli.main import main
 from proxy.config import ConfigError, SecretRef, load_config, parse_config
 from proxy.sim import Simulator
 from tests.conftest import ADMIN_TOKEN, GatewayHandle

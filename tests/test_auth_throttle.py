@@ -1,4 +1,4 @@
-"""The failed-authentication throttle (proxy/auth_throttle.py): aiolimiter's leaky bucket per
+"""The failed-authentication throttle (proxy/auth/throttle.py): aiolimiter's leaky bucket per
 client, in a bounded TTL cache. No sockets, no sleeping: the loop's clock is moved by hand,
 as aiolimiter's own tests do (both the buckets and the cache read it)."""
 
@@ -9,7 +9,7 @@ import ipaddress
 
 import pytest
 
-from proxy.auth_throttle import AuthThrottle, client_key
+from proxy.auth.throttle import AuthThrottle, client_key
 
 A = ipaddress.ip_address("198.51.100.1")
 B = ipaddress.ip_address("198.51.100.2")

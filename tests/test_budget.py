@@ -1,4 +1,4 @@
-"""Unit tests for proxy.budget: the pure window math. No sockets, no sleeps: the clock is an
+"""Unit tests for proxy.budget.windows: the pure window math. No sockets, no sleeps: the clock is an
 argument. The property tests check the budget against brute-force models written here
 without its deques, ranks or recurrences.
 
@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.budget import CredentialBudget, Limit, WindowView
+from proxy.budget.windows import CredentialBudget, Limit, WindowView
 
 GRID = 64
 

@@ -1,4 +1,4 @@
-"""Who the client is (proxy/client_address.py): the peer, or behind a trusted proxy the
+"""Who the client is (proxy/auth/client_address.py): the peer, or behind a trusted proxy the
 rightmost X-Forwarded-For address that is not itself a trusted proxy. Pure: no sockets."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import ipaddress
 
 import pytest
 
-from proxy.client_address import TrustedProxies, client_address, parse_address
+from proxy.auth.client_address import TrustedProxies, client_address, parse_address
 
 PROXIES = TrustedProxies.parse(["10.0.0.0/8", "192.0.2.7", "fd00::/8"])
 

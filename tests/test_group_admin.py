@@ -12,9 +12,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.config import ConfigError, parse_config, unshared_state
-from proxy.group_admin import merge_metrics
-from proxy.group_status import merge_credentials, merge_status
-from proxy.workers import exit_status, resolve_workers
+from proxy.workers.group_admin import merge_metrics
+from proxy.workers.group_status import merge_credentials, merge_status
+from proxy.workers.supervisor import exit_status, resolve_workers
 
 
 def worker_page(requests: float, depth: float) -> str:

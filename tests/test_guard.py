@@ -1,4 +1,4 @@
-"""The pure parts of proxy/guard.py: the log budget of malformed requests (a clock passed in,
+"""The pure parts of proxy/server/guard.py: the log budget of malformed requests (a clock passed in,
 no sleeping), the connection counts, the client address a connection counts against, and
 the refusal's bytes. No sockets; tests/test_hostile_server.py drives the real listeners."""
 
@@ -10,7 +10,7 @@ import logging
 
 import pytest
 
-from proxy.guard import (
+from proxy.server.guard import (
     REFUSAL_REASONS,
     ConnectionBounds,
     LogBudget,

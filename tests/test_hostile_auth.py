@@ -22,10 +22,10 @@ import aiohttp
 import pytest
 
 import proxy.runtime
+from proxy.auth.tokens import TokenRecord
 from proxy.config import parse_config
 from proxy.sim import Faults
 from proxy.state.memory import MemoryTokenStore
-from proxy.tokens import TokenRecord
 from tests.conftest import GatewayHandle, SimHandle, gateway_config
 from tests.test_lobby import lobby_of, read_answer, until
 

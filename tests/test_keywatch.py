@@ -1,4 +1,4 @@
-"""proxy/keywatch.py: every form of a key is found and masked, in one pass, and nothing else.
+"""proxy/gateway/keywatch.py: every form of a key is found and masked in one pass, nothing else.
 
 Unit tests: no sockets. The forms are written here with the standard library's own encoders,
 independently of the patterns the watch compiles.
@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.keywatch import Inflated, KeyWatch, Unreadable, decoded, leaking_fields
+from proxy.gateway.keywatch import Inflated, KeyWatch, Unreadable, decoded, leaking_fields
 
 from .conftest import AGENCY_KEY, TEAM_KEY
 

@@ -1,4 +1,4 @@
-"""The proxy listener's lobby (proxy/lobby.py): a new connection's request waits for budget
+"""The proxy listener's lobby (proxy/server/lobby.py): a new connection's request waits for budget
 with no aiohttp handler; idle keep-alive connections wait there when the listener is
 crowded; granted requests go on at most as many at once as echowin's pool holds.
 
@@ -18,11 +18,12 @@ import pytest
 from aiohttp import web
 from prometheus_client import generate_latest
 
-import proxy.lobby
-from proxy.admission import AdmitRequest
-from proxy.budget import Limit
-from proxy.lobby import LobbyServer, parse_head
-from proxy.scheduler import Hold, Scheduler, SlotGrant
+import proxy.server.lobby
+from proxy.budget.admission import AdmitRequest
+from proxy.budget.scheduler import Hold, Scheduler, SlotGrant
+from proxy.budget.windows import Limit
+from proxy.server.lobby import LobbyServer, parse_head
+from proxy.state.memory import memory_quota_sources
 from tests.conftest import GatewayHandle, ServerFactory, SimHandle, base_url
 from tests.test_relay_edges import get_status
 from tests.test_scheduler import Recorder, Rig, settle, token
@@ -104,7 +105,13 @@ async def test_a_released_hold_gives_its_slot_back_and_one_taken_for_another_is_
     rig: Rig,
 ) -> None:
     lane = rig.lane(await rig.sqlite_log(), Limit(5, 60.0))
-    scheduler = Scheduler({"team": lane}, rig.policy, Recorder(), rig.clock)
+    scheduler = Scheduler(
+        {"team": lane},
+        rig.policy,
+        Recorder(),
+        rig.clock,
+        quota_sources=memory_quota_sources(rig.clock),
+    )
     tok = token("svc")
     held = scheduler.hold(AdmitRequest(tok, "team", "/api/v1/contacts", None))
     assert isinstance(held, Hold)
@@ -123,7 +130,13 @@ async def test_a_released_hold_gives_its_slot_back_and_one_taken_for_another_is_
 
 async def test_nothing_is_held_while_shedding_or_for_a_token_with_a_quota(rig: Rig) -> None:
     lane = rig.lane(await rig.sqlite_log(), Limit(5, 60.0))
-    scheduler = Scheduler({"team": lane}, rig.policy, Recorder(), rig.clock)
+    scheduler = Scheduler(
+        {"team": lane},
+        rig.policy,
+        Recorder(),
+        rig.clock,
+        quota_sources=memory_quota_sources(rig.clock),
+    )
     capped = token("capped", per_minute=3)
     assert scheduler.hold(AdmitRequest(capped, "team", "/api/v1/contacts", None)) is None
     scheduler.shed()
@@ -253,7 +266,7 @@ async def test_idle_connections_wait_in_the_lobby_when_the_listener_is_crowded(
     connections: list[Conn],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(proxy.lobby, "PARK_ABOVE", 0)  # every idle connection is "crowded"
+    monkeypatch.setattr(proxy.server.lobby, "PARK_ABOVE", 0)  # every idle connection is "crowded"
     gw = await make_gateway()
     token = await gw.token("*")
     lobby = lobby_of(gw)
@@ -353,18 +366,18 @@ async def test_a_connection_is_not_parked_while_its_answer_is_still_being_writte
     """A lobby hears nothing of the transport's pause_writing: parking a connection whose
     answer still sits in the transport's buffer would leave the next handler writing with
     no backpressure. The caller here never reads, so the buffer fills."""
-    monkeypatch.setattr(proxy.lobby, "PARK_ABOVE", 0)
+    monkeypatch.setattr(proxy.server.lobby, "PARK_ABOVE", 0)
     decisions: list[tuple[int, bool]] = []
-    park_if_idle = proxy.lobby.HeldHandler.park_if_idle
+    park_if_idle = proxy.server.lobby.HeldHandler.park_if_idle
 
-    def recorded(self: proxy.lobby.HeldHandler) -> bool:
+    def recorded(self: proxy.server.lobby.HeldHandler) -> bool:
         transport = self.transport
         buffered = transport.get_write_buffer_size() if transport is not None else 0
         parked = park_if_idle(self)
         decisions.append((buffered, parked))
         return parked
 
-    monkeypatch.setattr(proxy.lobby.HeldHandler, "park_if_idle", recorded)
+    monkeypatch.setattr(proxy.server.lobby.HeldHandler, "park_if_idle", recorded)
     quota = {"X-RateLimit-Limit": "100000", "X-RateLimit-Remaining": "99999"}
 
     async def big(request: web.Request) -> web.Response:

@@ -18,7 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from proxy.config import LoggingConfig
-from proxy.logs import ACCESS_LOGGER, AccessLog, JsonFormatter, TextFormatter
+from proxy.observe.logs import ACCESS_LOGGER, AccessLog, JsonFormatter, TextFormatter
 from tests.procs import (
     Spawn,
     create_token,

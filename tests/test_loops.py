@@ -1,4 +1,4 @@
-"""proxy.loops and ``server.event_loop``: which loop ``serve`` runs on. The unit tests open
+"""proxy.server.loops and ``server.event_loop``: which loop ``serve`` runs on. The unit tests open
 no sockets; one functional test runs ``echowin-gateway serve`` on each loop."""
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from proxy import config, loops
+from proxy import config
+from proxy.server import loops
 from proxy.config import ConfigError, parse_config
 from tests.procs import (
     Spawn,

@@ -33,7 +33,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.metrics import Metrics
+from proxy.observe.metrics import Metrics
 from proxy.sim import Faults
 from tests.conftest import GatewayHandle, SimHandle
 from tests.procs import free_ports

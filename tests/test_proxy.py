@@ -20,7 +20,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from prometheus_client import generate_latest
 
-from proxy.logs import JsonFormatter
+from proxy.observe.logs import JsonFormatter
 from proxy.sim import Faults
 from tests.conftest import (
     ACME_KEY,

@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from proxy.budget import Limit
-from proxy.slots import StateUnavailable
+from proxy.budget.slots import StateUnavailable
+from proxy.budget.windows import Limit
 from proxy.state.redis_budget import PROBE_INTERVAL, RedisSlots
 from tests.procs import eventually, free_ports
 

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from proxy.budget import Limit
+from proxy.budget.windows import Limit
 from proxy.state import redis_budget
 from proxy.state.redis import RedisOptions, open_redis
 from proxy.state.redis_budget import RedisSlots

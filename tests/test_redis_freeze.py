@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
-from proxy.admission import Refusal
-from proxy.budget import Limit
-from proxy.scheduler import Lane, QueuePolicy, SlotGrant
+from proxy.budget.admission import Refusal
+from proxy.budget.scheduler import Lane, QueuePolicy, SlotGrant
+from proxy.budget.windows import Limit
 from proxy.state.redis import RedisOptions, open_redis
 from proxy.state.redis_budget import RedisSlots
 from tests.procs import eventually

@@ -6,7 +6,7 @@ import re
 import subprocess
 import sys
 
-from proxy.request_ids import RequestIds
+from proxy.observe.request_ids import RequestIds
 
 HEX32 = re.compile(r"[0-9a-f]{32}")
 
@@ -30,7 +30,7 @@ def test_ids_do_not_count_visibly() -> None:
 
 
 def test_other_processes_make_other_ids() -> None:
-    code = "from proxy.request_ids import RequestIds; print(RequestIds().new())"
+    code = "from proxy.observe.request_ids import RequestIds; print(RequestIds().new())"
     runs = [
         subprocess.run(
             [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60

@@ -1,4 +1,4 @@
-"""Unit tests for proxy.routes: route table, path normalisation, scopes. No sockets."""
+"""Unit tests for proxy.auth.routes: route table, path normalisation, scopes. No sockets."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from proxy import routes
-from proxy.routes import (
+from proxy.auth import routes
+from proxy.auth.routes import (
     DEFAULT_ROUTES,
     UNMATCHED_TEMPLATE,
     Family,

@@ -15,14 +15,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy import scheduler as scheduler_module
-from proxy.admission import AdmitRequest
-from proxy.budget import CredentialBudget, Limit
-from proxy.ratelimit_headers import parse_reset, parse_retry_after
-from proxy.scheduler import Lane, QueuePolicy, Scheduler, SlotGrant, _Turns
-from proxy.slots import LocalSlots
-from proxy.state.memory import MemorySendLog
-from proxy.tokens import TokenRecord
+from proxy.budget import scheduler as scheduler_module
+from proxy.auth.tokens import TokenRecord
+from proxy.budget.admission import AdmitRequest
+from proxy.budget.ratelimit_headers import parse_reset, parse_retry_after
+from proxy.budget.scheduler import Lane, QueuePolicy, Scheduler, SlotGrant, _Turns
+from proxy.budget.slots import LocalSlots
+from proxy.budget.windows import CredentialBudget, Limit
+from proxy.state.memory import MemorySendLog, memory_quota_sources
 from tests.test_scheduler import (
     CREDENTIAL,
     GUARD,
@@ -143,7 +143,13 @@ async def test_a_quota_refusal_covers_the_lane_refusal_it_was_told_of(rig: Rig) 
     # Both refuse at once: the quota frees at T0 + 60, the shared budget at T0 + 100.25.
     # A Retry-After of 60 sends the client back to be refused again by the budget.
     lane = rig.lane(await rig.sqlite_log(), Limit(1, 100))
-    scheduler = Scheduler({CREDENTIAL: lane}, rig.policy, rig.observer, clock=rig.clock)
+    scheduler = Scheduler(
+        {CREDENTIAL: lane},
+        rig.policy,
+        rig.observer,
+        rig.clock,
+        quota_sources=memory_quota_sources(rig.clock),
+    )
     svc = token("svc", per_minute=1)
     request = AdmitRequest(svc, CREDENTIAL, "/v1/calls", max_wait=1.0)
     assert isinstance(await scheduler.admit(request), SlotGrant)

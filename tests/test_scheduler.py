@@ -1,4 +1,4 @@
-"""Unit tests for proxy.scheduler: the Lane (queue, fairness, refusals, freeze, calibration,
+"""Unit tests for proxy.budget.scheduler: the Lane (queue, fairness, refusals, freeze, calibration,
 restore) and the Scheduler (token quotas), driven directly: no HTTP, no sockets.
 
 Time. Every lane reads a ``FakeClock``. A lane arms a real loop timer (``call_later``) for the
@@ -23,14 +23,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.admission import AdmitRequest, Grant, Refusal
-from proxy.budget import CredentialBudget, Limit
-from proxy.ratelimit_headers import caller_headers
-from proxy.scheduler import Lane, QueuePolicy, Scheduler, SendLog, SlotGrant, TokenCharge
-from proxy.slots import LocalSlots
-from proxy.state.memory import MemorySendLog
+from proxy.auth.tokens import TokenRecord, mint_token
+from proxy.budget.admission import AdmitRequest, Grant, Refusal
+from proxy.budget.ratelimit_headers import caller_headers
+from proxy.budget.scheduler import Lane, QueuePolicy, Scheduler, SendLog, SlotGrant, TokenCharge
+from proxy.budget.slots import LocalSlots
+from proxy.budget.windows import CredentialBudget, Limit
+from proxy.state.memory import MemorySendLog, memory_quota_sources
 from proxy.state.sqlite import SqliteSendLog
-from proxy.tokens import TokenRecord, mint_token
 
 T0 = 1_000_000.0  # fake wall-clock start, on the 1/64 s grid
 GUARD = 0.25
@@ -57,7 +57,7 @@ class FakeClock:
 
 
 class Recorder:
-    """An Observer (proxy.scheduler.Observer) that records every call as a tuple."""
+    """An Observer (proxy.budget.scheduler.Observer) that records every call as a tuple."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[Any, ...]] = []
@@ -523,7 +523,13 @@ async def test_global_depth_is_shared_by_lanes_of_one_policy(rig: Rig) -> None:
 
 async def test_scheduler_refuses_past_a_tokens_own_quota_and_keeps_its_count(rig: Rig) -> None:
     lane = rig.lane(await rig.sqlite_log(), Limit(100, 60))
-    scheduler = Scheduler({CREDENTIAL: lane}, rig.policy, rig.observer, clock=rig.clock)
+    scheduler = Scheduler(
+        {CREDENTIAL: lane},
+        rig.policy,
+        rig.observer,
+        rig.clock,
+        quota_sources=memory_quota_sources(rig.clock),
+    )
     svc = token("svc", per_minute=2)
     request = AdmitRequest(svc, CREDENTIAL, "/v1/calls", max_wait=1.0)
     grants = [await scheduler.admit(request) for _ in range(2)]
@@ -546,7 +552,13 @@ async def test_scheduler_refuses_past_a_tokens_own_quota_and_keeps_its_count(rig
 
 async def test_scheduler_refunds_the_token_charge_of_a_lane_refusal(rig: Rig) -> None:
     lane = rig.lane(await rig.sqlite_log(), Limit(1, 10))
-    scheduler = Scheduler({CREDENTIAL: lane}, rig.policy, rig.observer, clock=rig.clock)
+    scheduler = Scheduler(
+        {CREDENTIAL: lane},
+        rig.policy,
+        rig.observer,
+        rig.clock,
+        quota_sources=memory_quota_sources(rig.clock),
+    )
     svc = token("svc", per_minute=2)
     request = AdmitRequest(svc, CREDENTIAL, "/v1/calls", max_wait=1.0)
     assert isinstance(await scheduler.admit(request), SlotGrant)
@@ -604,7 +616,13 @@ async def test_a_granted_waiter_cancelled_before_it_resumes_gives_the_slot_back(
 
 async def test_a_cancelled_scheduler_request_refunds_its_token_charge(rig: Rig) -> None:
     lane = rig.lane(await rig.sqlite_log(), Limit(1, 10))
-    scheduler = Scheduler({CREDENTIAL: lane}, rig.policy, rig.observer, clock=rig.clock)
+    scheduler = Scheduler(
+        {CREDENTIAL: lane},
+        rig.policy,
+        rig.observer,
+        rig.clock,
+        quota_sources=memory_quota_sources(rig.clock),
+    )
     svc = token("svc", per_minute=2)
     request = AdmitRequest(svc, CREDENTIAL, "/v1/calls", max_wait=1.0)
     assert isinstance(await scheduler.admit(request), SlotGrant)
@@ -1018,7 +1036,13 @@ async def test_kept_caller_headers_always_equal_fresh_ones(
     one from the tightest window alone: at every moment it must still be what a
     computation from scratch gives, whatever echowin reports meanwhile."""
     lane = rig.lane(await rig.sqlite_log(), *limits)
-    scheduler = Scheduler({CREDENTIAL: lane}, rig.policy, rig.observer, clock=rig.clock)
+    scheduler = Scheduler(
+        {CREDENTIAL: lane},
+        rig.policy,
+        rig.observer,
+        rig.clock,
+        quota_sources=memory_quota_sources(rig.clock),
+    )
     request = AdmitRequest(token("svc"), CREDENTIAL, "/v1/calls", max_wait=0.0)
 
     def fresh() -> dict[str, str]:

@@ -1,7 +1,7 @@
 """The real key never reaches a caller, in any reversible form (SPEC §5 "Hostile callers").
 
 The simulator plays a hostile echowin: its ``echo_key`` fault sends the key the gateway
-used back in its answer, in every form of ``proxy.sim_echo.FORMS``, in every place of
+used back in its answer, in every form of ``proxy.sim.echo.FORMS``, in every place of
 ``PLACES`` (body, header, Location, split headers, one byte per chunk, gzip, deflate,
 streamed gzip). Each case goes through the real gateway for both keys (team and agency),
 and the caller's raw bytes (read with ``auto_decompress=False``, headers as received) are
@@ -34,7 +34,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from proxy.sim import Faults, SimConfig, SimLimit, Simulator
-from proxy.sim_echo import FORMS, HEADER_PLACES, PLACES, STREAMED, encode
+from proxy.sim.echo import FORMS, HEADER_PLACES, PLACES, STREAMED, encode
 from tests.conftest import (
     AGENCY_KEY,
     TEAM_KEY,

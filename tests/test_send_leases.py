@@ -17,8 +17,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy.budget import CredentialBudget, Limit
-from proxy.slots import LocalSlots, Slot
+from proxy.budget.slots import LocalSlots, Slot
+from proxy.budget.windows import CredentialBudget, Limit
 from proxy.state.sqlite import SCHEMA_VERSION, SqliteSendLog
 
 NAME = "default"

@@ -1,6 +1,6 @@
 """The simulator's key encoders: each form read back with the standard library's decoder.
 
-No sockets: :func:`proxy.sim_echo.encode` is pure. The answers that carry the encoded key
+No sockets: :func:`proxy.sim.echo.encode` is pure. The answers that carry the encoded key
 are tried in tests/test_sim.py (the simulator) and tests/test_security.py (the gateway).
 """
 
@@ -16,14 +16,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-import proxy.sim_echo
-from proxy.sim_echo import FORMS, PLACES, encode
+import proxy.sim.echo
+from proxy.sim.echo import FORMS, PLACES, encode
 
 KEY = "Ew_Live.Key-0123456789AbCdEfXy"
 
 
 def test_public_names_are_pinned() -> None:
-    assert sorted(proxy.sim_echo.__all__) == [
+    assert sorted(proxy.sim.echo.__all__) == [
         "FORMS",
         "HEADER_PLACES",
         "MAX_POSITION",

@@ -27,8 +27,8 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
-from proxy.budget import CredentialBudget, Limit
-from proxy.slots import LocalSlots, Slot, SlotSource
+from proxy.budget.slots import LocalSlots, Slot, SlotSource
+from proxy.budget.windows import CredentialBudget, Limit
 from proxy.state.memory import MemorySendLog
 from proxy.state.redis_budget import RedisSlots
 from proxy.state.sqlite import SqliteSendLog

@@ -22,9 +22,9 @@ from redis.asyncio.connection import SSLConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
+from proxy.auth.tokens import TokenRecord
+from proxy.config.state_url import RedisAddress, parse_redis_url
 from proxy.state import RedisOptions, RedisTokenStore, open_redis, open_token_store
-from proxy.state.redis import RedisAddress, parse_redis_url
-from proxy.tokens import TokenRecord
 from tests.test_token_store import REDIS_URL, T0, record, scratch_redis
 
 PASSWORD = "hunter2-not-for-logs"

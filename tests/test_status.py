@@ -14,7 +14,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from proxy.cli import main
+from proxy.cli.main import main
 from tests.conftest import SECRETS, GatewayHandle
 
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"

@@ -23,9 +23,9 @@ import aiohttp
 import pytest
 from redis.asyncio import Redis
 
-from proxy.admission import AdmitRequest, Refusal
-from proxy.budget import Limit
-from proxy.scheduler import (
+from proxy.auth.tokens import TokenRecord, mint_token
+from proxy.budget.admission import AdmitRequest, Refusal
+from proxy.budget.scheduler import (
     Lane,
     QueuePolicy,
     QuotaSources,
@@ -33,12 +33,12 @@ from proxy.scheduler import (
     SlotGrant,
     local_quota_source,
 )
-from proxy.slots import LocalSlots, SlotSource
+from proxy.budget.slots import LocalSlots, SlotSource
+from proxy.budget.windows import Limit
 from proxy.state import redis_budget
 from proxy.state.memory import MemorySendLog
 from proxy.state.redis_budget import RedisSlots
 from proxy.state.sqlite import SqliteSendLog
-from proxy.tokens import TokenRecord, mint_token
 from tests.conftest import GatewayHandle
 from tests.test_scheduler import Recorder
 from tests.test_slot_contract import scratch_redis

@@ -23,6 +23,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 import proxy.state
+from proxy.auth.tokens import TokenRecord, TokenStore, hash_secret
 from proxy.state import (
     MemoryTokenStore,
     RedisOptions,
@@ -34,7 +35,6 @@ from proxy.state import (
     parse_state_url,
 )
 from proxy.state.sqlite import SCHEMA_VERSION, open_sqlite
-from proxy.tokens import TokenRecord, TokenStore, hash_secret
 
 BACKENDS = ["memory", "sqlite", "redis"]
 T0 = 1_700_000_000.0

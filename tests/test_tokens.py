@@ -1,4 +1,4 @@
-"""Unit tests for proxy.tokens: format, hashing, records, durations, the authenticator.
+"""Unit tests for proxy.auth.tokens: format, hashing, records, durations, the authenticator.
 
 No sockets and no sleeping: time moves through a fake clock, and the store is our own
 MemoryTokenStore with a small counting subclass.
@@ -16,9 +16,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-import proxy.tokens
-from proxy.state.memory import MemoryTokenStore
-from proxy.tokens import (
+import proxy.auth.tokens
+from proxy.auth.tokens import (
     DEFAULT_UPSTREAM_KEY,
     AuthFailure,
     AuthResult,
@@ -30,6 +29,7 @@ from proxy.tokens import (
     parse_duration,
     parse_token,
 )
+from proxy.state.memory import MemoryTokenStore
 
 T0 = 1_700_000_000.0
 TOKEN_RE = re.compile(r"egw_[a-z0-9]{12}_[A-Za-z0-9]{43}")
@@ -76,7 +76,7 @@ async def stored(store: MemoryTokenStore, **overrides: object) -> NewToken:
 
 
 def test_all_is_pinned() -> None:
-    assert sorted(proxy.tokens.__all__) == sorted(
+    assert sorted(proxy.auth.tokens.__all__) == sorted(
         [
             "DEFAULT_UPSTREAM_KEY",
             "AuthFailure",

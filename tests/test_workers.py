@@ -5,7 +5,7 @@ process, the test Redis on 127.0.0.1:6379 (a fresh key prefix per test) or a sql
 Every wait polls with a deadline; nothing asserts on speed.
 
 The sqlite variants need the budget shared across processes on one SQLite file
-(proxy/slots.py, proxy/state/sqlite.py); the Redis ones work on Redis' shared budget.
+(proxy/budget/slots.py, proxy/state/sqlite.py); the Redis ones work on Redis' shared budget.
 """
 
 from __future__ import annotations

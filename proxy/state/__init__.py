@@ -1,32 +1,17 @@
-"""Durable state behind Protocols, and the one place that picks a backend from the state URL.
-
-Supported ``state`` URLs:
-
-- ``memory://``: in-process, forgotten on restart.
-- ``sqlite:///var/lib/echowin-gateway/state.db``: an absolute path (three slashes, then the
-  path without its leading ``/``; four slashes such as ``sqlite:////state.db`` also work and
-  are needed for a file directly under ``/``).
-- ``sqlite:///state.db``, ``sqlite:///./data/state.db``, ``sqlite:///../state.db``: relative
-  to the working directory. A bare file name or a path starting ``./`` or ``../`` is relative.
-- ``redis://host:6379/0`` (``rediss://`` for TLS): shared by several replicas. The password
-  comes from the config's ``redis.password``, never from the URL (one there is refused); an
-  ACL user name may precede the host (``redis://gateway@host:6379/0``). Needs the ``redis``
-  extra; this package imports redis-py only when a Redis URL is used.
-
-Missing directories of a SQLite path are created. Percent-escapes in the path are decoded.
-"""
+"""Durable state behind Protocols, and the one place that picks a backend from the state URL
+(parsed by :mod:`proxy.config.state_url`, whose docstring lists the URLs)."""
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
-from urllib.parse import unquote
+from typing import TYPE_CHECKING
 
+from proxy.auth.tokens import TokenStore
+from proxy.config import GatewayConfig
+from proxy.config.state_url import StateUrl, parse_state_url
 from proxy.state.memory import MemorySendLog, MemoryTokenStore
 from proxy.state.sqlite import SqliteSendLog, SqliteTokenStore
-from proxy.tokens import TokenStore
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -45,9 +30,9 @@ __all__ = [
     "open_send_log",
     "open_token_store",
     "parse_state_url",
+    "redis_options",
 ]
 
-_SUPPORTED = "use memory://, sqlite:///path/to/state.db or redis://host:6379/0"
 _REDIS_NAMES = frozenset({"RedisOptions", "RedisTokenStore", "open_redis"})
 
 
@@ -58,62 +43,15 @@ def __getattr__(name: str) -> object:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _require_redis() -> None:
-    """ValueError naming the missing extra, before anything imports redis-py."""
-    if importlib.util.find_spec("redis") is None:
-        raise ValueError("state: redis:// needs redis-py: pip install 'echowin-gateway[redis]'")
+def redis_options(config: GatewayConfig, password: str | None) -> RedisOptions:
+    """The RedisOptions for ``config`` (redis-py is imported only for redis:// states)."""
+    from proxy.state.redis import RedisOptions
 
-
-@dataclass(frozen=True, slots=True)
-class StateUrl:
-    """A parsed ``state`` URL: the backend; for sqlite the file path (maybe relative); for
-    redis the URL itself (checked, and free of any password)."""
-
-    backend: Literal["memory", "sqlite", "redis"]
-    path: str | None = None
-    url: str | None = field(default=None, repr=False)
-
-
-def _sqlite_path(rest: str) -> str:
-    """The file path in ``sqlite://<rest>``; see the module docstring for the rules."""
-    if not rest.startswith("/") or rest == "/":
-        raise ValueError(f"state: a sqlite URL needs a file path: {_SUPPORTED}")
-    if "?" in rest or "#" in rest:
-        raise ValueError("state: a sqlite URL takes no query or fragment")
-    path = unquote(rest[1:])
-    if "\x00" in path:
-        raise ValueError("state: a sqlite file path cannot hold a NUL byte (%00)")
-    relative = path.startswith(("./", "../")) or "/" not in path
-    if not relative and not path.startswith("/"):
-        path = "/" + path
-    if path.endswith("/") or path.rsplit("/", 1)[-1] in ("", ".", "..", ":memory:"):
-        raise ValueError(f"state: {path!r} is not a database file name")
-    return path
-
-
-def parse_state_url(url: str) -> StateUrl:
-    """Parse and check a ``state`` URL without opening anything (for ``check-config``).
-
-    ValueError, starting ``state:``, for anything unsupported. Messages never repeat the whole
-    URL, since a later backend's URL (Redis) may carry a password.
-    """
-    scheme, sep, rest = url.partition("://")
-    scheme = scheme.lower()
-    if not sep:
-        raise ValueError(f"state: not a URL: {_SUPPORTED}")
-    if scheme == "memory":
-        if rest not in ("", "/"):
-            raise ValueError("state: memory:// takes nothing after the scheme")
-        return StateUrl("memory")
-    if scheme == "sqlite":
-        return StateUrl("sqlite", _sqlite_path(rest))
-    if scheme in ("redis", "rediss"):
-        _require_redis()
-        from proxy.state.redis import parse_redis_url
-
-        parse_redis_url(url)
-        return StateUrl("redis", url=url)
-    raise ValueError(f"state: unsupported URL scheme {scheme[:20]!r}: {_SUPPORTED}")
+    return RedisOptions(
+        password=password,
+        key_prefix=config.redis.key_prefix,
+        timeout_seconds=config.redis.timeout_seconds,
+    )
 
 
 async def open_token_store(

@@ -23,7 +23,6 @@ import math
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, Unpack, cast
-from urllib.parse import unquote, urlsplit
 
 import redis.asyncio
 from redis.asyncio.retry import Retry
@@ -32,7 +31,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import WatchError
 from redis.typing import EncodableT, FieldT
 
-from proxy.tokens import TokenChanges, TokenRecord, apply_changes
+from proxy.auth.tokens import TokenChanges, TokenRecord, apply_changes
+from proxy.config.state_url import RedisAddress, parse_redis_url
 
 __all__ = ["RedisAddress", "RedisOptions", "RedisTokenStore", "open_redis", "parse_redis_url"]
 
@@ -51,8 +51,6 @@ MAX_TRANSACTION_ATTEMPTS = 100
 """Bound on optimistic (WATCH) retries. Each failed attempt means another writer committed, so
 N concurrent writers of one key need at most N attempts; hitting this bound raises WatchError."""
 
-_MAX_DB = 2**31 - 1
-_SCHEMES = ("redis", "rediss")
 
 _INT_FIELDS = frozenset({"hourly", "per_minute", "weight"})
 _FLOAT_FIELDS = frozenset({"created_at", "expires_at", "revoked_at"})
@@ -95,64 +93,6 @@ class RedisOptions:
             raise ValueError("redis.timeout_seconds: must be seconds > 0")
         if not (math.isfinite(timeout) and timeout > 0):
             raise ValueError("redis.timeout_seconds: must be seconds > 0")
-
-
-@dataclass(frozen=True, slots=True)
-class RedisAddress:
-    """Where a ``redis://`` or ``rediss://`` URL points. ``tls`` is True for ``rediss://``.
-
-    ``username`` is an ACL user name (not a secret); the password is never part of it.
-    """
-
-    host: str
-    port: int = 6379
-    db: int = 0
-    tls: bool = False
-    username: str | None = None
-
-
-def parse_redis_url(url: str) -> RedisAddress:
-    """Parse ``redis[s]://[user@]host[:port][/db]`` without connecting.
-
-    ValueError, starting ``state:``, for anything else: a password in the URL (it belongs in
-    ``redis.password``), a query or fragment, a bad port or db. Messages never repeat the URL.
-    """
-    scheme, sep, _ = url.partition("://")
-    scheme = scheme.lower()
-    if not sep or scheme not in _SCHEMES:
-        raise ValueError("state: a Redis URL starts with redis:// or rediss://")
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError:
-        raise ValueError(f"state: {scheme}:// URL has a malformed host or port") from None
-    if parts.password is not None:
-        raise ValueError(
-            f"state: a {scheme}:// URL must not carry a password;"
-            " set redis.password (from env or file) instead"
-        )
-    if parts.query or parts.fragment or "?" in url or "#" in url:
-        raise ValueError(f"state: a {scheme}:// URL takes no query or fragment")
-    if not parts.hostname:
-        raise ValueError(f"state: a {scheme}:// URL needs a host")
-    if port == 0:
-        raise ValueError(f"state: a {scheme}:// URL needs a port in 1-65535")
-    return RedisAddress(
-        host=parts.hostname,
-        port=6379 if port is None else port,
-        db=_db_index(scheme, parts.path),
-        tls=scheme == "rediss",
-        username=None if parts.username is None else unquote(parts.username),
-    )
-
-
-def _db_index(scheme: str, path: str) -> int:
-    digits = path[1:] if path.startswith("/") else path
-    if not digits:
-        return 0
-    if not (digits.isascii() and digits.isdigit()) or int(digits) > _MAX_DB:
-        raise ValueError(f"state: a {scheme}:// URL path must be a database number such as /0")
-    return int(digits)
 
 
 def open_redis(url: str, options: RedisOptions) -> redis.asyncio.Redis:
@@ -235,7 +175,7 @@ def _pairs_to_mapping(flat: Sequence[bytes]) -> dict[bytes | str, bytes | str]:
 
 
 class RedisTokenStore:
-    """``proxy.tokens.TokenStore`` in Redis, on a client shared with the rest of the process.
+    """``proxy.auth.tokens.TokenStore`` in Redis, on a client shared with the rest of the process.
 
     Every method is atomic across processes: ``put`` and ``revoke`` are Lua scripts,
     ``update`` and ``list`` are optimistic WATCH/MULTI transactions retried when another

@@ -17,7 +17,7 @@ again what was sent.
 Keys, for credential ``c`` and prefix ``p``: ``p{c}:sends`` (sorted set, score = Redis
 time of the send, member = ``replica:seq``), ``p{c}:ext:{i}`` (external sends counted in
 window ``i``), ``p{c}:frozen`` (Redis time until which nothing may be sent) and
-``p{c}:line`` (hash: the replicas waiting for the next free slot, ``proxy.slots.Line``).
+``p{c}:line`` (hash: the replicas waiting for the next free slot, ``proxy.budget.slots.Line``).
 A freeze is also published on the channel ``p{c}:freezes`` (``"<replica> <Redis time>"``),
 so that the other replicas refuse their waiters at once (``RedisSlots.on_frozen``).
 """
@@ -39,8 +39,8 @@ from typing import Any, Literal
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from proxy.budget import CredentialBudget, Limit, WindowView
-from proxy.slots import LINE_GRACE, Slot, StateUnavailable
+from proxy.budget.slots import LINE_GRACE, Slot, StateUnavailable
+from proxy.budget.windows import CredentialBudget, Limit, WindowView
 
 log = logging.getLogger("echowin_gateway.state")
 
@@ -104,7 +104,7 @@ for i = 1, k do
     if w > wait then wait = w end
   end
 end
--- The line of replicas waiting for a free slot (proxy.slots.Line): field = replica,
+-- The line of replicas waiting for a free slot (proxy.budget.slots.Line): field = replica,
 -- value = 'served due'. Each replica served before this one and about to try gets a
 -- free slot first.
 local mine = false
@@ -203,7 +203,7 @@ def _pairs(raw: Sequence[bytes]) -> list[float]:
 
 
 class RedisSlots:
-    """:class:`proxy.slots.SlotSource` for one credential, on a shared Redis client."""
+    """:class:`proxy.budget.slots.SlotSource` for one credential, on a shared Redis client."""
 
     durable = True
     remembers_external = True  # the ext:{i} keys keep what echowin reported to any replica

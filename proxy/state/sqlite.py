@@ -19,11 +19,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Self, TypeVar, Unpack
 
-from proxy.slots import Line
-from proxy.tokens import TokenChanges, TokenRecord, apply_changes
+from proxy.auth.tokens import TokenChanges, TokenRecord, apply_changes
+from proxy.budget.slots import Line
 
 if TYPE_CHECKING:
-    from proxy.slots import Row
+    from proxy.budget.slots import Row
 
 __all__ = [
     "SCHEMA_MIGRATIONS",
@@ -88,7 +88,7 @@ SCHEMA_MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX send_rows_by_time ON send_rows (at)",
     ),
     # 3 -> 4: the line of processes waiting for a credential's next free slot
-    # (proxy.slots.Line): one place per waiting process, in line since ``since``, lapsed
+    # (proxy.budget.slots.Line): one place per waiting process, in line since ``since``, lapsed
     # after ``due``.
     (
         """CREATE TABLE send_line (
@@ -325,7 +325,7 @@ class _Connection:
 
 
 class SqliteTokenStore(_Connection):
-    """``proxy.tokens.TokenStore`` on one SQLite connection, which it owns and closes.
+    """``proxy.auth.tokens.TokenStore`` on one SQLite connection, which it owns and closes.
 
     Each call runs in a worker thread (``asyncio.to_thread``) under a ``threading.Lock``, so
     the event loop never blocks on disk and the connection sees one statement at a time.
@@ -354,7 +354,7 @@ class SqliteTokenStore(_Connection):
 
 
 class SqliteSendLog(_Connection):
-    """The budget's write-ahead send log (``proxy.slots.SendLog``) in the state file.
+    """The budget's write-ahead send log (``proxy.budget.slots.SendLog``) in the state file.
 
     A row is committed in WAL mode with synchronous=NORMAL, which survives a crash of the
     process (SIGKILL included); only a power cut may lose the last commits. Its own
