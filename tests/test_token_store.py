@@ -361,6 +361,7 @@ def test_state_all_is_pinned() -> None:
         "open_send_log",
         "open_token_store",
         "parse_state_url",
+        "redis_options",
     ]
 
 
