@@ -15,8 +15,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.budget import scheduler as scheduler_module
 from proxy.auth.tokens import TokenRecord
+from proxy.budget import scheduler as scheduler_module
 from proxy.budget.admission import AdmitRequest
 from proxy.budget.ratelimit_headers import parse_reset, parse_retry_after
 from proxy.budget.scheduler import Lane, QueuePolicy, Scheduler, SlotGrant, _Turns
