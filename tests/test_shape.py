@@ -24,7 +24,6 @@ PENDING: dict[str, int] = {
     "proxy/gateway/handler.py": 918,
     "proxy/observe/metrics.py": 437,
     "proxy/server/lobby.py": 735,
-    "proxy/sim/__init__.py": 1174,
     "proxy/state/redis_budget.py": 804,
     "proxy/state/sqlite.py": 485,
     "proxy/upstream.py": 408,
