@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy import config
+from proxy.config import schema as config
 from proxy.server import loops
 from proxy.config import ConfigError, parse_config
 from tests.procs import (

@@ -20,7 +20,6 @@ PENDING: dict[str, int] = {
     "proxy/budget/slots.py": 492,
     "proxy/budget/windows.py": 511,
     "proxy/cli/main.py": 446,
-    "proxy/config/__init__.py": 634,
     "proxy/gateway/handler.py": 918,
     "proxy/observe/metrics.py": 437,
     "proxy/server/lobby.py": 735,
