@@ -20,7 +20,6 @@ PENDING: dict[str, int] = {
     "proxy/budget/slots.py": 492,
     "proxy/budget/windows.py": 511,
     "proxy/gateway/handler.py": 918,
-    "proxy/observe/metrics.py": 437,
     "proxy/server/lobby.py": 735,
     "proxy/state/redis_budget.py": 804,
     "proxy/state/sqlite.py": 485,
@@ -31,7 +30,6 @@ PENDING_FUNCTIONS: dict[str, int] = {
     "proxy/app.py:serve": 99,
     "proxy/gateway/handler.py:lobby_decider": 61,
     "proxy/gateway/handler.py:_relay": 64,
-    "proxy/observe/metrics.py:Metrics.__init__": 149,
     "proxy/state/redis_budget.py:RedisSlots.__init__": 67,
     "proxy/upstream.py:Upstream.send": 72,
 }

@@ -40,7 +40,7 @@ from tests.procs import free_ports
 from tests.test_replicas import RedisServer, redis_server, wait_redis_up  # noqa: F401
 from tests.test_token_store import REDIS_URL, scratch_redis
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DASHBOARD = REPO / "deploy" / "grafana" / "echowin-gateway.json"
 ALERTS = REPO / "deploy" / "prometheus" / "alerts.yml"
 PROMETHEUS_CONFIG = REPO / "deploy" / "prometheus" / "prometheus.yml"
