@@ -54,7 +54,7 @@ PARSE_VARS = {"__rate_interval": "1m", "__range": "1h", **ALL}
 LIVE_VARS = {"__rate_interval": "10s", "__range": "1m", **ALL}
 # Series that Prometheus itself makes for every target, not the gateway.
 SYNTHETIC = {"up"}
-# Only the supervisor of `serve --workers N` exports these (tests/test_workers.py).
+# Only the supervisor of `serve --workers N` exports these (tests/workers/test_workers.py).
 GROUP_ONLY = {"echowin_gateway_worker_restarts_total"}
 
 MakeGateway = Callable[..., Awaitable[GatewayHandle]]
