@@ -18,10 +18,11 @@ from typing import Any
 
 from aiohttp import web
 
+from proxy.auth.authenticator import TokenAuthenticator
 from proxy.auth.client_address import TrustedProxies
 from proxy.auth.routes import RouteTable
 from proxy.auth.throttle import AuthThrottle
-from proxy.auth.tokens import TokenAuthenticator, TokenStore
+from proxy.auth.tokens import TokenStore
 from proxy.budget.admission import Admitter, OpenAdmitter
 from proxy.budget.scheduler import QUOTA_HORIZON, Lane, QueuePolicy, Scheduler, local_quota_source
 from proxy.budget.slots import SendLog, SlotSource

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from proxy import config
 from proxy.config import ConfigError, parse_config
+from proxy.config import schema as config
 from proxy.server import loops
 from tests.procs import (
     Spawn,

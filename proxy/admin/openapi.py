@@ -111,7 +111,21 @@ _SCHEMAS: dict[str, Any] = {
 
 def openapi_document() -> dict[str, Any]:
     """The document; built per call (it is small and served rarely)."""
-    token_paths: dict[str, Any] = {
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "echowin-gateway admin API", "version": __version__},
+        "security": [{"adminToken": []}],
+        "paths": {**_token_paths(), **_other_paths()},
+        "components": {
+            "schemas": _SCHEMAS,
+            "securitySchemes": {"adminToken": {"type": "http", "scheme": "bearer"}},
+        },
+    }
+
+
+def _token_paths() -> dict[str, Any]:
+    """The token collection and one token: list, create, show, change, revoke."""
+    return {
         "/admin/tokens": {
             "get": {
                 "summary": "List tokens",
@@ -145,6 +159,12 @@ def openapi_document() -> dict[str, Any]:
                 "responses": {"200": _json(_ref("Token"), "Revoked"), **_ERRORS, **_NOT_FOUND},
             },
         },
+    }
+
+
+def _other_paths() -> dict[str, Any]:
+    """A token's usage, the workers' forget call, and the budget."""
+    return {
         "/admin/tokens/{token_id}/usage": {
             "parameters": [_TOKEN_ID],
             "get": {
@@ -165,15 +185,5 @@ def openapi_document() -> dict[str, Any]:
                 "summary": "Every upstream credential's budget windows, queue and freeze",
                 "responses": {"200": _json({"type": "object"}, "Budget state"), **_ERRORS},
             }
-        },
-    }
-    return {
-        "openapi": "3.1.0",
-        "info": {"title": "echowin-gateway admin API", "version": __version__},
-        "security": [{"adminToken": []}],
-        "paths": token_paths,
-        "components": {
-            "schemas": _SCHEMAS,
-            "securitySchemes": {"adminToken": {"type": "http", "scheme": "bearer"}},
         },
     }

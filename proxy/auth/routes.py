@@ -14,6 +14,9 @@ a segment that folds to a literal (`Custom-Fields`; `%EF%BD%83ustom-fields`, who
 letter is a fullwidth c) take the `{param}` beside it: an upstream that routes
 case-insensitively or after NFKC would read it as the literal's route, whose scope may be
 wider than the param route's.
+
+Path decoding is ``proxy.auth.paths``'s job and scope rules ``proxy.auth.scopes``'s; their
+public names are re-exported here, as every user of the route table needs them with it.
 """
 
 from __future__ import annotations
@@ -24,6 +27,15 @@ from types import MappingProxyType
 from typing import Final, Literal
 from unicodedata import normalize
 from urllib.parse import quote
+
+from proxy.auth.paths import PathError, normalise_path
+from proxy.auth.scopes import (
+    WILDCARD,
+    check_route_scope,
+    is_valid_scope,
+    known_scopes,
+    scope_allows,
+)
 
 __all__ = [
     "DEFAULT_ROUTES",
@@ -47,58 +59,19 @@ Family = Literal["team", "agency"]
 UNMATCHED_TEMPLATE: Final = "unmatched"
 """Template label for paths no route matched (a bounded metrics label, never a raw path)."""
 
-WILDCARD: Final = "*"
-"""The scope that grants every route, known or not."""
-
 HTTP_METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 API_PREFIX: Final = "/api/v1/"
 AGENCY_PREFIX: Final = "/api/v1/agency/"
-
-# Longer than any real echowin path by far; aiohttp caps the request line near 8 KiB anyway.
-MAX_PATH_LENGTH: Final = 8192
 
 # RouteTable.match remembers this many answers, for paths up to this long (bounded memory:
 # paths are chosen by callers). Past the bound it starts over.
 MATCH_CACHE_SIZE: Final = 4096
 MATCH_CACHE_PATH_LENGTH: Final = 512
 
-# Bytes refused when they arrive percent-encoded. Each one decodes into a character that
-# changes how a path splits or resolves, so a server decoding before routing and one
-# decoding after would see different routes. Read-only view: no module-level mutable state.
-_REFUSED_ENCODED: Final[Mapping[int, str]] = MappingProxyType(
-    {
-        0x2F: "encoded slash",
-        0x5C: "encoded backslash",
-        0x2E: "encoded dot",
-        0x00: "encoded NUL",
-        0x25: "double encoding (%25)",
-        0x3B: "path parameter (;)",
-        0x3F: "encoded ? or #",
-        0x23: "encoded ? or #",
-    }
-)
-_HEX_DIGITS: Final = frozenset("0123456789abcdefABCDEF")
-_SCOPE_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_-")
 # Characters quote(..., safe="") never escapes; template literals must use only these so
 # the literal we forward is byte-for-byte the one we matched.
 _UNRESERVED: Final = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
-# ASCII characters that a Unicode compatibility form (NFKC, as some servers apply) must not
-# produce: two FULLWIDTH FULL STOPs (U+FF0E) or a TWO DOT LEADER (U+2025) become "..",
-# a FULLWIDTH SOLIDUS (U+FF0F) becomes "/".
-_DELIMITERS: Final = frozenset("/\\;?#%")
-
-
-class PathError(ValueError):
-    """A request path the gateway refuses to interpret (answer 400).
-
-    `reason` is a short, fixed, human text ("empty path segment", "dot segment", ...). The
-    message never echoes the path itself: it is attacker-chosen and may carry ids.
-    """
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(f"refused path: {reason}")
-        self.reason = reason
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,7 +99,7 @@ class Route:
             allowed = ", ".join(sorted(HTTP_METHODS))
             raise ValueError(f"route method {self.method!r}: must be one of {allowed}")
         _template_shape(self.template)
-        _check_route_scope(self.scope)
+        check_route_scope(self.scope)
         family: Family = "agency" if self.template.startswith(AGENCY_PREFIX) else "team"
         # Frozen dataclass: the derived field is set once, here, and never again.
         object.__setattr__(self, "family", family)
@@ -148,85 +121,6 @@ class RouteMatch:
     template: str
     path: str
     family: Family
-
-
-def normalise_path(raw_path: str) -> list[str]:
-    """Decode a request path into segments, or raise PathError.
-
-    `raw_path` is the path as received on the wire, percent-encoded, WITHOUT the query
-    string (callers split at the first "?"; a "?" or "#" left in it is refused). "/"
-    yields []. Refused: not starting with "/"; empty segments (`//`, trailing slash);
-    segments made only of dots; "\\", ";", control characters, raw or encoded;
-    %2F %5C %2E %00 %25 %3B %3F %23 in any hex case; malformed escapes; invalid UTF-8;
-    non-ASCII segments whose NFKC form is a dot segment or holds a delimiter.
-    """
-    if len(raw_path) > MAX_PATH_LENGTH:
-        raise PathError("path too long")
-    if not raw_path.startswith("/"):
-        raise PathError("path must start with /")
-    if raw_path == "/":
-        return []
-    raw_segments = raw_path[1:].split("/")
-    last = len(raw_segments) - 1
-    segments = []
-    for index, raw in enumerate(raw_segments):
-        if not raw:
-            raise PathError("trailing slash" if index == last else "empty path segment")
-        segments.append(_decode_segment(raw))
-    return segments
-
-
-def _decode_segment(raw: str) -> str:
-    """Percent-decode one non-empty raw segment (UTF-8 strict) and vet the result."""
-    data = bytearray()
-    i = 0
-    while i < len(raw):
-        char = raw[i]
-        if char == "%":
-            digits = raw[i + 1 : i + 3]
-            if len(digits) != 2 or not _HEX_DIGITS.issuperset(digits):
-                raise PathError("malformed percent escape")
-            byte = int(digits, 16)
-            reason = _REFUSED_ENCODED.get(byte)
-            if reason is not None:
-                raise PathError(reason)
-            data.append(byte)
-            i += 3
-            continue
-        _check_raw_char(char)
-        try:
-            data += char.encode("utf-8")
-        except UnicodeEncodeError:  # lone surrogate, e.g. from a surrogateescape decode
-            raise PathError("invalid UTF-8") from None
-        i += 1
-    try:
-        text = data.decode("utf-8")  # strict: overlong forms such as %C0%AE are refused
-    except UnicodeDecodeError:
-        raise PathError("invalid UTF-8") from None
-    _check_decoded(text)
-    return text
-
-
-def _check_raw_char(char: str) -> None:
-    if char == "\\":
-        raise PathError("backslash")
-    if char == ";":
-        raise PathError("path parameter (;)")
-    if char in "?#":
-        raise PathError("query or fragment in path")
-
-
-def _check_decoded(text: str) -> None:
-    # Unicode category Cc is exactly U+0000-U+001F and U+007F-U+009F; checking after
-    # decoding also catches UTF-8-encoded C1 controls such as %C2%85 (NEL).
-    if any(c < " " or "\x7f" <= c <= "\x9f" for c in text):
-        raise PathError("control character")
-    if not text.strip("."):
-        raise PathError("dot segment")
-    if not text.isascii():
-        folded = normalize("NFKC", text)
-        if not folded.strip(".") or not _DELIMITERS.isdisjoint(folded):
-            raise PathError("unicode lookalike of a path delimiter")
 
 
 def _template_shape(template: str) -> tuple[str, ...]:
@@ -259,16 +153,6 @@ def _template_shape(template: str) -> tuple[str, ...]:
         else:
             shape.append(segment)
     return tuple(shape)
-
-
-def _check_route_scope(scope: str) -> None:
-    if not scope:
-        raise ValueError("route scope is empty")
-    if not all(part and _SCOPE_CHARS.issuperset(part) for part in scope.split(":")):
-        raise ValueError(
-            f"route scope {scope!r}: must be ':'-separated parts of a-z 0-9 _ - "
-            "(lower-case; wildcards belong to tokens, not routes)"
-        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -387,44 +271,6 @@ class RouteTable:
 
     def __repr__(self) -> str:
         return f"RouteTable({len(self.routes)} routes)"
-
-
-def scope_allows(granted: Iterable[str], needed: str) -> bool:
-    """True iff a token holding `granted` may use a route needing `needed`.
-
-    "*" grants everything, including unknown routes (ask with needed="*"). A scope ending
-    in ":*" grants every scope that starts with what precedes the "*" and goes on after
-    it ("agency:*" grants "agency:subteams:write"). Any other scope grants only itself.
-    Comparison is case-exact; there are no partial prefixes ("contacts" grants nothing).
-    """
-    if isinstance(granted, str):
-        # A bare string would be iterated character by character, and "*" is a character.
-        raise TypeError("granted must be a collection of scopes, not a str")
-    for scope in granted:
-        if scope in (WILDCARD, needed):
-            return True
-        if scope.endswith(":*"):
-            prefix = scope[:-1]
-            if len(needed) > len(prefix) and needed.startswith(prefix):
-                return True
-    return False
-
-
-def known_scopes(routes: Iterable[Route]) -> frozenset[str]:
-    """Every scope a token may be created with: each route scope, "*", and each wildcard
-    that grants at least one route scope ("agency:*" and "agency:subteams:*" for
-    "agency:subteams:write")."""
-    scopes = {WILDCARD}
-    for route in routes:
-        scopes.add(route.scope)
-        parts = route.scope.split(":")
-        scopes.update(":".join(parts[:n]) + ":*" for n in range(1, len(parts)))
-    return frozenset(scopes)
-
-
-def is_valid_scope(scope: str, routes: Iterable[Route]) -> bool:
-    """True iff `scope` is one of known_scopes(routes)."""
-    return scope in known_scopes(routes)
 
 
 DEFAULT_ROUTES: Final[tuple[Route, ...]] = (

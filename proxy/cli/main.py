@@ -1,4 +1,5 @@
-"""The ``echowin-gateway`` command line.
+"""The ``echowin-gateway`` command line: one parser, one ``cmd_*`` per subcommand (the
+token subcommands are in ``proxy.cli.tokens``).
 
 Exit codes: 0 success, 1 runtime failure, 2 bad usage or bad configuration, 141 stdout
 closed by its reader (``token list | head``). Config and secret errors print one line per
@@ -11,41 +12,30 @@ import argparse
 import asyncio
 import contextlib
 import io
-import json
 import os
-import sqlite3
 import sys
-import time
-from collections.abc import Callable, Coroutine, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from proxy import __version__
-from proxy.admin.tokenops import create_token, open_store
-from proxy.auth.tokens import TokenStore
-from proxy.cli.admin_client import AdminClient, AdminError
+from proxy.cli.admin_client import AdminClient
+from proxy.cli.common import EXIT_BROKEN_PIPE, EXIT_CONFIG, admin_call, fail, load
+from proxy.cli.tokens import add_token_parser
 from proxy.config import (
     MAX_WORKERS,
     ConfigError,
-    GatewayConfig,
     load_config,
     resolve_secrets,
     unshared_state,
-    with_state,
 )
 from proxy.observe.logs import setup_logging, tag_process
 from proxy.state.sqlite import StateFileError
 
 if TYPE_CHECKING:
+    from proxy.cli.common import Subparsers
     from proxy.server.worker import WorkerSpec
 
-EXIT_CONFIG = 2
-EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a writer its reader left
-
-
-def _fail(lines: Sequence[str], code: int = EXIT_CONFIG) -> int:
-    for line in lines:
-        print(f"error: {line}", file=sys.stderr)
-    return code
+__all__ = ["EXIT_BROKEN_PIPE", "EXIT_CONFIG", "main"]
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -54,17 +44,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         if not args.skip_secrets:
             resolve_secrets(config)
     except ConfigError as exc:
-        return _fail(exc.lines)
+        return fail(exc.lines)
     routes = config.route_table()
     print(f"{args.path}: OK ({len(routes)} routes, {len(config.upstream.limits)} limits)")
     return 0
-
-
-def _load(args: argparse.Namespace) -> GatewayConfig:
-    config = load_config(args.config)
-    if getattr(args, "state", None):
-        config = with_state(config, args.state)
-    return config
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -76,7 +59,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     worker = _worker_spec(args)  # a worker ignores SIGHUP until up; its supervisor resends
     hangups = EarlyHangups() if worker is None else None
     try:
-        config = _load(args)
+        config = load(args)
         if hangups is not None:
             hangups.pending = False  # what came before is read now
         secrets_ = resolve_secrets(config)
@@ -85,7 +68,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if count > 1 and (problem := unshared_state(config, source, count)):
             raise ConfigError([problem])
     except ConfigError as exc:
-        return _fail(exc.lines)
+        return fail(exc.lines)
     setup_logging(config.logging.level, config.logging.format)
     if worker is not None:
         tag_process(worker=worker.index)
@@ -104,9 +87,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             config.server.event_loop,
         )
     except StateFileError as exc:
-        return _fail([str(exc)], code=1)
+        return fail([str(exc)], code=1)
     except OSError as exc:
-        return _fail([f"cannot start: {exc.strerror or exc}"], code=1)
+        return fail([f"cannot start: {exc.strerror or exc}"], code=1)
     return 0
 
 
@@ -120,139 +103,6 @@ def _worker_spec(args: argparse.Namespace) -> WorkerSpec | None:
     return spec.bind_to_parent()
 
 
-def _state_errors() -> tuple[type[Exception], ...]:
-    """What the token store raises when its state cannot answer (Redis' errors once
-    redis-py is loaded: it is imported only for a redis:// state)."""
-    errors: list[type[Exception]] = [StateFileError, sqlite3.Error]
-    redis_exceptions = sys.modules.get("redis.exceptions")
-    if redis_exceptions is not None:
-        errors.append(redis_exceptions.RedisError)
-    return tuple(errors)
-
-
-async def _with_store(
-    config: GatewayConfig, fn: Callable[[TokenStore], Coroutine[Any, Any, int]]
-) -> int:
-    """``fn`` on the config's token store; 1 and one error line when the state fails, 2
-    for ``memory://``: a token kept in this process's memory would reach no gateway."""
-    if config.state.lower().startswith("memory:"):
-        return _fail(
-            [
-                "state: memory:// keeps tokens inside the running gateway; use --admin-url"
-                " (its admin API) or a sqlite:/// or redis:// state"
-            ]
-        )
-    try:
-        store = await open_store(config)
-        try:
-            return await fn(store)
-        finally:
-            await store.close()
-    except _state_errors() as exc:
-        if isinstance(exc, StateFileError):
-            return _fail([str(exc)], code=1)
-        # sqlite's and Redis' texts name no secret (the URL's password is refused).
-        return _fail([f"state: the token store failed: {type(exc).__name__}: {exc}"], code=1)
-
-
-def _print_created(view: dict[str, Any], token: str) -> None:
-    scopes = " ".join(view["scopes"])
-    print(f"created token {view['id']} for {view['name']}; scopes: {scopes}")
-    print("it is shown once; store it now:")
-    print(token)
-
-
-def _token_body(args: argparse.Namespace) -> dict[str, Any]:
-    body: dict[str, Any] = {"name": args.name, "scopes": args.scope, "weight": args.weight}
-    body["upstream_key"] = args.upstream_key
-    for key in ("hourly", "per_minute", "expires_in"):
-        if getattr(args, key) is not None:
-            body[key] = getattr(args, key)
-    return body
-
-
-def _admin_call(args: argparse.Namespace, fn: Callable[[AdminClient], Any]) -> int:
-    """Run ``fn`` against the admin API; 2 for a refusal of bad input, 1 otherwise."""
-    try:
-        return int(asyncio.run(fn(AdminClient(args.admin_url))))
-    except AdminError as exc:
-        return _fail([str(exc)], code=2 if exc.status == 400 else 1)
-
-
-def cmd_token_create(args: argparse.Namespace) -> int:
-    if args.admin_url:
-
-        async def remote(client: AdminClient) -> int:
-            created = await client.create(_token_body(args))
-            _print_created(created, created["token"])
-            return 0
-
-        return _admin_call(args, remote)
-    config = _load(args)
-
-    async def run(store: TokenStore) -> int:
-        try:
-            new = await create_token(store, config, config.route_table(), **_token_body(args))
-        except ValueError as exc:
-            return _fail([str(exc)])
-        _print_created(new.record.public_view(), new.token)
-        return 0
-
-    return asyncio.run(_with_store(config, run))
-
-
-def _print_tokens(views: list[dict[str, Any]], as_json: bool) -> None:
-    if as_json:
-        print(json.dumps(views, indent=2))
-        return
-    rows = [("ID", "NAME", "STATUS", "KEY", "SCOPES")]
-    rows += [
-        (v["id"], v["name"], v["status"], v["upstream_key"], " ".join(v["scopes"])) for v in views
-    ]
-    # Each column as wide as its longest value (names and keys run to 64 characters).
-    widths = [max(len(row[i]) for row in rows) + 2 for i in range(4)]
-    for row in rows:
-        print("".join(row[i].ljust(widths[i]) for i in range(4)) + row[4])
-
-
-def cmd_token_list(args: argparse.Namespace) -> int:
-    if args.admin_url:
-
-        async def remote(client: AdminClient) -> int:
-            _print_tokens(await client.list(), args.json)
-            return 0
-
-        return _admin_call(args, remote)
-    config = _load(args)
-
-    async def run(store: TokenStore) -> int:
-        _print_tokens([r.public_view() for r in await store.list()], args.json)
-        return 0
-
-    return asyncio.run(_with_store(config, run))
-
-
-def cmd_token_revoke(args: argparse.Namespace) -> int:
-    if args.admin_url:
-
-        async def remote(client: AdminClient) -> int:
-            view = await client.revoke(args.token_id)
-            print(f"revoked {view['id']} ({view['name']})")
-            return 0
-
-        return _admin_call(args, remote)
-    config = _load(args)
-
-    async def run(store: TokenStore) -> int:
-        record = await store.revoke(args.token_id, time.time())
-        if record is None:
-            return _fail([f"no token with id {args.token_id}"], code=1)
-        print(f"revoked {record.id} ({record.name})")
-        return 0
-
-    return asyncio.run(_with_store(config, run))
-
-
 def cmd_status(args: argparse.Namespace) -> int:
     from proxy.admin.status import status_text
 
@@ -260,7 +110,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(status_text(await client.call("GET", "/status.json")))
         return 0
 
-    return _admin_call(args, fetch)
+    return admin_call(args, fetch)
 
 
 def _sim_keys(given: list[str] | None, variable: str, header: str, made_up: str) -> list[str]:
@@ -280,13 +130,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     try:
         limits = tuple(parse_limit(text) for text in (args.limit or ["1000/3600", "100/60"]))
     except ValueError as exc:
-        return _fail([f"--limit: {exc}"])
+        return fail([f"--limit: {exc}"])
     faults = None
     if args.echo_key is not None or args.echo_in is not None:
         try:  # Faults names the field: echo_key, echo_in
             faults = Faults(echo_key=args.echo_key, echo_in=args.echo_in or "body")
         except ValueError as exc:
-            return _fail([f"--echo-key/--echo-in: {exc}"])
+            return fail([f"--echo-key/--echo-in: {exc}"])
     keys = _sim_keys(args.key, "ECHOWIN_API_KEY", "X-API-Key", "sim-team-key")
     agency = _sim_keys(args.agency_key, "ECHOWIN_AGENCY_KEY", "X-AGENCY-KEY", "sim-agency-key")
     config = SimConfig(
@@ -301,7 +151,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         except OSError as exc:  # the port is taken, the host does not resolve, ...
             errno = exc.errno or 0  # getaddrinfo's are negative: its strerror says it
             reason = os.strerror(errno) if errno > 0 else exc.strerror or str(exc)
-            return _fail([f"cannot start: {args.host}:{args.port}: {reason}"], code=1)
+            return fail([f"cannot start: {args.host}:{args.port}: {reason}"], code=1)
     return 0
 
 
@@ -309,15 +159,15 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     from proxy.cli.quickstart import run_quickstart
 
     try:
-        config = _load(args)
+        config = load(args)
     except ConfigError as exc:
-        return _fail(exc.lines)
+        return fail(exc.lines)
     if isinstance(sys.stdout, io.TextIOWrapper):  # the token line must show when piped (docker)
         sys.stdout.reconfigure(line_buffering=True)
     try:
         return asyncio.run(run_quickstart(config, sim_port=args.sim_port))
     except OSError as exc:
-        return _fail([f"cannot start: {exc.strerror or exc}"], code=1)
+        return fail([f"cannot start: {exc.strerror or exc}"], code=1)
 
 
 def port_arg(text: str) -> int:
@@ -340,7 +190,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
+    _add_serve(sub)
+    _add_check_config(sub)
+    add_token_parser(sub)
+    _add_status(sub)
+    _add_simulate(sub)
+    _add_quickstart(sub)
+    return p
 
+
+def _add_serve(sub: Subparsers) -> None:
     serve = sub.add_parser("serve", help="run the gateway")
     serve.add_argument("--config", required=True)
     serve.add_argument("--state", help="override the config's state URL")
@@ -354,6 +213,8 @@ def _parser() -> argparse.ArgumentParser:
         serve.add_argument(f"--worker-{hidden}", type=kind, help=argparse.SUPPRESS)
     serve.set_defaults(func=cmd_serve)
 
+
+def _add_check_config(sub: Subparsers) -> None:
     check = sub.add_parser("check-config", help="validate a config file")
     check.add_argument("path")
     check.add_argument(
@@ -361,36 +222,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     check.set_defaults(func=cmd_check_config)
 
-    token = sub.add_parser("token", help="create, list or revoke internal tokens")
-    tsub = token.add_subparsers(dest="token_command", required=True)
-    create = tsub.add_parser("create", help="create a token; printed once, as the last line")
-    create.add_argument("--name", required=True)
-    create.add_argument("--scope", action="append", required=True)
-    create.add_argument("--hourly", type=int)
-    create.add_argument("--per-minute", type=int)
-    create.add_argument("--weight", type=int, default=1)
-    create.add_argument("--expires-in", help="e.g. 30d, 12h, 90m")
-    create.add_argument("--upstream-key", default="default")
-    create.set_defaults(func=cmd_token_create)
-    lst = tsub.add_parser("list", help="list tokens (never their secrets)")
-    lst.add_argument("--json", action="store_true")
-    lst.set_defaults(func=cmd_token_list)
-    revoke = tsub.add_parser("revoke", help="revoke a token by id")
-    revoke.add_argument("token_id")
-    revoke.set_defaults(func=cmd_token_revoke)
-    for sp in (create, lst, revoke):
-        where = sp.add_mutually_exclusive_group(required=True)
-        where.add_argument("--config", help="work on the token store the config names")
-        where.add_argument(
-            "--admin-url",
-            help="work through a running gateway's admin API (token from $GATEWAY_ADMIN_TOKEN)",
-        )
-        sp.add_argument("--state", help="override the config's state URL")
 
+def _add_status(sub: Subparsers) -> None:
     status = sub.add_parser("status", help="a running gateway's budgets, queue and tokens")
     status.add_argument("--admin-url", default="http://127.0.0.1:9090")
     status.set_defaults(func=cmd_status)
 
+
+def _add_simulate(sub: Subparsers) -> None:
     sim = sub.add_parser("simulate", help="run a local echowin stand-in")
     sim.add_argument("--host", default="127.0.0.1")
     sim.add_argument("--port", type=port_arg, default=8081)
@@ -418,6 +257,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     sim.set_defaults(func=cmd_simulate)
 
+
+def _add_quickstart(sub: Subparsers) -> None:
     quick = sub.add_parser(
         "quickstart", help="run the gateway (against the simulator when no key is set)"
     )
@@ -425,7 +266,6 @@ def _parser() -> argparse.ArgumentParser:
     quick.add_argument("--state", default="sqlite:///./.run/state.db")
     quick.add_argument("--sim-port", type=int, default=8081)
     quick.set_defaults(func=cmd_quickstart)
-    return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -434,7 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.func(args)
         sys.stdout.flush()  # a reader gone (`token list | head`) shows here, not at exit
     except ConfigError as exc:
-        return _fail(exc.lines)
+        return fail(exc.lines)
     except BrokenPipeError:
         # Python's advice: point stdout at /dev/null so the flush at exit cannot fail again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

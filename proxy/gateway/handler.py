@@ -18,9 +18,10 @@ from aiohttp import web
 from aiohttp.streams import StreamReader
 from multidict import CIMultiDict, CIMultiDictProxy, MultiMapping
 
+from proxy.auth.authenticator import AuthFailure, AuthResult
 from proxy.auth.client_address import Address, client_address
 from proxy.auth.routes import PathError, RouteMatch, scope_allows
-from proxy.auth.tokens import AuthFailure, AuthResult, TokenRecord
+from proxy.auth.tokens import TokenRecord
 from proxy.budget.admission import AdmitRequest, Grant, Held, Refusal
 from proxy.budget.ratelimit_headers import parse_upstream_quota
 from proxy.budget.scheduler import freeze_until

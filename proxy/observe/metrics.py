@@ -7,11 +7,9 @@ authenticated token are labelled ``token="-"``.
 
 from __future__ import annotations
 
-import bisect
 import functools
-import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any, Generic, TypeVar
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -21,25 +19,17 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
-from prometheus_client import metrics as _prometheus_metrics
 from prometheus_client.core import (
-    CounterMetricFamily,
     GaugeMetricFamily,
-    HistogramMetricFamily,
     Metric,
 )
 from prometheus_client.registry import Collector
-from prometheus_client.samples import Sample
-from prometheus_client.utils import floatToGoString
 
 from proxy import __version__
 from proxy.errors import REFUSAL_REASONS
+from proxy.observe.loop_metrics import LoopCounter, LoopHistogram
 
 ANONYMOUS = "-"
-
-_Series = TypeVar("_Series")
-# How prometheus_client writes a bucket's bound in ``le`` (typed here: it is not).
-_le_of: Callable[[float], str] = floatToGoString
 
 # Upstream latency buckets in seconds: echowin answers in tens to hundreds of ms.
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -65,112 +55,6 @@ QuotaSource = Callable[[], Mapping[str, Any]]
 def window_label(per_seconds: float) -> str:
     """A window's label value: its length, e.g. ``3600s``."""
     return f"{per_seconds:g}s"
-
-
-class _LoopMetric(Collector, Generic[_Series]):
-    """A labelled metric updated on every request, kept in plain numbers.
-
-    prometheus_client's children take a lock for every update, and a histogram's walks
-    its buckets in Python: several microseconds per request for five updates. These are
-    only ever updated on the event loop's thread, so a plain number will do; a scrape
-    reads them as they are (as it reads prometheus_client's). The exposition is the
-    same as prometheus_client's Counter and Histogram make, ``_created`` companions
-    included unless prometheus_client is told to leave them out."""
-
-    def __init__(
-        self,
-        name: str,
-        documentation: str,
-        labelnames: Iterable[str],
-        registry: CollectorRegistry,
-    ) -> None:
-        self.name = name
-        self.documentation = documentation
-        self.labelnames = tuple(labelnames)
-        self._series: dict[tuple[str, ...], _Series] = {}  # per label set
-        self._created: dict[tuple[str, ...], float] = {}
-        registry.register(self)
-
-    def describe(self) -> Iterator[Metric]:
-        """The family without samples: the registry learns the names (a second metric of
-        the same name is refused, as for prometheus_client's own)."""
-        return self._family([])
-
-    def collect(self) -> Iterator[Metric]:
-        return self._family(list(self._series.items()))
-
-    def _family(self, series: list[tuple[tuple[str, ...], _Series]]) -> Iterator[Metric]:
-        raise NotImplementedError
-
-    def _created_at(self, values: tuple[str, ...]) -> float | None:
-        """The label set's ``_created``, unless prometheus_client is told to leave them out
-        (PROMETHEUS_DISABLE_CREATED_SERIES, disable_created_metrics())."""
-        return self._created[values] if getattr(_prometheus_metrics, "_use_created", True) else None
-
-    def _check(self, values: tuple[str, ...]) -> None:
-        """A new label set: the right number of values, and its creation time noted."""
-        if len(values) != len(self.labelnames):
-            raise ValueError(f"{self.name} takes labels {self.labelnames}, got {values!r}")
-        self._created[values] = time.time()
-
-
-class LoopCounter(_LoopMetric[int]):
-    """A counter (see _LoopMetric): ``inc(*label_values)`` adds one."""
-
-    def inc(self, *values: str) -> None:
-        counts = self._series
-        try:
-            counts[values] += 1
-        except KeyError:
-            self._check(values)
-            counts[values] = 1
-
-    def _family(self, series: list[tuple[tuple[str, ...], int]]) -> Iterator[Metric]:
-        family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
-        for values, count in series:
-            family.add_metric(values, count, created=self._created_at(values))
-        yield family
-
-
-class LoopHistogram(_LoopMetric[list[float]]):
-    """A histogram (see _LoopMetric): ``observe(amount, *label_values)``. Per label set,
-    the count of each bucket alone (not cumulative), +Inf's last, then the sum."""
-
-    def __init__(
-        self,
-        name: str,
-        documentation: str,
-        labelnames: Iterable[str],
-        registry: CollectorRegistry,
-        buckets: Iterable[float],
-    ) -> None:
-        self.bounds = tuple(sorted(float(b) for b in buckets))
-        self._les = [_le_of(b) for b in self.bounds] + ["+Inf"]
-        super().__init__(name, documentation, labelnames, registry)
-
-    def observe(self, amount: float, *values: str) -> None:
-        series = self._series.get(values)
-        if series is None:
-            self._check(values)
-            series = self._series[values] = [0] * (len(self.bounds) + 2)
-        # The first bucket whose bound is at least the amount (``le``: less or equal).
-        series[bisect.bisect_left(self.bounds, amount)] += 1
-        series[-1] += amount
-
-    def _family(self, series: list[tuple[tuple[str, ...], list[float]]]) -> Iterator[Metric]:
-        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
-        for values, counts in series:
-            total = 0.0
-            buckets = []
-            for le, count in zip(self._les, counts, strict=False):
-                total += count
-                buckets.append((le, total))
-            family.add_metric(values, buckets, counts[-1])
-            created = self._created_at(values)
-            if created is not None:
-                labels = dict(zip(self.labelnames, values, strict=True))
-                family.samples.append(Sample(f"{self.name}_created", labels, created))
-        yield family
 
 
 class BudgetCollector(Collector):
@@ -237,18 +121,36 @@ class BudgetCollector(Collector):
 
 
 class Metrics:
-    """Every metric the gateway exports, registered on its own registry."""
+    """Every metric the gateway exports, registered on its own registry.
+
+    The families are declared by group, in the order they are exposed: process, requests,
+    upstream, callers (authentication, in flight, connections), budget, state, config."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
+        self._declare_process(r)
+        self._declare_requests(r)
+        self._declare_upstream(r)
+        self._declare_callers(r)
+        self._declare_budget(r)
+        self._declare_state(r)
+        self._declare_config(r)
+        # Label children of the other labelled metrics (refusals, auth failures, 429s...),
+        # kept: labels() validates and locks on every call. Bounded like the label values.
+        self._children: dict[tuple[object, ...], Any] = {}
+        self._remaining: dict[str, int] = {}  # echowin_remaining as last set, per credential
+
+    def _declare_process(self, r: CollectorRegistry) -> None:
         self.build_info = Gauge(
             "echowin_gateway_build_info", "Build information; always 1.", ["version"], registry=r
         )
         self.build_info.labels(__version__).set(1)
         # CPU seconds, resident memory, open file descriptors of this process.
         ProcessCollector(namespace="echowin_gateway", registry=r)
-        # Updated on every request: plain numbers on the event loop (see _LoopMetric).
+
+    def _declare_requests(self, r: CollectorRegistry) -> None:
+        # Updated on every request: plain numbers on the event loop (see loop_metrics).
         self.requests = LoopCounter(
             "echowin_gateway_requests_total",
             "Requests answered by the gateway, by token name, route template, method, status.",
@@ -262,6 +164,8 @@ class Metrics:
             r,
             _LATENCY_BUCKETS,
         )
+
+    def _declare_upstream(self, r: CollectorRegistry) -> None:
         self.upstream_duration = LoopHistogram(
             "echowin_gateway_upstream_duration_seconds",
             "Time from sending to echowin until its response headers arrived, in seconds.",
@@ -281,6 +185,8 @@ class Metrics:
             ["credential", "kind"],
             registry=r,
         )
+
+    def _declare_callers(self, r: CollectorRegistry) -> None:
         self.auth_failures = Counter(
             "echowin_gateway_auth_failures_total",
             "Requests refused with 401, by reason.",
@@ -317,6 +223,8 @@ class Metrics:
         )
         for reason in REFUSAL_REASONS:
             self.connections_refused.labels(reason)
+
+    def _declare_budget(self, r: CollectorRegistry) -> None:
         self.refusals = Counter(
             "echowin_gateway_refusals_total",
             "Requests the gateway refused at once (429; 503 for state_unavailable), by"
@@ -350,6 +258,7 @@ class Metrics:
             registry=r,
         )
 
+    def _declare_state(self, r: CollectorRegistry) -> None:
         self.state_up = Gauge(
             "echowin_gateway_state_backend_up",
             "1 when the state backend answers, 0 while it cannot be reached.",
@@ -364,6 +273,7 @@ class Metrics:
             registry=r,
         )
 
+    def _declare_config(self, r: CollectorRegistry) -> None:
         self.queue_max_wait = Gauge(
             "echowin_gateway_queue_max_wait_seconds",
             "queue.max_wait_seconds as configured now: the longest a request may wait.",
@@ -383,11 +293,6 @@ class Metrics:
             registry=r,
         )
         self.last_reload.set_to_current_time()
-
-        # Label children of the other labelled metrics (refusals, auth failures, 429s...),
-        # kept: labels() validates and locks on every call. Bounded like the label values.
-        self._children: dict[tuple[object, ...], Any] = {}
-        self._remaining: dict[str, int] = {}  # echowin_remaining as last set, per credential
 
     def child(self, metric: Counter | Gauge, *values: str) -> Any:
         """``metric.labels(*values)``, looked up once per distinct label set."""

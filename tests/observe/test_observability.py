@@ -40,7 +40,7 @@ from tests.procs import free_ports
 from tests.test_replicas import RedisServer, redis_server, wait_redis_up  # noqa: F401
 from tests.test_token_store import REDIS_URL, scratch_redis
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DASHBOARD = REPO / "deploy" / "grafana" / "echowin-gateway.json"
 ALERTS = REPO / "deploy" / "prometheus" / "alerts.yml"
 PROMETHEUS_CONFIG = REPO / "deploy" / "prometheus" / "prometheus.yml"
@@ -54,7 +54,7 @@ PARSE_VARS = {"__rate_interval": "1m", "__range": "1h", **ALL}
 LIVE_VARS = {"__rate_interval": "10s", "__range": "1m", **ALL}
 # Series that Prometheus itself makes for every target, not the gateway.
 SYNTHETIC = {"up"}
-# Only the supervisor of `serve --workers N` exports these (tests/test_workers.py).
+# Only the supervisor of `serve --workers N` exports these (tests/workers/test_workers.py).
 GROUP_ONLY = {"echowin_gateway_worker_restarts_total"}
 
 MakeGateway = Callable[..., Awaitable[GatewayHandle]]

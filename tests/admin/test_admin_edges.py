@@ -19,7 +19,7 @@ from proxy.config import ConfigError, SecretRef, load_config, parse_config
 from proxy.sim import Simulator
 from tests.conftest import ADMIN_TOKEN, GatewayHandle
 from tests.procs import Spawn, write_config
-from tests.test_workers import (  # noqa: F401 - fixtures
+from tests.workers.test_workers import (  # noqa: F401 - fixtures
     admin_call,
     big_sim,
     fresh_connections,

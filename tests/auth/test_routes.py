@@ -7,13 +7,14 @@ import dataclasses
 import inspect
 import posixpath
 import re
+import types
 from urllib.parse import unquote
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from proxy.auth import routes
+from proxy.auth import paths, routes, scopes
 from proxy.auth.routes import (
     DEFAULT_ROUTES,
     UNMATCHED_TEMPLATE,
@@ -75,14 +76,17 @@ def test_public_api_is_pinned() -> None:
     )
 
 
-def test_module_is_pure_and_regex_free() -> None:
-    tree = ast.parse(inspect.getsource(routes))
+@pytest.mark.parametrize("module", [routes, paths, scopes])
+def test_module_is_pure_and_regex_free(module: types.ModuleType) -> None:
+    tree = ast.parse(inspect.getsource(module))
     imported = {
         (node.module or "") if isinstance(node, ast.ImportFrom) else alias.name
         for node in ast.walk(tree)
         if isinstance(node, ast.Import | ast.ImportFrom)
         for alias in node.names
     }
+    # Besides the standard library, only each other: the route table, paths and scopes.
+    imported -= {"proxy.auth.routes", "proxy.auth.paths", "proxy.auth.scopes"}
     assert imported <= {
         "__future__",
         "collections.abc",

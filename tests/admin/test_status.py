@@ -17,7 +17,7 @@ import pytest
 from proxy.cli.main import main
 from tests.conftest import SECRETS, GatewayHandle
 
-ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 
 
 async def get(url: str, token: str | None = None) -> tuple[int, str]:

@@ -1,44 +1,18 @@
-"""Config: validation names the key, secrets come from env or file, shipped files load."""
+"""Loading the config: YAML read once, every problem one line that names the key."""
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
-from pydantic import BaseModel
 
 from proxy.config import (
     ConfigError,
-    GatewayConfig,
-    Secret,
-    SecretRef,
     load_config,
     parse_config,
-    resolve_secrets,
 )
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def errors_of(raw: object) -> list[str]:
-    with pytest.raises(ConfigError) as info:
-        parse_config(raw)
-    return info.value.lines
-
-
-def test_defaults_are_the_contract() -> None:
-    config = parse_config({})
-    assert config.listen == "0.0.0.0:8080"
-    assert config.admin_listen == "127.0.0.1:9090"
-    assert [(lim.requests, lim.per_seconds) for lim in config.upstream.limits] == [
-        (1000, 3600.0),
-        (100, 60.0),
-    ]
-    assert config.upstream.window_guard_seconds == 0.25
-    assert config.queue.max_wait_seconds == 10
+from tests.config.conftest import ROOT, errors_of
 
 
 @pytest.mark.parametrize(
@@ -108,79 +82,6 @@ def test_every_error_is_reported_at_once() -> None:
     assert len(lines) == 2
 
 
-def test_route_entries_are_validated() -> None:
-    lines = errors_of({"routes": [{"method": "GET", "path": "agents", "scope": "agents:read"}]})
-    assert lines[0].startswith("routes")
-    config = parse_config(
-        {"routes": [{"method": "get", "path": "/api/v1/agents/{agentId}", "scope": "agents:read"}]}
-    )
-    table = config.route_table()
-    assert table.match("GET", "/api/v1/agents/a1").template == "/api/v1/agents/{agentId}"
-
-
-def test_secrets_from_env_and_file(tmp_path: Path) -> None:
-    secret_file = tmp_path / "agency"
-    secret_file.write_text("agency-secret\n")
-    config = parse_config(
-        {
-            "upstream": {
-                "api_key": {"env": "TEAM"},
-                "agency_key": {"file": str(secret_file)},
-                "extra_keys": {"acme": {"env": "ACME"}},
-            },
-            "admin_token": {"env": "ADMIN"},
-        }
-    )
-    resolved = resolve_secrets(config, {"TEAM": "team-secret", "ACME": "acme-secret", "ADMIN": "a"})
-    creds = resolved.credentials
-    assert creds["default"].secret.reveal() == "team-secret"
-    assert creds["default"].header == "X-API-Key"
-    assert creds["agency"].secret.reveal() == "agency-secret"
-    assert creds["agency"].header == "X-AGENCY-KEY"
-    assert creds["acme"].secret.reveal() == "acme-secret"
-    assert resolved.team_key_names() == ("default", "acme")
-    for cred in creds.values():
-        assert cred.secret.reveal() not in repr(cred) + str(cred.secret)
-
-
-def test_missing_secrets_are_one_line_each(tmp_path: Path) -> None:
-    config = parse_config(
-        {"upstream": {"api_key": {"env": "NOPE"}, "agency_key": {"file": str(tmp_path / "none")}}}
-    )
-    with pytest.raises(ConfigError) as info:
-        resolve_secrets(config, {})
-    lines = info.value.lines
-    assert lines[0] == "upstream.api_key: environment variable NOPE is not set or empty"
-    assert lines[1].startswith(f"upstream.agency_key: cannot read secret file {tmp_path / 'none'}")
-    assert all("\n" not in line for line in lines)
-
-
-def test_a_key_pasted_where_its_name_goes_is_not_echoed() -> None:
-    pasted = "ew_live_4f9a8c7e6d5b"  # a key, written as the variable's name or the file
-    config = parse_config(
-        {"upstream": {"api_key": {"env": pasted}, "agency_key": {"file": pasted}}}
-    )
-    with pytest.raises(ConfigError) as info:
-        resolve_secrets(config, {})
-    assert info.value.lines == [
-        "upstream.api_key: environment variable named at upstream.api_key.env is not set or empty",
-        "upstream.agency_key: cannot read secret file named at upstream.agency_key.file: "
-        "No such file or directory",
-    ]
-    # Set, it works, and the secret's source does not show the name either.
-    secrets = resolve_secrets(
-        parse_config({"upstream": {"api_key": {"env": pasted}}}), {pasted: "k"}
-    )
-    assert pasted not in repr(secrets.credentials["default"].secret)
-
-
-def test_secret_never_shows() -> None:
-    secret = Secret("hunter2-value", "env:X")
-    assert "hunter2" not in repr(secret) and "hunter2" not in f"{secret}"
-    with pytest.raises(TypeError):
-        pickle.dumps(secret)
-
-
 def test_bad_yaml_names_the_file_and_line(tmp_path: Path) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text("listen: [unclosed\n")
@@ -216,45 +117,6 @@ def test_a_key_listed_twice_is_refused_naming_it(tmp_path: Path, text: str, expe
 def test_shipped_configs_load(name: str) -> None:
     config = load_config(ROOT / "config" / name)
     assert config.upstream.api_key.env == "ECHOWIN_API_KEY"
-
-
-def _schema_keys(model: type[BaseModel], prefix: str = "") -> set[str]:
-    keys: set[str] = set()
-    for name, field in model.model_fields.items():
-        path = f"{prefix}{name}"
-        keys.add(path)
-        annotation = field.annotation
-        if (
-            isinstance(annotation, type)
-            and issubclass(annotation, BaseModel)
-            and annotation is not SecretRef
-        ):
-            keys |= _schema_keys(annotation, path + ".")
-    return keys
-
-
-def _yaml_keys(node: object, prefix: str = "") -> set[str]:
-    keys: set[str] = set()
-    if isinstance(node, dict):
-        for name, value in node.items():
-            path = f"{prefix}{name}"
-            keys.add(path)
-            if name not in ("api_key", "agency_key", "extra_keys", "admin_token"):
-                keys |= _yaml_keys(value, path + ".")
-    return keys
-
-
-def test_reference_names_every_schema_key() -> None:
-    raw = yaml.safe_load((ROOT / "config" / "gateway.reference.yaml").read_text())
-    documented = _yaml_keys(raw)
-    schema = _schema_keys(GatewayConfig)
-    assert schema - documented == set(), "keys missing from gateway.reference.yaml"
-    assert documented - schema == set(), "reference names keys the schema does not know"
-
-
-def test_reference_shows_the_defaults() -> None:
-    raw = yaml.safe_load((ROOT / "config" / "gateway.reference.yaml").read_text())
-    assert parse_config(raw) == GatewayConfig()
 
 
 @pytest.mark.parametrize(

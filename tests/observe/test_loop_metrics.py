@@ -1,4 +1,4 @@
-"""The per-request metrics kept in plain numbers (proxy/observe/metrics.py, LoopCounter and
+"""The per-request metrics kept in plain numbers (proxy/observe/loop_metrics.py, LoopCounter and
 LoopHistogram) read exactly as prometheus_client's own Counter and Histogram would."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import prometheus_client
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
-from proxy.observe.metrics import LoopCounter, LoopHistogram
+from proxy.observe.loop_metrics import LoopCounter, LoopHistogram
 
 BUCKETS = (0.001, 0.005, 0.01, 0.25, 1.0, 60.0)
 # Below, on and above every bound, and past the last one.
