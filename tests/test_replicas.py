@@ -26,7 +26,7 @@ from proxy.admin.tokenops import create_token
 from proxy.config import load_config
 from proxy.sim import SimConfig, Simulator
 from proxy.state import open_token_store
-from proxy.state.redis import RedisOptions
+from proxy.state.redis.client import RedisOptions
 from tests.conftest import base_url
 from tests.procs import (
     REAL_KEY,

@@ -25,8 +25,7 @@ PENDING: dict[str, int] = {
     "proxy/observe/metrics.py": 437,
     "proxy/server/lobby.py": 735,
     "proxy/sim/__init__.py": 1174,
-    "proxy/state/redis_budget.py": 804,
-    "proxy/state/sqlite.py": 485,
+    "proxy/state/redis/slots.py": 541,
     "proxy/upstream.py": 408,
 }
 PENDING_FUNCTIONS: dict[str, int] = {
@@ -36,7 +35,6 @@ PENDING_FUNCTIONS: dict[str, int] = {
     "proxy/gateway/handler.py:lobby_decider": 61,
     "proxy/gateway/handler.py:_relay": 64,
     "proxy/observe/metrics.py:Metrics.__init__": 149,
-    "proxy/state/redis_budget.py:RedisSlots.__init__": 67,
     "proxy/upstream.py:Upstream.send": 72,
 }
 

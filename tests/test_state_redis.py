@@ -380,7 +380,7 @@ async def test_a_corrupt_record_is_refused(scratch: tuple[Redis, str]) -> None:
 
 
 def test_records_round_trip_exact_floats() -> None:
-    from proxy.state.redis import _decode, _encode
+    from proxy.state.redis.tokens import _decode, _encode
 
     odd = record(1, created_at=0.1 + 0.2, expires_at=T0 + 1 / 3, revoked_at=1e-7)
     encoded = {k.encode(): v.encode() for k, v in _encode(odd).items()}

@@ -33,7 +33,7 @@ from proxy.config import (
     with_state,
 )
 from proxy.observe.logs import setup_logging, tag_process
-from proxy.state.sqlite import StateFileError
+from proxy.state.sqlite.connection import StateFileError
 
 if TYPE_CHECKING:
     from proxy.server.worker import WorkerSpec
