@@ -40,9 +40,9 @@ from proxy.state.redis import slots as redis_budget
 from proxy.state.redis.slots import RedisSlots
 from proxy.state.sqlite.sends import SqliteSendLog
 from tests.conftest import GatewayHandle
+from tests.state.test_slot_contract import scratch_redis
+from tests.state.test_slot_contract import settle as settle_source
 from tests.test_scheduler import Recorder
-from tests.test_slot_contract import scratch_redis
-from tests.test_slot_contract import settle as settle_source
 
 CREDENTIAL = "default"
 HUGE = Limit(1_000_000, 60.0)

@@ -1,6 +1,6 @@
 """Redis specifics of the token store: URLs, client options, key layout, sharing, concurrency.
 
-The contract itself runs in tests/test_token_store.py. These tests use the real Redis at
+The contract itself runs in tests/state/test_token_store.py. These tests use the real Redis at
 ``REDIS_URL`` and fail (never skip) when it is absent.
 """
 
@@ -25,7 +25,7 @@ from redis.exceptions import RedisError
 from proxy.auth.tokens import TokenRecord
 from proxy.config.state_url import RedisAddress, parse_redis_url
 from proxy.state import RedisOptions, RedisTokenStore, open_redis, open_token_store
-from tests.test_token_store import REDIS_URL, T0, record, scratch_redis
+from tests.state.test_token_store import REDIS_URL, T0, record, scratch_redis
 
 PASSWORD = "hunter2-not-for-logs"
 

@@ -21,7 +21,7 @@ from proxy.state.redis import slots as redis_slots
 from proxy.state.redis.client import RedisOptions, open_redis
 from proxy.state.redis.slots import RedisSlots
 from tests.procs import eventually, free_ports
-from tests.test_redis_budget import Clock, redis_server, start_redis, wait_redis  # noqa: F401
+from tests.state.redis.test_slots import Clock, redis_server, start_redis, wait_redis  # noqa: F401
 
 LIMITS = (Limit(5, 10.0), Limit(3, 1.0))
 
