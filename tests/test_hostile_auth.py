@@ -22,6 +22,7 @@ import aiohttp
 import pytest
 
 import proxy.runtime
+import proxy.state
 from proxy.auth.tokens import TokenRecord
 from proxy.config import parse_config
 from proxy.sim import Faults
@@ -56,7 +57,7 @@ def store(monkeypatch: pytest.MonkeyPatch) -> CountingStore:
         assert url == "memory://"
         return made
 
-    monkeypatch.setattr(proxy.runtime, "open_token_store", open_counting)
+    monkeypatch.setattr(proxy.state, "open_token_store", open_counting)
     return made
 
 

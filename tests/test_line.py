@@ -21,8 +21,8 @@ from redis.asyncio import Redis
 
 from proxy.budget.slots import LINE_GRACE, LocalSlots, SlotSource
 from proxy.budget.windows import CredentialBudget, Limit
-from proxy.state.redis_budget import RedisSlots
-from proxy.state.sqlite import SqliteSendLog
+from proxy.state.redis.slots import RedisSlots
+from proxy.state.sqlite.sends import SqliteSendLog
 
 NAME = "default"
 T0 = 1_000_000.0

@@ -30,7 +30,7 @@ from proxy.budget.scheduler import Lane, QueuePolicy, Scheduler, SendLog, SlotGr
 from proxy.budget.slots import LocalSlots
 from proxy.budget.windows import CredentialBudget, Limit
 from proxy.state.memory import MemorySendLog, memory_quota_sources
-from proxy.state.sqlite import SqliteSendLog
+from proxy.state.sqlite.sends import SqliteSendLog
 
 T0 = 1_000_000.0  # fake wall-clock start, on the 1/64 s grid
 GUARD = 0.25

@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 
 from proxy.budget.slots import LocalSlots, Slot
 from proxy.budget.windows import CredentialBudget, Limit
-from proxy.state.sqlite import SCHEMA_VERSION, SqliteSendLog
+from proxy.state.sqlite.connection import SCHEMA_VERSION
+from proxy.state.sqlite.sends import SqliteSendLog
 
 NAME = "default"
 GUARD = 0.25

@@ -35,14 +35,14 @@ from proxy.budget.scheduler import (
 )
 from proxy.budget.slots import LocalSlots, SlotSource
 from proxy.budget.windows import Limit
-from proxy.state import redis_budget
 from proxy.state.memory import MemorySendLog, memory_quota_sources
-from proxy.state.redis_budget import RedisSlots
-from proxy.state.sqlite import SqliteSendLog
+from proxy.state.redis import slots as redis_budget
+from proxy.state.redis.slots import RedisSlots
+from proxy.state.sqlite.sends import SqliteSendLog
 from tests.conftest import GatewayHandle
+from tests.state.test_slot_contract import scratch_redis
+from tests.state.test_slot_contract import settle as settle_source
 from tests.test_scheduler import Recorder
-from tests.test_slot_contract import scratch_redis
-from tests.test_slot_contract import settle as settle_source
 
 CREDENTIAL = "default"
 HUGE = Limit(1_000_000, 60.0)
@@ -127,7 +127,7 @@ def age_views(scheduler: Scheduler) -> None:
     for quota in scheduler._quotas.values():
         source = quota.source
         if isinstance(source, RedisSlots):
-            source._mirror_at = -math.inf
+            source._view.read_at = -math.inf
         else:
             assert isinstance(source, LocalSlots)
             source._polled = -math.inf

@@ -16,15 +16,12 @@ from proxy.auth.tokens import (
     parse_duration,
 )
 from proxy.config import AGENCY_KEY_NAME, GatewayConfig
-from proxy.state import open_token_store, parse_state_url, redis_options
+from proxy.state import open_token_store, redis_options, state_password
 
 
 async def open_store(config: GatewayConfig) -> TokenStore:
     """The token store ``config`` names, for the CLI (reads redis.password if needed)."""
-    if parse_state_url(config.state).backend != "redis":
-        return await open_token_store(config.state)
-    ref = config.redis.password
-    password = ref.resolve("redis.password", os.environ).reveal() if ref is not None else None
+    password = state_password(config, os.environ)
     return await open_token_store(config.state, redis_options=redis_options(config, password))
 
 

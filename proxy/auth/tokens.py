@@ -276,7 +276,7 @@ def apply_changes(record: TokenRecord, changes: TokenChanges) -> TokenRecord:
 class TokenStore(Protocol):
     """Where token records live. Backends: ``proxy.state`` (memory, sqlite), picked by URL.
 
-    Every method is atomic on its own. Implementations must pass tests/test_token_store.py.
+    Every method is atomic on its own. Implementations must pass tests/state/test_token_store.py.
     """
 
     async def put(self, record: TokenRecord) -> None:

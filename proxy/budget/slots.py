@@ -3,7 +3,7 @@
 A :class:`SlotSource` reserves a send slot (the hard cap), makes it durable before the
 request leaves, gives it back when nothing left, and learns from echowin's answers.
 :class:`LocalSlots` keeps the budget in this process (``memory://``, ``sqlite://``);
-``proxy.state.redis_budget.RedisSlots`` keeps it in Redis, shared by every replica. The
+``proxy.state.redis.slots.RedisSlots`` keeps it in Redis, shared by every replica. The
 scheduler (fairness, queueing) is the same for both; one place (proxy/runtime.py) picks.
 
 All times are wall-clock seconds (``time.time``).

@@ -29,7 +29,7 @@ from proxy.config import (
     unshared_state,
 )
 from proxy.observe.logs import setup_logging, tag_process
-from proxy.state.sqlite import StateFileError
+from proxy.state.sqlite.connection import StateFileError
 
 if TYPE_CHECKING:
     from proxy.cli.common import Subparsers

@@ -17,7 +17,7 @@ from proxy.auth.tokens import TokenStore
 from proxy.cli.admin_client import AdminClient
 from proxy.cli.common import admin_call, fail, load
 from proxy.config import GatewayConfig
-from proxy.state.sqlite import StateFileError
+from proxy.state.sqlite.connection import StateFileError
 
 if TYPE_CHECKING:
     from proxy.cli.common import Subparsers

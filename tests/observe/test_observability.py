@@ -37,8 +37,8 @@ from proxy.observe.metrics import Metrics
 from proxy.sim import Faults
 from tests.conftest import GatewayHandle, SimHandle
 from tests.procs import free_ports
-from tests.test_replicas import RedisServer, redis_server, wait_redis_up  # noqa: F401
-from tests.test_token_store import REDIS_URL, scratch_redis
+from tests.state.redis.test_replicas import RedisServer, redis_server, wait_redis_up  # noqa: F401
+from tests.state.test_token_store import REDIS_URL, scratch_redis
 
 REPO = Path(__file__).resolve().parents[2]
 DASHBOARD = REPO / "deploy" / "grafana" / "echowin-gateway.json"

@@ -44,6 +44,7 @@ from tests.procs import (
     wait_http,
     write_config,
 )
+from tests.state.test_token_store import scratch_redis
 from tests.test_budget_e2e import (
     GATEWAY_LIMITS,
     LIMITS,
@@ -51,7 +52,6 @@ from tests.test_budget_e2e import (
     max_in_any_window,
     perfect_count,
 )
-from tests.test_token_store import scratch_redis
 
 ServerFactory = Callable[..., Awaitable[TestServer]]
 ADMIN = "workers-admin-token"

@@ -1,6 +1,6 @@
 """Redis specifics of the token store: URLs, client options, key layout, sharing, concurrency.
 
-The contract itself runs in tests/test_token_store.py. These tests use the real Redis at
+The contract itself runs in tests/state/test_token_store.py. These tests use the real Redis at
 ``REDIS_URL`` and fail (never skip) when it is absent.
 """
 
@@ -25,7 +25,7 @@ from redis.exceptions import RedisError
 from proxy.auth.tokens import TokenRecord
 from proxy.config.state_url import RedisAddress, parse_redis_url
 from proxy.state import RedisOptions, RedisTokenStore, open_redis, open_token_store
-from tests.test_token_store import REDIS_URL, T0, record, scratch_redis
+from tests.state.test_token_store import REDIS_URL, T0, record, scratch_redis
 
 PASSWORD = "hunter2-not-for-logs"
 
@@ -380,7 +380,7 @@ async def test_a_corrupt_record_is_refused(scratch: tuple[Redis, str]) -> None:
 
 
 def test_records_round_trip_exact_floats() -> None:
-    from proxy.state.redis import _decode, _encode
+    from proxy.state.redis.tokens import _decode, _encode
 
     odd = record(1, created_at=0.1 + 0.2, expires_at=T0 + 1 / 3, revoked_at=1e-7)
     encoded = {k.encode(): v.encode() for k, v in _encode(odd).items()}

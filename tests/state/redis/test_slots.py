@@ -21,7 +21,8 @@ from redis.asyncio import Redis
 
 from proxy.budget.slots import StateUnavailable
 from proxy.budget.windows import Limit
-from proxy.state.redis_budget import PROBE_INTERVAL, RedisSlots
+from proxy.state.redis.fallback import PROBE_INTERVAL
+from proxy.state.redis.slots import RedisSlots
 from tests.procs import eventually, free_ports
 
 LIMITS = (Limit(5, 10.0), Limit(3, 1.0))
@@ -88,7 +89,7 @@ async def test_external_use_and_freeze_reach_every_replica(client: Redis, prefix
     assert views[0].external == 3
     a.freeze(time.time() + 30)
     await asyncio.gather(*a._tasks)
-    b._mirror_at = float("-inf")
+    b._view.read_at = float("-inf")
     await b.refresh(time.time())
     frozen = b.frozen_until(time.time())
     assert frozen is not None
@@ -130,7 +131,7 @@ async def test_local_mode_carries_on_with_a_share(prefix: str) -> None:
     dead = Redis(host="127.0.0.1", port=port, socket_timeout=0.2, socket_connect_timeout=0.2)
     clock = Clock()
     a = slots(dead, prefix, replicas=2, clock=clock)
-    a._seen_at = clock.now  # it saw Redis empty a moment ago (a view of no age)
+    a._view.seen_at = clock.now  # it saw Redis empty a moment ago (a view of no age)
     # Knowing nothing, it assumes other replicas may have used what the tightest window
     # had free (3 per second) just before Redis went away: nothing now...
     assert await a.take(clock.now) is None
@@ -152,7 +153,7 @@ async def test_new_limits_while_alone_keep_this_replicas_sends(prefix: str) -> N
     dead = Redis(host="127.0.0.1", port=port, socket_timeout=0.2, socket_connect_timeout=0.2)
     clock = Clock()
     a = slots(dead, prefix, replicas=2, clock=clock)
-    a._seen_at = clock.now  # it saw Redis empty a moment ago (a view of no age)
+    a._view.seen_at = clock.now  # it saw Redis empty a moment ago (a view of no age)
     assert await a.take(clock.now) is None  # as above: Redis found away, room assumed used
     clock.now += 1.01
     assert await a.take(clock.now) is not None  # counted twice (2 replicas): 3 + 2 of 5

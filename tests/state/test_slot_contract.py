@@ -30,8 +30,8 @@ from redis.asyncio import Redis
 from proxy.budget.slots import LocalSlots, Slot, SlotSource
 from proxy.budget.windows import CredentialBudget, Limit
 from proxy.state.memory import MemorySendLog
-from proxy.state.redis_budget import RedisSlots
-from proxy.state.sqlite import SqliteSendLog
+from proxy.state.redis.slots import RedisSlots
+from proxy.state.sqlite.sends import SqliteSendLog
 
 BACKENDS = ["memory", "sqlite", "redis"]
 NAME = "default"
@@ -127,7 +127,7 @@ async def settle(source: SlotSource) -> None:
 async def reread(source: SlotSource, now: float) -> None:
     """Rebuild the source's view from its backend (RedisSlots caches it for 0.1 s)."""
     if isinstance(source, RedisSlots):
-        source._mirror_at = -math.inf
+        source._view.read_at = -math.inf
     await source.refresh(now)
 
 

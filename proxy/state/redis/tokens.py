@@ -1,8 +1,4 @@
-"""Redis token store (``redis://host:6379/0``, ``rediss://`` for TLS): tokens shared by replicas.
-
-``open_redis`` is the one way to open the client, so the budget module shares the same
-connection pool (one per process) instead of opening its own. Secrets never come from the URL:
-the password is ``redis.password`` in the config (env or file), passed in ``RedisOptions``.
+"""Redis token store: tokens shared by replicas.
 
 Keys, under the configured prefix (``redis.key_prefix``, default ``egw:``):
 
@@ -19,33 +15,19 @@ from __future__ import annotations
 import builtins
 import dataclasses
 import json
-import math
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any, TypeVar, Unpack, cast
 
 import redis.asyncio
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import WatchError
 from redis.typing import EncodableT, FieldT
 
 from proxy.auth.tokens import TokenChanges, TokenRecord, apply_changes
-from proxy.config.state_url import RedisAddress, parse_redis_url
+from proxy.state.redis.scripts import lua
 
-__all__ = ["RedisAddress", "RedisOptions", "RedisTokenStore", "open_redis", "parse_redis_url"]
+__all__ = ["RedisTokenStore"]
 
 T = TypeVar("T")
-
-HEALTH_CHECK_INTERVAL_SECONDS = 10
-"""A pooled connection idle this long is PINGed before reuse, so a dead one is replaced."""
-
-RETRIES = 2
-"""Extra attempts after a connection error (so 3 in all), after 50 then 100 ms of backoff."""
-
-RETRY_BACKOFF_BASE_SECONDS = 0.025
-RETRY_BACKOFF_CAP_SECONDS = 0.25
 
 MAX_TRANSACTION_ATTEMPTS = 100
 """Bound on optimistic (WATCH) retries. Each failed attempt means another writer committed, so
@@ -55,75 +37,6 @@ N concurrent writers of one key need at most N attempts; hitting this bound rais
 _INT_FIELDS = frozenset({"hourly", "per_minute", "weight"})
 _FLOAT_FIELDS = frozenset({"created_at", "expires_at", "revoked_at"})
 _STR_FIELDS = frozenset({"id", "name", "secret_hash", "upstream_key"})
-
-# KEYS[1] token hash, KEYS[2] id index; ARGV[1] score, ARGV[2] id, ARGV[3..] field/value pairs.
-_PUT_LUA = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 3))
-redis.call('ZADD', KEYS[2], ARGV[1], ARGV[2])
-return 1
-"""
-
-# KEYS[1] token hash; ARGV[1] revocation time. HSETNX keeps the first revocation time.
-_REVOKE_LUA = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return false end
-redis.call('HSETNX', KEYS[1], 'revoked_at', ARGV[1])
-return redis.call('HGETALL', KEYS[1])
-"""
-
-
-@dataclass(frozen=True, slots=True)
-class RedisOptions:
-    """How to talk to Redis, from the config's ``redis:`` section.
-
-    ``timeout_seconds`` bounds one connect and one command (socket read/write); a slower
-    Redis counts as failed. ``key_prefix`` starts every key this gateway writes, so several
-    gateways can share one Redis. ``password`` (AUTH) never shows in repr.
-    """
-
-    password: str | None = field(default=None, repr=False)
-    key_prefix: str = "egw:"
-    timeout_seconds: float = 0.5
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.key_prefix, str) or not self.key_prefix:
-            raise ValueError("redis.key_prefix: must be a non-empty string")
-        timeout = self.timeout_seconds
-        if isinstance(timeout, bool) or not isinstance(timeout, int | float):
-            raise ValueError("redis.timeout_seconds: must be seconds > 0")
-        if not (math.isfinite(timeout) and timeout > 0):
-            raise ValueError("redis.timeout_seconds: must be seconds > 0")
-
-
-def open_redis(url: str, options: RedisOptions) -> redis.asyncio.Redis:
-    """A client (with its connection pool) for ``url``; connects lazily, on the first command.
-
-    Open ONE per process and share it (token store, budget): the pool is the expensive part.
-    Every connect and command is bounded by ``options.timeout_seconds``. A connection error is
-    retried twice with short exponential backoff (50 ms, 100 ms) on a fresh connection, so a
-    restarted Redis is picked up without help; a timeout is not retried, since the command may
-    have run and the caller's time budget is spent. Errors are ``redis.exceptions.RedisError``
-    and never contain the password. The caller closes it with ``await client.aclose()``.
-    """
-    address = parse_redis_url(url)
-    retry = Retry(
-        ExponentialBackoff(cap=RETRY_BACKOFF_CAP_SECONDS, base=RETRY_BACKOFF_BASE_SECONDS),
-        RETRIES,
-        supported_errors=(RedisConnectionError,),
-    )
-    return redis.asyncio.Redis(
-        host=address.host,
-        port=address.port,
-        db=address.db,
-        username=address.username,
-        password=options.password,
-        ssl=address.tls,
-        socket_timeout=options.timeout_seconds,
-        socket_connect_timeout=options.timeout_seconds,
-        health_check_interval=HEALTH_CHECK_INTERVAL_SECONDS,
-        retry=retry,
-        decode_responses=False,
-    )
 
 
 def _encode(record: TokenRecord) -> dict[str, str]:
@@ -197,8 +110,8 @@ class RedisTokenStore:
         self._index = f"{key_prefix}tokens"
         self._owns_client = owns_client
         self._closed = False
-        self._put_script = client.register_script(_PUT_LUA)
-        self._revoke_script = client.register_script(_REVOKE_LUA)
+        self._put_script = client.register_script(lua("token_put"))
+        self._revoke_script = client.register_script(lua("token_revoke"))
 
     def _key(self, token_id: str) -> str:
         return f"{self._prefix}token:{token_id}"

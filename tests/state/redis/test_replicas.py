@@ -26,7 +26,7 @@ from proxy.admin.tokenops import create_token
 from proxy.config import load_config
 from proxy.sim import SimConfig, Simulator
 from proxy.state import open_token_store
-from proxy.state.redis import RedisOptions
+from proxy.state.redis.client import RedisOptions
 from tests.conftest import base_url
 from tests.procs import (
     REAL_KEY,
@@ -65,7 +65,7 @@ class RedisServer:
         if binary is None:
             pytest.fail("redis-server is not installed (.ci/run installs it)")
         # Saved on a clean stop and loaded at start, as a production Redis keeps its data:
-        # tokens live there. (A Redis that comes back empty: tests/test_redis_budget.py.)
+        # tokens live there. (A Redis that comes back empty: tests/state/redis/test_slots.py.)
         args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "3600 1"]
         args += ["--appendonly", "no", "--dir", str(self.tmp), "--dbfilename", "redis.rdb"]
         self.procs.append(

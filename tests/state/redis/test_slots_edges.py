@@ -17,11 +17,11 @@ import pytest
 from redis.asyncio import Redis
 
 from proxy.budget.windows import Limit
-from proxy.state import redis_budget
-from proxy.state.redis import RedisOptions, open_redis
-from proxy.state.redis_budget import RedisSlots
+from proxy.state.redis import slots as redis_slots
+from proxy.state.redis.client import RedisOptions, open_redis
+from proxy.state.redis.slots import RedisSlots
 from tests.procs import eventually, free_ports
-from tests.test_redis_budget import Clock, redis_server, start_redis, wait_redis  # noqa: F401
+from tests.state.redis.test_slots import Clock, redis_server, start_redis, wait_redis  # noqa: F401
 
 LIMITS = (Limit(5, 10.0), Limit(3, 1.0))
 
@@ -239,8 +239,8 @@ async def test_a_freeze_survives_a_refresh_that_read_redis_before_it(
         await writing.wait()
         raise ConnectionError("Redis is away")
 
-    a._freeze = freeze_fails  # type: ignore[assignment]
-    a._mirror_at = float("-inf")
+    a._scripts.freeze = freeze_fails  # type: ignore[assignment]
+    a._view.read_at = float("-inf")
     refreshing = asyncio.ensure_future(a.refresh(clock.now))
     await asyncio.wait_for(read.wait(), 5)  # Redis has answered: no freeze yet
     a.freeze(clock.now + 60)  # the 429
@@ -311,7 +311,7 @@ async def test_an_idle_replica_reads_the_shared_view_by_itself(
     """Without requests nothing reads Redis, and a fallback built on an old view must count
     every window as full: restore starts a refresh that keeps the view at most
     VIEW_MAX_IDLE old, and sees the other replicas' sends."""
-    monkeypatch.setattr(redis_budget, "VIEW_MAX_IDLE", 0.01)
+    monkeypatch.setattr(redis_slots, "VIEW_MAX_IDLE", 0.01)
     clock = Clock()
     a = slots(client_6379, prefix, replicas=2, clock=clock)
     b = slots(client_6379, prefix, replicas=2)
@@ -319,7 +319,7 @@ async def test_an_idle_replica_reads_the_shared_view_by_itself(
     assert await b.take(time.time()) is not None
     clock.now += 60.0  # a minute without a request (Redis' clock places b's send)
     async with asyncio.timeout(5):
-        while a._seen_at < clock.now:
+        while a._view.seen_at < clock.now:
             await asyncio.sleep(0.005)
     assert [v.used for v in a.snapshot(clock.now)] == [1, 1]  # b's send, made since
     await a.close()
@@ -332,8 +332,8 @@ async def test_a_view_kept_for_a_while_is_read_only_while_in_use(
     """``keep_view`` (a token's quota): the idle refresh reads the shared view while this
     replica reserved within ``keep_view``, then stops reading Redis, and the next
     reservation starts it again. Counted through the latency hook (the metric's source)."""
-    monkeypatch.setattr(redis_budget, "VIEW_MAX_IDLE", 0.02)
-    monkeypatch.setattr(redis_budget, "MIRROR_MAX_AGE", 0.005)  # below a tick
+    monkeypatch.setattr(redis_slots, "VIEW_MAX_IDLE", 0.02)
+    monkeypatch.setattr(redis_slots, "MIRROR_MAX_AGE", 0.005)  # below a tick
     reads: Counter[str] = Counter()
     a = slots(client_6379, prefix, keep_view=0.2, on_latency=lambda op, seconds: reads.update([op]))
 
@@ -399,7 +399,7 @@ async def test_a_slot_given_back_while_pending_removals_are_sent_is_removed_too(
     first, second = await a.take(time.time()), await a.take(time.time())
     assert first is not None and first.ref is not None
     assert second is not None and second.ref is not None
-    a._pending_release.append(first.ref)  # given back while Redis was away
+    a._journal.pending_release.append(first.ref)  # given back while Redis was away
     real = client_6379.zrem
     removing = asyncio.Event()
 
@@ -409,13 +409,13 @@ async def test_a_slot_given_back_while_pending_removals_are_sent_is_removed_too(
         return await real(key, *members)
 
     monkeypatch.setattr(client_6379, "zrem", zrem)
-    pending = asyncio.ensure_future(a._release_pending())
+    pending = asyncio.ensure_future(a._journal.release_pending())
     await removing.wait()
-    a._pending_release.append(second.ref)  # another one, during the first removal
+    a._journal.pending_release.append(second.ref)  # another one, during the first removal
     await pending
     left = await client_6379.zrange(f"{prefix}default:sends", 0, -1)
     assert (first.ref.encode() in left, second.ref.encode() in left) == (False, False)
-    assert a._pending_release == []
+    assert a._journal.pending_release == []
     await a.close()
 
 
@@ -431,13 +431,13 @@ async def test_an_epoch_change_whose_refill_fails_is_not_a_fresh_view(
     clock.now += 3.0
 
     async def new_epoch(op: str, script: Any, keys: list[str], args: list[Any]) -> Any:
-        return [-1, b"0", f"{clock.now + a._offset:.6f}".encode(), [], b"another"]
+        return [-1, b"0", f"{clock.now + a._view.offset:.6f}".encode(), [], b"another"]
 
-    async def replay_fails(offset: float, everything: bool = False) -> None:
+    async def replay_fails(offset: float, now: float, others: Any = None) -> None:
         raise ConnectionError("Redis is away again")
 
     a._call = new_epoch  # type: ignore[method-assign]
-    a._replay = replay_fails  # type: ignore[method-assign]
+    a._journal.replay = replay_fails  # type: ignore[method-assign]
     assert await a.take(clock.now) is None
     assert a.healthy is False
     clock.now += 1.01

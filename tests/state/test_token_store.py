@@ -34,7 +34,7 @@ from proxy.state import (
     open_token_store,
     parse_state_url,
 )
-from proxy.state.sqlite import SCHEMA_VERSION, open_sqlite
+from proxy.state.sqlite.connection import SCHEMA_VERSION, open_sqlite
 
 BACKENDS = ["memory", "sqlite", "redis"]
 T0 = 1_700_000_000.0
@@ -354,14 +354,18 @@ def test_state_all_is_pinned() -> None:
         "MemoryTokenStore",
         "RedisOptions",
         "RedisTokenStore",
+        "SharedSlotsHooks",
         "SqliteSendLog",
         "SqliteTokenStore",
+        "State",
         "StateUrl",
         "open_redis",
         "open_send_log",
+        "open_state",
         "open_token_store",
         "parse_state_url",
         "redis_options",
+        "state_password",
     ]
 
 
