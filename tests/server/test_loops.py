@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from proxy import config
-from proxy.server import loops
 from proxy.config import ConfigError, parse_config
+from proxy.server import loops
 from tests.procs import (
     Spawn,
     create_token,
