@@ -20,7 +20,7 @@ from proxy.config import parse_config, resolve_secrets
 from proxy.gateway.handler import lobby_decider
 from proxy.runtime import RUNTIME, Runtime
 from proxy.server.guard import Guard, MalformedLog
-from proxy.server.lobby import JsonErrorRunner, ProxyRunner
+from proxy.server.listeners import JsonErrorRunner, ProxyRunner
 from proxy.sim import SimConfig, SimLimit, Simulator
 
 # The subprocess helpers' fixtures (``spawn``) are shared by every test module.

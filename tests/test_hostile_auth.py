@@ -28,7 +28,7 @@ from proxy.config import parse_config
 from proxy.sim import Faults
 from proxy.state.memory import MemoryTokenStore
 from tests.conftest import GatewayHandle, SimHandle, gateway_config
-from tests.test_lobby import lobby_of, read_answer, until
+from tests.server.test_lobby import lobby_of, read_answer, until
 
 MakeGateway = Callable[..., Awaitable[GatewayHandle]]
 WAIT = 10.0  # seconds a condition may take to come true on loopback; only a bug takes it
@@ -288,11 +288,11 @@ async def test_the_lobby_throttles_a_request_that_would_wait_for_budget(
     # for the next window, to be refused only once its wait was over.
     assert_throttled(status, fields, body, 1200)
     assert id_of(late) not in store.looked_up
-    assert lobby.waiting == 0
+    assert lobby.held_count == 0
     # From another address the same request is looked up once and waits in the lobby.
     reader, writer = await connect(gw, connections, OTHER)
     writer.write(request_bytes(late))
-    await until(lambda: lobby.waiting == 1)
+    await until(lambda: lobby.held_count == 1)
     assert store.looked_up.count(id_of(late)) == 1
     status, _, _ = await read_answer(reader)
     assert status == 200

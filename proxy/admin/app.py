@@ -14,7 +14,7 @@ from proxy.admin.status import status_json, status_page
 from proxy.admin.tokens import MAX_ADMIN_BODY, add_token_routes
 from proxy.errors import json_error
 from proxy.runtime import RUNTIME, Runtime
-from proxy.server.lobby import HANDLER_ARGS
+from proxy.server.listeners import HANDLER_ARGS
 
 log = logging.getLogger("echowin_gateway.admin")
 

@@ -39,7 +39,7 @@ from proxy.gateway.keywatch import (
 )
 from proxy.observe.metrics import ANONYMOUS
 from proxy.runtime import RUNTIME, Runtime
-from proxy.server.lobby import Decide, Head, on_its_way, take_waiting
+from proxy.server.lobby import Decide, Head, on_its_way, take_held
 from proxy.upstream import (
     HOP_BY_HOP,
     Upstream,
@@ -229,7 +229,7 @@ class _Waiting:
         _account(rt, self.method, ex, None)
 
 
-def lobby_decider(rt: Runtime) -> Decide:
+def lobby_decider(rt: Runtime) -> Decide[AuthResult]:
     """The lobby's question for ``rt``: would this head's request wait for budget? If so
     it is queued now (``Admitter.hold``). Only what ``_handle`` would admit and queue: a
     valid token from a client the auth throttle does not refuse (checked before any
@@ -254,7 +254,9 @@ def lobby_decider(rt: Runtime) -> Decide:
             future.add_done_callback(lookup.end)
         return future
 
-    def decide(head: Head, known: object) -> _Waiting | asyncio.Future[AuthResult] | None:
+    def decide(
+        head: Head, known: AuthResult | None
+    ) -> _Waiting | asyncio.Future[AuthResult] | None:
         fields = head.fields
         expect = fields.get("Expect")
         if (
@@ -267,7 +269,7 @@ def lobby_decider(rt: Runtime) -> Decide:
         raw = _presented_token(fields, head.target)
         if not raw or _throttled(rt, head.peer, fields) is not None:
             return None  # the handler refuses it, after the same check
-        auth = known if isinstance(known, AuthResult) else rt.auth.recall(raw)
+        auth = known if known is not None else rt.auth.recall(raw)
         if auth is None:
             return check(raw, head)
         token = auth.record
@@ -303,7 +305,7 @@ def _checked(
 async def handle(request: web.Request) -> web.StreamResponse:
     """Every proxied request enters here."""
     rt = request.app[RUNTIME]
-    waiting = take_waiting(request)
+    waiting = take_held(request)
     ex = Exchange(
         rt.request_ids.take(request.headers.get("X-Request-ID")),
         waiting.arrived if waiting else time.perf_counter(),

@@ -2,7 +2,7 @@
 abusive connections"), apart from aiohttp: the connection bounds, the timeouts a listener
 applies, and the rate-limited log of malformed requests.
 
-proxy/server/lobby.py applies them to the connections (it alone touches aiohttp's internals):
+proxy/server/connections.py and proxy/server/lobby.py apply them to the connections:
 
 - ``ConnectionBounds``: open connections per listener, in total and per client address;
   past either a new connection gets ``refusal(reason)`` (503 JSON, ``Connection: close``)
@@ -104,7 +104,7 @@ class Slot:
 
 class ConnectionBounds:
     """Open connections on one listener of one process, in total and per client address.
-    The one owner of the counts: held by the listener's runner (proxy/server/lobby.py)."""
+    The one owner of the counts: held by the listener's runner (proxy/server/listeners.py)."""
 
     __slots__ = ("_by_client", "max_per_client", "max_total", "open", "trusted")
 

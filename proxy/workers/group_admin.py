@@ -38,7 +38,7 @@ from proxy.admin.tokens import MAX_ADMIN_BODY
 from proxy.errors import json_error
 from proxy.observe.metrics import CONNECTIONS_REFUSED_HELP
 from proxy.server.guard import REFUSAL_REASONS
-from proxy.server.lobby import HANDLER_ARGS
+from proxy.server.listeners import HANDLER_ARGS
 from proxy.workers.group_status import merge_credentials, merge_status
 
 log = logging.getLogger("echowin_gateway.admin")

@@ -40,7 +40,7 @@ from aiohttp import web
 from proxy.app import listener_error, start_site
 from proxy.config import MAX_WORKERS, GatewayConfig
 from proxy.server.guard import Guard, MalformedLog
-from proxy.server.lobby import JsonErrorRunner
+from proxy.server.listeners import JsonErrorRunner
 from proxy.workers.group_admin import CONNECTIONS_REFUSED, WorkerLinks, build_group_admin_app
 
 log = logging.getLogger("echowin_gateway.workers")

@@ -25,7 +25,8 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-import proxy.server.lobby
+import proxy.server.listeners
+import proxy.server.proxy_handler
 from proxy.server.guard import MALFORMED_INTERVAL_SECONDS, MALFORMED_LINES, ConnectionBounds
 from proxy.sim import SimConfig, SimLimit, Simulator
 from tests.conftest import AdminTestServer, GatewayHandle, ProxyTestServer, ServerFactory, base_url
@@ -56,7 +57,7 @@ def bounds_of(gw: GatewayHandle, listener: str) -> ConnectionBounds:
     server = gw.proxy if listener == "proxy" else gw.admin
     assert isinstance(server, ProxyTestServer | AdminTestServer)
     runner = server.runner
-    assert isinstance(runner, proxy.server.lobby.JsonErrorRunner)
+    assert isinstance(runner, proxy.server.listeners.JsonErrorRunner)
     return runner.guard.bounds
 
 
@@ -173,7 +174,7 @@ async def test_a_trickled_head_on_a_kept_alive_connection_is_closed_too(
 ) -> None:
     """The next request's head is due within the timeout of its first byte."""
     if parked:
-        monkeypatch.setattr(proxy.server.lobby, "PARK_ABOVE", 0)
+        monkeypatch.setattr(proxy.server.proxy_handler, "PARK_ABOVE", 0)
     gw = await make_gateway(**timeouts(1.0, 30.0))
     reader, writer = await connect(port_of(gw, listener))
     sender = None
@@ -241,7 +242,7 @@ async def test_an_idle_kept_alive_connection_is_closed_at_the_keepalive_timeout(
     make_gateway: MakeGateway, monkeypatch: pytest.MonkeyPatch, listener: str, parked: bool
 ) -> None:
     if parked:
-        monkeypatch.setattr(proxy.server.lobby, "PARK_ABOVE", 0)
+        monkeypatch.setattr(proxy.server.proxy_handler, "PARK_ABOVE", 0)
     gw = await make_gateway(**timeouts(30.0, 1.0))
     reader, writer = await connect(port_of(gw, listener))
     try:

@@ -1,8 +1,9 @@
-"""The proxy listener's lobby (proxy/server/lobby.py): a new connection's request waits for budget
-with no aiohttp handler; idle keep-alive connections wait there when the listener is
-crowded; granted requests go on at most as many at once as echowin's pool holds.
+"""The proxy listener's lobby (proxy/server/lobby.py, proxy_handler.py): a new connection's
+request waits for budget with no aiohttp handler; idle keep-alive connections wait there
+when the listener is crowded; granted requests go on at most as many at once as echowin's
+pool holds.
 
-The head parser and the lanes' ``hold`` are driven directly; the rest runs the real
+The lanes' ``hold`` is driven directly; the rest runs the real
 gateway (in-process, served by its ProxyRunner, as ``serve`` serves it) in front of the
 simulator, with raw sockets for callers, and short budget windows.
 """
@@ -18,11 +19,11 @@ import pytest
 from aiohttp import web
 from prometheus_client import generate_latest
 
-import proxy.server.lobby
+import proxy.server.proxy_handler
 from proxy.budget.admission import AdmitRequest
 from proxy.budget.scheduler import Hold, Scheduler, SlotGrant
 from proxy.budget.windows import Limit
-from proxy.server.lobby import LobbyServer, parse_head
+from proxy.server.lobby import LobbyServer
 from proxy.state.memory import memory_quota_sources
 from tests.conftest import GatewayHandle, ServerFactory, SimHandle, base_url
 from tests.test_relay_edges import get_status
@@ -31,47 +32,6 @@ from tests.test_scheduler import rig as rig  # the fixture
 
 MakeGateway = Callable[..., Awaitable[GatewayHandle]]
 WAIT = 10.0  # seconds a condition may take to come true on loopback; only a bug takes it
-
-
-# --- the head as the lobby reads it ------------------------------------------------------
-
-
-def test_a_plain_head_is_read_with_its_size() -> None:
-    data = (
-        b"POST /api/v1/contacts?x=1 HTTP/1.1\r\nHost: h\r\nauthorization: Bearer t\r\n"
-        b"Content-Length: 5\r\nX-Other: y\r\n\r\nhello"
-    )
-    head = parse_head(data)
-    assert head is not None
-    assert (head.method, head.target) == ("POST", "/api/v1/contacts?x=1")
-    assert dict(head.fields) == {"authorization": "Bearer t", "Content-Length": "5"}
-    assert head.fields["Authorization"] == "Bearer t"  # read as aiohttp does: any case
-    assert head.size == len(data)
-
-
-@pytest.mark.parametrize(
-    "data",
-    [
-        b"GET /api/v1/contacts HTTP/1.1\r\nHost: h\r\n",  # not all of it yet
-        b"GET /api/v1/contacts HTTP/1.1\r\nX: a\r\n b\r\n\r\n",  # obs-fold
-        b"GET /api/v1/contacts HTTP/1.1\r\nX : a\r\n\r\n",  # a space before the colon
-        b"GET /api/v1/contacts HTTP/1.1\r\nAuthorization: a\r\nauthorization: b\r\n\r\n",
-        b"GET /api/v1/contacts HTTP/1.1\nHost: h\n\n",  # bare LF
-        b"GET /api/v1/contacts HTTP/1.1\r\nX: a\x00b\r\n\r\n",
-        b"GET /api/v1/contacts HTTP/1.1\r\nX-API-Key: \xc3\xa9\r\n\r\n",
-        b"GET http://h/api/v1/contacts HTTP/1.1\r\n\r\n",  # absolute form
-        b"GET /api/v1/contacts HTTP/2.0\r\n\r\n",
-        b"get /api/v1/contacts HTTP/1.1\r\n\r\n",
-        b"GET /api/v1/contacts HTTP/1.1\r\nX: " + b"a" * 9000 + b"\r\n\r\n",
-    ],
-)
-def test_a_head_that_is_not_plain_is_left_to_aiohttp(data: bytes) -> None:
-    assert parse_head(data) is None
-
-
-def test_a_chunked_request_has_no_known_size() -> None:
-    head = parse_head(b"POST /api/v1/contacts HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
-    assert head is not None and head.size is None
 
 
 # --- hold: queued at once, the wait taken over by admit ---------------------------------
@@ -216,7 +176,7 @@ async def test_new_connections_wait_for_budget_in_the_lobby_without_a_handler(
     for _, writer in conns:
         writer.write(request_bytes(token))
     # Three more fit in this window; the other six wait in the lobby, and in the queue.
-    await until(lambda: lobby.waiting == 6)
+    await until(lambda: lobby.held_count == 6)
     assert queue_depth(gw) == 6
     assert lobby.handlers <= handlers_before + 3  # no aiohttp handler for those waiting
     exported = generate_latest(gw.runtime.metrics.registry).decode()
@@ -226,7 +186,7 @@ async def test_new_connections_wait_for_budget_in_the_lobby_without_a_handler(
     assert [status for status, _, _ in answers] == [200] * 9
     waited = [float(f["server-timing"].split("dur=")[1].split(",")[0]) for _, f, _ in answers]
     assert max(waited) > 1000  # the last ones waited for the next windows (ms)
-    assert lobby.waiting == 0 and queue_depth(gw) == 0
+    assert lobby.held_count == 0 and queue_depth(gw) == 0
     assert len(sim.sim.log) == 10
 
 
@@ -240,10 +200,10 @@ async def test_a_caller_that_leaves_the_lobby_gives_its_place_back(
     conns = [await connect(gw, connections) for _ in range(4)]
     for _, writer in conns:
         writer.write(request_bytes(token))
-    await until(lambda: lobby.waiting == 3)
+    await until(lambda: lobby.held_count == 3)
     gone_before = _requests_with_status(gw, "499")
     conns[-1][1].transport.abort()  # the last in line hangs up
-    await until(lambda: lobby.waiting == 2)
+    await until(lambda: lobby.held_count == 2)
     assert queue_depth(gw) == 2
     assert _requests_with_status(gw, "499") == gone_before + 1  # accounted as nginx would
     answers = [await read_answer(reader) for reader, _ in conns[:-1]]
@@ -266,7 +226,9 @@ async def test_idle_connections_wait_in_the_lobby_when_the_listener_is_crowded(
     connections: list[Conn],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(proxy.server.lobby, "PARK_ABOVE", 0)  # every idle connection is "crowded"
+    monkeypatch.setattr(
+        proxy.server.proxy_handler, "PARK_ABOVE", 0
+    )  # every idle connection is "crowded"
     gw = await make_gateway()
     token = await gw.token("*")
     lobby = lobby_of(gw)
@@ -311,14 +273,14 @@ async def test_granted_requests_go_on_no_faster_than_echowins_pool_takes_them(
     conns = [await connect(gw, connections) for _ in range(6)]
     for _, writer in conns:
         writer.write(request_bytes(token))
-    await until(lambda: lobby.waiting == 6)
+    await until(lambda: lobby.held_count == 6)
     gate.put_nowait(None)
     assert await probe == 200
     # All six granted: one at echowin on the pool's one connection, one in a handler
     # waiting for that connection, four in the lobby's line with no handler yet.
     await until(lambda: seen == 2)
     await until(lambda: lobby.forwarding == 1)
-    assert (len(lobby.ready), lobby.waiting, lobby.handlers) == (4, 4, 2)
+    assert (len(lobby.ready), lobby.held_count, lobby.handlers) == (4, 4, 2)
     for _ in range(6):
         gate.put_nowait(None)
     answers = [await read_answer(reader) for reader, _ in conns]
@@ -366,18 +328,18 @@ async def test_a_connection_is_not_parked_while_its_answer_is_still_being_writte
     """A lobby hears nothing of the transport's pause_writing: parking a connection whose
     answer still sits in the transport's buffer would leave the next handler writing with
     no backpressure. The caller here never reads, so the buffer fills."""
-    monkeypatch.setattr(proxy.server.lobby, "PARK_ABOVE", 0)
+    monkeypatch.setattr(proxy.server.proxy_handler, "PARK_ABOVE", 0)
     decisions: list[tuple[int, bool]] = []
-    park_if_idle = proxy.server.lobby.HeldHandler.park_if_idle
+    park_if_idle = proxy.server.proxy_handler.ProxyHandler.park_if_idle
 
-    def recorded(self: proxy.server.lobby.HeldHandler) -> bool:
+    def recorded(self: proxy.server.proxy_handler.ProxyHandler) -> bool:
         transport = self.transport
         buffered = transport.get_write_buffer_size() if transport is not None else 0
         parked = park_if_idle(self)
         decisions.append((buffered, parked))
         return parked
 
-    monkeypatch.setattr(proxy.server.lobby.HeldHandler, "park_if_idle", recorded)
+    monkeypatch.setattr(proxy.server.proxy_handler.ProxyHandler, "park_if_idle", recorded)
     quota = {"X-RateLimit-Limit": "100000", "X-RateLimit-Remaining": "99999"}
 
     async def big(request: web.Request) -> web.Response:

@@ -1,17 +1,11 @@
-"""The only door to the network: one keep-alive connection pool towards echowin.
-
-Bodies stream both ways and are never decompressed or re-encoded (``auto_decompress``
-is off), so echowin's bytes reach the caller as echowin sent them. Failures are
-classified for the caller: :class:`UpstreamTimeout` (-> 504) and
-:class:`UpstreamUnreachable` (-> 502, with ``sent`` telling whether a byte may have left).
-Exception texts never carry request headers, so a real key cannot leak through them.
-"""
+"""The pool of keep-alive connections to echowin and one exchange on it
+(:class:`Upstream`), echowin's answer as it streams (:class:`UpstreamResponse`), and the
+failures a caller is told (:class:`UpstreamError` and its kinds)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import ssl
 from collections import deque
 from collections.abc import AsyncIterable, Callable
@@ -19,30 +13,12 @@ from types import TracebackType
 
 import aiohttp
 from aiohttp import hdrs
-from aiohttp.client_proto import ResponseHandler
-from aiohttp.http_exceptions import HttpProcessingError
-from aiohttp.http_writer import StreamWriter
 from aiohttp.streams import StreamReader
-from multidict import CIMultiDict, CIMultiDictProxy, MultiMapping
+from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from proxy.aiohttp_compat import Connection, HttpProcessingError, start_exchange
 from proxy.auth.routes import API_PREFIX
-
-# RFC 9110 §7.6.1 connection-specific fields, plus the old Proxy-Connection and
-# Keep-Alive that HTTP/1.0 peers still send.
-HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-    }
-)
 
 
 class UpstreamError(Exception):
@@ -71,26 +47,6 @@ class UpstreamUnreachable(UpstreamError):
             self.kind = "reset"
 
 
-def connection_tokens(headers: MultiMapping[str]) -> frozenset[str]:
-    """The header names the ``Connection`` field marks as hop-by-hop, lower-cased.
-
-    Every ``Connection`` line counts: a list-based field sent on several lines is one
-    field (RFC 9110 §5.3), so a name on the second line is as hop-by-hop as on the first."""
-    values = headers.getall("Connection", ())
-    if not values:
-        return _NO_TOKENS
-    return _tokens(values[0] if len(values) == 1 else ",".join(values))
-
-
-_NO_TOKENS: frozenset[str] = frozenset()
-
-
-@functools.lru_cache(maxsize=64)
-def _tokens(value: str) -> frozenset[str]:
-    # The same few values ("keep-alive", "close") come with nearly every message.
-    return frozenset(t.strip().lower() for t in value.split(",") if t.strip())
-
-
 _NO_BODY_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 IDLE_SECONDS = 15.0
 """A pooled connection idle this long is closed instead of reused (echowin's side may have
@@ -106,10 +62,17 @@ class UpstreamResponse:
 
     __slots__ = ("_proto", "_timer", "_upstream", "content", "headers", "status")
 
-    def __init__(self, upstream: Upstream, proto: ResponseHandler) -> None:
+    def __init__(
+        self,
+        upstream: Upstream,
+        proto: Connection,
+        loop: asyncio.AbstractEventLoop,
+        deadline: float,
+    ) -> None:
+        """``deadline``: the request's, on ``loop``'s clock."""
         self._upstream = upstream
-        self._proto: ResponseHandler | None = proto
-        self._timer: asyncio.TimerHandle | None = None
+        self._proto: Connection | None = proto
+        self._timer: asyncio.TimerHandle | None = loop.call_at(deadline, self._expire)
         self.status = 0
         self.headers: CIMultiDictProxy[str] = _NO_HEADERS
         self.content: StreamReader | None = None
@@ -193,9 +156,9 @@ class Upstream:
         self._connect_timeout = connect_timeout_seconds
         self._max_connections = max_connections
         self._ssl: ssl.SSLContext | None = None
-        self._idle: deque[tuple[ResponseHandler, float]] = deque()
+        self._idle: deque[tuple[Connection, float]] = deque()
         self._open = 0  # connections open or being opened
-        self._waiters: deque[asyncio.Future[ResponseHandler | None]] = deque()
+        self._waiters: deque[asyncio.Future[Connection | None]] = deque()
         self._started = False
 
     def relative(self, url: str) -> str:
@@ -238,7 +201,7 @@ class Upstream:
 
     # --- the pool ---------------------------------------------------------------------
 
-    async def _acquire(self, loop: asyncio.AbstractEventLoop, deadline: float) -> ResponseHandler:
+    async def _acquire(self, loop: asyncio.AbstractEventLoop, deadline: float) -> Connection:
         """A connection: an idle one, a new one, or one handed over by a request that is
         done with it, first come first served (a caller never overtakes one that waits)."""
         if not self._started:
@@ -257,7 +220,7 @@ class Upstream:
             if self._open < self._max_connections:
                 self._open += 1
                 return await self._connect(loop, deadline)
-        waiter: asyncio.Future[ResponseHandler | None] = loop.create_future()
+        waiter: asyncio.Future[Connection | None] = loop.create_future()
         self._waiters.append(waiter)
         try:
             async with asyncio.timeout_at(deadline):
@@ -283,13 +246,13 @@ class Upstream:
             raise UpstreamUnreachable("the upstream pool is closed", sent=False)
         return await self._connect(loop, deadline)  # the place was counted for us
 
-    async def _connect(self, loop: asyncio.AbstractEventLoop, deadline: float) -> ResponseHandler:
+    async def _connect(self, loop: asyncio.AbstractEventLoop, deadline: float) -> Connection:
         """Open a connection whose place in ``_open`` is already counted."""
         try:
             wait = min(self._connect_timeout, max(0.0, deadline - loop.time()))
             async with asyncio.timeout(wait):
                 _, proto = await loop.create_connection(
-                    lambda: ResponseHandler(loop),
+                    lambda: Connection(loop),
                     self._host,
                     self._port,
                     ssl=self._ssl,
@@ -302,15 +265,15 @@ class Upstream:
         return proto
 
     @staticmethod
-    def _reusable(proto: ResponseHandler) -> bool:
+    def _reusable(proto: Connection) -> bool:
         # should_close also covers bytes the server sent while the connection was idle.
         return proto.is_connected() and not proto.should_close
 
-    def _discard(self, proto: ResponseHandler) -> None:
+    def _discard(self, proto: Connection) -> None:
         proto.close()
         self._open -= 1
 
-    def _release(self, proto: ResponseHandler) -> None:
+    def _release(self, proto: Connection) -> None:
         """A request is done with ``proto``: to the longest waiter, to the pool, or closed."""
         if self._started and self._reusable(proto):
             while self._waiters:
@@ -356,20 +319,11 @@ class Upstream:
         deadline = loop.time() + self._timeout
         try:
             proto = await self._acquire(loop, deadline)
-        except TimeoutError:  # no connection in time: nothing left
-            raise UpstreamTimeout("echowin did not answer in time", sent=False) from None
-        except OSError:
-            raise UpstreamUnreachable("cannot connect to echowin", sent=False) from None
-        response = UpstreamResponse(self, proto)
-        response._timer = loop.call_at(deadline, response._expire)
+        except OSError as exc:  # no connection (in time): nothing left
+            raise _not_sent(exc) from None
+        response = UpstreamResponse(self, proto, loop, deadline)
         try:
-            proto.set_response_params(
-                skip_payload=method == "HEAD",
-                read_until_eof=True,
-                auto_decompress=False,
-                read_bufsize=READ_BUFSIZE,
-            )
-            writer = StreamWriter(proto, loop)
+            writer = start_exchange(proto, loop, skip_body=method == "HEAD", bufsize=READ_BUFSIZE)
             if body is None:
                 if method not in _NO_BODY_METHODS and hdrs.CONTENT_LENGTH not in headers:
                     headers[hdrs.CONTENT_LENGTH] = "0"
@@ -397,12 +351,26 @@ class Upstream:
         except BaseException as exc:
             proto.set_exception(ConnectionResetError("request abandoned"))
             response.release()  # closed: should_close holds after an exception
-            if isinstance(exc, TimeoutError):
-                raise UpstreamTimeout("echowin did not answer in time") from None
-            if isinstance(exc, (aiohttp.ClientError, HttpProcessingError, OSError)):
-                raise UpstreamUnreachable("echowin closed the connection", sent=True) from None
-            raise
-        response.status = message.code
-        response.headers = message.headers
-        response.content = payload
+            failure = _sent_failure(exc)
+            if failure is None:
+                raise
+            raise failure from None
+        response.status, response.headers, response.content = message.code, message.headers, payload
         return response
+
+
+def _not_sent(exc: OSError) -> UpstreamError:
+    """No connection to send on (in time): nothing left."""
+    if isinstance(exc, TimeoutError):
+        return UpstreamTimeout("echowin did not answer in time", sent=False)
+    return UpstreamUnreachable("cannot connect to echowin", sent=False)
+
+
+def _sent_failure(exc: BaseException) -> UpstreamError | None:
+    """What a send that failed after the head may have left raises for ``exc``; None: ``exc``
+    itself (the body's iterator's, or a cancellation)."""
+    if isinstance(exc, TimeoutError):
+        return UpstreamTimeout("echowin did not answer in time")
+    if isinstance(exc, (aiohttp.ClientError, HttpProcessingError, OSError)):
+        return UpstreamUnreachable("echowin closed the connection", sent=True)
+    return None
