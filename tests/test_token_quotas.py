@@ -36,7 +36,7 @@ from proxy.budget.scheduler import (
 from proxy.budget.slots import LocalSlots, SlotSource
 from proxy.budget.windows import Limit
 from proxy.state import redis_budget
-from proxy.state.memory import MemorySendLog
+from proxy.state.memory import MemorySendLog, memory_quota_sources
 from proxy.state.redis_budget import RedisSlots
 from proxy.state.sqlite import SqliteSendLog
 from tests.conftest import GatewayHandle
@@ -91,7 +91,8 @@ def scheduler_on(quotas: QuotaSources | None, lane_limit: Limit = HUGE) -> Sched
     observer = Recorder()
     lane = Lane(CREDENTIAL, [lane_limit], 0.0, MemorySendLog(), policy, observer)
     lane.calibrated = True
-    return Scheduler({CREDENTIAL: lane}, policy, observer, quota_sources=quotas)
+    sources = quotas if quotas is not None else memory_quota_sources()
+    return Scheduler({CREDENTIAL: lane}, policy, observer, quota_sources=sources)
 
 
 @pytest.fixture(params=["sqlite", "redis"])
