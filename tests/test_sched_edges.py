@@ -15,12 +15,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.budget import scheduler as scheduler_module
 from proxy.auth.tokens import TokenRecord
+from proxy.budget import scheduler as scheduler_module
 from proxy.budget.admission import AdmitRequest
+from proxy.budget.local_slots import LocalSlots
 from proxy.budget.ratelimit_headers import parse_reset, parse_retry_after
 from proxy.budget.scheduler import Lane, QueuePolicy, Scheduler, SlotGrant, _Turns
-from proxy.budget.slots import LocalSlots
 from proxy.budget.windows import CredentialBudget, Limit
 from proxy.state.memory import MemorySendLog, memory_quota_sources
 from tests.test_scheduler import (

@@ -25,9 +25,9 @@ from hypothesis import strategies as st
 
 from proxy.auth.tokens import TokenRecord, mint_token
 from proxy.budget.admission import AdmitRequest, Grant, Refusal
+from proxy.budget.local_slots import LocalSlots
 from proxy.budget.ratelimit_headers import caller_headers
 from proxy.budget.scheduler import Lane, QueuePolicy, Scheduler, SendLog, SlotGrant, TokenCharge
-from proxy.budget.slots import LocalSlots
 from proxy.budget.windows import CredentialBudget, Limit
 from proxy.state.memory import MemorySendLog, memory_quota_sources
 from proxy.state.sqlite import SqliteSendLog

@@ -17,7 +17,6 @@ PENDING: dict[str, int] = {
     "proxy/auth/routes.py": 450,
     "proxy/auth/tokens.py": 522,
     "proxy/budget/scheduler.py": 1133,
-    "proxy/budget/slots.py": 492,
     "proxy/cli/main.py": 446,
     "proxy/config/__init__.py": 634,
     "proxy/gateway/handler.py": 918,

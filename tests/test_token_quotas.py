@@ -25,6 +25,7 @@ from redis.asyncio import Redis
 
 from proxy.auth.tokens import TokenRecord, mint_token
 from proxy.budget.admission import AdmitRequest, Refusal
+from proxy.budget.local_slots import LocalSlots
 from proxy.budget.scheduler import (
     Lane,
     QueuePolicy,
@@ -33,7 +34,7 @@ from proxy.budget.scheduler import (
     SlotGrant,
     local_quota_source,
 )
-from proxy.budget.slots import LocalSlots, SlotSource
+from proxy.budget.slots import SlotSource
 from proxy.budget.windows import Limit
 from proxy.state import redis_budget
 from proxy.state.memory import MemorySendLog, memory_quota_sources

@@ -25,9 +25,11 @@ from typing import Protocol
 
 from proxy.auth.tokens import TokenRecord
 from proxy.budget.admission import AdmitRequest, Grant, Held, Refusal
+from proxy.budget.local_slots import LocalSlots
 from proxy.budget.ratelimit_headers import (
     UpstreamQuota,
     caller_headers,
+    freeze_until,
     parse_limit_remaining,
     parse_upstream_quota,
     policy_header,
@@ -35,26 +37,10 @@ from proxy.budget.ratelimit_headers import (
     unchanged_for,
     window_name,
 )
-from proxy.budget.slots import LocalSlots, SendLog, Slot, SlotSource, StateUnavailable
+from proxy.budget.slots import SendLog, Slot, SlotSource, StateUnavailable
 from proxy.budget.windows import CredentialBudget, Limit, WindowView
 
 log = logging.getLogger("echowin_gateway.budget")
-
-# An unexpected 429 with no usable Retry-After or Reset freezes the credential this long.
-DEFAULT_FREEZE_SECONDS = 60.0
-# A freeze never lasts longer than this, whatever echowin's headers say.
-MAX_FREEZE_SECONDS = 3600.0
-
-
-def freeze_until(now: float, quota: UpstreamQuota | None) -> float:
-    """When a credential frozen at ``now`` by an unexpected upstream 429 may send again
-    (Unix seconds), from what that 429 said (``quota``): its Retry-After, else its
-    X-RateLimit-Reset, else ``DEFAULT_FREEZE_SECONDS``; never past
-    ``MAX_FREEZE_SECONDS``. The caller's own Retry-After for that 429 says the same."""
-    until = quota.resume_at(now) if quota is not None else None
-    if until is None:
-        until = now + DEFAULT_FREEZE_SECONDS
-    return min(until, now + MAX_FREEZE_SECONDS)
 
 
 class Observer(Protocol):
@@ -1128,6 +1114,5 @@ __all__ = [
     "Scheduler",
     "SendLog",
     "SlotGrant",
-    "freeze_until",
     "local_quota_source",
 ]
