@@ -23,7 +23,9 @@ from proxy.auth.routes import RouteTable
 from proxy.auth.throttle import AuthThrottle
 from proxy.auth.tokens import TokenAuthenticator, TokenStore
 from proxy.budget.admission import Admitter, OpenAdmitter
-from proxy.budget.scheduler import QUOTA_HORIZON, Lane, QueuePolicy, Scheduler, local_quota_source
+from proxy.budget.lane import Lane, QueuePolicy
+from proxy.budget.quotas import QUOTA_HORIZON, local_quota_source
+from proxy.budget.scheduler import Scheduler
 from proxy.budget.slots import SendLog, SlotSource
 from proxy.budget.windows import Limit
 from proxy.config import GatewayConfig, Secrets

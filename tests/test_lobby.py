@@ -20,7 +20,8 @@ from prometheus_client import generate_latest
 
 import proxy.server.lobby
 from proxy.budget.admission import AdmitRequest
-from proxy.budget.scheduler import Hold, Scheduler, SlotGrant
+from proxy.budget.grants import Hold, SlotGrant
+from proxy.budget.scheduler import Scheduler
 from proxy.budget.windows import Limit
 from proxy.server.lobby import LobbyServer, parse_head
 from proxy.state.memory import memory_quota_sources

@@ -16,7 +16,8 @@ import pytest
 from redis.asyncio import Redis
 
 from proxy.budget.admission import Refusal
-from proxy.budget.scheduler import Lane, QueuePolicy, SlotGrant
+from proxy.budget.grants import SlotGrant
+from proxy.budget.lane import Lane, QueuePolicy
 from proxy.budget.windows import Limit
 from proxy.state.redis import RedisOptions, open_redis
 from proxy.state.redis_budget import RedisSlots

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Unpack
 
 from proxy.auth.tokens import TokenChanges, TokenRecord, apply_changes
-from proxy.budget.scheduler import QuotaSources, local_quota_source
+from proxy.budget.quotas import QuotaSources, local_quota_source
 from proxy.budget.slots import Line, SlotSource
 from proxy.budget.windows import Limit
 
