@@ -21,10 +21,10 @@ from proxy.budget.lane import Lane, QueuePolicy
 from proxy.budget.windows import Limit
 from proxy.state.redis import RedisOptions, open_redis
 from proxy.state.redis_budget import RedisSlots
+from tests.budget.test_scheduler import Recorder, token
 from tests.procs import eventually
 from tests.test_redis_budget import redis_server, start_redis, wait_redis  # noqa: F401
 from tests.test_redis_budget_edges import restart_empty
-from tests.test_scheduler import Recorder, token
 
 # One send per 8 s and a max wait of 10 s: a second request queues (its predicted wait is
 # under 8 s) and, left alone, would wait about 8 s. Heard in time, it is refused in ms.

@@ -36,8 +36,8 @@ from proxy.state import redis_budget
 from proxy.state.memory import MemorySendLog, memory_quota_sources
 from proxy.state.redis_budget import RedisSlots
 from proxy.state.sqlite import SqliteSendLog
+from tests.budget.test_scheduler import Recorder
 from tests.conftest import GatewayHandle
-from tests.test_scheduler import Recorder
 from tests.test_slot_contract import scratch_redis
 from tests.test_slot_contract import settle as settle_source
 

@@ -1,5 +1,5 @@
 """Edge cases of the budget, the queue and echowin's rate-limit headers, each found by a
-review: a test here failed on the code before its fix. Driven like tests/test_scheduler.py
+review: a test here failed on the code before its fix. Driven like tests/budget/test_scheduler.py
 (a fake clock, timers fired by hand, no real waits)."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from proxy.budget.ratelimit_headers import parse_reset, parse_retry_after
 from proxy.budget.scheduler import Scheduler
 from proxy.budget.windows import CredentialBudget, Limit
 from proxy.state.memory import MemorySendLog, memory_quota_sources
-from tests.test_scheduler import (
+from tests.budget.test_scheduler import (
     CREDENTIAL,
     GUARD,
     T0,

@@ -1,5 +1,5 @@
-"""Unit tests for proxy.budget.scheduler: the Lane (queue, fairness, refusals, freeze, calibration,
-restore) and the Scheduler (token quotas), driven directly: no HTTP, no sockets.
+"""Unit tests for proxy.budget.lane (via its Lane: queue, fairness, refusals, freeze, calibration,
+restore) and proxy.budget.scheduler (token quotas), driven directly: no HTTP, no sockets.
 
 Time. Every lane reads a ``FakeClock``. A lane arms a real loop timer (``call_later``) for the
 instant its budget frees, computed from that clock; no test lets one fire on its own. ``fire``
