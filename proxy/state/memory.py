@@ -81,7 +81,7 @@ class MemorySendLog:
 
     durable = False
     # Nothing is written, but a block of slots planned at once (far from every limit) saves
-    # planning each send: the same leases as a SQLite log's (proxy.budget.slots.LocalSlots).
+    # planning each send: the same leases as a SQLite log's (proxy.budget.local_slots.LocalSlots).
     block_max = 256
 
     def reserve(
