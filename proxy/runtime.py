@@ -21,7 +21,9 @@ from proxy.auth.routes import RouteTable
 from proxy.auth.throttle import AuthThrottle
 from proxy.auth.tokens import TokenStore
 from proxy.budget.admission import Admitter, OpenAdmitter
-from proxy.budget.scheduler import QUOTA_HORIZON, Lane, QueuePolicy, Scheduler
+from proxy.budget.lane import Lane, QueuePolicy
+from proxy.budget.quotas import QUOTA_HORIZON
+from proxy.budget.scheduler import Scheduler
 from proxy.budget.windows import Limit
 from proxy.config import GatewayConfig, Secrets
 from proxy.observe.logs import AccessLog, setup_logging

@@ -34,6 +34,14 @@ class Refusal:
     status: int = 429  # 503 for state_unavailable (on_state_failure: closed), shutting_down
 
 
+STATE_DOWN = Refusal(
+    "state_unavailable", 1.0, "The gateway's shared state is unavailable", status=503
+)
+"""The shared state cannot be read and ``on_state_failure`` is ``closed``."""
+SHUTTING_DOWN = Refusal("shutting_down", 1.0, "The gateway is shutting down; try again", status=503)
+"""The drain's grace is over: queued and new requests are answered at once."""
+
+
 class Grant(Protocol):
     queued_seconds: float
 

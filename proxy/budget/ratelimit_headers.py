@@ -4,7 +4,8 @@ echowin sends ``X-RateLimit-Limit`` (per hour), ``X-RateLimit-Remaining``,
 ``X-RateLimit-Reset`` (Unix seconds in the public docs, ISO 8601 in newer ones) and, on
 429, ``Retry-After`` (seconds, or an HTTP date). Callers get their own view in the same
 ``X-RateLimit-*`` fields plus the IETF draft's ``RateLimit-Policy`` and ``RateLimit``
-(draft-ietf-httpapi-ratelimit-headers-08 and later).
+(draft-ietf-httpapi-ratelimit-headers-08 and later). An unexpected 429's fields also say how
+long the credential is frozen (:func:`freeze_until`).
 """
 
 from __future__ import annotations
@@ -38,6 +39,23 @@ class UpstreamQuota(NamedTuple):
             if at is not None and at > now:
                 return at
         return None
+
+
+# An unexpected 429 with no usable Retry-After or Reset freezes the credential this long.
+DEFAULT_FREEZE_SECONDS = 60.0
+# A freeze never lasts longer than this, whatever echowin's headers say.
+MAX_FREEZE_SECONDS = 3600.0
+
+
+def freeze_until(now: float, quota: UpstreamQuota | None) -> float:
+    """When a credential frozen at ``now`` by an unexpected upstream 429 may send again
+    (Unix seconds), from what that 429 said (``quota``): its Retry-After, else its
+    X-RateLimit-Reset, else ``DEFAULT_FREEZE_SECONDS``; never past
+    ``MAX_FREEZE_SECONDS``. The caller's own Retry-After for that 429 says the same."""
+    until = quota.resume_at(now) if quota is not None else None
+    if until is None:
+        until = now + DEFAULT_FREEZE_SECONDS
+    return min(until, now + MAX_FREEZE_SECONDS)
 
 
 def _int(value: str | None) -> int | None:

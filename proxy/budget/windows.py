@@ -20,23 +20,17 @@ is longer than it looks, so this errs on the safe side.
 
 from __future__ import annotations
 
-import bisect
 import heapq
 import math
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
 from proxy.budget.ratelimit_headers import tighter
+from proxy.budget.window_log import Reach, WindowLog, entry_time
 
 __all__ = ["CredentialBudget", "Limit", "WindowView"]
-
-_Entry = tuple[float, bool]  # (send time in seconds, sent by someone else)
-
-
-def _at(entry: _Entry) -> float:
-    return entry[0]
 
 
 def _check_time(value: float, name: str = "now") -> None:
@@ -73,146 +67,6 @@ class WindowView(NamedTuple):
     external: int  # how many of ``used`` someone else spent (learnt from echowin)
 
 
-class _Reach:
-    """``reach(m)``: the least time, in seconds, that the limits alone put between planned
-    sends ``i`` and ``i + m`` of any schedule. Planned send ``i + N`` of a window comes at
-    least ``span`` after send ``i``, so ``reach(m)`` is the most ``sum(a_w * span_w)`` with
-    ``sum(a_w * N_w) <= m`` (a knapsack over the windows): 0 below the smallest ``N``.
-
-    A step function of ``m``, kept as its steps (``at``, strictly increasing from 0) and
-    the value from each step on (``value``), extended on demand and never invalidated: it
-    depends on the limits and the guard only."""
-
-    __slots__ = ("at", "value", "windows")
-
-    def __init__(self, windows: Sequence[tuple[int, float]]) -> None:
-        self.windows = tuple(windows)  # (N, span) per limit
-        self.at: list[int] = [0]
-        self.value: list[float] = [0.0]
-
-    def __call__(self, m: int) -> float:
-        """``reach(m)`` for ``0 <= m <= at[-1]``."""
-        return self.value[bisect.bisect_right(self.at, m) - 1]
-
-    def extend(self, m: int, cap: float) -> bool:
-        """Know every step up to ``m``; False, stopping early, once a step at or before
-        ``m`` is known to pass ``cap`` (``reach(m)`` then does too). O(len(limits) log n)
-        per step added."""
-        at, value = self.at, self.value
-        while at[-1] < m:
-            if value[-1] > cap:
-                return False
-            self._add_step()
-        return True
-
-    def _add_step(self) -> None:
-        # reach(m) = max(reach(m - 1), max over windows of reach(m - N) + span): the next
-        # step is the first m at which some window's term beats the current value.
-        at, value = self.at, self.value
-        last, current = at[-1], value[-1]
-        step = min(self._first_beating(n, span, current) for n, span in self.windows)
-        step = max(step, last + 1)
-        best = current
-        for n, span in self.windows:
-            if step >= n:
-                best = max(best, self(step - n) + span)
-        at.append(step)
-        value.append(best)
-
-    def _first_beating(self, n: int, span: float, current: float) -> int:
-        """The least ``m`` with ``reach(m - n) + span > current`` (``current`` is the last
-        value, so such an ``m - n`` is at or before the last step)."""
-        value = self.value
-        i = bisect.bisect_right(value, current - span)
-        # Compare as the recurrence adds: float subtraction may round the other way.
-        while i < len(value) and value[i] + span <= current:
-            i += 1
-        while i > 0 and value[i - 1] + span > current:
-            i -= 1
-        return self.at[i] + n if i < len(value) else self.at[-1] + 1 + n
-
-    def stretches(self, lo: int, hi: int) -> Iterator[tuple[int, float]]:
-        """``(m, reach(m))`` for ``m = lo`` and each step in ``(lo, hi]``: the first ``m``
-        of every flat stretch that meets ``[lo, hi]``. Needs ``hi <= at[-1]``."""
-        at, value = self.at, self.value
-        i = bisect.bisect_right(at, lo)
-        yield lo, value[i - 1]
-        while i < len(at) and at[i] <= hi:
-            yield at[i], value[i]
-            i += 1
-
-
-class _Window:
-    """One limit's log: every send still counting in it, oldest first, ours and external.
-
-    The log is not cut to the newest ``N`` entries: ``release`` can remove one of those,
-    and an older entry that a cut had dropped would then be missing from the count.
-    Pruning alone keeps it bounded (about ``N`` own sends plus ``N`` external ones).
-    """
-
-    __slots__ = ("entries", "external", "limit", "span")
-
-    def __init__(self, limit: Limit, guard: float) -> None:
-        self.limit = limit
-        self.span = limit.per_seconds + guard  # how long a send counts, seconds
-        self.entries: deque[_Entry] = deque()
-        self.external = 0
-
-    def prune(self, now: float) -> None:
-        entries = self.entries
-        while entries and entries[0][0] + self.span <= now:
-            if entries.popleft()[1]:
-                self.external -= 1
-
-    def add(self, entry: _Entry) -> None:
-        if not self.entries or entry[0] >= self.entries[-1][0]:
-            self.entries.append(entry)
-        else:  # the clock stepped back: keep the log sorted so expiry stays a prefix
-            bisect.insort(self.entries, entry, key=_at)
-        self.external += entry[1]
-
-    def remove_own(self, at: float) -> bool:
-        entries = self.entries
-        # Releases are of recent sends: search from the newest end and stop early.
-        for i in range(len(entries) - 1, -1, -1):
-            when, external = entries[i]
-            if when < at:
-                break
-            if when == at and not external:
-                del entries[i]
-                return True
-        return False
-
-    def frees_at(self) -> float:
-        """Earliest time this window admits one more send; -inf if it has room now."""
-        rank = len(self.entries) - self.limit.requests
-        if rank < 0:
-            return -math.inf
-        # That send must have stopped counting: the (rank + 1)-th oldest of all.
-        return self.entries[rank][0] + self.span
-
-    def latest_feed(self, k: int, reach: _Reach) -> float:
-        """The latest time this window's log alone forces on planned send ``k`` (0-based, all
-        planned sends after every logged one): -inf if none of its entries binds it.
-
-        Planned send ``i`` must wait for the entry ``N - i`` places from the newest to stop
-        counting, and every later planned send at least ``reach(m)`` more after that: so the
-        ``j``-th newest entry (``j < N``) forces ``entries[-1 - j] + span + reach(k - N + 1 + j)``.
-        Within a stretch of ``m`` where ``reach`` is flat the newest entry forces the most,
-        so only the first ``j`` of each stretch is looked at: O(1 + steps of ``reach`` in a
-        range of ``N``) lookups, whatever ``k`` is."""
-        entries, n = self.entries, self.limit.requests
-        base = k - n + 1  # m = base + j
-        j_lo, j_hi = max(0, -base), min(len(entries), n) - 1
-        if j_lo > j_hi:
-            return -math.inf
-        last = len(entries) - 1
-        best = -math.inf
-        for m, gap in reach.stretches(base + j_lo, base + j_hi):
-            best = max(best, entries[last - (m - base)][0] + self.span + gap)
-        return best
-
-
 class CredentialBudget:
     """The send log of one credential and the decisions made from it.
 
@@ -234,10 +88,10 @@ class CredentialBudget:
         if not (math.isfinite(guard) and guard >= 0):
             raise ValueError(f"guard must be a finite number >= 0, got {guard!r}")
         self._guard = float(guard)
-        self._windows = tuple(_Window(limit, self._guard) for limit in self._limits)
+        self._windows = tuple(WindowLog(limit, self._guard) for limit in self._limits)
         spans = [window.span for window in self._windows]
         self._longest = spans.index(max(spans))  # holds every own send any window counts
-        self._reach = _Reach([(w.limit.requests, w.span) for w in self._windows])
+        self._reach = Reach([(w.limit.requests, w.span) for w in self._windows])
         self._frozen: float | None = None
 
     @property
@@ -290,7 +144,7 @@ class CredentialBudget:
 
         With ``horizon`` (seconds), returns math.inf when the predicted wait exceeds it.
         The cost does not grow with ``ahead``: O(len(limits) * (1 + s) * log n) lookups,
-        where ``s`` is the number of steps the limits' combined reach (see ``_Reach``) takes
+        where ``s`` is the number of steps the limits' combined reach (see ``Reach``) takes
         over ``N`` planned sends: at most ``N``, and ``N / min(N)`` when every ``N`` divides
         the larger ones (echowin's 1000/h and 100/min: 10). Once per budget, the reach is
         worked out up to the largest ``ahead`` asked for (at most as far as ``horizon``
@@ -307,7 +161,7 @@ class CredentialBudget:
         # latest of every chain of such constraints that ends at it. A chain starts at
         # ``start`` or at a logged entry, and the planned sends it passes can add at most
         # ``reach(gap)``: so send k comes at the latest of ``start + reach(k)`` and what
-        # each window's entries force (``_Window.latest_feed``), with no walk over 0..k.
+        # each window's entries force (``WindowLog.latest_feed``), with no walk over 0..k.
         reach = self._reach
         if not reach.extend(ahead, math.inf if horizon is None else horizon - (start - now)):
             assert horizon is not None
@@ -434,7 +288,7 @@ class CredentialBudget:
             _check_time(at, "send time")
         for window in self._windows:
             kept = [(at, False) for at in restored if at + window.span > now]
-            window.entries = deque(heapq.merge(window.entries, kept, key=_at))
+            window.entries = deque(heapq.merge(window.entries, kept, key=entry_time))
 
     def relimited(self, limits: Sequence[Limit], now: float) -> CredentialBudget:
         """A budget with other ``limits`` (same guard) holding this one's own sends and
@@ -466,7 +320,7 @@ class CredentialBudget:
         start = now if self._frozen is None else max(now, self._frozen)
         return max(start, *(window.frees_at() for window in self._windows))
 
-    def _add_external(self, window: _Window, now: float, n: int) -> None:
+    def _add_external(self, window: WindowLog, now: float, n: int) -> None:
         entry = (now, True)
         for _ in range(n):
             window.add(entry)

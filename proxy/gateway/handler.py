@@ -23,8 +23,7 @@ from proxy.auth.client_address import Address, client_address
 from proxy.auth.routes import PathError, RouteMatch, scope_allows
 from proxy.auth.tokens import TokenRecord
 from proxy.budget.admission import AdmitRequest, Grant, Held, Refusal
-from proxy.budget.ratelimit_headers import parse_upstream_quota
-from proxy.budget.scheduler import freeze_until
+from proxy.budget.ratelimit_headers import freeze_until, parse_upstream_quota
 from proxy.config import AGENCY_KEY_NAME, Credential
 from proxy.errors import json_body, json_error, json_response
 from proxy.gateway.keywatch import (

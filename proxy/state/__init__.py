@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from proxy.auth.tokens import TokenStore
-from proxy.budget.scheduler import local_quota_source
+from proxy.budget.quotas import local_quota_source
 from proxy.budget.slots import SendLog, SlotSource
 from proxy.budget.windows import Limit
 from proxy.config import GatewayConfig

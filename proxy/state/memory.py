@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Unpack
 
 from proxy.auth.tokens import TokenChanges, TokenRecord, apply_changes
-from proxy.budget.scheduler import QuotaSources, local_quota_source
+from proxy.budget.quotas import QuotaSources, local_quota_source
 from proxy.budget.slots import Line, SlotSource
 from proxy.budget.windows import Limit
 
@@ -81,7 +81,7 @@ class MemorySendLog:
 
     durable = False
     # Nothing is written, but a block of slots planned at once (far from every limit) saves
-    # planning each send: the same leases as a SQLite log's (proxy.budget.slots.LocalSlots).
+    # planning each send: the same leases as a SQLite log's (proxy.budget.local_slots.LocalSlots).
     block_max = 256
 
     def reserve(

@@ -21,14 +21,15 @@ from prometheus_client import generate_latest
 
 import proxy.server.proxy_handler
 from proxy.budget.admission import AdmitRequest
-from proxy.budget.scheduler import Hold, Scheduler, SlotGrant
+from proxy.budget.grants import Hold, SlotGrant
+from proxy.budget.scheduler import Scheduler
 from proxy.budget.windows import Limit
 from proxy.server.lobby import LobbyServer
 from proxy.state.memory import memory_quota_sources
+from tests.budget.test_scheduler import Recorder, Rig, settle, token
+from tests.budget.test_scheduler import rig as rig  # the fixture
 from tests.conftest import GatewayHandle, ServerFactory, SimHandle, base_url
 from tests.test_relay_edges import get_status
-from tests.test_scheduler import Recorder, Rig, settle, token
-from tests.test_scheduler import rig as rig  # the fixture
 
 MakeGateway = Callable[..., Awaitable[GatewayHandle]]
 WAIT = 10.0  # seconds a condition may take to come true on loopback; only a bug takes it

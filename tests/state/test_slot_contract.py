@@ -27,7 +27,8 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
-from proxy.budget.slots import LocalSlots, Slot, SlotSource
+from proxy.budget.local_slots import LocalSlots
+from proxy.budget.slots import Slot, SlotSource
 from proxy.budget.windows import CredentialBudget, Limit
 from proxy.state.memory import MemorySendLog
 from proxy.state.redis.slots import RedisSlots

@@ -16,14 +16,15 @@ import pytest
 from redis.asyncio import Redis
 
 from proxy.budget.admission import Refusal
-from proxy.budget.scheduler import Lane, QueuePolicy, SlotGrant
+from proxy.budget.grants import SlotGrant
+from proxy.budget.lane import Lane, QueuePolicy
 from proxy.budget.windows import Limit
 from proxy.state.redis.client import RedisOptions, open_redis
 from proxy.state.redis.slots import RedisSlots
+from tests.budget.test_scheduler import Recorder, token
 from tests.procs import eventually
 from tests.state.redis.test_slots import redis_server, start_redis, wait_redis  # noqa: F401
 from tests.state.redis.test_slots_edges import restart_empty
-from tests.test_scheduler import Recorder, token
 
 # One send per 8 s and a max wait of 10 s: a second request queues (its predicted wait is
 # under 8 s) and, left alone, would wait about 8 s. Heard in time, it is refused in ms.

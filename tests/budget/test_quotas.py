@@ -25,24 +25,21 @@ from redis.asyncio import Redis
 
 from proxy.auth.tokens import TokenRecord, mint_token
 from proxy.budget.admission import AdmitRequest, Refusal
-from proxy.budget.scheduler import (
-    Lane,
-    QueuePolicy,
-    QuotaSources,
-    Scheduler,
-    SlotGrant,
-    local_quota_source,
-)
-from proxy.budget.slots import LocalSlots, SlotSource
+from proxy.budget.grants import SlotGrant
+from proxy.budget.lane import Lane, QueuePolicy
+from proxy.budget.local_slots import LocalSlots
+from proxy.budget.quotas import QuotaSources, local_quota_source
+from proxy.budget.scheduler import Scheduler
+from proxy.budget.slots import SlotSource
 from proxy.budget.windows import Limit
 from proxy.state.memory import MemorySendLog, memory_quota_sources
 from proxy.state.redis import slots as redis_budget
 from proxy.state.redis.slots import RedisSlots
 from proxy.state.sqlite.sends import SqliteSendLog
+from tests.budget.test_scheduler import Recorder
 from tests.conftest import GatewayHandle
 from tests.state.test_slot_contract import scratch_redis
 from tests.state.test_slot_contract import settle as settle_source
-from tests.test_scheduler import Recorder
 
 CREDENTIAL = "default"
 HUGE = Limit(1_000_000, 60.0)
@@ -124,7 +121,7 @@ async def granted(scheduler: Scheduler, token: TokenRecord, count: int) -> list[
 def age_views(scheduler: Scheduler) -> None:
     """Make the quota sources' views of the shared state due for a re-read (they re-read
     it at most every 50 ms (SQLite) / 100 ms (Redis))."""
-    for quota in scheduler._quotas.values():
+    for quota in scheduler.quotas.in_use.values():
         source = quota.source
         if isinstance(source, RedisSlots):
             source._view.read_at = -math.inf
@@ -135,7 +132,7 @@ def age_views(scheduler: Scheduler) -> None:
 
 async def settle(scheduler: Scheduler) -> None:
     """Wait for the quota sources' background writes (a charge given back)."""
-    for quota in scheduler._quotas.values():
+    for quota in scheduler.quotas.in_use.values():
         await settle_source(quota.source)
 
 
@@ -186,7 +183,7 @@ async def test_a_changed_quota_counts_what_was_already_sent(processes: Processes
     assert await granted(a, raised, 3) == [True, True, False]
     lowered = dataclasses.replace(token, per_minute=None)  # and then took it away
     assert isinstance(await admit(a, lowered), SlotGrant)
-    assert token.id not in a._quotas
+    assert token.id not in a.quotas.in_use
 
 
 async def test_charges_made_before_a_change_are_given_back_after_it(
@@ -215,7 +212,7 @@ async def test_two_limits_at_first_use_make_one_source(processes: Processes) -> 
     results = await asyncio.gather(admit(a, old), admit(a, new), admit(a, old))
     grants = sum(isinstance(r, SlotGrant) for r in results)
     assert grants >= 2
-    quota = a._quotas[old.id]
+    quota = a.quotas.in_use[old.id]
     await quota.ready
     assert [v.used for v in quota.source.snapshot(a.clock())] == [grants]
     await a.close()
@@ -243,7 +240,7 @@ async def test_a_request_the_budget_refuses_at_once_is_not_charged(
         refusal = await admit(a, token)
         assert isinstance(refusal, Refusal) and refusal.reason == "upstream_budget"
     await settle(a)
-    source = a._quotas[token.id].source
+    source = a.quotas.in_use[token.id].source
     assert [v.used for v in source.snapshot(a.clock())] == [1]
     # The first refusal was charged and given back (the lane learnt then that it refuses
     # until the window moves): a row each; the 19 after it wrote nothing.

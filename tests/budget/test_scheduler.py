@@ -1,5 +1,5 @@
-"""Unit tests for proxy.budget.scheduler: the Lane (queue, fairness, refusals, freeze, calibration,
-restore) and the Scheduler (token quotas), driven directly: no HTTP, no sockets.
+"""Unit tests for proxy.budget.lane (via its Lane: queue, fairness, refusals, freeze, calibration,
+restore) and proxy.budget.scheduler (token quotas), driven directly: no HTTP, no sockets.
 
 Time. Every lane reads a ``FakeClock``. A lane arms a real loop timer (``call_later``) for the
 instant its budget frees, computed from that clock; no test lets one fire on its own. ``fire``
@@ -25,9 +25,13 @@ from hypothesis import strategies as st
 
 from proxy.auth.tokens import TokenRecord, mint_token
 from proxy.budget.admission import AdmitRequest, Grant, Refusal
+from proxy.budget.grants import SlotGrant
+from proxy.budget.lane import Lane, QueuePolicy
+from proxy.budget.local_slots import LocalSlots
+from proxy.budget.quotas import TokenCharge
 from proxy.budget.ratelimit_headers import caller_headers
-from proxy.budget.scheduler import Lane, QueuePolicy, Scheduler, SendLog, SlotGrant, TokenCharge
-from proxy.budget.slots import LocalSlots
+from proxy.budget.scheduler import Scheduler
+from proxy.budget.slots import SendLog
 from proxy.budget.windows import CredentialBudget, Limit
 from proxy.state.memory import MemorySendLog, memory_quota_sources
 from proxy.state.sqlite.sends import SqliteSendLog
@@ -57,7 +61,7 @@ class FakeClock:
 
 
 class Recorder:
-    """An Observer (proxy.budget.scheduler.Observer) that records every call as a tuple."""
+    """An Observer (proxy.budget.lane.Observer) that records every call as a tuple."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[Any, ...]] = []
@@ -97,16 +101,18 @@ async def fire(lane: Lane, clock: FakeClock, step: float = 0.0) -> None:
     Returns once the lane's pump has handed out what the budget allows, before the waiters
     it granted resume: a test can still cancel one of them in between."""
     clock.now += step
-    if lane._timer is not None:
-        lane._timer.cancel()
-    lane._on_timer()
+    if lane.dispatch._timer is not None:
+        lane.dispatch._timer.cancel()
+    lane.dispatch._on_timer()
     await asyncio.sleep(0)  # the pump task runs first; woken waiters are queued after us
-    assert lane._pump is None or lane._pump.done(), "the pump did not finish in one step"
+    assert lane.dispatch._pump is None or lane.dispatch._pump.done(), (
+        "the pump did not finish in one step"
+    )
 
 
 def armed_in(lane: Lane) -> float:
     """Seconds until the lane's pending timer fires (it must have one)."""
-    timer = lane._timer
+    timer = lane.dispatch._timer
     assert timer is not None, "waiters queued but no timer armed"
     assert not timer.cancelled()
     return timer.when() - asyncio.get_running_loop().time()
@@ -345,7 +351,7 @@ async def test_queued_waiters_get_one_slot_per_window_fifo_within_each_token(rig
     for name in ("a", "b"):
         mine = [task for task in order if owner[task] == name]
         assert [task for task in served if owner[task] == name] == mine  # FIFO
-    assert (lane.depth, rig.policy.waiting, lane.queues) == (0, 0, {})
+    assert (lane.depth, rig.policy.waiting, lane.queue.tokens) == (0, 0, {})
     assert ("waited", CREDENTIAL, 1.25) in rig.observer.calls
 
 
@@ -584,7 +590,7 @@ async def test_a_waiter_cancelled_while_queued_leaves_and_consumes_nothing(rig: 
     await settle()
     assert a1.cancelled()
     assert lane.depth == rig.policy.waiting == 3 - 1
-    assert sum(len(q.waiters) for q in lane.queues.values()) == 2
+    assert sum(len(q.waiters) for q in lane.queue.tokens.values()) == 2
     assert own_sends(lane, rig.clock.now) == [T0]  # no slot taken
 
     await fire(lane, rig.clock, 10.25)
@@ -909,12 +915,12 @@ class Model:
 
     def check(self, now: float) -> None:
         lane, policy = self.lane, self.policy
-        queued = sum(len(queue.waiters) for queue in lane.queues.values())
+        queued = sum(len(queue.waiters) for queue in lane.queue.tokens.values())
         assert lane.depth == queued == policy.waiting == len(self.pending())
-        # A token's emptied queue stays in the round while it owes (see Lane._emptied), never
+        # A token's emptied queue stays in the round while it owes (see FairQueue._emptied), never
         # once nobody waits; the round-robin credits keep summing to zero.
-        assert lane.depth or not lane.queues
-        assert abs(sum(queue.current for queue in lane.queues.values())) < 1e-6
+        assert lane.depth or not lane.queue.tokens
+        assert abs(sum(queue.current for queue in lane.queue.tokens.values())) < 1e-6
         # Every send that counts is ours in the lane's log, and nothing else of ours is.
         longest = max(limit.per_seconds for limit in lane.budget.limits) + GUARD
         assert own_sends(lane, now) == sorted(t for t in self.live if t + longest > now)
@@ -923,9 +929,9 @@ class Model:
         if not lane.calibrated:
             assert len(self.open) <= 1, "more than one probe out before calibration"
         # Nobody waits while a send is allowed (unless a blind probe is out).
-        if lane.depth and lane._can_send():
+        if lane.depth and lane.can_send():
             assert lane.budget.wait_time(now) > 0
-            assert lane._timer is not None
+            assert lane.dispatch._timer is not None
         # FIFO per token among the grants.
         for who in range(len(self.tokens)):
             order = [
@@ -972,8 +978,9 @@ async def run_interleaving(
             await settle()
             model.collect()
             model.check(clock.now)
-            if lane._timer is not None:
-                lane._timer.cancel()  # only `step` dispatches on time: runs are deterministic
+            if lane.dispatch._timer is not None:
+                # only `step` dispatches on time: runs are deterministic
+                lane.dispatch._timer.cancel()
     finally:
         await lane.close()
         for task in model.tasks:
@@ -1006,14 +1013,14 @@ async def test_a_waiter_cancelled_just_before_the_pump_runs_takes_no_slot(rig: R
     leaving = await rig.enqueue(lane, svc)
     staying = await rig.enqueue(lane, svc)
     rig.clock.now += 10.25  # the window frees one slot
-    if lane._timer is not None:
-        lane._timer.cancel()
-    lane._on_timer()  # the pump is scheduled first ...
+    if lane.dispatch._timer is not None:
+        lane.dispatch._timer.cancel()
+    lane.dispatch._on_timer()  # the pump is scheduled first ...
     leaving.cancel()  # ... then the client of the first waiter goes away: its future is
     await settle()  # cancelled at once, its task only runs after the pump
-    assert lane._pump is not None
-    assert lane._pump.done()
-    assert lane._pump.exception() is None  # no InvalidStateError: the pump skipped it
+    assert lane.dispatch._pump is not None
+    assert lane.dispatch._pump.done()
+    assert lane.dispatch._pump.exception() is None  # no InvalidStateError: the pump skipped it
     assert leaving.cancelled()
     await asyncio.wait_for(asyncio.shield(staying), 5)  # its write-ahead runs in a thread
     assert granted(staying).at == rig.clock.now  # the slot went to the one still waiting

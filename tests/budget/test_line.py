@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
-from proxy.budget.slots import LINE_GRACE, LocalSlots, SlotSource
+from proxy.budget.local_slots import LocalSlots
+from proxy.budget.slots import LINE_GRACE, SlotSource
 from proxy.budget.windows import CredentialBudget, Limit
 from proxy.state.redis.slots import RedisSlots
 from proxy.state.sqlite.sends import SqliteSendLog

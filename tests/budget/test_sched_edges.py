@@ -1,5 +1,5 @@
 """Edge cases of the budget, the queue and echowin's rate-limit headers, each found by a
-review: a test here failed on the code before its fix. Driven like tests/test_scheduler.py
+review: a test here failed on the code before its fix. Driven like tests/budget/test_scheduler.py
 (a fake clock, timers fired by hand, no real waits)."""
 
 from __future__ import annotations
@@ -16,14 +16,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.auth.tokens import TokenRecord
-from proxy.budget import scheduler as scheduler_module
+from proxy.budget import fairness
 from proxy.budget.admission import AdmitRequest
+from proxy.budget.fairness import Turns
+from proxy.budget.grants import SlotGrant
+from proxy.budget.lane import Lane, QueuePolicy
+from proxy.budget.local_slots import LocalSlots
 from proxy.budget.ratelimit_headers import parse_reset, parse_retry_after
-from proxy.budget.scheduler import Lane, QueuePolicy, Scheduler, SlotGrant, _Turns
-from proxy.budget.slots import LocalSlots
+from proxy.budget.scheduler import Scheduler
 from proxy.budget.windows import CredentialBudget, Limit
 from proxy.state.memory import MemorySendLog, memory_quota_sources
-from tests.test_scheduler import (
+from tests.budget.test_scheduler import (
     CREDENTIAL,
     GUARD,
     T0,
@@ -332,16 +335,17 @@ async def spent_lane_with(rig: Rig, waiting: list[TokenRecord], policy: QueuePol
 
 
 def count_plays(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """From now on, the round-robin's choices a prediction plays (``_credit`` calls) are
-    counted in the returned list's one item."""
+    """From now on, the round-robin's choices (``take_turn`` calls, each counted by the
+    members it chooses among: those that wait) are counted in the returned list's one
+    item."""
     calls = [0]
-    credit = scheduler_module._credit
+    take_turn = fairness.take_turn
 
-    def counted(turns: _Turns) -> float:
-        calls[0] += 1
-        return credit(turns)
+    def counted(members: dict[str, Turns]) -> Turns:
+        calls[0] += sum(1 for m in members.values() if m.waiting)
+        return take_turn(members)
 
-    monkeypatch.setattr(scheduler_module, "_credit", counted)
+    monkeypatch.setattr(fairness, "take_turn", counted)
     return calls
 
 
@@ -351,7 +355,7 @@ async def test_a_refusal_flood_does_not_play_the_round_robin_again_for_each_arri
     # 60 tokens wait one request each. Every arrival that is refused predicted its wait by
     # playing the round-robin forward: O(sends ahead * tokens waiting), about 3,700 steps
     # here and 37 ms per refused request at 1,000 tokens, while nothing in the queue had
-    # changed since the last arrival. Counted by the round-robin's choices (_credit).
+    # changed since the last arrival. Counted by the round-robin's choices (take_turn).
     waiting = [token(f"w{i}") for i in range(60)]
     policy = QueuePolicy(max_wait=1000.0, max_depth=1000, max_depth_per_token=50)
     lane = await spent_lane_with(rig, waiting, policy)
@@ -426,7 +430,7 @@ async def test_a_request_that_reaches_the_queue_after_shed_is_refused_too(rig: R
     assert late.done(), "queued after shed: it waits until the server cancels it"
     assert refused(late.result(), "shutting_down").status == 503
     assert lane.depth == 0
-    quota = scheduler._quotas[request.token.id].source
+    quota = scheduler.quotas.in_use[request.token.id].source
     assert quota.budget.count(rig.clock.now, 0) == 0  # its charge refunded
 
 

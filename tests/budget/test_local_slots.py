@@ -17,7 +17,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy.budget.slots import LocalSlots, Slot
+from proxy.budget.local_slots import LocalSlots
+from proxy.budget.slots import Slot
 from proxy.budget.windows import CredentialBudget, Limit
 from proxy.state.sqlite.connection import SCHEMA_VERSION
 from proxy.state.sqlite.sends import SqliteSendLog
