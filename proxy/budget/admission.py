@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from proxy.auth.tokens import TokenRecord
+from proxy.errors import Reason
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,7 +29,7 @@ class AdmitRequest:
 class Refusal:
     # upstream_budget | token_quota | queue_full | upstream_frozen | state_unavailable |
     # shutting_down; upstream_429 (echowin's own, answered by the handler)
-    reason: str
+    reason: Reason
     retry_after: float  # seconds
     message: str
     status: int = 429  # 503 for state_unavailable (on_state_failure: closed), shutting_down

@@ -37,6 +37,7 @@ from proxy.budget.ratelimit_headers import (
 )
 from proxy.budget.slots import LocalSlots, SendLog, Slot, SlotSource, StateUnavailable
 from proxy.budget.windows import CredentialBudget, Limit, WindowView
+from proxy.errors import Reason
 
 log = logging.getLogger("echowin_gateway.budget")
 
@@ -224,10 +225,10 @@ def _give_up(lane: Lane, waiter: _Waiter) -> None:
 
 
 _STATE_DOWN = Refusal(
-    "state_unavailable", 1.0, "The gateway's shared state is unavailable", status=503
+    Reason.STATE_UNAVAILABLE, 1.0, "The gateway's shared state is unavailable", status=503
 )
 _SHUTTING_DOWN = Refusal(
-    "shutting_down", 1.0, "The gateway is shutting down; try again", status=503
+    Reason.SHUTTING_DOWN, 1.0, "The gateway is shutting down; try again", status=503
 )
 
 
@@ -507,7 +508,7 @@ class Lane:
         if self.policy.waiting >= self.policy.max_depth or (
             queue is not None and len(queue.waiters) >= self.policy.max_depth_per_token
         ):
-            return Refusal("queue_full", 1.0, "Too many requests are waiting; try again later")
+            return Refusal(Reason.QUEUE_FULL, 1.0, "Too many requests are waiting; try again later")
         return None
 
     def _refusal_for_new(self, now: float, token: TokenRecord, max_wait: float) -> Refusal | None:
@@ -532,12 +533,12 @@ class Lane:
             # ``wait`` covers the freeze and what the budget holds after it (a 429 that
             # said the window is spent): the client is not refused again when it comes back.
             return Refusal(
-                "upstream_frozen",
+                Reason.UPSTREAM_FROZEN,
                 max(wait, frozen - now),
                 "echowin asked us to pause; try again later",
             )
         return Refusal(
-            "upstream_budget", max(wait, 1.0), "Rate limit exceeded. Please try again later."
+            Reason.UPSTREAM_BUDGET, max(wait, 1.0), "Rate limit exceeded. Please try again later."
         )
 
     def _enqueue(self, now: float, token: TokenRecord, max_wait: float) -> _Waiter:
@@ -568,7 +569,7 @@ class Lane:
         if settled is None:  # the wait is over
             self._drop(waiter)
             return Refusal(
-                "upstream_budget",
+                Reason.UPSTREAM_BUDGET,
                 max(self.source.predict_wait(self.clock(), self.depth, None), 1.0),
                 "Waited too long for echowin budget",
             )
@@ -764,7 +765,7 @@ class Lane:
                 if waiter.deadline < resume:
                     if not waiter.future.done():
                         refusal = Refusal(
-                            "upstream_frozen",
+                            Reason.UPSTREAM_FROZEN,
                             resume - now,
                             "echowin asked us to pause; try again later",
                         )
@@ -908,7 +909,7 @@ class Scheduler:
                 # would be refused again by the shared budget.
                 shared = 0.0 if lane_refusal is None else lane_refusal.retry_after
                 return Refusal(
-                    "token_quota",
+                    Reason.TOKEN_QUOTA,
                     max(wait, source.retry_in(now), shared),
                     "This token's own quota is spent",
                 )

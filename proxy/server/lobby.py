@@ -51,7 +51,7 @@ from aiohttp.streams import StreamReader
 from multidict import CIMultiDict
 
 from proxy.budget.admission import Held
-from proxy.errors import json_error
+from proxy.errors import Reason, json_error
 from proxy.server.guard import Guard, Slot
 
 log = logging.getLogger("echowin_gateway")
@@ -254,7 +254,7 @@ class JsonErrors(web.RequestHandler):
                 else HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE
             )
         phrase = HTTPStatus(status).phrase
-        answer = json_error(status, phrase, reason="bad_request" if status < 500 else None)
+        answer = json_error(status, phrase, reason=Reason.BAD_REQUEST if status < 500 else None)
         answer.force_close()
         return answer
 
@@ -432,7 +432,7 @@ class JsonErrorRunner(web.AppRunner):
         return server
 
 
-Decide = Callable[[Head, object], "Waiting | asyncio.Future[Any] | None"]
+Decide = Callable[[Head, Any], "Waiting | asyncio.Future[Any] | None"]
 """``decide(head, known)``: queue the head's request if it would wait (a Waiting), leave
 it to aiohttp (None), or a future to wait for first (the token's check), whose result is
 given back as ``known``."""
