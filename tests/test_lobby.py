@@ -25,7 +25,7 @@ from proxy.budget.windows import Limit
 from proxy.server.lobby import LobbyServer, parse_head
 from proxy.state.memory import memory_quota_sources
 from tests.conftest import GatewayHandle, ServerFactory, SimHandle, base_url
-from tests.test_relay_edges import get_status
+from tests.gateway.test_relay import get_status
 from tests.test_scheduler import Recorder, Rig, settle, token
 from tests.test_scheduler import rig as rig  # the fixture
 
