@@ -12,7 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from proxy.admin.openapi import openapi_document
 from proxy.admin.status import status_json, status_page
 from proxy.admin.tokens import MAX_ADMIN_BODY, add_token_routes
-from proxy.errors import json_error
+from proxy.errors import Reason, json_error
 from proxy.runtime import RUNTIME, Runtime
 from proxy.server.listeners import HANDLER_ARGS
 
@@ -59,12 +59,14 @@ async def admin_auth(request: web.Request, handler: Handler) -> web.StreamRespon
         return await handler(request)
     expected = request.app[RUNTIME].secrets.admin_token
     if expected is None:
-        return json_error(403, "Admin API disabled: set GATEWAY_ADMIN_TOKEN", reason="disabled")
+        return json_error(
+            403, "Admin API disabled: set GATEWAY_ADMIN_TOKEN", reason=Reason.DISABLED
+        )
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(
         given.strip().encode(), expected.reveal().encode()
     ):
-        return json_error(401, "Invalid admin token", reason="unauthorized")
+        return json_error(401, "Invalid admin token", reason=Reason.UNAUTHORIZED)
     return await handler(request)
 
 

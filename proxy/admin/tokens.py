@@ -14,7 +14,7 @@ from typing import Any
 from aiohttp import web
 
 from proxy.admin.tokenops import create_token, token_changes
-from proxy.errors import json_error
+from proxy.errors import Reason, json_error
 from proxy.runtime import RUNTIME
 
 audit = logging.getLogger("echowin_gateway.audit")
@@ -35,7 +35,7 @@ async def read_json(request: web.Request) -> dict[str, Any]:
 
 def _bad(message: str) -> web.HTTPBadRequest:
     return web.HTTPBadRequest(
-        text=json.dumps({"error": message, "reason": "bad_request"}),
+        text=json.dumps({"error": message, "reason": Reason.BAD_REQUEST}),
         content_type="application/json",
     )
 
@@ -87,7 +87,7 @@ async def tokens_list(request: web.Request) -> web.Response:
 async def token_show(request: web.Request) -> web.Response:
     record = await request.app[RUNTIME].store.get(request.match_info["token_id"])
     if record is None:
-        return json_error(404, "Unknown token", reason="not_found")
+        return json_error(404, "Unknown token", reason=Reason.NOT_FOUND)
     return web.json_response(record.public_view())
 
 
@@ -95,7 +95,7 @@ async def token_revoke(request: web.Request) -> web.Response:
     token_id = request.match_info["token_id"]
     record = await request.app[RUNTIME].auth.revoke(token_id)
     if record is None:
-        return json_error(404, "Unknown token", reason="not_found")
+        return json_error(404, "Unknown token", reason=Reason.NOT_FOUND)
     _audit(request, "token.revoke", token_id)
     return web.json_response(record.public_view())
 
@@ -111,7 +111,7 @@ async def token_update(request: web.Request) -> web.Response:
         raise _bad(str(exc)) from None
     rt.auth.invalidate(token_id)
     if record is None:
-        return json_error(404, "Unknown token", reason="not_found")
+        return json_error(404, "Unknown token", reason=Reason.NOT_FOUND)
     _audit(request, "token.update", token_id)
     return web.json_response(record.public_view())
 
@@ -121,7 +121,7 @@ async def token_usage(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
     record = await rt.store.get(request.match_info["token_id"])
     if record is None:
-        return json_error(404, "Unknown token", reason="not_found")
+        return json_error(404, "Unknown token", reason=Reason.NOT_FOUND)
     answered = rt.usage.get(record.id, Counter())
     return web.json_response(
         {

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from proxy.auth.tokens import TokenRecord
+from proxy.errors import Reason
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,17 +29,19 @@ class AdmitRequest:
 class Refusal:
     # upstream_budget | token_quota | queue_full | upstream_frozen | state_unavailable |
     # shutting_down; upstream_429 (echowin's own, answered by the handler)
-    reason: str
+    reason: Reason
     retry_after: float  # seconds
     message: str
     status: int = 429  # 503 for state_unavailable (on_state_failure: closed), shutting_down
 
 
 STATE_DOWN = Refusal(
-    "state_unavailable", 1.0, "The gateway's shared state is unavailable", status=503
+    Reason.STATE_UNAVAILABLE, 1.0, "The gateway's shared state is unavailable", status=503
 )
 """The shared state cannot be read and ``on_state_failure`` is ``closed``."""
-SHUTTING_DOWN = Refusal("shutting_down", 1.0, "The gateway is shutting down; try again", status=503)
+SHUTTING_DOWN = Refusal(
+    Reason.SHUTTING_DOWN, 1.0, "The gateway is shutting down; try again", status=503
+)
 """The drain's grace is over: queued and new requests are answered at once."""
 
 

@@ -33,6 +33,7 @@ from proxy.budget.ratelimit_headers import (
 from proxy.budget.refusals import Refusals
 from proxy.budget.slots import SendLog, Slot, SlotSource, StateUnavailable
 from proxy.budget.windows import CredentialBudget, Limit
+from proxy.errors import Reason
 
 log = logging.getLogger("echowin_gateway.budget")
 
@@ -255,7 +256,7 @@ class Lane:
         if result is None:  # the wait is over
             self.dispatch.drop(waiter)
             return Refusal(
-                "upstream_budget",
+                Reason.UPSTREAM_BUDGET,
                 max(self.source.predict_wait(self.clock(), self.queue.depth, None), 1.0),
                 "Waited too long for echowin budget",
             )
@@ -344,7 +345,7 @@ class Lane:
         is spent."""
         resume = now + self.source.predict_wait(now, 0, None)
         refusal = Refusal(
-            "upstream_frozen", resume - now, "echowin asked us to pause; try again later"
+            Reason.UPSTREAM_FROZEN, resume - now, "echowin asked us to pause; try again later"
         )
         self.dispatch.fail(refusal, before=resume)
 

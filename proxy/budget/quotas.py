@@ -19,6 +19,7 @@ from proxy.budget.admission import Refusal
 from proxy.budget.local_slots import LocalSlots
 from proxy.budget.slots import SendLog, Slot, SlotSource, StateUnavailable
 from proxy.budget.windows import CredentialBudget, Limit, WindowView
+from proxy.errors import Reason
 
 __all__ = [
     "QUOTA_HORIZON",
@@ -127,7 +128,7 @@ class TokenQuotas:
                 # would be refused again by the shared budget.
                 shared = 0.0 if lane_refusal is None else lane_refusal.retry_after
                 return Refusal(
-                    "token_quota",
+                    Reason.TOKEN_QUOTA,
                     max(wait, source.retry_in(now), shared),
                     "This token's own quota is spent",
                 )

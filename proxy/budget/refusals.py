@@ -13,6 +13,7 @@ from proxy.auth.tokens import TokenRecord
 from proxy.budget.admission import Refusal
 from proxy.budget.fairness import FairQueue
 from proxy.budget.slots import SlotSource
+from proxy.errors import Reason
 
 __all__ = ["LaneState", "Refusals"]
 
@@ -82,7 +83,7 @@ class Refusals:
         if policy.waiting >= policy.max_depth or (
             queue is not None and len(queue.waiters) >= policy.max_depth_per_token
         ):
-            return Refusal("queue_full", 1.0, "Too many requests are waiting; try again later")
+            return Refusal(Reason.QUEUE_FULL, 1.0, "Too many requests are waiting; try again later")
         return None
 
     def for_new(self, now: float, token: TokenRecord, max_wait: float) -> Refusal | None:
@@ -107,10 +108,10 @@ def _refusal(now: float, wait: float, frozen: float | None, max_wait: float) -> 
         # ``wait`` covers the freeze and what the budget holds after it (a 429 that said
         # the window is spent): the client is not refused again when it comes back.
         return Refusal(
-            "upstream_frozen",
+            Reason.UPSTREAM_FROZEN,
             max(wait, frozen - now),
             "echowin asked us to pause; try again later",
         )
     return Refusal(
-        "upstream_budget", max(wait, 1.0), "Rate limit exceeded. Please try again later."
+        Reason.UPSTREAM_BUDGET, max(wait, 1.0), "Rate limit exceeded. Please try again later."
     )

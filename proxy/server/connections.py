@@ -31,7 +31,7 @@ from proxy.aiohttp_compat import (
     line_limit,
     new_handler,
 )
-from proxy.errors import json_error
+from proxy.errors import Reason, json_error
 from proxy.server.guard import Guard, Slot
 
 log = logging.getLogger("echowin_gateway")
@@ -150,7 +150,7 @@ class JsonErrors(HandlerState):
                 else HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE
             )
         phrase = HTTPStatus(status).phrase
-        answer = json_error(status, phrase, reason="bad_request" if status < 500 else None)
+        answer = json_error(status, phrase, reason=Reason.BAD_REQUEST if status < 500 else None)
         answer.force_close()
         return answer
 

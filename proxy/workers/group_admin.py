@@ -35,7 +35,7 @@ from prometheus_client.registry import Collector
 
 from proxy.admin.status import status_html
 from proxy.admin.tokens import MAX_ADMIN_BODY
-from proxy.errors import json_error
+from proxy.errors import Reason, json_error
 from proxy.observe.metrics import CONNECTIONS_REFUSED_HELP
 from proxy.server.guard import REFUSAL_REASONS
 from proxy.server.listeners import HANDLER_ARGS
@@ -276,11 +276,11 @@ async def _every_worker(
     group = request.app[GROUP]
     ready = [w for w in group.workers if w.ready]
     if not ready:
-        return json_error(503, "No worker is ready", reason="no_worker")
+        return json_error(503, "No worker is ready", reason=Reason.NO_WORKER)
     try:
         answers = await asyncio.gather(*(group.links.get(w, path, headers) for w in ready))
     except (aiohttp.ClientError, OSError, TimeoutError):
-        return json_error(502, "A worker did not answer", reason="worker_unavailable")
+        return json_error(502, "A worker did not answer", reason=Reason.WORKER_UNAVAILABLE)
     for status, body in answers:
         if status != 200:
             return web.Response(status=status, body=body, content_type="application/json")
@@ -315,7 +315,7 @@ async def forward(request: web.Request) -> web.StreamResponse:
     group = request.app[GROUP]
     member = next((w for w in group.workers if w.ready), None)
     if member is None:
-        return json_error(503, "No worker is ready", reason="no_worker")
+        return json_error(503, "No worker is ready", reason=Reason.NO_WORKER)
     if request.content_length is not None and request.content_length > MAX_ADMIN_BODY:
         raise web.HTTPRequestEntityTooLarge(max_size=MAX_ADMIN_BODY, actual_size=0)
     body = await request.read()
@@ -332,7 +332,7 @@ async def forward(request: web.Request) -> web.StreamResponse:
             )
             status = resp.status
     except (aiohttp.ClientError, OSError, TimeoutError):
-        return json_error(502, "The worker did not answer", reason="worker_unavailable")
+        return json_error(502, "The worker did not answer", reason=Reason.WORKER_UNAVAILABLE)
     token_id = _changed_token(request, status)
     if token_id is not None:
         await _forget_everywhere(group, member, token_id, request.headers)

@@ -29,7 +29,7 @@ from proxy.state.memory import memory_quota_sources
 from tests.budget.test_scheduler import Recorder, Rig, settle, token
 from tests.budget.test_scheduler import rig as rig  # the fixture
 from tests.conftest import GatewayHandle, ServerFactory, SimHandle, base_url
-from tests.test_relay_edges import get_status
+from tests.gateway.test_relay import get_status
 
 MakeGateway = Callable[..., Awaitable[GatewayHandle]]
 WAIT = 10.0  # seconds a condition may take to come true on loopback; only a bug takes it

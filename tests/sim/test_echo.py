@@ -1,7 +1,8 @@
 """The simulator's key encoders: each form read back with the standard library's decoder.
 
 No sockets: :func:`proxy.sim.echo.encode` is pure. The answers that carry the encoded key
-are tried in tests/sim/test_faults.py (the simulator) and tests/test_security.py (the gateway).
+are tried in tests/sim/test_faults.py (the simulator) and tests/gateway/test_security.py
+(the gateway).
 """
 
 from __future__ import annotations

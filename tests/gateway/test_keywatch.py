@@ -19,8 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.gateway.keywatch import Inflated, KeyWatch, Unreadable, decoded, leaking_fields
-
-from .conftest import AGENCY_KEY, TEAM_KEY
+from tests.conftest import AGENCY_KEY, TEAM_KEY
 
 KEYS = [TEAM_KEY, AGENCY_KEY, "ew_live_9fQ2/x+Tz=", "K"]
 

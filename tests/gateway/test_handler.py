@@ -595,13 +595,9 @@ async def test_refusals_are_in_the_access_log(gateway: GatewayHandle) -> None:
     await call("GET", gateway.url("/api/v1/contacts"), token="egw_" + "0" * 12 + "_" + "A" * 43)
     await call("GET", gateway.url("/api/v1/contacts"), token=token)
     unknown, forbidden = access_lines(gateway, buffer)
-    assert (unknown["status"], unknown["refusal"], unknown["token_id"]) == (
-        401,
-        "auth_unknown",
-        None,
-    )
+    assert (unknown["status"], unknown["refusal"], unknown["token_id"]) == (401, "unknown", None)
     assert unknown["token_name"] == "-" and unknown["upstream_status"] is None
-    assert (forbidden["status"], forbidden["refusal"]) == (403, "forbidden")
+    assert (forbidden["status"], forbidden["refusal"]) == (403, "missing_scope")
     assert forbidden["token_name"] == "narrow" and forbidden["route"] == "/api/v1/contacts"
 
 
