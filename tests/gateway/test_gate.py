@@ -19,17 +19,20 @@ from proxy.gateway import answers
 from proxy.gateway.account import Exchange
 from proxy.gateway.gate import AUTH_FAILURES, Passed, Refused, Unverified, client, gate, judge
 from proxy.runtime import Runtime
-from proxy.state.memory import MemoryTokenStore
+from proxy.state import SharedSlotsHooks, open_state
 from tests.conftest import ENV, gateway_config
 
 PEER = "192.0.2.7"
 
 
-def runtime(**overrides: Any) -> Runtime:
+async def runtime(**overrides: Any) -> Runtime:
     config = parse_config(gateway_config("http://127.0.0.1:9", **overrides))
     rt = Runtime.from_config(config, resolve_secrets(config, ENV))
-    rt._store = MemoryTokenStore()
-    rt._auth = TokenAuthenticator(rt._store)
+    # The gate reads the runtime's token store and authenticator only: a memory state
+    # (gateway_config's), opened without the rest of the runtime (no listeners, no pool).
+    hooks = SharedSlotsHooks(replicas=1, on_latency=lambda *_: None, on_health=lambda _: None)
+    rt._state = await open_state(config, None, hooks)
+    rt._auth = TokenAuthenticator(rt._state.store)
     return rt
 
 
@@ -55,7 +58,7 @@ async def through(rt: Runtime, method: str, target: str, raw: str | None) -> Pas
 
 
 async def test_a_token_with_the_routes_scope_passes_and_is_recalled_next_time() -> None:
-    rt = runtime()
+    rt = await runtime()
     raw = await token(rt, "contacts:read")
     first = gate(rt, "GET", "/api/v1/contacts?page=2", fields(raw), PEER)
     assert isinstance(first, Unverified) and first.raw == raw
@@ -68,14 +71,14 @@ async def test_a_token_with_the_routes_scope_passes_and_is_recalled_next_time() 
 
 
 async def test_no_token_is_refused_without_a_lookup() -> None:
-    rt = runtime()
+    rt = await runtime()
     assert gate(rt, "GET", "/api/v1/contacts", fields(), PEER) == Refused(Reason.MISSING)
     basic = CIMultiDict({"Authorization": "Basic abc"})
     assert gate(rt, "GET", "/api/v1/contacts", basic, PEER) == Refused(Reason.MISSING)
 
 
 async def test_each_bad_token_is_refused_for_its_own_reason() -> None:
-    rt = runtime()
+    rt = await runtime()
     assert await through(rt, "GET", "/api/v1/contacts", "nope") == Refused(Reason.MALFORMED)
     unknown = "egw_" + "0" * 12 + "_" + "A" * 43
     assert await through(rt, "GET", "/api/v1/contacts", unknown) == Refused(Reason.UNKNOWN)
@@ -83,7 +86,7 @@ async def test_each_bad_token_is_refused_for_its_own_reason() -> None:
 
 
 async def test_a_route_the_token_may_not_take_is_refused_with_the_token_and_route() -> None:
-    rt = runtime()
+    rt = await runtime()
     raw = await token(rt, "tags:read")
     scope = await through(rt, "GET", "/api/v1/contacts", raw)
     assert isinstance(scope, Refused) and scope.reason is Reason.MISSING_SCOPE
@@ -100,7 +103,7 @@ async def test_a_route_the_token_may_not_take_is_refused_with_the_token_and_rout
 
 
 async def test_a_star_token_passes_an_unknown_api_route_only() -> None:
-    rt = runtime()
+    rt = await runtime()
     raw = await token(rt, "*")
     assert isinstance(await through(rt, "GET", "/api/v1/agents", raw), Passed)
     elsewhere = await through(rt, "GET", "/other", raw)
@@ -108,7 +111,7 @@ async def test_a_star_token_passes_an_unknown_api_route_only() -> None:
 
 
 async def test_a_route_without_a_configured_key_is_refused() -> None:
-    rt = runtime(upstream={"agency_key": None})
+    rt = await runtime(upstream={"agency_key": None})
     raw = await token(rt, "agency:subteams:write")
     refused = await through(rt, "POST", "/api/v1/agency/subteams", raw)
     assert isinstance(refused, Refused) and refused.reason is Reason.NO_CREDENTIAL
@@ -116,7 +119,7 @@ async def test_a_route_without_a_configured_key_is_refused() -> None:
 
 
 async def test_a_throttled_client_is_refused_first_even_with_its_tokens_verdict() -> None:
-    rt = runtime(auth={"failures_per_client": {"requests": 2, "per_seconds": 60}})
+    rt = await runtime(auth={"failures_per_client": {"requests": 2, "per_seconds": 60}})
     raw = await token(rt, "contacts:read")
     known = await rt.auth.authenticate(raw)
     assert isinstance(gate(rt, "GET", "/api/v1/contacts", fields(raw), PEER, known), Passed)
