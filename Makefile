@@ -19,6 +19,7 @@ lint: $(VENV)/.installed
 	$(BIN)/ruff format --check proxy tests
 	$(BIN)/hadolint Dockerfile
 	$(BIN)/yamllint deploy config .yamllint
+	$(BIN)/lint-imports
 
 typecheck: $(VENV)/.installed
 	$(BIN)/mypy --strict proxy

@@ -5,11 +5,71 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Mapping
+from enum import StrEnum, unique
 from json.encoder import encode_basestring_ascii
 
 from aiohttp import web
 
 _JSON_TYPE = "application/json"
+
+
+@unique
+class Reason(StrEnum):
+    """Why the gateway answered a request itself, or cut its answer short: one value for
+    the body's ``reason``, the access log's ``refusal`` and the metrics' ``reason`` label.
+    The body's names are the contract callers see. docs/operations.md ("Refusal reasons")
+    lists every member with its status; tests/test_errors.py holds the two lists equal."""
+
+    # What HTTP or the path cannot carry.
+    BAD_REQUEST = "bad_request"
+    BAD_PATH = "bad_path"
+    BAD_EXPECT = "bad_expect"
+    BODY_TOO_LARGE = "body_too_large"
+    # The token (the values of proxy.auth.tokens.AuthFailure), and its client's throttle.
+    MISSING = "missing"
+    MALFORMED = "malformed"
+    UNKNOWN = "unknown"
+    EXPIRED = "expired"
+    REVOKED = "revoked"
+    AUTH_THROTTLED = "auth_throttled"
+    # The route: what the token may take, and the key it goes with.
+    METHOD_NOT_ALLOWED = "method_not_allowed"
+    UNKNOWN_ROUTE = "unknown_route"
+    MISSING_SCOPE = "missing_scope"
+    NO_CREDENTIAL = "no_credential"
+    # The budget (proxy/budget/), and the state it is kept in.
+    UPSTREAM_BUDGET = "upstream_budget"
+    TOKEN_QUOTA = "token_quota"  # noqa: S105 (a reason, not a secret)
+    QUEUE_FULL = "queue_full"
+    UPSTREAM_FROZEN = "upstream_frozen"
+    STATE_UNAVAILABLE = "state_unavailable"
+    SHUTTING_DOWN = "shutting_down"
+    # echowin's side of the exchange.
+    UPSTREAM_429 = "upstream_429"
+    UPSTREAM_UNREACHABLE = "upstream_unreachable"
+    UPSTREAM_TIMEOUT = "upstream_timeout"
+    UPSTREAM_UNREADABLE = "upstream_unreadable"
+    # An answer cut short once under way: in the access log only (no body can follow).
+    UPSTREAM_BROKEN_BODY = "upstream_broken_body"
+    UPSTREAM_KEY_IN_BODY = "upstream_key_in_body"
+    CLIENT_CLOSED = "client_closed"
+    INTERNAL_ERROR = "internal_error"
+    # A listener's connection bounds (proxy/server/guard.py).
+    TOO_MANY_CONNECTIONS = "too_many_connections"
+    TOO_MANY_CONNECTIONS_FROM_CLIENT = "too_many_connections_from_client"
+    # The admin listeners.
+    UNAUTHORIZED = "unauthorized"
+    DISABLED = "disabled"
+    NOT_FOUND = "not_found"
+    NO_WORKER = "no_worker"
+    WORKER_UNAVAILABLE = "worker_unavailable"
+
+
+# A listener's connection bounds, as the 503's reason and the refused-connections metric's
+# label (each exported from the start).
+TOO_MANY = Reason.TOO_MANY_CONNECTIONS
+TOO_MANY_FROM_CLIENT = Reason.TOO_MANY_CONNECTIONS_FROM_CLIENT
+REFUSAL_REASONS: tuple[str, ...] = (TOO_MANY, TOO_MANY_FROM_CLIENT)
 
 
 def _value(value: object) -> str:
@@ -54,7 +114,7 @@ def json_error(
     status: int,
     error: str,
     *,
-    reason: str | None = None,
+    reason: Reason | None = None,
     headers: Mapping[str, str] | None = None,
     **extra: object,
 ) -> web.Response:

@@ -9,29 +9,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import time
 from collections import Counter
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from aiohttp import web
 
-from proxy.admission import Admitter, OpenAdmitter
-from proxy.auth_throttle import AuthThrottle
-from proxy.budget import Limit
-from proxy.client_address import TrustedProxies
+from proxy.auth.authenticator import TokenAuthenticator
+from proxy.auth.client_address import TrustedProxies
+from proxy.auth.routes import RouteTable
+from proxy.auth.throttle import AuthThrottle
+from proxy.auth.tokens import TokenStore
+from proxy.budget.admission import Admitter, OpenAdmitter
+from proxy.budget.lane import Lane, QueuePolicy
+from proxy.budget.quotas import QUOTA_HORIZON
+from proxy.budget.scheduler import Scheduler
+from proxy.budget.windows import Limit
 from proxy.config import GatewayConfig, Secrets
-from proxy.logs import AccessLog, setup_logging
-from proxy.metrics import Metrics
-from proxy.request_ids import RequestIds
-from proxy.routes import RouteTable
-from proxy.scheduler import QUOTA_HORIZON, Lane, QueuePolicy, Scheduler, local_quota_source
-from proxy.slots import SendLog, SlotSource
-from proxy.state import open_send_log, open_token_store, parse_state_url
-from proxy.tokenops import redis_options
-from proxy.tokens import TokenAuthenticator, TokenStore
+from proxy.observe.logs import AccessLog, setup_logging
+from proxy.observe.metrics import Metrics
+from proxy.observe.request_ids import RequestIds
+from proxy.state import SharedSlotsHooks, State, open_state
 from proxy.upstream import Upstream
 
 
@@ -54,14 +52,12 @@ class Runtime:
     draining: bool = False
     # server.trusted_proxies, parsed once (and again on reload).
     trusted_proxies: TrustedProxies = field(init=False)
-    # Failed authentications per client (auth.failures_per_client): proxy/auth_throttle.py.
+    # Failed authentications per client (auth.failures_per_client): proxy/auth/throttle.py.
     auth_throttle: AuthThrottle = field(init=False)
-    _store: TokenStore | None = None
+    _state: State | None = None
     _auth: TokenAuthenticator | None = None
     _upstream: Upstream | None = None
-    _send_log: SendLog | None = None
     _pruner: asyncio.Task[None] | None = None
-    _redis: Any = None  # redis.asyncio.Redis when state is redis://
 
     def __post_init__(self) -> None:
         self.trusted_proxies = TrustedProxies.parse(self.config.server.trusted_proxies)
@@ -92,12 +88,12 @@ class Runtime:
     @property
     def shared_state(self) -> bool:
         """True when the state lives in Redis, shared with other replicas."""
-        return self._redis is not None
+        return self._state is not None and self._state.shared
 
     @property
     def store(self) -> TokenStore:
-        assert self._store is not None, "Runtime not opened"
-        return self._store
+        assert self._state is not None, "Runtime not opened"
+        return self._state.store
 
     @property
     def auth(self) -> TokenAuthenticator:
@@ -113,23 +109,21 @@ class Runtime:
         """Open the token store, the upstream pool and the budget's state."""
         cfg = self.config
         self.access_log.configure(cfg.logging)
-        backend = parse_state_url(cfg.state).backend
-        self.metrics.state_up.labels(backend).set(1)
-        options = None
-        if backend == "redis":
-            password = self.secrets.state_password
-            options = redis_options(cfg, password.reveal() if password is not None else None)
-            from proxy.state.redis import open_redis  # redis-py only when Redis is used
-
-            self._redis = open_redis(cfg.state, options)
-        self._store = await open_token_store(
-            cfg.state, redis_options=options, redis_client=self._redis
+        password = self.secrets.state_password
+        hooks = SharedSlotsHooks(
+            replicas=cfg.replicas * self.workers,
+            on_latency=lambda op, s: self.metrics.state_latency.labels(op).observe(s),
+            on_health=lambda up: self.metrics.state_up.labels("redis").set(1 if up else 0),
         )
+        self._state = state = await open_state(
+            cfg, password.reveal() if password is not None else None, hooks
+        )
+        self.metrics.state_up.labels(state.backend).set(1)
         self._auth = TokenAuthenticator(
-            self._store,
+            state.store,
             cache_ttl=cfg.tokens.cache_ttl_seconds,
             cache_size=cfg.tokens.cache_size,
-            stale_if_error=backend == "redis" and cfg.on_state_failure == "local",
+            stale_if_error=state.shared and cfg.on_state_failure == "local",
         )
         self._upstream = Upstream(
             cfg.upstream.base_url,
@@ -138,37 +132,11 @@ class Runtime:
             max_connections=cfg.upstream.max_connections,
         )
         await self._upstream.start()
-        if backend != "redis":
-            self._send_log = await open_send_log(cfg.state)
-        self.admitter = await self._open_scheduler(backend)
-        if self._send_log is not None:
+        self.admitter = await self._open_scheduler(state)
+        if state.send_log is not None:
             self._pruner = asyncio.get_running_loop().create_task(self._prune_forever())
 
-    def _slot_source(
-        self, name: str, limits: Sequence[Limit], *, quota: bool = False
-    ) -> SlotSource | None:
-        """The shared (Redis) slot source for a credential or (``quota``) a token's own
-        quota: no guard (the gateway counts it, echowin does not), and its view kept fresh
-        only while the token is in use here. None for local slots."""
-        if self._redis is None:
-            return None
-        from proxy.state.redis_budget import QUOTA_IN_USE, RedisSlots
-
-        cfg = self.config
-        return RedisSlots(
-            name,
-            self._redis,
-            cfg.redis.key_prefix,
-            limits,
-            0.0 if quota else cfg.upstream.window_guard_seconds,
-            replicas=cfg.replicas * self.workers,
-            mode=cfg.on_state_failure,
-            on_latency=lambda op, s: self.metrics.state_latency.labels(op).observe(s),
-            on_health=lambda up: self.metrics.state_up.labels("redis").set(1 if up else 0),
-            keep_view=QUOTA_IN_USE if quota else math.inf,
-        )
-
-    async def _open_scheduler(self, backend: str) -> Scheduler:
+    async def _open_scheduler(self, state: State) -> Scheduler:
         cfg = self.config
         limits = [Limit(lim.requests, lim.per_seconds) for lim in cfg.upstream.limits]
         policy = QueuePolicy(
@@ -182,27 +150,18 @@ class Runtime:
                 name,
                 limits,
                 cfg.upstream.window_guard_seconds,
-                self._send_log,
+                state.send_log,
                 policy,
                 self.metrics,
-                source=self._slot_source(name, limits),
+                source=state.credential_source(name, limits),
             )
             await lane.restore()
             lanes[name] = lane
             self.metrics.upstream_429s.labels(name)  # exported as 0 from the start
-        scheduler = Scheduler(lanes, policy, self.metrics, quota_sources=self._quota_source)
+        scheduler = Scheduler(lanes, policy, self.metrics, quota_sources=state.quota_source)
         self.metrics.attach_budget(scheduler.snapshot, scheduler.token_quotas)
         self.metrics.queue_max_wait.set(cfg.queue.max_wait_seconds)
         return scheduler
-
-    def _quota_source(self, name: str, limits: tuple[Limit, ...]) -> SlotSource:
-        """A token's own quota, kept where the credentials' budgets are (no guard: the
-        gateway counts it, echowin does not)."""
-        source = self._slot_source(name, limits, quota=True)
-        if source is None:
-            assert self._send_log is not None
-            source = local_quota_source(name, limits, self._send_log, time.time)
-        return source
 
     def _horizon(self) -> float:
         """How long a recorded send can still matter, seconds: a token quota's hour too."""
@@ -214,9 +173,9 @@ class Runtime:
         """Drop sends no window counts any more, once a minute."""
         while True:
             await asyncio.sleep(60)
-            if self._send_log is not None:
+            if self._state is not None and self._state.send_log is not None:
                 with contextlib.suppress(Exception):
-                    await self._send_log.prune(time.time() - self._horizon() - 60)
+                    await self._state.send_log.prune(time.time() - self._horizon() - 60)
 
     async def close(self) -> None:
         self.access_log.close()  # what waits is written; later lines go out at once
@@ -227,12 +186,8 @@ class Runtime:
         await self.admitter.close()
         if self._upstream is not None:
             await self._upstream.close()
-        if self._send_log is not None:
-            await self._send_log.close()
-        if self._store is not None:
-            await self._store.close()
-        if self._redis is not None:
-            await self._redis.aclose()
+        if self._state is not None:
+            await self._state.close()
 
 
 def _auth_throttle(config: GatewayConfig) -> AuthThrottle:

@@ -14,14 +14,14 @@ from aiohttp.test_utils import TestServer
 from aiohttp.web_runner import BaseRunner
 from redis.asyncio import Redis
 
+from proxy.admin.tokenops import create_token
 from proxy.app import build_apps, listener_guard
 from proxy.config import parse_config, resolve_secrets
-from proxy.guard import Guard, MalformedLog
-from proxy.handler import lobby_decider
-from proxy.lobby import JsonErrorRunner, ProxyRunner
+from proxy.gateway.handler import lobby_decider
 from proxy.runtime import RUNTIME, Runtime
+from proxy.server.guard import Guard, MalformedLog
+from proxy.server.listeners import JsonErrorRunner, ProxyRunner
 from proxy.sim import SimConfig, SimLimit, Simulator
-from proxy.tokenops import create_token
 
 # The subprocess helpers' fixtures (``spawn``) are shared by every test module.
 pytest_plugins = ["tests.procs"]

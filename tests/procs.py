@@ -27,7 +27,7 @@ EXAMPLE_CONFIG = REPO / "config" / "gateway.example.yaml"
 REFERENCE_CONFIG = REPO / "config" / "gateway.reference.yaml"
 
 _SCRIPT = Path(sys.executable).parent / "echowin-gateway"
-CLI = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "proxy.cli"]
+CLI = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "proxy.cli.main"]
 
 REAL_KEY = "real-team-key-cli-0123456789abcdef"
 TOKEN_RE = re.compile(r"egw_[a-z0-9]{12}_[A-Za-z0-9]{43}")

@@ -109,10 +109,10 @@ def test_parse_response_lengths_and_chunks() -> None:
 def test_hotspots_reads_collapsed_stacks(tmp_path: Path) -> None:
     raw = tmp_path / "stacks.txt"
     site = "/x/.venv/lib/python3.11/site-packages"
-    handler = f"{REPO}/proxy/handler.py"
+    handler = f"{REPO}/proxy/gateway/handler.py"
     raw.write_text(
-        f"main ({REPO}/proxy/cli.py:1);handle ({handler}:9);send ({site}/aiohttp/c.py:5) 3\n"
-        f"main ({REPO}/proxy/cli.py:1);handle ({handler}:12) 1\n",
+        f"main ({REPO}/proxy/cli/main.py:1);handle ({handler}:9);send ({site}/aiohttp/c.py:5) 3\n"
+        f"main ({REPO}/proxy/cli/main.py:1);handle ({handler}:12) 1\n",
         encoding="utf-8",
     )
     found = harness.hotspots(raw)
@@ -120,10 +120,10 @@ def test_hotspots_reads_collapsed_stacks(tmp_path: Path) -> None:
     assert found["self"][0] == {"function": "send (aiohttp/c.py)", "samples": 3, "share": 0.75}
     assert found["by_package"] == [
         {"package": "aiohttp", "samples": 3, "share": 0.75},
-        {"package": "proxy/handler.py", "samples": 1, "share": 0.25},
+        {"package": "proxy/gateway/handler.py", "samples": 1, "share": 0.25},
     ]
     inclusive = {r["function"]: r["share"] for r in found["inclusive_gateway"]}
-    assert inclusive == {"main (proxy/cli.py)": 1.0, "handle (proxy/handler.py)": 1.0}
+    assert inclusive == {"main (proxy/cli/main.py)": 1.0, "handle (proxy/gateway/handler.py)": 1.0}
 
 
 async def test_upstream_answers_like_echowin(aiohttp_server: ServerFactory) -> None:

@@ -192,7 +192,7 @@ async def make_gateway(
     yield make
     if redis:
         from proxy.state import RedisOptions, open_redis
-        from tests.test_token_store import REDIS_URL
+        from tests.state.test_token_store import REDIS_URL
 
         client = open_redis(REDIS_URL, RedisOptions(timeout_seconds=2.0))
         keys = [key async for key in client.scan_iter(match=f"{prefix}*", count=500)]

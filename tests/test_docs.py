@@ -22,9 +22,9 @@ from prometheus_client import generate_latest
 from pydantic import BaseModel
 
 from proxy import reload
-from proxy.cli import _parser
+from proxy.cli.main import _parser
 from proxy.config import GatewayConfig, SecretRef, parse_config
-from proxy.group_admin import SUPERVISOR_REGISTRY, Member, build_group_admin_app
+from proxy.workers.group_admin import SUPERVISOR_REGISTRY, Member, build_group_admin_app
 from tests.conftest import GatewayHandle
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -20,10 +20,10 @@ import pytest
 import yaml
 from aiohttp.test_utils import TestServer
 
+from proxy.admin.tokenops import create_token
 from proxy.config import load_config
 from proxy.sim import SimConfig, SimLimit, Simulator
 from proxy.state import open_token_store
-from proxy.tokenops import create_token
 from tests.conftest import base_url
 from tests.procs import REAL_KEY, Proc, Spawn, gateway_config, load_loop, wait_http, write_config
 from tests.test_budget_e2e import LIMITS, max_in_any_window

@@ -1,119 +1,87 @@
-"""Durable state behind Protocols, and the one place that picks a backend from the state URL.
-
-Supported ``state`` URLs:
-
-- ``memory://``: in-process, forgotten on restart.
-- ``sqlite:///var/lib/echowin-gateway/state.db``: an absolute path (three slashes, then the
-  path without its leading ``/``; four slashes such as ``sqlite:////state.db`` also work and
-  are needed for a file directly under ``/``).
-- ``sqlite:///state.db``, ``sqlite:///./data/state.db``, ``sqlite:///../state.db``: relative
-  to the working directory. A bare file name or a path starting ``./`` or ``../`` is relative.
-- ``redis://host:6379/0`` (``rediss://`` for TLS): shared by several replicas. The password
-  comes from the config's ``redis.password``, never from the URL (one there is refused); an
-  ACL user name may precede the host (``redis://gateway@host:6379/0``). Needs the ``redis``
-  extra; this package imports redis-py only when a Redis URL is used.
-
-Missing directories of a SQLite path are created. Percent-escapes in the path are decoded.
-"""
+"""Durable state behind Protocols, and the one place that maps a state URL (parsed by
+:mod:`proxy.config.state_url`, whose docstring lists the URLs) to a backend: ``open_state``
+for a gateway process, ``open_token_store`` and ``open_send_log`` for one part alone.
+Nothing outside this module asks which backend a URL names."""
 
 from __future__ import annotations
 
 import importlib
-import importlib.util
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
-from urllib.parse import unquote
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+from proxy.auth.tokens import TokenStore
+from proxy.budget.quotas import local_quota_source
+from proxy.budget.slots import SendLog, SlotSource
+from proxy.budget.windows import Limit
+from proxy.config import GatewayConfig
+from proxy.config.state_url import StateUrl, parse_state_url
 from proxy.state.memory import MemorySendLog, MemoryTokenStore
-from proxy.state.sqlite import SqliteSendLog, SqliteTokenStore
-from proxy.tokens import TokenStore
+from proxy.state.sqlite.sends import SqliteSendLog
+from proxy.state.sqlite.tokens import SqliteTokenStore
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
-    from proxy.state.redis import RedisOptions, RedisTokenStore, open_redis
+    from proxy.state.redis.client import RedisOptions, open_redis
+    from proxy.state.redis.tokens import RedisTokenStore
 
 __all__ = [
     "MemorySendLog",
     "MemoryTokenStore",
     "RedisOptions",
     "RedisTokenStore",
+    "SharedSlotsHooks",
     "SqliteSendLog",
     "SqliteTokenStore",
+    "State",
     "StateUrl",
     "open_redis",
     "open_send_log",
+    "open_state",
     "open_token_store",
     "parse_state_url",
+    "redis_options",
+    "state_password",
 ]
 
-_SUPPORTED = "use memory://, sqlite:///path/to/state.db or redis://host:6379/0"
-_REDIS_NAMES = frozenset({"RedisOptions", "RedisTokenStore", "open_redis"})
+_REDIS_NAMES = {
+    "RedisOptions": "proxy.state.redis.client",
+    "open_redis": "proxy.state.redis.client",
+    "RedisTokenStore": "proxy.state.redis.tokens",
+}
 
 
 def __getattr__(name: str) -> object:
     """The Redis names, imported on first use so memory and sqlite work without redis-py."""
     if name in _REDIS_NAMES:
-        return getattr(importlib.import_module("proxy.state.redis"), name)
+        return getattr(importlib.import_module(_REDIS_NAMES[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _require_redis() -> None:
-    """ValueError naming the missing extra, before anything imports redis-py."""
-    if importlib.util.find_spec("redis") is None:
-        raise ValueError("state: redis:// needs redis-py: pip install 'echowin-gateway[redis]'")
+def redis_options(config: GatewayConfig, password: str | None) -> RedisOptions | None:
+    """The RedisOptions for ``config``; None unless its state is in Redis (redis-py is
+    imported only then)."""
+    if parse_state_url(config.state).backend != "redis":
+        return None
+    from proxy.state.redis.client import RedisOptions
+
+    return RedisOptions(
+        password=password,
+        key_prefix=config.redis.key_prefix,
+        timeout_seconds=config.redis.timeout_seconds,
+    )
 
 
-@dataclass(frozen=True, slots=True)
-class StateUrl:
-    """A parsed ``state`` URL: the backend; for sqlite the file path (maybe relative); for
-    redis the URL itself (checked, and free of any password)."""
-
-    backend: Literal["memory", "sqlite", "redis"]
-    path: str | None = None
-    url: str | None = field(default=None, repr=False)
-
-
-def _sqlite_path(rest: str) -> str:
-    """The file path in ``sqlite://<rest>``; see the module docstring for the rules."""
-    if not rest.startswith("/") or rest == "/":
-        raise ValueError(f"state: a sqlite URL needs a file path: {_SUPPORTED}")
-    if "?" in rest or "#" in rest:
-        raise ValueError("state: a sqlite URL takes no query or fragment")
-    path = unquote(rest[1:])
-    if "\x00" in path:
-        raise ValueError("state: a sqlite file path cannot hold a NUL byte (%00)")
-    relative = path.startswith(("./", "../")) or "/" not in path
-    if not relative and not path.startswith("/"):
-        path = "/" + path
-    if path.endswith("/") or path.rsplit("/", 1)[-1] in ("", ".", "..", ":memory:"):
-        raise ValueError(f"state: {path!r} is not a database file name")
-    return path
-
-
-def parse_state_url(url: str) -> StateUrl:
-    """Parse and check a ``state`` URL without opening anything (for ``check-config``).
-
-    ValueError, starting ``state:``, for anything unsupported. Messages never repeat the whole
-    URL, since a later backend's URL (Redis) may carry a password.
-    """
-    scheme, sep, rest = url.partition("://")
-    scheme = scheme.lower()
-    if not sep:
-        raise ValueError(f"state: not a URL: {_SUPPORTED}")
-    if scheme == "memory":
-        if rest not in ("", "/"):
-            raise ValueError("state: memory:// takes nothing after the scheme")
-        return StateUrl("memory")
-    if scheme == "sqlite":
-        return StateUrl("sqlite", _sqlite_path(rest))
-    if scheme in ("redis", "rediss"):
-        _require_redis()
-        from proxy.state.redis import parse_redis_url
-
-        parse_redis_url(url)
-        return StateUrl("redis", url=url)
-    raise ValueError(f"state: unsupported URL scheme {scheme[:20]!r}: {_SUPPORTED}")
+def state_password(config: GatewayConfig, environ: Mapping[str, str]) -> str | None:
+    """``redis.password`` read from ``environ`` (or its file) when the state is in Redis;
+    None otherwise, or when none is set. ConfigError if it cannot be read."""
+    ref = config.redis.password
+    if ref is None or parse_state_url(config.state).backend != "redis":
+        return None
+    return ref.resolve("redis.password", environ).reveal()
 
 
 async def open_token_store(
@@ -125,8 +93,8 @@ async def open_token_store(
     """Open the token store named by a ``state`` URL (async: opening may touch disk or network).
 
     The caller owns the store and must ``await store.close()``. ValueError for a bad URL (see
-    ``parse_state_url``); ``StateFileError`` (proxy.state.sqlite) if the file cannot be
-    opened.
+    ``parse_state_url``); ``StateFileError`` (proxy.state.sqlite.connection) if the file
+    cannot be opened.
 
     For ``redis://``: ``redis_options`` gives the password, key prefix and timeout (default
     ``RedisOptions()``). With ``redis_client`` (from ``open_redis``, shared with the budget)
@@ -146,7 +114,8 @@ async def open_token_store(
 def _open_redis_store(
     url: str, options: RedisOptions | None, client: Redis | None
 ) -> RedisTokenStore:
-    from proxy.state.redis import RedisOptions, RedisTokenStore, open_redis
+    from proxy.state.redis.client import RedisOptions, open_redis
+    from proxy.state.redis.tokens import RedisTokenStore
 
     options = RedisOptions() if options is None else options
     if client is not None:
@@ -168,3 +137,96 @@ async def open_send_log(url: str) -> MemorySendLog | SqliteSendLog:
         raise ValueError("state: open_send_log serves memory:// and sqlite:// only, not redis://")
     assert state.path is not None
     return await SqliteSendLog.open(state.path)
+
+
+@dataclass(frozen=True, slots=True)
+class SharedSlotsHooks:
+    """What a gateway process hears from shared (Redis) slots: ``replicas`` counting each
+    worker; ``on_latency(op, seconds)`` per Redis call; ``on_health(up)``."""
+
+    replicas: int
+    on_latency: Callable[[str, float], None]
+    on_health: Callable[[bool], None]
+
+
+@dataclass(slots=True)
+class State:
+    """One process's durable state, as ``open_state`` opened it. ``backend``: the state
+    URL's (``memory``, ``sqlite``, ``redis``). ``shared``: True when the budget and the
+    tokens live in Redis, shared with other replicas. ``send_log``: the budget's write-ahead
+    log for local slots (None when ``shared``)."""
+
+    backend: str
+    store: TokenStore
+    send_log: SendLog | None
+    _config: GatewayConfig
+    _hooks: SharedSlotsHooks
+    _redis: Redis | None = None
+
+    @property
+    def shared(self) -> bool:
+        return self._redis is not None
+
+    def credential_source(self, name: str, limits: Sequence[Limit]) -> SlotSource | None:
+        """The shared slot source of credential ``name``; None for local slots (the lane
+        keeps them on ``send_log``)."""
+        return self._shared_slots(name, limits, quota=False)
+
+    def quota_source(self, name: str, limits: tuple[Limit, ...]) -> SlotSource:
+        """A token's own quota, kept where the credentials' budgets are (no guard: the
+        gateway counts it, echowin does not)."""
+        source = self._shared_slots(name, limits, quota=True)
+        if source is None:
+            assert self.send_log is not None
+            source = local_quota_source(name, limits, self.send_log, time.time)
+        return source
+
+    def _shared_slots(
+        self, name: str, limits: Sequence[Limit], *, quota: bool
+    ) -> SlotSource | None:
+        """Redis slots: a token's quota keeps its view fresh only while the token is in use
+        here (``QUOTA_IN_USE``), a credential's always."""
+        if self._redis is None:
+            return None
+        from proxy.state.redis.slots import QUOTA_IN_USE, RedisSlots
+
+        cfg, hooks = self._config, self._hooks
+        return RedisSlots(
+            name,
+            self._redis,
+            cfg.redis.key_prefix,
+            limits,
+            0.0 if quota else cfg.upstream.window_guard_seconds,
+            replicas=hooks.replicas,
+            mode=cfg.on_state_failure,
+            on_latency=hooks.on_latency,
+            on_health=hooks.on_health,
+            keep_view=QUOTA_IN_USE if quota else math.inf,
+        )
+
+    async def close(self) -> None:
+        """Close the send log, the token store and the Redis client (after the slots)."""
+        if self.send_log is not None:
+            await self.send_log.close()
+        await self.store.close()
+        if self._redis is not None:
+            await self._redis.aclose()
+
+
+async def open_state(config: GatewayConfig, password: str | None, hooks: SharedSlotsHooks) -> State:
+    """Open what ``config.state`` names: the token store and the budget's state (a send log,
+    or one Redis client shared by the store and every slot source). ``password``: the
+    resolved ``redis.password`` (ignored by the other backends)."""
+    client = None
+    options = redis_options(config, password)
+    if options is not None:
+        from proxy.state.redis.client import open_redis  # redis-py only when Redis is used
+
+        client = open_redis(config.state, options)
+    store = await open_token_store(config.state, redis_options=options, redis_client=client)
+    try:
+        send_log = None if client is not None else await open_send_log(config.state)
+    except BaseException:
+        await store.close()
+        raise
+    return State(parse_state_url(config.state).backend, store, send_log, config, hooks, client)

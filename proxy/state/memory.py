@@ -10,17 +10,19 @@ import dataclasses
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Unpack
 
-from proxy.slots import Line
-from proxy.tokens import TokenChanges, TokenRecord, apply_changes
+from proxy.auth.tokens import TokenChanges, TokenRecord, apply_changes
+from proxy.budget.quotas import QuotaSources, local_quota_source
+from proxy.budget.slots import Line, SlotSource
+from proxy.budget.windows import Limit
 
 if TYPE_CHECKING:
-    from proxy.slots import Row
+    from proxy.budget.slots import Row
 
-__all__ = ["MemorySendLog", "MemoryTokenStore"]
+__all__ = ["MemorySendLog", "MemoryTokenStore", "memory_quota_sources"]
 
 
 class MemoryTokenStore:
-    """A dict of records keyed by public id, implementing ``proxy.tokens.TokenStore``.
+    """A dict of records keyed by public id, implementing ``proxy.auth.tokens.TokenStore``.
 
     Each method runs without awaiting, so on one event loop it is atomic. Records are frozen,
     so handing out the stored objects is safe. After ``close`` every method raises RuntimeError.
@@ -71,7 +73,7 @@ class MemoryTokenStore:
 
 
 class MemorySendLog:
-    """A send log that keeps nothing (``proxy.slots.SendLog`` for ``memory://``).
+    """A send log that keeps nothing (``proxy.budget.slots.SendLog`` for ``memory://``).
 
     ``durable`` is False: after a start the scheduler sends one probe at a time until
     echowin's rate-limit headers say how much of the budget is already spent.
@@ -79,7 +81,7 @@ class MemorySendLog:
 
     durable = False
     # Nothing is written, but a block of slots planned at once (far from every limit) saves
-    # planning each send: the same leases as a SQLite log's (proxy.slots.LocalSlots).
+    # planning each send: the same leases as a SQLite log's (proxy.budget.local_slots.LocalSlots).
     block_max = 256
 
     def reserve(
@@ -110,3 +112,14 @@ class MemorySendLog:
 
     async def close(self) -> None:
         return None
+
+
+def memory_quota_sources(clock: Callable[[], float] | None = None) -> QuotaSources:
+    """Token quotas kept in this process (a fresh send log), for a scheduler whose state
+    keeps none of its own: ``memory://``, and the tests."""
+    log = MemorySendLog()
+
+    def quota_source(name: str, limits: tuple[Limit, ...]) -> SlotSource:
+        return local_quota_source(name, limits, log, clock)
+
+    return quota_source

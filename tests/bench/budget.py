@@ -23,11 +23,11 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from proxy.admin.tokenops import create_token
 from proxy.app import build_apps
 from proxy.config import parse_config, resolve_secrets
 from proxy.runtime import RUNTIME
 from proxy.sim import SimConfig, SimLimit, Simulator
-from proxy.tokenops import create_token
 
 KEY = "bench-team-key-0123456789"
 LIMITS = ((40, 10.0), (12, 2.0))

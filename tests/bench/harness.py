@@ -62,7 +62,7 @@ from typing import Any
 
 import aiohttp
 
-from proxy.loops import resolve
+from proxy.server.loops import resolve
 from tests.bench import loadgen, servers
 from tests.bench import workers as bench_workers
 from tests.bench.servers import HUGE_LIMITS, Gateway, Proc, Processes

@@ -29,7 +29,7 @@ from tests.procs import free_ports
 
 REPO = Path(__file__).resolve().parents[2]
 _SCRIPT = Path(sys.executable).parent / "echowin-gateway"
-GATEWAY_CLI = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "proxy.cli"]
+GATEWAY_CLI = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "proxy.cli.main"]
 UPSTREAM_BODY = BODY.decode()
 BENCH_KEY = "bench-team-key-0123456789abcdef"
 STARTUP_SECONDS = 20.0

@@ -1,0 +1,94 @@
+"""The admin listener: /healthz, /readyz, /metrics (open) and /admin/* (bearer token)."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from proxy.admin.openapi import openapi_document
+from proxy.admin.status import status_json, status_page
+from proxy.admin.tokens import MAX_ADMIN_BODY, add_token_routes
+from proxy.errors import Reason, json_error
+from proxy.runtime import RUNTIME, Runtime
+from proxy.server.listeners import HANDLER_ARGS
+
+log = logging.getLogger("echowin_gateway.admin")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Ready when the token store answers. While a shared store (Redis) is down, a replica
+    configured with ``on_state_failure: local`` carries on alone and stays ready (say so in
+    the body); with ``closed`` it answers 503 until the store is back. Once SIGTERM's drain
+    has begun the proxy accepts no more: 503 ``draining``."""
+    rt = request.app[RUNTIME]
+    if rt.draining:
+        return web.json_response({"status": "draining"}, status=503)
+    try:
+        await rt.store.ping()
+    except Exception as exc:  # any backend failure means the store cannot answer
+        log.warning("token store not ready", extra={"fields": {"error": type(exc).__name__}})
+        carries_on = rt.shared_state and rt.config.on_state_failure == "local"
+        body = {
+            "status": "degraded" if carries_on else "unavailable",
+            "token_store": "down",
+            "on_state_failure": rt.config.on_state_failure,
+        }
+        return web.json_response(body, status=200 if carries_on else 503)
+    return web.json_response({"status": "ready", "token_store": "up"})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[RUNTIME].metrics.exposition()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+@web.middleware
+async def admin_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Guard /admin/* with the admin bearer token, compared in constant time."""
+    if not request.path.startswith("/admin/"):
+        return await handler(request)
+    expected = request.app[RUNTIME].secrets.admin_token
+    if expected is None:
+        return json_error(
+            403, "Admin API disabled: set GATEWAY_ADMIN_TOKEN", reason=Reason.DISABLED
+        )
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+        given.strip().encode(), expected.reveal().encode()
+    ):
+        return json_error(401, "Invalid admin token", reason=Reason.UNAUTHORIZED)
+    return await handler(request)
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(openapi_document())
+
+
+async def budget(request: web.Request) -> web.Response:
+    return web.json_response({"credentials": request.app[RUNTIME].admitter.snapshot()})
+
+
+def build_admin_app(runtime: Runtime) -> web.Application:
+    app = web.Application(
+        middlewares=[admin_auth], client_max_size=MAX_ADMIN_BODY, handler_args=HANDLER_ARGS
+    )
+    app[RUNTIME] = runtime
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/status", status_page)
+    app.router.add_get("/status.json", status_json)
+    add_token_routes(app.router)
+    app.router.add_get("/admin/openapi.json", openapi)
+    app.router.add_get("/admin/budget", budget)
+    return app

@@ -1,0 +1,132 @@
+"""Token operations shared by the CLI and the admin API: validate, mint, store."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+
+from proxy.auth.routes import RouteTable, is_valid_scope
+from proxy.auth.tokens import (
+    DEFAULT_UPSTREAM_KEY,
+    NewToken,
+    TokenChanges,
+    TokenStore,
+    mint_token,
+    parse_duration,
+)
+from proxy.config import AGENCY_KEY_NAME, GatewayConfig
+from proxy.state import open_token_store, redis_options, state_password
+
+
+async def open_store(config: GatewayConfig) -> TokenStore:
+    """The token store ``config`` names, for the CLI (reads redis.password if needed)."""
+    password = state_password(config, os.environ)
+    return await open_token_store(config.state, redis_options=redis_options(config, password))
+
+
+def upstream_key_names(config: GatewayConfig) -> tuple[str, ...]:
+    """The team keys a token may be bound to (the agency key is per route, not per token)."""
+    return (DEFAULT_UPSTREAM_KEY, *config.upstream.extra_keys)
+
+
+async def create_token(
+    store: TokenStore,
+    config: GatewayConfig,
+    routes: RouteTable,
+    *,
+    name: str,
+    scopes: Sequence[str],
+    upstream_key: str = DEFAULT_UPSTREAM_KEY,
+    hourly: int | None = None,
+    per_minute: int | None = None,
+    weight: int = 1,
+    expires_in: str | float | None = None,
+    now: float | None = None,
+) -> NewToken:
+    """Validate every field (ValueError naming it), mint a token and store its hash."""
+    if not scopes:
+        raise ValueError("scopes: at least one scope is required")
+    for scope in scopes:
+        if not is_valid_scope(scope, routes.routes):
+            raise ValueError(f"scopes: unknown scope {scope!r}")
+    if upstream_key == AGENCY_KEY_NAME:
+        raise ValueError("upstream_key: agency routes always use the agency key; bind a team key")
+    if upstream_key not in upstream_key_names(config):
+        known = ", ".join(upstream_key_names(config))
+        raise ValueError(f"upstream_key: {upstream_key!r} is not configured (known: {known})")
+    for field_name, value in (("hourly", hourly), ("per_minute", per_minute)):
+        if value is not None and (isinstance(value, bool) or value <= 0):
+            raise ValueError(f"{field_name}: must be a positive integer, got {value!r}")
+    seconds = None if expires_in is None else _expires_in_seconds(expires_in, "")
+    new = mint_token(
+        name=name,
+        scopes=list(scopes),
+        now=time.time() if now is None else now,
+        upstream_key=upstream_key,
+        hourly=hourly,
+        per_minute=per_minute,
+        weight=weight,
+        expires_in=seconds,
+    )
+    await store.put(new.record)
+    return new
+
+
+UPDATABLE = ("hourly", "per_minute", "weight", "scopes", "expires_in")
+
+
+def token_changes(
+    data: dict[str, object], routes: RouteTable, *, now: float | None = None
+) -> TokenChanges:
+    """Validate an update (JSON fields of ``UPDATABLE``; null clears a quota or the expiry)
+    into TokenChanges. ValueError names the first bad field."""
+    unknown = set(data) - set(UPDATABLE)
+    if unknown:
+        raise ValueError(f"unknown field(s): {', '.join(sorted(unknown))}")
+    if not data:
+        raise ValueError("nothing to change: give one of " + ", ".join(UPDATABLE))
+    changes: TokenChanges = {}
+    for key in ("hourly", "per_minute"):
+        if key in data:
+            value = data[key]
+            if value is not None and (type(value) is not int or value <= 0):
+                raise ValueError(f"{key}: must be a positive integer or null, got {value!r}")
+            changes[key] = value
+    if "weight" in data:
+        weight = data["weight"]
+        if type(weight) is not int or weight <= 0:
+            raise ValueError(f"weight: must be a positive integer, got {weight!r}")
+        changes["weight"] = weight
+    if "scopes" in data:
+        scopes = data["scopes"]
+        if not (isinstance(scopes, list) and scopes and all(isinstance(x, str) for x in scopes)):
+            raise ValueError("scopes: must be a non-empty list of strings")
+        for scope in scopes:
+            if not is_valid_scope(scope, routes.routes):
+                raise ValueError(f"scopes: unknown scope {scope!r}")
+        changes["scopes"] = tuple(scopes)
+    if "expires_in" in data:
+        changes["expires_at"] = _expires_at(data["expires_in"], now)
+    return changes
+
+
+def _expires_at(value: object, now: float | None) -> float | None:
+    if value is None:
+        return None
+    return (time.time() if now is None else now) + _expires_in_seconds(value, ", or null")
+
+
+def _expires_in_seconds(value: object, also: str) -> float:
+    """``expires_in`` in seconds: a duration like ``30d`` or a number of seconds (not a
+    bool), positive; ValueError naming the field otherwise (``also``: other values the
+    caller takes, for the message)."""
+    if isinstance(value, str):
+        seconds = parse_duration(value)
+    elif type(value) in (int, float):
+        seconds = float(value)  # type: ignore[arg-type]
+    else:
+        raise ValueError(f"expires_in: must be a duration like 30d{also}, got {value!r}")
+    if seconds <= 0:
+        raise ValueError(f"expires_in: must be positive, got {value!r}")
+    return seconds

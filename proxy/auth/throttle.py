@@ -1,0 +1,171 @@
+"""Failed authentications per client (``auth.failures_per_client``, SPEC §5 "Hostile
+callers"): past the rate, a client's requests are refused (429 ``auth_throttled``) before
+their token is looked up, so guessing tokens, or flooding the token store with lookups,
+goes no faster than the configured rate, whatever the caller sends.
+
+Each client that failed lately has a leaky bucket (aiolimiter's ``AsyncLimiter``, of
+``requests`` units leaking over ``per_seconds``): a failure adds a unit, and a request is
+refused while the bucket has no room for one more. A leaky bucket smooths; it is not a
+hard cap: a client that fills it at once gets ``requests`` failures, then one each
+``per_seconds / requests`` seconds. Successful authentications add nothing.
+
+A lookup in flight holds a place in its client's bucket until it ends (``looking_up``):
+without that, a client's concurrent requests would all find room before the first of
+them failed, and a thousand connections would buy a thousand lookups at once.
+
+Clients are held in a bounded TTL cache (``auth.max_clients_tracked``): one whose bucket
+has leaked empty is forgotten, and when the bound is reached the least recently seen
+goes first (a flood of addresses can only make the gateway forget, never grow). An IPv6
+client is its /64: a single subscriber is usually given a whole /64, and counting each of
+its 2**64 addresses apart would let it guess without bound.
+
+The limiters run on the event loop's clock (aiolimiter reads ``loop.time()``); the cache
+reads the same clock, so a bucket is never forgotten before it has leaked. Everything
+here runs on one event loop and never suspends but in ``failed``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import math
+from collections.abc import Callable, Hashable
+
+from aiolimiter import AsyncLimiter
+from cachetools import TTLCache
+
+from proxy.auth.client_address import Address
+
+__all__ = ["AuthThrottle", "Lookup", "client_key"]
+
+_UNKNOWN = "unknown"  # a peer that is no IP address (a unix socket): all are one client
+
+
+def client_key(client: Address | None) -> Hashable:
+    """The bucket a client fills: an IPv4 address, an IPv6 address's /64, or one bucket
+    for every peer that has no IP address."""
+    if client is None:
+        return _UNKNOWN
+    if isinstance(client, ipaddress.IPv6Address):
+        return ipaddress.IPv6Network((int(client) >> 64 << 64, 64))
+    return client
+
+
+def _loop_time() -> float:
+    return asyncio.get_running_loop().time()
+
+
+class _Client:
+    """One client's bucket, and its token lookups under way."""
+
+    __slots__ = ("bucket", "pending")
+
+    def __init__(self, bucket: AsyncLimiter) -> None:
+        self.bucket = bucket
+        self.pending = 0
+
+
+class Lookup:
+    """A token lookup under way (``AuthThrottle.looking_up``)."""
+
+    __slots__ = ("_client", "_key", "_throttle")
+
+    def __init__(self, throttle: AuthThrottle, key: Hashable, client: _Client) -> None:
+        self._throttle: AuthThrottle | None = throttle
+        self._key = key
+        self._client = client
+
+    def end(self, *_: object) -> None:
+        """The lookup is over (a no-op after the first call; takes a future's done
+        callback argument)."""
+        throttle, self._throttle = self._throttle, None
+        if throttle is not None:
+            throttle._ended(self._key, self._client)
+
+    def __enter__(self) -> Lookup:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.end()
+
+
+class AuthThrottle:
+    """Failed authentications per client, ``requests`` per ``per_seconds`` seconds (a
+    leaky bucket), for at most ``max_clients`` clients at once. ``timer``: the clock the
+    forgetting runs on, seconds; the running loop's (aiolimiter's own) by default."""
+
+    __slots__ = ("_clients", "_rate", "_retry_after")
+
+    def __init__(
+        self,
+        requests: int,
+        per_seconds: float,
+        max_clients: int,
+        timer: Callable[[], float] = _loop_time,
+    ) -> None:
+        self._rate = (requests, per_seconds)
+        # A full bucket has room again once one unit has leaked: per_seconds / requests.
+        self._retry_after = max(1, math.ceil(per_seconds / requests))
+        # A bucket leaks empty at most per_seconds after its last unit: then it may go.
+        self._clients: TTLCache[Hashable, _Client] = TTLCache(max_clients, per_seconds, timer)
+
+    @property
+    def idle(self) -> bool:
+        """No client failed lately, nor is looking a token up: nothing is refused. The
+        check every request makes, so it does no more than a clock read."""
+        clients = self._clients
+        if clients:
+            clients.expire()
+        return not clients
+
+    def retry_after(self, client: Address | None) -> int | None:
+        """Seconds ``client`` should wait before its next attempt when it is refused now
+        (its bucket has no room for one more failure beside its lookups under way), else
+        None. Nothing is counted: being refused is not a failed authentication."""
+        found = self._clients.get(client_key(client))
+        if found is None or found.bucket.has_capacity(1 + found.pending):
+            return None
+        return self._retry_after
+
+    def looking_up(self, client: Address | None) -> Lookup:
+        """A token lookup for ``client`` starts: until it ends (``Lookup.end``, or leaving
+        it as a context manager) it holds a place in the client's bucket, so that
+        ``retry_after`` refuses once as many lookups are under way as failures would fill
+        it."""
+        key = client_key(client)
+        found = self._track(key)
+        found.pending += 1
+        return Lookup(self, key, found)
+
+    def _ended(self, key: Hashable, found: _Client) -> None:
+        found.pending -= 1
+        if (
+            not found.pending
+            and found.bucket.has_capacity(found.bucket.max_rate)  # empty
+            and self._clients.get(key) is found
+        ):
+            # It would only wait for its time-to-live. TTLCache raises KeyError when the
+            # entry expired since the get above (the clock moved): gone either way.
+            with contextlib.suppress(KeyError):
+                del self._clients[key]
+
+    async def failed(self, client: Address | None) -> None:
+        """``client`` failed to authenticate: one unit in its bucket (none past full:
+        its next request is refused anyway). Never waits."""
+        bucket = self._track(client_key(client)).bucket
+        if bucket.has_capacity():
+            # The public way to add a unit: acquire() suspends only while the bucket has
+            # no room (its documented contract: "if the limit has been reached, blocks
+            # until enough capacity has been freed"), and room was seen just now, in the
+            # same step of the loop: it adds the unit and returns without suspending.
+            await bucket.acquire()
+
+    def _track(self, key: Hashable) -> _Client:
+        """The client's entry, made if new; its time-to-live starts again."""
+        clients = self._clients
+        found = clients.get(key)
+        if found is None:
+            found = _Client(AsyncLimiter(*self._rate))
+        clients[key] = found
+        return found

@@ -1,0 +1,1 @@
+"""The ``echowin-gateway`` command: serve, check-config, token, status, simulate, quickstart."""

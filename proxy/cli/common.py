@@ -1,0 +1,49 @@
+"""What every subcommand shares: the exit codes, error lines on stderr, the config with
+``--state`` applied, and calls to a running gateway's admin API."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+from proxy.cli.admin_client import AdminClient, AdminError
+from proxy.config import GatewayConfig, load_config, with_state
+
+__all__ = ["EXIT_BROKEN_PIPE", "EXIT_CONFIG", "admin_call", "fail", "load"]
+
+if TYPE_CHECKING:
+    # What ``add_subparsers`` returns: generic in typeshed only, so named for type checks.
+    Subparsers: TypeAlias = argparse._SubParsersAction[argparse.ArgumentParser]
+
+EXIT_CONFIG = 2
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a writer its reader left
+
+
+def fail(lines: Sequence[str], code: int = EXIT_CONFIG) -> int:
+    """Print each line as ``error: LINE`` on stderr; return ``code``."""
+    for line in lines:
+        print(f"error: {line}", file=sys.stderr)
+    return code
+
+
+def load(args: argparse.Namespace) -> GatewayConfig:
+    """The config ``--config`` names, its state replaced by ``--state`` if given;
+    ConfigError otherwise."""
+    config = load_config(args.config)
+    if getattr(args, "state", None):
+        config = with_state(config, args.state)
+    return config
+
+
+def admin_call(
+    args: argparse.Namespace, fn: Callable[[AdminClient], Coroutine[Any, Any, int]]
+) -> int:
+    """Run ``fn`` against the admin API ``--admin-url``; 2 for a refusal of bad input, 1
+    otherwise."""
+    try:
+        return int(asyncio.run(fn(AdminClient(args.admin_url))))
+    except AdminError as exc:
+        return fail([str(exc)], code=2 if exc.status == 400 else 1)

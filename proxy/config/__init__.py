@@ -1,0 +1,68 @@
+"""The gateway's configuration: one YAML file, validated once at start-up.
+
+``schema`` holds the pydantic models, ``load`` reads the YAML and turns validation errors
+into lines that name the key, ``secrets`` resolves ``{env: NAME}`` / ``{file: PATH}``
+references into values whose repr never shows them, ``state_url`` parses ``state:``.
+The names other packages use are re-exported here.
+"""
+
+from proxy.config.errors import ConfigError
+from proxy.config.load import load_config, parse_config, unshared_state, with_state
+from proxy.config.schema import (
+    EVENT_LOOPS,
+    MAX_WORKERS,
+    MISSING_UVLOOP,
+    AuthConfig,
+    EventLoop,
+    GatewayConfig,
+    LimitConfig,
+    LoggingConfig,
+    QueueConfig,
+    RedisConfig,
+    RouteConfig,
+    ServerConfig,
+    TokensConfig,
+    UpstreamConfig,
+    check_state_url,
+    parse_address,
+    uvloop_installed,
+)
+from proxy.config.secrets import (
+    AGENCY_KEY_NAME,
+    Credential,
+    Secret,
+    SecretRef,
+    Secrets,
+    resolve_secrets,
+)
+
+__all__ = [
+    "AGENCY_KEY_NAME",
+    "EVENT_LOOPS",
+    "MAX_WORKERS",
+    "MISSING_UVLOOP",
+    "AuthConfig",
+    "ConfigError",
+    "Credential",
+    "EventLoop",
+    "GatewayConfig",
+    "LimitConfig",
+    "LoggingConfig",
+    "QueueConfig",
+    "RedisConfig",
+    "RouteConfig",
+    "Secret",
+    "SecretRef",
+    "Secrets",
+    "ServerConfig",
+    "TokensConfig",
+    "UpstreamConfig",
+    "check_state_url",
+    "load_config",
+    "parse_address",
+    "parse_config",
+    "resolve_secrets",
+    "unshared_state",
+    "uvloop_installed",
+    "with_state",
+]

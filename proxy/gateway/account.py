@@ -1,0 +1,85 @@
+"""The last step of a request's path: what it cost and how it ended, into the access log
+line and the metrics, once per request (answered, refused, or left by its caller)."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from proxy.auth.tokens import TokenRecord
+from proxy.errors import Reason
+from proxy.observe.metrics import ANONYMOUS
+from proxy.runtime import Runtime
+
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+"""The methods the metrics name; any other is counted as ``OTHER`` (bounded labels)."""
+
+
+@dataclass(slots=True)
+class Exchange:
+    """What the access log and the metrics need to know about one request. Times are
+    seconds; ``started`` is ``time.perf_counter()`` at its arrival."""
+
+    request_id: str
+    started: float
+    token: TokenRecord | None = None
+    route: str = "unmatched"
+    credential: str = ""
+    upstream_status: int | None = None
+    queue_seconds: float = 0.0
+    upstream_seconds: float = 0.0
+    refusal: Reason | None = None
+    bytes_out: int = 0
+    client_gone: bool = False
+    awaits_continue: bool = False  # the caller holds its body until "100 Continue"
+    on_wire: bool = False  # the request's head may have left for echowin
+    then: Callable[[], None] | None = None  # called once when the head leaves
+
+    def wired(self) -> None:
+        self.on_wire = True
+        then, self.then = self.then, None
+        if then is not None:
+            then()
+
+
+def account(rt: Runtime, method: str, ex: Exchange, response: web.StreamResponse | None) -> None:
+    """Count ``ex`` and write its access log line: status 499 (as nginx logs it) when the
+    caller went away before its answer was written (``response`` None, or
+    ``ex.client_gone``)."""
+    status = response.status if response is not None and not ex.client_gone else 499
+    token_name = ex.token.name if ex.token is not None else ANONYMOUS
+    total = time.perf_counter() - ex.started
+    metrics = rt.metrics
+    label = method if method in METHODS else "OTHER"
+    metrics.requests.inc(token_name, ex.route, label, str(status))
+    if ex.token is not None:
+        counts = rt.usage.get(ex.token.id)
+        if counts is None:
+            counts = rt.usage[ex.token.id] = Counter()
+            rt.usage_names[ex.token.id] = ex.token.name
+        counts[status] += 1
+    metrics.request_duration.observe(total, ex.route)
+    access = rt.access_log
+    if access.enabled:
+        access.request(
+            ex.request_id,
+            ex.token.id if ex.token is not None else None,
+            token_name,
+            method,
+            ex.route,
+            ex.credential or None,
+            status,
+            ex.upstream_status,
+            ex.queue_seconds,
+            ex.upstream_seconds,
+            total,
+            ex.bytes_out,
+            ex.refusal,
+        )
+
+
+__all__ = ["METHODS", "Exchange", "account"]

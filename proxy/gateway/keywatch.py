@@ -1,0 +1,319 @@
+"""The real key in what echowin answers, in every form a caller could turn back into it.
+
+echowin has no reason to send its key back, but a debug page, an error that prints the
+request, a redirect that carries it in a query string or an HTML template would, and each
+writes it its own way. :class:`KeyWatch` is one compiled pattern per key that finds it in
+one pass over the bytes, in any of these forms:
+
+- verbatim, in any letter case;
+- each character independently as itself, ``%XX`` (or ``%25XX``, a percent-encoded
+  percent), JSON ``\\uXXXX`` (or ``\\/`` and the other short escapes), an HTML numeric
+  entity (``&#97;``, ``&#x61;``, leading zeros, with or without ``;``) or an HTML named
+  entity (``&lowbar;``), hex digits and entity names in any case: so any subset of the
+  characters percent-encoded, escaped or entity-encoded, mixed;
+- base64 and base64url at each of the three alignments a key can have inside a longer
+  encoded text (only the characters that depend on the key's bits alone);
+- UTF-16 LE and BE, any letter case; lowercase or uppercase hex of the key's bytes.
+
+Every match becomes as many ``*`` (the length stays, so ``Content-Length`` holds). A
+stream is searched with the last :attr:`KeyWatch.keep` bytes held back, so a form split
+between chunks is found. A compressed body (gzip or deflate, the codings the gateway lets
+callers ask echowin for: :func:`readable_codings`) is inflated only to be searched
+(:class:`Inflated`) and relayed as it came when no form of the key is in it.
+
+Pure: no I/O; imports neither asyncio nor aiohttp.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import html.entities
+import re
+import zlib
+from collections.abc import Hashable, Iterator
+from typing import Any, Protocol, cast
+
+# RE2 (google-re2): a pattern of this size runs as a DFA, one pass over the bytes whatever
+# their content, about ten times faster here than the standard library's backtracking
+# engine, which tries every alternative at almost every byte. The bindings ship no types.
+import re2  # type: ignore[import-untyped]
+
+# Content-Encoding values the gateway can read, and zlib's wbits for them: 47 takes a gzip
+# or a zlib header, whichever comes (deflate is zlib-wrapped by RFC 9110 §8.4.1.2).
+_WBITS = {"gzip": 47, "x-gzip": 47, "deflate": 47}
+_READABLE = frozenset(_WBITS) | {"identity"}
+# Inflated at most this much at a time: a small compressed chunk cannot make a huge buffer.
+_STEP = 1 << 20
+# Inflated in all at most this much for an answer decoded whole (to be masked and sent
+# decoded): past it the answer is refused (502) rather than held in memory.
+MAX_DECODED = 64 << 20
+# Leading zeros an HTML numeric entity may carry and still be found. Browsers accept any
+# number; a bound keeps every match, and so what a stream holds back, bounded.
+_ZEROS = 8
+# JSON's two-character escapes for the characters that have one.
+_JSON_SHORT = {"/": "\\/", '"': '\\"', "\\": "\\\\"}
+
+
+class _Match(Protocol):
+    def start(self) -> int: ...
+    def span(self) -> tuple[int, int]: ...
+
+
+class _Pattern(Protocol):
+    """What the gateway uses of a compiled ``re2`` pattern."""
+
+    def search(self, text: bytes, pos: int = ..., /) -> _Match | None: ...
+
+
+def _compiled(pattern: str) -> _Pattern:
+    """``pattern`` compiled by RE2 over bytes (Latin-1: one byte, one character)."""
+    options = re2.Options()
+    options.encoding = re2.Options.Encoding.LATIN1
+    return cast(_Pattern, re2.compile(pattern.encode("latin-1"), options))
+
+
+class Unreadable(Exception):
+    """A compressed body the gateway cannot inflate (corrupt, or over MAX_DECODED)."""
+
+
+def _entity_names() -> dict[str, list[str]]:
+    """HTML5 entity names (as written after ``&``) by the one character they stand for."""
+    names: dict[str, list[str]] = {}
+    for name, text in html.entities.html5.items():
+        if len(text) == 1:
+            names.setdefault(text, []).append(name)
+    return names
+
+
+_ENTITIES = _entity_names()
+
+
+def _char_form(char: str) -> tuple[str, int]:
+    """The pattern for one character of the key written any way a caller can undo, and the
+    longest text it matches. Read case-insensitively: a letter stands for both cases."""
+    spellings: dict[str, int] = {_literal(char.encode()): len(char.encode())}
+    codes = {ord(char), ord(char.swapcase())} if char.isascii() and char.isalpha() else {ord(char)}
+    for code in sorted(codes):
+        data = chr(code).encode()
+        pct = "".join(f"%(?:25)?{byte:02x}" for byte in data)
+        spellings[pct] = 5 * len(data)
+        units = chr(code).encode("utf-16-be")
+        json_u = "".join(f"\\\\u{units[i]:02x}{units[i + 1]:02x}" for i in range(0, len(units), 2))
+        spellings[json_u] = 3 * len(units)
+        spellings[f"&#0{{0,{_ZEROS}}}{code};?"] = 4 + _ZEROS + len(str(code))
+        spellings[f"&#x0{{0,{_ZEROS}}}{code:x};?"] = 5 + _ZEROS + len(f"{code:x}")
+        for name in _ENTITIES.get(chr(code), ()):
+            spellings["&" + re.escape(name)] = 1 + len(name)
+    if char in _JSON_SHORT:
+        spellings[re.escape(_JSON_SHORT[char])] = 2
+    return "(?:" + "|".join(spellings) + ")", max(spellings.values())
+
+
+def _base64_runs(key: bytes) -> Iterator[str]:
+    """The base64 characters fixed by ``key``'s bits alone, at each of the three alignments
+    the key can take inside a longer text; ``+`` and ``/`` stand for their base64url twins
+    too. A run under 4 characters is too short to tell a key by and is left out."""
+    for offset in range(3):
+        text = base64.b64encode(bytes(offset) + key + bytes(3)).decode()
+        first = -(-8 * offset // 6)  # ceil: the first character made of key bits only
+        last = (8 * (offset + len(key))) // 6  # the first one that is not
+        run = text[first:last]
+        if len(run) >= 4:
+            yield "".join("[+-]" if c == "+" else "[/_]" if c == "/" else re.escape(c) for c in run)
+
+
+def _literal(data: bytes) -> str:
+    """A pattern (text that compiles to bytes through latin-1) matching ``data`` as is."""
+    return re.escape(data.decode("latin-1"))
+
+
+class KeyWatch:
+    """Finds and masks every form of one key (see the module's docstring) in one pass.
+
+    Built once per key (a credential's, at start and on reload): compiling costs about a
+    millisecond. Its repr names no key, and it cannot be pickled.
+    """
+
+    __slots__ = ("_pattern", "keep")
+
+    def __init__(self, key: str) -> None:
+        forms = [_char_form(c) for c in key]
+        utf16le, utf16be = key.encode("utf-16-le"), key.encode("utf-16-be")
+        data = key.encode()
+        runs = list(_base64_runs(data))
+        alternatives = [
+            "(?i:" + "".join(pattern for pattern, _ in forms) + ")",
+            f"(?i:{_literal(utf16le)})",
+            f"(?i:{_literal(utf16be)})",
+            f"(?i:{data.hex()})",
+            *runs,
+        ]
+        self._pattern = _compiled("|".join(alternatives))
+        longest = max(sum(n for _, n in forms), len(utf16le), 2 * len(data), 4 + 4 * len(data) // 3)
+        # A stream holds back this many bytes: no match is longer than keep + 1, so one
+        # that starts before them lies wholly in what has been read.
+        self.keep = longest - 1
+
+    def __repr__(self) -> str:
+        return "KeyWatch(<key>)"
+
+    def __reduce__(self) -> Any:
+        raise TypeError("a KeyWatch cannot be pickled")
+
+    def found(self, data: bytes | str) -> bool:
+        """Whether any form of the key is in ``data`` (a str is read as UTF-8)."""
+        if isinstance(data, str):
+            data = data.encode("utf-8", "surrogateescape")
+        return self._pattern.search(data) is not None
+
+    def spans(self, data: bytes) -> list[tuple[int, int]]:
+        """Where forms of the key lie in ``data``, ``(start, end)`` in order; overlapping
+        copies are all found (each search starts one byte after the last match began)."""
+        found: list[tuple[int, int]] = []
+        search = self._pattern.search
+        match = search(data)
+        while match is not None:
+            found.append(match.span())
+            match = search(data, match.start() + 1)
+        return found
+
+    def masked(self, data: bytes) -> tuple[bytes, int]:
+        """``data`` with every form of the key turned into as many ``*``, and how many
+        forms there were (0: ``data`` itself, untouched)."""
+        spans = self.spans(data)
+        if not spans:
+            return data, 0
+        out = bytearray(data)
+        for start, end in spans:
+            out[start:end] = b"*" * (end - start)
+        return bytes(out), len(spans)
+
+
+class Watches:
+    """Each credential's :class:`KeyWatch`, compiled on its first answer and kept for the
+    next ones: a reload that brings a new key brings a new credential, compiled in turn.
+    At most ``size`` are kept (the least recently used go first)."""
+
+    __slots__ = ("_kept", "_size")
+
+    def __init__(self, size: int = 4096) -> None:
+        self._kept: dict[Hashable, KeyWatch] = {}
+        self._size = size
+
+    def of(self, credential: Hashable, key: str) -> KeyWatch:
+        """The watch of ``key``, the secret of ``credential`` (its identity here)."""
+        kept = self._kept
+        watch = kept.pop(credential, None)
+        if watch is None:
+            watch = KeyWatch(key)
+            if len(kept) >= self._size:
+                del kept[next(iter(kept))]
+        kept[credential] = watch  # last: the most recently used
+        return watch
+
+
+def leaking_fields(watch: KeyWatch, fields: list[tuple[str, str]]) -> set[int]:
+    """The indexes of ``fields`` (name, value) that hold a form of the key: in a name, in a
+    value, or as part of one split across values as they follow each other (a caller could
+    join them back). One search when none does, the usual case."""
+    values = "".join(value for _, value in fields)
+    if not watch.found(values + "\n" + "\n".join(name for name, _ in fields)):
+        return set()
+    leaking = {i for i, (name, _) in enumerate(fields) if watch.found(name)}
+    ends: list[int] = []
+    end = 0
+    for _, value in fields:
+        end += len(value.encode("utf-8", "surrogateescape"))
+        ends.append(end)
+    for start, stop in watch.spans(values.encode("utf-8", "surrogateescape")):
+        begin = 0
+        for i, end in enumerate(ends):
+            if end > start and begin < stop:
+                leaking.add(i)
+            begin = end
+    return leaking
+
+
+@functools.lru_cache(maxsize=64)
+def readable_codings(accept_encoding: str) -> str:
+    """The caller's ``Accept-Encoding`` less what the gateway could not search (br, zstd,
+    ``*``...); ``identity`` when nothing is left. Kept for the few values clients send:
+    it is worked out for every request."""
+    kept = [
+        part.strip()
+        for part in accept_encoding.split(",")
+        if part.partition(";")[0].strip().lower() in _READABLE
+    ]
+    return ", ".join(kept) or "identity"
+
+
+def coding_of(content_encoding: str | None) -> str | None:
+    """The one coding of an answer, lower case: ``""`` for none (or identity), None for
+    one the gateway cannot read (br, zstd, several stacked)."""
+    if content_encoding is None:
+        return ""
+    coding = content_encoding.strip().lower()
+    if coding in ("", "identity"):
+        return ""
+    return coding if coding in _WBITS else None
+
+
+class Inflated:
+    """A compressed body inflated as it comes, only to tell whether a form of the key is
+    in it; the last ``watch.keep`` inflated bytes are kept, so a form split between
+    chunks is found."""
+
+    __slots__ = ("_inflate", "_keep", "_tail", "_watch", "plain_bytes")
+
+    def __init__(self, watch: KeyWatch, coding: str) -> None:
+        self._watch = watch
+        self._keep = watch.keep
+        self._inflate = zlib.decompressobj(_WBITS[coding])
+        self._tail = b""
+        self.plain_bytes = 0  # inflated so far
+
+    @property
+    def keep(self) -> int:
+        """Inflated bytes that must follow a chunk before it can go."""
+        return self._keep
+
+    def holds_key(self, chunk: bytes) -> bool:
+        """Whether the body inflated so far, ``chunk`` included, holds the key. Raises
+        Unreadable for a corrupt stream."""
+        data = chunk
+        try:
+            while data:
+                if self._found(self._inflate.decompress(data, _STEP)):
+                    return True
+                data = self._inflate.unconsumed_tail
+        except zlib.error:
+            raise Unreadable from None
+        return False
+
+    def ends_with_key(self) -> bool:
+        """What the stream still held at its end: whether it completes a key."""
+        try:
+            return self._found(self._inflate.flush())
+        except zlib.error:
+            raise Unreadable from None
+
+    def _found(self, plain: bytes) -> bool:
+        self.plain_bytes += len(plain)
+        window = self._tail + plain
+        self._tail = window[-self._keep :] if self._keep else b""
+        return self._watch.found(window)
+
+
+def decoded(body: bytes, coding: str) -> bytes:
+    """A whole compressed body, inflated (at most MAX_DECODED bytes; else Unreadable)."""
+    inflate = zlib.decompressobj(_WBITS[coding])
+    try:
+        plain = inflate.decompress(body, MAX_DECODED + 1)
+        if len(plain) <= MAX_DECODED and not inflate.unconsumed_tail:
+            plain += inflate.flush()
+    except zlib.error:
+        raise Unreadable from None
+    if len(plain) > MAX_DECODED or inflate.unconsumed_tail:
+        raise Unreadable
+    return plain

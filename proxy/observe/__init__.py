@@ -1,0 +1,1 @@
+"""What operators read: Prometheus metrics, the JSON logs, request ids."""

@@ -1,0 +1,153 @@
+"""The Lua scripts of the shared budget (``proxy/state/lua/*.lua``, package data) and the one
+place that builds each script's KEYS and ARGV.
+
+Each script unpacks its ARGV into named locals on its first lines
+(``local member, waiting, ... = unpack(ARGV, 1, n)``); the ``*_ARGV`` tuples here name the
+same positions in the same order (a test compares them), and each ``*_args`` function
+returns its values in that order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from importlib.resources import files
+
+from proxy.budget.slots import LINE_GRACE
+from proxy.budget.windows import Limit
+
+__all__ = [
+    "FREEZE_ARGV",
+    "OBSERVE_ARGV",
+    "RESERVE_ARGV",
+    "SNAPSHOT_ARGV",
+    "BudgetKeys",
+    "freeze_args",
+    "lua",
+    "observe_args",
+    "reserve_args",
+    "snapshot_args",
+]
+
+
+def lua(name: str) -> str:
+    """The text of ``proxy/state/lua/<name>.lua``; ``reserve`` is preceded by ``windows``
+    (the window rule it calls)."""
+    folder = files("proxy.state").joinpath("lua")
+    text = folder.joinpath(f"{name}.lua").read_text(encoding="utf-8")
+    if name == "reserve":
+        text = folder.joinpath("windows.lua").read_text(encoding="utf-8") + text
+    return text
+
+
+class BudgetKeys:
+    """The Redis keys of credential ``name`` under ``prefix`` (``proxy.state.redis``'s
+    docstring says what each holds), and the KEYS list of each script, built once."""
+
+    __slots__ = ("epoch", "ext", "freezes", "frozen", "line", "reserve", "sends", "snapshot")
+
+    def __init__(self, prefix: str, name: str, windows: int) -> None:
+        base = f"{prefix}{name}"
+        self.sends = f"{base}:sends"
+        self.frozen = f"{base}:frozen"
+        self.line = f"{base}:line"
+        self.freezes = f"{base}:freezes"  # the pub/sub channel
+        self.epoch = f"{base}:epoch"
+        self.ext = tuple(f"{base}:ext:{i}" for i in range(windows))
+        # reserve.lua: sends, frozen, line, epoch, then the external sends of each window.
+        self.reserve = [self.sends, self.frozen, self.line, self.epoch, *self.ext]
+        # snapshot.lua: sends, frozen, epoch, then the external sends of each window.
+        self.snapshot = [self.sends, self.frozen, self.epoch, *self.ext]
+
+    def observe(self, index: int) -> list[str]:
+        """observe.lua: the sends, and window ``index``'s external sends."""
+        return [self.sends, self.ext[index]]
+
+
+RESERVE_ARGV = (
+    "member",
+    "waiting",
+    "served",
+    "cursor",
+    "known_epoch",
+    "new_epoch",
+    "me",
+    "guard",
+    "horizon",
+    "grace",
+    "k",
+)
+
+
+def reserve_args(
+    *,
+    member: str,
+    waiting: bool,
+    served: float,
+    cursor: float,
+    known_epoch: str,
+    new_epoch: str,
+    replica: str,
+    guard: float,
+    horizon: float,
+    limits: Sequence[Limit],
+) -> list[str | float]:
+    """ARGV of reserve.lua, one send's reservation:
+
+    1. ``member``: the send's id in the sorted set (``replica:seq``);
+    2. ``waiting``: 1 if this replica has requests queued (it takes a place in line);
+    3. ``served``: Redis time this replica last got a slot (its order in line);
+    4. ``cursor``: Redis time of the newest send already in its view;
+    5. ``known_epoch``: the epoch of the state it knows ("" for none yet);
+    6. ``new_epoch``: the epoch to set if Redis holds none;
+    7. ``me``: the replica's id (its field in the line);
+    8. ``guard``: seconds added to every window;
+    9. ``horizon``: seconds a send is kept (longest window plus guard);
+    10. ``grace``: LINE_GRACE, seconds;
+    11. ``k``: the number of windows; then, per window, its requests and its seconds.
+
+    Times are formatted as Redis time is, to the microsecond."""
+    args: list[str | float] = [
+        member,
+        int(waiting),
+        f"{served:.6f}",
+        f"{cursor:.6f}",
+        known_epoch,
+        new_epoch,
+        replica,
+        guard,
+        horizon,
+        LINE_GRACE,
+        len(limits),
+    ]
+    for limit in limits:
+        args += (limit.requests, limit.per_seconds)
+    return args
+
+
+SNAPSHOT_ARGV = ("horizon", "new_epoch")
+
+
+def snapshot_args(*, horizon: float, new_epoch: str) -> list[str | float]:
+    """ARGV of snapshot.lua: 1. ``horizon``, seconds of sends to read back; 2. ``new_epoch``,
+    the epoch to set if Redis holds none."""
+    return [horizon, new_epoch]
+
+
+OBSERVE_ARGV = ("used", "span", "requests", "prefix")
+
+
+def observe_args(*, used: int, span: float, requests: int, prefix: str) -> list[str | float]:
+    """ARGV of observe.lua: 1. ``used``, the sends echowin counts in the window; 2. ``span``,
+    the window's seconds plus the guard; 3. ``requests``, its limit; 4. ``prefix``, unique
+    per report (members ``prefix:j`` are the external sends it adds)."""
+    return [used, span, requests, prefix]
+
+
+FREEZE_ARGV = ("seconds", "channel", "replica")
+
+
+def freeze_args(*, seconds: float, channel: str, replica: str) -> list[str | float]:
+    """ARGV of freeze.lua: 1. ``seconds`` of no send from Redis' now; 2. ``channel``, where
+    the freeze is published; 3. ``replica``, the id that publishes it (its own listener
+    ignores it)."""
+    return [seconds, channel, replica]

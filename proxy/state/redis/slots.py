@@ -1,0 +1,541 @@
+"""The upstream budget in Redis, shared by every replica (``state: redis://...``).
+
+A reservation is ONE Lua script per send (``proxy/state/lua/reserve.lua``) that reads
+Redis' own clock (``TIME``, so replica clocks do not matter), checks every rolling window
+(the sends of every replica plus the external sends echowin reported) and records the send
+only if all of them hold. Nothing is counted before it is checked, so a refused attempt
+never eats budget. Keys expire on their own and old members are trimmed on every
+reservation: memory stays bounded.
+
+Each replica keeps a journal of its own recent sends (``journal.py``). When Redis cannot be
+reached the replica either refuses (``on_state_failure: closed``) or carries on alone
+(``local``) with the budget of ``fallback.py``. When Redis answers again the replica replays
+its journal, so a Redis that restarted empty learns again what was sent. The mirrored view
+(``view.py``) serves predictions; freezes set by other replicas are heard through pub/sub
+(``freezes.py``). The keys are listed in ``proxy.state.redis``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import itertools
+import logging
+import math
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any, Literal
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from proxy.budget.slots import LINE_GRACE, Slot, StateUnavailable
+from proxy.budget.windows import CredentialBudget, Limit, WindowView
+from proxy.state.redis import scripts
+from proxy.state.redis.fallback import PROBE_INTERVAL, Fallback
+from proxy.state.redis.freezes import FreezeListener
+from proxy.state.redis.journal import Journal
+from proxy.state.redis.view import SharedView
+
+__all__ = ["MIRROR_MAX_AGE", "QUOTA_IN_USE", "VIEW_MAX_IDLE", "RedisSlots"]
+
+log = logging.getLogger("echowin_gateway.state")
+
+# Rebuild the shared view used for predictions at most this often, seconds.
+MIRROR_MAX_AGE = 0.1
+# An idle replica reads the shared view at least this often, seconds: should Redis go away,
+# the fallback starts from a view this old at most (see Fallback.from_view).
+VIEW_MAX_IDLE = 5.0
+# A token quota's view is kept VIEW_MAX_IDLE fresh only this long after this replica last
+# reserved from it (a credential's view: always); see RedisSlots(keep_view=...).
+QUOTA_IN_USE = 60.0
+# A freeze read back from Redis within this of the one the view holds is the same freeze
+# (each read converts Redis time with its own clock offset: they differ by a round trip).
+FREEZE_SAME = 0.05
+
+
+def _text(raw: bytes | str) -> str:
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+
+class _Scripts:
+    """The four budget scripts, registered once on the client (each call is one EVALSHA)."""
+
+    __slots__ = ("freeze", "observe", "reserve", "snapshot")
+
+    def __init__(self, client: Redis) -> None:
+        self.reserve = client.register_script(scripts.lua("reserve"))
+        self.snapshot = client.register_script(scripts.lua("snapshot"))
+        self.observe = client.register_script(scripts.lua("observe"))
+        self.freeze = client.register_script(scripts.lua("freeze"))
+
+
+class RedisSlots:
+    """:class:`proxy.budget.slots.SlotSource` for one credential, on a shared Redis client."""
+
+    durable = True
+    remembers_external = True  # the ext:{i} keys keep what echowin reported to any replica
+
+    def __init__(
+        self,
+        name: str,
+        client: Redis,
+        prefix: str,
+        limits: Sequence[Limit],
+        guard: float,
+        *,
+        replicas: int,
+        mode: Literal["closed", "local"],
+        on_latency: Callable[[str, float], None] | None = None,
+        on_health: Callable[[bool], None] | None = None,
+        clock: Callable[[], float] = time.time,
+        keep_view: float = math.inf,
+    ) -> None:
+        """``keep_view``: seconds after this replica's last reservation during which the
+        idle refresh keeps the view at most VIEW_MAX_IDLE old. A credential's budget keeps
+        it always (its fallback should start from a young view); a token's quota
+        QUOTA_IN_USE, so that thousands of tokens cost Redis calls only for those in use
+        (an older view only widens the fallback's blind margin: never unsafe)."""
+        self.name = name
+        self._redis = client
+        self._prefix = prefix
+        self._guard = guard
+        self._replicas = replicas
+        self._mode = mode
+        self._clock = clock
+        self._on_latency = on_latency or (lambda op, seconds: None)
+        self._on_health = on_health or (lambda up: None)
+        self._keep_view = keep_view
+        self._replica = secrets.token_hex(6)
+        self._scripts = _Scripts(client)
+        self._set_limits(limits)
+        self._view = SharedView(self._limits, guard)
+        self._journal = Journal(client, self._keys.sends, self._horizon)
+        self._epoch = ""  # the epoch of the Redis state this replica knows ("": none yet)
+        self._served = 0.0  # Redis time this replica last got a slot (its order in line)
+        self._line_due = -math.inf  # local time our place in line lapses (-inf: no place)
+        self._seq = 0
+        self._observations = itertools.count()
+        self._hint_until = 0.0  # Redis said: no slot before this (local time)
+        self._fallback: Fallback | None = None  # while Redis is away
+        self._used_at = -math.inf  # local time of the last reservation (or restore)
+        self._fresh: asyncio.Task[None] | None = None  # the idle refresh (_keep_fresh)
+        self._listener: asyncio.Task[None] | None = None  # hears freezes (FreezeListener)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._closed = False
+        # Set by the lane: told when the view learns of a freeze another replica set.
+        self.on_frozen: Callable[[float], None] | None = None
+        self.healthy = True
+        self.changes = 0  # bumped when the view learns what other replicas did
+
+    def _set_limits(self, limits: Sequence[Limit]) -> None:
+        self._limits = tuple(limits)
+        self._keys = scripts.BudgetKeys(self._prefix, self.name, len(self._limits))
+        self._horizon = max(lim.per_seconds for lim in self._limits) + self._guard
+
+    async def relimit(self, limits: Sequence[Limit], now: float) -> None:
+        self._set_limits(limits)
+        self._view.relimit(self._limits, self._guard)
+        self._journal.horizon = self._horizon
+        self._hint_until = 0.0
+        if self._fallback is not None:  # Redis is away: carry what this replica counts alone
+            self._fallback = self._fallback.relimited(self._limits, now)
+        await self.restore(now)
+
+    # --- reserving -------------------------------------------------------------------
+
+    async def take(self, now: float, waiting: bool = False, *, again: bool = True) -> Slot | None:
+        if not self.healthy:
+            return self._take_alone(now)
+        if now < self._hint_until and not (waiting and self._line_due < self._hint_until):
+            return None  # no slot before the hint, and our place in line (if we wait) holds
+        self._seq += 1
+        member = f"{self._replica}:{self._seq}"
+        args = scripts.reserve_args(
+            member=member,
+            waiting=waiting,
+            served=self._served,
+            cursor=self._view.cursor,
+            known_epoch=self._epoch,
+            new_epoch=secrets.token_hex(8),
+            replica=self._replica,
+            guard=self._guard,
+            horizon=self._horizon,
+            limits=self._limits,
+        )
+        call = asyncio.ensure_future(
+            self._call("reserve", self._scripts.reserve, self._keys.reserve, args)
+        )
+        try:
+            # The script runs to its end whoever waits: a caller that leaves meanwhile (a
+            # client hanging up) must not leave its send recorded.
+            reply = await asyncio.shield(call)
+        except asyncio.CancelledError:
+            call.add_done_callback(functools.partial(self._abandoned, member))
+            raise
+        except (RedisError, OSError):
+            # A timeout may come after the script ran: its send, if recorded, never leaves.
+            self._journal.pending_release.append(member)
+            self._went_down()
+            # The failed call took time (up to the Redis timeout): a send recorded at the
+            # earlier `now` would stop counting before echowin stops counting it.
+            return self._take_alone(self._clock())
+        return await self._reserved(reply, now, member, waiting, again)
+
+    async def _reserved(
+        self, reply: list[Any], now: float, member: str, waiting: bool, again: bool
+    ) -> Slot | None:
+        """Act on reserve.lua's reply: ok (1, 0; -1: another epoch), wait (seconds), Redis
+        time, the sends after our cursor, the epoch, the freeze (Redis time)."""
+        ok, wait, redis_now = int(reply[0]), float(reply[1]), float(reply[2])
+        self._view.offset = redis_now - now
+        if ok < 0:  # Redis lost the shared state: put back what we know, then ask again
+            if not await self._refill(_text(reply[4])):
+                return self._take_alone(self._clock())
+            if not again:
+                return None
+            # The refill took round trips: a send is placed at the time it is reserved.
+            return await self.take(self._clock(), waiting, again=False)
+        self._epoch = _text(reply[4])
+        self._view.seen_at = now  # the view is current as of this answer
+        self._used_at = now
+        if self._fresh is not None and self._fresh.done():  # restored, idle until now
+            self._keep_fresh_running()
+        self._heard_freeze(float(reply[5]) - self._view.offset, now)
+        mine, learnt = self._view.learn(reply[3], now, member.encode())
+        self.changes += learnt
+        if not ok:
+            self._hint_until = now + wait
+            if waiting:  # the script wrote our place: good until the retry plus the grace
+                self._line_due = self._hint_until + LINE_GRACE
+            return None
+        self._served = redis_now
+        self._line_due = -math.inf
+        at = now if mine is None else mine
+        self._journal.add(at, member, now)
+        return Slot(at, member)
+
+    async def _refill(self, epoch: str) -> bool:
+        """Redis answered with another epoch than ours: it lost the shared state (restarted
+        empty). Put back our journal and every other replica's send we know of, and the
+        freeze, before anything else is reserved or read; then the epoch is ours. False
+        (and alone) when Redis went away meanwhile."""
+        try:
+            await self._journal.replay(self._view.offset, self._clock(), self._view.known)
+            await self._carry_freeze()
+        except (RedisError, OSError):
+            self._went_down()
+            return False
+        self._epoch = epoch
+        self._view.read_at = -math.inf  # the view is read again, with what was put back
+        return True
+
+    def _abandoned(self, member: str, call: asyncio.Future[Any]) -> None:
+        """A reservation whose caller left: remove its send if the script recorded one."""
+        if call.cancelled():
+            return
+        if call.exception() is None and int(call.result()[0]) < 1:
+            return  # refused: nothing recorded
+        # Recorded, or failed (a timeout may come after the script ran): remove it.
+        self._view.known.pop(member.encode(), None)
+        self._spawn(self._release(member))
+
+    async def _release(self, member: str) -> None:
+        started = time.perf_counter()
+        try:
+            await self._redis.zrem(self._keys.sends, member)
+        except (RedisError, OSError):
+            self._journal.pending_release.append(member)  # removed once Redis is back
+            self._went_down()
+        finally:
+            self._on_latency("release", time.perf_counter() - started)
+
+    def _take_alone(self, now: float) -> Slot | None:
+        if self._mode == "closed":
+            raise StateUnavailable("the shared state (Redis) cannot be reached")
+        assert self._fallback is not None
+        if not self._fallback.take(now):
+            return None
+        self._seq += 1
+        member = f"{self._replica}:{self._seq}"
+        self._journal.add(now, member, now)
+        return Slot(now, member)
+
+    async def commit(self, slot: Slot) -> None:
+        return None  # the reservation script recorded it before returning
+
+    def give_back(self, slot: Slot) -> None:
+        self._hint_until = 0.0
+        self._view.budget.release(slot.at)
+        if self._fallback is not None:
+            self._fallback.give_back(slot.at)
+        self._journal.remove(slot.at, slot.ref or "")
+        if slot.ref is not None:
+            self._view.known.pop(slot.ref.encode(), None)  # never put back after a restart
+            if self.healthy:
+                self._spawn(self._release(slot.ref))
+            else:  # Redis may hold it (taken before it went away): remove it once back
+                self._journal.pending_release.append(slot.ref)
+
+    def retry_in(self, now: float) -> float:
+        if not self.healthy:
+            if self._mode == "closed":
+                return PROBE_INTERVAL
+            assert self._fallback is not None
+            return self._fallback.retry_in(now)
+        return max(0.0, self._hint_until - now)
+
+    # --- predictions and views -------------------------------------------------------
+
+    def refreshed(self, now: float) -> bool:
+        return not self.healthy or now - self._view.read_at < MIRROR_MAX_AGE
+
+    async def refresh(self, now: float) -> None:
+        """Rebuild the shared view from Redis if it is older than MIRROR_MAX_AGE."""
+        if self.refreshed(now):
+            return
+        args = scripts.snapshot_args(horizon=self._horizon, new_epoch=secrets.token_hex(8))
+        try:
+            reply = await self._call("snapshot", self._scripts.snapshot, self._keys.snapshot, args)
+        except (RedisError, OSError):
+            self._went_down()
+            return
+        # The reply: Redis time, the freeze (Redis time), the epoch, the sends (member,
+        # score, ...), then each window's external sends.
+        offset = float(reply[0]) - now
+        epoch = _text(reply[2])
+        if self._epoch and epoch != self._epoch:
+            # Redis lost the shared state: what it holds is no view. Put back what we know
+            # (the others' sends too) before the view replaces what we know.
+            self._view.offset = offset
+            await self._refill(epoch)
+            return
+        self._epoch = epoch
+        self._view.rebuild(reply[3], reply[4:], offset, now)
+        self.changes += 1
+        # Redis' freeze, told to the lane if it is news only now: the lane predicts who can
+        # wait it out on this view, with the others' give-backs in it, not the one before.
+        self._heard_freeze(float(reply[1]) - offset, now)
+        if self._hint_until > now and self._view.budget.wait_time(now) <= 0:
+            self._hint_until = 0.0  # another replica gave a slot back: worth asking again
+
+    @property
+    def budget(self) -> CredentialBudget:
+        return self._fallback.budget if self._fallback is not None else self._view.budget
+
+    def predict_wait(self, now: float, ahead: int, horizon: float | None) -> float:
+        if self._fallback is not None:
+            return self._fallback.predict_wait(now, ahead, horizon)
+        return self._view.budget.predict_wait(now, ahead, horizon=horizon)
+
+    def snapshot(self, now: float) -> list[WindowView]:
+        return self.budget.snapshot(now)
+
+    def tightest(self, now: float) -> tuple[int, int, list[float]]:
+        return self.budget.tightest(now)
+
+    def frozen_until(self, now: float) -> float | None:
+        return self.budget.frozen_until(now)
+
+    # --- what echowin says -----------------------------------------------------------
+
+    def observe(self, now: float, limit: int, remaining: int) -> None:
+        mirror = self._view.budget
+        index = mirror.window_index(limit)
+        lim = self._limits[index]
+        used = limit - remaining
+        # While alone, the fallback decides: it learns too. Its own sends count `replicas`
+        # times there, which already leaves room for the others; echowin's count beyond
+        # that is someone else's.
+        fallback = None if self._fallback is None else self._fallback.budget
+        for view in (mirror, fallback):
+            if view is not None:
+                own = view.own_count(now, index)
+                view.observe(now, limit=limit, remaining=remaining, sent_count=own)
+        if self.healthy:
+            args = scripts.observe_args(
+                used=used,
+                span=lim.per_seconds + self._guard,
+                requests=lim.requests,
+                prefix=f"x:{self._replica}:{next(self._observations)}",
+            )
+            call = self._scripts.observe(keys=self._keys.observe(index), args=args)
+            self._spawn(self._quietly("observe", call))
+
+    def assume_external(self, now: float, used: int) -> None:
+        self._view.budget.assume_external(now, used)
+
+    def freeze(self, until: float) -> None:
+        now = self._clock()
+        self._view.budget.freeze(until)
+        if self._fallback is not None:
+            self._fallback.budget.freeze(until)
+        if self.healthy and until > now:
+            self._spawn(self._quietly("freeze", self._write_freeze(until - now)))
+
+    def _write_freeze(self, seconds: float) -> Awaitable[Any]:
+        """The freeze script: no send for ``seconds`` (Redis time), published to the others."""
+        args = scripts.freeze_args(
+            seconds=seconds, channel=self._keys.freezes, replica=self._replica
+        )
+        result: Awaitable[Any] = self._scripts.freeze(keys=[self._keys.frozen], args=args)
+        return result
+
+    def _heard_freeze(self, until: float, now: float) -> None:
+        """Redis holds a freeze until ``until`` (local time): it holds in this view too, and
+        one the view did not know yet (another replica met an upstream 429) is told to the
+        lane, which refuses at once the waiters that cannot wait it out."""
+        if until <= now:
+            return
+        mirror = self._view.budget
+        known = mirror.frozen_until(now)
+        mirror.freeze(until)
+        if self._fallback is not None:
+            self._fallback.budget.freeze(until)
+        if known is None or until > known + FREEZE_SAME:
+            self.changes += 1
+            if self.on_frozen is not None:
+                self.on_frozen(until)
+
+    def _heard_redis_freeze(self, until: float) -> None:
+        """A freeze heard by the listener, in Redis time."""
+        self._heard_freeze(until - self._view.offset, self._clock())
+
+    # --- health ----------------------------------------------------------------------
+
+    def _went_down(self) -> None:
+        if not self.healthy:
+            return
+        self.healthy = False
+        self._on_health(False)
+        now = self._clock()
+        # What every replica had sent as we last saw it, and our own sends (by member, so
+        # nothing counts twice); externals echowin reported stay in the view's windows.
+        sends = dict(self._view.known)
+        sends.update((member.encode(), at) for at, member in self._journal.sends)
+        self._fallback = Fallback.from_view(
+            self._view.budget,
+            sends.values(),
+            age=now - self._view.seen_at,
+            replicas=self._replicas,
+            now=now,
+        )
+        log.warning(
+            "shared state unreachable",
+            extra={"fields": {"credential": self.name, "mode": self._mode}},
+        )
+        self._spawn(self._probe())
+
+    async def _probe(self) -> None:
+        """Until Redis answers: wait, ping; then replay our journal and share again."""
+        while True:
+            await asyncio.sleep(PROBE_INTERVAL)
+            try:
+                # Sends taken alone while these calls are on their way are in the journal
+                # only: replay again until a round found none (each round is idempotent).
+                seq = None
+                while seq != self._seq:
+                    seq = self._seq
+                    redis_now = await self._redis_time()
+                    await self._journal.replay(redis_now - self._clock(), self._clock())
+                    await self._carry_freeze()
+                    await self._journal.release_pending()
+            except (RedisError, OSError):
+                continue
+            break
+        self._fallback = None
+        self._hint_until = 0.0
+        self._view.read_at = -math.inf
+        self.healthy = True
+        self._on_health(True)
+        log.warning("shared state reachable again", extra={"fields": {"credential": self.name}})
+
+    async def _carry_freeze(self) -> None:
+        """A freeze set while alone (an upstream 429) must hold for every replica too."""
+        now = self._clock()
+        until = self.budget.frozen_until(now)
+        if until is not None:
+            await self._write_freeze(until - now)
+
+    async def _redis_time(self) -> float:
+        seconds, micros = await self._redis.time()
+        return float(seconds) + micros / 1e6
+
+    # --- plumbing --------------------------------------------------------------------
+
+    async def _call(self, op: str, script: Any, keys: list[str], args: list[Any]) -> Any:
+        started = time.perf_counter()
+        try:
+            return await script(keys=keys, args=args)
+        finally:
+            self._on_latency(op, time.perf_counter() - started)
+
+    async def _quietly(self, op: str, call: Awaitable[Any]) -> None:
+        started = time.perf_counter()
+        try:
+            await call
+        except (RedisError, OSError):
+            self._went_down()
+        finally:
+            self._on_latency(op, time.perf_counter() - started)
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def restore(self, now: float) -> None:
+        self._view.read_at = -math.inf
+        self._used_at = max(self._used_at, now)
+        await self.refresh(now)
+        self._keep_fresh_running()
+        if self.on_frozen is not None and self._listener is None and not self._closed:
+            listener = FreezeListener(
+                self._redis,
+                channel=self._keys.freezes,
+                frozen_key=self._keys.frozen,
+                replica=self._replica,
+                name=self.name,
+                heard=self._heard_redis_freeze,
+                spawn=self._spawn,
+            )
+            self._listener = asyncio.get_running_loop().create_task(listener.run())
+
+    def _keep_fresh_running(self) -> None:
+        """Start the idle refresh unless it runs (not among _tasks: it ends on its own)."""
+        if (self._fresh is None or self._fresh.done()) and not self._closed:
+            self._fresh = asyncio.get_running_loop().create_task(self._keep_fresh())
+
+    async def _keep_fresh(self) -> None:
+        """Read the shared view when nothing else has for VIEW_MAX_IDLE. Without it an idle
+        replica's view ages, and a fallback built on an old view must assume the other
+        replicas used every window meanwhile (nothing sent until they turn over). Ends once
+        this replica has not reserved for ``keep_view`` seconds; ``take`` starts it again."""
+        while True:
+            now = self._clock()
+            if now - self._used_at > self._keep_view:
+                return  # not in use: no Redis call for it until it is
+            left = self._view.seen_at + VIEW_MAX_IDLE - now
+            if not self.healthy or left > 0:  # away: the probe reads Redis again
+                await asyncio.sleep(min(left, VIEW_MAX_IDLE) if left > 0 else VIEW_MAX_IDLE)
+                continue
+            try:
+                await self.refresh(now)  # Redis away: refresh falls back by itself
+            except Exception as exc:  # a bug must not end the idle refresh for good
+                log.warning(
+                    "shared view refresh failed",
+                    extra={"fields": {"credential": self.name, "error": type(exc).__name__}},
+                )
+                await asyncio.sleep(VIEW_MAX_IDLE)
+
+    async def close(self) -> None:
+        self._closed = True
+        running = [task for task in (self._fresh, self._listener, *self._tasks) if task]
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+        if self.healthy:  # leave the line at once (else the place lapses by itself)
+            with contextlib.suppress(RedisError, OSError):
+                await self._redis.hdel(self._keys.line, self._replica)

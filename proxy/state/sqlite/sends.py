@@ -1,0 +1,149 @@
+"""The budget's write-ahead send log (``proxy.budget.slots.SendLog``) in the SQLite state file."""
+
+from __future__ import annotations
+
+import builtins
+import secrets
+import sqlite3
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from proxy.budget.slots import Line
+from proxy.state.sqlite.connection import Connection, transaction
+
+if TYPE_CHECKING:
+    from proxy.budget.slots import Row
+
+__all__ = ["SqliteSendLog"]
+
+
+class SqliteSendLog(Connection):
+    """The budget's write-ahead send log (``proxy.budget.slots.SendLog``) in the state file.
+
+    A row is committed in WAL mode with synchronous=NORMAL, which survives a crash of the
+    process (SIGKILL included); only a power cut may lose the last commits. Its own
+    connection, so token lookups never wait behind budget writes. Several processes may
+    share the file (``serve --workers N``): ``reserve`` reads the rows the others wrote
+    since its last read and writes its own in one IMMEDIATE transaction, so two processes
+    never both spend the last slot. ``reserve`` and ``poll`` run on the caller's thread
+    (the event loop): they are short, and a lease makes them rare far from every limit.
+    """
+
+    durable = True
+    block_max = 256
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        super().__init__(conn)
+        self.owner = secrets.token_hex(8)
+        (start,) = conn.execute("SELECT COALESCE(MAX(id), 0) FROM send_rows").fetchone()
+        self._start = int(start)
+        self._cursor: dict[str, int] = {}  # per credential: the last row id read
+
+    def _new_rows(self, conn: sqlite3.Connection, credential: str) -> builtins.list[Row]:
+        rows = conn.execute(
+            "SELECT id, at, n, owner FROM send_rows WHERE credential = ? AND id > ? ORDER BY id",
+            (credential, self._cursor.get(credential, self._start)),
+        ).fetchall()
+        if rows:
+            self._cursor[credential] = int(rows[-1][0])
+        return [(float(at), int(n)) for _, at, n, owner in rows if owner != self.owner]
+
+    def reserve(
+        self,
+        credential: str,
+        plan: Callable[[builtins.list[Row], Line], Row | None],
+        returned: Row | None,
+    ) -> Row | None:
+        with self._lock, transaction(self._conn) as conn:
+            line = Line([])
+            for owner, since, due in conn.execute(
+                "SELECT owner, since, due FROM send_line WHERE credential = ?", (credential,)
+            ):
+                if owner == self.owner:
+                    line.mine = (float(since), float(due))
+                else:
+                    line.others.append((float(since), float(due)))
+            mine = line.mine
+            row = plan(self._new_rows(conn, credential), line)
+            writes = [r for r in (returned, row) if r is not None]
+            if writes:
+                conn.executemany(
+                    "INSERT INTO send_rows (credential, at, n, owner) VALUES (?, ?, ?, ?)",
+                    [(credential, at, n, self.owner) for at, n in writes],
+                )
+            if line.mine is None and mine is not None:
+                conn.execute(
+                    "DELETE FROM send_line WHERE credential = ? AND owner = ?",
+                    (credential, self.owner),
+                )
+            elif line.mine is not None and line.mine != mine:
+                conn.execute(
+                    "INSERT OR REPLACE INTO send_line (credential, owner, since, due)"
+                    " VALUES (?, ?, ?, ?)",
+                    (credential, self.owner, *line.mine),
+                )
+            return row
+
+    def poll(self, credential: str) -> builtins.list[Row]:
+        with self._lock:
+            return self._new_rows(self._conn, credential)
+
+    async def give_back(self, credential: str, at: float, n: int) -> None:
+        await self._run(
+            lambda c: c.execute(
+                "INSERT INTO send_rows (credential, at, n, owner) VALUES (?, ?, ?, ?)",
+                (credential, at, -n, self.owner),
+            )
+        )
+
+    async def freeze(self, credential: str, until: float) -> None:
+        await self._run(
+            lambda c: c.execute(
+                "INSERT INTO send_rows (credential, at, n, owner) VALUES (?, ?, 0, ?)",
+                (credential, until, self.owner),
+            )
+        )
+
+    async def frozen(self, credential: str) -> float | None:
+        (until,) = await self._run(
+            lambda c: c.execute(
+                "SELECT MAX(at) FROM send_rows WHERE credential = ? AND n = 0", (credential,)
+            ).fetchone()
+        )
+        return None if until is None else float(until)
+
+    async def recent(self, credential: str, since: float) -> builtins.list[float]:
+        def read(conn: sqlite3.Connection) -> tuple[builtins.list[tuple[float, int]], int]:
+            with transaction(conn, "DEFERRED"):
+                net = conn.execute(
+                    "SELECT at, SUM(n) FROM send_rows WHERE credential = ? AND at > ?"
+                    " GROUP BY at ORDER BY at",
+                    (credential, since),
+                ).fetchall()
+                (last,) = conn.execute(
+                    "SELECT COALESCE(MAX(id), 0) FROM send_rows WHERE credential = ?",
+                    (credential,),
+                ).fetchone()
+            return [(float(at), int(n)) for at, n in net], int(last)
+
+        net, last = await self._run(read)
+        self._cursor[credential] = max(last, self._cursor.get(credential, self._start))
+        return [at for at, n in net for _ in range(max(n, 0))]
+
+    async def prune(self, before: float) -> None:
+        def delete(conn: sqlite3.Connection) -> None:
+            conn.execute("DELETE FROM send_rows WHERE at < ?", (before,))
+            conn.execute("DELETE FROM send_line WHERE due < ?", (before,))
+
+        await self._run(delete)
+
+    async def close(self) -> None:
+        """Leave every line this process is in, then close."""
+
+        def leave(conn: sqlite3.Connection) -> None:
+            conn.execute("DELETE FROM send_line WHERE owner = ?", (self.owner,))
+
+        try:
+            await self._run(leave)
+        finally:
+            await super().close()

@@ -1,0 +1,351 @@
+"""Write-ahead leases: the SQLite send log reserves blocks of slots far from every limit.
+
+``LocalSlots`` on ``SqliteSendLog``: one row per send near a limit, one row per block of
+slots (a lease) far from every limit; several processes on one file (two log objects on
+one file here, each with its own owner id, as two workers have) share one budget. The
+clock is passed in: no test sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from proxy.budget.local_slots import LocalSlots
+from proxy.budget.slots import Slot
+from proxy.budget.windows import CredentialBudget, Limit
+from proxy.state.sqlite.connection import SCHEMA_VERSION
+from proxy.state.sqlite.sends import SqliteSendLog
+
+NAME = "default"
+GUARD = 0.25
+T0 = 1_000_000.0
+LEASE = LocalSlots.LEASE_SECONDS
+
+
+class Files:
+    """Slot sources on one SQLite file; ``source()`` is one more process on it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.logs: list[SqliteSendLog] = []
+        self.sources: list[LocalSlots] = []
+
+    async def source(self, *limits: Limit) -> LocalSlots:
+        log = await SqliteSendLog.open(self.path)
+        self.logs.append(log)
+        source = LocalSlots(NAME, CredentialBudget(limits, GUARD), log)
+        self.sources.append(source)
+        return source
+
+    def rows(self) -> list[tuple[float, int]]:
+        with sqlite3.connect(self.path) as conn:
+            return [
+                (float(at), int(n))
+                for at, n in conn.execute("SELECT at, n FROM send_rows ORDER BY id")
+            ]
+
+    async def close(self) -> None:
+        for source in self.sources:
+            await source.close()
+        for log in self.logs:
+            await log.close()
+        self.sources.clear()
+        self.logs.clear()
+
+
+@pytest.fixture
+async def files(tmp_path: Path) -> AsyncIterator[Files]:
+    files = Files(tmp_path / "state.db")
+    yield files
+    await files.close()
+
+
+async def take(source: LocalSlots, now: float, count: int) -> list[Slot]:
+    got = [await source.take(now) for _ in range(count)]
+    return [slot for slot in got if slot is not None]
+
+
+async def test_far_from_every_limit_one_row_reserves_a_block(files: Files) -> None:
+    source = await files.source(Limit(100_000, 3600), Limit(10_000, 60))
+    slots = await take(source, T0, 1000)
+    assert len(slots) == 1000
+    rows = files.rows()
+    # The first block is 1/16 of what the tightest window has free, capped at block_max.
+    assert rows[0] == (T0 + LEASE, SqliteSendLog.block_max)
+    assert len(rows) == -(-1000 // SqliteSendLog.block_max)  # 4 writes, not 1000
+    assert sum(n for _, n in rows) >= 1000
+    assert all(slot.committed and slot.at == T0 + LEASE for slot in slots)
+
+
+async def test_near_a_limit_every_send_has_its_own_row_at_its_own_time(files: Files) -> None:
+    source = await files.source(Limit(100, 60))  # echowin's per-minute limit
+    slots = await take(source, T0, 150)
+    assert len(slots) == 100
+    assert files.rows() == [(T0, 1)] * 100
+
+
+async def test_a_lease_ends_after_its_time_and_gives_back_what_it_did_not_use(
+    files: Files,
+) -> None:
+    source = await files.source(Limit(10_000, 60))
+    first = await take(source, T0, 10)
+    block = files.rows()[0][1]
+    assert block > 10
+    assert [v.used for v in source.snapshot(T0)] == [10]  # unused slots show as free
+    # Past the lease's end its slots may no longer leave: the next take opens a new lease
+    # and gives back the old one's unused slots in the same write.
+    later = await take(source, T0 + LEASE + 0.01, 1)
+    assert later[0].at == T0 + 2 * LEASE + 0.01
+    assert files.rows()[1] == (first[0].at, -(block - 10))
+    assert [v.used for v in source.snapshot(T0 + LEASE + 0.01)] == [11]
+    assert len(await source.log.recent(NAME, 0.0)) == 10 + block  # 10 spent, 1 new lease
+
+
+async def test_a_slot_given_back_returns_to_its_open_lease(files: Files) -> None:
+    source = await files.source(Limit(10_000, 60))
+    (slot,) = await take(source, T0, 1)
+    before = len(files.rows())
+    source.give_back(slot)
+    assert len(files.rows()) == before  # no write: the lease's row still covers it
+    assert [v.used for v in source.snapshot(T0)] == [0]
+    again = await source.take(T0)
+    assert again is not None and again.at == slot.at
+
+
+async def test_a_crash_mid_lease_counts_the_whole_block_after_restart(files: Files) -> None:
+    source = await files.source(Limit(10_000, 60))
+    await take(source, T0, 3)
+    block = files.rows()[0][1]
+    # SIGKILL: nothing is closed, nothing given back. The restarted process cannot know
+    # how many of the block left, so it counts all of them, for as long as the last could.
+    restarted = await files.source(Limit(10_000, 60))
+    await restarted.restore(T0 + 1)
+    assert [v.used for v in restarted.snapshot(T0 + 1)] == [block]
+    span = 60 + GUARD
+    assert [v.used for v in restarted.snapshot(T0 + LEASE + span - 0.001)] == [block]
+    assert [v.used for v in restarted.snapshot(T0 + LEASE + span)] == [0]
+
+
+async def test_a_clean_close_gives_the_unused_slots_back(files: Files) -> None:
+    source = await files.source(Limit(10_000, 60))
+    await take(source, T0, 3)
+    await source.close()
+    restarted = await files.source(Limit(10_000, 60))
+    await restarted.restore(T0 + 1)
+    assert [v.used for v in restarted.snapshot(T0 + 1)] == [3]
+
+
+async def test_a_freeze_ends_the_open_lease(files: Files) -> None:
+    source = await files.source(Limit(10_000, 60))
+    await take(source, T0, 1)
+    source.freeze(T0 + 30)
+    await source.close()  # waits for the background writes
+    assert sum(n for _, n in files.rows()) == 1
+    assert await source.take(T0 + 0.1) is None
+
+
+async def test_a_freeze_holds_for_the_other_processes_and_after_a_restart(
+    files: Files,
+) -> None:
+    a = await files.source(Limit(100, 60))
+    b = await files.source(Limit(100, 60))
+    assert await b.take(T0) is not None
+    a.freeze(T0 + 30)  # a met an unexpected 429
+    await a.close()
+    assert await b.take(T0 + 1) is None  # b reads a's freeze before it writes a send
+    assert b.frozen_until(T0 + 1) == T0 + 30
+    restarted = await files.source(Limit(100, 60))
+    await restarted.restore(T0 + 2)
+    assert restarted.frozen_until(T0 + 2) == T0 + 30
+    assert await restarted.take(T0 + 2) is None
+    assert await restarted.take(T0 + 30) is not None
+
+
+async def test_another_process_sees_the_leases_and_the_rows(files: Files) -> None:
+    a = await files.source(Limit(1000, 60))
+    b = await files.source(Limit(1000, 60))
+    first = await take(a, T0, 1)  # a lease of 1000 // 16 = 62
+    block = files.rows()[0][1]
+    await b.refresh(T0)
+    assert [v.used for v in b.snapshot(T0)] == [block]
+    # b spends the rest; a's lease still holds its unused slots for a.
+    granted_b = await take(b, T0, 1000)
+    granted_a = await take(a, T0, 1000)
+    assert len(first) + len(granted_a) + len(granted_b) == 1000
+
+
+async def lease_timer_fired(source: LocalSlots) -> None:
+    """Until the lease's timer (LEASE_IDLE_SECONDS patched to 0) has ended the lease."""
+    async with asyncio.timeout(5):
+        while source._lease is not None:
+            await asyncio.sleep(0.001)
+
+
+async def written(source: LocalSlots) -> None:
+    """Until the rows the source writes in the background are in the log."""
+    async with asyncio.timeout(5):
+        while source._background:
+            await asyncio.gather(*source._background)
+
+
+async def test_an_idle_process_gives_its_lease_back_for_the_others(
+    files: Files, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A worker that takes one slot and then gets no more requests: its lease's unused
+    # slots go back when the lease's timer fires, not when it next takes (maybe never).
+    monkeypatch.setattr(LocalSlots, "LEASE_IDLE_SECONDS", 0.0)
+    a = await files.source(Limit(1000, 60))
+    b = await files.source(Limit(1000, 60))
+    assert len(await take(a, T0, 1)) == 1  # a lease of 1000 // 16 = 62
+    block = files.rows()[0][1]
+    assert block > 1
+    await lease_timer_fired(a)
+    await written(a)
+    assert files.rows()[-1] == (T0 + LEASE, -(block - 1))
+    assert len(await take(b, T0, 1000)) == 999  # all but a's one send
+
+
+async def test_a_used_up_lease_ends_too_and_a_slot_given_back_later_goes_to_everyone(
+    files: Files, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The idle worker's lease has no slot left when its timer fires; one of its requests
+    # then never leaves. Its slot goes back to the log, not into the ended lease.
+    monkeypatch.setattr(LocalSlots, "LEASE_IDLE_SECONDS", 0.0)
+    a = await files.source(Limit(1000, 60))
+    b = await files.source(Limit(1000, 60))
+    slots = await take(a, T0, 1000 // 16)  # one lease of 62, all of it handed out
+    assert files.rows() == [(T0 + LEASE, len(slots))]
+    await lease_timer_fired(a)
+    a.give_back(slots[-1])
+    await written(a)
+    assert files.rows()[-1] == (T0 + LEASE, -1)
+    assert len(await take(b, T0, 1000)) == 1000 - (len(slots) - 1)
+
+
+async def test_a_slot_given_back_after_a_freeze_does_not_leave_through_a_used_up_lease(
+    files: Files,
+) -> None:
+    source = await files.source(Limit(10_000, 60))
+    slots = await take(source, T0, SqliteSendLog.block_max)  # the first lease, used up
+    assert source._lease is not None and source._lease.left == 0
+    source.freeze(T0 + 30)  # echowin answered 429: nothing leaves before T0 + 30
+    source.give_back(slots[-1])  # a request of the lease that never left
+    assert await source.take(T0 + 0.1) is None
+    assert await source.take(T0 + 30) is not None
+
+
+async def test_the_other_processes_sends_are_not_taken_for_someone_elses(files: Files) -> None:
+    a = await files.source(Limit(40, 10))
+    b = await files.source(Limit(40, 10))
+    assert len(await take(a, T0, 5)) == 5
+    assert len(await take(b, T0, 5)) == 5  # a has not read b's rows yet
+    # echowin's answer to one of a's sends counts all ten: none of them is someone else's.
+    a.observe(T0 + 0.1, limit=40, remaining=30)
+    (window,) = a.snapshot(T0 + 0.1)
+    assert (window.used, window.external) == (10, 0)
+    # Someone else's sends still show: echowin counts 3 more than the two processes made.
+    a.observe(T0 + 0.2, limit=40, remaining=27)
+    (window,) = a.snapshot(T0 + 0.2)
+    assert (window.used, window.external) == (13, 3)
+
+
+async def test_first_start_probes_of_two_processes_count_each_send_once(files: Files) -> None:
+    # ``serve --workers 2`` on a new file: each worker calibrates with one probe, and
+    # echowin's answer to a's probe already counts b's.
+    a = await files.source(Limit(12, 2), Limit(40, 10))
+    b = await files.source(Limit(12, 2), Limit(40, 10))
+    assert len(await take(a, T0, 1)) == 1
+    assert len(await take(b, T0, 1)) == 1  # a has not read b's row yet
+    a.assume_external(T0 + 0.1, 2)
+    assert [(v.used, v.external) for v in a.snapshot(T0 + 0.1)] == [(2, 0), (2, 0)]
+    # The ten slots left are a's and b's to take, not nine.
+    assert len(await take(a, T0 + 0.1, 5)) + len(await take(b, T0 + 0.1, 10)) == 10
+
+
+async def test_schema_is_migrated_with_the_old_sends_kept(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE sends (credential TEXT NOT NULL, at REAL NOT NULL)")
+    conn.executemany("INSERT INTO sends VALUES (?, ?)", [(NAME, T0), (NAME, T0 + 1)])
+    conn.execute("PRAGMA user_version = 2")
+    conn.commit()
+    conn.close()
+    # The tokens table of version 1 is missing here; create it as version 1 would have.
+    conn = sqlite3.connect(path)
+    conn.execute(
+        "CREATE TABLE tokens (id TEXT PRIMARY KEY, name TEXT NOT NULL, secret_hash TEXT NOT"
+        " NULL, scopes TEXT NOT NULL, upstream_key TEXT NOT NULL, hourly INTEGER, per_minute"
+        " INTEGER, weight INTEGER NOT NULL, created_at REAL NOT NULL, expires_at REAL,"
+        " revoked_at REAL)"
+    )
+    conn.commit()
+    conn.close()
+    log = await SqliteSendLog.open(path)
+    try:
+        assert await log.recent(NAME, 0.0) == [T0, T0 + 1]
+    finally:
+        await log.close()
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+    conn.close()
+
+
+# --- two processes, random interleavings: never more than N in any window -------------
+
+
+STEP = st.tuples(
+    st.integers(0, 1),  # which process
+    st.sampled_from(["take", "take", "take", "give_back", "close"]),
+    st.integers(0, 150),  # how many
+    st.sampled_from([0.0, 0.0, 0.01, 0.1, LEASE, 1.0, 5.0]),  # time passing first
+)
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(steps=st.lists(STEP, min_size=1, max_size=30))
+async def test_two_processes_never_send_more_than_the_limit_in_any_window(
+    tmp_path_factory: pytest.TempPathFactory, steps: list[tuple[int, str, int, float]]
+) -> None:
+    limit = Limit(300, 2.0)  # 300 free: leases of 18
+    files = Files(tmp_path_factory.mktemp("leases") / "state.db")
+    try:
+        procs = [await files.source(limit), await files.source(limit)]
+        now = T0
+        kept: list[float] = []  # sends of processes that restarted
+        held: list[list[tuple[Slot, float]]] = [[], []]  # slots and when they left
+        for who, op, count, dt in steps:
+            now += dt
+            source = procs[who]
+            if op == "take":
+                await source.refresh(now)
+                for slot in await take(source, now, count):
+                    assert slot.at >= now  # recorded no earlier than it leaves
+                    held[who].append((slot, now))
+            elif op == "give_back":
+                for _ in range(min(count, len(held[who]))):
+                    slot, _ = held[who].pop()
+                    source.give_back(slot)  # it never left
+            elif op == "close":  # a restart: what it sent stays sent
+                await source.close()
+                files.sources.remove(source)
+                procs[who] = await files.source(limit)
+                await procs[who].restore(now)
+                kept.extend(t for _, t in held[who])
+                held[who] = []
+        sent = sorted(kept + [t for slots in held for _, t in slots])
+        for i, start in enumerate(sent):
+            inside = [t for t in sent[i:] if t < start + limit.per_seconds + GUARD]
+            assert len(inside) <= limit.requests
+    finally:
+        await files.close()
