@@ -27,13 +27,12 @@ here runs on one event loop and never suspends but in ``failed``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import math
 from collections.abc import Callable, Hashable
 
 from aiolimiter import AsyncLimiter
-from cachetools import TTLCache
+from cachetools import Cache, TTLCache
 
 from proxy.auth.client_address import Address
 
@@ -115,15 +114,18 @@ class AuthThrottle:
         """No client failed lately, nor is looking a token up: nothing is refused. The
         check every request makes, so it does no more than a clock read."""
         clients = self._clients
-        if clients:
-            clients.expire()
-        return not clients
+        # Cache.__len__, not TTLCache's: that one reads the clock first (the loop's, through
+        # a Python call) to expire, and nobody tracked is the case of nearly every request.
+        if not Cache.__len__(clients):
+            return True
+        clients.expire()
+        return not Cache.__len__(clients)
 
     def retry_after(self, client: Address | None) -> int | None:
         """Seconds ``client`` should wait before its next attempt when it is refused now
         (its bucket has no room for one more failure beside its lookups under way), else
         None. Nothing is counted: being refused is not a failed authentication."""
-        found = self._clients.get(client_key(client))
+        found = self._clients.get(client_key(client))  # (idle() just expired the cache)
         if found is None or found.bucket.has_capacity(1 + found.pending):
             return None
         return self._retry_after
@@ -134,26 +136,25 @@ class AuthThrottle:
         ``retry_after`` refuses once as many lookups are under way as failures would fill
         it."""
         key = client_key(client)
-        found = self._track(key)
+        with self._clients.timer:  # one clock read for the get and the set
+            found = self._track(key)
         found.pending += 1
         return Lookup(self, key, found)
 
     def _ended(self, key: Hashable, found: _Client) -> None:
         found.pending -= 1
-        if (
-            not found.pending
-            and found.bucket.has_capacity(found.bucket.max_rate)  # empty
-            and self._clients.get(key) is found
-        ):
-            # It would only wait for its time-to-live. TTLCache raises KeyError when the
-            # entry expired since the get above (the clock moved): gone either way.
-            with contextlib.suppress(KeyError):
-                del self._clients[key]
+        if not found.pending and found.bucket.has_capacity(found.bucket.max_rate):  # empty
+            # It would only wait for its time-to-live: gone now, in one step (a TTLCache
+            # operation costs microseconds), unless another entry took the key meanwhile.
+            gone = self._clients.pop(key, None)
+            if gone is not None and gone is not found:
+                self._clients[key] = gone
 
     async def failed(self, client: Address | None) -> None:
         """``client`` failed to authenticate: one unit in its bucket (none past full:
         its next request is refused anyway). Never waits."""
-        bucket = self._track(client_key(client)).bucket
+        with self._clients.timer:  # one clock read for the get and the set
+            bucket = self._track(client_key(client)).bucket
         if bucket.has_capacity():
             # The public way to add a unit: acquire() suspends only while the bucket has
             # no room (its documented contract: "if the limit has been reached, blocks

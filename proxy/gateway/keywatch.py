@@ -55,22 +55,25 @@ _ZEROS = 8
 _JSON_SHORT = {"/": "\\/", '"': '\\"', "\\": "\\\\"}
 
 
-class _Match(Protocol):
-    def start(self) -> int: ...
-    def span(self) -> tuple[int, int]: ...
+_NOWHERE = (-1, -1)
 
 
-class _Pattern(Protocol):
-    """What the gateway uses of a compiled ``re2`` pattern."""
+class _Spans(Protocol):
+    """One RE2 search: the spans of the match and its groups, ``(-1, -1)`` first for none."""
 
-    def search(self, text: bytes, pos: int = ..., /) -> _Match | None: ...
+    def __call__(self, text: bytes, start: int, end: int, /) -> list[tuple[int, int]]: ...
 
 
-def _compiled(pattern: str) -> _Pattern:
-    """``pattern`` compiled by RE2 over bytes (Latin-1: one byte, one character)."""
+def _compiled(pattern: str) -> _Spans:
+    """``pattern`` compiled by RE2 over bytes (Latin-1: one byte, one character), as one
+    unanchored search. It calls the compiled program's own ``Match`` (google-re2 1.1's
+    binding, pinned in pyproject.toml) instead of the module's ``search``, whose Python
+    generator and match object cost about as much again as the search of a small answer,
+    on every answer; tests/gateway/test_keywatch.py checks the binding is there."""
     options = re2.Options()
     options.encoding = re2.Options.Encoding.LATIN1
-    return cast(_Pattern, re2.compile(pattern.encode("latin-1"), options))
+    program = re2.compile(pattern.encode("latin-1"), options)._regexp
+    return cast(_Spans, functools.partial(program.Match, re2._re2.RE2.Anchor.UNANCHORED))
 
 
 class Unreadable(Exception):
@@ -135,7 +138,7 @@ class KeyWatch:
     millisecond. Its repr names no key, and it cannot be pickled.
     """
 
-    __slots__ = ("_pattern", "keep")
+    __slots__ = ("_search", "keep")
 
     def __init__(self, key: str) -> None:
         forms = [_char_form(c) for c in key]
@@ -149,7 +152,7 @@ class KeyWatch:
             f"(?i:{data.hex()})",
             *runs,
         ]
-        self._pattern = _compiled("|".join(alternatives))
+        self._search = _compiled("|".join(alternatives))
         longest = max(sum(n for _, n in forms), len(utf16le), 2 * len(data), 4 + 4 * len(data) // 3)
         # A stream holds back this many bytes: no match is longer than keep + 1, so one
         # that starts before them lies wholly in what has been read.
@@ -165,25 +168,25 @@ class KeyWatch:
         """Whether any form of the key is in ``data`` (a str is read as UTF-8)."""
         if isinstance(data, str):
             data = data.encode("utf-8", "surrogateescape")
-        return self._pattern.search(data) is not None
+        return self._search(data, 0, len(data))[0] != _NOWHERE
 
     def spans(self, data: bytes) -> list[tuple[int, int]]:
         """Where forms of the key lie in ``data``, ``(start, end)`` in order; overlapping
         copies are all found (each search starts one byte after the last match began)."""
         found: list[tuple[int, int]] = []
-        search = self._pattern.search
-        match = search(data)
-        while match is not None:
-            found.append(match.span())
-            match = search(data, match.start() + 1)
+        search, end = self._search, len(data)
+        span = search(data, 0, end)[0]
+        while span != _NOWHERE:
+            found.append(span)
+            span = search(data, span[0] + 1, end)[0]
         return found
 
     def masked(self, data: bytes) -> tuple[bytes, int]:
         """``data`` with every form of the key turned into as many ``*``, and how many
         forms there were (0: ``data`` itself, untouched)."""
-        spans = self.spans(data)
-        if not spans:
+        if self._search(data, 0, len(data))[0] == _NOWHERE:  # the usual case: one search
             return data, 0
+        spans = self.spans(data)
         out = bytearray(data)
         for start, end in spans:
             out[start:end] = b"*" * (end - start)
@@ -217,8 +220,8 @@ def leaking_fields(watch: KeyWatch, fields: list[tuple[str, str]]) -> set[int]:
     """The indexes of ``fields`` (name, value) that hold a form of the key: in a name, in a
     value, or as part of one split across values as they follow each other (a caller could
     join them back). One search when none does, the usual case."""
-    values = "".join(value for _, value in fields)
-    if not watch.found(values + "\n" + "\n".join(name for name, _ in fields)):
+    values = "".join([value for _, value in fields])
+    if not watch.found(values + "\n" + "\n".join([name for name, _ in fields])):
         return set()
     leaking = {i for i, (name, _) in enumerate(fields) if watch.found(name)}
     ends: list[int] = []

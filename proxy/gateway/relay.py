@@ -162,17 +162,17 @@ def _relay_fields(
     every one holding a form of the key, in its name, its value, or split across values
     (proxy/gateway/keywatch.py); a URL into echowin's API becomes the gateway's own path."""
     named = connection_tokens(given)
-    kept = [
-        (name, value)
-        for name, value in given.items()
-        if (low := name.lower()) not in _SKIP_RESPONSE and low not in named
-    ]
+    kept: list[tuple[str, str]] = []
+    for name, value in given.items():
+        low = name.lower()
+        if low not in _SKIP_RESPONSE and low not in named:
+            kept.append((name, pool.relative(value) if low in _LOCATIONS else value))
     leaking = leaking_fields(watch, kept)
     if leaking:
         _key_seen(credential, "dropped")
-    for i, (name, value) in enumerate(kept):
-        if i not in leaking:
-            headers.add(name, pool.relative(value) if name.lower() in _LOCATIONS else value)
+        kept = [field for i, field in enumerate(kept) if i not in leaking]
+    for name, value in kept:
+        headers.add(name, value)
 
 
 async def _chunks_of(content: StreamReader) -> AsyncIterator[bytes]:
