@@ -227,3 +227,18 @@ def test_a_corrupt_or_oversized_body_is_unreadable() -> None:
         decoded(b"not gzip at all", "gzip")
     with pytest.raises(Unreadable):
         Inflated(KeyWatch(TEAM_KEY), "gzip").holds_key(b"\x1f\x8b garbage")
+
+
+def test_the_re2_binding_the_watch_calls_is_there() -> None:
+    """The watch calls google-re2's compiled program (``_regexp.Match`` with an anchor)
+    instead of its Python ``search``: a release that renames either fails here, by name."""
+    import re2
+
+    options = re2.Options()
+    options.encoding = re2.Options.Encoding.LATIN1
+    compiled = re2.compile(b"ab", options)
+    assert hasattr(compiled, "_regexp"), "re2._Regexp._regexp is gone"
+    assert hasattr(re2._re2.RE2, "Anchor"), "re2._re2.RE2.Anchor is gone"
+    anchor = re2._re2.RE2.Anchor.UNANCHORED
+    assert compiled._regexp.Match(anchor, b"xxab", 0, 4)[0] == (2, 4)
+    assert compiled._regexp.Match(anchor, b"xxa", 0, 3)[0] == (-1, -1)
