@@ -113,7 +113,7 @@ def _char_form(char: str) -> tuple[str, int]:
     return "(?:" + "|".join(spellings) + ")", max(spellings.values())
 
 
-def _base64_runs(key: bytes) -> Iterator[str]:
+def _base64_runs(key: bytes) -> Iterator[tuple[str, int]]:
     """The base64 characters fixed by ``key``'s bits alone, at each of the three alignments
     the key can take inside a longer text; ``+`` and ``/`` stand for their base64url twins
     too. A run under 4 characters is too short to tell a key by and is left out."""
@@ -123,7 +123,10 @@ def _base64_runs(key: bytes) -> Iterator[str]:
         last = (8 * (offset + len(key))) // 6  # the first one that is not
         run = text[first:last]
         if len(run) >= 4:
-            yield "".join("[+-]" if c == "+" else "[/_]" if c == "/" else re.escape(c) for c in run)
+            pattern = "".join(
+                "[+-]" if c == "+" else "[/_]" if c == "/" else re.escape(c) for c in run
+            )
+            yield pattern, len(run)
 
 
 def _literal(data: bytes) -> str:
@@ -138,7 +141,7 @@ class KeyWatch:
     millisecond. Its repr names no key, and it cannot be pickled.
     """
 
-    __slots__ = ("_search", "keep")
+    __slots__ = ("_search", "keep", "shortest")
 
     def __init__(self, key: str) -> None:
         forms = [_char_form(c) for c in key]
@@ -150,13 +153,16 @@ class KeyWatch:
             f"(?i:{_literal(utf16le)})",
             f"(?i:{_literal(utf16be)})",
             f"(?i:{data.hex()})",
-            *runs,
+            *(pattern for pattern, _ in runs),
         ]
         self._search = _compiled("|".join(alternatives))
         longest = max(sum(n for _, n in forms), len(utf16le), 2 * len(data), 4 + 4 * len(data) // 3)
         # A stream holds back this many bytes: no match is longer than keep + 1, so one
         # that starts before them lies wholly in what has been read.
         self.keep = longest - 1
+        # No form is shorter than this (the key's own bytes, each at least itself): a text
+        # shorter cannot hold one, and is not searched.
+        self.shortest = min(len(data), *(n for _, n in runs)) if runs else len(data)
 
     def __repr__(self) -> str:
         return "KeyWatch(<key>)"
@@ -168,7 +174,8 @@ class KeyWatch:
         """Whether any form of the key is in ``data`` (a str is read as UTF-8)."""
         if isinstance(data, str):
             data = data.encode("utf-8", "surrogateescape")
-        return self._search(data, 0, len(data))[0] != _NOWHERE
+        end = len(data)
+        return end >= self.shortest and self._search(data, 0, end)[0] != _NOWHERE
 
     def spans(self, data: bytes) -> list[tuple[int, int]]:
         """Where forms of the key lie in ``data``, ``(start, end)`` in order; overlapping
@@ -184,7 +191,7 @@ class KeyWatch:
     def masked(self, data: bytes) -> tuple[bytes, int]:
         """``data`` with every form of the key turned into as many ``*``, and how many
         forms there were (0: ``data`` itself, untouched)."""
-        if self._search(data, 0, len(data))[0] == _NOWHERE:  # the usual case: one search
+        if not self.found(data):  # the usual case: one search, or none for a short text
             return data, 0
         spans = self.spans(data)
         out = bytearray(data)
