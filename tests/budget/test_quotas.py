@@ -33,6 +33,7 @@ from proxy.budget.scheduler import Scheduler
 from proxy.budget.slots import SlotSource
 from proxy.budget.windows import Limit
 from proxy.state.memory import MemorySendLog, memory_quota_sources
+from proxy.state.redis import link as redis_link
 from proxy.state.redis import slots as redis_budget
 from proxy.state.redis.slots import RedisSlots
 from proxy.state.sqlite.sends import SqliteSendLog
@@ -372,7 +373,7 @@ async def test_idle_token_quotas_on_redis_do_not_read_redis_every_tick(
     quota's view is kept fresh only while its token is in use here (QUOTA_IN_USE), so the
     idle tokens cost no Redis call per refresh tick; only the credentials' views (3 here,
     kept fresh always) are read. Counted by the gateway's own metric of snapshot reads."""
-    monkeypatch.setattr(redis_budget, "VIEW_MAX_IDLE", 0.05)  # one tick
+    monkeypatch.setattr(redis_link, "VIEW_MAX_IDLE", 0.05)  # one tick
     monkeypatch.setattr(redis_budget, "MIRROR_MAX_AGE", 0.01)  # below a tick
     monkeypatch.setattr(redis_budget, "QUOTA_IN_USE", 0.2)
     async with scratch_redis() as (_, prefix):
@@ -403,7 +404,7 @@ async def test_idle_token_quotas_on_redis_do_not_read_redis_every_tick(
 
             # Per 10 ticks the credentials' views are read about 10 times each; every idle
             # quota read each tick would add 600.
-            interval = 10 * redis_budget.VIEW_MAX_IDLE
+            interval = 10 * redis_link.VIEW_MAX_IDLE
             bound = lanes * (10 + 3)
             deadline = time.monotonic() + 5.0
             while (reads := await reads_in(interval)) > bound:

@@ -115,10 +115,10 @@ async def make_source(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIt
 async def settle(source: SlotSource) -> None:
     """Wait for the writes a source makes in the background (give_back, observe, freeze).
 
-    Reaches into internals (LocalSlots._background, RedisSlots._tasks): the contract only
+    Reaches into internals (LocalSlots._background, RedisSlots._link.tasks): the contract only
     says they happen "in background", and a test must not race them."""
     if isinstance(source, RedisSlots):
-        pending = list(source._tasks)
+        pending = list(source._link.tasks)
     else:
         assert isinstance(source, LocalSlots)
         pending = list(source._background)

@@ -1,5 +1,6 @@
 """State in Redis, shared by every replica: the client (``client.py``), the token store
-(``tokens.py``) and the upstream budget (``slots.py``, with its Lua in ``proxy/state/lua``).
+(``tokens.py``) and the upstream budget (``slots.py``, its background in ``link.py``, with
+its Lua in ``proxy/state/lua``).
 
 Keys, for credential (or token quota) ``c`` and prefix ``p`` (``redis.key_prefix``):
 ``p{c}:sends`` (sorted set, score = Redis time of the send, member = ``replica:seq``),

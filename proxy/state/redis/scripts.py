@@ -11,9 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from importlib.resources import files
+from typing import TYPE_CHECKING
 
 from proxy.budget.slots import LINE_GRACE
 from proxy.budget.windows import Limit
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
 
 __all__ = [
     "FREEZE_ARGV",
@@ -21,9 +25,11 @@ __all__ = [
     "RESERVE_ARGV",
     "SNAPSHOT_ARGV",
     "BudgetKeys",
+    "Scripts",
     "freeze_args",
     "lua",
     "observe_args",
+    "reply_text",
     "reserve_args",
     "snapshot_args",
 ]
@@ -37,6 +43,23 @@ def lua(name: str) -> str:
     if name == "reserve":
         text = folder.joinpath("windows.lua").read_text(encoding="utf-8") + text
     return text
+
+
+def reply_text(raw: bytes | str) -> str:
+    """A text a script returned (the client hands bytes back unless it decodes)."""
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+
+class Scripts:
+    """The four budget scripts, registered once on the client (each call is one EVALSHA)."""
+
+    __slots__ = ("freeze", "observe", "reserve", "snapshot")
+
+    def __init__(self, client: Redis) -> None:
+        self.reserve = client.register_script(lua("reserve"))
+        self.snapshot = client.register_script(lua("snapshot"))
+        self.observe = client.register_script(lua("observe"))
+        self.freeze = client.register_script(lua("freeze"))
 
 
 class BudgetKeys:

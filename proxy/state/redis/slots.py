@@ -7,12 +7,10 @@ only if all of them hold. Nothing is counted before it is checked, so a refused 
 never eats budget. Keys expire on their own and old members are trimmed on every
 reservation: memory stays bounded.
 
-Each replica keeps a journal of its own recent sends (``journal.py``). When Redis cannot be
-reached the replica either refuses (``on_state_failure: closed``) or carries on alone
-(``local``) with the budget of ``fallback.py``. When Redis answers again the replica replays
-its journal, so a Redis that restarted empty learns again what was sent. The mirrored view
-(``view.py``) serves predictions; freezes set by other replicas are heard through pub/sub
-(``freezes.py``). The keys are listed in ``proxy.state.redis``.
+Each replica keeps a journal of its own recent sends (``journal.py``); its link to Redis
+(``link.py``) runs the background: the health (alone while Redis is away, the journal
+replayed once it answers), the idle refresh and the freeze listener. The mirrored view
+(``view.py``) serves predictions. The keys are listed in ``proxy.state.redis``.
 """
 
 from __future__ import annotations
@@ -21,11 +19,10 @@ import asyncio
 import contextlib
 import functools
 import itertools
-import logging
 import math
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 from redis.asyncio import Redis
@@ -35,19 +32,15 @@ from proxy.budget.slots import LINE_GRACE, Slot, StateUnavailable
 from proxy.budget.windows import CredentialBudget, Limit, WindowView
 from proxy.state.redis import scripts
 from proxy.state.redis.fallback import PROBE_INTERVAL, Fallback
-from proxy.state.redis.freezes import FreezeListener
 from proxy.state.redis.journal import Journal
+from proxy.state.redis.link import RedisLink
+from proxy.state.redis.scripts import reply_text
 from proxy.state.redis.view import SharedView
 
-__all__ = ["MIRROR_MAX_AGE", "QUOTA_IN_USE", "VIEW_MAX_IDLE", "RedisSlots"]
-
-log = logging.getLogger("echowin_gateway.state")
+__all__ = ["MIRROR_MAX_AGE", "QUOTA_IN_USE", "RedisSlots"]
 
 # Rebuild the shared view used for predictions at most this often, seconds.
 MIRROR_MAX_AGE = 0.1
-# An idle replica reads the shared view at least this often, seconds: should Redis go away,
-# the fallback starts from a view this old at most (see Fallback.from_view).
-VIEW_MAX_IDLE = 5.0
 # A token quota's view is kept VIEW_MAX_IDLE fresh only this long after this replica last
 # reserved from it (a credential's view: always); see RedisSlots(keep_view=...).
 QUOTA_IN_USE = 60.0
@@ -56,24 +49,14 @@ QUOTA_IN_USE = 60.0
 FREEZE_SAME = 0.05
 
 
-def _text(raw: bytes | str) -> str:
-    return raw.decode() if isinstance(raw, bytes) else str(raw)
-
-
-class _Scripts:
-    """The four budget scripts, registered once on the client (each call is one EVALSHA)."""
-
-    __slots__ = ("freeze", "observe", "reserve", "snapshot")
-
-    def __init__(self, client: Redis) -> None:
-        self.reserve = client.register_script(scripts.lua("reserve"))
-        self.snapshot = client.register_script(scripts.lua("snapshot"))
-        self.observe = client.register_script(scripts.lua("observe"))
-        self.freeze = client.register_script(scripts.lua("freeze"))
-
-
 class RedisSlots:
-    """:class:`proxy.budget.slots.SlotSource` for one credential, on a shared Redis client."""
+    """:class:`proxy.budget.slots.SlotSource` for one credential, on a shared Redis client.
+
+    ``keep_view``: seconds after this replica's last reservation during which the idle
+    refresh keeps the view at most VIEW_MAX_IDLE old. A credential's budget keeps it always
+    (its fallback should start from a young view); a token's quota QUOTA_IN_USE, so that
+    thousands of tokens cost Redis calls only for those in use (an older view only widens
+    the fallback's blind margin: never unsafe)."""
 
     durable = True
     remembers_external = True  # the ext:{i} keys keep what echowin reported to any replica
@@ -93,23 +76,15 @@ class RedisSlots:
         clock: Callable[[], float] = time.time,
         keep_view: float = math.inf,
     ) -> None:
-        """``keep_view``: seconds after this replica's last reservation during which the
-        idle refresh keeps the view at most VIEW_MAX_IDLE old. A credential's budget keeps
-        it always (its fallback should start from a young view); a token's quota
-        QUOTA_IN_USE, so that thousands of tokens cost Redis calls only for those in use
-        (an older view only widens the fallback's blind margin: never unsafe)."""
         self.name = name
         self._redis = client
         self._prefix = prefix
         self._guard = guard
-        self._replicas = replicas
         self._mode = mode
         self._clock = clock
         self._on_latency = on_latency or (lambda op, seconds: None)
-        self._on_health = on_health or (lambda up: None)
-        self._keep_view = keep_view
         self._replica = secrets.token_hex(6)
-        self._scripts = _Scripts(client)
+        self._scripts = scripts.Scripts(client)
         self._set_limits(limits)
         self._view = SharedView(self._limits, guard)
         self._journal = Journal(client, self._keys.sends, self._horizon)
@@ -120,11 +95,25 @@ class RedisSlots:
         self._observations = itertools.count()
         self._hint_until = 0.0  # Redis said: no slot before this (local time)
         self._fallback: Fallback | None = None  # while Redis is away
-        self._used_at = -math.inf  # local time of the last reservation (or restore)
-        self._fresh: asyncio.Task[None] | None = None  # the idle refresh (_keep_fresh)
-        self._listener: asyncio.Task[None] | None = None  # hears freezes (FreezeListener)
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._closed = False
+        self._link = link = RedisLink(
+            self,
+            client,
+            self._scripts,
+            self._keys,
+            self._view,
+            self._journal,
+            replica=self._replica,
+            replicas=replicas,
+            mode=mode,
+            clock=clock,
+            keep_view=keep_view,
+            on_latency=self._on_latency,
+            on_health=on_health or (lambda up: None),
+        )
+        # Bound once: the per-send and per-answer paths look up no link on their way.
+        self._spawn = link.spawn
+        self._quietly = link.quietly
+        self._release = link.release
         # Set by the lane: told when the view learns of a freeze another replica set.
         self.on_frozen: Callable[[float], None] | None = None
         self.healthy = True
@@ -173,12 +162,12 @@ class RedisSlots:
             # client hanging up) must not leave its send recorded.
             reply = await asyncio.shield(call)
         except asyncio.CancelledError:
-            call.add_done_callback(functools.partial(self._abandoned, member))
+            call.add_done_callback(functools.partial(self._link.abandoned, member))
             raise
         except (RedisError, OSError):
             # A timeout may come after the script ran: its send, if recorded, never leaves.
             self._journal.pending_release.append(member)
-            self._went_down()
+            self._link.went_down()
             # The failed call took time (up to the Redis timeout): a send recorded at the
             # earlier `now` would stop counting before echowin stops counting it.
             return self._take_alone(self._clock())
@@ -192,17 +181,19 @@ class RedisSlots:
         ok, wait, redis_now = int(reply[0]), float(reply[1]), float(reply[2])
         self._view.offset = redis_now - now
         if ok < 0:  # Redis lost the shared state: put back what we know, then ask again
-            if not await self._refill(_text(reply[4])):
+            if not await self._refill(reply_text(reply[4])):
                 return self._take_alone(self._clock())
             if not again:
                 return None
             # The refill took round trips: a send is placed at the time it is reserved.
             return await self.take(self._clock(), waiting, again=False)
-        self._epoch = _text(reply[4])
+        self._epoch = reply_text(reply[4])
         self._view.seen_at = now  # the view is current as of this answer
-        self._used_at = now
-        if self._fresh is not None and self._fresh.done():  # restored, idle until now
-            self._keep_fresh_running()
+        link = self._link
+        link.used_at = now
+        fresh = link.fresh
+        if fresh is not None and fresh.done():  # restored, idle until now
+            link.keep_fresh_running()
         self._heard_freeze(float(reply[5]) - self._view.offset, now)
         mine, learnt = self._view.learn(reply[3], now, member.encode())
         self.changes += learnt
@@ -224,33 +215,13 @@ class RedisSlots:
         (and alone) when Redis went away meanwhile."""
         try:
             await self._journal.replay(self._view.offset, self._clock(), self._view.known)
-            await self._carry_freeze()
+            await self._link.carry_freeze()
         except (RedisError, OSError):
-            self._went_down()
+            self._link.went_down()
             return False
         self._epoch = epoch
         self._view.read_at = -math.inf  # the view is read again, with what was put back
         return True
-
-    def _abandoned(self, member: str, call: asyncio.Future[Any]) -> None:
-        """A reservation whose caller left: remove its send if the script recorded one."""
-        if call.cancelled():
-            return
-        if call.exception() is None and int(call.result()[0]) < 1:
-            return  # refused: nothing recorded
-        # Recorded, or failed (a timeout may come after the script ran): remove it.
-        self._view.known.pop(member.encode(), None)
-        self._spawn(self._release(member))
-
-    async def _release(self, member: str) -> None:
-        started = time.perf_counter()
-        try:
-            await self._redis.zrem(self._keys.sends, member)
-        except (RedisError, OSError):
-            self._journal.pending_release.append(member)  # removed once Redis is back
-            self._went_down()
-        finally:
-            self._on_latency("release", time.perf_counter() - started)
 
     def _take_alone(self, now: float) -> Slot | None:
         if self._mode == "closed":
@@ -300,12 +271,12 @@ class RedisSlots:
         try:
             reply = await self._call("snapshot", self._scripts.snapshot, self._keys.snapshot, args)
         except (RedisError, OSError):
-            self._went_down()
+            self._link.went_down()
             return
         # The reply: Redis time, the freeze (Redis time), the epoch, the sends (member,
         # score, ...), then each window's external sends.
         offset = float(reply[0]) - now
-        epoch = _text(reply[2])
+        epoch = reply_text(reply[2])
         if self._epoch and epoch != self._epoch:
             # Redis lost the shared state: what it holds is no view. Put back what we know
             # (the others' sends too) before the view replaces what we know.
@@ -373,15 +344,7 @@ class RedisSlots:
         if self._fallback is not None:
             self._fallback.budget.freeze(until)
         if self.healthy and until > now:
-            self._spawn(self._quietly("freeze", self._write_freeze(until - now)))
-
-    def _write_freeze(self, seconds: float) -> Awaitable[Any]:
-        """The freeze script: no send for ``seconds`` (Redis time), published to the others."""
-        args = scripts.freeze_args(
-            seconds=seconds, channel=self._keys.freezes, replica=self._replica
-        )
-        result: Awaitable[Any] = self._scripts.freeze(keys=[self._keys.frozen], args=args)
-        return result
+            self._spawn(self._quietly("freeze", self._link.write_freeze(until - now)))
 
     def _heard_freeze(self, until: float, now: float) -> None:
         """Redis holds a freeze until ``until`` (local time): it holds in this view too, and
@@ -399,71 +362,19 @@ class RedisSlots:
             if self.on_frozen is not None:
                 self.on_frozen(until)
 
-    def _heard_redis_freeze(self, until: float) -> None:
-        """A freeze heard by the listener, in Redis time."""
-        self._heard_freeze(until - self._view.offset, self._clock())
+    # --- health (the link decides when), plumbing ------------------------------------
 
-    # --- health ----------------------------------------------------------------------
+    @property
+    def sent(self) -> int:
+        return self._seq
 
-    def _went_down(self) -> None:
-        if not self.healthy:
-            return
-        self.healthy = False
-        self._on_health(False)
-        now = self._clock()
-        # What every replica had sent as we last saw it, and our own sends (by member, so
-        # nothing counts twice); externals echowin reported stay in the view's windows.
-        sends = dict(self._view.known)
-        sends.update((member.encode(), at) for at, member in self._journal.sends)
-        self._fallback = Fallback.from_view(
-            self._view.budget,
-            sends.values(),
-            age=now - self._view.seen_at,
-            replicas=self._replicas,
-            now=now,
-        )
-        log.warning(
-            "shared state unreachable",
-            extra={"fields": {"credential": self.name, "mode": self._mode}},
-        )
-        self._spawn(self._probe())
+    def fall_back(self, fallback: Fallback) -> None:
+        self._fallback = fallback
 
-    async def _probe(self) -> None:
-        """Until Redis answers: wait, ping; then replay our journal and share again."""
-        while True:
-            await asyncio.sleep(PROBE_INTERVAL)
-            try:
-                # Sends taken alone while these calls are on their way are in the journal
-                # only: replay again until a round found none (each round is idempotent).
-                seq = None
-                while seq != self._seq:
-                    seq = self._seq
-                    redis_now = await self._redis_time()
-                    await self._journal.replay(redis_now - self._clock(), self._clock())
-                    await self._carry_freeze()
-                    await self._journal.release_pending()
-            except (RedisError, OSError):
-                continue
-            break
+    def rejoined(self) -> None:
         self._fallback = None
         self._hint_until = 0.0
         self._view.read_at = -math.inf
-        self.healthy = True
-        self._on_health(True)
-        log.warning("shared state reachable again", extra={"fields": {"credential": self.name}})
-
-    async def _carry_freeze(self) -> None:
-        """A freeze set while alone (an upstream 429) must hold for every replica too."""
-        now = self._clock()
-        until = self.budget.frozen_until(now)
-        if until is not None:
-            await self._write_freeze(until - now)
-
-    async def _redis_time(self) -> float:
-        seconds, micros = await self._redis.time()
-        return float(seconds) + micros / 1e6
-
-    # --- plumbing --------------------------------------------------------------------
 
     async def _call(self, op: str, script: Any, keys: list[str], args: list[Any]) -> Any:
         started = time.perf_counter()
@@ -472,70 +383,17 @@ class RedisSlots:
         finally:
             self._on_latency(op, time.perf_counter() - started)
 
-    async def _quietly(self, op: str, call: Awaitable[Any]) -> None:
-        started = time.perf_counter()
-        try:
-            await call
-        except (RedisError, OSError):
-            self._went_down()
-        finally:
-            self._on_latency(op, time.perf_counter() - started)
-
-    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
     async def restore(self, now: float) -> None:
+        link = self._link
         self._view.read_at = -math.inf
-        self._used_at = max(self._used_at, now)
+        link.used_at = max(link.used_at, now)
         await self.refresh(now)
-        self._keep_fresh_running()
-        if self.on_frozen is not None and self._listener is None and not self._closed:
-            listener = FreezeListener(
-                self._redis,
-                channel=self._keys.freezes,
-                frozen_key=self._keys.frozen,
-                replica=self._replica,
-                name=self.name,
-                heard=self._heard_redis_freeze,
-                spawn=self._spawn,
-            )
-            self._listener = asyncio.get_running_loop().create_task(listener.run())
-
-    def _keep_fresh_running(self) -> None:
-        """Start the idle refresh unless it runs (not among _tasks: it ends on its own)."""
-        if (self._fresh is None or self._fresh.done()) and not self._closed:
-            self._fresh = asyncio.get_running_loop().create_task(self._keep_fresh())
-
-    async def _keep_fresh(self) -> None:
-        """Read the shared view when nothing else has for VIEW_MAX_IDLE. Without it an idle
-        replica's view ages, and a fallback built on an old view must assume the other
-        replicas used every window meanwhile (nothing sent until they turn over). Ends once
-        this replica has not reserved for ``keep_view`` seconds; ``take`` starts it again."""
-        while True:
-            now = self._clock()
-            if now - self._used_at > self._keep_view:
-                return  # not in use: no Redis call for it until it is
-            left = self._view.seen_at + VIEW_MAX_IDLE - now
-            if not self.healthy or left > 0:  # away: the probe reads Redis again
-                await asyncio.sleep(min(left, VIEW_MAX_IDLE) if left > 0 else VIEW_MAX_IDLE)
-                continue
-            try:
-                await self.refresh(now)  # Redis away: refresh falls back by itself
-            except Exception as exc:  # a bug must not end the idle refresh for good
-                log.warning(
-                    "shared view refresh failed",
-                    extra={"fields": {"credential": self.name, "error": type(exc).__name__}},
-                )
-                await asyncio.sleep(VIEW_MAX_IDLE)
+        link.keep_fresh_running()
+        if self.on_frozen is not None:
+            link.listen(self._heard_freeze)
 
     async def close(self) -> None:
-        self._closed = True
-        running = [task for task in (self._fresh, self._listener, *self._tasks) if task]
-        for task in running:
-            task.cancel()
-        await asyncio.gather(*running, return_exceptions=True)
+        await self._link.close()
         if self.healthy:  # leave the line at once (else the place lapses by itself)
             with contextlib.suppress(RedisError, OSError):
                 await self._redis.hdel(self._keys.line, self._replica)

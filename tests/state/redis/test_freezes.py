@@ -119,6 +119,6 @@ async def test_the_freeze_listener_survives_a_redis_restart_and_stops_when_close
     for lane in (a, b):
         source = lane.source
         assert isinstance(source, RedisSlots)
-        assert source._listener is not None and source._listener.done()
-        assert not source._tasks, "a task of a closed source is left"
+        assert source._link.listener is not None and source._link.listener.done()
+        assert not source._link.tasks, "a task of a closed source is left"
     await client.aclose()

@@ -72,7 +72,7 @@ async def test_give_back_frees_the_slot(client: Redis, prefix: str) -> None:
     first = got[0]
     assert first is not None
     a.give_back(first)
-    await asyncio.gather(*a._tasks)
+    await asyncio.gather(*a._link.tasks)
     assert await client.zcard(f"{prefix}default:sends") == 2
     assert await a.take(now) is not None
 
@@ -82,13 +82,13 @@ async def test_external_use_and_freeze_reach_every_replica(client: Redis, prefix
     now = time.time()
     assert await a.take(now) is not None
     a.observe(now, limit=5, remaining=1)  # echowin counts 4 in the 10 s window; we sent 1
-    await asyncio.gather(*a._tasks)
+    await asyncio.gather(*a._link.tasks)
     await b.refresh(time.time())
     views = b.snapshot(time.time())
     assert views[0].used == 4
     assert views[0].external == 3
     a.freeze(time.time() + 30)
-    await asyncio.gather(*a._tasks)
+    await asyncio.gather(*a._link.tasks)
     b._view.read_at = float("-inf")
     await b.refresh(time.time())
     frozen = b.frozen_until(time.time())

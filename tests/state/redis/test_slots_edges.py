@@ -17,6 +17,7 @@ import pytest
 from redis.asyncio import Redis
 
 from proxy.budget.windows import Limit
+from proxy.state.redis import link as redis_link
 from proxy.state.redis import slots as redis_slots
 from proxy.state.redis.client import RedisOptions, open_redis
 from proxy.state.redis.slots import RedisSlots
@@ -103,14 +104,14 @@ async def test_sends_taken_alone_while_the_journal_is_replayed_reach_redis(
     assert a.healthy is False
     clock.now += 1.01  # 1 + 2 assumed of 5 in 10 s: room for this replica's send
     replayed, go_on = asyncio.Event(), asyncio.Event()
-    real_carry = a._carry_freeze
+    real_carry = a._link.carry_freeze
 
     async def slow_carry() -> None:  # one more round trip to Redis, held open
         replayed.set()
         await go_on.wait()
         await real_carry()
 
-    a._carry_freeze = slow_carry  # type: ignore[method-assign]
+    a._link.carry_freeze = slow_carry  # type: ignore[method-assign]
     down = False
     await asyncio.wait_for(replayed.wait(), 5)
     late = await a.take(clock.now)  # alone still: healthy is not yet True
@@ -247,7 +248,7 @@ async def test_a_freeze_survives_a_refresh_that_read_redis_before_it(
     deliver.set()
     await refreshing
     writing.set()
-    await asyncio.gather(*a._tasks)  # the freeze write fails: Redis is away
+    await asyncio.gather(*a._link.tasks)  # the freeze write fails: Redis is away
     assert a.healthy is False
     clock.now += 5  # every window has room again; the freeze holds for 55 s more
     assert a.frozen_until(clock.now) is not None, "the freeze was forgotten"
@@ -311,7 +312,7 @@ async def test_an_idle_replica_reads_the_shared_view_by_itself(
     """Without requests nothing reads Redis, and a fallback built on an old view must count
     every window as full: restore starts a refresh that keeps the view at most
     VIEW_MAX_IDLE old, and sees the other replicas' sends."""
-    monkeypatch.setattr(redis_slots, "VIEW_MAX_IDLE", 0.01)
+    monkeypatch.setattr(redis_link, "VIEW_MAX_IDLE", 0.01)
     clock = Clock()
     a = slots(client_6379, prefix, replicas=2, clock=clock)
     b = slots(client_6379, prefix, replicas=2)
@@ -332,7 +333,7 @@ async def test_a_view_kept_for_a_while_is_read_only_while_in_use(
     """``keep_view`` (a token's quota): the idle refresh reads the shared view while this
     replica reserved within ``keep_view``, then stops reading Redis, and the next
     reservation starts it again. Counted through the latency hook (the metric's source)."""
-    monkeypatch.setattr(redis_slots, "VIEW_MAX_IDLE", 0.02)
+    monkeypatch.setattr(redis_link, "VIEW_MAX_IDLE", 0.02)
     monkeypatch.setattr(redis_slots, "MIRROR_MAX_AGE", 0.005)  # below a tick
     reads: Counter[str] = Counter()
     a = slots(client_6379, prefix, keep_view=0.2, on_latency=lambda op, seconds: reads.update([op]))
