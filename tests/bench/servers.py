@@ -354,6 +354,11 @@ def launch_gateway(
     return proc
 
 
+def _knows(source: Path, key: str) -> bool:
+    """Whether the proxy package of the tree ``source`` names the config key ``key``."""
+    return any(key in path.read_text(encoding="utf-8") for path in (source / "proxy").rglob("*.py"))
+
+
 def start_gateway(
     procs: Processes,
     upstream: str,
@@ -369,8 +374,10 @@ def start_gateway(
     """The gateway of the throughput scenarios: state in a SQLite file, as ``serve`` keeps
     it by default."""
     state = f"sqlite:///{procs.tmp / name}.db"
-    # The queued scenario holds max_depth connections at once, all from 127.0.0.1.
-    connections = None if source is not None else max(10_000, max_depth + 1_000)
+    # The queued scenario holds max_depth connections at once, all from 127.0.0.1. A
+    # baseline tree is given the connection bounds and the auth section only if it knows them.
+    hostile = source is None or _knows(source, "max_connections_per_client")
+    connections = max(10_000, max_depth + 1_000) if hostile else None
     raw = gateway_config(
         upstream,
         state,
@@ -379,7 +386,7 @@ def start_gateway(
         max_depth=max_depth,
         event_loop=event_loop,
         connections=connections,
-        throttle=source is None,
+        throttle=source is None or _knows(source, "failures_per_client"),
     )
     return launch_gateway(procs, name, raw, cpu, source=source)
 
