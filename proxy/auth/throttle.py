@@ -56,31 +56,39 @@ def _loop_time() -> float:
 
 
 class _Client:
-    """One client's bucket, and its token lookups under way."""
+    """One client's bucket, and its token lookups under way: how many for each token.
+    ``pending`` counts distinct tokens: the requests of one token share one store lookup
+    (the authenticator joins them), so a busy service whose token left the cache holds one
+    place, not one per request."""
 
-    __slots__ = ("bucket", "pending")
+    __slots__ = ("bucket", "looking")
 
     def __init__(self, bucket: AsyncLimiter) -> None:
         self.bucket = bucket
-        self.pending = 0
+        self.looking: dict[str, int] = {}
+
+    @property
+    def pending(self) -> int:
+        return len(self.looking)
 
 
 class Lookup:
     """A token lookup under way (``AuthThrottle.looking_up``)."""
 
-    __slots__ = ("_client", "_key", "_throttle")
+    __slots__ = ("_client", "_key", "_throttle", "_token")
 
-    def __init__(self, throttle: AuthThrottle, key: Hashable, client: _Client) -> None:
+    def __init__(self, throttle: AuthThrottle, key: Hashable, client: _Client, token: str) -> None:
         self._throttle: AuthThrottle | None = throttle
         self._key = key
         self._client = client
+        self._token = token
 
     def end(self, *_: object) -> None:
         """The lookup is over (a no-op after the first call; takes a future's done
         callback argument)."""
         throttle, self._throttle = self._throttle, None
         if throttle is not None:
-            throttle._ended(self._key, self._client)
+            throttle._ended(self._key, self._client, self._token)
 
     def __enter__(self) -> Lookup:
         return self
@@ -130,19 +138,23 @@ class AuthThrottle:
             return None
         return self._retry_after
 
-    def looking_up(self, client: Address | None) -> Lookup:
-        """A token lookup for ``client`` starts: until it ends (``Lookup.end``, or leaving
-        it as a context manager) it holds a place in the client's bucket, so that
-        ``retry_after`` refuses once as many lookups are under way as failures would fill
-        it."""
+    def looking_up(self, client: Address | None, token: str) -> Lookup:
+        """A lookup of ``token`` for ``client`` starts: until it ends (``Lookup.end``, or
+        leaving it as a context manager) the token holds a place in the client's bucket,
+        so that ``retry_after`` refuses once as many distinct tokens are being looked up
+        as failures would fill it."""
         key = client_key(client)
         with self._clients.timer:  # one clock read for the get and the set
             found = self._track(key)
-        found.pending += 1
-        return Lookup(self, key, found)
+        found.looking[token] = found.looking.get(token, 0) + 1
+        return Lookup(self, key, found, token)
 
-    def _ended(self, key: Hashable, found: _Client) -> None:
-        found.pending -= 1
+    def _ended(self, key: Hashable, found: _Client, token: str) -> None:
+        left = found.looking.get(token, 1) - 1
+        if left > 0:
+            found.looking[token] = left
+        else:
+            found.looking.pop(token, None)
         if not found.pending and found.bucket.has_capacity(found.bucket.max_rate):  # empty
             # It would only wait for its time-to-live: gone now, in one step (a TTLCache
             # operation costs microseconds), unless another entry took the key meanwhile.

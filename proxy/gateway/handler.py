@@ -140,7 +140,7 @@ async def _look_up(request: web.Request, rt: Runtime, raw: str) -> AuthResult | 
     """The verdict on token ``raw``, looked up while holding a place in its client's
     throttle bucket; None when the token store cannot answer."""
     try:
-        with rt.auth_throttle.looking_up(client(rt, request.remote, request.headers)):
+        with rt.auth_throttle.looking_up(client(rt, request.remote, request.headers), raw):
             return await rt.auth.authenticate(raw)
     except Exception as exc:
         log.warning("token store failed", extra={"fields": {"error": type(exc).__name__}})

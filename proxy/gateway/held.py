@@ -74,7 +74,7 @@ def lobby_decider(rt: Runtime) -> Decide[AuthResult]:
             # The lookup holds a place in the client's bucket until it ends. If the bucket
             # fills before the handler decides again, the handler refuses the request and
             # this lookup goes uncharged: the one lookup the throttle lets slip.
-            lookup = rt.auth_throttle.looking_up(client(rt, head.peer, head.fields))
+            lookup = rt.auth_throttle.looking_up(client(rt, head.peer, head.fields), raw)
             future = checks[raw] = asyncio.ensure_future(rt.auth.authenticate(raw))
             future.add_done_callback(functools.partial(_checked, checks, raw))
             future.add_done_callback(lookup.end)

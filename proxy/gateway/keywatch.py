@@ -72,6 +72,7 @@ def _compiled(pattern: str) -> _Spans:
     on every answer; tests/gateway/test_keywatch.py checks the binding is there."""
     options = re2.Options()
     options.encoding = re2.Options.Encoding.LATIN1
+    options.log_errors = False  # RE2 would print the pattern, which starts with the key
     program = re2.compile(pattern.encode("latin-1"), options)._regexp
     return cast(_Spans, functools.partial(program.Match, re2._re2.RE2.Anchor.UNANCHORED))
 
@@ -299,6 +300,10 @@ class Inflated:
                 data = self._inflate.unconsumed_tail
         except zlib.error:
             raise Unreadable from None
+        if self._inflate.unused_data:
+            # Bytes after the end of the stream: a second gzip member, which clients go on
+            # to decode and this inflater would not. Refused rather than left unsearched.
+            raise Unreadable
         return False
 
     def ends_with_key(self) -> bool:
@@ -324,6 +329,8 @@ def decoded(body: bytes, coding: str) -> bytes:
             plain += inflate.flush()
     except zlib.error:
         raise Unreadable from None
-    if len(plain) > MAX_DECODED or inflate.unconsumed_tail:
+    if len(plain) > MAX_DECODED or inflate.unconsumed_tail or inflate.unused_data:
+        # unused_data: bytes after the stream's end (a second gzip member), which clients
+        # decode too: refused rather than relayed unsearched.
         raise Unreadable
     return plain

@@ -46,6 +46,7 @@ _DROP_RESPONSE = frozenset(
         "x-ratelimit-reset",
         "ratelimit",
         "ratelimit-policy",
+        "server-timing",  # the gateway writes its own (replacing echowin's would reorder)
     }
 )
 # What never passes: the list above plus the hop-by-hop fields (lower case).
@@ -92,7 +93,9 @@ async def relay(
     response = _response(upstream, pool, credential, watch, extra)
     content = upstream.content
     assert content is not None
-    coding = coding_of(upstream.headers.get("Content-Encoding"))
+    # Every Content-Encoding field, as a client joins them: several codings are refused.
+    codings = upstream.headers.getall("Content-Encoding", None)
+    coding = coding_of(None if codings is None else ", ".join(codings))
     whole = content.is_eof() and content.exception() is None
     body = b""
     if whole:  # the whole answer is here already (most are small): one write, no loop
@@ -170,7 +173,9 @@ def _relay_fields(
     leaking = leaking_fields(watch, kept)
     if leaking:
         _key_seen(credential, "dropped")
-        kept = [field for i, field in enumerate(kept) if i not in leaking]
+        while leaking:  # dropping a field makes its neighbours adjacent: check them again
+            kept = [field for i, field in enumerate(kept) if i not in leaking]
+            leaking = leaking_fields(watch, kept)
     for name, value in kept:
         headers.add(name, value)
 

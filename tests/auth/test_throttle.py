@@ -74,7 +74,7 @@ async def test_a_lookup_holds_a_place_while_it_runs_and_success_leaves_nothing(
     clock: Clock,
 ) -> None:
     throttle = AuthThrottle(requests=3, per_seconds=60, max_clients=100)
-    lookups = [throttle.looking_up(A) for _ in range(3)]
+    lookups = [throttle.looking_up(A, f"egw_guess{i}") for i in range(3)]
     assert not throttle.idle
     assert throttle.retry_after(A) == 20  # three under way: a fourth would overfill
     lookups[0].end()
@@ -87,7 +87,7 @@ async def test_a_lookup_holds_a_place_while_it_runs_and_success_leaves_nothing(
     assert throttle.retry_after(A) is None
     await fail(throttle, A, 2)
     assert throttle.retry_after(A) == 20
-    with throttle.looking_up(B):
+    with throttle.looking_up(B, "egw_b"):
         pass
     assert throttle.retry_after(B) is None
 
@@ -95,7 +95,7 @@ async def test_a_lookup_holds_a_place_while_it_runs_and_success_leaves_nothing(
 async def test_a_client_whose_lookups_all_succeed_is_not_tracked(clock: Clock) -> None:
     throttle = AuthThrottle(requests=3, per_seconds=60, max_clients=100)
     for _ in range(10):
-        with throttle.looking_up(A):
+        with throttle.looking_up(A, "egw_a"):
             pass
     assert throttle.idle
 
@@ -131,3 +131,17 @@ async def test_an_ipv6_client_is_its_slash_64(clock: Clock) -> None:
     assert client_key(None) == client_key(None)  # peers without an address: one bucket
     await fail(throttle, None, 2)
     assert throttle.retry_after(None) == 30
+
+
+async def test_requests_of_one_token_looked_up_at_once_hold_one_place(clock: Clock) -> None:
+    """A busy service whose token left the cache sends many requests at once; the
+    authenticator makes one store lookup for them all, and the bucket counts one place:
+    its requests are never refused for lookups, however many are under way."""
+    throttle = AuthThrottle(requests=3, per_seconds=60, max_clients=100)
+    lookups = [throttle.looking_up(A, "egw_service") for _ in range(50)]
+    assert throttle.retry_after(A) is None
+    guesses = [throttle.looking_up(A, f"egw_guess{i}") for i in range(2)]
+    assert throttle.retry_after(A) == 20  # three distinct tokens under way: full
+    for lookup in lookups + guesses:
+        lookup.end()
+    assert throttle.idle

@@ -7,9 +7,11 @@ Real gateway, loopback only."""
 from __future__ import annotations
 
 import asyncio
+import gzip
 from collections.abc import Awaitable, Callable
 
 import aiohttp
+import pytest
 from aiohttp import web
 
 from tests.conftest import TEAM_KEY, GatewayHandle, ServerFactory, base_url, raw_upstream
@@ -308,3 +310,72 @@ async def test_a_417_before_the_body_closes_the_connection(make_gateway: MakeGat
         assert first.startswith(b"HTTP/1.1 417 "), first
         assert b"connection: close" in first.lower(), first
         assert b'"bad_expect"' in body
+
+
+@pytest.mark.parametrize(
+    ("fields", "body"),
+    [
+        # Two gzip members: clients decode both; the second holds the key.
+        (b"Content-Encoding: gzip\r\n", "two_members"),
+        # Two Content-Encoding fields: a client applies both (identity, then gzip).
+        (b"Content-Encoding: identity\r\nContent-Encoding: gzip\r\n", "one_member"),
+        # gzip twice: one inflation would search the inner gzip bytes only.
+        (b"Content-Encoding: gzip\r\nContent-Encoding: gzip\r\n", "twice"),
+    ],
+)
+async def test_a_compressed_answer_the_gateway_cannot_search_whole_is_refused(
+    make_gateway: MakeGateway, fields: bytes, body: str
+) -> None:
+    """What a client would decode further than the gateway inflates (a second gzip member,
+    stacked codings in several fields) is refused (502), never relayed unsearched."""
+    secret = b"key=" + TEAM_KEY.encode()
+    payload = {
+        "two_members": gzip.compress(b"hello ") + gzip.compress(secret),
+        "one_member": gzip.compress(secret),
+        "twice": gzip.compress(gzip.compress(secret)),
+    }[body]
+    answer = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
+        + fields
+        + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(payload)
+        + payload
+    )
+    async with raw_upstream(answer) as url:
+        gw = await make_gateway(url)
+        token = await gw.token("contacts:read")
+        async with (
+            aiohttp.ClientSession(auto_decompress=False) as session,
+            session.get(
+                gw.url("/api/v1/contacts"), headers={"Authorization": f"Bearer {token}"}
+            ) as resp,
+        ):
+            raw = await resp.read()
+    assert resp.status == 502
+    assert b"upstream_unreadable" in raw
+    assert TEAM_KEY.encode() not in raw
+
+
+async def test_fields_made_neighbours_by_a_dropped_field_are_checked_again(
+    make_gateway: MakeGateway,
+) -> None:
+    """A: first part of the key, B: the key, C: the rest. B is dropped; A and C, now side
+    by side, would spell the key: they go too."""
+    key = TEAM_KEY.encode()
+    answer = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
+        b"X-Debug-A: " + key[:10] + b"\r\nX-Debug-B: " + key + b"\r\n"
+        b"X-Debug-C: " + key[10:] + b"\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+    )
+    async with raw_upstream(answer) as url:
+        gw = await make_gateway(url)
+        token = await gw.token("contacts:read")
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(
+                gw.url("/api/v1/contacts"), headers={"Authorization": f"Bearer {token}"}
+            ) as resp,
+        ):
+            assert await resp.read() == b"ok"
+            values = "".join(v for k, v in resp.headers.items() if k.startswith("X-Debug"))
+    assert TEAM_KEY not in values
+    assert "X-Debug-B" not in resp.headers
