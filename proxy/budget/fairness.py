@@ -130,12 +130,7 @@ class FairQueue(Generic[T]):
         """Take the next item in round-robin order out of the queue. Needs ``depth > 0``."""
         queue = take_turn(self.tokens)
         item = queue.waiters.popleft()
-        queue.waiting -= 1
-        self.version += 1
-        self.depth -= 1
-        self._tally.waiting -= 1
-        if not queue.waiting:
-            self._emptied()
+        self._left(queue)
         return item
 
     def remove(self, key: str, item: T) -> bool:
@@ -144,13 +139,17 @@ class FairQueue(Generic[T]):
         if queue is None or item not in queue.waiters:
             return False
         queue.waiters.remove(item)
+        self._left(queue)
+        return True
+
+    def _left(self, queue: TokenQueue[T]) -> None:
+        """One item has just left ``queue``: every count follows."""
         queue.waiting -= 1
         self.version += 1
         self.depth -= 1
         self._tally.waiting -= 1
         if not queue.waiting:
             self._emptied()
-        return True
 
     def _emptied(self) -> None:
         """A token's FIFO has just emptied. In debt (it was just served) it stays in the

@@ -31,7 +31,7 @@ import functools
 import html.entities
 import re
 import zlib
-from collections.abc import Hashable, Iterator
+from collections.abc import Iterator
 from typing import Any, Protocol, cast
 
 # RE2 (google-re2): a pattern of this size runs as a DFA, one pass over the bytes whatever
@@ -202,25 +202,25 @@ class KeyWatch:
 
 
 class Watches:
-    """Each credential's :class:`KeyWatch`, compiled on its first answer and kept for the
-    next ones: a reload that brings a new key brings a new credential, compiled in turn.
-    At most ``size`` are kept (the least recently used go first)."""
+    """Each credential's :class:`KeyWatch`, by the credential's name, compiled on its first
+    answer and kept for the next ones; a reload that changes a credential's key gets the
+    new key's watch on the next answer. At most ``size`` names are kept (the oldest go)."""
 
     __slots__ = ("_kept", "_size")
 
     def __init__(self, size: int = 4096) -> None:
-        self._kept: dict[Hashable, KeyWatch] = {}
+        self._kept: dict[str, tuple[str, KeyWatch]] = {}
         self._size = size
 
-    def of(self, credential: Hashable, key: str) -> KeyWatch:
-        """The watch of ``key``, the secret of ``credential`` (its identity here)."""
-        kept = self._kept
-        watch = kept.pop(credential, None)
-        if watch is None:
-            watch = KeyWatch(key)
-            if len(kept) >= self._size:
-                del kept[next(iter(kept))]
-        kept[credential] = watch  # last: the most recently used
+    def of(self, name: str, key: str) -> KeyWatch:
+        """The watch of ``key``, the key of the credential ``name``."""
+        kept = self._kept.get(name)
+        if kept is not None and kept[0] == key:  # the same str object: no comparing
+            return kept[1]
+        watch = KeyWatch(key)
+        if kept is None and len(self._kept) >= self._size:
+            del self._kept[next(iter(self._kept))]
+        self._kept[name] = (key, watch)
         return watch
 
 

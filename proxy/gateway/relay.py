@@ -89,7 +89,7 @@ async def relay(
     """echowin's answer ``upstream`` to the caller of ``request``, with the ``extra``
     fields (the caller's rate-limit fields, Server-Timing, X-Request-ID); 502 when its
     coding is one the gateway cannot search for the key."""
-    watch = request.app[WATCHES].of(credential, credential.secret.reveal())
+    watch = request.app[WATCHES].of(credential.name, credential.secret.reveal())
     response = _response(upstream, pool, credential, watch, extra)
     content = upstream.content
     assert content is not None

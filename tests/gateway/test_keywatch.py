@@ -242,3 +242,16 @@ def test_the_re2_binding_the_watch_calls_is_there() -> None:
     anchor = re2._re2.RE2.Anchor.UNANCHORED
     assert compiled._regexp.Match(anchor, b"xxab", 0, 4)[0] == (2, 4)
     assert compiled._regexp.Match(anchor, b"xxa", 0, 3)[0] == (-1, -1)
+
+
+def test_a_credential_keeps_its_watch_until_its_key_changes() -> None:
+    from proxy.gateway.keywatch import Watches
+
+    watches = Watches(size=2)
+    first = watches.of("default", TEAM_KEY)
+    assert watches.of("default", TEAM_KEY) is first
+    rotated = watches.of("default", AGENCY_KEY)  # a reload brought a new key
+    assert rotated.found(AGENCY_KEY) and not rotated.found(TEAM_KEY)
+    watches.of("acme", TEAM_KEY)
+    watches.of("third", TEAM_KEY)  # past the bound: the oldest name goes
+    assert watches.of("acme", TEAM_KEY) is not None
