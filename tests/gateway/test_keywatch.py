@@ -252,6 +252,7 @@ def test_a_credential_keeps_its_watch_until_its_key_changes() -> None:
     assert watches.of("default", TEAM_KEY) is first
     rotated = watches.of("default", AGENCY_KEY)  # a reload brought a new key
     assert rotated.found(AGENCY_KEY) and not rotated.found(TEAM_KEY)
-    watches.of("acme", TEAM_KEY)
-    watches.of("third", TEAM_KEY)  # past the bound: the oldest name goes
-    assert watches.of("acme", TEAM_KEY) is not None
+    acme = watches.of("acme", TEAM_KEY)
+    watches.of("third", TEAM_KEY)  # past the bound (2): the oldest name, default, goes
+    assert watches.of("acme", TEAM_KEY) is acme
+    assert watches.of("default", AGENCY_KEY) is not rotated
