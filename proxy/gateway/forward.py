@@ -32,9 +32,12 @@ from proxy.upstream import (
 # Client headers that never travel upstream: internal credentials, method and path
 # overrides (a scope is decided by the real method and the matched path only: a stack
 # that routes on X-Original-URL or X-Rewrite-URL must not see one) and our own control
-# headers.
+# headers; and byte ranges: pieces of one answer, each searched for the key alone (see
+# proxy/gateway/keywatch.py), could be joined back by the caller into a copy of it.
 _DROP_REQUEST = frozenset(
     {
+        "range",
+        "if-range",
         "authorization",
         "x-api-key",
         "x-agency-key",

@@ -13,6 +13,7 @@ import aiohttp
 from aiohttp import web
 
 from proxy.auth.authenticator import AuthResult
+from proxy.auth.throttle import Lookup
 from proxy.budget.admission import AdmitRequest, Held, Refusal
 from proxy.errors import Reason
 from proxy.gateway import answers
@@ -103,14 +104,18 @@ async def _handle(
     ex.awaits_continue = expects and request.body_exists
     method, target = request.method, request.raw_path
     passed = gate(rt, method, target, request.headers, request.remote)
+    lookup = None
     if isinstance(passed, Unverified):
-        auth = await _look_up(request, rt, passed.raw)
+        lookup = rt.auth_throttle.looking_up(
+            client(rt, request.remote, request.headers), passed.raw
+        )
+        auth = await _look_up(rt, lookup, passed.raw)
         if auth is None:
             rt.metrics.refused(ANONYMOUS, ANONYMOUS, Reason.STATE_UNAVAILABLE)
             return answers.state_unavailable(ex)
         passed = judge(rt, auth, method, target)
     if isinstance(passed, Refused):
-        return await _refused(request, rt, ex, passed)
+        return await _refused(request, rt, ex, passed, lookup)
     token = ex.token = passed.token
     ex.route = passed.match.template
     ex.credential = passed.credential.name
@@ -136,11 +141,11 @@ async def _handle(
         raise
 
 
-async def _look_up(request: web.Request, rt: Runtime, raw: str) -> AuthResult | None:
-    """The verdict on token ``raw``, looked up while holding a place in its client's
-    throttle bucket; None when the token store cannot answer."""
+async def _look_up(rt: Runtime, lookup: Lookup, raw: str) -> AuthResult | None:
+    """The verdict on token ``raw``, looked up while ``lookup`` holds a place in its
+    client's throttle bucket; None when the token store cannot answer."""
     try:
-        with rt.auth_throttle.looking_up(client(rt, request.remote, request.headers), raw):
+        with lookup:
             return await rt.auth.authenticate(raw)
     except Exception as exc:
         log.warning("token store failed", extra={"fields": {"error": type(exc).__name__}})
@@ -148,10 +153,11 @@ async def _look_up(request: web.Request, rt: Runtime, raw: str) -> AuthResult | 
 
 
 async def _refused(
-    request: web.Request, rt: Runtime, ex: Exchange, refused: Refused
+    request: web.Request, rt: Runtime, ex: Exchange, refused: Refused, lookup: Lookup | None
 ) -> web.Response:
     """The answer to the gate's refusal, counted: a throttled client in the refusals, a
-    token refused in the auth failures and its client's throttle."""
+    token refused in the auth failures and its client's throttle (through ``lookup``, the
+    throttle's entry for the client, when its token was looked up)."""
     reason = refused.reason
     ex.token = refused.token
     if refused.route is not None:
@@ -159,7 +165,10 @@ async def _refused(
     if reason is Reason.AUTH_THROTTLED:
         rt.metrics.refused(ANONYMOUS, ANONYMOUS, reason)
     elif reason in AUTH_FAILURES:
-        await rt.auth_throttle.failed(client(rt, request.remote, request.headers))
+        if lookup is not None:
+            await lookup.failed()
+        else:
+            await rt.auth_throttle.failed(client(rt, request.remote, request.headers))
         rt.metrics.child(rt.metrics.auth_failures, reason).inc()
     return answers.refused(ex, refused, request.method, request.raw_path)
 

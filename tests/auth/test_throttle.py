@@ -129,6 +129,9 @@ async def test_an_ipv6_client_is_its_slash_64(clock: Clock) -> None:
     assert throttle.retry_after(ipaddress.ip_address("2001:db8:1:2::77")) == 30
     assert throttle.retry_after(ipaddress.ip_address("2001:db8:1:3::1")) is None
     assert client_key(None) == client_key(None)  # peers without an address: one bucket
+    # The families never share a bucket, even where their leading bytes agree.
+    v4, v6 = ipaddress.ip_address("32.1.13.184"), ipaddress.ip_address("2001:db8::1")
+    assert client_key(v4) != client_key(v6) and client_key(v4) != client_key(None)
     await fail(throttle, None, 2)
     assert throttle.retry_after(None) == 30
 

@@ -65,12 +65,10 @@ import aiohttp
 from proxy.server.loops import resolve
 from tests.bench import loadgen, servers
 from tests.bench import workers as bench_workers
-from tests.bench.servers import HUGE_LIMITS, Gateway, Proc, Processes
+from tests.bench.servers import HUGE_LIMITS, UNKNOWN_TOKEN, Gateway, Proc, Processes
 
 PATH = "/api/v1/contacts"
 SCOPE = "contacts:read"
-# Well-formed (egw_<12>_<43>) so the gateway looks it up; no such token exists.
-UNKNOWN_TOKEN = "egw_" + "0" * 12 + "_" + "A" * 43
 SPENT_LIMITS = [(1, 3600.0)]
 
 SCENARIOS = ("admitted", "latency", "refusal", "unauthorized", "queued")

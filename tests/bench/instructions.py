@@ -63,6 +63,7 @@ async def _one_run(
     n: int,
     concurrency: int,
     tag: str,
+    scenario: str,
 ) -> Path:
     """``server`` under callgrind answers ``n`` admitted requests, ``concurrency`` at a
     time, then stops; the callgrind file it wrote. ``tag`` names this run's files: each
@@ -77,7 +78,11 @@ async def _one_run(
         proc = procs.start(tag, wrap(cmd), f"http://127.0.0.1:{port}", None, servers.child_env())
     else:
         state = f"sqlite:///{procs.tmp}/{tag}.db"
-        raw = servers.gateway_config(upstream, state, HUGE_LIMITS, max_wait=5, event_loop=None)
+        # A baseline tree gets the auth section only if it knows it (servers.start_gateway).
+        throttle = source is None or servers.knows(source, "failures_per_client")
+        raw = servers.gateway_config(
+            upstream, state, HUGE_LIMITS, max_wait=5, event_loop=None, throttle=throttle
+        )
         proc = servers.launch_gateway(procs, tag, raw, None, wrap=wrap, source=source)
     timeout = aiohttp.ClientTimeout(total=REQUEST_SECONDS)
     async with aiohttp.ClientSession(
@@ -88,11 +93,15 @@ async def _one_run(
         if isinstance(proc, servers.Gateway):
             token = await servers.create_token(session, proc, SCOPE)
             headers["Authorization"] = f"Bearer {token}"
+        expected = 200
+        if scenario == "unauthorized" and server != "passthrough":
+            headers["Authorization"] = f"Bearer {servers.UNKNOWN_TOKEN}"
+            expected = 401
 
         async def one(_: int) -> None:
             async with session.get(proc.url + PATH, headers=headers) as resp:
                 await resp.read()
-                if resp.status != 200:
+                if resp.status != expected:
                     raise RuntimeError(f"{server}: {resp.status}")
 
         await asyncio.gather(*(one(i) for i in range(n)))
@@ -109,7 +118,12 @@ def _loop() -> str:
 
 
 async def measure(
-    requests: int, concurrency: int, repeat: int, source: Path | None
+    requests: int,
+    concurrency: int,
+    repeat: int,
+    source: Path | None,
+    scenario: str = "admitted",
+    keep: Path | None = None,
 ) -> dict[str, Any]:
     nginx = servers.nginx_path()
     if nginx is None or shutil.which("valgrind") is None:
@@ -127,14 +141,20 @@ async def measure(
                     totals = []
                     for n in (SMALL, SMALL + requests):
                         tag = f"{name.replace('@', '-')}-{round_}-{n}"
-                        out = await _one_run(procs, upstream.url, server, tree, n, concurrency, tag)
+                        out = await _one_run(
+                            procs, upstream.url, server, tree, n, concurrency, tag, scenario
+                        )
                         totals.append(_total(out))
+                        if keep is not None:
+                            keep.mkdir(parents=True, exist_ok=True)
+                            shutil.copy(out, keep / out.name)
                     per_request[name].append((totals[1] - totals[0]) / requests)
                     print(f"[instructions] {name}: {per_request[name][-1]:,.0f}", file=sys.stderr)
         finally:
             procs.close()
     medians = {name: statistics.median(values) for name, values in per_request.items()}
     return {
+        "scenario": scenario,
         "requests": requests,
         "concurrency": concurrency,
         "instructions_per_request": {
@@ -155,10 +175,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--concurrency", type=int, default=10)
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--source", type=Path, help="also measure the gateway from this tree")
+    parser.add_argument(
+        "--scenario",
+        choices=("admitted", "unauthorized"),
+        default="admitted",
+        help="unauthorized: the gateways answer an unknown token (401)",
+    )
+    parser.add_argument("--keep", type=Path, help="copy the callgrind files here")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
+    source = args.source and args.source.resolve()
     result = asyncio.run(
-        measure(args.requests, args.concurrency, args.repeat, args.source and args.source.resolve())
+        measure(args.requests, args.concurrency, args.repeat, source, args.scenario, args.keep)
     )
     text = json.dumps(result, indent=2)
     print(text)

@@ -273,6 +273,10 @@ HUGE_LIMITS = [(10_000_000, 3600.0), (1_000_000, 60.0)]
 """Limits too large to bind in any run: the admitted path's budget."""
 
 
+# Well-formed (egw_<12>_<43>) so the gateway looks it up; no such token exists.
+UNKNOWN_TOKEN = "egw_" + "0" * 12 + "_" + "A" * 43
+
+
 def gateway_config(
     upstream: str,
     state: str,
@@ -354,7 +358,7 @@ def launch_gateway(
     return proc
 
 
-def _knows(source: Path, key: str) -> bool:
+def knows(source: Path, key: str) -> bool:
     """Whether the proxy package of the tree ``source`` names the config key ``key``."""
     return any(key in path.read_text(encoding="utf-8") for path in (source / "proxy").rglob("*.py"))
 
@@ -376,7 +380,7 @@ def start_gateway(
     state = f"sqlite:///{procs.tmp / name}.db"
     # The queued scenario holds max_depth connections at once, all from 127.0.0.1. A
     # baseline tree is given the connection bounds and the auth section only if it knows them.
-    hostile = source is None or _knows(source, "max_connections_per_client")
+    hostile = source is None or knows(source, "max_connections_per_client")
     connections = max(10_000, max_depth + 1_000) if hostile else None
     raw = gateway_config(
         upstream,
@@ -386,7 +390,7 @@ def start_gateway(
         max_depth=max_depth,
         event_loop=event_loop,
         connections=connections,
-        throttle=source is None or _knows(source, "failures_per_client"),
+        throttle=source is None or knows(source, "failures_per_client"),
     )
     return launch_gateway(procs, name, raw, cpu, source=source)
 

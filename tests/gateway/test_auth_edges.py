@@ -202,6 +202,35 @@ async def test_path_override_headers_never_reach_echowin(
         assert (await resp.json())["routed_to"] == "/api/v1/contacts", header
 
 
+async def test_byte_ranges_never_reach_echowin(
+    make_gateway: MakeGateway, aiohttp_server: ServerFactory
+) -> None:
+    """Pieces of one answer are each searched for the key alone: a caller joining ranges
+    back could rebuild it. echowin gets no Range, and answers whole."""
+    seen: list[dict[str, str]] = []
+
+    async def route(request: web.Request) -> web.Response:
+        seen.append({k: v for k, v in request.headers.items() if "range" in k.lower()})
+        return web.json_response({"ok": True})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", route)
+    gw = await make_gateway(base_url(await aiohttp_server(app)))
+    reader = await gw.token("contacts:read")
+    headers = {
+        "Authorization": f"Bearer {reader}",
+        "Range": "bytes=0-3",
+        "If-Range": '"x"',
+    }
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(gw.url("/api/v1/contacts"), headers=headers) as resp,
+    ):
+        assert resp.status == 200
+        assert await resp.json() == {"ok": True}
+    assert seen == [{}]
+
+
 async def test_an_upstream_naming_a_field_after_the_key_never_shows_it(
     make_gateway: MakeGateway,
 ) -> None:
