@@ -170,14 +170,21 @@ def _relay_fields(
         low = name.lower()
         if low not in _SKIP_RESPONSE and low not in named:
             kept.append((name, pool.relative(value) if low in _LOCATIONS else value))
-    leaking = leaking_fields(watch, kept)
+    for name, value in _without_leaking(kept, watch, credential):
+        headers.add(name, value)
+
+
+def _without_leaking(
+    fields: list[tuple[str, str]], watch: KeyWatch, credential: Credential
+) -> list[tuple[str, str]]:
+    """``fields`` less every one holding a form of the key (keywatch's ``leaking_fields``)."""
+    leaking = leaking_fields(watch, fields)
     if leaking:
         _key_seen(credential, "dropped")
         while leaking:  # dropping a field makes its neighbours adjacent: check them again
-            kept = [field for i, field in enumerate(kept) if i not in leaking]
-            leaking = leaking_fields(watch, kept)
-    for name, value in kept:
-        headers.add(name, value)
+            fields = [field for i, field in enumerate(fields) if i not in leaking]
+            leaking = leaking_fields(watch, fields)
+    return fields
 
 
 async def _chunks_of(content: StreamReader) -> AsyncIterator[bytes]:
@@ -268,7 +275,13 @@ def _decoded_if_leaking(
     if not found:
         return body
     _key_seen(credential, "masked")
-    del response.headers["Content-Encoding"]
+    headers = response.headers
+    fields = [
+        (name, value) for name, value in headers.items() if name.lower() != "content-encoding"
+    ]
+    # Without Content-Encoding its neighbours are adjacent: a key split around it is whole.
+    headers.clear()
+    headers.extend(_without_leaking(fields, watch, credential))
     response.content_length = len(plain)
     return plain
 
