@@ -17,6 +17,7 @@ from proxy.budget.admission import AdmitRequest, Held, Refusal
 from proxy.errors import Reason
 from proxy.gateway import answers
 from proxy.gateway.account import Exchange, account
+from proxy.gateway.cached import through_cache, written
 from proxy.gateway.forward import forward
 from proxy.gateway.gate import (
     AUTH_FAILURES,
@@ -117,6 +118,8 @@ async def _handle(
     length = request.content_length
     if length is not None and length > rt.config.server.max_request_body_bytes:
         return answers.body_too_large(ex)
+    if rt.cache is not None and method == "GET" and not request.body_exists:
+        return await through_cache(request, rt, ex, passed, held)
     admit = AdmitRequest(token, ex.credential, ex.route, max_wait(request.headers))
     admitted = await rt.admitter.admit(admit, held)
     if isinstance(admitted, Refusal):
@@ -124,7 +127,10 @@ async def _handle(
     ex.queue_seconds = admitted.queued_seconds
     try:
         await _continue(request, ex)
-        return await forward(request, rt, ex, passed, admitted, admit)
+        response = await forward(request, rt, ex, passed, admitted, admit)
+        if rt.cache is not None:
+            written(rt, method, passed, response.status)
+        return response
     except BaseException:
         # Whatever broke once the head left (a client gone mid-send included) may have
         # reached echowin; before that (a caller gone before its "100 Continue" or while
