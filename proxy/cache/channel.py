@@ -137,9 +137,14 @@ class SiblingChannel:
             self._path.unlink()
         loop = asyncio.get_running_loop()
         protocol = _Datagrams(lambda data: heard(self._cache, self.origin, data.decode()))
-        transport, _ = await loop.create_datagram_endpoint(
-            lambda: protocol, local_addr=str(self._path), family=socket.AF_UNIX
-        )
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            sock.bind(str(self._path))  # bound here: uvloop takes no unix local_addr
+            sock.setblocking(False)
+            transport, _ = await loop.create_datagram_endpoint(lambda: protocol, sock=sock)
+        except BaseException:
+            sock.close()
+            raise
         self._transport = transport
         return self
 
