@@ -354,7 +354,7 @@ def launch_gateway(
     return proc
 
 
-def _knows(source: Path, key: str) -> bool:
+def knows(source: Path, key: str) -> bool:
     """Whether the proxy package of the tree ``source`` names the config key ``key``."""
     return any(key in path.read_text(encoding="utf-8") for path in (source / "proxy").rglob("*.py"))
 
@@ -370,13 +370,14 @@ def start_gateway(
     max_depth: int = 10_000,
     event_loop: str | None = "asyncio",
     source: Path | None = None,
+    cache: dict[str, Any] | None = None,
 ) -> Gateway:
     """The gateway of the throughput scenarios: state in a SQLite file, as ``serve`` keeps
-    it by default."""
+    it by default; ``cache``: its ``cache:`` section (none by default)."""
     state = f"sqlite:///{procs.tmp / name}.db"
     # The queued scenario holds max_depth connections at once, all from 127.0.0.1. A
     # baseline tree is given the connection bounds and the auth section only if it knows them.
-    hostile = source is None or _knows(source, "max_connections_per_client")
+    hostile = source is None or knows(source, "max_connections_per_client")
     connections = max(10_000, max_depth + 1_000) if hostile else None
     raw = gateway_config(
         upstream,
@@ -386,8 +387,10 @@ def start_gateway(
         max_depth=max_depth,
         event_loop=event_loop,
         connections=connections,
-        throttle=source is None or _knows(source, "failures_per_client"),
+        throttle=source is None or knows(source, "failures_per_client"),
     )
+    if cache is not None:
+        raw["cache"] = cache
     return launch_gateway(procs, name, raw, cpu, source=source)
 
 
