@@ -65,6 +65,11 @@ class GatewayCache:
         """Answers of route ``template`` are kept."""
         return template in self.config.routes
 
+    def takes(self, method: str, template: str) -> bool:
+        """A ``method`` request on route ``template`` goes through the cache: a GET of a
+        route kept, or of any route while identical GETs in flight are shared."""
+        return method == "GET" and (self.config.coalesce or template in self.config.routes)
+
     def looked_up(self, route: str, result: str) -> None:
         self.counts[result] += 1
         self.metrics.lookup(route, result, result in SAVING)

@@ -78,7 +78,7 @@ class ResponseCache:
         self._entries = _Bounded(
             max_bytes,
             ttu=lambda _key, entry, _now: entry.stored_at + entry.fresh_for + stale_seconds,
-            timer=clock,
+            timer=lambda: self.clock(),  # read at each use: a test may move the clock
             getsizeof=lambda entry: entry.answer.size,
         )
 

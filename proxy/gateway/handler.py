@@ -118,7 +118,7 @@ async def _handle(
     length = request.content_length
     if length is not None and length > rt.config.server.max_request_body_bytes:
         return answers.body_too_large(ex)
-    if rt.cache is not None and method == "GET" and not request.body_exists:
+    if rt.cache is not None and rt.cache.takes(method, ex.route) and not request.body_exists:
         return await through_cache(request, rt, ex, passed, held)
     admit = AdmitRequest(token, ex.credential, ex.route, max_wait(request.headers))
     admitted = await rt.admitter.admit(admit, held)

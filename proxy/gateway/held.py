@@ -118,7 +118,7 @@ def _answered_without_budget(rt: Runtime, head: Head, passed: Passed) -> bool:
     """The response cache holds a copy of this GET, or one like it is in flight: its
     handler answers it without waiting for budget (proxy/gateway/cached.py)."""
     cache = rt.cache
-    if cache is None or head.method != "GET" or head.length:
+    if cache is None or head.length or not cache.takes(head.method, passed.match.template):
         return False
     key = key_of(passed, head.target, head.fields)
     return cache.flights.get(key) is not None or cache.store.get(key) is not None

@@ -156,7 +156,7 @@ async def test_budget_out_gives_the_stale_copy_and_max_stale_0_the_refusal(
         assert (await call("GET", gw.url("/api/v1/boards"), token))[0] == 200
     clock.now += 5  # the copy is 4 s past its 1 s TTL
     status, headers, body = await call("GET", gw.url("/api/v1/tags"), token)
-    assert status == 200
+    assert status == 200, body
     assert body == kept
     assert headers["Cache-Status"] == "echowin-gateway; hit; ttl=-4; detail=stale-budget"
     assert headers["Age"] == "5"
@@ -228,3 +228,66 @@ class FakeClock:
 
 
 pytestmark = pytest.mark.filterwarnings("error")
+
+
+async def test_a_leaving_first_caller_does_not_cancel_the_others(
+    make_gateway: MakeGateway, sim: SimHandle
+) -> None:
+    gw = await cached_gateway(make_gateway)
+    cache = gw.runtime.cache
+    assert cache is not None
+    token = await gw.token("tags:read", "boards:read")
+    assert (await call("GET", gw.url("/api/v1/boards"), token))[0] == 200  # warm
+    sim.sim.set_faults(Faults(latency_seconds=0.5, count=1))
+    first = asyncio.ensure_future(call("GET", gw.url("/api/v1/tags"), token))
+    await until(lambda: len(cache.flights) == 1)
+    (flight,) = cache.flights._flying.values()
+    others = [asyncio.ensure_future(call("GET", gw.url("/api/v1/tags"), token)) for _ in range(5)]
+    await until(lambda: flight.joined == 5)
+    first.cancel()  # the first caller hangs up; its handler is cancelled
+    results = await asyncio.gather(*others)
+    assert [status for status, _, _ in results] == [200] * 5
+    assert {h["Cache-Status"] for _, h, _ in results} == {"echowin-gateway; fwd=miss; collapsed"}
+    assert sent(sim, "GET", "/api/v1/tags") == 1
+    # The flight's answer was kept although its first caller left.
+    _, headers, _ = await call("GET", gw.url("/api/v1/tags"), token)
+    assert headers["Cache-Status"].startswith("echowin-gateway; hit")
+
+
+async def test_a_hit_counts_against_the_tokens_own_quota_not_the_budget(
+    make_gateway: MakeGateway, sim: SimHandle
+) -> None:
+    gw = await cached_gateway(make_gateway)
+    token = await gw.token("tags:read", per_minute=3)
+    answers = [await call("GET", gw.url("/api/v1/tags"), token) for _ in range(4)]
+    assert [status for status, _, _ in answers] == [200, 200, 200, 429]
+    assert json.loads(answers[3][2])["reason"] == "token_quota"
+    assert answers[1][1]["Content-Type"] == answers[0][1]["Content-Type"]
+    assert answers[1][1]["Content-Type"].startswith("application/json")
+    assert sent(sim, "GET", "/api/v1/tags") == 1
+    budget = gw.runtime.admitter.snapshot()["default"]
+    assert budget["windows"][0]["used"] == 1  # type: ignore[index]
+
+
+async def test_a_route_not_kept_shares_flights_but_keeps_nothing(
+    make_gateway: MakeGateway, sim: SimHandle
+) -> None:
+    gw = await cached_gateway(make_gateway, routes={"/api/v1/tags": 60})
+    token = await gw.token("boards:read", "tags:read")
+    assert (await call("GET", gw.url("/api/v1/tags"), token))[0] == 200  # warm
+    sim.sim.set_faults(Faults(latency_seconds=0.3, count=1))
+    wave = await asyncio.gather(*(call("GET", gw.url("/api/v1/boards"), token) for _ in range(10)))
+    assert {status for status, _, _ in wave} == {200}
+    assert sent(sim, "GET", "/api/v1/boards") == 1
+    statuses = sorted(h["Cache-Status"] for _, h, _ in wave)
+    assert statuses == ["echowin-gateway; fwd=miss"] + ["echowin-gateway; fwd=miss; collapsed"] * 9
+    _, headers, _ = await call("GET", gw.url("/api/v1/boards"), token)
+    assert headers["Cache-Status"] == "echowin-gateway; fwd=miss"
+    assert sent(sim, "GET", "/api/v1/boards") == 2
+
+
+async def until(check: Callable[[], bool], seconds: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + seconds
+    while not check():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.005)
