@@ -15,6 +15,7 @@ import pytest
 from proxy.sim import Faults
 from proxy.sim.echo import encode
 from tests.conftest import SECRETS, TEAM_KEY, GatewayHandle, SimHandle
+from tests.gateway.test_handler import access_lines, capture_access_log
 
 MakeGateway = Callable[..., Awaitable[GatewayHandle]]
 
@@ -291,3 +292,19 @@ async def until(check: Callable[[], bool], seconds: float = 5.0) -> None:
     while not check():
         assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
         await asyncio.sleep(0.005)
+
+
+async def test_the_access_log_says_what_the_cache_did(
+    make_gateway: MakeGateway, sim: SimHandle
+) -> None:
+    gw = await cached_gateway(make_gateway)
+    token = await gw.token("tags:read", "tags:write")
+    buffer = capture_access_log(gw)
+    await call("GET", gw.url("/api/v1/tags"), token)
+    await call("GET", gw.url("/api/v1/tags"), token)
+    await call("GET", gw.url("/api/v1/tags"), token, {"Cache-Control": "no-cache"})
+    await call("POST", gw.url("/api/v1/tags"), token, json={"name": "logged"})
+    lines = access_lines(gw, buffer)
+    assert [line.get("cache") for line in lines] == ["miss", "hit", "bypass", None]
+    assert "cache" not in lines[3]  # a write has no cache field
+    assert lines[1]["upstream_status"] is None and lines[1]["status"] == 200
