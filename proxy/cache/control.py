@@ -97,9 +97,9 @@ def answer_ttl(
     ttl: float, headers: Mapping[str, str], all_cache_control: Iterable[str], now: float
 ) -> float:
     """How long echowin's answer may be kept, at most ``ttl`` (the route's): 0 when it
-    must not be (``no-store``, ``private``, ``no-cache``, a ``Set-Cookie``); echowin's
+    must not be (``no-store``, ``private``, ``no-cache``, a ``Set-Cookie``, ``Vary: *``); echowin's
     ``s-maxage``, else ``max-age``, else ``Expires``, shortens it."""
-    if "Set-Cookie" in headers:
+    if "Set-Cookie" in headers or "*" in headers.get("Vary", "").replace(" ", "").split(","):
         return 0.0
     found = _directives(all_cache_control)
     if "no-store" in found or "private" in found or "no-cache" in found:

@@ -233,11 +233,12 @@ def _timed(ex: Exchange, fetched: Fetched) -> dict[str, str]:
     return extra
 
 
-def written(rt: Runtime, method: str, passed: Passed, status: int) -> None:
-    """After a write echowin accepted (2xx): purge what it can change, for its credential,
-    here and on every other worker and replica."""
+def written(rt: Runtime, method: str, passed: Passed, status: int | None) -> None:
+    """After a request that reached echowin: when it is a write echowin may have applied
+    (any answer but a 4xx, or none at all: a timeout, a reset), purge what it can change,
+    for its credential, here and on every other worker and replica."""
     cache = rt.cache
-    if cache is None or not 200 <= status < 300:
+    if cache is None or (status is not None and 400 <= status < 500):
         return
     purge = purge_for(method, passed.match.path)
     if purge is not None:

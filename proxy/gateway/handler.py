@@ -127,10 +127,7 @@ async def _handle(
     ex.queue_seconds = admitted.queued_seconds
     try:
         await _continue(request, ex)
-        response = await forward(request, rt, ex, passed, admitted, admit)
-        if rt.cache is not None:
-            written(rt, method, passed, response.status)
-        return response
+        return await forward(request, rt, ex, passed, admitted, admit)
     except BaseException:
         # Whatever broke once the head left (a client gone mid-send included) may have
         # reached echowin; before that (a caller gone before its "100 Continue" or while
@@ -140,6 +137,9 @@ async def _handle(
         else:
             admitted.unsent()
         raise
+    finally:
+        if rt.cache is not None and ex.on_wire:
+            written(rt, method, passed, ex.upstream_status)
 
 
 async def _look_up(request: web.Request, rt: Runtime, raw: str) -> AuthResult | None:

@@ -45,6 +45,8 @@ def test_echowin_can_forbid_keeping() -> None:
     for value in ("no-store", "private", "no-cache", "public, no-store"):
         assert ttl(fields(Cache_Control=value)) == 0.0
     assert ttl(fields(Set_Cookie="session=1")) == 0.0
+    assert ttl(fields(Vary="*")) == 0.0
+    assert ttl(fields(Vary="Accept-Encoding")) == 60.0
 
 
 def test_echowin_can_shorten_but_not_lengthen() -> None:

@@ -152,3 +152,21 @@ async def test_echowin_failing_gives_the_stale_copy(
     )
     assert status in (429, 502, 503, 504)  # no-cache: the refusal or failure itself
     assert json.loads(body)["error"]
+
+
+async def test_a_write_echowin_refused_purges_nothing_one_it_may_have_applied_does(
+    make_gateway: MakeGateway, sim: SimHandle
+) -> None:
+    gw = await make_gateway(cache=CACHE, upstream={"timeout_seconds": 0.5})
+    token = await gw.token("tags:read", "tags:write")
+    assert (await call("POST", gw.url("/api/v1/tags"), token, json={"name": "once"}))[0] == 201
+    await call("GET", gw.url("/api/v1/tags"), token)
+    status, _, _ = await call("POST", gw.url("/api/v1/tags"), token, json={"name": "once"})
+    assert status == 409  # a duplicate: echowin changed nothing
+    _, headers, _ = await call("GET", gw.url("/api/v1/tags"), token)
+    assert headers["Cache-Status"].startswith("echowin-gateway; hit")
+    sim.sim.set_faults(Faults(latency_seconds=1.5, count=1))
+    status, _, _ = await call("POST", gw.url("/api/v1/tags"), token, json={"name": "late"})
+    assert status == 504  # echowin may still have made it
+    _, headers, _ = await call("GET", gw.url("/api/v1/tags"), token)
+    assert headers["Cache-Status"] == "echowin-gateway; fwd=miss; stored"
