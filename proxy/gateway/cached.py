@@ -92,9 +92,9 @@ async def through_cache(
             held.release()
             held = None
         flight.joined += 1
-        fetched = await cache.flights.wait(flight)
-        if fetched.answer is not None:
-            return await _shared(look, fetched)
+        shared_answer = await _shared(look, await cache.flights.wait(flight))
+        if shared_answer is not None:
+            return shared_answer
     trip = fetch(request, rt, ex, passed, admit, held)
     flight = cache.flights.start(look.key, trip, shared=shared)
     if asked.no_store:
@@ -180,14 +180,16 @@ def _stale_copy(look: _Lookup, why: str) -> Entry | None:
     return entry
 
 
-async def _shared(look: _Lookup, fetched: Fetched) -> web.Response:
-    """Another caller's flight answered: its answer (or a stale copy in place of its
-    failure), charged to this token's own quota."""
-    answer = fetched.answer
-    assert answer is not None
+async def _shared(look: _Lookup, fetched: Fetched) -> web.Response | None:
+    """Another caller's flight landed: a stale copy in place of its refusal or failure,
+    or its answer, charged to this token's own quota; None when it brought nothing to
+    share."""
     stale = _stale_copy(look, fetched.stale)
     if stale is not None:
         return await _from_copy(look, stale, "stale", _stale_status(look, stale, fetched.stale))
+    answer = fetched.answer
+    if answer is None:
+        return None
     rt, ex = look.rt, look.ex
     refused = await rt.admitter.charge_own(look.admit)
     limits = rt.admitter.caller_headers(look.admit)

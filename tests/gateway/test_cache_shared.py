@@ -170,3 +170,24 @@ async def test_a_write_echowin_refused_purges_nothing_one_it_may_have_applied_do
     assert status == 504  # echowin may still have made it
     _, headers, _ = await call("GET", gw.url("/api/v1/tags"), token)
     assert headers["Cache-Status"] == "echowin-gateway; fwd=miss; stored"
+
+
+async def test_callers_sharing_a_failing_flight_all_get_the_stale_copy(
+    make_gateway: MakeGateway, sim: SimHandle
+) -> None:
+    gw = await make_gateway(cache={**CACHE, "routes": {"/api/v1/tags": 1}})
+    clock = [1000.0]
+    cache = gw.runtime.cache
+    assert cache is not None
+    cache.clock = cache.store.clock = lambda: clock[0]
+    token = await gw.token("tags:read")
+    _, _, kept = await call("GET", gw.url("/api/v1/tags"), token)
+    clock[0] += 10
+    sim.sim.set_faults(Faults(status=503, latency_seconds=0.3, count=1))
+    wave = await asyncio.gather(*(call("GET", gw.url("/api/v1/tags"), token) for _ in range(10)))
+    assert [status for status, _, _ in wave] == [200] * 10
+    assert {body for _, _, body in wave} == {kept}
+    assert {h["Cache-Status"] for _, h, _ in wave} == {
+        "echowin-gateway; hit; ttl=-9; detail=stale-upstream-error"
+    }
+    assert sent(sim, "GET", "/api/v1/tags") == 2
