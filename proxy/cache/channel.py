@@ -28,7 +28,8 @@ __all__ = ["RedisChannel", "SiblingChannel", "heard", "open_purge_channel"]
 
 log = logging.getLogger("echowin_gateway.cache")
 
-LISTEN_SECONDS = 5.0  # one wait for a message; after Redis went away, the pause
+LISTEN_SECONDS = 5.0  # one wait for a message
+MAX_PAUSE = 30.0  # between attempts to listen again, doubling from 1 s while they fail
 _MAX_MESSAGE = 16 * 1024
 
 
@@ -60,8 +61,8 @@ class RedisChannel:
         self._cache = cache
         self.origin = secrets.token_hex(8)
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.subscribed = asyncio.Event()  # set while the listener is subscribed
         self._listener = asyncio.get_running_loop().create_task(self._listen())
-        self.subscribed = asyncio.Event()
 
     def publish(self, credential: str | None, purge: Purge) -> None:
         self._spawn(self._publish(_message(self.origin, credential, purge)))
@@ -80,11 +81,13 @@ class RedisChannel:
         task.add_done_callback(self._tasks.discard)
 
     async def _listen(self) -> None:
+        pause = 1.0
         while True:
             try:
                 async with self._redis.pubsub(ignore_subscribe_messages=True) as channel:
                     await channel.subscribe(self._channel)
                     self.subscribed.set()
+                    pause = 1.0
                     while True:
                         message = await channel.get_message(timeout=LISTEN_SECONDS)
                         if message is not None:
@@ -98,7 +101,8 @@ class RedisChannel:
                 log.warning(
                     "cache purge listener failed", extra={"fields": {"error": type(exc).__name__}}
                 )
-                await asyncio.sleep(1.0)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, MAX_PAUSE)
 
     async def close(self) -> None:
         self._listener.cancel()

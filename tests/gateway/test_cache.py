@@ -308,3 +308,28 @@ async def test_the_access_log_says_what_the_cache_did(
     assert [line.get("cache") for line in lines] == ["miss", "hit", "bypass", None]
     assert "cache" not in lines[3]  # a write has no cache field
     assert lines[1]["upstream_status"] is None and lines[1]["status"] == 200
+
+
+async def test_the_callers_max_age_and_no_store(make_gateway: MakeGateway, sim: SimHandle) -> None:
+    gw = await cached_gateway(make_gateway)
+    cache = gw.runtime.cache
+    assert cache is not None
+    clock = FakeClock()
+    cache.clock = cache.store.clock = clock
+    token = await gw.token("tags:read")
+    _, headers, _ = await call("GET", gw.url("/api/v1/tags"), token, {"Cache-Control": "no-store"})
+    assert headers["Cache-Status"] == "echowin-gateway; fwd=miss"  # not kept
+    await call("GET", gw.url("/api/v1/tags"), token)
+    clock.now += 20
+    _, headers, _ = await call(
+        "GET", gw.url("/api/v1/tags"), token, {"Cache-Control": "max-age=30"}
+    )
+    assert headers["Cache-Status"] == "echowin-gateway; hit; ttl=40"
+    assert headers["Age"] == "20"
+    _, headers, _ = await call(
+        "GET", gw.url("/api/v1/tags"), token, {"Cache-Control": "max-age=10"}
+    )
+    assert headers["Cache-Status"] == "echowin-gateway; fwd=miss; stored"  # too old for it
+    _, headers, _ = await call("GET", gw.url("/api/v1/tags"), token, {"Pragma": "no-cache"})
+    assert headers["Cache-Status"] == "echowin-gateway; fwd=request; stored"
+    assert sent(sim, "GET", "/api/v1/tags") == 4
