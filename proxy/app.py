@@ -252,5 +252,6 @@ def _as_worker(proxy_app: web.Application, admin_app: web.Application, worker: W
     from proxy.server.worker import forwarded_peer
 
     proxy_app[RUNTIME].workers = worker.count
+    proxy_app[RUNTIME].siblings = (os.path.dirname(worker.admin_socket), worker.index)
     admin_app.middlewares.append(forwarded_peer)
     admin_app.cleanup_ctx.append(worker.watching_parent)

@@ -25,6 +25,9 @@ from proxy.budget.lane import Lane, QueuePolicy
 from proxy.budget.quotas import QUOTA_HORIZON
 from proxy.budget.scheduler import Scheduler
 from proxy.budget.windows import Limit
+from proxy.cache.channel import open_purge_channel
+from proxy.cache.keeper import GatewayCache
+from proxy.cache.purge import EVERYTHING
 from proxy.config import GatewayConfig, Secrets
 from proxy.observe.logs import AccessLog, setup_logging
 from proxy.observe.metrics import Metrics
@@ -54,6 +57,11 @@ class Runtime:
     trusted_proxies: TrustedProxies = field(init=False)
     # Failed authentications per client (auth.failures_per_client): proxy/auth/throttle.py.
     auth_throttle: AuthThrottle = field(init=False)
+    # The response cache (``cache:``; proxy/cache/); None when it is off.
+    cache: GatewayCache | None = None
+    # A worker of serve --workers N: its group's private directory and its index (the
+    # cache's purges reach the other workers there when the state is not in Redis).
+    siblings: tuple[str, int] | None = None
     _state: State | None = None
     _auth: TokenAuthenticator | None = None
     _upstream: Upstream | None = None
@@ -75,6 +83,11 @@ class Runtime:
             self.auth_throttle = _auth_throttle(config)
         self.trusted_proxies = TrustedProxies.parse(config.server.trusted_proxies)
         self.config = config
+        if self.cache is not None:  # a credential given another key: its copies go
+            for name, credential in secrets.credentials.items():
+                old = self.secrets.credentials.get(name)
+                if old is None or old.secret.reveal() != credential.secret.reveal():
+                    self.cache.purge(name, EVERYTHING)
         self.secrets = secrets
         if isinstance(self.admitter, Scheduler):
             policy = self.admitter.policy
@@ -133,6 +146,11 @@ class Runtime:
         )
         await self._upstream.start()
         self.admitter = await self._open_scheduler(state)
+        if cfg.cache is not None:
+            self.cache = GatewayCache(cfg.cache, self.metrics.registry)
+            self.cache.channel = await open_purge_channel(
+                self.cache, state.redis, cfg.redis.key_prefix, self.siblings
+            )
         if state.send_log is not None:
             self._pruner = asyncio.get_running_loop().create_task(self._prune_forever())
 
@@ -184,6 +202,8 @@ class Runtime:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._pruner
         await self.admitter.close()
+        if self.cache is not None:
+            await self.cache.close()
         if self._upstream is not None:
             await self._upstream.close()
         if self._state is not None:

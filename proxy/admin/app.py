@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from proxy.admin.cache import cache_view, purge_cache
 from proxy.admin.openapi import openapi_document
 from proxy.admin.status import status_json, status_page
 from proxy.admin.tokens import MAX_ADMIN_BODY, add_token_routes
@@ -75,7 +76,11 @@ async def openapi(request: web.Request) -> web.Response:
 
 
 async def budget(request: web.Request) -> web.Response:
-    return web.json_response({"credentials": request.app[RUNTIME].admitter.snapshot()})
+    rt = request.app[RUNTIME]
+    body: dict[str, object] = {"credentials": rt.admitter.snapshot()}
+    if rt.cache is not None:
+        body["cache"] = cache_view(rt)
+    return web.json_response(body)
 
 
 def build_admin_app(runtime: Runtime) -> web.Application:
@@ -91,4 +96,5 @@ def build_admin_app(runtime: Runtime) -> web.Application:
     add_token_routes(app.router)
     app.router.add_get("/admin/openapi.json", openapi)
     app.router.add_get("/admin/budget", budget)
+    app.router.add_delete("/admin/cache", purge_cache)
     return app

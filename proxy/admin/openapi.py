@@ -182,8 +182,20 @@ def _other_paths() -> dict[str, Any]:
         },
         "/admin/budget": {
             "get": {
-                "summary": "Every upstream credential's budget windows, queue and freeze",
+                "summary": "Every upstream credential's budget windows, queue and freeze;"
+                " with the response cache on, what it holds and saved (cache)",
                 "responses": {"200": _json({"type": "object"}, "Budget state"), **_ERRORS},
+            }
+        },
+        "/admin/cache": {
+            "delete": {
+                "summary": "Purge the response cache (optionally one credential's copies,"
+                " under one path prefix), on every worker and replica",
+                "parameters": [
+                    {"name": "credential", "in": "query", "schema": {"type": "string"}},
+                    {"name": "prefix", "in": "query", "schema": {"type": "string"}},
+                ],
+                "responses": {"200": _json({"type": "object"}, "Copies purged here"), **_ERRORS},
             }
         },
     }

@@ -107,11 +107,24 @@ def parse_config(raw: object, source: str = "config") -> GatewayConfig:
     except ValueError as exc:
         text = str(exc)
         raise ConfigError([text if text.startswith("routes[") else f"routes: {text}"]) from None
+    if problem := _cache_routes(config):
+        raise ConfigError([problem])
     if problem := _shared_address(config):
         raise ConfigError([problem])
     if config.server.workers != 1 and (problem := unshared_state(config, "server.workers")):
         raise ConfigError([problem])
     return config
+
+
+def _cache_routes(config: GatewayConfig) -> str:
+    """Why ``cache.routes`` names a route the gateway does not forward GET on ("" if not)."""
+    if config.cache is None:
+        return ""
+    gets = {r.template for r in config.route_table().routes if r.method == "GET"}
+    for template in config.cache.routes:
+        if template not in gets:
+            return f"cache.routes: {template!r} is not a GET route of the route table"
+    return ""
 
 
 _ANY_HOST = frozenset({"0.0.0.0", "::"})  # noqa: S104 (compared with, never bound)

@@ -23,6 +23,7 @@ from pydantic import (
 
 from proxy.auth.routes import DEFAULT_ROUTES, Route, RouteTable
 from proxy.auth.tokens import DEFAULT_UPSTREAM_KEY
+from proxy.config.cache import CacheConfig
 from proxy.config.secrets import AGENCY_KEY_NAME, SecretRef
 from proxy.config.state_url import parse_state_url
 
@@ -31,6 +32,7 @@ __all__ = [
     "MAX_WORKERS",
     "MISSING_UVLOOP",
     "AuthConfig",
+    "CacheConfig",
     "EventLoop",
     "GatewayConfig",
     "LimitConfig",
@@ -259,6 +261,8 @@ class GatewayConfig(_Model):
     tokens: TokensConfig = TokensConfig()
     logging: LoggingConfig = LoggingConfig()
     routes: tuple[RouteConfig, ...] = ()
+    # Budget savers (proxy/cache/): off unless present.
+    cache: CacheConfig | None = None
 
     @field_validator("listen", "admin_listen")
     @classmethod

@@ -38,6 +38,7 @@ class Exchange:
     awaits_continue: bool = False  # the caller holds its body until "100 Continue"
     on_wire: bool = False  # the request's head may have left for echowin
     then: Callable[[], None] | None = None  # called once when the head leaves
+    cache: str | None = None  # the response cache's lookup result (proxy/gateway/cached.py)
 
     def wired(self) -> None:
         self.on_wire = True
@@ -79,6 +80,7 @@ def account(rt: Runtime, method: str, ex: Exchange, response: web.StreamResponse
             total,
             ex.bytes_out,
             ex.refusal,
+            ex.cache,
         )
 
 

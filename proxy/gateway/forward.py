@@ -206,4 +206,14 @@ def _upstream_failed(rt: Runtime, ex: Exchange, exc: UpstreamError, grant: Grant
     return answers.refuse(ex, 504, Reason.UPSTREAM_TIMEOUT, message)
 
 
-__all__ = ["BodyTooLarge", "CappedBody", "forward", "upstream_headers"]
+upstream_429 = _upstream_429
+upstream_failed = _upstream_failed
+
+__all__ = [
+    "BodyTooLarge",
+    "CappedBody",
+    "forward",
+    "upstream_429",
+    "upstream_failed",
+    "upstream_headers",
+]

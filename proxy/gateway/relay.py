@@ -135,6 +135,30 @@ async def relay(
     return response
 
 
+def watched(
+    request: web.Request,
+    upstream: UpstreamResponse,
+    pool: Upstream,
+    credential: Credential,
+    body: bytes,
+) -> tuple[int, list[tuple[str, str]], bytes]:
+    """echowin's whole answer (``body`` read to its end) as :func:`relay` would send it,
+    for the response cache to keep and share: status, fields (without the length) and
+    body, the key watch applied. Unreadable for a coding the gateway cannot search."""
+    watch = request.app[WATCHES].of(credential.name, credential.secret.reveal())
+    response = _response(upstream, pool, credential, watch, {})
+    codings = upstream.headers.getall("Content-Encoding", None)
+    coding = coding_of(None if codings is None else ", ".join(codings))
+    if not coding:
+        body, found = watch.masked(body)
+        if found:
+            _key_seen(credential, "masked")
+    if coding is None or (coding and body):
+        body = _decoded_if_leaking(response, body, watch, coding, credential)
+    fields = [(k, v) for k, v in response.headers.items() if k.lower() != "content-length"]
+    return response.status, fields, body
+
+
 def _response(
     upstream: UpstreamResponse,
     pool: Upstream,
@@ -293,4 +317,4 @@ def _key_seen(credential: Credential, action: str) -> None:
     )
 
 
-__all__ = ["WATCHES", "relay"]
+__all__ = ["WATCHES", "relay", "watched"]

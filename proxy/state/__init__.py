@@ -167,6 +167,11 @@ class State:
     def shared(self) -> bool:
         return self._redis is not None
 
+    @property
+    def redis(self) -> Redis | None:
+        """The Redis client the state uses (None unless ``shared``)."""
+        return self._redis
+
     def credential_source(self, name: str, limits: Sequence[Limit]) -> SlotSource | None:
         """The shared slot source of credential ``name``; None for local slots (the lane
         keeps them on ``send_log``)."""

@@ -33,6 +33,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
+from proxy.admin.cache import merge_cache
 from proxy.admin.status import status_html
 from proxy.admin.tokens import MAX_ADMIN_BODY
 from proxy.errors import Reason, json_error
@@ -292,7 +293,10 @@ async def budget(request: web.Request) -> web.Response:
     views = await _every_worker(request, "/admin/budget", auth)
     if isinstance(views, web.Response):
         return views
-    return web.json_response({"credentials": merge_credentials([v["credentials"] for v in views])})
+    body: dict[str, Any] = {"credentials": merge_credentials([v["credentials"] for v in views])}
+    if any("cache" in v for v in views):
+        body["cache"] = merge_cache([v.get("cache") for v in views])
+    return web.json_response(body)
 
 
 async def status_json(request: web.Request) -> web.Response:

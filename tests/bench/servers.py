@@ -374,9 +374,10 @@ def start_gateway(
     max_depth: int = 10_000,
     event_loop: str | None = "asyncio",
     source: Path | None = None,
+    cache: dict[str, Any] | None = None,
 ) -> Gateway:
     """The gateway of the throughput scenarios: state in a SQLite file, as ``serve`` keeps
-    it by default."""
+    it by default; ``cache``: its ``cache:`` section (none by default)."""
     state = f"sqlite:///{procs.tmp / name}.db"
     # The queued scenario holds max_depth connections at once, all from 127.0.0.1. A
     # baseline tree is given the connection bounds and the auth section only if it knows them.
@@ -392,6 +393,8 @@ def start_gateway(
         connections=connections,
         throttle=source is None or knows(source, "failures_per_client"),
     )
+    if cache is not None:
+        raw["cache"] = cache
     return launch_gateway(procs, name, raw, cpu, source=source)
 
 

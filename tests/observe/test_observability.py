@@ -506,6 +506,7 @@ async def drive_load(gw: GatewayHandle, sim: SimHandle) -> Counter[int]:
         await call(session, gw, contacts, "egw_not_a_real_token", statuses)  # 401
         await call(session, gw, contacts, tags_only, statuses)  # 403 missing scope
         await call(session, gw, "/api/v1/tags", tags_only, statuses)
+        await call(session, gw, "/api/v1/tags", tags_only, statuses)  # a cache hit
         sim.sim.set_faults(Faults(reset=True, count=1))
         assert await call(session, gw, contacts, busy[0], statuses) == 502
         sim.sim.set_faults(Faults(force_429=True, retry_after=3, count=1))
@@ -538,6 +539,8 @@ async def test_prometheus_scrapes_the_gateway_and_every_panel_has_data(
         redis={"key_prefix": redis_prefix},
         upstream={"limits": LIMITS, "window_guard_seconds": 0.1},
         queue={"max_wait_seconds": 2},
+        # The cache's metrics exist: tags kept; contacts not shared (the load wants 429s).
+        cache={"coalesce": False, "routes": {"/api/v1/tags": 60}},
     )
     admin_port = gw.admin.port
     assert admin_port is not None
