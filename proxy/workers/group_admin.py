@@ -33,12 +33,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
+from proxy.admin.app import json_errors
 from proxy.admin.status import status_html
 from proxy.admin.tokens import MAX_ADMIN_BODY
 from proxy.errors import Reason, json_error
 from proxy.observe.metrics import CONNECTIONS_REFUSED_HELP
 from proxy.server.guard import REFUSAL_REASONS
-from proxy.server.listeners import HANDLER_ARGS
+from proxy.server.listeners import HANDLER_ARGS, name_the_server
 from proxy.workers.group_status import merge_credentials, merge_status
 
 log = logging.getLogger("echowin_gateway.admin")
@@ -370,7 +371,10 @@ async def _forget_everywhere(
 
 
 def build_group_admin_app(group: Group) -> web.Application:
-    app = web.Application(client_max_size=MAX_ADMIN_BODY, handler_args=HANDLER_ARGS)
+    app = web.Application(
+        client_max_size=MAX_ADMIN_BODY, handler_args=HANDLER_ARGS, middlewares=[json_errors]
+    )
+    app.on_response_prepare.append(name_the_server)
     app[GROUP] = group
     registry = CollectorRegistry()
     ProcessCollector(namespace="echowin_gateway", registry=registry)
