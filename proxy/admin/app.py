@@ -7,7 +7,6 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST
 
 from proxy.admin.openapi import openapi_document
 from proxy.admin.status import status_json, status_page
@@ -49,8 +48,12 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    body = request.app[RUNTIME].metrics.exposition()
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+    """Prometheus' text format, or OpenMetrics when Accept asks; gzip when allowed."""
+    headers = request.headers
+    answer = request.app[RUNTIME].metrics.answer(
+        headers.get("Accept"), headers.get("Accept-Encoding")
+    )
+    return web.Response(body=answer.body, headers=answer.headers)
 
 
 _ADMIN_CHALLENGE = 'Bearer realm="echowin-gateway admin"'
