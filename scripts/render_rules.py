@@ -25,7 +25,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
 PROMETHEUS_RULE = ROOT / "deploy" / "kubernetes" / "shared" / "prometheusrule.yaml"
-_RUNBOOK = re.compile(r'^(\s*runbook_url: )"([^"#]*)#([^"]+)"\s*$', re.MULTILINE)
+_RUNBOOK = re.compile(r'^([ ]*runbook_url: )"([^"#]*)#([^"]+)"[ \t]*$', re.MULTILINE)
 _HEADER = """\
 # Written by scripts/render_rules.py from deploy/prometheus/alerts.yml (the rules' source, with
 # their comments): edit that file and render again, never this one.
