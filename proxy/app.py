@@ -21,7 +21,7 @@ from proxy.gateway.keywatch import Watches
 from proxy.reload import EarlyHangups, reload_config
 from proxy.runtime import RUNTIME, Runtime
 from proxy.server.guard import Guard, MalformedLog
-from proxy.server.listeners import HANDLER_ARGS, JsonErrorRunner, ProxyRunner
+from proxy.server.listeners import HANDLER_ARGS, JsonErrorRunner, ProxyRunner, name_the_server
 from proxy.server.loops import loop_name
 
 if TYPE_CHECKING:
@@ -56,6 +56,7 @@ class _OneRoute(web.UrlDispatcher):
 def build_proxy_app(runtime: Runtime) -> web.Application:
     """The proxy listener's app; its cleanup_ctx opens and closes ``runtime``."""
     app = web.Application(handler_args=HANDLER_ARGS)
+    app.on_response_prepare.append(name_the_server)
     app[RUNTIME] = runtime
     app[WATCHES] = Watches()
 
@@ -111,16 +112,10 @@ async def serve(
     _on_signals(loop, stop, runtime, config_path, state_override, hangups)
     try:
         await _listen(config, proxy_runner, admin_runner, worker)
-        log.info(
-            "gateway listening",
-            extra={
-                "fields": {
-                    "listen": config.listen,
-                    "admin_listen": config.admin_listen,
-                    "event_loop": loop_name(loop),
-                }
-            },
-        )
+        fields: dict[str, object] = {"listen": config.listen, "event_loop": loop_name(loop)}
+        if worker is None:  # a worker's admin app is reached through its supervisor's
+            fields["admin_listen"] = config.admin_listen
+        log.info("gateway listening", extra={"fields": fields})
         if ready is not None:
             ready.set()
         await stop.wait()

@@ -63,6 +63,7 @@ class Reason(StrEnum):
     UNAUTHORIZED = "unauthorized"
     DISABLED = "disabled"
     NOT_FOUND = "not_found"
+    NAME_TAKEN = "name_taken"
     NO_WORKER = "no_worker"
     WORKER_UNAVAILABLE = "worker_unavailable"
 

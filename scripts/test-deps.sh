@@ -44,3 +44,15 @@ if ! command -v openssl >/dev/null 2>&1; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends openssl
 fi
+
+# kubectl: tests/test_manifests.py renders deploy/kubernetes with `kubectl kustomize` and
+# validates every object. Without kubectl those tests skip (saying so), and fail under CI
+# (CI=true). Installed from the distribution when it packages it; otherwise say how.
+if ! command -v kubectl >/dev/null 2>&1; then
+  if apt-cache show kubectl >/dev/null 2>&1; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends kubectl
+  else
+    echo "kubectl not found: install it (https://kubernetes.io/docs/tasks/tools/) for" \
+      "tests/test_manifests.py" >&2
+  fi
+fi

@@ -68,7 +68,13 @@ class GatewayHandle:
     def admin_url(self, path: str) -> str:
         return str(self.admin.make_url(path))
 
-    async def token(self, *scopes: str, name: str = "svc", **kwargs: Any) -> str:
+    minted: int = 0
+
+    async def token(self, *scopes: str, name: str | None = None, **kwargs: Any) -> str:
+        """A new token; without ``name``, "svc", then "svc-2", ... (active names are unique)."""
+        self.minted += 1
+        if name is None:
+            name = "svc" if self.minted == 1 else f"svc-{self.minted}"
         rt = self.runtime
         new = await create_token(
             rt.store, rt.config, rt.routes, name=name, scopes=scopes or ("*",), **kwargs

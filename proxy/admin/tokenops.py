@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from proxy.auth.routes import RouteTable, is_valid_scope
+from proxy.auth.scopes import known_scopes
 from proxy.auth.tokens import (
     DEFAULT_UPSTREAM_KEY,
     NewToken,
@@ -17,6 +19,44 @@ from proxy.auth.tokens import (
 )
 from proxy.config import AGENCY_KEY_NAME, GatewayConfig
 from proxy.state import open_token_store, redis_options, state_password
+
+
+class NameTaken(ValueError):
+    """An active token already has the name asked for (the admin API answers 409)."""
+
+
+def check_scopes(scopes: Iterable[str], routes: RouteTable) -> None:
+    """ValueError naming the first scope that is not one of the known ones, with the close
+    ones (or all of them) in the message; one holding a separator is told to repeat
+    ``--scope`` instead."""
+    known = known_scopes(routes.routes)
+    for scope in scopes:
+        if is_valid_scope(scope, routes.routes):
+            continue
+        parts = scope.replace(",", " ").split()
+        if len(parts) > 1:
+            each = " ".join(f"--scope {part}" for part in parts)
+            raise ValueError(
+                f"scopes: {scope!r} holds several scopes: give each on its own ({each},"
+                ' or a JSON list ["a", "b"])'
+            )
+        close = difflib.get_close_matches(scope, sorted(known), n=3, cutoff=0.6)
+        hint = f"did you mean {' or '.join(close)}? " if close else ""
+        raise ValueError(
+            f"scopes: unknown scope {scope!r}; {hint}known: {', '.join(sorted(known))}"
+        )
+
+
+async def check_name_free(store: TokenStore, name: str, now: float) -> None:
+    """NameTaken when an active token is called ``name``: metrics and logs label by name,
+    so two active tokens of one name would be counted as one service. A revoked or
+    expired token's name may be taken again (its new owner is told apart by the id)."""
+    for record in await store.list():
+        if record.name == name and record.status(now) == "active":
+            raise NameTaken(
+                f"name: an active token is already called {name!r} (id {record.id}); pick"
+                " another name, or revoke that token first"
+            )
 
 
 async def open_store(config: GatewayConfig) -> TokenStore:
@@ -47,9 +87,7 @@ async def create_token(
     """Validate every field (ValueError naming it), mint a token and store its hash."""
     if not scopes:
         raise ValueError("scopes: at least one scope is required")
-    for scope in scopes:
-        if not is_valid_scope(scope, routes.routes):
-            raise ValueError(f"scopes: unknown scope {scope!r}")
+    check_scopes(scopes, routes)
     if upstream_key == AGENCY_KEY_NAME:
         raise ValueError("upstream_key: agency routes always use the agency key; bind a team key")
     if upstream_key not in upstream_key_names(config):
@@ -59,10 +97,12 @@ async def create_token(
         if value is not None and (isinstance(value, bool) or value <= 0):
             raise ValueError(f"{field_name}: must be a positive integer, got {value!r}")
     seconds = None if expires_in is None else _expires_in_seconds(expires_in, "")
+    now = time.time() if now is None else now
+    await check_name_free(store, name, now)
     new = mint_token(
         name=name,
         scopes=list(scopes),
-        now=time.time() if now is None else now,
+        now=now,
         upstream_key=upstream_key,
         hourly=hourly,
         per_minute=per_minute,
@@ -102,9 +142,7 @@ def token_changes(
         scopes = data["scopes"]
         if not (isinstance(scopes, list) and scopes and all(isinstance(x, str) for x in scopes)):
             raise ValueError("scopes: must be a non-empty list of strings")
-        for scope in scopes:
-            if not is_valid_scope(scope, routes.routes):
-                raise ValueError(f"scopes: unknown scope {scope!r}")
+        check_scopes(scopes, routes)
         changes["scopes"] = tuple(scopes)
     if "expires_in" in data:
         changes["expires_at"] = _expires_at(data["expires_in"], now)
@@ -122,7 +160,10 @@ def _expires_in_seconds(value: object, also: str) -> float:
     bool), positive; ValueError naming the field otherwise (``also``: other values the
     caller takes, for the message)."""
     if isinstance(value, str):
-        seconds = parse_duration(value)
+        try:
+            seconds = parse_duration(value)
+        except ValueError as exc:  # parse_duration's message starts "duration:"
+            raise ValueError("expires_in: " + str(exc).removeprefix("duration: ")) from None
     elif type(value) in (int, float):
         seconds = float(value)  # type: ignore[arg-type]
     else:

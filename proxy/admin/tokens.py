@@ -13,7 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.admin.tokenops import create_token, token_changes
+from proxy.admin.tokenops import NameTaken, create_token, token_changes
 from proxy.errors import Reason, json_error
 from proxy.runtime import RUNTIME
 
@@ -63,6 +63,8 @@ async def tokens_create(request: web.Request) -> web.Response:
             raise _bad(f"{key}: must be an integer")
     try:
         new = await create_token(rt.store, rt.config, rt.routes, **_create_args(data))
+    except NameTaken as exc:
+        return json_error(409, str(exc), reason=Reason.NAME_TAKEN)
     except (ValueError, TypeError) as exc:
         raise _bad(str(exc)) from None
     _audit(request, "token.create", new.record.id)

@@ -60,7 +60,7 @@ _ID_RE = re.compile(rf"[a-z0-9]{{{ID_LENGTH}}}")
 _HASH_RE = re.compile(r"[0-9a-f]{64}")
 _NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _SCOPE_RE = re.compile(r"[A-Za-z0-9:*._-]{1,64}")
-_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)([smhdw]?)")
+_DURATION_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)([smhdw]?)")  # ASCII digits only
 _UNIT_SECONDS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
 
 

@@ -26,7 +26,13 @@ class AdminClient:
         self._timeout = aiohttp.ClientTimeout(total=timeout)
 
     async def call(self, method: str, path: str, body: object | None = None) -> Any:
-        """One request; the decoded JSON answer, or AdminError."""
+        """One request; the decoded JSON answer, or AdminError. A call to /admin/ without
+        an admin token is refused here, naming the variable (the API would only say the
+        token is wrong)."""
+        if path.startswith("/admin/") and not self._token:
+            raise AdminError(
+                400, f"{ADMIN_TOKEN_ENV} is not set: export the admin token to use --admin-url"
+            )
         headers = {"Authorization": f"Bearer {self._token}"}
         try:
             async with (

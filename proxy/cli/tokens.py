@@ -10,19 +10,27 @@ import sqlite3
 import sys
 import time
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from proxy.admin.tokenops import create_token, open_store
+from proxy.auth.routes import DEFAULT_ROUTES
+from proxy.auth.scopes import known_scopes
 from proxy.auth.tokens import TokenStore
 from proxy.cli.admin_client import AdminClient
 from proxy.cli.common import admin_call, fail, load
 from proxy.config import GatewayConfig
+from proxy.config.state_url import parse_state_url
 from proxy.state.sqlite.connection import StateFileError
 
 if TYPE_CHECKING:
     from proxy.cli.common import Subparsers
 
 __all__ = ["add_token_parser", "cmd_token_create", "cmd_token_list", "cmd_token_revoke"]
+
+# The built-in routes' scopes (a config's routes: may add more; an unknown one is refused
+# with the list of the config's own).
+_SCOPES_HELP = ", ".join(sorted(s for s in known_scopes(DEFAULT_ROUTES) if "*" not in s))
 
 
 def _state_errors() -> tuple[type[Exception], ...]:
@@ -58,6 +66,18 @@ async def _with_store(
             return fail([str(exc)], code=1)
         # sqlite's and Redis' texts name no secret (the URL's password is refused).
         return fail([f"state: the token store failed: {type(exc).__name__}: {exc}"], code=1)
+
+
+def _missing_state_file(config: GatewayConfig) -> int | None:
+    """For a command that reads tokens (list, revoke): 1 and an error line when the sqlite
+    file the state names does not exist (opening it would create an empty one, and a
+    mistyped --state would list nothing instead of saying so); None otherwise."""
+    state = parse_state_url(config.state)
+    if state.backend != "sqlite" or state.path is None or Path(state.path).exists():
+        return None
+    return fail(
+        [f"state: no sqlite file at {state.path} (check --state or the config's state)"], code=1
+    )
 
 
 def _print_created(view: dict[str, Any], token: str) -> None:
@@ -121,6 +141,8 @@ def cmd_token_list(args: argparse.Namespace) -> int:
 
         return admin_call(args, remote)
     config = load(args)
+    if (missing := _missing_state_file(config)) is not None:
+        return missing
 
     async def run(store: TokenStore) -> int:
         _print_tokens([r.public_view() for r in await store.list()], args.json)
@@ -133,21 +155,37 @@ def cmd_token_revoke(args: argparse.Namespace) -> int:
     if args.admin_url:
 
         async def remote(client: AdminClient) -> int:
+            before = await client.call("GET", f"/admin/tokens/{args.token_id}")
+            if before.get("revoked_at"):
+                return _already_revoked(before)
             view = await client.revoke(args.token_id)
             print(f"revoked {view['id']} ({view['name']})")
             return 0
 
         return admin_call(args, remote)
     config = load(args)
+    if (missing := _missing_state_file(config)) is not None:
+        return missing
 
     async def run(store: TokenStore) -> int:
-        record = await store.revoke(args.token_id, time.time())
-        if record is None:
+        before = await store.get(args.token_id)
+        if before is None:
             return fail([f"no token with id {args.token_id}"], code=1)
+        if before.revoked_at is not None:
+            return _already_revoked(before.public_view())
+        record = await store.revoke(args.token_id, time.time())
+        assert record is not None  # tokens are revoked, never deleted
         print(f"revoked {record.id} ({record.name})")
         return 0
 
     return asyncio.run(_with_store(config, run))
+
+
+def _already_revoked(view: dict[str, Any]) -> int:
+    """A revocation asked again: nothing changes (the first time is kept); exit 0, since
+    the token is revoked as asked, but said so."""
+    print(f"{view['id']} ({view['name']}) was already revoked at {view['revoked_at']}")
+    return 0
 
 
 def add_token_parser(sub: Subparsers) -> None:
@@ -155,13 +193,44 @@ def add_token_parser(sub: Subparsers) -> None:
     token = sub.add_parser("token", help="create, list or revoke internal tokens")
     tsub = token.add_subparsers(dest="token_command", required=True)
     create = tsub.add_parser("create", help="create a token; printed once, as the last line")
-    create.add_argument("--name", required=True)
-    create.add_argument("--scope", action="append", required=True)
-    create.add_argument("--hourly", type=int)
-    create.add_argument("--per-minute", type=int)
-    create.add_argument("--weight", type=int, default=1)
-    create.add_argument("--expires-in", help="e.g. 30d, 12h, 90m")
-    create.add_argument("--upstream-key", default="default")
+    create.add_argument(
+        "--name",
+        required=True,
+        help="the service's name, 1-64 of A-Z a-z 0-9 . _ -; metrics and logs label by it, so"
+        " no two active tokens share one",
+    )
+    create.add_argument(
+        "--scope",
+        action="append",
+        required=True,
+        metavar="SCOPE",
+        help="a scope the token holds, repeatable (--scope contacts:read --scope tags:read);"
+        " wildcards: contacts:* (every contacts: scope), * (everything, unknown routes too);"
+        " scopes: " + _SCOPES_HELP,
+    )
+    create.add_argument(
+        "--hourly", type=int, metavar="N", help="the token's own quota: requests per hour"
+    )
+    create.add_argument(
+        "--per-minute", type=int, metavar="N", help="the token's own quota: requests per minute"
+    )
+    create.add_argument(
+        "--weight",
+        type=int,
+        default=1,
+        metavar="N",
+        help="its share when tokens wait for the shared budget (default 1; 2 gets twice)",
+    )
+    create.add_argument(
+        "--expires-in", metavar="DURATION", help="e.g. 30d, 12h, 90m (default: never)"
+    )
+    create.add_argument(
+        "--upstream-key",
+        default="default",
+        metavar="NAME",
+        help="the echowin key it uses: default (upstream.api_key) or a name under"
+        " upstream.extra_keys",
+    )
     create.set_defaults(func=cmd_token_create)
     lst = tsub.add_parser("list", help="list tokens (never their secrets)")
     lst.add_argument("--json", action="store_true")

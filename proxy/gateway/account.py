@@ -52,6 +52,10 @@ def account(rt: Runtime, method: str, ex: Exchange, response: web.StreamResponse
     caller went away before its answer was written (``response`` None, or
     ``ex.client_gone``)."""
     status = response.status if response is not None and not ex.client_gone else 499
+    if not ex.bytes_out and status != 499 and isinstance(response, web.Response):
+        body = response.body  # an answer the gateway wrote itself: its JSON body
+        if isinstance(body, bytes):
+            ex.bytes_out = len(body)
     token_name = ex.token.name if ex.token is not None else ANONYMOUS
     total = time.perf_counter() - ex.started
     metrics = rt.metrics

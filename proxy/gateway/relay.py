@@ -172,10 +172,28 @@ def _response(
     response = _Relayed(status=upstream.status)
     _relay_fields(response.headers, upstream.headers, pool, credential, watch)
     response.headers.update(extra)
+    _private(response.headers)
     length = upstream.content_length
     if length is not None:
         response.content_length = length
     return response
+
+
+_VARY = "Authorization, X-API-Key, X-AGENCY-KEY"
+
+
+def _private(headers: CIMultiDict[str]) -> None:
+    """The answer is the caller's own (its rate-limit fields, and what its token may see):
+    ``Cache-Control: private`` when echowin set none, and ``Vary`` on the fields a token
+    comes in, so a shared cache between a service and the gateway keeps one token's answer
+    from another."""
+    if "Cache-Control" not in headers:
+        headers["Cache-Control"] = "private"
+    varies = headers.getall("Vary", None)
+    if varies is None:
+        headers["Vary"] = _VARY
+    elif "*" not in (value.strip() for value in varies):
+        headers["Vary"] = ", ".join((*varies, _VARY))
 
 
 def _relay_fields(

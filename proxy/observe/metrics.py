@@ -8,7 +8,9 @@ authenticated token are labelled ``token="-"``.
 from __future__ import annotations
 
 import functools
+import gzip
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import (
@@ -23,10 +25,12 @@ from prometheus_client.core import (
     GaugeMetricFamily,
     Metric,
 )
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 from proxy import __version__
 from proxy.errors import REFUSAL_REASONS
+from proxy.observe.build import revision
 from proxy.observe.loop_metrics import LoopCounter, LoopHistogram
 
 ANONYMOUS = "-"
@@ -50,6 +54,46 @@ supervisor's alike (proxy/workers/group_admin.py)."""
 
 BudgetSource = Callable[[], Mapping[str, Any]]
 QuotaSource = Callable[[], Mapping[str, Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class Exposition:
+    """A /metrics answer: its body and the fields that say what it is."""
+
+    body: bytes
+    headers: dict[str, str]
+
+
+_GZIP_MIN_BYTES = 1024  # smaller pages gain nothing from compression
+
+
+def expose(
+    registry: CollectorRegistry, accept: str | None, accept_encoding: str | None
+) -> Exposition:
+    """``registry``'s metrics in the format ``accept`` asks for (OpenMetrics 1.0 when it
+    names application/openmetrics-text, else Prometheus' text format; prometheus_client's
+    own choice), gzipped when ``accept_encoding`` allows it."""
+    encoder, content_type = choose_encoder(accept or "")
+    body = encoder(registry)
+    headers = {"Content-Type": content_type, "Vary": "Accept, Accept-Encoding"}
+    if len(body) >= _GZIP_MIN_BYTES and _takes_gzip(accept_encoding):
+        body = gzip.compress(body, compresslevel=6)
+        headers["Content-Encoding"] = "gzip"
+    return Exposition(body, headers)
+
+
+def _takes_gzip(accept_encoding: str | None) -> bool:
+    """True when ``accept_encoding`` lists gzip (or ``*``) with a q-value above 0."""
+    for item in (accept_encoding or "").split(","):
+        coding, _, params = item.strip().partition(";")
+        if coding.strip().lower() not in ("gzip", "x-gzip", "*"):
+            continue
+        q = params.strip().lower().removeprefix("q=")
+        try:
+            return not params.strip() or float(q) > 0
+        except ValueError:
+            return False
+    return False
 
 
 def window_label(per_seconds: float) -> str:
@@ -143,11 +187,15 @@ class Metrics:
 
     def _declare_process(self, r: CollectorRegistry) -> None:
         self.build_info = Gauge(
-            "echowin_gateway_build_info", "Build information; always 1.", ["version"], registry=r
+            "echowin_gateway_build_info",
+            "Build information; always 1.",
+            ["version", "revision"],
+            registry=r,
         )
-        self.build_info.labels(__version__).set(1)
-        # CPU seconds, resident memory, open file descriptors of this process.
-        ProcessCollector(namespace="echowin_gateway", registry=r)
+        self.build_info.labels(__version__, revision()).set(1)
+        # CPU seconds, resident memory, open file descriptors of this process, under the
+        # standard process_* names generic dashboards and alerts expect.
+        ProcessCollector(registry=r)
 
     def _declare_requests(self, r: CollectorRegistry) -> None:
         # Updated on every request: plain numbers on the event loop (see loop_metrics).
@@ -340,3 +388,7 @@ class Metrics:
     def exposition(self) -> bytes:
         """The text exposition format of every metric."""
         return generate_latest(self.registry)
+
+    def answer(self, accept: str | None, accept_encoding: str | None) -> Exposition:
+        """Every metric as the scraper asked: see :func:`expose`."""
+        return expose(self.registry, accept, accept_encoding)

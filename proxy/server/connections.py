@@ -23,6 +23,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.streams import StreamReader
 
+from proxy import SERVER_NAME
 from proxy.aiohttp_compat import (
     HandlerState,
     HttpProcessingError,
@@ -150,7 +151,12 @@ class JsonErrors(HandlerState):
                 else HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE
             )
         phrase = HTTPStatus(status).phrase
-        answer = json_error(status, phrase, reason=Reason.BAD_REQUEST if status < 500 else None)
+        answer = json_error(
+            status,
+            phrase,
+            reason=Reason.BAD_REQUEST if status < 500 else None,
+            headers={"Server": SERVER_NAME},  # no app's on_response_prepare sees this one
+        )
         answer.force_close()
         return answer
 

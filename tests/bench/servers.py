@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -398,6 +399,12 @@ def start_gateway(
     return launch_gateway(procs, name, raw, cpu, source=source)
 
 
+def _token_name(gw: Gateway) -> str:
+    """A token name of its own per gateway: active names are unique, and gateways on one
+    Redis share a token store."""
+    return "bench-" + re.sub(r"[^A-Za-z0-9._-]", "-", gw.name)[:58]
+
+
 async def create_token(session: aiohttp.ClientSession, gw: Gateway, scope: str) -> str:
     """A new token holding ``scope``, made through the admin API."""
     deadline = time.monotonic() + STARTUP_SECONDS
@@ -414,7 +421,7 @@ async def create_token(session: aiohttp.ClientSession, gw: Gateway, scope: str) 
         await asyncio.sleep(0.05)
     async with session.post(
         gw.admin_url + "/admin/tokens",
-        json={"name": "bench", "scopes": [scope]},
+        json={"name": _token_name(gw), "scopes": [scope]},
         headers={"Authorization": f"Bearer {gw.admin_token}"},
     ) as resp:
         body = await resp.json()

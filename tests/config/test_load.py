@@ -52,9 +52,14 @@ from tests.config.conftest import ROOT, errors_of
             'admin_listen: must be "host:port" with a port in 1-65535, got "127.0.0.1:9\u00b2"',
         ),
         ({"upstream": {"colour": "blue"}}, "upstream.colour: unknown key"),
+        ({"upstrem": {}}, "upstrem: unknown key; did you mean 'upstream'?"),
+        (
+            {"upstream": {"timout_seconds": 3}},
+            "upstream.timout_seconds: unknown key; did you mean 'timeout_seconds'?",
+        ),
         (
             {"logging": {"format": "xml"}},
-            'logging.format: must be one of the allowed values, got "xml"',
+            "logging.format: must be one of 'json' or 'text', got \"xml\"",
         ),
         ({"upstream": {"api_key": "sk-inline"}}, None),
         ({"upstream": {"api_key": {"env": "A", "file": "/b"}}}, None),
