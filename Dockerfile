@@ -26,7 +26,7 @@ RUN python -m venv --without-pip /opt/echowin-gateway
 COPY pyproject.toml README.md ./
 COPY proxy/ proxy/
 # fast: uvloop, which server.event_loop (auto) then runs on (docs/performance.md).
-RUN pip --python /opt/echowin-gateway/bin/python install --no-cache-dir "./[redis,fast]" \
+RUN pip --python /opt/echowin-gateway/bin/python install --no-cache-dir "./[redis,postgres,fast]" \
     && /opt/echowin-gateway/bin/echowin-gateway --version
 
 FROM python:3.11-slim-bookworm

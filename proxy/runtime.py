@@ -115,15 +115,20 @@ class Runtime:
             on_latency=lambda op, s: self.metrics.state_latency.labels(op).observe(s),
             on_health=lambda up: self.metrics.state_up.labels("redis").set(1 if up else 0),
         )
+        pg_password = self.secrets.token_store_password
         self._state = state = await open_state(
-            cfg, password.reveal() if password is not None else None, hooks
+            cfg,
+            password.reveal() if password is not None else None,
+            hooks,
+            pg_password.reveal() if pg_password is not None else None,
         )
         self.metrics.state_up.labels(state.backend).set(1)
+        self.metrics.state_up.labels(state.token_backend).set(1)
         self._auth = TokenAuthenticator(
             state.store,
             cache_ttl=cfg.tokens.cache_ttl_seconds,
             cache_size=cfg.tokens.cache_size,
-            stale_if_error=state.shared and cfg.on_state_failure == "local",
+            stale_if_error=state.tokens_shared and cfg.on_state_failure == "local",
         )
         self._upstream = Upstream(
             cfg.upstream.base_url,

@@ -200,7 +200,8 @@ def test_dockerfile_ports_volume_and_healthcheck_match_its_config() -> None:
 
 def test_dockerfile_installs_only_the_package() -> None:
     runs = " ".join(rest for word, rest in dockerfile() if word == "RUN")
-    assert re.search(r"pip .*install .*\./?\[redis,fast\]", runs), "with the redis and fast extras"
+    extras = r"pip .*install .*\./?\[redis,postgres,fast\]"
+    assert re.search(extras, runs), "with the redis, postgres and fast extras"
     assert "[dev]" not in runs and "requirements" not in runs
 
 
