@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import MappingProxyType
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 __all__ = ["ACTIONS", "MAX_AUDIT_PAGE", "AuditEntry", "AuditLog", "actor_name"]
 
@@ -67,8 +67,10 @@ class AuditEntry:
         }
 
 
+@runtime_checkable
 class AuditLog(Protocol):
-    """Where audit entries are kept. Implementations pass tests/state/test_audit_log.py."""
+    """Where audit entries are kept. Implementations pass tests/state/test_audit_log.py.
+    A token store that keeps the log implements this too (``isinstance(store, AuditLog)``)."""
 
     async def append(self, entry: AuditEntry) -> None:
         """Store ``entry`` (its ``seq`` is ignored: the log numbers entries itself)."""

@@ -88,6 +88,20 @@ SCHEMA_MIGRATIONS: tuple[tuple[str, ...], ...] = (
             PRIMARY KEY (credential, owner)
         ) WITHOUT ROWID""",
     ),
+    # 4 -> 5: the audit log of token operations (proxy.auth.audit.AuditEntry), append-only;
+    # ``detail`` is a JSON object.
+    (
+        """CREATE TABLE token_audit (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            at REAL NOT NULL,
+            action TEXT NOT NULL,
+            token_id TEXT NOT NULL,
+            actor TEXT,
+            address TEXT,
+            detail TEXT NOT NULL
+        )""",
+        "CREATE INDEX token_audit_by_token ON token_audit (token_id, seq)",
+    ),
 )
 """Entry ``i`` takes the schema from ``PRAGMA user_version`` ``i`` to ``i + 1``. Only append."""
 
