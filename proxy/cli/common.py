@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import getpass
+import sqlite3
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, TypeAlias
@@ -13,8 +14,17 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 from proxy.auth.audit import actor_name
 from proxy.cli.admin_client import AdminClient, AdminError
 from proxy.config import GatewayConfig, load_config, with_state
+from proxy.state.sqlite.connection import StateFileError
 
-__all__ = ["EXIT_BROKEN_PIPE", "EXIT_CONFIG", "admin_call", "cli_actor", "fail", "load"]
+__all__ = [
+    "EXIT_BROKEN_PIPE",
+    "EXIT_CONFIG",
+    "admin_call",
+    "cli_actor",
+    "fail",
+    "load",
+    "state_errors",
+]
 
 if TYPE_CHECKING:
     # What ``add_subparsers`` returns: generic in typeshed only, so named for type checks.
@@ -38,6 +48,19 @@ def load(args: argparse.Namespace) -> GatewayConfig:
     if getattr(args, "state", None):
         config = with_state(config, args.state)
     return config
+
+
+def state_errors() -> tuple[type[Exception], ...]:
+    """What the token store raises when its state cannot answer (Redis' and asyncpg's
+    errors once loaded: each is imported only for its own URL)."""
+    errors: list[type[Exception]] = [StateFileError, sqlite3.Error]
+    redis_exceptions = sys.modules.get("redis.exceptions")
+    if redis_exceptions is not None:
+        errors.append(redis_exceptions.RedisError)
+    asyncpg = sys.modules.get("asyncpg")
+    if asyncpg is not None:
+        errors += [asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError]
+    return tuple(errors)
 
 
 def cli_actor() -> str:

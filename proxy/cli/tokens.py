@@ -7,8 +7,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import sqlite3
-import sys
 import time
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
@@ -18,7 +16,8 @@ from proxy.admin.tokenops import create_token, open_store
 from proxy.auth.audit import MAX_AUDIT_PAGE, AuditLog
 from proxy.auth.tokens import TokenStore
 from proxy.cli.admin_client import AdminClient
-from proxy.cli.common import admin_call, cli_actor, fail, load
+from proxy.cli.common import admin_call, cli_actor, fail, load, state_errors
+from proxy.cli.migrate import add_migrate_parser
 from proxy.config import GatewayConfig
 from proxy.state.sqlite.connection import StateFileError
 
@@ -32,19 +31,6 @@ __all__ = [
     "cmd_token_list",
     "cmd_token_revoke",
 ]
-
-
-def _state_errors() -> tuple[type[Exception], ...]:
-    """What the token store raises when its state cannot answer (Redis' and asyncpg's
-    errors once loaded: each is imported only for its own URL)."""
-    errors: list[type[Exception]] = [StateFileError, sqlite3.Error]
-    redis_exceptions = sys.modules.get("redis.exceptions")
-    if redis_exceptions is not None:
-        errors.append(redis_exceptions.RedisError)
-    asyncpg = sys.modules.get("asyncpg")
-    if asyncpg is not None:
-        errors += [asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError]
-    return tuple(errors)
 
 
 async def _with_store(
@@ -65,7 +51,7 @@ async def _with_store(
             return await fn(store)
         finally:
             await store.close()
-    except _state_errors() as exc:
+    except state_errors() as exc:
         if isinstance(exc, StateFileError):
             return fail([str(exc)], code=1)
         # sqlite's, Redis' and asyncpg's texts name no secret (a URL's password is refused).
@@ -230,6 +216,7 @@ def add_token_parser(sub: Subparsers) -> None:
     audit.add_argument("--limit", type=_limit, default=100, help="at most this many (1-1000)")
     audit.add_argument("--json", action="store_true")
     audit.set_defaults(func=cmd_token_audit)
+    add_migrate_parser(tsub)
     for sp in (create, lst, revoke, audit):
         where = sp.add_mutually_exclusive_group(required=True)
         where.add_argument("--config", help="work on the token store the config names")

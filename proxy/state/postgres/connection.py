@@ -18,6 +18,7 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from proxy.config.postgres_url import PostgresAddress, parse_postgres_url
+from proxy.state.sqlite.connection import StateFileError
 
 __all__ = [
     "MIGRATIONS",
@@ -66,7 +67,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
-class PostgresStoreError(RuntimeError):
+class PostgresStoreError(StateFileError):
     """The token store in PostgreSQL cannot be used: it does not answer, refuses the login,
     or holds a newer schema. The message starts ``token_store:`` and names the database
     (``postgresql://user@host:port/db``, never a password)."""

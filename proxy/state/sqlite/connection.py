@@ -29,7 +29,9 @@ T = TypeVar("T")
 
 class StateFileError(RuntimeError):
     """The state file cannot be used: not created, not a database, read-only, or of a newer
-    schema. The message starts ``state:`` and names the file (a path holds no secret)."""
+    schema. The message starts ``state:`` and names the file (a path holds no secret).
+    ``serve`` and the ``token`` commands answer it with that one line, exit status 1; the
+    PostgreSQL token store's ``PostgresStoreError`` is one too (``token_store:``)."""
 
 
 BUSY_TIMEOUT_SECONDS = 5.0
