@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -31,6 +32,8 @@ from proxy.observe.metrics import Metrics
 from proxy.observe.request_ids import RequestIds
 from proxy.state import SharedSlotsHooks, State, open_state
 from proxy.upstream import Upstream
+
+log = logging.getLogger("echowin_gateway.state")
 
 
 @dataclass(slots=True)
@@ -123,7 +126,7 @@ class Runtime:
             pg_password.reveal() if pg_password is not None else None,
         )
         self.metrics.state_up.labels(state.backend).set(1)
-        self.metrics.state_up.labels(state.token_backend).set(1)
+        state.watch_resets(self._state_reset)
         self._auth = TokenAuthenticator(
             state.store,
             cache_ttl=cfg.tokens.cache_ttl_seconds,
@@ -140,6 +143,19 @@ class Runtime:
         self.admitter = await self._open_scheduler(state)
         if state.send_log is not None:
             self._pruner = asyncio.get_running_loop().create_task(self._prune_forever())
+
+    def _state_reset(self) -> None:
+        """Redis lost its data: say so, and where the tokens are (lost with it, or not)."""
+        self.metrics.state_resets.inc()
+        assert self._state is not None
+        if self.config.token_store is None:  # tokens in Redis too
+            tokens = "lost with it: callers get 401 until their tokens are created again"
+            hint = "run Redis with appendonly yes, or keep tokens in token_store: postgresql://"
+        else:
+            tokens = f"kept in {self._state.token_backend}"
+            hint = "the budget is rebuilt from the replicas' journals"
+        fields = {"backend": "redis", "tokens": tokens, "hint": hint}
+        log.warning("Redis lost its data (restarted empty?)", extra={"fields": fields})
 
     async def _open_scheduler(self, state: State) -> Scheduler:
         cfg = self.config

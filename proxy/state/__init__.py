@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from proxy.state.postgres.connection import PostgresOptions
     from proxy.state.postgres.tokens import PostgresTokenStore
     from proxy.state.redis.client import RedisOptions, open_redis
+    from proxy.state.redis.reset import ResetWatch
     from proxy.state.redis.tokens import RedisTokenStore
 
 __all__ = [
@@ -196,6 +197,7 @@ class State:
     _config: GatewayConfig
     _hooks: SharedSlotsHooks
     _redis: Redis | None = None
+    _reset_watch: ResetWatch | None = None
 
     @property
     def shared(self) -> bool:
@@ -248,8 +250,23 @@ class State:
             keep_view=QUOTA_IN_USE if quota else math.inf,
         )
 
+    def watch_resets(self, on_reset: Callable[[], None], interval: float | None = None) -> None:
+        """With state in Redis: call ``on_reset()`` each time Redis is found to have lost
+        its data (``proxy.state.redis.reset``), checking every ``interval`` seconds (default
+        ``CHECK_SECONDS``) until ``close``. Nothing for the other backends."""
+        if self._redis is None or self._reset_watch is not None:
+            return
+        from proxy.state.redis.reset import CHECK_SECONDS, ResetWatch
+
+        every = CHECK_SECONDS if interval is None else interval
+        watch = ResetWatch(self._redis, self._config.redis.key_prefix, on_reset, interval=every)
+        self._reset_watch = watch
+        watch.start()
+
     async def close(self) -> None:
         """Close the send log, the token store and the Redis client (after the slots)."""
+        if self._reset_watch is not None:
+            await self._reset_watch.stop()
         try:
             if self.send_log is not None:
                 await self.send_log.close()
