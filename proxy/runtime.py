@@ -20,7 +20,7 @@ from proxy.auth.authenticator import TokenAuthenticator
 from proxy.auth.client_address import TrustedProxies
 from proxy.auth.routes import RouteTable
 from proxy.auth.throttle import AuthThrottle
-from proxy.auth.tokens import TokenStore
+from proxy.auth.tokens import TokenFeed, TokenStore
 from proxy.budget.admission import Admitter, OpenAdmitter
 from proxy.budget.lane import Lane, QueuePolicy
 from proxy.budget.quotas import QUOTA_HORIZON
@@ -94,6 +94,12 @@ class Runtime:
         return self._state is not None and self._state.shared
 
     @property
+    def tokens_shared(self) -> bool:
+        """True when the tokens live in a store shared with other replicas (Redis, or
+        PostgreSQL through ``token_store``)."""
+        return self._state is not None and self._state.tokens_shared
+
+    @property
     def store(self) -> TokenStore:
         assert self._state is not None, "Runtime not opened"
         return self._state.store
@@ -133,6 +139,8 @@ class Runtime:
             cache_size=cfg.tokens.cache_size,
             stale_if_error=state.tokens_shared and cfg.on_state_failure == "local",
         )
+        if isinstance(state.store, TokenFeed):  # changes made elsewhere drop the cache at once
+            state.store.follow(self._auth.invalidate)
         self._upstream = Upstream(
             cfg.upstream.base_url,
             timeout_seconds=cfg.upstream.timeout_seconds,

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import builtins
 import json
-from typing import Unpack
+from collections.abc import Callable
+from typing import Any, Unpack
 
 import asyncpg
 
 from proxy.auth.audit import MAX_AUDIT_PAGE, AuditEntry
 from proxy.auth.tokens import TokenChanges, TokenRecord, apply_changes
-from proxy.state.postgres.connection import PostgresOptions, as_json, open_pool
+from proxy.config.postgres_url import parse_postgres_url
+from proxy.state.postgres.connection import PostgresOptions, as_json, connect_args, open_pool
+from proxy.state.postgres.feed import CHANNEL, ChangeFollower
 
 __all__ = ["PostgresTokenStore"]
 
@@ -22,7 +25,11 @@ _COLUMNS = (
 _SELECT = f"SELECT {_COLUMNS} FROM egw_tokens"  # noqa: S608 - fixed column names only
 _AUDIT_COLUMNS = "seq, at, action, token_id, actor, address, detail"
 _REVOKE_SET = "SET revoked_at = coalesce(revoked_at, $2) WHERE id = $1"
-_REVOKE = f"UPDATE egw_tokens {_REVOKE_SET} RETURNING {_COLUMNS}"
+# The change and its notice in one statement: the notice leaves when it is committed.
+_CHANGED = f"UPDATE egw_tokens {_REVOKE_SET} RETURNING {_COLUMNS}"
+_TOLD = f"pg_notify('{CHANNEL}', changed.id)"
+_REVOKE = f"WITH changed AS ({_CHANGED}) SELECT changed.*, {_TOLD} FROM changed"  # noqa: S608
+_NOTIFY = f"SELECT pg_notify('{CHANNEL}', $1)"
 
 
 def _from_row(row: asyncpg.Record) -> TokenRecord:
@@ -73,20 +80,35 @@ def _entry(row: asyncpg.Record) -> AuditEntry:
 class PostgresTokenStore:
     """Tokens in PostgreSQL, shared by every replica and surviving any Redis.
 
-    Each method is one statement (``update``: one transaction holding the row's lock from the
-    read to the write), so it is atomic across replicas. Errors propagate (asyncpg's, OSError,
-    TimeoutError); the caller treats any as "store unavailable". After ``close`` every method
-    raises RuntimeError.
+    Each method is one statement or one transaction (``update`` holds the row's lock from
+    the read to the write), so it is atomic across replicas; each write also notifies
+    ``feed.CHANNEL`` with the token's id (``follow``). Errors propagate (asyncpg's, OSError,
+    TimeoutError); the caller treats any as "store unavailable". After ``close`` every
+    method raises RuntimeError.
     """
 
-    def __init__(self, pool: asyncpg.Pool[asyncpg.Record]) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool[asyncpg.Record], connect: dict[str, Any] | None = None
+    ) -> None:
+        """``connect``: asyncpg's keywords for ``follow``'s own connection."""
         self._pool = pool
+        self._connect = connect
+        self._follower: ChangeFollower | None = None
         self._closed = False
 
     @classmethod
     async def open(cls, url: str, options: PostgresOptions) -> PostgresTokenStore:
         """Connect and migrate (``connection.open_pool``: its errors)."""
-        return cls(await open_pool(url, options))
+        pool = await open_pool(url, options)
+        return cls(pool, connect_args(parse_postgres_url(url), options))
+
+    def follow(self, on_change: Callable[[str], None]) -> None:
+        """Call ``on_change(token_id)`` whenever any process creates, changes or revokes a
+        token (LISTEN/NOTIFY, ``feed.py``), until ``close``. Once per store."""
+        if self._connect is None or self._follower is not None:
+            return
+        self._follower = ChangeFollower(self._connect, on_change)
+        self._follower.start()
 
     def _open_pool(self) -> asyncpg.Pool[asyncpg.Record]:
         if self._closed:
@@ -97,7 +119,9 @@ class PostgresTokenStore:
         values = ", ".join(f"${n}" for n in range(1, 12))
         statement = f"INSERT INTO egw_tokens ({_COLUMNS}) VALUES ({values})"  # noqa: S608
         try:
-            await self._open_pool().execute(statement, *_to_args(record))
+            async with self._open_pool().acquire() as conn, conn.transaction():
+                await conn.execute(statement, *_to_args(record))
+                await conn.execute(_NOTIFY, record.id)  # a replica may know it as unknown
         except asyncpg.UniqueViolationError:
             raise ValueError(f"token id {record.id!r} already exists") from None
 
@@ -132,6 +156,7 @@ class PostgresTokenStore:
                 updated.weight,
                 updated.expires_at,
             )
+            await conn.execute(_NOTIFY, token_id)
             return updated
 
     async def append(self, entry: AuditEntry) -> None:
@@ -165,8 +190,10 @@ class PostgresTokenStore:
         await self._open_pool().fetchval("SELECT 1")
 
     async def close(self) -> None:
-        """Close the pool (connections in use are waited for). Idempotent."""
+        """Stop following; close the pool (connections in use are waited for). Idempotent."""
         if self._closed:
             return
         self._closed = True
+        if self._follower is not None:
+            await self._follower.stop()
         await self._pool.close()
