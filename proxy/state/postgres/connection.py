@@ -10,6 +10,7 @@ gateway knows is refused at start.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +26,8 @@ __all__ = [
     "SCHEMA_VERSION",
     "PostgresOptions",
     "PostgresStoreError",
+    "as_json",
+    "connect_args",
     "migrate",
     "open_pool",
 ]
@@ -155,13 +158,6 @@ async def migrate(
         return found
 
 
-def describe(url: str) -> str:
-    """``url`` without anything but user, host, port and database (for messages)."""
-    return parse_postgres_url(url).describe()
-
-
 def as_json(detail: Mapping[str, object]) -> str:
     """``detail`` for a ``jsonb`` column (asyncpg sends text for it)."""
-    import json
-
     return json.dumps(dict(detail), sort_keys=True, separators=(",", ":"))
