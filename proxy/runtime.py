@@ -140,7 +140,8 @@ class Runtime:
             stale_if_error=state.tokens_shared and cfg.on_state_failure == "local",
         )
         if isinstance(state.store, TokenFeed):  # changes made elsewhere drop the cache at once
-            state.store.follow(self._auth.invalidate)
+            up = self.metrics.state_up.labels(state.token_backend)
+            state.store.follow(self._auth.invalidate, lambda ok: up.set(1 if ok else 0))
         self._upstream = Upstream(
             cfg.upstream.base_url,
             timeout_seconds=cfg.upstream.timeout_seconds,

@@ -310,6 +310,9 @@ class TokenFeed(Protocol):
     """A token store that tells of changes made by any process (PostgreSQL's NOTIFY), so a
     cache in front of it can drop a token at once instead of after its TTL."""
 
-    def follow(self, on_change: Callable[[str], None]) -> None:
+    def follow(
+        self, on_change: Callable[[str], None], on_health: Callable[[bool], None] | None = None
+    ) -> None:
         """Call ``on_change(token_id)`` for each token created, changed or revoked anywhere,
-        until the store is closed."""
+        until the store is closed; ``on_health(up)`` as the store's connection comes and
+        goes (False: changes may go unheard, the cache's TTL bounds them)."""

@@ -35,11 +35,18 @@ _ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 class ChangeFollower:
     """LISTENs on ``CHANNEL`` with a connection made from ``connect_args`` (asyncpg's
     keywords: no DSN, so no password in a string); calls ``on_change(token_id)`` for each
-    notice, on the event loop, until ``stop``."""
+    notice, on the event loop, until ``stop``; ``on_health(up)`` when the connection
+    starts listening (True) and when it is lost or cannot be made (False)."""
 
-    def __init__(self, connect_args: dict[str, Any], on_change: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        connect_args: dict[str, Any],
+        on_change: Callable[[str], None],
+        on_health: Callable[[bool], None] | None = None,
+    ) -> None:
         self._connect_args = connect_args
         self._on_change = on_change
+        self._on_health = on_health
         self._task: asyncio.Task[None] | None = None
         self.listening = asyncio.Event()  # set while a connection listens (for tests, status)
 
@@ -62,6 +69,8 @@ class ChangeFollower:
             else:
                 told = False
             self.listening.clear()
+            if self._on_health is not None:
+                self._on_health(False)
             await asyncio.sleep(RETRY_SECONDS)
 
     async def _listen_once(self) -> None:
@@ -72,6 +81,8 @@ class ChangeFollower:
             conn.add_termination_listener(lambda _conn: lost.set())
             await conn.add_listener(CHANNEL, self._notice)
             self.listening.set()
+            if self._on_health is not None:
+                self._on_health(True)
             while not lost.is_set():
                 try:
                     await asyncio.wait_for(lost.wait(), PING_SECONDS)

@@ -102,12 +102,15 @@ class PostgresTokenStore:
         pool = await open_pool(url, options)
         return cls(pool, connect_args(parse_postgres_url(url), options))
 
-    def follow(self, on_change: Callable[[str], None]) -> None:
+    def follow(
+        self, on_change: Callable[[str], None], on_health: Callable[[bool], None] | None = None
+    ) -> None:
         """Call ``on_change(token_id)`` whenever any process creates, changes or revokes a
-        token (LISTEN/NOTIFY, ``feed.py``), until ``close``. Once per store."""
+        token (LISTEN/NOTIFY, ``feed.py``), until ``close``; ``on_health(up)`` as the
+        listening connection comes and goes. Once per store."""
         if self._connect is None or self._follower is not None:
             return
-        self._follower = ChangeFollower(self._connect, on_change)
+        self._follower = ChangeFollower(self._connect, on_change, on_health)
         self._follower.start()
 
     def _open_pool(self) -> asyncpg.Pool[asyncpg.Record]:

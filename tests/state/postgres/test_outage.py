@@ -1,7 +1,8 @@
 """PostgreSQL for tokens unreachable while the gateway runs (its private database closed to
 every connection, its pool's connections ended): tokens this replica has seen keep working
 (``on_state_failure: local``), an unseen one gets 503 ``state_unavailable``, ``/readyz`` says
-degraded, and all is well again once the database opens."""
+degraded, ``echowin_gateway_state_backend_up{backend="postgresql"}`` is 0, and all is well
+again once the database opens."""
 
 from __future__ import annotations
 
@@ -58,6 +59,24 @@ async def readyz(gw: GatewayHandle) -> tuple[int, dict[str, object]]:
         return resp.status, await resp.json()
 
 
+async def postgres_up(gw: GatewayHandle) -> float | None:
+    """``echowin_gateway_state_backend_up{backend="postgresql"}`` on the admin listener."""
+    async with aiohttp.ClientSession() as session, session.get(gw.admin_url("/metrics")) as resp:
+        text = await resp.text()
+    for line in text.splitlines():
+        if line.startswith('echowin_gateway_state_backend_up{backend="postgresql"}'):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+async def until_postgres_up_is(gw: GatewayHandle, value: float) -> None:
+    for _ in range(100):  # bounded: 10 s
+        if await postgres_up(gw) == value:
+            return
+        await asyncio.sleep(0.1)
+    pytest.fail(f"state_backend_up{{backend=postgresql}} never became {value}")
+
+
 async def test_seen_tokens_ride_out_a_postgres_outage(
     make_gateway: MakeGateway, pg_url: str
 ) -> None:
@@ -69,8 +88,10 @@ async def test_seen_tokens_ride_out_a_postgres_outage(
     seen = await gw.token(name="seen")
     unseen = await gw.token(name="unseen")
     assert (await get(gw, seen))[0] == 200
+    await until_postgres_up_is(gw, 1.0)
     await allow_connections(pg_url, False)
     try:
+        await until_postgres_up_is(gw, 0.0)
         await asyncio.sleep(CACHE_TTL + 0.1)  # the cached record has lapsed: the store is asked
         assert await get(gw, seen) == (200, "")
         status, reason = await get(gw, unseen)
@@ -85,3 +106,4 @@ async def test_seen_tokens_ride_out_a_postgres_outage(
         await asyncio.sleep(0.1)
     assert (await get(gw, unseen))[0] == 200
     assert (await readyz(gw))[1]["status"] == "ready"
+    await until_postgres_up_is(gw, 1.0)
