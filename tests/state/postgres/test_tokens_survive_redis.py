@@ -4,6 +4,7 @@ redis-server of this test, on a free port) and the tokens in PostgreSQL (a priva
 - Redis restarted EMPTY: callers keep their tokens; the loss is logged and counted
   (``echowin_gateway_state_resets_total``). With the tokens in Redis instead, the same loss
   costs callers their tokens, and the log line says so.
+- Two replicas under load across that restart: no 401, no upstream 429.
 - A token revoked straight in PostgreSQL (as ``token revoke --config`` does) is refused by
   every replica within a second, though each caches records for 30 s: LISTEN/NOTIFY.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,7 @@ from proxy.admin.tokenops import create_token
 from proxy.config import load_config
 from proxy.sim import Simulator
 from proxy.state import RedisOptions, open_token_store
-from tests.procs import REAL_KEY, Proc, Spawn, child_env, wait_http
+from tests.procs import REAL_KEY, Proc, Spawn, child_env, load_loop, wait_http
 from tests.state.pg_server import scratch_database
 from tests.state.redis.test_replicas import (  # noqa: F401 - fixtures
     RedisServer,
@@ -34,6 +36,7 @@ from tests.state.redis.test_replicas import (  # noqa: F401 - fixtures
     sim_server,
     wait_redis_up,
 )
+from tests.test_budget_e2e import LIMITS, max_in_any_window
 
 CACHE_TTL = 1.0
 DEADLINE = 15.0
@@ -96,6 +99,24 @@ async def listeners(url: str) -> int:
         await conn.close()
 
 
+async def marked(server: RedisServer, replica: Replica) -> None:
+    """Wait (bounded) until Redis holds the replicas' marker: each replica's first reading
+    runs as it opens, before its listener answers, so once it is there and the replicas
+    answer, they know it; what they find after a restart is then a loss."""
+    from redis.asyncio import Redis
+
+    key = f"{load_config(replica.config).redis.key_prefix}instance"
+    client = Redis.from_url(server.url, socket_timeout=1, socket_connect_timeout=1)
+    try:
+
+        async def present() -> bool:
+            return await client.get(key) is not None
+
+        await wait_for("the marker key set", present)
+    finally:
+        await client.aclose()
+
+
 def restart_empty(server: RedisServer) -> None:
     """Stop Redis, drop what it saved, start it again on the same port: empty."""
     server.stop()
@@ -148,7 +169,7 @@ async def test_a_redis_restarted_empty_is_told_and_costs_no_token_in_postgres(
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
         assert await status_of(session, replica, token) == 200
         assert await resets_counted(session, replica) == 0
-        await asyncio.sleep(2.5)  # the watch has read the marker once (every 2 s)
+        await marked(redis_server, replica)
 
         restart_empty(redis_server)
         await wait_redis_up(redis_server.url)
@@ -210,3 +231,51 @@ async def test_a_revocation_reaches_another_replica_at_once_through_notify(
 
         await wait_for("B refusing the revoked token", refused, timeout=1.0)
         assert time.monotonic() - revoked_at < 1.0
+
+
+async def test_two_loaded_replicas_keep_every_caller_across_an_empty_redis_restart(
+    tmp_path: Path,
+    spawn: Spawn,
+    redis_server: RedisServer,  # noqa: F811
+    sim_server: tuple[Simulator, str],  # noqa: F811
+    pg_url: str,
+) -> None:
+    """Load on two replicas (tokens in PostgreSQL) while Redis restarts empty: no caller
+    gets a 401, echowin sends no 429, both replicas count the loss once, and the budget
+    is served again after it."""
+    sim, sim_url = sim_server
+    await wait_redis_up(redis_server.url)
+    replicas = configs(tmp_path, sim_url, redis_server.url, 2, pg_url)
+    tokens = [await mint(replicas[0]) for _ in range(3)]
+    for i, replica in enumerate(replicas):
+        await start(spawn, replica, f"r{i}")
+    await marked(redis_server, replicas[0])
+    phases: list[Counter[int]] = [Counter(), Counter(), Counter()]
+
+    async def phase(index: int, seconds: float) -> None:
+        until = time.monotonic() + seconds
+        await asyncio.gather(
+            *(
+                load_loop(
+                    replicas[i % 2].url("/api/v1/contacts"), tokens[i % 3], until, phases[index]
+                )
+                for i in range(6)
+            )
+        )
+
+    await phase(0, 5.0)
+    during = asyncio.ensure_future(phase(1, 8.0))
+    await asyncio.sleep(1.0)
+    restart_empty(redis_server)
+    await wait_redis_up(redis_server.url)
+    await during
+    await phase(2, 5.0)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+        for replica in replicas:
+            assert await resets_counted(session, replica) == 1
+    assert all(p[401] == 0 for p in phases), phases
+    assert sim.statuses()[429] == 0
+    assert phases[0][200] > 0 and phases[2][200] > 0, phases
+    arrivals = sorted(r.at for r in sim.log if r.status not in (0, 401, 429))
+    for n, per in LIMITS:
+        assert max_in_any_window(arrivals, per) <= n
