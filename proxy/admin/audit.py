@@ -52,13 +52,10 @@ class Actor:
 
 def admin_actor(request: web.Request) -> Actor:
     """The actor of an admin API call: ``X-Gateway-Actor`` if valid, else ``admin-token``;
-    the peer's address, or, when the peer is the group's own link of ``serve --workers``
-    (a Unix socket, no address), the client address that link forwarded."""
+    the peer's address (behind ``serve --workers N``, the group listener's peer: a worker
+    takes it from its private socket's X-Forwarded-For, ``proxy/server/worker.py``)."""
     name = actor_name(request.headers.get(ACTOR_HEADER)) or ADMIN_TOKEN_ACTOR
     peer = parse_address(request.remote)
-    if peer is None:
-        forwarded = request.headers.get("X-Forwarded-For", "").rsplit(",", 1)[-1].strip()
-        peer = parse_address(forwarded or None)
     return Actor(name, None if peer is None else str(peer))
 
 

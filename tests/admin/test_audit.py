@@ -14,11 +14,13 @@ from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 
 from proxy.cli.main import main
 from tests.conftest import ADMIN_TOKEN, GatewayHandle
-from tests.procs import write_config
+from tests.procs import Gateway, Spawn, write_config
 from tests.state.pg_server import empty_tables, scratch_database
+from tests.workers.test_workers import ADMIN, group_config, start_group
 
 MakeGateway = Callable[..., Awaitable[GatewayHandle]]
 
@@ -34,6 +36,12 @@ async def call(
         session.request(method, gw.admin_url(path), json=body, headers=headers) as resp,
     ):
         return resp.status, await resp.json()
+
+
+@pytest.fixture
+async def pg_url() -> AsyncIterator[str]:
+    async with scratch_database() as url:
+        yield url
 
 
 @pytest.fixture(params=["postgresql", "sqlite", "memory"])
@@ -159,3 +167,43 @@ async def test_the_cli_records_its_user_and_reads_the_log(
         assert "token.revoke" in lines[0] and "token.create" in lines[1]
         assert all("cli:alice from -" in line for line in lines)
         assert created.splitlines()[-1] not in listed
+
+
+async def group_call(
+    gw: Gateway, method: str, path: str, body: object | None = None, actor: str | None = None
+) -> tuple[int, Any]:
+    headers = {"Authorization": f"Bearer {ADMIN}"}
+    if actor is not None:
+        headers["X-Gateway-Actor"] = actor
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session,
+        session.request(method, gw.admin_url(path), json=body, headers=headers) as resp,
+    ):
+        return resp.status, await resp.json()
+
+
+async def test_a_group_of_workers_records_the_group_listeners_peer(
+    tmp_path: Path, spawn: Spawn, pg_url: str
+) -> None:
+    """``serve --workers 2`` on a new database: both workers migrate it at once (the
+    advisory lock), and an entry made through the group's admin listener names the
+    client's address, not the worker's private socket."""
+    gw = group_config(
+        tmp_path, "http://127.0.0.1:9", "sqlite", "", [{"requests": 10, "per_seconds": 60}]
+    )
+    raw = yaml.safe_load(gw.config.read_text())
+    raw["token_store"] = pg_url
+    write_config(gw.config, raw)
+    await start_group(spawn, gw)
+    status, made = await group_call(
+        gw, "POST", "/admin/tokens", {"name": "svc", "scopes": ["*"]}, actor="deploy-bot"
+    )
+    assert status == 201, made
+    status, body = await group_call(gw, "GET", f"/admin/audit?token_id={made['id']}")
+    assert status == 200, body
+    (entry,) = body["entries"]
+    assert (entry["action"], entry["actor"], entry["address"]) == (
+        "token.create",
+        "deploy-bot",
+        "127.0.0.1",
+    )
