@@ -1,7 +1,8 @@
 """Durable state behind Protocols, and the one place that maps a state URL (parsed by
-:mod:`proxy.config.state_url`, whose docstring lists the URLs) to a backend: ``open_state``
-for a gateway process, ``open_token_store`` and ``open_send_log`` for one part alone.
-Nothing outside this module asks which backend a URL names."""
+:mod:`proxy.config.state_url`, whose docstring lists the URLs) or a ``token_store`` URL
+(:mod:`proxy.config.postgres_url`) to a backend: ``open_state`` for a gateway process,
+``open_token_store`` and ``open_send_log`` for one part alone. Nothing outside this module
+opens a backend by name (``token migrate`` only asks which password a URL needs)."""
 
 from __future__ import annotations
 

@@ -141,7 +141,7 @@ async def test_a_redis_token_store_keeps_no_audit_log(make_gateway: MakeGateway)
         await client.aclose()
 
 
-async def test_the_cli_records_its_user_and_reads_the_log(
+async def test_the_cli_works_on_a_postgres_token_store_and_records_its_user(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("ECHOWIN_API_KEY", "k")
@@ -160,7 +160,10 @@ async def test_the_cli_records_its_user_and_reads_the_log(
         loop_free = asyncio.to_thread  # main() runs its own event loop: off this one
         created = await loop_free(run, "create", "--name", "svc", "--scope", "*")
         token_id = created.splitlines()[0].split()[2]
+        listed_tokens = await loop_free(run, "list")
+        assert token_id in listed_tokens and "active" in listed_tokens
         await loop_free(run, "revoke", token_id)
+        assert "revoked" in await loop_free(run, "list")
         listed = await loop_free(run, "audit", "--token-id", token_id)
         lines = listed.splitlines()
         assert len(lines) == 2
