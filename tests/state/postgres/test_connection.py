@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 
 import asyncpg
 import pytest
+import yaml
 
 from proxy.auth.audit import AuditEntry
 from proxy.config.postgres_url import PostgresAddress, parse_postgres_url
@@ -20,6 +22,7 @@ from proxy.state.postgres.connection import (
     SCHEMA_VERSION,
     PostgresStoreError,
 )
+from tests.procs import assert_clean_error, free_ports, gateway_config, run_cli, write_config
 from tests.state.pg_server import scratch_database
 from tests.state.test_token_store import T0, record
 
@@ -109,8 +112,6 @@ async def test_a_newer_schema_is_refused() -> None:
 async def test_an_unreachable_database_is_named_without_its_password(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    from tests.procs import free_ports
-
     (port,) = free_ports(1)
     options = PostgresOptions(password="hunter2-secret", timeout_seconds=1.0)
     assert "hunter2" not in repr(options)
@@ -180,3 +181,26 @@ def test_parse_postgres_url_refuses(url: str, message: str) -> None:
 def test_describe_shows_no_password() -> None:
     address = parse_postgres_url("postgresql://gw@db.internal:6432/tokens?sslmode=require")
     assert address.describe() == "postgresql://gw@db.internal:6432/tokens"
+
+
+async def test_serve_and_the_token_commands_stop_with_one_line_naming_the_database(
+    tmp_path: Path,
+) -> None:
+    """The console script, as an operator runs it: PostgreSQL not answering, or a password
+    in the URL; one ``error:`` line, no traceback, no password."""
+    (pg_port,) = free_ports(1)
+    url = f"postgresql://gw@127.0.0.1:{pg_port}/tokens"
+    gw = gateway_config(tmp_path, "http://127.0.0.1:9", token_store=url)
+    env = {**gw.env, "POSTGRES_PASSWORD": "hunter2-secret"}
+    raw = yaml.safe_load(gw.config.read_text())
+    raw["postgres"] = {"password": {"env": "POSTGRES_PASSWORD"}, "timeout_seconds": 1}
+    write_config(gw.config, raw)
+    for args in (("serve",), ("token", "list")):
+        result = await asyncio.to_thread(run_cli, *args, "--config", gw.config, env=env)
+        line = assert_clean_error(result, 1, f"token_store: {url} cannot be used")
+        assert "hunter2" not in result.stderr + result.stdout, line
+    raw["token_store"] = f"postgresql://gw:hunter2-secret@127.0.0.1:{pg_port}/tokens"
+    write_config(gw.config, raw)
+    result = await asyncio.to_thread(run_cli, "check-config", gw.config, env=env)
+    assert_clean_error(result, 2, "token_store: a postgresql:// URL must not carry a password")
+    assert "hunter2" not in result.stderr
