@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from proxy.admin.audit import Actor, created_detail, record_operation
@@ -58,7 +58,8 @@ async def migrate_tokens(
                 report.conflicts.append(record.id)
                 continue
             report.copied.append(record.id)
-            detail = {**created_detail(record), "from": origin, "revoked": record.revoked_at}
+            revoked_at = record.public_view()["revoked_at"]
+            detail = {**created_detail(record), "from": origin, "revoked_at": revoked_at}
             await record_operation(dest, actor, "token.migrate", record.id, detail)
         elif there == record:
             report.present.append(record.id)
@@ -79,8 +80,6 @@ def _revoked_since(source: TokenRecord, dest: TokenRecord) -> bool:
 
 
 def _unrevoked(record: TokenRecord) -> TokenRecord:
-    from dataclasses import replace
-
     return replace(record, revoked_at=None)
 
 
