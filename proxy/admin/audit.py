@@ -113,9 +113,8 @@ async def audit_list(request: web.Request) -> web.Response:
         )
     query = request.query
     text = query.get("limit", "100")
-    if not (text.isascii() and text.isdigit() and 1 <= int(text) <= MAX_AUDIT_PAGE):
-        return json_error(
-            400, f"limit: must be a whole number 1-{MAX_AUDIT_PAGE}", reason=Reason.BAD_REQUEST
-        )
+    digits = len(text) <= len(str(MAX_AUDIT_PAGE)) and text.isascii() and text.isdigit()
+    if not (digits and 1 <= int(text) <= MAX_AUDIT_PAGE):
+        return json_error(400, "limit: must be a whole number 1-1000", reason=Reason.BAD_REQUEST)
     entries = await store.entries(token_id=query.get("token_id") or None, limit=int(text))
     return web.json_response({"entries": [e.public_view() for e in entries]})

@@ -117,7 +117,7 @@ async def test_a_bad_actor_or_limit(audited: GatewayHandle) -> None:
     assert status == 201
     status, body = await call(audited, "GET", "/admin/audit?limit=1")
     assert status == 200 and body["entries"][0]["actor"] == "admin-token"
-    for bad in ("0", "1001", "ten", "-1"):
+    for bad in ("0", "1001", "ten", "-1", "9" * 5000, "\u0661"):
         status, body = await call(audited, "GET", f"/admin/audit?limit={bad}")
         assert status == 400 and body["error"].startswith("limit:"), body
 
