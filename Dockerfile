@@ -23,7 +23,7 @@
 # Moving the base (the same digest on both FROM lines; it names the multi-arch index):
 #   docker buildx imagetools inspect python:3.11-slim-bookworm --format '{{json .Manifest.Digest}}'
 # Moving a dependency (after a change to pyproject.toml; tests/test_lockfile.py checks both):
-#   pip-compile --generate-hashes --extra redis --extra fast --strip-extras --allow-unsafe \
+#   pip-compile --generate-hashes --extra redis --extra postgres --extra fast --strip-extras --allow-unsafe \
 #     --no-emit-index-url --no-emit-find-links -o requirements.lock pyproject.toml
 #   pip-compile --generate-hashes --only-build-deps --build-deps-for wheel --allow-unsafe \
 #     --no-emit-index-url --no-emit-find-links -o requirements-build.lock pyproject.toml
@@ -34,8 +34,9 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_ROOT_USER_ACTION=ignore
 WORKDIR /src
 # A virtualenv without pip: the build stage's pip installs into it, so the runtime stage gets
-# the package and what it imports (redis: the Redis client; fast: uvloop, which
-# server.event_loop auto runs on), and no build tools.
+# the package and what it imports (redis: the Redis client; postgres: asyncpg, for a
+# token_store on PostgreSQL; fast: uvloop, which server.event_loop auto runs on), and no
+# build tools.
 RUN python -m venv --without-pip /opt/echowin-gateway
 COPY requirements.lock requirements-build.lock ./
 RUN pip install --no-cache-dir --require-hashes --no-deps -r requirements-build.lock \

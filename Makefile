@@ -16,7 +16,8 @@ run: $(VENV)/.installed
 
 test: $(VENV)/.installed test-deps lint typecheck unit unit-workers
 
-# Redis, Prometheus, Chromium: installed when missing, Redis started when down.
+# Redis, PostgreSQL, Prometheus, Chromium: installed when missing, Redis and PostgreSQL
+# started when down.
 test-deps:
 	bash scripts/test-deps.sh
 

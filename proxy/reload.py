@@ -19,6 +19,8 @@ RESTART_ONLY = (
     "admin_listen",
     "state",
     "redis",
+    "token_store",
+    "postgres",
     "replicas",
     "on_state_failure",
     "cache",

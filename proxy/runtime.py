@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from proxy.auth.authenticator import TokenAuthenticator
 from proxy.auth.client_address import TrustedProxies
 from proxy.auth.routes import RouteTable
 from proxy.auth.throttle import AuthThrottle
-from proxy.auth.tokens import TokenStore
+from proxy.auth.tokens import TokenFeed, TokenStore
 from proxy.budget.admission import Admitter, OpenAdmitter
 from proxy.budget.lane import Lane, QueuePolicy
 from proxy.budget.quotas import QUOTA_HORIZON
@@ -34,6 +35,8 @@ from proxy.observe.metrics import Metrics
 from proxy.observe.request_ids import RequestIds
 from proxy.state import SharedSlotsHooks, State, open_state
 from proxy.upstream import Upstream
+
+log = logging.getLogger("echowin_gateway.state")
 
 
 @dataclass(slots=True)
@@ -104,6 +107,12 @@ class Runtime:
         return self._state is not None and self._state.shared
 
     @property
+    def tokens_shared(self) -> bool:
+        """True when the tokens live in a store shared with other replicas (Redis, or
+        PostgreSQL through ``token_store``)."""
+        return self._state is not None and self._state.tokens_shared
+
+    @property
     def store(self) -> TokenStore:
         assert self._state is not None, "Runtime not opened"
         return self._state.store
@@ -128,16 +137,24 @@ class Runtime:
             on_latency=lambda op, s: self.metrics.state_latency.labels(op).observe(s),
             on_health=lambda up: self.metrics.state_up.labels("redis").set(1 if up else 0),
         )
+        pg_password = self.secrets.token_store_password
         self._state = state = await open_state(
-            cfg, password.reveal() if password is not None else None, hooks
+            cfg,
+            password.reveal() if password is not None else None,
+            hooks,
+            pg_password.reveal() if pg_password is not None else None,
         )
         self.metrics.state_up.labels(state.backend).set(1)
+        state.watch_resets(self._state_reset)
         self._auth = TokenAuthenticator(
             state.store,
             cache_ttl=cfg.tokens.cache_ttl_seconds,
             cache_size=cfg.tokens.cache_size,
-            stale_if_error=state.shared and cfg.on_state_failure == "local",
+            stale_if_error=state.tokens_shared and cfg.on_state_failure == "local",
         )
+        if isinstance(state.store, TokenFeed):  # changes made elsewhere drop the cache at once
+            up = self.metrics.state_up.labels(state.token_backend)
+            state.store.follow(self._auth.invalidate, lambda ok: up.set(1 if ok else 0))
         self._upstream = Upstream(
             cfg.upstream.base_url,
             timeout_seconds=cfg.upstream.timeout_seconds,
@@ -153,6 +170,19 @@ class Runtime:
             )
         if state.send_log is not None:
             self._pruner = asyncio.get_running_loop().create_task(self._prune_forever())
+
+    def _state_reset(self) -> None:
+        """Redis lost its data: say so, and where the tokens are (lost with it, or not)."""
+        self.metrics.state_resets.inc()
+        assert self._state is not None
+        if self.config.token_store is None:  # tokens in Redis too
+            tokens = "lost with it: callers get 401 until their tokens are created again"
+            hint = "run Redis with appendonly yes, or keep tokens in token_store: postgresql://"
+        else:
+            tokens = f"kept in {self._state.token_backend}"
+            hint = "the budget is rebuilt from the replicas' journals"
+        fields = {"backend": "redis", "tokens": tokens, "hint": hint}
+        log.warning("Redis lost its data (restarted empty?)", extra={"fields": fields})
 
     async def _open_scheduler(self, state: State) -> Scheduler:
         cfg = self.config

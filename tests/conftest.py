@@ -23,8 +23,9 @@ from proxy.server.guard import Guard, MalformedLog
 from proxy.server.listeners import JsonErrorRunner, ProxyRunner
 from proxy.sim import SimConfig, SimLimit, Simulator
 
-# The subprocess helpers' fixtures (``spawn``) are shared by every test module.
-pytest_plugins = ["tests.procs"]
+# The subprocess helpers' fixtures (``spawn``) and the PostgreSQL database of the session
+# (``pg_session_url``) are shared by every test module.
+pytest_plugins = ["tests.procs", "tests.state.pg_server"]
 
 TEAM_KEY = "real-team-key-0123456789abcdef"
 ACME_KEY = "real-acme-key-fedcba9876543210"

@@ -199,8 +199,9 @@ def test_dockerfile_ports_volume_and_healthcheck_match_its_config() -> None:
 
 
 def test_dockerfile_installs_only_the_package() -> None:
-    """The locked runtime dependencies (the redis and fast extras: tests/test_lockfile.py),
-    then the package alone, built from the context; nothing of [dev]."""
+    """The locked runtime dependencies (the redis, postgres and fast extras:
+    tests/test_lockfile.py), then the package alone, built from the context; nothing of
+    [dev]."""
     runs = " ".join(rest for word, rest in dockerfile() if word == "RUN")
     assert re.search(r"--require-hashes\s+--no-deps -r requirements\.lock", runs), runs
     assert re.search(r"pip wheel .*--no-deps .*\.\s", runs), "the package, built from ."

@@ -20,7 +20,7 @@ from tests.test_deploy import dockerfile, final_stage
 ROOT = Path(__file__).resolve().parents[1]
 LOCK = ROOT / "requirements.lock"
 BUILD_LOCK = ROOT / "requirements-build.lock"
-EXTRAS = ("redis", "fast")  # what the image installs (Dockerfile)
+EXTRAS = ("redis", "postgres", "fast")  # what the image installs (Dockerfile)
 FROM_PYPROJECT = "echowin-gateway (pyproject.toml)"
 FROM_BUILD_SYSTEM = "echowin-gateway (pyproject.toml::build-system.requires)"
 
@@ -90,7 +90,7 @@ def check_lock(pins: dict[str, Pin], requirements: list[Requirement], top: str) 
 def test_the_lock_holds_exactly_the_declared_runtime_requirements() -> None:
     pins = parse_lock(LOCK)
     check_lock(pins, declared(), FROM_PYPROJECT)
-    assert "--extra=fast --extra=redis" in LOCK.read_text(encoding="utf-8")
+    assert "--extra=fast --extra=postgres --extra=redis" in LOCK.read_text(encoding="utf-8")
     assert not {"pytest", "ruff", "mypy", "hypothesis"} & set(pins), "no dev tools in the image"
 
 

@@ -27,9 +27,10 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Ready when the token store answers. While a shared store (Redis) is down, a replica
-    configured with ``on_state_failure: local`` carries on alone and stays ready (say so in
-    the body); with ``closed`` it answers 503 until the store is back. Once SIGTERM's drain
+    """Ready when the token store answers. While a shared store (Redis, or PostgreSQL for
+    tokens) is down, a replica configured with ``on_state_failure: local`` carries on with
+    the tokens it has seen and stays ready (say so in the body); with ``closed`` it answers
+    503 until the store is back. Once SIGTERM's drain
     has begun the proxy accepts no more: 503 ``draining``."""
     rt = request.app[RUNTIME]
     if rt.draining:
@@ -38,7 +39,7 @@ async def readyz(request: web.Request) -> web.Response:
         await rt.store.ping()
     except Exception as exc:  # any backend failure means the store cannot answer
         log.warning("token store not ready", extra={"fields": {"error": type(exc).__name__}})
-        carries_on = rt.shared_state and rt.config.on_state_failure == "local"
+        carries_on = rt.tokens_shared and rt.config.on_state_failure == "local"
         body = {
             "status": "degraded" if carries_on else "unavailable",
             "token_store": "down",

@@ -117,6 +117,19 @@ _SCHEMAS: dict[str, Any] = {
             "external": {"type": "integer", "description": "used by others (echowin says)"},
         },
     },
+    "AuditEntry": {
+        "type": "object",
+        "description": "One token operation; never a token or its hash.",
+        "properties": {
+            "seq": {"type": "integer", "description": "the log's own order"},
+            "at": {"type": "string", "format": "date-time"},
+            "action": {"enum": ["token.create", "token.revoke", "token.update", "token.migrate"]},
+            "token_id": {"type": "string"},
+            "actor": {"type": ["string", "null"], "description": "X-Gateway-Actor, cli:USER"},
+            "address": {"type": ["string", "null"], "description": "the admin client's"},
+            "detail": {"type": "object", "description": "the fields set or changed"},
+        },
+    },
     "Usage": {
         "type": "object",
         "properties": {
@@ -220,6 +233,7 @@ def _other_paths() -> dict[str, Any]:
                 "responses": {"200": _json({"type": "object"}, "Forgotten"), **_ERRORS},
             },
         },
+        "/admin/audit": _audit_path(),
         "/admin/budget": {
             "get": {
                 "summary": "Every upstream credential's budget windows, queue and freeze;"
@@ -238,4 +252,33 @@ def _other_paths() -> dict[str, Any]:
                 "responses": {"200": _json({"type": "object"}, "Copies purged here"), **_ERRORS},
             }
         },
+    }
+
+
+def _audit_path() -> dict[str, Any]:
+    """The audit log of token operations."""
+    return {
+        "get": {
+            "summary": "The audit log of token operations, newest first (404 when the"
+            " token store keeps none: Redis)",
+            "parameters": [
+                {"name": "token_id", "in": "query", "schema": {"type": "string"}},
+                {
+                    "name": "limit",
+                    "in": "query",
+                    "schema": {"type": "integer", "minimum": 1, "maximum": 1000},
+                },
+            ],
+            "responses": {
+                "200": _json(
+                    {
+                        "type": "object",
+                        "properties": {"entries": {"items": _ref("AuditEntry")}},
+                    },
+                    "Entries, newest first",
+                ),
+                **_ERRORS,
+                "404": _json(_ref("Error"), "The token store keeps no audit log"),
+            },
+        }
     }

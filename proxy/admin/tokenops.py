@@ -18,7 +18,7 @@ from proxy.auth.tokens import (
     parse_duration,
 )
 from proxy.config import AGENCY_KEY_NAME, GatewayConfig
-from proxy.state import open_token_store, redis_options, state_password
+from proxy.state import open_token_store, postgres_options, redis_options, state_password
 
 
 class NameTaken(ValueError):
@@ -60,7 +60,13 @@ async def check_name_free(store: TokenStore, name: str, now: float) -> None:
 
 
 async def open_store(config: GatewayConfig) -> TokenStore:
-    """The token store ``config`` names, for the CLI (reads redis.password if needed)."""
+    """The token store ``config`` names (``token_store``, else ``state``), for the CLI
+    (reads ``postgres.password`` or ``redis.password`` if needed)."""
+    if config.token_store is not None:
+        ref = config.postgres.password
+        password = None if ref is None else ref.resolve("postgres.password", os.environ).reveal()
+        options = postgres_options(config, password)
+        return await open_token_store(config.token_store, postgres_options=options)
     password = state_password(config, os.environ)
     return await open_token_store(config.state, redis_options=redis_options(config, password))
 

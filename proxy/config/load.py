@@ -39,7 +39,7 @@ _NOT_INLINE = "must be {env: NAME} or {file: PATH}, never inline"
 
 # Keys whose values may be a secret pasted inline by mistake: never echo their input.
 _SECRET_KEYS = frozenset(
-    {"api_key", "agency_key", "extra_keys", "admin_token", "state", "password"}
+    {"api_key", "agency_key", "extra_keys", "admin_token", "state", "token_store", "password"}
 )
 
 

@@ -313,6 +313,12 @@ class Metrics:
             ["backend"],
             registry=r,
         )
+        self.state_resets = Counter(
+            "echowin_gateway_state_resets_total",
+            "Times this replica found Redis had lost its data (restarted empty, flushed,"
+            " evicted, or failed over without the last writes).",
+            registry=r,
+        )
         self.state_latency = Histogram(
             "echowin_gateway_state_backend_duration_seconds",
             "Time one state-backend (Redis) operation took, in seconds.",

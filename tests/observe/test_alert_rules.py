@@ -95,13 +95,3 @@ def test_upstream_errors_alert(tmp_path: Path, series: dict[str, str], fires: bo
     labels = {"credential": "default"} if fires else {}
     result = promtool_test_alert(tmp_path, "EchowinGatewayUpstreamErrors", series, "25m", labels)
     assert result.returncode == 0, result.stdout + result.stderr
-
-
-@pytest.mark.parametrize(("values", "fires"), [("0 0 0 1 1 1 1 1", True), ("0x8", False)])
-def test_state_reset_alert(tmp_path: Path, values: str, fires: bool) -> None:
-    """Written against ``echowin_gateway_state_reset_total`` (the gateway counts a Redis
-    found empty after a restart there)."""
-    series = {'echowin_gateway_state_reset_total{instance="gw-1:9090"}': values}
-    labels = {"instance": "gw-1:9090"} if fires else {}
-    result = promtool_test_alert(tmp_path, "EchowinGatewayStateReset", series, "6m", labels)
-    assert result.returncode == 0, result.stdout + result.stderr

@@ -54,9 +54,6 @@ PARSE_VARS = {"__rate_interval": "1m", "__range": "1h", **ALL}
 LIVE_VARS = {"__rate_interval": "10s", "__range": "1m", **ALL}
 # Series that Prometheus itself makes for every target, not the gateway.
 SYNTHETIC = {"up"}
-# Named by an alert before the gateway exports it: the count of a Redis found empty after a
-# restart (EchowinGatewayStateReset; its rule is tested in test_alert_rules.py).
-NOT_YET_EXPORTED = {"echowin_gateway_state_reset_total"}
 # Only the supervisor of `serve --workers N` exports these (tests/workers/test_workers.py).
 GROUP_ONLY = {"echowin_gateway_worker_restarts_total"}
 
@@ -575,11 +572,7 @@ async def test_prometheus_scrapes_the_gateway_and_every_panel_has_data(
             for name in metric_names(expr)
         }
         named.update({metric: f"variable {var}" for var, metric, _ in variable_queries()})
-        missing = {
-            n: w
-            for n, w in named.items()
-            if n not in samples and n not in SYNTHETIC | NOT_YET_EXPORTED
-        }
+        missing = {n: w for n, w in named.items() if n not in samples and n not in SYNTHETIC}
         assert not missing, f"named but not exposed: {missing}"
         documented = set(
             re.findall(r"`((?:echowin_gateway|process)_\w+)`", METRICS_DOC.read_text("utf-8"))
