@@ -12,8 +12,9 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 from aiohttp.web import UrlMappingMatchInfo
 
+from proxy import SERVER_NAME
 from proxy.admin.app import build_admin_app
-from proxy.aiohttp_compat import retype
+from proxy.aiohttp_compat import name_servers, retype
 from proxy.auth.authenticator import AuthResult
 from proxy.config import GatewayConfig, Secrets
 from proxy.gateway.handler import WATCHES, expect_later, handle, lobby_decider
@@ -21,7 +22,7 @@ from proxy.gateway.keywatch import Watches
 from proxy.reload import EarlyHangups, reload_config
 from proxy.runtime import RUNTIME, Runtime
 from proxy.server.guard import Guard, MalformedLog
-from proxy.server.listeners import HANDLER_ARGS, JsonErrorRunner, ProxyRunner, name_the_server
+from proxy.server.listeners import HANDLER_ARGS, JsonErrorRunner, ProxyRunner
 from proxy.server.loops import loop_name
 
 if TYPE_CHECKING:
@@ -56,7 +57,7 @@ class _OneRoute(web.UrlDispatcher):
 def build_proxy_app(runtime: Runtime) -> web.Application:
     """The proxy listener's app; its cleanup_ctx opens and closes ``runtime``."""
     app = web.Application(handler_args=HANDLER_ARGS)
-    app.on_response_prepare.append(name_the_server)
+    name_servers(SERVER_NAME)  # every listener's answers: the gateway, without versions
     app[RUNTIME] = runtime
     app[WATCHES] = Watches()
 

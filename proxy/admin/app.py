@@ -8,14 +8,16 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from proxy import SERVER_NAME
 from proxy.admin.cache import cache_view, purge_cache
 from proxy.admin.openapi import openapi_document
 from proxy.admin.status import status_json, status_page
 from proxy.admin.tokenops import upstream_key_names
 from proxy.admin.tokens import MAX_ADMIN_BODY, add_token_routes
+from proxy.aiohttp_compat import name_servers
 from proxy.errors import Reason, json_error
 from proxy.runtime import RUNTIME, Runtime
-from proxy.server.listeners import HANDLER_ARGS, name_the_server
+from proxy.server.listeners import HANDLER_ARGS
 
 log = logging.getLogger("echowin_gateway.admin")
 
@@ -127,7 +129,7 @@ def build_admin_app(runtime: Runtime) -> web.Application:
         client_max_size=MAX_ADMIN_BODY,
         handler_args=HANDLER_ARGS,
     )
-    app.on_response_prepare.append(name_the_server)
+    name_servers(SERVER_NAME)  # every listener's answers: the gateway, without versions
     app[RUNTIME] = runtime
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

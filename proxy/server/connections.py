@@ -23,7 +23,6 @@ from typing import Any
 from aiohttp import web
 from aiohttp.streams import StreamReader
 
-from proxy import SERVER_NAME
 from proxy.aiohttp_compat import (
     HandlerState,
     HttpProcessingError,
@@ -151,12 +150,7 @@ class JsonErrors(HandlerState):
                 else HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE
             )
         phrase = HTTPStatus(status).phrase
-        answer = json_error(
-            status,
-            phrase,
-            reason=Reason.BAD_REQUEST if status < 500 else None,
-            headers={"Server": SERVER_NAME},  # no app's on_response_prepare sees this one
-        )
+        answer = json_error(status, phrase, reason=Reason.BAD_REQUEST if status < 500 else None)
         answer.force_close()
         return answer
 

@@ -12,17 +12,10 @@ from typing import Any, Generic
 
 from aiohttp import web
 
-from proxy import SERVER_NAME
 from proxy.aiohttp_compat import ServerMaking
 from proxy.server.connections import MAX_FIELD_BYTES, MAX_LINE_BYTES, GuardedServer
 from proxy.server.guard import Guard
 from proxy.server.lobby import Decide, Known, LobbyServer
-
-
-async def name_the_server(request: web.Request, response: web.StreamResponse) -> None:
-    """``on_response_prepare`` of every listener's app: ``Server`` names the gateway only."""
-    response.headers["Server"] = SERVER_NAME
-
 
 HANDLER_ARGS = {"max_line_size": MAX_LINE_BYTES, "max_field_size": MAX_FIELD_BYTES}
 """``web.Application(handler_args=...)`` of every listener's app."""
@@ -95,4 +88,4 @@ class ProxyRunner(JsonErrorRunner, Generic[Known]):
         await super().shutdown()
 
 
-__all__ = ["HANDLER_ARGS", "JsonErrorRunner", "ProxyRunner", "name_the_server"]
+__all__ = ["HANDLER_ARGS", "JsonErrorRunner", "ProxyRunner"]

@@ -32,14 +32,16 @@ from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
+from proxy import SERVER_NAME
 from proxy.admin.app import json_errors
 from proxy.admin.cache import merge_cache
 from proxy.admin.status import status_html
 from proxy.admin.tokens import MAX_ADMIN_BODY
+from proxy.aiohttp_compat import name_servers
 from proxy.errors import Reason, json_error
 from proxy.observe.metrics import CONNECTIONS_REFUSED_HELP, expose
 from proxy.server.guard import REFUSAL_REASONS
-from proxy.server.listeners import HANDLER_ARGS, name_the_server
+from proxy.server.listeners import HANDLER_ARGS
 from proxy.workers.group_metrics import WORKER_LABEL, merge_metrics
 from proxy.workers.group_status import merge_credentials, merge_status
 
@@ -338,7 +340,7 @@ def build_group_admin_app(group: Group) -> web.Application:
     app = web.Application(
         client_max_size=MAX_ADMIN_BODY, handler_args=HANDLER_ARGS, middlewares=[json_errors]
     )
-    app.on_response_prepare.append(name_the_server)
+    name_servers(SERVER_NAME)  # every listener's answers: the gateway, without versions
     app[GROUP] = group
     registry = CollectorRegistry()
     ProcessCollector(registry=registry)  # the supervisor's own process_*
