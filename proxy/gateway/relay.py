@@ -25,6 +25,7 @@ from proxy.gateway.keywatch import (
     Watches,
     coding_of,
     decoded,
+    fields_text,
     leaking_fields,
 )
 from proxy.upstream import HOP_BY_HOP, Upstream, UpstreamResponse, connection_tokens
@@ -90,20 +91,21 @@ async def relay(
     fields (the caller's rate-limit fields, Server-Timing, X-Request-ID); 502 when its
     coding is one the gateway cannot search for the key."""
     watch = request.app[WATCHES].of(credential.name, credential.secret.reveal())
-    response = _response(upstream, pool, credential, watch, extra)
     content = upstream.content
     assert content is not None
     # Every Content-Encoding field, as a client joins them: several codings are refused.
     codings = upstream.headers.getall("Content-Encoding", None)
     coding = coding_of(None if codings is None else ", ".join(codings))
     whole = content.is_eof() and content.exception() is None
-    body = b""
-    if whole:  # the whole answer is here already (most are small): one write, no loop
-        body = content.read_nowait()
-        if not coding:
-            body, found = watch.masked(body)
-            if found:
-                _key_seen(credential, "masked")
+    # The whole answer is here already (most are small): one write, no loop; unencoded, it
+    # is searched with the fields, in one search.
+    body = content.read_nowait() if whole else b""
+    plain = whole and not coding
+    response, suspect = _response(upstream, pool, credential, watch, extra, body if plain else b"")
+    if plain and suspect:
+        body, found = watch.masked(body)
+        if found:
+            _key_seen(credential, "masked")
     if coding is None or (whole and coding and body):
         try:
             body = _decoded_if_leaking(response, body, watch, coding, credential)
@@ -146,7 +148,7 @@ def watched(
     for the response cache to keep and share: status, fields (without the length) and
     body, the key watch applied. Unreadable for a coding the gateway cannot search."""
     watch = request.app[WATCHES].of(credential.name, credential.secret.reveal())
-    response = _response(upstream, pool, credential, watch, {})
+    response, _ = _response(upstream, pool, credential, watch, {})
     codings = upstream.headers.getall("Content-Encoding", None)
     coding = coding_of(None if codings is None else ", ".join(codings))
     if not coding:
@@ -165,18 +167,20 @@ def _response(
     credential: Credential,
     watch: KeyWatch,
     extra: dict[str, str],
-) -> _Relayed:
+    body: bytes = b"",
+) -> tuple[_Relayed, bool]:
     """The caller's answer's head: echowin's status with the standard reason phrase, not
     echowin's (its free text could carry the key, and no header filter sees it); its
-    fields as :func:`_relay_fields` keeps them, then ``extra``; its length if known."""
+    fields as :func:`_relay_fields` keeps them, then ``extra``; its length if known. And
+    whether ``body``, searched with the fields, may hold a form of the key."""
     response = _Relayed(status=upstream.status)
-    _relay_fields(response.headers, upstream.headers, pool, credential, watch)
+    suspect = _relay_fields(response.headers, upstream.headers, pool, credential, watch, body)
     response.headers.update(extra)
     _private(response.headers)
     length = upstream.content_length
     if length is not None:
         response.content_length = length
-    return response
+    return response, suspect
 
 
 _VARY = "Authorization, X-API-Key, X-AGENCY-KEY"
@@ -202,18 +206,28 @@ def _relay_fields(
     pool: Upstream,
     credential: Credential,
     watch: KeyWatch,
-) -> None:
+    body: bytes,
+) -> bool:
     """echowin's end-to-end fields into ``headers``, less those the caller never gets and
     every one holding a form of the key, in its name, its value, or split across values
-    (proxy/gateway/keywatch.py); a URL into echowin's API becomes the gateway's own path."""
+    (proxy/gateway/keywatch.py); a URL into echowin's API becomes the gateway's own path.
+    ``body`` (an unencoded answer, or empty) is searched with them, after a newline (no
+    form holds one): one search for both, the usual answer. False when none holds a form,
+    True when the fields or ``body`` may."""
     named = connection_tokens(given)
     kept: list[tuple[str, str]] = []
     for name, value in given.items():
         low = name.lower()
         if low not in _SKIP_RESPONSE and low not in named:
             kept.append((name, pool.relative(value) if low in _LOCATIONS else value))
+    text = fields_text(kept)
+    if not watch.found(text + b"\n" + body if body else text):
+        for name, value in kept:
+            headers.add(name, value)
+        return False
     for name, value in _without_leaking(kept, watch, credential):
         headers.add(name, value)
+    return True
 
 
 def _without_leaking(
