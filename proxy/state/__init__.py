@@ -23,9 +23,7 @@ from proxy.state.sqlite.sends import SqliteSendLog
 from proxy.state.sqlite.tokens import SqliteTokenStore
 
 if TYPE_CHECKING:
-    from redis.asyncio import Redis
-
-    from proxy.state.redis.client import RedisOptions, open_redis
+    from proxy.state.redis.client import RedisClient, RedisOptions, open_redis
     from proxy.state.redis.tokens import RedisTokenStore
 
 __all__ = [
@@ -68,10 +66,15 @@ def redis_options(config: GatewayConfig, password: str | None) -> RedisOptions |
         return None
     from proxy.state.redis.client import RedisOptions
 
+    redis = config.redis
     return RedisOptions(
         password=password,
-        key_prefix=config.redis.key_prefix,
-        timeout_seconds=config.redis.timeout_seconds,
+        key_prefix=redis.key_prefix,
+        timeout_seconds=redis.timeout_seconds,
+        username=redis.username,
+        pool_size=redis.pool_size,
+        connect_timeout_seconds=redis.connect_timeout_seconds,
+        tls=redis.tls,
     )
 
 
@@ -88,7 +91,7 @@ async def open_token_store(
     url: str,
     *,
     redis_options: RedisOptions | None = None,
-    redis_client: Redis | None = None,
+    redis_client: RedisClient | None = None,
 ) -> TokenStore:
     """Open the token store named by a ``state`` URL (async: opening may touch disk or network).
 
@@ -112,7 +115,7 @@ async def open_token_store(
 
 
 def _open_redis_store(
-    url: str, options: RedisOptions | None, client: Redis | None
+    url: str, options: RedisOptions | None, client: RedisClient | None
 ) -> RedisTokenStore:
     from proxy.state.redis.client import RedisOptions, open_redis
     from proxy.state.redis.tokens import RedisTokenStore
@@ -161,7 +164,7 @@ class State:
     send_log: SendLog | None
     _config: GatewayConfig
     _hooks: SharedSlotsHooks
-    _redis: Redis | None = None
+    _redis: RedisClient | None = None
 
     @property
     def shared(self) -> bool:
@@ -216,13 +219,21 @@ class State:
 async def open_state(config: GatewayConfig, password: str | None, hooks: SharedSlotsHooks) -> State:
     """Open what ``config.state`` names: the token store and the budget's state (a send log,
     or one Redis client shared by the store and every slot source). ``password``: the
-    resolved ``redis.password`` (ignored by the other backends)."""
+    resolved ``redis.password`` (ignored by the other backends). A Redis that refuses what
+    the gateway needs (a permission, the password, TLS) raises ``StateAccessError``
+    (proxy.state.redis.preflight); one that does not answer lets the gateway start."""
     client = None
     options = redis_options(config, password)
     if options is not None:
         from proxy.state.redis.client import open_redis  # redis-py only when Redis is used
+        from proxy.state.redis.preflight import check_access
 
         client = open_redis(config.state, options)
+        try:
+            await check_access(client, options.key_prefix)  # a refused permission: an error
+        except BaseException:
+            await client.aclose()
+            raise
     store = await open_token_store(config.state, redis_options=options, redis_client=client)
     try:
         send_log = None if client is not None else await open_send_log(config.state)

@@ -11,9 +11,9 @@ import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from proxy.state.redis.client import RedisClient
 from proxy.state.redis.fallback import PROBE_INTERVAL
 
 __all__ = ["FreezeListener"]
@@ -36,7 +36,7 @@ class FreezeListener:
 
     def __init__(
         self,
-        client: Redis,
+        client: RedisClient,
         *,
         channel: str,
         frozen_key: str,

@@ -18,11 +18,11 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Literal, Protocol
 
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from proxy.budget.windows import CredentialBudget
 from proxy.state.redis import scripts
+from proxy.state.redis.client import RedisClient
 from proxy.state.redis.fallback import PROBE_INTERVAL, Fallback
 from proxy.state.redis.freezes import FreezeListener
 from proxy.state.redis.journal import Journal
@@ -69,7 +69,7 @@ class RedisLink:
     def __init__(
         self,
         slots: Linked,
-        client: Redis,
+        client: RedisClient,
         budget_scripts: scripts.Scripts,
         keys: scripts.BudgetKeys,
         view: SharedView,

@@ -25,12 +25,12 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from proxy.budget.slots import LINE_GRACE, Slot, StateUnavailable
 from proxy.budget.windows import CredentialBudget, Limit, WindowView
 from proxy.state.redis import scripts
+from proxy.state.redis.client import RedisClient
 from proxy.state.redis.fallback import PROBE_INTERVAL, Fallback
 from proxy.state.redis.journal import Journal
 from proxy.state.redis.link import RedisLink
@@ -64,7 +64,7 @@ class RedisSlots:
     def __init__(
         self,
         name: str,
-        client: Redis,
+        client: RedisClient,
         prefix: str,
         limits: Sequence[Limit],
         guard: float,
@@ -121,7 +121,8 @@ class RedisSlots:
 
     def _set_limits(self, limits: Sequence[Limit]) -> None:
         self._limits = tuple(limits)
-        self._keys = scripts.BudgetKeys(self._prefix, self.name, len(self._limits))
+        tagged = scripts.hash_tagged(self._redis)
+        self._keys = scripts.BudgetKeys(self._prefix, self.name, len(self._limits), tagged=tagged)
         self._horizon = max(lim.per_seconds for lim in self._limits) + self._guard
 
     async def relimit(self, limits: Sequence[Limit], now: float) -> None:
