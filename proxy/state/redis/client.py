@@ -172,6 +172,18 @@ def open_redis(url: str, options: RedisOptions) -> RedisClient:
     return redis.asyncio.Redis.from_pool(pool)  # closed with the client
 
 
+class _SentinelMaster(redis.asyncio.Redis):
+    """The client of the master the sentinels name; closing it closes the connections to
+    the sentinels too (redis-py's own leaves them open)."""
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        pool = self.connection_pool
+        await super().aclose(close_connection_pool)
+        manager = getattr(pool, "sentinel_manager", None)
+        for sentinel in getattr(manager, "sentinels", ()):
+            await sentinel.aclose()
+
+
 def _open_sentinel(address: RedisAddress, options: RedisOptions) -> redis.asyncio.Redis:
     """The master the sentinels name, found again through them after a failover. The
     sentinels are reached with the same timeouts and TLS (checked against their own
@@ -190,6 +202,7 @@ def _open_sentinel(address: RedisAddress, options: RedisOptions) -> redis.asynci
     assert address.service is not None
     client: redis.asyncio.Redis = sentinel.master_for(
         address.service,
+        redis_class=_SentinelMaster,
         db=address.db,
         max_connections=options.pool_size,
         retry=_retry(),

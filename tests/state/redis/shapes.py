@@ -241,8 +241,22 @@ class Cluster(Deployment):
     def url(self) -> str:
         return "redis-cluster://" + ",".join(f"127.0.0.1:{p}" for p in self.ports[:3])
 
+    def live(self) -> int:
+        """A node still running (to ask about the others)."""
+        return next(p for p in self.ports if self.procs[p].poll() is None)
+
+    def owner_of(self, key: str) -> int:
+        """The port of the master that holds ``key``'s slot now."""
+        with client(self.live()) as c:
+            slot = c.execute_command("CLUSTER", "KEYSLOT", key)
+            for start, end, master, *_ in c.execute_command("CLUSTER", "SLOTS"):
+                if start <= slot <= end:
+                    return int(master[1])
+        raise AssertionError(f"no master for slot {slot}")
+
     def masters(self) -> list[int]:
-        with client(self.ports[0]) as c:
+        """The masters a live node counts (a failed one is left out)."""
+        with client(self.live()) as c:
             nodes = c.execute_command("CLUSTER", "NODES").decode()
         return [
             int(line.split()[1].split("@")[0].rsplit(":", 1)[1])

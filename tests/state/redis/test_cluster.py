@@ -1,0 +1,121 @@
+"""The shared state on a Redis Cluster (``redis-cluster://``): one slot per credential
+(hash tags), freezes heard across nodes, and two gateway replicas under load through a
+master's failover. Real clusters of redis-server processes on free ports, made by
+``redis-cli --cluster create`` (tests/state/redis/shapes.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from redis.asyncio.cluster import RedisCluster
+from redis.crc import key_slot
+
+from proxy.config import load_config
+from proxy.sim import Simulator
+from proxy.state.redis.client import RedisOptions, open_redis
+from proxy.state.redis.scripts import BudgetKeys
+from proxy.state.redis.tokens import RedisTokenStore
+from tests.procs import Spawn, eventually, load_loop
+from tests.state.redis import shapes
+from tests.state.redis.test_freezes import freeze_reaches_the_other_replica, replica
+from tests.state.redis.test_replicas import (
+    mint,
+    replica_configs,
+    served_arrivals,
+    sim_server,
+    start_all,
+)
+from tests.test_budget_e2e import LIMITS, max_in_any_window
+
+__all__ = ["sim_server"]  # the fixture, imported for the tests here
+
+
+def test_every_key_of_a_credential_is_in_one_slot() -> None:
+    for name in ("default", "acme", "quota:abcdef012345"):
+        keys = BudgetKeys("egw:", name, 3, tagged=True)
+        every = [*keys.reserve, *keys.snapshot, keys.freezes]
+        assert {key_slot(key.encode()) for key in every} == {key_slot(name.encode())}
+    untagged = BudgetKeys("egw:", "default", 1)
+    assert untagged.sends == "egw:default:sends"  # standalone and Sentinel: names unchanged
+    assert len({key_slot(k.encode()) for k in untagged.reserve}) > 1
+
+
+@pytest.fixture
+async def cluster_client(redis_cluster: shapes.Cluster) -> AsyncIterator[RedisCluster]:
+    client = open_redis(redis_cluster.url, RedisOptions(timeout_seconds=2.0))
+    assert isinstance(client, RedisCluster)
+    yield client
+    await client.aclose()
+
+
+async def test_the_token_store_is_one_slot(cluster_client: RedisCluster) -> None:
+    store = RedisTokenStore(cluster_client, key_prefix=f"egw-{uuid.uuid4().hex[:8]}:")
+    token_key, index = store.keys("abc123abc123")
+    assert key_slot(token_key.encode()) == key_slot(index.encode())
+    assert "{tokens}" in token_key
+
+
+async def test_a_freeze_reaches_the_other_replica_across_nodes(
+    cluster_client: RedisCluster,
+) -> None:
+    prefix = f"egw-freeze-{uuid.uuid4().hex[:10]}:"
+    a, b = replica(cluster_client, prefix), replica(cluster_client, prefix)
+    await a.restore()
+    await b.restore()
+    await freeze_reaches_the_other_replica(a, b)
+    await a.close()
+    await b.close()
+
+
+async def test_two_replicas_under_load_through_a_master_failover(
+    tmp_path: Path, spawn: Spawn, sim_server: tuple[Simulator, str]
+) -> None:
+    """Three masters with a replica each; two gateway replicas share the budget under load,
+    then the master holding the credential's slot is killed: its replica is promoted, and
+    the gateways go on with no upstream 429 and admit again on the new master."""
+    sim, sim_url = sim_server
+    cluster = shapes.start_cluster(tmp_path / "cluster", replicas=1)
+    try:
+        replicas = replica_configs(tmp_path, sim_url, cluster.url, 2)
+        tokens = await mint(replicas[0], 4)
+        await start_all(spawn, replicas)
+        phases: list[Counter[int]] = [Counter(), Counter(), Counter()]
+
+        async def phase(index: int, seconds: float) -> None:
+            until = time.monotonic() + seconds
+            await asyncio.gather(
+                *(
+                    load_loop(replicas[i % 2].url("/api/v1/contacts"), tokens[i % 4], until,
+                              phases[index])
+                    for i in range(8)
+                )
+            )  # fmt: skip
+
+        await phase(0, 8.0)
+        prefix = load_config(replicas[0].config).redis.key_prefix
+        owner = cluster.owner_of(f"{prefix}{{default}}:sends")
+        load = asyncio.ensure_future(phase(1, 8.0))
+        cluster.kill(owner)
+        await load
+        await eventually(
+            lambda: asyncio.to_thread(lambda: owner not in cluster.masters()),
+            "a replica promoted",
+            10.0,
+        )
+        await phase(2, 6.0)
+        assert sim.statuses()[429] == 0, "the replicas overspent the shared budget"
+        arrivals = served_arrivals(sim)
+        for n, per in LIMITS:
+            assert max_in_any_window(arrivals, per) <= n
+        assert phases[0][200] > 0
+        assert phases[2][200] > 0, "not admitting again after the promotion"
+        assert phases[2][0] == 0, phases
+    finally:
+        cluster.stop()
