@@ -15,6 +15,15 @@ if ! (exec 3<>/dev/tcp/127.0.0.1/6379) 2>/dev/null; then
   for _ in $(seq 1 50); do (exec 3<>/dev/tcp/127.0.0.1/6379) 2>/dev/null && break; sleep 0.1; done
 fi
 
+# Redis Sentinel and Cluster: tests/state/redis/shapes.py starts a master, a replica and
+# three redis-sentinel processes, and clusters joined by `redis-cli --cluster create`, on free
+# loopback ports; tests/state/redis/test_tls_acl.py a TLS-only redis-server (Debian's build
+# has TLS: `redis-server --tls-port` works). They fail, never skip, without these binaries.
+if ! command -v redis-sentinel >/dev/null 2>&1 || ! command -v redis-cli >/dev/null 2>&1; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-sentinel redis-tools
+fi
+# (The package's own sentinel service, if it starts, is not used: the tests pick free ports.)
+
 # Prometheus: tests/test_observability.py runs promtool on the alert rules and the dashboard's
 # queries, and starts its own prometheus on a free loopback port; it fails (never skips)
 # without them. No service may be left running by the package (it would hold :9090): invoke-rc.d
@@ -39,7 +48,8 @@ if ! command -v chromium >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium
 fi
 
-# openssl: tests/test_upstream.py makes a throwaway certificate for its TLS upstream.
+# openssl: tests/test_upstream.py makes a throwaway certificate for its TLS upstream, and
+# tests/state/redis/shapes.py a CA and certificates for the TLS Redis.
 if ! command -v openssl >/dev/null 2>&1; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends openssl

@@ -10,7 +10,7 @@ connection pool per process. Secrets never come from the URL: the password is
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
@@ -18,14 +18,19 @@ import redis.asyncio
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import BlockingConnectionPool, SSLConnection
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel, SentinelManagedSSLConnection
+from redis.asyncio.sentinel import (
+    Sentinel,
+    SentinelConnectionPool,
+    SentinelManagedSSLConnection,
+)
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterException, RedisError
 
 from proxy.config.schema import RedisTlsConfig
 from proxy.config.state_url import RedisAddress, parse_redis_url
 
-__all__ = ["RedisClient", "RedisOptions", "open_redis"]
+__all__ = ["RedisClient", "RedisOptions", "open_redis", "server_of"]
 
 RedisClient: TypeAlias = redis.asyncio.Redis | RedisCluster
 """What ``open_redis`` returns: a client of one server (standalone, or the sentinels'
@@ -135,6 +140,27 @@ def _retry() -> Retry:
         RETRIES,
         supported_errors=(RedisConnectionError,),
     )
+
+
+def server_of(client: RedisClient, key: str) -> Callable[[], object]:
+    """Which server holds ``key`` now, as the client last learnt it: Sentinel's master
+    address, the cluster node of the key's slot; None for a standalone server (which has no
+    failover). A change means a failover: the new server may lack the writes the old one
+    acknowledged but did not replicate yet. Cheap: no I/O, a lookup per call."""
+    if isinstance(client, RedisCluster):
+
+        def node() -> object:
+            try:
+                found = client.get_node_from_key(key)
+            except (RedisError, RedisClusterException):  # no slot map yet, or not covered
+                return None
+            return None if found is None else found.name
+
+        return node
+    pool = client.connection_pool
+    if isinstance(pool, SentinelConnectionPool):
+        return lambda: pool.master_address
+    return lambda: None
 
 
 def open_redis(url: str, options: RedisOptions) -> RedisClient:

@@ -191,6 +191,7 @@ class RedisSlots:
         self._epoch = reply_text(reply[4])
         self._view.seen_at = now  # the view is current as of this answer
         link = self._link
+        link.answered()
         link.used_at = now
         fresh = link.fresh
         if fresh is not None and fresh.done():  # restored, idle until now
@@ -214,14 +215,9 @@ class RedisSlots:
         empty). Put back our journal and every other replica's send we know of, and the
         freeze, before anything else is reserved or read; then the epoch is ours. False
         (and alone) when Redis went away meanwhile."""
-        try:
-            await self._journal.replay(self._view.offset, self._clock(), self._view.known)
-            await self._link.carry_freeze()
-        except (RedisError, OSError):
-            self._link.went_down()
+        if not await self._link.refill():
             return False
         self._epoch = epoch
-        self._view.read_at = -math.inf  # the view is read again, with what was put back
         return True
 
     def _take_alone(self, now: float) -> Slot | None:
@@ -285,6 +281,7 @@ class RedisSlots:
             await self._refill(epoch)
             return
         self._epoch = epoch
+        self._link.answered()
         self._view.rebuild(reply[3], reply[4:], offset, now)
         self.changes += 1
         # Redis' freeze, told to the lane if it is news only now: the lane predicts who can

@@ -12,6 +12,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -192,19 +193,22 @@ class SentinelGroup(Deployment):
         return int(port)
 
 
-def start_sentinel_group(tmp: Path) -> SentinelGroup:
-    """A master, its replica and three sentinels (quorum 2) that fail over after 1 s down."""
+def start_sentinel_group(tmp: Path, through: Callable[[int], int] | None = None) -> SentinelGroup:
+    """A master, its replica and three sentinels (quorum 2) that fail over after 1 s down.
+    ``through(master_port)``: the port everyone reaches the master at instead (a Gate's):
+    the replica replicates from it, the sentinels monitor it (``group.master`` is it)."""
     master, replica, *sentinels = free_ports(5)
     tmp.mkdir(parents=True, exist_ok=True)
-    group = SentinelGroup(tmp, master=master, replica=replica, sentinels=tuple(sentinels))
+    upstream = master if through is None else through(master)
+    group = SentinelGroup(tmp, master=upstream, replica=replica, sentinels=tuple(sentinels))
     try:
         group.start(master, *server_args(master, tmp))
-        group.start(replica, *server_args(replica, tmp, "--replicaof", "127.0.0.1", str(master)))
+        group.start(replica, *server_args(replica, tmp, "--replicaof", "127.0.0.1", str(upstream)))
         for port in sentinels:
             conf = tmp / f"sentinel-{port}.conf"
             conf.write_text(
                 f"port {port}\nbind 127.0.0.1\ndir {tmp}\n"
-                f"sentinel monitor {SERVICE} 127.0.0.1 {master} 2\n"
+                f"sentinel monitor {SERVICE} 127.0.0.1 {upstream} 2\n"
                 f"sentinel down-after-milliseconds {SERVICE} 1000\n"
                 f"sentinel failover-timeout {SERVICE} 4000\n"
                 f"sentinel parallel-syncs {SERVICE} 1\n"
@@ -228,6 +232,62 @@ def _sentinel_sees_all(port: int) -> bool:
     with client(port) as c:
         master = c.sentinel_master(SERVICE)
         return int(master["num-other-sentinels"]) >= 2 and int(master["num-slaves"]) >= 1
+
+
+class Gate:
+    """A TCP relay on a free port to ``target`` (a master, known to everyone by the gate's
+    port); ``hold()`` stops passing on the replication stream: what the master sends on a
+    connection that asked for it (``PSYNC``). The replica falls behind, unaware, while
+    every other client is served. Threads, since the servers are started by blocking
+    helpers."""
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self.holding = threading.Event()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self._listener.getsockname()[1])
+        self._sockets: list[socket.socket] = [self._listener]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def hold(self) -> None:
+        self.holding.set()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                inside, _ = self._listener.accept()
+            except OSError:
+                return
+            try:
+                outside = socket.create_connection(("127.0.0.1", self.target), timeout=5)
+            except OSError:  # the master is gone: refuse, as it would
+                inside.close()
+                continue
+            outside.settimeout(None)
+            self._sockets += [inside, outside]
+            replication = threading.Event()
+            for src, dst, up in ((inside, outside, True), (outside, inside, False)):
+                args = (src, dst, up, replication)
+                threading.Thread(target=self._pump, args=args, daemon=True).start()
+
+    def _pump(
+        self, src: socket.socket, dst: socket.socket, up: bool, replication: threading.Event
+    ) -> None:
+        try:
+            while data := src.recv(65536):
+                if up and b"PSYNC" in data.upper():
+                    replication.set()
+                if up or not (replication.is_set() and self.holding.is_set()):
+                    dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            src.close()
+            dst.close()
+
+    def close(self) -> None:
+        for sock in self._sockets:
+            sock.close()
 
 
 # --- Cluster ---------------------------------------------------------------------------

@@ -16,10 +16,12 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
+from proxy.budget.windows import Limit
 from proxy.config import load_config
 from proxy.sim import Simulator
 from proxy.state.redis.client import RedisOptions, open_redis
-from tests.procs import Spawn, load_loop
+from proxy.state.redis.slots import RedisSlots
+from tests.procs import Spawn, eventually, load_loop
 from tests.state.redis import shapes
 from tests.state.redis.test_freezes import freeze_reaches_the_other_replica, replica
 from tests.state.redis.test_replicas import (
@@ -130,3 +132,71 @@ async def test_a_failover_under_load(
         assert statuses[0] == 0, statuses
     finally:
         group.stop()
+
+
+async def test_sends_the_old_master_never_replicated_are_put_back(tmp_path: Path) -> None:
+    """The master acknowledges a send its replica never gets (the replication stream is
+    held back), then dies; Sentinel promotes the replica, which lacks it. The replica of
+    the gateway that made the send puts it back from its journal, so the other replica
+    still sees the whole budget spent: one more send, then a refusal."""
+    gates: list[shapes.Gate] = []
+
+    def through(master: int) -> int:
+        gates.append(shapes.Gate(master))
+        return gates[0].port
+
+    group = shapes.start_sentinel_group(tmp_path / "sentinel", through)
+    prefix = f"egw-lost-{uuid.uuid4().hex[:8]}:"
+    sends = f"{prefix}default:sends"
+    clients = [open_redis(group.url, RedisOptions(timeout_seconds=0.5)) for _ in range(2)]
+    a, b = (
+        RedisSlots("default", c, prefix, LOST_LIMITS, 0.0, replicas=2, mode="local")
+        for c in clients
+    )
+    try:
+        now = time.time()
+        await a.restore(now)
+        await b.restore(now)
+        assert await a.take(now) is not None and await a.take(now) is not None
+        await eventually(
+            lambda: asyncio.to_thread(lambda: len(_sends_on(group.replica, sends)) == 2),
+            "two sends replicated",
+            5.0,
+        )
+        gates[0].hold()
+        assert await a.take(time.time()) is not None  # acknowledged, never replicated
+        assert len(await asyncio.to_thread(_sends_on, group.master, sends)) == 3
+        # A holds no connection to the old master: its next call goes to the new one and
+        # succeeds, so A never sees the failover as an error (which would replay anyway).
+        await clients[0].connection_pool.disconnect()
+        group.kill(gates[0].target)  # the master itself, behind the gate
+        await _wait_promoted(group, group.master)
+        assert len(await asyncio.to_thread(_sends_on, group.replica, sends)) == 2  # lost one
+        await a.refresh(time.time())  # A talks to Redis again (any call would)
+        assert a.healthy, "A met the failover as an error: not the case tested here"
+        await eventually(
+            lambda: asyncio.to_thread(lambda: len(_sends_on(group.replica, sends)) == 3),
+            "A's lost send put back on the new master",
+            10.0,
+        )
+        await eventually(lambda: _healthy(b), "B shares again", 10.0)
+        assert await b.take(time.time()) is not None  # the 4th of 4
+        assert await b.take(time.time()) is None, "B spent a send the old master lost"
+    finally:
+        for source in (a, b):
+            await source.close()
+        for c in clients:
+            await c.aclose()
+        for gate in gates:
+            gate.close()
+        group.stop()
+
+
+LOST_LIMITS = (Limit(4, 60.0),)
+
+
+async def _healthy(source: RedisSlots) -> bool:
+    if not source.healthy:
+        return False
+    await source.refresh(time.time())
+    return source.healthy
