@@ -30,11 +30,15 @@ from redis.exceptions import RedisClusterException, RedisError
 from proxy.config.schema import RedisTlsConfig
 from proxy.config.state_url import RedisAddress, parse_redis_url
 
-__all__ = ["RedisClient", "RedisOptions", "open_redis", "server_of"]
+__all__ = ["STATE_ERRORS", "RedisClient", "RedisOptions", "open_redis", "server_of"]
 
 RedisClient: TypeAlias = redis.asyncio.Redis | RedisCluster
 """What ``open_redis`` returns: a client of one server (standalone, or the sentinels'
 master, followed across failovers), or of a cluster."""
+
+STATE_ERRORS = (RedisError, RedisClusterException, OSError)
+"""What a call to Redis raises when Redis cannot answer: redis-py's errors (a cluster client's
+"no node reachable" is not a RedisError) and the socket's."""
 
 HEALTH_CHECK_INTERVAL_SECONDS = 10
 """A pooled connection idle this long is PINGed before reuse, so a dead one is replaced."""
@@ -152,7 +156,7 @@ def server_of(client: RedisClient, key: str) -> Callable[[], object]:
         def node() -> object:
             try:
                 found = client.get_node_from_key(key)
-            except (RedisError, RedisClusterException):  # no slot map yet, or not covered
+            except STATE_ERRORS:  # no slot map yet, or the slot is not covered
                 return None
             return None if found is None else found.name
 

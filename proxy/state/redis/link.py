@@ -18,11 +18,9 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any, Literal, Protocol
 
-from redis.exceptions import RedisError
-
 from proxy.budget.windows import CredentialBudget
 from proxy.state.redis import scripts
-from proxy.state.redis.client import RedisClient, server_of
+from proxy.state.redis.client import STATE_ERRORS, RedisClient, server_of
 from proxy.state.redis.fallback import PROBE_INTERVAL, Fallback
 from proxy.state.redis.freezes import FreezeListener
 from proxy.state.redis.journal import Journal
@@ -117,7 +115,7 @@ class RedisLink:
         try:
             await self._journal.replay(self._view.offset, self._clock(), known)
             await self.carry_freeze()
-        except (RedisError, OSError):
+        except STATE_ERRORS:
             self.went_down()
             return False
         self._view.read_at = -math.inf  # read the view again, with what was put back
@@ -150,7 +148,7 @@ class RedisLink:
         started = time.perf_counter()
         try:
             await call
-        except (RedisError, OSError):
+        except STATE_ERRORS:
             self.went_down()
         finally:
             self._on_latency(op, time.perf_counter() - started)
@@ -160,7 +158,7 @@ class RedisLink:
         started = time.perf_counter()
         try:
             await self._redis.zrem(self._sends, member)
-        except (RedisError, OSError):
+        except STATE_ERRORS:
             self._journal.pending_release.append(member)  # removed once Redis is back
             self.went_down()
         finally:
@@ -251,7 +249,7 @@ class RedisLink:
                     await self._journal.replay(redis_now - self._clock(), self._clock())
                     await self.carry_freeze()
                     await self._journal.release_pending()
-            except (RedisError, OSError):
+            except STATE_ERRORS:
                 continue
             break
         slots.rejoined()

@@ -25,6 +25,7 @@ from redis.exceptions import (
     AuthenticationError,
     ConnectionError,
     NoPermissionError,
+    RedisClusterException,
     RedisError,
     ResponseError,
 )
@@ -45,10 +46,11 @@ ACL_COMMANDS = (
     "ping time select evalsha script|load"
     " get set exists pexpire zadd zrem zrange zrangebyscore zcount zremrangebyscore"
     " hgetall hset hsetnx hdel watch unwatch multi exec discard"
-    " publish subscribe unsubscribe cluster|slots cluster|shards"
+    " publish subscribe unsubscribe cluster|slots command"
 )
 """Every command the gateway runs (the scripts' own calls included); the least an ACL
-user needs (docs/operations.md, "An ACL user"). ``cluster|...`` only on a cluster,
+user needs (docs/operations.md, "An ACL user"). ``cluster|slots`` and ``command`` only on
+a cluster (redis-py's cluster client learns the slots and the commands' key positions),
 ``select`` only for a database other than 0. (redis-py also sends ``CLIENT SETINFO`` on
 Redis 7.2 and later, and goes on without it when refused.)"""
 
@@ -86,7 +88,7 @@ async def check_access(client: RedisClient, prefix: str) -> None:
     try:
         for what, step in steps:
             await _run(what, step)
-    except (ConnectionError, RedisTimeoutError, OSError) as exc:
+    except (ConnectionError, RedisTimeoutError, RedisClusterException, OSError) as exc:
         log.warning(
             "shared state unreachable at start",
             extra={"fields": {"error": type(exc).__name__}},
@@ -103,6 +105,14 @@ async def _run(what: str, step: Callable[[], Awaitable[Any]]) -> None:
     except (ConnectionError, RedisTimeoutError, OSError) as exc:
         if "SSL" in str(exc) or "certificate" in str(exc):
             raise StateAccessError(f"state: TLS to Redis failed: {exc}") from None
+        raise
+    except RedisClusterException as exc:
+        # Also what a user without +cluster|slots meets: no node tells the slots.
+        if "not enabled" in str(exc):
+            raise StateAccessError(
+                f"state: a redis-cluster:// URL, but {exc} (or the user may not run"
+                " CLUSTER SLOTS: docs/operations.md, An ACL user)"
+            ) from None
         raise
     except ResponseError as exc:
         if _refused(exc):

@@ -25,12 +25,10 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
-from redis.exceptions import RedisError
-
 from proxy.budget.slots import LINE_GRACE, Slot, StateUnavailable
 from proxy.budget.windows import CredentialBudget, Limit, WindowView
 from proxy.state.redis import scripts
-from proxy.state.redis.client import RedisClient
+from proxy.state.redis.client import STATE_ERRORS, RedisClient
 from proxy.state.redis.fallback import PROBE_INTERVAL, Fallback
 from proxy.state.redis.journal import Journal
 from proxy.state.redis.link import RedisLink
@@ -165,7 +163,7 @@ class RedisSlots:
         except asyncio.CancelledError:
             call.add_done_callback(functools.partial(self._link.abandoned, member))
             raise
-        except (RedisError, OSError):
+        except STATE_ERRORS:
             # A timeout may come after the script ran: its send, if recorded, never leaves.
             self._journal.pending_release.append(member)
             self._link.went_down()
@@ -267,7 +265,7 @@ class RedisSlots:
         args = scripts.snapshot_args(horizon=self._horizon, new_epoch=secrets.token_hex(8))
         try:
             reply = await self._call("snapshot", self._scripts.snapshot, self._keys.snapshot, args)
-        except (RedisError, OSError):
+        except STATE_ERRORS:
             self._link.went_down()
             return
         # The reply: Redis time, the freeze (Redis time), the epoch, the sends (member,
@@ -393,5 +391,5 @@ class RedisSlots:
     async def close(self) -> None:
         await self._link.close()
         if self.healthy:  # leave the line at once (else the place lapses by itself)
-            with contextlib.suppress(RedisError, OSError):
+            with contextlib.suppress(*STATE_ERRORS):
                 await self._redis.hdel(self._keys.line, self._replica)

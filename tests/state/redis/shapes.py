@@ -63,14 +63,21 @@ class Deployment:
 
     tmp: Path
     procs: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict)
+    started: dict[int, tuple[str, ...]] = field(default_factory=dict)
 
     def start(self, port: int, *args: str, program: str = "redis-server") -> None:
         self.tmp.mkdir(parents=True, exist_ok=True)
+        self.started[port] = (program, *args)
         log = (self.tmp / f"{program}-{port}.log").open("wb")
         self.procs[port] = subprocess.Popen(
             [binary(program), *args], stdout=log, stderr=subprocess.STDOUT, cwd=self.tmp
         )
         log.close()
+
+    def restart(self, port: int) -> None:
+        """Start the process on ``port`` again, as it was (a cluster node keeps its config)."""
+        program, *args = self.started[port]
+        self.start(port, *args, program=program)
 
     def kill(self, port: int) -> None:
         proc = self.procs[port]

@@ -17,10 +17,14 @@ import pytest
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
+from proxy.budget.windows import Limit
 from proxy.config import load_config
 from proxy.sim import Simulator
 from proxy.state.redis.client import RedisOptions, open_redis
+from proxy.state.redis.fallback import PROBE_INTERVAL
+from proxy.state.redis.preflight import StateAccessError, acl_rule, check_access
 from proxy.state.redis.scripts import BudgetKeys
+from proxy.state.redis.slots import RedisSlots
 from proxy.state.redis.tokens import RedisTokenStore
 from tests.procs import Spawn, eventually, load_loop
 from tests.state.redis import shapes
@@ -35,6 +39,10 @@ from tests.state.redis.test_replicas import (
 from tests.test_budget_e2e import LIMITS, max_in_any_window
 
 __all__ = ["sim_server"]  # the fixture, imported for the tests here
+
+
+async def _back(source: RedisSlots) -> bool:
+    return source.healthy
 
 
 def test_every_key_of_a_credential_is_in_one_slot() -> None:
@@ -118,4 +126,56 @@ async def test_two_replicas_under_load_through_a_master_failover(
         assert phases[2][200] > 0, "not admitting again after the promotion"
         assert phases[2][0] == 0, phases
     finally:
+        cluster.stop()
+
+
+@pytest.mark.parametrize(("dropped", "works"), [(None, True), ("cluster|slots", False)])
+async def test_the_documented_acl_on_every_node(
+    redis_cluster: shapes.Cluster, dropped: str | None, works: bool
+) -> None:
+    """The ACL of docs/operations.md, set on every node, is all a cluster client needs;
+    without ``+cluster|slots`` the gateway stops at start naming it."""
+    user = f"gw{uuid.uuid4().hex[:6]}"
+    rule = acl_rule(user, "egw-acl:")
+    if dropped is not None:
+        rule = rule.replace(f" +{dropped}", "")
+    for port in redis_cluster.ports:
+        with shapes.client(port) as c:
+            c.execute_command("ACL", "SETUSER", user, "reset", ">acl-pass", *rule.split()[1:])
+    options = RedisOptions(username=user, password="acl-pass", timeout_seconds=2.0)
+    client = open_redis(redis_cluster.url, options)
+    try:
+        if works:
+            await check_access(client, "egw-acl:")
+        else:
+            with pytest.raises(StateAccessError, match="CLUSTER SLOTS"):
+                await check_access(client, "egw-acl:")
+    finally:
+        await client.aclose()
+
+
+async def test_a_whole_cluster_down_is_an_outage_not_a_crash(tmp_path: Path) -> None:
+    """Every node gone: the client's own errors (finding no node is not a RedisError) are
+    read as Redis away: the slots decide alone (on_state_failure: local), nothing is raised
+    to the caller, and the probe carries on until the cluster is back."""
+    cluster = shapes.start_cluster(tmp_path / "cluster")
+    client = open_redis(cluster.url, RedisOptions(timeout_seconds=0.3))
+    source = RedisSlots("default", client, "egw-down:", (Limit(10, 60.0),), 0.0,
+                        replicas=2, mode="local")  # fmt: skip
+    try:
+        now = time.time()
+        await source.restore(now)
+        assert await source.take(now) is not None and source.healthy
+        for port in cluster.ports:
+            cluster.kill(port)
+        await source.take(time.time())  # decided alone (its share of what the view left)
+        assert not source.healthy
+        await source.refresh(time.time() + 1)  # no exception either
+        await asyncio.sleep(2 * PROBE_INTERVAL)  # probes meet a cluster with no node at all
+        for port in cluster.ports:
+            cluster.restart(port)
+        await eventually(lambda: _back(source), "sharing again once the cluster is back", 20.0)
+    finally:
+        await source.close()
+        await client.aclose()
         cluster.stop()
