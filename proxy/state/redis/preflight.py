@@ -107,7 +107,12 @@ async def _run(what: str, step: Callable[[], Awaitable[Any]]) -> None:
             raise StateAccessError(f"state: TLS to Redis failed: {exc}") from None
         raise
     except RedisClusterException as exc:
-        # Also what a user without +cluster|slots meets: no node tells the slots.
+        # No node could be used: its reason is in the text (TLS, the password, or "cluster
+        # mode is not enabled", also what a user without +cluster|slots meets).
+        if "SSL" in str(exc) or "certificate" in str(exc):
+            raise StateAccessError(f"state: TLS to Redis failed: {exc}") from None
+        if "invalid username-password" in str(exc) or "WRONGPASS" in str(exc):
+            raise StateAccessError(f"state: Redis refused the user or password: {exc}") from None
         if "not enabled" in str(exc):
             raise StateAccessError(
                 f"state: a redis-cluster:// URL, but {exc} (or the user may not run"

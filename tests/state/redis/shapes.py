@@ -187,6 +187,7 @@ class SentinelGroup(Deployment):
     master: int = 0
     replica: int = 0
     sentinels: tuple[int, ...] = ()
+    tls: dict[str, object] = field(default_factory=dict)  # how a test client reaches them
 
     @property
     def url(self) -> str:
@@ -195,48 +196,68 @@ class SentinelGroup(Deployment):
 
     def master_port(self) -> int:
         """The master's port as the sentinels tell it now."""
-        with client(self.sentinels[0]) as c:
+        with client(self.sentinels[0], **self.tls) as c:
             _host, port = c.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", SERVICE)
         return int(port)
 
 
-def start_sentinel_group(tmp: Path, through: Callable[[int], int] | None = None) -> SentinelGroup:
+def start_sentinel_group(
+    tmp: Path, through: Callable[[int], int] | None = None, certs: Certs | None = None
+) -> SentinelGroup:
     """A master, its replica and three sentinels (quorum 2) that fail over after 1 s down.
     ``through(master_port)``: the port everyone reaches the master at instead (a Gate's):
-    the replica replicates from it, the sentinels monitor it (``group.master`` is it)."""
+    the replica replicates from it, the sentinels monitor it (``group.master`` is it).
+    ``certs``: every server and sentinel TLS only (replication and sentinels' own links
+    too), a client certificate demanded."""
     master, replica, *sentinels = free_ports(5)
     tmp.mkdir(parents=True, exist_ok=True)
     upstream = master if through is None else through(master)
     group = SentinelGroup(tmp, master=upstream, replica=replica, sentinels=tuple(sentinels))
+    tls = {} if certs is None else tls_client_kwargs(certs)
+    group.tls = tls
+
+    def secure(port: int) -> list[str]:
+        return [] if certs is None else [*tls_args(certs, port), "--tls-replication", "yes"]
+
     try:
-        group.start(master, *server_args(master, tmp))
-        group.start(replica, *server_args(replica, tmp, "--replicaof", "127.0.0.1", str(upstream)))
+        group.start(master, *server_args(master, tmp, *secure(master)))
+        replicaof = ["--replicaof", "127.0.0.1", str(upstream)]
+        group.start(replica, *server_args(replica, tmp, *replicaof, *secure(replica)))
         for port in sentinels:
             conf = tmp / f"sentinel-{port}.conf"
+            listen = f"port {port}\n" if certs is None else _sentinel_tls(certs, port)
             conf.write_text(
-                f"port {port}\nbind 127.0.0.1\ndir {tmp}\n"
+                f"{listen}bind 127.0.0.1\ndir {tmp}\n"
                 f"sentinel monitor {SERVICE} 127.0.0.1 {upstream} 2\n"
                 f"sentinel down-after-milliseconds {SERVICE} 1000\n"
                 f"sentinel failover-timeout {SERVICE} 4000\n"
                 f"sentinel parallel-syncs {SERVICE} 1\n"
             )
             group.start(port, str(conf), "--sentinel")
-        wait_until(lambda: _replicating(replica), "the replica in sync")
+        wait_until(lambda: _replicating(replica, **tls), "the replica in sync")
         for port in sentinels:
-            wait_until(lambda p=port: _sentinel_sees_all(p), f"sentinel {port} up")
+            wait_until(lambda p=port: _sentinel_sees_all(p, **tls), f"sentinel {port} up")
     except BaseException:
         group.stop()
         raise
     return group
 
 
-def _replicating(port: int) -> bool:
-    with client(port) as c:
+def _sentinel_tls(certs: Certs, port: int) -> str:
+    return (
+        f"port 0\ntls-port {port}\ntls-cert-file {certs.server_cert}\n"
+        f"tls-key-file {certs.server_key}\ntls-ca-cert-file {certs.ca}\n"
+        "tls-auth-clients yes\ntls-replication yes\n"
+    )
+
+
+def _replicating(port: int, **kwargs: object) -> bool:
+    with client(port, **kwargs) as c:
         return c.info("replication").get("master_link_status") == "up"
 
 
-def _sentinel_sees_all(port: int) -> bool:
-    with client(port) as c:
+def _sentinel_sees_all(port: int, **kwargs: object) -> bool:
+    with client(port, **kwargs) as c:
         master = c.sentinel_master(SERVICE)
         return int(master["num-other-sentinels"]) >= 2 and int(master["num-slaves"]) >= 1
 
@@ -353,36 +374,43 @@ def cluster_ports(n: int) -> tuple[int, ...]:
     pytest.fail("no free ports for a cluster", pytrace=False)
 
 
-def start_cluster(tmp: Path, *, replicas: int = 0) -> Cluster:
+def start_cluster(tmp: Path, *, replicas: int = 0, certs: Certs | None = None) -> Cluster:
     """Three masters (and ``replicas`` replicas each) joined by ``redis-cli --cluster
-    create``; a master down 1 s is failed over to its replica."""
+    create``; a master down 1 s is failed over to its replica. ``certs``: TLS only, on
+    the clients' ports and the cluster bus alike (a client certificate demanded)."""
     ports = cluster_ports(3 * (1 + replicas))
     cluster = Cluster(tmp, ports=ports)
+    tls = {} if certs is None else tls_client_kwargs(certs)
     try:
         for port in ports:
+            extra = [] if certs is None else tls_args(certs, port)
+            extra += [] if certs is None else ["--tls-cluster", "yes", "--tls-replication", "yes"]
             cluster.start(
                 port,
-                *server_args(port, tmp, "--cluster-enabled", "yes"),
+                *server_args(port, tmp, "--cluster-enabled", "yes", *extra),
                 "--cluster-config-file", f"nodes-{port}.conf",
                 "--cluster-node-timeout", "1000",
             )  # fmt: skip
         for port in ports:
-            wait_until(lambda p=port: ping(p), f"cluster node {port} up")
-        create = [binary("redis-cli"), "--cluster", "create"]
-        create += [f"127.0.0.1:{p}" for p in ports]
+            wait_until(lambda p=port: ping(p, **tls), f"cluster node {port} up")
+        create = [binary("redis-cli")]
+        if certs is not None:
+            create += ["--tls", "--cacert", str(certs.ca), "--cert", str(certs.client_cert)]
+            create += ["--key", str(certs.client_key)]
+        create += ["--cluster", "create", *(f"127.0.0.1:{p}" for p in ports)]
         create += ["--cluster-replicas", str(replicas), "--cluster-yes"]
         done = subprocess.run(create, capture_output=True, text=True, timeout=60, check=False)
         if done.returncode != 0:
             pytest.fail(f"redis-cli --cluster create failed: {done.stdout}{done.stderr}")
         for port in ports:
-            wait_until(lambda p=port: _cluster_ok(p), f"cluster node {port} ok")
+            wait_until(lambda p=port: _cluster_ok(p, **tls), f"cluster node {port} ok")
     except BaseException:
         cluster.stop()
         raise
     return cluster
 
 
-def _cluster_ok(port: int) -> bool:
-    with client(port) as c:
+def _cluster_ok(port: int, **kwargs: object) -> bool:
+    with client(port, **kwargs) as c:
         info = c.execute_command("CLUSTER", "INFO").decode()
         return "cluster_state:ok" in info and "cluster_slots_assigned:16384" in info

@@ -17,8 +17,10 @@ import pytest
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
+from proxy.auth.tokens import TokenRecord
 from proxy.budget.windows import Limit
 from proxy.config import load_config
+from proxy.config.schema import RedisTlsConfig
 from proxy.sim import Simulator
 from proxy.state.redis.client import RedisOptions, open_redis
 from proxy.state.redis.fallback import PROBE_INTERVAL
@@ -179,3 +181,52 @@ async def test_a_whole_cluster_down_is_an_outage_not_a_crash(tmp_path: Path) -> 
         await source.close()
         await client.aclose()
         cluster.stop()
+
+
+async def test_a_cluster_over_tls(tmp_path: Path) -> None:
+    """``rediss-cluster://``: every node TLS only (the cluster bus too), a client
+    certificate demanded; the gateway's checks at start and a token's round trip pass."""
+    certs = shapes.make_certs(tmp_path / "certs")
+    cluster = shapes.start_cluster(tmp_path / "cluster", certs=certs)
+    tls = RedisTlsConfig(
+        ca_file=str(certs.ca),
+        cert_file=str(certs.client_cert),
+        key_file=str(certs.client_key),
+        check_hostname=False,  # the nodes announce 127.0.0.1; the certificate names redis.test
+    )
+    url = cluster.url.replace("redis-cluster://", "rediss-cluster://")
+    client = open_redis(url, RedisOptions(timeout_seconds=2.0, tls=tls))
+    try:
+        await check_access(client, "egw-tls:")
+        store = RedisTokenStore(client, key_prefix="egw-tls:")
+        record = TokenRecord(id="tlsc00000001", name="svc", secret_hash="0" * 64, scopes=("*",))
+        await store.put(record)
+        assert await store.get(record.id) == record
+        other = RedisTlsConfig(ca_file=str(certs.other_ca), check_hostname=False)
+        refused = open_redis(url, RedisOptions(timeout_seconds=2.0, tls=other))
+        try:
+            with pytest.raises(StateAccessError, match="TLS"):
+                await check_access(refused, "egw-tls:")
+        finally:
+            await refused.aclose()
+    finally:
+        await client.aclose()
+        cluster.stop()
+
+
+async def test_a_wrong_password_on_a_cluster_is_named_at_start(
+    redis_cluster: shapes.Cluster,
+) -> None:
+    user = f"gw{uuid.uuid4().hex[:6]}"
+    for port in redis_cluster.ports:
+        with shapes.client(port) as c:
+            rule = acl_rule(user, "egw-acl:").split()[1:]
+            c.execute_command("ACL", "SETUSER", user, "reset", ">right-pass", *rule)
+    options = RedisOptions(username=user, password="wrong-pass", timeout_seconds=2.0)
+    client = open_redis(redis_cluster.url, options)
+    try:
+        with pytest.raises(StateAccessError, match="refused the user or password") as refused:
+            await check_access(client, "egw-acl:")
+        assert "wrong-pass" not in str(refused.value)
+    finally:
+        await client.aclose()

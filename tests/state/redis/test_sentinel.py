@@ -18,8 +18,10 @@ from redis.asyncio import Redis
 
 from proxy.budget.windows import Limit
 from proxy.config import load_config
+from proxy.config.schema import RedisTlsConfig
 from proxy.sim import Simulator
 from proxy.state.redis.client import RedisOptions, open_redis
+from proxy.state.redis.preflight import check_access
 from proxy.state.redis.slots import RedisSlots
 from tests.procs import Spawn, eventually, load_loop
 from tests.state.redis import shapes
@@ -200,3 +202,25 @@ async def _healthy(source: RedisSlots) -> bool:
         return False
     await source.refresh(time.time())
     return source.healthy
+
+
+async def test_sentinel_over_tls(tmp_path: Path) -> None:
+    """``rediss-sentinel://``: the sentinels and the servers speak TLS only and demand a
+    client certificate; the gateway finds the master through them and passes its checks
+    at start. (The certificates name redis.test, not the address: names are not checked.)"""
+    certs = shapes.make_certs(tmp_path / "certs")
+    group = shapes.start_sentinel_group(tmp_path / "sentinel", certs=certs)
+    tls = RedisTlsConfig(
+        ca_file=str(certs.ca),
+        cert_file=str(certs.client_cert),
+        key_file=str(certs.client_key),
+        check_hostname=False,
+    )
+    url = group.url.replace("redis-sentinel://", "rediss-sentinel://")
+    client = open_redis(url, RedisOptions(timeout_seconds=2.0, tls=tls))
+    try:
+        await check_access(client, "egw-tls:")
+        assert await client.set("egw-tls:probe", "1", px=2000)
+    finally:
+        await client.aclose()
+        group.stop()
