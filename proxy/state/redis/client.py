@@ -202,6 +202,12 @@ def open_redis(url: str, options: RedisOptions) -> RedisClient:
     return redis.asyncio.Redis.from_pool(pool)  # closed with the client
 
 
+class _BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
+    """Sentinel's pool (the master found through the sentinels) bounded the way a
+    standalone one is: past ``max_connections`` a command waits up to ``timeout`` for a
+    free connection instead of failing at once."""
+
+
 class _SentinelMaster(redis.asyncio.Redis):
     """The client of the master the sentinels name; closing it closes the connections to
     the sentinels too (redis-py's own leaves them open)."""
@@ -233,8 +239,10 @@ def _open_sentinel(address: RedisAddress, options: RedisOptions) -> redis.asynci
     client: redis.asyncio.Redis = sentinel.master_for(
         address.service,
         redis_class=_SentinelMaster,
+        connection_pool_class=_BlockingSentinelPool,
         db=address.db,
         max_connections=options.pool_size,
+        timeout=options.timeout_seconds,
         retry=_retry(),
         **kwargs,
     )

@@ -224,3 +224,24 @@ async def test_sentinel_over_tls(tmp_path: Path) -> None:
     finally:
         await client.aclose()
         group.stop()
+
+
+@pytest.mark.parametrize("url", ["standalone", "sentinel"])
+async def test_a_full_pool_makes_a_command_wait_not_fail(
+    redis_sentinel: shapes.SentinelGroup, url: str
+) -> None:
+    """``redis.pool_size`` bounds the connections; a command beyond it waits (up to
+    ``redis.timeout_seconds``) for one to come free. Three commands that each hold the one
+    connection for 0.2 s all succeed."""
+    target = (
+        f"redis://127.0.0.1:{redis_sentinel.master_port()}/0" if url == "standalone"
+        else redis_sentinel.url
+    )  # fmt: skip
+    client = open_redis(target, RedisOptions(pool_size=1, timeout_seconds=2.0))
+    key = f"egw-pool-{uuid.uuid4().hex[:8]}:nothing"
+    try:
+        started = time.monotonic()
+        await asyncio.gather(*(client.blpop([key], timeout=0.2) for _ in range(3)))
+        assert time.monotonic() - started >= 0.55  # one after another, on one connection
+    finally:
+        await client.aclose()
