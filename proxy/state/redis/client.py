@@ -58,7 +58,8 @@ class RedisOptions:
     one connect (default: ``timeout_seconds``); a slower Redis counts as failed.
     ``key_prefix`` starts every key this gateway writes, so several gateways can share one
     Redis. ``pool_size``: connections per Redis server at most (a command waits up to
-    ``timeout_seconds`` for one on a standalone server). ``username``: the ACL user (the
+    ``timeout_seconds`` for one on a standalone server or Sentinel's master; on a cluster
+    one beyond it fails). ``username``: the ACL user (the
     URL's, if it names one). ``password`` (AUTH) never shows in repr. ``tls``: CA file,
     client certificate, server name (``rediss`` URLs only).
     """
