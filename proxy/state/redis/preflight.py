@@ -23,11 +23,13 @@ from typing import Any
 
 from redis.exceptions import (
     AuthenticationError,
+    ClusterDownError,
     ConnectionError,
     NoPermissionError,
     RedisClusterException,
     RedisError,
     ResponseError,
+    TryAgainError,
 )
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -53,6 +55,10 @@ user needs (docs/operations.md, "An ACL user"). ``cluster|slots`` and ``command`
 a cluster (redis-py's cluster client learns the slots and the commands' key positions),
 ``select`` only for a database other than 0. (redis-py also sends ``CLIENT SETINFO`` on
 Redis 7.2 and later, and goes on without it when refused.)"""
+
+OUTAGE = (ConnectionError, RedisTimeoutError, ClusterDownError, TryAgainError, OSError)
+"""What says "Redis is not there (yet)": the gateway starts, and runs as on_state_failure
+says until it answers. (MASTERDOWN, a replica without its master, is a ClusterDownError.)"""
 
 PROBE_SECONDS = 2
 """The probe keys expire this long after the check, at most."""
@@ -88,7 +94,7 @@ async def check_access(client: RedisClient, prefix: str) -> None:
     try:
         for what, step in steps:
             await _run(what, step)
-    except (ConnectionError, RedisTimeoutError, RedisClusterException, OSError) as exc:
+    except (*OUTAGE, RedisClusterException) as exc:
         log.warning(
             "shared state unreachable at start",
             extra={"fields": {"error": type(exc).__name__}},
@@ -119,6 +125,8 @@ async def _run(what: str, step: Callable[[], Awaitable[Any]]) -> None:
                 " CLUSTER SLOTS: docs/operations.md, An ACL user)"
             ) from None
         raise
+    except (ClusterDownError, TryAgainError):
+        raise  # a cluster without a master for the slot, for now: an outage
     except ResponseError as exc:
         if _refused(exc):
             raise StateAccessError(

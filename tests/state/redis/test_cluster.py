@@ -230,3 +230,24 @@ async def test_a_wrong_password_on_a_cluster_is_named_at_start(
         assert "wrong-pass" not in str(refused.value)
     finally:
         await client.aclose()
+
+
+async def test_a_cluster_down_at_start_is_an_outage_not_an_error(tmp_path: Path) -> None:
+    """A master gone with no replica: every node answers CLUSTERDOWN. The gateway's check
+    at start warns and lets it start (it runs as on_state_failure says)."""
+    cluster = shapes.start_cluster(tmp_path / "cluster")
+    client = open_redis(cluster.url, RedisOptions(timeout_seconds=0.5))
+    try:
+        await client.ping()  # the client knows the slots
+        cluster.kill(cluster.ports[0])
+        survivor = cluster.ports[1]
+
+        def down() -> bool:
+            with shapes.client(survivor) as c:
+                return "cluster_state:fail" in c.execute_command("CLUSTER", "INFO").decode()
+
+        shapes.wait_until(down, "the cluster says it is down", 10.0)
+        await check_access(client, "egw-down:")
+    finally:
+        await client.aclose()
+        cluster.stop()

@@ -1,6 +1,6 @@
 """The Redis shapes as configured: ``redis-sentinel://`` and ``redis-cluster://`` URLs,
 ``redis.tls``, ``redis.username``, ``redis.pool_size``; every refusal names its key and
-never repeats a password. No server is needed: nothing here connects."""
+never repeats a password. No server is needed: nothing here reaches one."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from proxy.config import ConfigError, parse_config
 from proxy.config.schema import RedisTlsConfig
 from proxy.config.state_url import RedisAddress, parse_redis_url
 from proxy.state.redis.client import RedisOptions, open_redis
+from proxy.state.redis.preflight import check_access
+from tests.procs import free_ports
 
 SENTINELS = (("s1", 26379), ("s2", 26380))
 
@@ -153,3 +155,14 @@ async def test_sentinel_and_cluster_clients() -> None:
     finally:
         await sentinel.aclose()
         await cluster.aclose()
+
+
+async def test_a_redis_that_does_not_answer_at_start_is_an_outage_not_an_error() -> None:
+    """Nothing listens: check_access warns and returns; the gateway starts and runs as
+    on_state_failure says until Redis answers."""
+    (port,) = free_ports(1)
+    client = open_redis(f"redis://127.0.0.1:{port}/0", RedisOptions(timeout_seconds=0.2))
+    try:
+        await check_access(client, "egw-none:")
+    finally:
+        await client.aclose()
