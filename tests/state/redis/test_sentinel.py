@@ -25,6 +25,7 @@ from proxy.state.redis.preflight import check_access
 from proxy.state.redis.slots import RedisSlots
 from tests.procs import Spawn, eventually, load_loop
 from tests.state.redis import shapes
+from tests.state.redis.gate import Gate
 from tests.state.redis.test_freezes import freeze_reaches_the_other_replica, replica
 from tests.state.redis.test_replicas import (
     mint,
@@ -141,10 +142,10 @@ async def test_sends_the_old_master_never_replicated_are_put_back(tmp_path: Path
     held back), then dies; Sentinel promotes the replica, which lacks it. The replica of
     the gateway that made the send puts it back from its journal, so the other replica
     still sees the whole budget spent: one more send, then a refusal."""
-    gates: list[shapes.Gate] = []
+    gates: list[Gate] = []
 
     def through(master: int) -> int:
-        gates.append(shapes.Gate(master))
+        gates.append(Gate(master))
         return gates[0].port
 
     group = shapes.start_sentinel_group(tmp_path / "sentinel", through)
