@@ -22,7 +22,7 @@ from proxy.cache.keeper import GatewayCache
 from proxy.cache.purge import Purge
 
 if TYPE_CHECKING:
-    from redis.asyncio import Redis
+    from proxy.state.redis.client import RedisClient
 
 __all__ = ["RedisChannel", "SiblingChannel", "heard", "open_purge_channel"]
 
@@ -55,7 +55,7 @@ def heard(cache: GatewayCache, origin: str, text: str) -> bool:
 class RedisChannel:
     """Purges on the Redis channel ``<key_prefix>cache:purges``."""
 
-    def __init__(self, client: Redis, key_prefix: str, cache: GatewayCache) -> None:
+    def __init__(self, client: RedisClient, key_prefix: str, cache: GatewayCache) -> None:
         self._redis = client
         self._channel = f"{key_prefix}cache:purges"
         self._cache = cache
@@ -173,7 +173,7 @@ class SiblingChannel:
 
 async def open_purge_channel(
     cache: GatewayCache,
-    redis: Redis | None,
+    redis: RedisClient | None,
     key_prefix: str,
     sibling: tuple[str, int] | None,
 ) -> RedisChannel | SiblingChannel | None:

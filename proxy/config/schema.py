@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import ipaddress
 import math
+import os
 from typing import Annotated, Literal
 
 from pydantic import (
@@ -26,7 +27,7 @@ from proxy.auth.tokens import DEFAULT_UPSTREAM_KEY
 from proxy.config.cache import CacheConfig
 from proxy.config.postgres_url import parse_postgres_url
 from proxy.config.secrets import AGENCY_KEY_NAME, SecretRef
-from proxy.config.state_url import parse_state_url
+from proxy.config.state_url import REDIS_SCHEMES, parse_state_url
 
 __all__ = [
     "EVENT_LOOPS",
@@ -41,6 +42,7 @@ __all__ = [
     "PostgresConfig",
     "QueueConfig",
     "RedisConfig",
+    "RedisTlsConfig",
     "RouteConfig",
     "ServerConfig",
     "TokensConfig",
@@ -215,18 +217,59 @@ class LoggingConfig(_Model):
     access_log: bool = True
 
 
+def _readable_file(value: str | None) -> str | None:
+    if value is not None and not os.access(value, os.R_OK):
+        raise ValueError(f"{value!r} is not a readable file")
+    return value
+
+
+ReadableFile = Annotated[str | None, BeforeValidator(_readable_file)]
+
+
+class RedisTlsConfig(_Model):
+    """TLS to Redis (``rediss://``, ``rediss-sentinel://``, ``rediss-cluster://``): the CA
+    that signs the server's certificate (default: the system's), a client certificate and
+    key (mutual TLS), the name the server's certificate must carry (default: the URL's
+    host) and whether the name is checked at all."""
+
+    ca_file: ReadableFile = None
+    cert_file: ReadableFile = None
+    key_file: ReadableFile = None
+    server_name: str | None = None
+    check_hostname: bool = True
+
+    @model_validator(mode="after")
+    def _pair(self) -> RedisTlsConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together (a certificate and its key)")
+        return self
+
+
 class RedisConfig(_Model):
-    """Connection details for ``state: redis://...`` (ignored by other backends)."""
+    """Connection details for a Redis ``state`` (ignored by other backends)."""
 
     password: SecretRef | None = None
+    username: str | None = None
     key_prefix: str = "egw:"
     timeout_seconds: PositiveFloat = 0.5
+    connect_timeout_seconds: PositiveFloat | None = None
+    pool_size: PositiveInt = 100
+    tls: RedisTlsConfig | None = None
 
     @field_validator("key_prefix")
     @classmethod
     def _prefix(cls, value: str) -> str:
         if not value or len(value) > 64 or not value.isprintable() or " " in value:
             raise ValueError("must be 1-64 printable characters without spaces")
+        if "{" in value or "}" in value:
+            raise ValueError("must not hold { or } (the gateway adds its own hash tags)")
+        return value
+
+    @field_validator("username")
+    @classmethod
+    def _username(cls, value: str | None) -> str | None:
+        if value is not None and (not value or not value.isprintable() or " " in value):
+            raise ValueError("must be a non-empty ACL user name without spaces")
         return value
 
 
@@ -288,8 +331,12 @@ class GatewayConfig(_Model):
     @field_validator("state")
     @classmethod
     def _state(cls, value: str) -> str:
-        if not value.startswith(("memory://", "sqlite:///", "redis://", "rediss://")):
-            raise ValueError("must start with memory://, sqlite:///, redis:// or rediss://")
+        redis = tuple(f"{scheme}://" for scheme in REDIS_SCHEMES)
+        if not value.startswith(("memory://", "sqlite:///", *redis)):
+            raise ValueError(
+                "must start with memory://, sqlite:///, redis://, rediss://, redis-sentinel://"
+                " or redis-cluster://"
+            )
         check_state_url(value)
         return value
 

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, model_validator
 
 from proxy.auth.tokens import DEFAULT_UPSTREAM_KEY
 from proxy.config.errors import ConfigError
+from proxy.config.state_url import REDIS_SCHEMES
 
 if TYPE_CHECKING:
     from proxy.config.schema import GatewayConfig
@@ -154,7 +155,8 @@ def resolve_secrets(config: GatewayConfig, environ: Mapping[str, str] | None = N
         except ConfigError:
             admin = None  # the admin API stays closed; the gateway itself still runs
     password: Secret | None = None
-    if config.redis.password is not None and config.state.startswith(("redis://", "rediss://")):
+    redis_state = config.state.partition("://")[0].lower() in REDIS_SCHEMES
+    if config.redis.password is not None and redis_state:
         try:
             password = config.redis.password.resolve("redis.password", env)
         except ConfigError as exc:
