@@ -133,7 +133,8 @@ def history_svg(name: str, lane: Mapping[str, Any]) -> str:
     short = [w for w in windows if float(w["per_seconds"]) <= 60]
     long = [w for w in windows if float(w["per_seconds"]) > 60]
     limits = [int(w["requests"]) * 60 / float(w["per_seconds"]) for w in short]
-    scale = max([1.0, *limits, *(n for n in sends if n is not None)]) * 1.1
+    # A tenth of headroom over the busiest minute or the highest limit line, whole.
+    scale = float(math.ceil(max([1.0, *limits, *(n for n in sends if n is not None)]) * 1.1))
     queue_scale = float(max([1, *(n for n in queue if n is not None)]))
     parts = [
         f'<text x="0" y="{SENDS_TOP + 10}">sends/min</text>',
