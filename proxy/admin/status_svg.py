@@ -37,7 +37,7 @@ SVG_STYLE = """
 svg.history{display:block;margin:.75em 0 0}
 svg.history text{font:11px system-ui,sans-serif;fill:#555}
 svg.history .axis{stroke:#c9ced6}
-.sends{fill:#3b82f6}.sends.full{fill:#dc2626}.queue{fill:#f59e0b}
+.sends{fill:#2563eb}.sends.full{fill:#dc2626}.queue{fill:#f59e0b}
 .limit{stroke:#dc2626;stroke-dasharray:4 3}.hourly{fill:none;stroke:#7c3aed;stroke-width:2}
 """
 
@@ -91,6 +91,10 @@ def _bars(
     return out
 
 
+def _axis(y: int) -> str:
+    return f'<line class="axis" x1="{LEFT}" y1="{y}" x2="{LEFT + SLOT * 60}" y2="{y}"/>'
+
+
 def _limit_line(requests: int, per_seconds: float, scale: float) -> str:
     per_minute = requests * 60 / per_seconds
     y = _num(SENDS_TOP + SENDS_HEIGHT - per_minute / scale * SENDS_HEIGHT)
@@ -114,6 +118,7 @@ def _hour_strip(sends: Sequence[int | None], window: Mapping[str, Any]) -> list[
     label = f"counted in the {per_seconds:g} s window (limit {requests})"
     return [
         f'<text x="0" y="{HOUR_TOP - 4}">{label}</text>',
+        _axis(HOUR_TOP + HOUR_HEIGHT),
         f'<line class="limit" data-limit="{requests}" x1="{LEFT}" y1="{y}" '
         f'x2="{LEFT + SLOT * 60}" y2="{y}"><title>limit {requests} / {per_seconds:g} s</title>'
         "</line>",
@@ -138,8 +143,7 @@ def history_svg(name: str, lane: Mapping[str, Any]) -> str:
     queue_scale = float(max([1, *(n for n in queue if n is not None)]))
     parts = [
         f'<text x="0" y="{SENDS_TOP + 10}">sends/min</text>',
-        f'<line class="axis" x1="{LEFT}" y1="{SENDS_TOP + SENDS_HEIGHT}" '
-        f'x2="{LEFT + SLOT * 60}" y2="{SENDS_TOP + SENDS_HEIGHT}"/>',
+        _axis(SENDS_TOP + SENDS_HEIGHT),
         *_bars(sends, start, "sends", (SENDS_TOP, SENDS_HEIGHT, scale), limits),
         *(_limit_line(int(w["requests"]), float(w["per_seconds"]), scale) for w in short),
     ]
@@ -148,7 +152,10 @@ def history_svg(name: str, lane: Mapping[str, Any]) -> str:
     parts += [
         f'<text x="0" y="{QUEUE_TOP + 10}">queue</text>',
         *_bars(queue, start, "queue", (QUEUE_TOP, QUEUE_HEIGHT, queue_scale)),
+        _axis(QUEUE_TOP + QUEUE_HEIGHT),
+        f'<text x="{LEFT + SLOT * 60 + 4}" y="{QUEUE_TOP}" dy="8">{_num(queue_scale)}</text>',
         f'<text x="{LEFT}" y="{HEIGHT - 2}">{_clock(start)}</text>',
+        f'<text x="{LEFT + SLOT * 30}" y="{HEIGHT - 2}" text-anchor="middle">-30 min</text>',
         f'<text x="{LEFT + SLOT * 60}" y="{HEIGHT - 2}" text-anchor="end">now</text>',
     ]
     label = html.escape(f"{name}: sends per minute and queue depth, last hour", quote=True)
