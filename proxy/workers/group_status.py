@@ -37,17 +37,24 @@ def _credential(lanes: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     reported = [r for lane in lanes if (r := lane.get("echowin_reported_remaining")) is not None]
     out["echowin_reported_remaining"] = min(reported) if reported else None
     histories = [h for lane in lanes if (h := lane.get("history"))]
-    if histories and all(h["start"] == histories[0]["start"] for h in histories):
+    if histories:
         # Sends: each worker counts the shared log, an idle one lags: the most. Queues
         # are per worker: their deepest added up (at most what waited at once).
+        start = max(int(h["start"]) for h in histories)
         out["history"] = {
-            "start": histories[0]["start"],
-            "sends": _per_minute(max, [h["sends"] for h in histories]),
-            "queue_max": _per_minute(sum, [h["queue_max"] for h in histories]),
+            "start": start,
+            "sends": _per_minute(max, [_from(start, h, "sends") for h in histories]),
+            "queue_max": _per_minute(sum, [_from(start, h, "queue_max") for h in histories]),
         }
-    else:
-        out.pop("history", None)  # workers read at either side of a minute: none this time
     return out
+
+
+def _from(start: int, history: Mapping[str, Any], key: str) -> list[int | None]:
+    """A worker's series moved to begin at ``start`` (it was read before a minute turned
+    and the others after: its oldest minutes drop off, its newest is not known)."""
+    series = list(history[key])
+    shift = min(len(series), max(0, (start - int(history["start"])) // 60))
+    return series[shift:] + [None] * shift
 
 
 def _per_minute(
