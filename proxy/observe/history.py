@@ -32,10 +32,11 @@ def sends_per_minute(
 ) -> list[int | None]:
     """Sends in each of the last ``minutes`` minutes, oldest first, from the send times
     the budget holds (``CredentialBudget.counted``). ``known_since``: the oldest moment
-    the log still covers (``now`` minus its longest window); a minute that began before
-    it is None (not known), not 0. A send stamped after ``now`` (a lease's block is
-    recorded at its end, a fraction of a second ahead) counts in the current minute.
-    O(len(times))."""
+    the log still covers (``now`` minus its longest window); a minute that ended by then
+    is None (not known), not 0, and the minute it falls in may be partly counted (only
+    with windows shorter than the hour shown). A send stamped after ``now`` (a lease's
+    block is recorded at its end, a fraction of a second ahead) counts in the current
+    minute. O(len(times))."""
     last = _minute(now)
     first = last - minutes + 1
     counts: list[int | None] = [0] * minutes
@@ -44,7 +45,7 @@ def sends_per_minute(
         if index >= 0:
             counts[index] = (counts[index] or 0) + 1
     for index in range(minutes):
-        if (first + index) * 60 < known_since:
+        if (first + index + 1) * 60 <= known_since:
             counts[index] = None
     return counts
 

@@ -10,6 +10,7 @@ import asyncio
 import json
 import math
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -20,6 +21,7 @@ import zlib
 from collections.abc import Awaitable, Callable
 from html.parser import HTMLParser
 from pathlib import Path
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
@@ -33,6 +35,7 @@ from tests.conftest import GatewayHandle
 EARLIER = {42: 3, 20: 5, 5: 2}  # minutes before this one: sends the log already holds
 LIVE = 4  # sent through the gateway now
 LIMITS = [{"requests": 40, "per_seconds": 3600}, {"requests": 6, "per_seconds": 60}]
+ONE_A_SECOND = {"requests": 1, "per_seconds": 1}
 BAR_RGB = (0x25, 0x63, 0xEB)  # .sends in proxy/admin/status_svg.py
 
 
@@ -187,11 +190,12 @@ async def test_the_last_hour_drawn_by_chromium_matches_the_counts(
     scale = float(svg["data-scale"])
     assert scale == math.ceil(max(6, *sends) * 1.1)  # the per-minute limit or the busiest
     assert len(bars) == 60
+    drawn_start = int(bars[0]["data-start"])  # a minute may have turned since the JSON
+    assert drawn_start - start in (0, 60)
     for bar in bars:
-        minute = int(bar["data-minute"])
-        n = int(bar["data-sends"])
-        assert int(bar["data-start"]) == start + 60 * minute
-        assert n == sends[minute], (minute, n, sends)
+        minute, n = int(bar["data-minute"]), int(bar["data-sends"])
+        assert int(bar["data-start"]) == drawn_start + 60 * minute
+        assert n == by_minute.get(drawn_start + 60 * minute, 0), (minute, n, sends)
         assert abs(float(bar["height"]) - n / scale * SENDS_HEIGHT) < 0.01
     # The screenshot: one bar of the bar colour per busy minute, left to right, each as
     # tall as its count says (to a pixel: its top edge is antialiased).
@@ -261,3 +265,40 @@ async def test_on_redis_a_replica_draws_the_other_replicas_sends(
         keys = [key async for key in redis_client.scan_iter(match=f"{prefix}*", count=500)]
         if keys:
             await redis_client.delete(*keys)
+
+
+async def history_of(gateway: GatewayHandle) -> dict[str, Any]:
+    status, text = await get(gateway.admin_url("/status.json"))
+    assert status == 200
+    history: dict[str, Any] = json.loads(text)["credentials"]["default"]["history"]
+    return history
+
+
+async def test_the_queue_strip_shows_requests_that_waited(
+    make_gateway: Callable[..., Awaitable[GatewayHandle]],
+) -> None:
+    # One send a second: of three sent at once, two wait (about one and two seconds).
+    gateway = await make_gateway(
+        upstream={"agency_key": None, "extra_keys": {}, "limits": [ONE_A_SECOND]},
+        queue={"max_wait_seconds": 5},
+    )
+    token = await gateway.token("contacts:read")
+    sent = [asyncio.ensure_future(get(gateway.url("/api/v1/contacts"), token)) for _ in range(3)]
+    try:
+        for _ in range(60):  # the sampler reads the depth once a second
+            queue = (await history_of(gateway))["queue_max"]
+            if max(n or 0 for n in queue) >= 1:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        answers = await asyncio.gather(*sent)
+    assert [status for status, _ in answers] == [200, 200, 200]
+    assert max(n or 0 for n in queue) in (1, 2), queue[-2:]
+    _, page = await get(gateway.admin_url("/status"))
+    history = await history_of(gateway)  # read after the page: a minute may have turned
+    known = {history["start"] + 60 * m: n for m, n in enumerate(history["queue_max"])}
+    known = {start: n for start, n in known.items() if n is not None}
+    drawn = re.findall(r'data-start="(\d+)" data-queue="(\d+)"', page)
+    assert all(known[int(start)] == int(n) for start, n in drawn), (drawn, known)
+    assert len(drawn) >= len(known) - 1
+    assert max(int(n) for _, n in drawn) in (1, 2)

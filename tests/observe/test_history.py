@@ -29,11 +29,15 @@ def test_a_send_stamped_ahead_of_now_counts_in_this_minute() -> None:
 
 
 def test_minutes_older_than_the_log_are_unknown_not_zero() -> None:
-    # A budget whose longest window is 10 minutes knows nothing of the 50 before.
+    # A budget whose longest window is 10 minutes knows nothing of the 49 minutes that
+    # ended before it; the minute it began in is counted as far as it reaches.
     counts = sends_per_minute([NOW - 5], NOW, known_since=NOW - 600.25)
     known = [i for i, c in enumerate(counts) if c is not None]
-    assert known == list(range(50, 60))
-    assert counts[59] == 1 and counts[50] == 0
+    assert known == list(range(49, 60))
+    assert counts[59] == 1 and counts[49] == 0
+    # A window of a second: only this minute.
+    counts = sends_per_minute([NOW - 0.5], NOW, known_since=NOW - 1.25)
+    assert [i for i, c in enumerate(counts) if c is not None] == [59]
 
 
 def test_counted_holds_every_send_of_the_longest_window_ours_and_external() -> None:
