@@ -30,6 +30,7 @@ from proxy.cache.channel import open_purge_channel
 from proxy.cache.keeper import GatewayCache
 from proxy.cache.purge import EVERYTHING
 from proxy.config import GatewayConfig, Secrets
+from proxy.observe.history import QueueHistory
 from proxy.observe.logs import AccessLog, setup_logging
 from proxy.observe.metrics import Metrics
 from proxy.observe.request_ids import RequestIds
@@ -37,6 +38,9 @@ from proxy.state import SharedSlotsHooks, State, open_state
 from proxy.upstream import Upstream
 
 log = logging.getLogger("echowin_gateway.state")
+
+QUEUE_SAMPLE_SECONDS = 1.0
+"""How often the queue depth of each credential is sampled for the status page's history."""
 
 
 @dataclass(slots=True)
@@ -68,7 +72,10 @@ class Runtime:
     _state: State | None = None
     _auth: TokenAuthenticator | None = None
     _upstream: Upstream | None = None
+    # The deepest queue per credential in each of the last 60 minutes (the status page).
+    queue_history: QueueHistory = field(default_factory=QueueHistory)
     _pruner: asyncio.Task[None] | None = None
+    _sampler: asyncio.Task[None] | None = None
 
     def __post_init__(self) -> None:
         self.trusted_proxies = TrustedProxies.parse(self.config.server.trusted_proxies)
@@ -170,6 +177,7 @@ class Runtime:
             )
         if state.send_log is not None:
             self._pruner = asyncio.get_running_loop().create_task(self._prune_forever())
+        self._sampler = asyncio.get_running_loop().create_task(self._sample_forever())
 
     def _state_reset(self) -> None:
         """Redis lost its data: say so, and where the tokens are (lost with it, or not)."""
@@ -225,12 +233,23 @@ class Runtime:
                 with contextlib.suppress(Exception):
                     await self._state.send_log.prune(time.time() - self._horizon() - 60)
 
+    async def _sample_forever(self) -> None:
+        """Each credential's queue depth into ``queue_history``, every QUEUE_SAMPLE_SECONDS:
+        a dict walk a second, nothing on a request's path."""
+        while True:
+            if isinstance(self.admitter, Scheduler):
+                now = time.time()
+                for name, lane in self.admitter.lanes.items():
+                    self.queue_history.sample(name, now, lane.depth)
+            await asyncio.sleep(QUEUE_SAMPLE_SECONDS)
+
     async def close(self) -> None:
         self.access_log.close()  # what waits is written; later lines go out at once
-        if self._pruner is not None:
-            self._pruner.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._pruner
+        for task in (self._pruner, self._sampler):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self.admitter.close()
         if self.cache is not None:
             await self.cache.close()
