@@ -9,6 +9,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 
+from multidict import MultiMapping
+
+from proxy.cache.keys import keyed_vary
+
 __all__ = ["Directives", "answer_ttl", "request_directives"]
 
 
@@ -94,12 +98,13 @@ def _expires_in(headers: Mapping[str, str], now: float) -> float | None:
 
 
 def answer_ttl(
-    ttl: float, headers: Mapping[str, str], all_cache_control: Iterable[str], now: float
+    ttl: float, headers: MultiMapping[str], all_cache_control: Iterable[str], now: float
 ) -> float:
     """How long echowin's answer may be kept, at most ``ttl`` (the route's): 0 when it
-    must not be (``no-store``, ``private``, ``no-cache``, a ``Set-Cookie``, ``Vary: *``); echowin's
-    ``s-maxage``, else ``max-age``, else ``Expires``, shortens it."""
-    if "Set-Cookie" in headers or "*" in headers.get("Vary", "").replace(" ", "").split(","):
+    must not be (``no-store``, ``private``, ``no-cache``, a ``Set-Cookie``, a ``Vary``
+    line naming a field the key does not hold, ``*`` included); echowin's ``s-maxage``,
+    else ``max-age``, else ``Expires``, shortens it."""
+    if "Set-Cookie" in headers or not keyed_vary(headers.getall("Vary", ())):
         return 0.0
     found = _directives(all_cache_control)
     if "no-store" in found or "private" in found or "no-cache" in found:

@@ -1,14 +1,62 @@
 """The cache key of a GET: upstream credential, route template, canonical path, query
 normalised (parameters sorted by name, repeated ones kept in their order, empty ones
 dropped) and the request fields that change echowin's answer (``Accept``,
-``Accept-Encoding``). Pure."""
+``Accept-Encoding``). A GET carrying any other field that may change the answer
+(:func:`unkeyed_fields`) is not keyed at all: it goes to echowin alone. Pure."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from typing import NamedTuple
 
-__all__ = ["CacheKey", "cache_key", "normalise_query", "vary_value"]
+from proxy.upstream.hop_by_hop import HOP_BY_HOP
+
+__all__ = [
+    "KEYED_FIELDS",
+    "SAFE_FIELDS",
+    "CacheKey",
+    "cache_key",
+    "keyed_vary",
+    "normalise_query",
+    "unkeyed_fields",
+    "vary_value",
+]
+
+KEYED_FIELDS = frozenset({"accept", "accept-encoding"})
+"""Request fields the key holds (lower case)."""
+SAFE_FIELDS = (
+    KEYED_FIELDS
+    | HOP_BY_HOP
+    | frozenset(
+        {
+            # The gateway's own: the token, its wait, the request id (echowin never
+            # sees the caller's), and the framing of a GET without a body.
+            "authorization",
+            "x-api-key",
+            "x-agency-key",
+            "x-gateway-max-wait",
+            "x-request-id",
+            "host",
+            "content-length",
+            # Directives to the cache itself (proxy/cache/control.py).
+            "cache-control",
+            "pragma",
+            # About the caller or the trace, not the question: echowin answers the
+            # same whatever they say (a proxy in front adds the X-Forwarded ones to
+            # every request; the gateway adds its own peer anyway).
+            "user-agent",
+            "traceparent",
+            "tracestate",
+            "x-forwarded-for",
+            "x-forwarded-proto",
+            "x-forwarded-host",
+            "forwarded",
+        }
+    )
+)
+"""Request fields (lower case) that never change echowin's answer beyond what the key
+holds. Any other (``If-None-Match``, ``Accept-Language``, ``Prefer``, ``Cookie``, an
+``X-`` field) may: such a GET is neither answered from a copy, nor shared, nor kept."""
 
 
 class CacheKey(NamedTuple):
@@ -60,3 +108,18 @@ def cache_key(
         vary_value(accept, "*/*"),
         vary_value(accept_encoding),
     )
+
+
+def unkeyed_fields(names: Iterable[str]) -> list[str]:
+    """The field ``names`` (as sent) outside :data:`SAFE_FIELDS`, lower case, sorted."""
+    return sorted({name.lower() for name in names} - SAFE_FIELDS)
+
+
+def keyed_vary(vary: Iterable[str]) -> bool:
+    """echowin's ``Vary`` fields (every line) allow one answer for every request of a
+    key: they name only fields the key holds, or fields outside :data:`SAFE_FIELDS`,
+    which no keyed request carries (each is absent from all of them alike). ``*``, or
+    a field a keyed request may carry with any value (``User-Agent``, ...), does not:
+    such an answer is neither kept nor shared."""
+    named = {p.strip().lower() for line in vary for p in line.split(",") if p.strip()}
+    return "*" not in named and not (named & (SAFE_FIELDS - KEYED_FIELDS))

@@ -15,6 +15,7 @@ from aiohttp import web
 
 from proxy.budget.admission import AdmitRequest, Grant, Held, Refusal
 from proxy.cache.control import answer_ttl
+from proxy.cache.keys import keyed_vary
 from proxy.cache.store import Answer
 from proxy.cache.trip import Fetched
 from proxy.errors import Reason
@@ -139,7 +140,8 @@ async def _read_whole(
         given = upstream.headers
         fresh_for = answer_ttl(ttl, given, given.getall("Cache-Control", ()), time.time())
     answer = Answer(status, tuple(fields), body)
-    return Fetched(answer=answer, stale=stale, limits=limits, fresh_for=fresh_for)
+    shareable = keyed_vary(upstream.headers.getall("Vary", ()))
+    return Fetched(answer, stale=stale, limits=limits, fresh_for=fresh_for, shareable=shareable)
 
 
 def _stale_for(exc: UpstreamError) -> str:

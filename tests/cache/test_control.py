@@ -47,6 +47,9 @@ def test_echowin_can_forbid_keeping() -> None:
     assert ttl(fields(Set_Cookie="session=1")) == 0.0
     assert ttl(fields(Vary="*")) == 0.0
     assert ttl(fields(Vary="Accept-Encoding")) == 60.0
+    two_lines = CIMultiDict([("Vary", "Accept-Encoding"), ("Vary", "User-Agent")])
+    assert ttl(two_lines) == 0.0  # the second line counts too
+    assert ttl(CIMultiDict([("Vary", "Accept"), ("Vary", "*")])) == 0.0
 
 
 def test_echowin_can_shorten_but_not_lengthen() -> None:

@@ -1,0 +1,61 @@
+"""The response cache's edges end to end: fields the key does not hold, purges racing a
+GET in flight, a stale copy's charge. The real gateway in front of the real simulator, on
+loopback; concurrency made by the simulator's latency fault, waits bounded."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from proxy.sim import Faults
+from tests.conftest import SimHandle
+from tests.gateway.test_cache import MakeGateway, cached_gateway, call, sent, until
+
+pytestmark = pytest.mark.filterwarnings("error")
+
+
+async def test_a_conditional_get_neither_joins_nor_is_joined(
+    make_gateway: MakeGateway, sim: SimHandle
+) -> None:
+    gw = await cached_gateway(make_gateway)
+    a = await gw.token("tags:read", "boards:read", name="a")
+    b = await gw.token("tags:read", name="b")
+    assert (await call("GET", gw.url("/api/v1/boards"), a))[0] == 200  # warm
+    sim.sim.set_faults(Faults(latency_seconds=0.4, count=2))
+    first = asyncio.ensure_future(call("GET", gw.url("/api/v1/tags"), a, {"If-None-Match": '"v1"'}))
+    await until(lambda: sim.sim.faults_left == 1)  # A's GET is at echowin
+    status, headers, body = await call("GET", gw.url("/api/v1/tags"), b)
+    assert status == 200 and body
+    assert headers["Cache-Status"] == "echowin-gateway; fwd=miss; stored"
+    _, a_headers, _ = await first
+    assert a_headers["Cache-Status"] == "echowin-gateway; fwd=bypass; detail=unkeyed-field"
+    assert sent(sim, "GET", "/api/v1/tags") == 2
+
+
+async def test_a_field_the_key_does_not_hold_gets_no_copy_and_leaves_none(
+    make_gateway: MakeGateway, sim: SimHandle
+) -> None:
+    gw = await cached_gateway(make_gateway)
+    token = await gw.token("tags:read")
+    for language in ("fr", "en"):
+        _, headers, _ = await call(
+            "GET", gw.url("/api/v1/tags"), token, {"Accept-Language": language}
+        )
+        assert headers["Cache-Status"] == "echowin-gateway; fwd=bypass; detail=unkeyed-field"
+    assert sent(sim, "GET", "/api/v1/tags") == 2
+    _, headers, _ = await call("GET", gw.url("/api/v1/tags"), token)
+    assert headers["Cache-Status"] == "echowin-gateway; fwd=miss; stored"
+    for extra in ({"Accept-Language": "fr"}, {"Cookie": "a=1"}, {"X-Tenant": "t"}):
+        _, headers, _ = await call("GET", gw.url("/api/v1/tags"), token, extra)
+        assert headers["Cache-Status"].startswith("echowin-gateway; fwd=bypass"), extra
+    assert sent(sim, "GET", "/api/v1/tags") == 6
+    # Fields that never change the answer keep the copy.
+    safe = {"User-Agent": "svc/1", "traceparent": "00-" + "1" * 32 + "-" + "2" * 16 + "-01"}
+    _, headers, _ = await call("GET", gw.url("/api/v1/tags"), token, safe)
+    assert headers["Cache-Status"].startswith("echowin-gateway; hit")
+    # The copy held is not this request's: only-if-cached finds nothing.
+    only = {"Prefer": "return=minimal", "Cache-Control": "only-if-cached"}
+    status, headers, _ = await call("GET", gw.url("/api/v1/tags"), token, only)
+    assert status == 504
+    assert sent(sim, "GET", "/api/v1/tags") == 6
