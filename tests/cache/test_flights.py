@@ -92,3 +92,14 @@ async def test_an_unshared_flight_is_not_joined() -> None:
 
 async def gate_trip(gate: asyncio.Future[str]) -> str:
     return await gate
+
+
+async def test_a_flight_is_stamped_with_the_epoch_of_its_start() -> None:
+    epoch = 0
+    flights: Flights[str] = Flights(lambda flight: None, lambda key: epoch)
+    gate: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    flight = flights.start(KEY, gate_trip(gate), shared=False)
+    epoch = 1
+    assert flight.epoch == 0
+    gate.set_result("x")
+    assert await flights.wait(flight) == "x"

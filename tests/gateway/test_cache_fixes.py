@@ -59,3 +59,24 @@ async def test_a_field_the_key_does_not_hold_gets_no_copy_and_leaves_none(
     status, headers, _ = await call("GET", gw.url("/api/v1/tags"), token, only)
     assert status == 504
     assert sent(sim, "GET", "/api/v1/tags") == 6
+
+
+async def test_a_purge_while_a_no_cache_get_is_at_echowin_keeps_its_answer_out(
+    make_gateway: MakeGateway, sim: SimHandle
+) -> None:
+    gw = await cached_gateway(make_gateway)
+    token = await gw.token("tags:read", "tags:write", "boards:read")
+    assert (await call("GET", gw.url("/api/v1/boards"), token))[0] == 200  # warm
+    sim.sim.set_faults(Faults(latency_seconds=0.5, count=1))
+    reading = asyncio.ensure_future(
+        call("GET", gw.url("/api/v1/tags"), token, {"Cache-Control": "no-cache"})
+    )
+    await until(lambda: sim.sim.faults is None)  # the GET is at echowin
+    status, _, _ = await call("POST", gw.url("/api/v1/tags"), token, json={"name": "late"})
+    assert status in (200, 201)
+    _, headers, _ = await reading
+    # Real echowin may have read the list before the write: nothing it brought is kept.
+    assert headers["Cache-Status"] == "echowin-gateway; fwd=request"
+    _, headers, body = await call("GET", gw.url("/api/v1/tags"), token)
+    assert headers["Cache-Status"] == "echowin-gateway; fwd=miss; stored"
+    assert b"late" in body
