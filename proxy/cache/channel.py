@@ -94,9 +94,7 @@ class RedisChannel:
                     while True:
                         message = await channel.get_message(timeout=LISTEN_SECONDS)
                         if message is not None:
-                            data = message["data"]
-                            text = data.decode() if isinstance(data, bytes) else str(data)
-                            heard(self._cache, self.origin, text)
+                            self._heard(message["data"])
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # Redis away, or a bug: listen again after a pause
@@ -106,6 +104,17 @@ class RedisChannel:
                 )
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, MAX_PAUSE)
+
+    def _heard(self, data: object) -> None:
+        """One message: a bad one (not UTF-8, not a purge) is passed over, never the
+        listener's end (the purges after it would be lost while it subscribes again)."""
+        try:
+            text = data.decode("utf-8", "replace") if isinstance(data, bytes) else str(data)
+            heard(self._cache, self.origin, text)
+        except Exception as exc:
+            log.warning(
+                "cache purge message passed over", extra={"fields": {"error": type(exc).__name__}}
+            )
 
     async def close(self) -> None:
         self._listener.cancel()

@@ -69,3 +69,24 @@ async def test_a_burst_past_the_queue_bound_becomes_one_purge_of_everything(
         sender.publish("default", Purge(frozenset({f"/api/v1/tags/{i}"})))  # none held
     await until_empty(heard_by)  # the coalesced purge of everything took the boards
     assert heard_by.purged == 30
+
+
+async def test_a_message_not_in_utf8_on_redis_does_not_stop_the_listener() -> None:
+    from proxy.cache.channel import RedisChannel
+    from tests.state.test_token_store import scratch_redis
+
+    async with scratch_redis() as (client, prefix):
+        cache = filled(30)
+        channel = RedisChannel(client, prefix, cache)
+        try:
+            await asyncio.wait_for(channel.subscribed.wait(), 5)
+            name = f"{prefix}cache:purges"
+            await client.publish(name, b"other \xff\xfe|\xc3|")
+            await client.publish(name, "other default /api/v1/boards/0||")
+            deadline = asyncio.get_running_loop().time() + 0.5  # a restart pauses >= 1 s
+            while cache.store.entries == 30:
+                assert asyncio.get_running_loop().time() < deadline, "the purge was lost"
+                await asyncio.sleep(0.01)
+            assert cache.purged == 1 and channel.subscribed.is_set()
+        finally:
+            await channel.close()
