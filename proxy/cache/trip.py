@@ -22,7 +22,9 @@ class Fetched:
     ``stale``: why a stale copy may stand in for what came ("" when none may);
     ``limits``: the first caller's rate-limit fields. ``shareable``: False when echowin's
     ``Vary`` names a field the callers of one key may send differently (the answer is
-    the first caller's alone)."""
+    the first caller's alone). ``charged``: the first caller's token's own quota paid for
+    this trip (it reached echowin, or may have): a stale copy in its place is not charged
+    again."""
 
     answer: Answer | None = None
     upstream: UpstreamResponse | None = None
@@ -32,6 +34,7 @@ class Fetched:
     fresh_for: float = 0.0
     stored: bool = False
     shareable: bool = True
+    charged: bool = False
 
     def release(self) -> None:
         """Nobody will relay ``upstream``: its connection goes back (or is closed)."""

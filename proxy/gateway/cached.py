@@ -144,10 +144,13 @@ def _stale_status(look: _Lookup, entry: Entry, why: str) -> str:
     return f"hit; ttl={min(-1, _ttl(entry, look.cache.clock()))}{detail}"
 
 
-async def _from_copy(look: _Lookup, entry: Entry, result: str, status: str) -> web.Response:
-    """A kept copy to the caller, charged to its token's own quota."""
+async def _from_copy(
+    look: _Lookup, entry: Entry, result: str, status: str, *, charged: bool = False
+) -> web.Response:
+    """A kept copy to the caller, charged to its token's own quota (unless its trip to
+    echowin was, ``charged``: one request, one charge)."""
     rt, ex = look.rt, look.ex
-    refused = await rt.admitter.charge_own(look.admit)
+    refused = None if charged else await rt.admitter.charge_own(look.admit)
     limits = rt.admitter.caller_headers(look.admit)
     if refused is not None:
         return answers.limited(ex, refused, limits)
@@ -224,7 +227,8 @@ async def _first(
     ex = look.ex
     stale = _stale_copy(look, fetched.stale)
     if stale is not None:
-        return await _from_copy(look, stale, "stale", _stale_status(look, stale, fetched.stale))
+        status = _stale_status(look, stale, fetched.stale)
+        return await _from_copy(look, stale, "stale", status, charged=fetched.charged)
     if fetched.refusal is not None:
         return fetched.refusal
     bypass = look.asked.no_cache or bool(look.bypass)

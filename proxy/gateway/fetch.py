@@ -86,8 +86,8 @@ async def _exchange(
         upstream = await rt.upstream.send("GET", path_qs, headers, None, ex.wired)
     except UpstreamError as exc:
         ex.upstream_seconds = time.perf_counter() - sent_at
-        failed = upstream_failed(rt, ex, exc, grant)
-        return Fetched(refusal=failed, stale=_stale_for(exc), limits=limits)
+        failed = upstream_failed(rt, ex, exc, grant)  # the quota refunded when unsent
+        return Fetched(refusal=failed, stale=_stale_for(exc), limits=limits, charged=exc.sent)
     ex.upstream_seconds = time.perf_counter() - sent_at
     ex.upstream_status = upstream.status
     grant.sent(upstream.status, upstream.headers)
@@ -96,9 +96,12 @@ async def _exchange(
     if upstream.status == 429:  # the credential is frozen now (see Grant.sent)
         upstream.release()
         metrics.upstream_duration.observe(ex.upstream_seconds, credential.name, ex.route)
-        return Fetched(refusal=upstream_429(ex, upstream, limits), stale="stale-frozen")
+        refusal = upstream_429(ex, upstream, limits)
+        return Fetched(refusal=refusal, stale="stale-frozen", charged=True)
     try:
-        return await _read_whole(request, rt, ex, passed, upstream, limits)
+        fetched = await _read_whole(request, rt, ex, passed, upstream, limits)
+        fetched.charged = True
+        return fetched
     finally:
         metrics.upstream_duration.observe(ex.upstream_seconds, credential.name, ex.route)
 

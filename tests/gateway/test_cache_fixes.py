@@ -10,7 +10,14 @@ import pytest
 
 from proxy.sim import Faults
 from tests.conftest import SimHandle
-from tests.gateway.test_cache import MakeGateway, cached_gateway, call, sent, until
+from tests.gateway.test_cache import (
+    FakeClock,
+    MakeGateway,
+    cached_gateway,
+    call,
+    sent,
+    until,
+)
 
 pytestmark = pytest.mark.filterwarnings("error")
 
@@ -80,3 +87,23 @@ async def test_a_purge_while_a_no_cache_get_is_at_echowin_keeps_its_answer_out(
     _, headers, body = await call("GET", gw.url("/api/v1/tags"), token)
     assert headers["Cache-Status"] == "echowin-gateway; fwd=miss; stored"
     assert b"late" in body
+
+
+async def test_a_stale_copy_in_place_of_echowins_error_is_charged_once(
+    make_gateway: MakeGateway, sim: SimHandle
+) -> None:
+    gw = await cached_gateway(make_gateway, routes={"/api/v1/tags": 1})
+    cache = gw.runtime.cache
+    assert cache is not None
+    clock = FakeClock()
+    cache.clock = cache.store.clock = clock
+    token = await gw.token("tags:read", per_minute=4)
+    assert (await call("GET", gw.url("/api/v1/tags"), token))[0] == 200  # 1 charged
+    clock.now += 5  # stale
+    sim.sim.set_faults(Faults(status=500, count=1))
+    status, headers, _ = await call("GET", gw.url("/api/v1/tags"), token)  # 2 charged
+    assert status == 200
+    assert headers["Cache-Status"].endswith("detail=stale-upstream-error")
+    later = [(await call("GET", gw.url("/api/v1/tags"), token))[0] for _ in range(3)]
+    assert later == [200, 200, 429]  # 3 (a miss) and 4 (a hit), then the quota is spent
+    assert sent(sim, "GET", "/api/v1/tags") == 3
