@@ -73,17 +73,26 @@ class Flights(Generic[T]):
         if not flight.task.cancelled() and flight.task.exception() is None:
             self._landed(flight)
 
-    async def wait(self, flight: Flight[T], on_abandoned: Callable[[T], None] | None = None) -> T:
-        """``flight``'s result. Cancelled (the caller left), the flight goes on for the
-        others; when nobody waits any more it is cancelled. ``on_abandoned`` (the first
-        caller's) gets a result that lands after its caller left, so that what only that
-        caller would have used is not leaked."""
+    async def wait(
+        self, flight: Flight[T], on_abandoned: Callable[[T], None] | None = None
+    ) -> T | None:
+        """``flight``'s result; None when the flight was called off while this caller
+        still waited (its last other caller left as this one joined): nothing to share,
+        the caller goes on alone. Cancelled (the caller left), the flight goes on for
+        the others; when nobody waits any more it is cancelled, and joined no more.
+        ``on_abandoned`` (the first caller's) gets a result that lands after its caller
+        left, so that what only that caller would have used is not leaked."""
         flight.waiting += 1
         try:
             return await asyncio.shield(flight.task)
         except asyncio.CancelledError:
+            me = asyncio.current_task()
+            if flight.task.cancelled() and me is not None and not me.cancelling():
+                return None
             if flight.waiting == 1 and not flight.task.done():
                 flight.task.cancel()
+                if self._flying.get(flight.key) is flight:
+                    del self._flying[flight.key]
             if on_abandoned is not None:
                 flight.task.add_done_callback(lambda task: _abandoned(task, on_abandoned))
             raise

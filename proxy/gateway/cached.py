@@ -99,7 +99,8 @@ async def through_cache(
             held.release()
             held = None
         flight.joined += 1
-        shared_answer = await _shared(look, await cache.flights.wait(flight))
+        landed = await cache.flights.wait(flight)
+        shared_answer = None if landed is None else await _shared(look, landed)
         if shared_answer is not None:
             return shared_answer
     return await _alone(request, look, passed, held, shared=shared)
@@ -115,6 +116,8 @@ async def _alone(
     if look.asked.no_store or look.bypass:
         flight.keep = False
     fetched = await cache.flights.wait(flight, Fetched.release)
+    if fetched is None:  # called off as it started (see Flights.wait): once more, alone
+        return await _alone(request, look, passed, None)
     return await _first(request, look, passed, fetched)
 
 
