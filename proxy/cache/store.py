@@ -11,10 +11,15 @@ from cachetools import TLRUCache
 
 from proxy.cache.keys import CacheKey
 
-__all__ = ["Answer", "Entry", "ResponseCache"]
+__all__ = ["Answer", "Entry", "ResponseCache", "key_bytes"]
 
-# What an entry costs beyond its body and fields: the key, the objects, the cache's own.
+# What an entry costs beyond its body, fields and key's text: the objects, the cache's own.
 _OVERHEAD = 512
+
+
+def key_bytes(key: CacheKey) -> int:
+    """What ``key``'s text costs (its path and query may run to kilobytes)."""
+    return sum(len(part) for part in key)
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,11 +41,12 @@ class Answer:
 @dataclass(frozen=True, slots=True)
 class Entry:
     """An answer kept at ``stored_at`` (the cache's clock), fresh for ``fresh_for``
-    seconds."""
+    seconds; ``size``: what it counts against ``max_bytes``, its key included."""
 
     answer: Answer
     stored_at: float
     fresh_for: float
+    size: int = 0
 
     def age(self, now: float) -> float:
         return max(0.0, now - self.stored_at)
@@ -79,7 +85,7 @@ class ResponseCache:
             max_bytes,
             ttu=lambda _key, entry, _now: entry.stored_at + entry.fresh_for + stale_seconds,
             timer=lambda: self.clock(),  # read at each use: a test may move the clock
-            getsizeof=lambda entry: entry.answer.size,
+            getsizeof=lambda entry: entry.size,
         )
 
     def get(self, key: CacheKey) -> Entry | None:
@@ -92,7 +98,8 @@ class ResponseCache:
         if answer.size > self.max_entry_bytes:
             self._entries.pop(key, None)
             return False
-        self._entries[key] = Entry(answer, self.clock(), fresh_for)
+        size = answer.size + key_bytes(key)
+        self._entries[key] = Entry(answer, self.clock(), fresh_for, size)
         return True
 
     def purge(self, credential: str | None, matches: Callable[[str], bool]) -> int:
@@ -113,7 +120,7 @@ class ResponseCache:
 
     @property
     def bytes(self) -> int:
-        """Bytes held (as ``Answer.size`` counts them)."""
+        """Bytes held (as ``Entry.size`` counts them)."""
         return int(self._entries.currsize)
 
     @property
