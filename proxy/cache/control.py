@@ -13,7 +13,7 @@ from multidict import MultiMapping
 
 from proxy.cache.keys import keyed_vary
 
-__all__ = ["Directives", "answer_ttl", "request_directives"]
+__all__ = ["Directives", "answer_ttl", "must_revalidate", "request_directives"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,3 +115,10 @@ def answer_ttl(
             return min(ttl, 0.0 if given is None else given)
     expires = _expires_in(headers, now)
     return ttl if expires is None else min(ttl, expires)
+
+
+def must_revalidate(all_cache_control: Iterable[str]) -> bool:
+    """echowin's answer must not be served stale (``must-revalidate``, or
+    ``proxy-revalidate`` to a shared cache: RFC 9111 §5.2.2.2 and §5.2.2.8)."""
+    found = _directives(all_cache_control)
+    return "must-revalidate" in found or "proxy-revalidate" in found

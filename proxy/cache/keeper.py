@@ -85,7 +85,12 @@ class GatewayCache:
         if not flight.keep or flight.epoch != self._epoch(flight.key):
             return  # a purge came while it was under way: what it brings may predate it
         if fetched.answer is not None and fetched.fresh_for > 0:
-            fetched.stored = self.store.put(flight.key, fetched.answer, fetched.fresh_for)
+            fetched.stored = self.store.put(
+                flight.key,
+                fetched.answer,
+                fetched.fresh_for,
+                must_revalidate=fetched.must_revalidate,
+            )
 
     def purge(self, credential: str | None, purge: Purge, *, publish: bool = True) -> int:
         """Drop what ``purge`` concerns, of ``credential`` (every credential's: None), here,

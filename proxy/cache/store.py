@@ -41,12 +41,14 @@ class Answer:
 @dataclass(frozen=True, slots=True)
 class Entry:
     """An answer kept at ``stored_at`` (the cache's clock), fresh for ``fresh_for``
-    seconds; ``size``: what it counts against ``max_bytes``, its key included."""
+    seconds; ``size``: what it counts against ``max_bytes``, its key included;
+    ``must_revalidate``: echowin forbade serving it stale."""
 
     answer: Answer
     stored_at: float
     fresh_for: float
     size: int = 0
+    must_revalidate: bool = False
 
     def age(self, now: float) -> float:
         return max(0.0, now - self.stored_at)
@@ -54,6 +56,11 @@ class Entry:
     def staleness(self, now: float) -> float:
         """Seconds past freshness (<= 0 while fresh)."""
         return self.age(now) - self.fresh_for
+
+    def may_stand_in(self, now: float, allowed: float) -> bool:
+        """Served stale, at most ``allowed`` seconds past freshness, where echowin
+        allowed it at all."""
+        return not self.must_revalidate and self.staleness(now) <= allowed
 
 
 class _Bounded(TLRUCache[CacheKey, Entry]):
@@ -92,14 +99,17 @@ class ResponseCache:
         """The entry under ``key`` (fresh or stale), or None."""
         return self._entries.get(key)
 
-    def put(self, key: CacheKey, answer: Answer, fresh_for: float) -> bool:
-        """Keep ``answer`` for ``fresh_for`` seconds (and ``stale_seconds`` past them);
-        False when it is too large to keep (any older copy is dropped then too)."""
+    def put(
+        self, key: CacheKey, answer: Answer, fresh_for: float, *, must_revalidate: bool = False
+    ) -> bool:
+        """Keep ``answer`` for ``fresh_for`` seconds (and ``stale_seconds`` past them,
+        unless ``must_revalidate``: never served stale); False when it is too large to
+        keep (any older copy is dropped then too)."""
         if answer.size > self.max_entry_bytes:
             self._entries.pop(key, None)
             return False
         size = answer.size + key_bytes(key)
-        self._entries[key] = Entry(answer, self.clock(), fresh_for, size)
+        self._entries[key] = Entry(answer, self.clock(), fresh_for, size, must_revalidate)
         return True
 
     def purge(self, credential: str | None, matches: Callable[[str], bool]) -> int:

@@ -24,7 +24,7 @@ class Fetched:
     ``Vary`` names a field the callers of one key may send differently (the answer is
     the first caller's alone). ``charged``: the first caller's token's own quota paid for
     this trip (it reached echowin, or may have): a stale copy in its place is not charged
-    again."""
+    again. ``must_revalidate``: echowin forbade serving the answer stale."""
 
     answer: Answer | None = None
     upstream: UpstreamResponse | None = None
@@ -35,6 +35,7 @@ class Fetched:
     stored: bool = False
     shareable: bool = True
     charged: bool = False
+    must_revalidate: bool = False
 
     def release(self) -> None:
         """Nobody will relay ``upstream``: its connection goes back (or is closed)."""

@@ -129,12 +129,13 @@ def _fresh_enough(entry: Entry, now: float, asked: Directives) -> bool:
 
 def _stale_ok(look: _Lookup, entry: Entry) -> bool:
     """A stale copy the caller accepts in place of a refusal: within its ``max-stale``
-    when sent, else within ``stale_seconds``; never with ``no-cache``."""
+    when sent, else within ``stale_seconds``; never with ``no-cache``, nor when echowin
+    said ``must-revalidate`` (or ``proxy-revalidate``)."""
     asked = look.asked
     if asked.no_cache or look.bypass:
         return False
     allowed = look.cache.config.stale_seconds if asked.max_stale is None else asked.max_stale
-    return entry.staleness(look.cache.clock()) <= allowed
+    return entry.may_stand_in(look.cache.clock(), allowed)
 
 
 def _ttl(entry: Entry, now: float) -> int:

@@ -14,7 +14,7 @@ import aiohttp
 from aiohttp import web
 
 from proxy.budget.admission import AdmitRequest, Grant, Held, Refusal
-from proxy.cache.control import answer_ttl
+from proxy.cache.control import answer_ttl, must_revalidate
 from proxy.cache.keys import keyed_vary
 from proxy.cache.store import Answer
 from proxy.cache.trip import Fetched
@@ -143,8 +143,10 @@ async def _read_whole(
         given = upstream.headers
         fresh_for = answer_ttl(ttl, given, given.getall("Cache-Control", ()), time.time())
     answer = Answer(status, tuple(fields), body)
-    shareable = keyed_vary(upstream.headers.getall("Vary", ()))
-    return Fetched(answer, stale=stale, limits=limits, fresh_for=fresh_for, shareable=shareable)
+    fetched = Fetched(answer, stale=stale, limits=limits, fresh_for=fresh_for)
+    fetched.shareable = keyed_vary(upstream.headers.getall("Vary", ()))
+    fetched.must_revalidate = must_revalidate(upstream.headers.getall("Cache-Control", ()))
+    return fetched
 
 
 def _stale_for(exc: UpstreamError) -> str:

@@ -67,3 +67,12 @@ def test_expires_counts_from_echowins_date() -> None:
     assert ttl(fields(Expires=formatdate(now + 30, usegmt=True)), now=now) == 30.0
     assert ttl(fields(Expires="0"), now=now) == 0.0  # invalid: already expired
     assert ttl(fields(Expires=formatdate(now - 5, usegmt=True)), now=now) == 0.0
+
+
+def test_must_revalidate_and_proxy_revalidate() -> None:
+    from proxy.cache.control import must_revalidate
+
+    assert not must_revalidate([])
+    assert not must_revalidate(["max-age=60, public"])
+    assert must_revalidate(["max-age=60", "Must-Revalidate"])
+    assert must_revalidate(["proxy-revalidate, max-age=5"])

@@ -81,3 +81,15 @@ def test_the_key_counts_against_max_bytes() -> None:
     assert store.put(long, answer(10), 5)
     assert store.bytes == answer(10).size + key_bytes(long)
     assert store.bytes > 8000
+
+
+def test_a_copy_echowin_said_must_revalidate_never_stands_in_stale() -> None:
+    clock = Clock()
+    store = ResponseCache(100_000, 10_000, 30, clock)
+    store.put(key("/a"), answer(10), 5)
+    store.put(key("/b"), answer(10), 5, must_revalidate=True)
+    clock.now += 10  # both 5 s stale
+    a, b = store.get(key("/a")), store.get(key("/b"))
+    assert a is not None and a.may_stand_in(clock(), 30)
+    assert b is not None and not b.may_stand_in(clock(), 30)
+    assert not a.may_stand_in(clock(), 4)

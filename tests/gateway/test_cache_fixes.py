@@ -107,3 +107,30 @@ async def test_a_stale_copy_in_place_of_echowins_error_is_charged_once(
     later = [(await call("GET", gw.url("/api/v1/tags"), token))[0] for _ in range(3)]
     assert later == [200, 200, 429]  # 3 (a miss) and 4 (a hit), then the quota is spent
     assert sent(sim, "GET", "/api/v1/tags") == 3
+
+
+async def test_a_copy_to_be_revalidated_does_not_stand_in_for_echowins_error(
+    make_gateway: MakeGateway, sim: SimHandle
+) -> None:
+    gw = await cached_gateway(make_gateway, routes={"/api/v1/tags": 1})
+    cache = gw.runtime.cache
+    assert cache is not None
+    clock = FakeClock()
+    cache.clock = cache.store.clock = clock
+    token = await gw.token("tags:read")
+    assert (await call("GET", gw.url("/api/v1/tags"), token))[0] == 200
+    (key,) = cache.store._entries.keys()
+    entry = cache.store.get(key)
+    assert entry is not None and not entry.must_revalidate
+    # As if echowin had said "Cache-Control: max-age=1, must-revalidate" (the simulator
+    # sends no Cache-Control): what fetch.py reads from it is recorded on the copy.
+    cache.store.put(key, entry.answer, entry.fresh_for, must_revalidate=True)
+    clock.now += 5
+    sim.sim.set_faults(Faults(status=500, count=1))
+    status, headers, _ = await call("GET", gw.url("/api/v1/tags"), token)
+    assert status == 500
+    assert headers["Cache-Status"] == "echowin-gateway; fwd=miss"
+    status, _, _ = await call(
+        "GET", gw.url("/api/v1/tags"), token, {"Cache-Control": "max-stale, only-if-cached"}
+    )
+    assert status == 504
