@@ -13,6 +13,7 @@ from proxy.upstream.hop_by_hop import HOP_BY_HOP
 
 __all__ = [
     "KEYED_FIELDS",
+    "PER_CALLER_FIELDS",
     "SAFE_FIELDS",
     "CacheKey",
     "cache_key",
@@ -24,33 +25,39 @@ __all__ = [
 
 KEYED_FIELDS = frozenset({"accept", "accept-encoding"})
 """Request fields the key holds (lower case)."""
+PER_CALLER_FIELDS = frozenset(
+    {
+        # Directives to the cache itself (proxy/cache/control.py).
+        "cache-control",
+        "pragma",
+        # About the caller or the trace, not the question: echowin answers the same
+        # whatever they say (a proxy in front adds the X-Forwarded ones to every request;
+        # the gateway adds its own peer and request id anyway).
+        "user-agent",
+        "traceparent",
+        "tracestate",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "forwarded",
+        "x-request-id",
+    }
+)
+"""Fields that reach echowin with any value a caller gives (lower case)."""
 SAFE_FIELDS = (
     KEYED_FIELDS
+    | PER_CALLER_FIELDS
     | HOP_BY_HOP
     | frozenset(
         {
-            # The gateway's own: the token, its wait, the request id (echowin never
-            # sees the caller's), and the framing of a GET without a body.
+            # The gateway's own, never sent on as the caller gave them: the token (the
+            # credential's key replaces it), its wait, the framing of a GET.
             "authorization",
             "x-api-key",
             "x-agency-key",
             "x-gateway-max-wait",
-            "x-request-id",
             "host",
             "content-length",
-            # Directives to the cache itself (proxy/cache/control.py).
-            "cache-control",
-            "pragma",
-            # About the caller or the trace, not the question: echowin answers the
-            # same whatever they say (a proxy in front adds the X-Forwarded ones to
-            # every request; the gateway adds its own peer anyway).
-            "user-agent",
-            "traceparent",
-            "tracestate",
-            "x-forwarded-for",
-            "x-forwarded-proto",
-            "x-forwarded-host",
-            "forwarded",
         }
     )
 )
@@ -117,9 +124,11 @@ def unkeyed_fields(names: Iterable[str]) -> list[str]:
 
 def keyed_vary(vary: Iterable[str]) -> bool:
     """echowin's ``Vary`` fields (every line) allow one answer for every request of a
-    key: they name only fields the key holds, or fields outside :data:`SAFE_FIELDS`,
-    which no keyed request carries (each is absent from all of them alike). ``*``, or
-    a field a keyed request may carry with any value (``User-Agent``, ...), does not:
-    such an answer is neither kept nor shared."""
+    key: none is ``*`` nor a field that reaches echowin with whatever value each caller
+    gives (:data:`PER_CALLER_FIELDS`: ``User-Agent``, ...). Any other field is the same
+    in every request of a key: held by the key (``Accept``), set by the gateway alike
+    for all (the credential's key, ``Host``), or carried by none (``Accept-Language``,
+    ``Origin``: a GET with a field outside :data:`SAFE_FIELDS` is not keyed). An answer
+    that fails this is neither kept nor shared."""
     named = {p.strip().lower() for line in vary for p in line.split(",") if p.strip()}
-    return "*" not in named and not (named & (SAFE_FIELDS - KEYED_FIELDS))
+    return "*" not in named and not (named & PER_CALLER_FIELDS)

@@ -62,6 +62,7 @@ def test_vary_is_read_on_every_line() -> None:
     assert keyed_vary(["Accept", "accept-encoding"])
     # No keyed request carries Accept-Language: they all look alike on it.
     assert keyed_vary(["Accept-Encoding", "Accept-Language, Origin"])
+    assert keyed_vary(["X-API-Key"])  # the credential's key: the same for all of a key
     assert not keyed_vary(["Accept", "*"])
     assert not keyed_vary(["Accept-Encoding", "User-Agent"])
     assert not keyed_vary(["accept,  x-forwarded-for"])
