@@ -27,6 +27,7 @@ from proxy.config.cache import CacheConfig
 from proxy.config.postgres_url import parse_postgres_url
 from proxy.config.secrets import AGENCY_KEY_NAME, SecretRef
 from proxy.config.state_url import parse_state_url
+from proxy.config.tracing import TracingConfig
 
 __all__ = [
     "EVENT_LOOPS",
@@ -44,6 +45,7 @@ __all__ = [
     "RouteConfig",
     "ServerConfig",
     "TokensConfig",
+    "TracingConfig",
     "UpstreamConfig",
     "check_state_url",
     "parse_address",
@@ -278,6 +280,8 @@ class GatewayConfig(_Model):
     routes: tuple[RouteConfig, ...] = ()
     # Budget savers (proxy/cache/): off unless present.
     cache: CacheConfig | None = None
+    # OpenTelemetry traces (proxy/observe/tracing.py): off unless present or OTEL_* set.
+    tracing: TracingConfig | None = None
 
     @field_validator("listen", "admin_listen")
     @classmethod
