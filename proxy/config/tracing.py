@@ -10,7 +10,15 @@ import re
 from collections.abc import Mapping
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    field_validator,
+    model_validator,
+)
 
 from proxy.config.secrets import SecretRef
 
@@ -23,7 +31,11 @@ _ENDPOINT_VARS = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDP
 
 
 def otel_installed() -> bool:
-    return importlib.util.find_spec("opentelemetry.sdk") is not None
+    """True when the ``otel`` extra's SDK can be imported (without importing it)."""
+    try:
+        return importlib.util.find_spec("opentelemetry.sdk") is not None
+    except ModuleNotFoundError:  # no opentelemetry package at all
+        return False
 
 
 class TracingConfig(BaseModel):
@@ -46,12 +58,11 @@ class TracingConfig(BaseModel):
     # Finished spans waiting at most; past it new ones are dropped (and counted by the SDK).
     max_queue_size: PositiveInt = 2048
 
-    @field_validator("enabled")
-    @classmethod
-    def _installed(cls, value: bool) -> bool:
-        if value and not otel_installed():
+    @model_validator(mode="after")
+    def _installed(self) -> TracingConfig:
+        if self.enabled and not otel_installed():
             raise ValueError(MISSING_OTEL)
-        return value
+        return self
 
     @field_validator("endpoint")
     @classmethod

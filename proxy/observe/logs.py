@@ -155,8 +155,9 @@ class AccessLog:
         self._stamp = ""
         # The formatted token, method, route and credential fields, by their values.
         self._middles: dict[tuple[str | None, str, str, str, str | None], str] = {}
-        # User agents as a quoted, escaped ASCII string (the same in both formats).
-        self._agents: dict[str, str] = {}
+        # User agents as a quoted, escaped ASCII string (the same in both formats); None's
+        # is the format's own (null, -).
+        self._agents: dict[str | None, str] = {}
 
     def configure(self, settings: LogSettings) -> None:
         """Apply ``logging.access_log``, ``logging.level`` and ``logging.format`` (at start and
@@ -188,12 +189,10 @@ class AccessLog:
         trace: TraceIds | None = None,
     ) -> None:
         """Log one answered request. Times come in seconds and are shown as milliseconds
-        (``queue_ms``, ``upstream_ms``, ``total_ms``) with three decimals. ``cache``: the
-        response cache's lookup result, for a GET through it (no field otherwise);
-        ``client``: its address (``client_address``); ``user_agent``: its ``User-Agent``,
-        cut to ``USER_AGENT_MAX`` characters and escaped as a JSON string in both formats;
-        ``trace``: its span, when tracing is on (``trace_id`` and ``span_id``, else no
-        field). The text format shows ``-`` for what is not known."""
+        (``queue_ms``, ``upstream_ms``, ``total_ms``) with three decimals. ``cache`` (a GET
+        through the response cache) and ``trace`` (tracing on) add fields when given;
+        ``user_agent`` is cut to ``USER_AGENT_MAX`` characters, a JSON string in both
+        formats. The text format shows ``-`` for what is not known."""
         now = time.time()
         second = int(now)
         if second != self._second:
@@ -203,10 +202,8 @@ class AccessLog:
         middle = self._middles.get(key)
         if middle is None:
             middle = self._middle(*key)
-        if user_agent is None:
-            agent = "null" if self.json else "-"
-        else:
-            agent = self._agents.get(user_agent) or self._agent(user_agent)
+        agent = self._agents.get(user_agent) or self._agent(user_agent)
+        tail = "" if cache is None and trace is None else self._tail(cache, trace)
         if self.json:
             line = (
                 f'{{"time":"{self._stamp}.{int((now - second) * 1000):03d}Z"{_JSON_HEAD}'
@@ -216,13 +213,7 @@ class AccessLog:
                 f'"upstream_ms":{upstream_seconds * 1000:.3f},'
                 f'"total_ms":{total_seconds * 1000:.3f},"bytes":{bytes_out},'
                 f'"refusal":{_json(refusal)},"client_address":{_json(client)},'
-                f'"user_agent":{agent}'
-                + ("" if cache is None else f',"cache":{_json(cache)}')
-                + (
-                    "}\n"
-                    if trace is None
-                    else f',"trace_id":"{trace.trace_id}","span_id":"{trace.span_id}"}}\n'
-                )
+                f'"user_agent":{agent}{tail}}}\n'
             )
         else:
             line = (
@@ -231,23 +222,36 @@ class AccessLog:
                 f"queue_ms={queue_seconds * 1000:.3f} "
                 f"upstream_ms={upstream_seconds * 1000:.3f} "
                 f"total_ms={total_seconds * 1000:.3f} bytes={bytes_out} "
-                f"refusal={_text(refusal)} client_address={_text(client)} user_agent={agent}"
-                + ("" if cache is None else f" cache={cache}")
-                + (
-                    "\n"
-                    if trace is None
-                    else f" trace_id={trace.trace_id} span_id={trace.span_id}\n"
-                )
+                f"refusal={_text(refusal)} client_address={_text(client)} "
+                f"user_agent={agent}{tail}\n"
             )
         self._add(line)
 
-    def _agent(self, user_agent: str) -> str:
+    def _agent(self, user_agent: str | None) -> str:
         """``user_agent`` cut and escaped, kept for the next request that sends it."""
-        agent = encode_basestring_ascii(user_agent[:USER_AGENT_MAX])
         if len(self._agents) >= _AGENTS:
             self._agents.clear()
+        if user_agent is None:
+            agent = "null" if self.json else "-"
+        else:
+            agent = encode_basestring_ascii(user_agent[:USER_AGENT_MAX])
         self._agents[user_agent] = agent
         return agent
+
+    def _tail(self, cache: str | None, trace: TraceIds | None) -> str:
+        """The fields only some lines have: ``cache``, then ``trace_id`` and ``span_id``."""
+        tail = ""
+        if self.json:
+            if cache is not None:
+                tail = f',"cache":{_json(cache)}'
+            if trace is not None:
+                tail += f',"trace_id":"{trace.trace_id}","span_id":"{trace.span_id}"'
+        else:
+            if cache is not None:
+                tail = f" cache={cache}"
+            if trace is not None:
+                tail += f" trace_id={trace.trace_id} span_id={trace.span_id}"
+        return tail
 
     def _middle(
         self,

@@ -139,10 +139,11 @@ class Tracing:
         if agent:
             attributes["user_agent.original"] = agent[:USER_AGENT_MAX]
         parent = self.propagator.extract(fields)
+        start = time.time_ns()
         span = self.tracer.start_span(
-            method, context=parent, kind=SpanKind.SERVER, attributes=attributes
+            method, context=parent, kind=SpanKind.SERVER, attributes=attributes, start_time=start
         )
-        return RequestSpan(self, span, method)
+        return RequestSpan(self, span, method, start)
 
     def shutdown(self) -> None:
         """Export what waits (bounded by ``timeout_seconds``) and stop; blocks: call it
@@ -153,11 +154,12 @@ class Tracing:
 class RequestSpan:
     """A request's server span, ended (with its children) by :meth:`end`."""
 
-    __slots__ = ("_method", "_tracing", "span", "span_id", "trace_id")
+    __slots__ = ("_method", "_start", "_tracing", "span", "span_id", "trace_id")
 
-    def __init__(self, tracing: Tracing, span: Span, method: str) -> None:
+    def __init__(self, tracing: Tracing, span: Span, method: str, start: int) -> None:
         self._tracing = tracing
         self._method = method
+        self._start = start
         self.span = span
         context = span.get_span_context()
         self.trace_id = format(context.trace_id, "032x")
@@ -207,9 +209,9 @@ class RequestSpan:
         tracing = self._tracing
         parent = trace.set_span_in_context(self.span)
         sent = epoch_ns(ex.sent_at)
-        queued = tracing.tracer.start_span(
-            "queue wait", context=parent, start_time=sent - int(ex.queue_seconds * 1e9)
-        )
+        # The budget's clock is not this one: the wait is kept within the server span.
+        began = max(self._start, sent - int(ex.queue_seconds * 1e9))
+        queued = tracing.tracer.start_span("queue wait", context=parent, start_time=began)
         queued.set_attribute("echowin_gateway.route", ex.route)
         queued.end(sent)
         host, port = tracing.upstream
