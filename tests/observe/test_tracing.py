@@ -279,3 +279,30 @@ except ConfigError as exc:
     )
     assert done.returncode == 0, done.stderr
     assert "tracing: needs the otel extra" in done.stdout
+
+
+async def test_a_traced_upload_waiting_for_continue_reaches_echowin_whole(
+    make_gateway: MakeGateway, sim: SimHandle, receiver: Receiver
+) -> None:
+    gw = await make_gateway(tracing=tracing(receiver, sampling_ratio=1.0))
+    token = await gw.token("contacts:write", "contacts:read")
+    headers = {"Authorization": f"Bearer {token}", "traceparent": f"00-{TRACE_ID}-{CALLER_SPAN}-01"}
+    body = {"number": "+15550100", "firstName": "Ada " + "x" * 200_000}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(gw.url("/api/v1/contacts"), json=body, headers=headers, expect100=True) as r,
+    ):
+        assert r.status == 201, await r.text()
+        created = (await r.json())["data"]
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(gw.url(f"/api/v1/contacts/{created['id']}"), headers=headers) as r,
+    ):
+        assert r.status == 200 and (await r.json())["data"]["firstName"] == body["firstName"]
+    spans = await receiver.wait_for(6)
+    servers = [s for s in spans if s.kind == Span.SPAN_KIND_SERVER]
+    assert [s.name for s in servers] == [
+        "POST /api/v1/contacts",
+        "GET /api/v1/contacts/{contactId}",
+    ]
+    assert {s.trace_id.hex() for s in spans} == {TRACE_ID}
