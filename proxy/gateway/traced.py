@@ -8,10 +8,10 @@ so a gateway without tracing does no tracing work at all on its requests.
 
 from __future__ import annotations
 
-import contextlib
-
 from aiohttp import web
+from multidict import CIMultiDictProxy
 
+from proxy.aiohttp_compat import replace_fields
 from proxy.gateway.gate import client
 from proxy.gateway.handler import handle
 from proxy.runtime import RUNTIME
@@ -19,8 +19,8 @@ from proxy.runtime import RUNTIME
 
 async def traced_handle(request: web.Request) -> web.StreamResponse:
     """``handle`` with a span. echowin is sent the span's ``traceparent`` (and the
-    caller's ``tracestate``) in place of the caller's: the request is handled as a copy
-    carrying them, which forward.py passes on like any end-to-end field."""
+    caller's ``tracestate``) in place of the caller's: the request's fields are replaced
+    by a copy carrying them, which forward.py passes on like any end-to-end field."""
     rt = request.app[RUNTIME]
     tracing = rt.tracing
     assert tracing is not None, "traced_handle routed without tracing"
@@ -35,9 +35,7 @@ async def traced_handle(request: web.Request) -> web.StreamResponse:
         request.remote if address is None else str(address),
         f"{request.version.major}.{request.version.minor}",
     )
-    # A field that is not UTF-8 cannot be copied: echowin gets the caller's context then.
-    with contextlib.suppress(UnicodeError):
-        request = request.clone(headers=span.outgoing(fields))
+    replace_fields(request, CIMultiDictProxy(span.outgoing(fields)))
     return await handle(request, span)
 
 
