@@ -15,6 +15,7 @@ from proxy.aiohttp_compat import replace_fields
 from proxy.gateway.gate import client
 from proxy.gateway.handler import handle
 from proxy.runtime import RUNTIME
+from proxy.server.lobby import held_since
 
 
 async def traced_handle(request: web.Request) -> web.StreamResponse:
@@ -34,6 +35,7 @@ async def traced_handle(request: web.Request) -> web.StreamResponse:
         request.host,
         request.remote if address is None else str(address),
         f"{request.version.major}.{request.version.minor}",
+        held_since(request),
     )
     replace_fields(request, CIMultiDictProxy(span.outgoing(fields)))
     return await handle(request, span)

@@ -115,9 +115,11 @@ class Tracing:
         host: str,
         client: str | None,
         version: str,
+        arrived: float | None = None,
     ) -> RequestSpan:
         """Start the server span of a request (``path`` without its query), continuing the
-        trace its ``traceparent`` names, if any."""
+        trace its ``traceparent`` names, if any; at ``arrived`` (``time.perf_counter()``)
+        when it came earlier than now (held in the lobby's queue before its handler ran)."""
         known = method in _METHODS
         attributes: dict[str, AttributeValue] = {
             "http.request.method": method if known else "_OTHER",
@@ -140,6 +142,8 @@ class Tracing:
             attributes["user_agent.original"] = agent[:USER_AGENT_MAX]
         parent = self.propagator.extract(fields)
         start = time.time_ns()
+        if arrived is not None:
+            start -= int((time.perf_counter() - arrived) * 1e9)
         span = self.tracer.start_span(
             method, context=parent, kind=SpanKind.SERVER, attributes=attributes, start_time=start
         )

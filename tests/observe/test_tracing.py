@@ -306,3 +306,26 @@ async def test_a_traced_upload_waiting_for_continue_reaches_echowin_whole(
         "GET /api/v1/contacts/{contactId}",
     ]
     assert {s.trace_id.hex() for s in spans} == {TRACE_ID}
+
+
+async def test_a_queued_request_shows_its_wait_inside_its_server_span(
+    make_gateway: MakeGateway, sim: SimHandle, receiver: Receiver
+) -> None:
+    gw = await make_gateway(
+        tracing=tracing(receiver, sampling_ratio=1.0),
+        upstream={"limits": [{"requests": 1, "per_seconds": 1}], "window_guard_seconds": 0},
+        queue={"max_wait_seconds": 10},
+    )
+    token = await gw.token("contacts:read")
+    answers = await asyncio.gather(*(get(gw, "/api/v1/contacts", token) for _ in range(2)))
+    assert [a.status for a in answers] == [200, 200]
+    spans = await receiver.wait_for(6)
+    queues = sorted(
+        (s for s in spans if s.name == "queue wait"),
+        key=lambda s: s.end_time_unix_nano - s.start_time_unix_nano,
+    )
+    waited = queues[-1]
+    assert waited.end_time_unix_nano - waited.start_time_unix_nano >= 300_000_000  # >= 0.3 s
+    server = next(s for s in spans if s.span_id == waited.parent_span_id)
+    assert server.start_time_unix_nano <= waited.start_time_unix_nano
+    assert waited.end_time_unix_nano <= server.end_time_unix_nano
