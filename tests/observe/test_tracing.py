@@ -86,6 +86,8 @@ def attrs(span: Span) -> dict[str, Any]:
     return out
 
 
+# Tests take ``receiver`` first: it is set up before the gateway and closed after it, so
+# the spans a gateway exports as it shuts down still find it.
 def tracing(receiver: Receiver, **settings: Any) -> dict[str, Any]:
     return {"endpoint": receiver.url, "schedule_delay_seconds": 0.05, **settings}
 
@@ -104,7 +106,7 @@ async def get(gw: GatewayHandle, path: str, token: str, **fields: str) -> aiohtt
 
 
 async def test_a_request_continues_the_callers_trace_to_echowin(
-    make_gateway: MakeGateway, sim: SimHandle, receiver: Receiver
+    receiver: Receiver, make_gateway: MakeGateway, sim: SimHandle
 ) -> None:
     gw = await make_gateway(tracing=tracing(receiver, sampling_ratio=1.0))
     access = io.StringIO()
@@ -154,7 +156,7 @@ async def test_a_request_continues_the_callers_trace_to_echowin(
 
 
 async def test_refusals_and_new_traces_get_a_root_span(
-    make_gateway: MakeGateway, sim: SimHandle, receiver: Receiver
+    receiver: Receiver, make_gateway: MakeGateway, sim: SimHandle
 ) -> None:
     gw = await make_gateway(
         tracing=tracing(receiver, sampling_ratio=1.0, service_name="gw-test"),
@@ -181,7 +183,7 @@ async def test_refusals_and_new_traces_get_a_root_span(
 
 
 async def test_sampling_at_zero_exports_nothing_but_a_sampled_callers_trace(
-    make_gateway: MakeGateway, sim: SimHandle, receiver: Receiver
+    receiver: Receiver, make_gateway: MakeGateway, sim: SimHandle
 ) -> None:
     gw = await make_gateway(tracing=tracing(receiver, sampling_ratio=0.0))
     token = await gw.token("contacts:read")
@@ -213,7 +215,7 @@ async def test_without_tracing_the_handler_is_the_plain_one(
 
 
 async def test_with_tracing_the_handler_is_the_traced_one(
-    make_gateway: MakeGateway, receiver: Receiver
+    receiver: Receiver, make_gateway: MakeGateway
 ) -> None:
     gw = await make_gateway(tracing=tracing(receiver))
     (route,) = gw.proxy.app.router.routes()
@@ -282,7 +284,7 @@ except ConfigError as exc:
 
 
 async def test_a_traced_upload_waiting_for_continue_reaches_echowin_whole(
-    make_gateway: MakeGateway, sim: SimHandle, receiver: Receiver
+    receiver: Receiver, make_gateway: MakeGateway, sim: SimHandle
 ) -> None:
     gw = await make_gateway(tracing=tracing(receiver, sampling_ratio=1.0))
     token = await gw.token("contacts:write", "contacts:read")
@@ -309,7 +311,7 @@ async def test_a_traced_upload_waiting_for_continue_reaches_echowin_whole(
 
 
 async def test_a_queued_request_shows_its_wait_inside_its_server_span(
-    make_gateway: MakeGateway, sim: SimHandle, receiver: Receiver
+    receiver: Receiver, make_gateway: MakeGateway, sim: SimHandle
 ) -> None:
     gw = await make_gateway(
         tracing=tracing(receiver, sampling_ratio=1.0),
