@@ -182,7 +182,8 @@ class Runtime:
         if state.send_log is not None:
             self._pruner = asyncio.get_running_loop().create_task(self._prune_forever())
         if self.trace_settings is not None:
-            self.tracing = _open_tracing(self.trace_settings, cfg.upstream.base_url)
+            headers = {k: v.reveal() for k, v in self.secrets.tracing_headers.items()}
+            self.tracing = _open_tracing(self.trace_settings, headers, cfg.upstream.base_url)
 
     def _state_reset(self) -> None:
         """Redis lost its data: say so, and where the tokens are (lost with it, or not)."""
@@ -255,14 +256,11 @@ class Runtime:
             await self._state.close()
 
 
-def _open_tracing(settings: TracingConfig, base_url: str) -> Tracing:
-    """The tracer (proxy/observe/tracing.py, imported only now: the ``otel`` extra)."""
+def _open_tracing(settings: TracingConfig, headers: dict[str, str], base_url: str) -> Tracing:
+    """The tracer (proxy/observe/tracing.py, imported only now: the ``otel`` extra);
+    ``headers``: ``tracing.headers``, resolved."""
     from proxy.observe.tracing import Tracing
 
-    headers = {
-        name: ref.resolve(f"tracing.headers.{name}", os.environ).reveal()
-        for name, ref in settings.headers.items()
-    }
     upstream = urlsplit(base_url)
     port = upstream.port or (443 if upstream.scheme == "https" else 80)
     return Tracing(settings, headers, os.environ, (upstream.hostname or "", port))

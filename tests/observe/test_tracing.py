@@ -25,7 +25,13 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
-from proxy.config import ConfigError, TracingConfig, parse_config, tracing_from_env
+from proxy.config import (
+    ConfigError,
+    TracingConfig,
+    parse_config,
+    resolve_secrets,
+    tracing_from_env,
+)
 from proxy.gateway.handler import handle
 from proxy.gateway.traced import traced_handle
 from tests.conftest import SECRETS, TEAM_KEY, GatewayHandle, ServerFactory, SimHandle
@@ -43,6 +49,7 @@ class Receiver:
     url: str = ""
     spans: list[tuple[dict[str, Any], Span]] = field(default_factory=list)
     bodies: list[bytes] = field(default_factory=list)
+    keys: list[str | None] = field(default_factory=list)  # each export's X-Otlp-Key
     arrived: asyncio.Condition = field(default_factory=asyncio.Condition)
 
     async def receive(self, request: web.Request) -> web.Response:
@@ -53,6 +60,7 @@ class Receiver:
         export = ExportTraceServiceRequest.FromString(body)
         async with self.arrived:
             self.bodies.append(body)
+            self.keys.append(request.headers.get("X-Otlp-Key"))
             for resource_spans in export.resource_spans:
                 resource = {a.key: a.value.string_value for a in resource_spans.resource.attributes}
                 for scope in resource_spans.scope_spans:
@@ -106,9 +114,12 @@ async def get(gw: GatewayHandle, path: str, token: str, **fields: str) -> aiohtt
 
 
 async def test_a_request_continues_the_callers_trace_to_echowin(
-    receiver: Receiver, make_gateway: MakeGateway, sim: SimHandle
+    receiver: Receiver, make_gateway: MakeGateway, sim: SimHandle, tmp_path: Path
 ) -> None:
-    gw = await make_gateway(tracing=tracing(receiver, sampling_ratio=1.0))
+    key_file = tmp_path / "otlp-key"
+    key_file.write_text("otlp-secret-123\n")
+    headers = {"x-otlp-key": {"file": str(key_file)}}
+    gw = await make_gateway(tracing=tracing(receiver, sampling_ratio=1.0, headers=headers))
     access = io.StringIO()
     gw.runtime.access_log.stream = access
     token = await gw.token("contacts:read", name="crm-sync")
@@ -149,6 +160,7 @@ async def test_a_request_continues_the_callers_trace_to_echowin(
     assert (line["trace_id"], line["span_id"]) == (TRACE_ID, server.span_id.hex())
     assert line["client_address"] == "127.0.0.1" and line["user_agent"] == "crm-sync/2.1"
 
+    assert set(receiver.keys) == {"otlp-secret-123"}  # tracing.headers, read from its file
     # Neither the echowin key nor the caller's token went into any span.
     for body in receiver.bodies:
         for secret in (*SECRETS, token):
@@ -246,6 +258,17 @@ def test_bad_settings_name_their_key(section: dict[str, Any], message: str) -> N
     with pytest.raises(ConfigError) as caught:
         parse_config({"tracing": section})
     assert any(line.startswith(message) for line in caught.value.lines), caught.value.lines
+
+
+def test_a_missing_header_secret_names_its_key() -> None:
+    config = parse_config({"tracing": {"headers": {"x-api-key": {"env": "NO_SUCH_TRACING_KEY"}}}})
+    with pytest.raises(ConfigError) as caught:
+        resolve_secrets(config, {"ECHOWIN_API_KEY": TEAM_KEY})
+    assert caught.value.lines == [
+        "tracing.headers.x-api-key: environment variable NO_SUCH_TRACING_KEY is not set or empty"
+    ]
+    off = parse_config({"tracing": {"enabled": False, "headers": {"x": {"env": "NONE_X"}}}})
+    assert resolve_secrets(off, {"ECHOWIN_API_KEY": TEAM_KEY}).tracing_headers == {}
 
 
 BLOCK_OTEL = """
