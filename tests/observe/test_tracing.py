@@ -354,3 +354,23 @@ async def test_a_queued_request_shows_its_wait_inside_its_server_span(
     server = next(s for s in spans if s.span_id == waited.parent_span_id)
     assert server.start_time_unix_nano <= waited.start_time_unix_nano
     assert waited.end_time_unix_nano <= server.end_time_unix_nano
+
+
+def test_unset_keys_follow_the_standard_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    from proxy.observe.tracing import Tracing
+
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "parentbased_traceidratio")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "0.25")
+    upstream = ("echo.win", 443)
+    made = Tracing(TracingConfig(), {}, {"OTEL_SERVICE_NAME": "from-env"}, upstream)
+    given = Tracing(TracingConfig(service_name="given", sampling_ratio=0.5), {}, {}, upstream)
+    plain = Tracing(TracingConfig(), {}, {}, upstream)
+    try:
+        assert made.provider.resource.attributes["service.name"] == "from-env"
+        assert "TraceIdRatioBased{0.25}" in made.provider.sampler.get_description()
+        assert given.provider.resource.attributes["service.name"] == "given"
+        assert "TraceIdRatioBased{0.5}" in given.provider.sampler.get_description()
+        assert plain.provider.resource.attributes["service.name"] == "echowin-gateway"
+    finally:
+        for tracer in (made, given, plain):
+            tracer.shutdown()
