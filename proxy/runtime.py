@@ -10,9 +10,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -29,13 +32,16 @@ from proxy.budget.windows import Limit
 from proxy.cache.channel import open_purge_channel
 from proxy.cache.keeper import GatewayCache
 from proxy.cache.purge import EVERYTHING
-from proxy.config import GatewayConfig, Secrets
+from proxy.config import GatewayConfig, Secrets, TracingConfig, tracing_from_env
 from proxy.observe.history import QueueHistory
 from proxy.observe.logs import AccessLog, setup_logging
 from proxy.observe.metrics import Metrics
 from proxy.observe.request_ids import RequestIds
 from proxy.state import SharedSlotsHooks, State, open_state
 from proxy.upstream import Upstream
+
+if TYPE_CHECKING:  # OpenTelemetry is loaded only when tracing is on
+    from proxy.observe.tracing import Tracing
 
 log = logging.getLogger("echowin_gateway.state")
 
@@ -69,6 +75,10 @@ class Runtime:
     # A worker of serve --workers N: its group's private directory and its index (the
     # cache's purges reach the other workers there when the state is not in Redis).
     siblings: tuple[str, int] | None = None
+    # Tracing (``tracing:`` or OTEL_* variables): what it runs with, decided once; the
+    # tracer, opened with the runtime. Both None when it is off.
+    trace_settings: TracingConfig | None = field(init=False)
+    tracing: Tracing | None = None
     _state: State | None = None
     _auth: TokenAuthenticator | None = None
     _upstream: Upstream | None = None
@@ -80,6 +90,7 @@ class Runtime:
     def __post_init__(self) -> None:
         self.trusted_proxies = TrustedProxies.parse(self.config.server.trusted_proxies)
         self.auth_throttle = _auth_throttle(self.config)
+        self.trace_settings = tracing_from_env(self.config.tracing, os.environ)
 
     @classmethod
     def from_config(cls, config: GatewayConfig, secrets: Secrets) -> Runtime:
@@ -178,6 +189,9 @@ class Runtime:
         if state.send_log is not None:
             self._pruner = asyncio.get_running_loop().create_task(self._prune_forever())
         self._sampler = asyncio.get_running_loop().create_task(self._sample_forever())
+        if self.trace_settings is not None:
+            headers = {k: v.reveal() for k, v in self.secrets.tracing_headers.items()}
+            self.tracing = _open_tracing(self.trace_settings, headers, cfg.upstream.base_url)
 
     def _state_reset(self) -> None:
         """Redis lost its data: say so, and where the tokens are (lost with it, or not)."""
@@ -245,6 +259,8 @@ class Runtime:
 
     async def close(self) -> None:
         self.access_log.close()  # what waits is written; later lines go out at once
+        if self.tracing is not None:  # the last spans exported, off the event loop
+            await asyncio.to_thread(self.tracing.shutdown)
         for task in (self._pruner, self._sampler):
             if task is not None:
                 task.cancel()
@@ -257,6 +273,16 @@ class Runtime:
             await self._upstream.close()
         if self._state is not None:
             await self._state.close()
+
+
+def _open_tracing(settings: TracingConfig, headers: dict[str, str], base_url: str) -> Tracing:
+    """The tracer (proxy/observe/tracing.py, imported only now: the ``otel`` extra);
+    ``headers``: ``tracing.headers``, resolved."""
+    from proxy.observe.tracing import Tracing
+
+    upstream = urlsplit(base_url)
+    port = upstream.port or (443 if upstream.scheme == "https" else 80)
+    return Tracing(settings, headers, os.environ, (upstream.hostname or "", port))
 
 
 def _auth_throttle(config: GatewayConfig) -> AuthThrottle:

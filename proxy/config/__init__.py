@@ -24,6 +24,7 @@ from proxy.config.schema import (
     RouteConfig,
     ServerConfig,
     TokensConfig,
+    TracingConfig,
     UpstreamConfig,
     check_state_url,
     parse_address,
@@ -37,6 +38,7 @@ from proxy.config.secrets import (
     Secrets,
     resolve_secrets,
 )
+from proxy.config.tracing import tracing_from_env
 
 __all__ = [
     "AGENCY_KEY_NAME",
@@ -60,12 +62,14 @@ __all__ = [
     "Secrets",
     "ServerConfig",
     "TokensConfig",
+    "TracingConfig",
     "UpstreamConfig",
     "check_state_url",
     "load_config",
     "parse_address",
     "parse_config",
     "resolve_secrets",
+    "tracing_from_env",
     "unshared_state",
     "uvloop_installed",
     "with_state",

@@ -9,14 +9,10 @@ from __future__ import annotations
 
 import importlib.util
 import ipaddress
-import math
-import os
 from typing import Annotated, Literal
 
 from pydantic import (
-    BaseModel,
     BeforeValidator,
-    ConfigDict,
     Field,
     field_validator,
     model_validator,
@@ -25,9 +21,13 @@ from pydantic import (
 from proxy.auth.routes import DEFAULT_ROUTES, Route, RouteTable
 from proxy.auth.tokens import DEFAULT_UPSTREAM_KEY
 from proxy.config.cache import CacheConfig
+from proxy.config.fields import Model as _Model
+from proxy.config.fields import NonNegativeFloat, PositiveFloat, PositiveInt
 from proxy.config.postgres_url import parse_postgres_url
 from proxy.config.secrets import AGENCY_KEY_NAME, SecretRef
 from proxy.config.state_url import REDIS_SCHEMES, parse_state_url
+from proxy.config.stores import PostgresConfig, RedisConfig, RedisTlsConfig
+from proxy.config.tracing import TracingConfig
 
 __all__ = [
     "EVENT_LOOPS",
@@ -46,6 +46,7 @@ __all__ = [
     "RouteConfig",
     "ServerConfig",
     "TokensConfig",
+    "TracingConfig",
     "UpstreamConfig",
     "check_state_url",
     "parse_address",
@@ -60,31 +61,6 @@ MISSING_UVLOOP = "uvloop is not installed (pip install 'echowin-gateway[fast]')"
 
 def uvloop_installed() -> bool:
     return importlib.util.find_spec("uvloop") is not None
-
-
-def _positive_int(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError("must be a positive integer")
-    return value
-
-
-def _number(value: object, *, allow_zero: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError("must be a number")
-    if not math.isfinite(value):
-        raise ValueError("must be a finite number")
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ValueError("must be a number >= 0" if allow_zero else "must be a positive number")
-    return float(value)
-
-
-PositiveInt = Annotated[int, BeforeValidator(_positive_int)]
-PositiveFloat = Annotated[float, BeforeValidator(lambda v: _number(v, allow_zero=False))]
-NonNegativeFloat = Annotated[float, BeforeValidator(lambda v: _number(v, allow_zero=True))]
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class LimitConfig(_Model):
@@ -217,72 +193,6 @@ class LoggingConfig(_Model):
     access_log: bool = True
 
 
-def _readable_file(value: str | None) -> str | None:
-    if value is not None and not os.access(value, os.R_OK):
-        raise ValueError(f"{value!r} is not a readable file")
-    return value
-
-
-ReadableFile = Annotated[str | None, BeforeValidator(_readable_file)]
-
-
-class RedisTlsConfig(_Model):
-    """TLS to Redis (``rediss://``, ``rediss-sentinel://``, ``rediss-cluster://``): the CA
-    that signs the server's certificate (default: the system's), a client certificate and
-    key (mutual TLS), the name the server's certificate must carry (default: the URL's
-    host) and whether the name is checked at all."""
-
-    ca_file: ReadableFile = None
-    cert_file: ReadableFile = None
-    key_file: ReadableFile = None
-    server_name: str | None = None
-    check_hostname: bool = True
-
-    @model_validator(mode="after")
-    def _pair(self) -> RedisTlsConfig:
-        if (self.cert_file is None) != (self.key_file is None):
-            raise ValueError("cert_file and key_file go together (a certificate and its key)")
-        return self
-
-
-class RedisConfig(_Model):
-    """Connection details for a Redis ``state`` (ignored by other backends)."""
-
-    password: SecretRef | None = None
-    username: str | None = None
-    key_prefix: str = "egw:"
-    timeout_seconds: PositiveFloat = 0.5
-    connect_timeout_seconds: PositiveFloat | None = None
-    pool_size: PositiveInt = 100
-    tls: RedisTlsConfig | None = None
-
-    @field_validator("key_prefix")
-    @classmethod
-    def _prefix(cls, value: str) -> str:
-        if not value or len(value) > 64 or not value.isprintable() or " " in value:
-            raise ValueError("must be 1-64 printable characters without spaces")
-        if "{" in value or "}" in value:
-            raise ValueError("must not hold { or } (the gateway adds its own hash tags)")
-        return value
-
-    @field_validator("username")
-    @classmethod
-    def _username(cls, value: str | None) -> str | None:
-        if value is not None and (not value or not value.isprintable() or " " in value):
-            raise ValueError("must be a non-empty ACL user name without spaces")
-        return value
-
-
-class PostgresConfig(_Model):
-    """Connection details for ``token_store: postgresql://...`` (ignored otherwise)."""
-
-    password: SecretRef | None = None
-    # One connect, or one statement, seconds; slower counts as the store failing.
-    timeout_seconds: PositiveFloat = 5.0
-    # Connections each process keeps at most (token lookups that miss the cache, admin calls).
-    pool_size: PositiveInt = 4
-
-
 class RouteConfig(_Model):
     """An extra route, or a new scope for a default one (same method and path)."""
 
@@ -321,6 +231,8 @@ class GatewayConfig(_Model):
     routes: tuple[RouteConfig, ...] = ()
     # Budget savers (proxy/cache/): off unless present.
     cache: CacheConfig | None = None
+    # OpenTelemetry traces (proxy/observe/tracing.py): off unless present or OTEL_* set.
+    tracing: TracingConfig | None = None
 
     @field_validator("listen", "admin_listen")
     @classmethod

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -125,6 +125,8 @@ class Secrets:
     state_password: Secret | None = None
     # postgres.password, read when token_store is a postgresql:// URL.
     token_store_password: Secret | None = None
+    # tracing.headers, read when tracing is on: sent with every span export.
+    tracing_headers: Mapping[str, Secret] = field(default_factory=dict)
 
     def team_key_names(self) -> tuple[str, ...]:
         return tuple(n for n in self.credentials if n != AGENCY_KEY_NAME)
@@ -167,6 +169,13 @@ def resolve_secrets(config: GatewayConfig, environ: Mapping[str, str] | None = N
             pg_password = config.postgres.password.resolve("postgres.password", env)
         except ConfigError as exc:
             errors.extend(exc.lines)
+    tracing: dict[str, Secret] = {}
+    if config.tracing is not None and config.tracing.enabled:
+        for name, ref in config.tracing.headers.items():
+            try:
+                tracing[name] = ref.resolve(f"tracing.headers.{name}", env)
+            except ConfigError as exc:
+                errors.extend(exc.lines)
     if errors:
         raise ConfigError(errors)
     return Secrets(
@@ -174,4 +183,5 @@ def resolve_secrets(config: GatewayConfig, environ: Mapping[str, str] | None = N
         admin_token=admin,
         state_password=password,
         token_store_password=pg_password,
+        tracing_headers=tracing,
     )

@@ -80,7 +80,7 @@ async def _exchange(
     query = raw.find("?")
     path = passed.match.path
     path_qs = path if query < 0 or query == len(raw) - 1 else path + raw[query:]
-    sent_at = time.perf_counter()
+    sent_at = ex.sent_at = time.perf_counter()
     headers = upstream_headers(request, credential, ex, rt.upstream.host)
     try:
         upstream = await rt.upstream.send("GET", path_qs, headers, None, ex.wired)

@@ -27,8 +27,8 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException, RedisError
 
-from proxy.config.schema import RedisTlsConfig
 from proxy.config.state_url import RedisAddress, parse_redis_url
+from proxy.config.stores import RedisTlsConfig
 
 __all__ = ["STATE_ERRORS", "RedisClient", "RedisOptions", "open_redis", "server_of"]
 

@@ -20,7 +20,7 @@ from redis.crc import key_slot
 from proxy.auth.tokens import TokenRecord
 from proxy.budget.windows import Limit
 from proxy.config import load_config
-from proxy.config.schema import RedisTlsConfig
+from proxy.config.stores import RedisTlsConfig
 from proxy.sim import Simulator
 from proxy.state.redis.client import RedisOptions, open_redis
 from proxy.state.redis.fallback import PROBE_INTERVAL

@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 
 from proxy.budget.windows import Limit
 from proxy.config import load_config
-from proxy.config.schema import RedisTlsConfig
+from proxy.config.stores import RedisTlsConfig
 from proxy.sim import Simulator
 from proxy.state.redis.client import RedisOptions, open_redis
 from proxy.state.redis.preflight import check_access

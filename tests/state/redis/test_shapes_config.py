@@ -13,8 +13,8 @@ from redis.asyncio.connection import BlockingConnectionPool, SSLConnection
 from redis.asyncio.sentinel import SentinelConnectionPool
 
 from proxy.config import ConfigError, parse_config
-from proxy.config.schema import RedisTlsConfig
 from proxy.config.state_url import RedisAddress, parse_redis_url
+from proxy.config.stores import RedisTlsConfig
 from proxy.state.redis.client import RedisOptions, open_redis
 from proxy.state.redis.preflight import check_access
 from tests.procs import free_ports

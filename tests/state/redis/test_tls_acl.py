@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from proxy.auth.tokens import TokenRecord, hash_secret
-from proxy.config.schema import RedisTlsConfig
+from proxy.config.stores import RedisTlsConfig
 from proxy.sim import Simulator
 from proxy.state.redis.client import RedisOptions, open_redis
 from proxy.state.redis.preflight import StateAccessError, acl_rule, check_access
