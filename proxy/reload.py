@@ -14,7 +14,16 @@ from proxy.runtime import Runtime
 log = logging.getLogger("echowin_gateway.reload")
 
 # Keys a running gateway cannot change: its sockets, its state backend, its budgets.
-RESTART_ONLY = ("listen", "admin_listen", "state", "redis", "replicas", "on_state_failure")
+RESTART_ONLY = (
+    "listen",
+    "admin_listen",
+    "state",
+    "redis",
+    "replicas",
+    "on_state_failure",
+    "classes",
+    "default_class",
+)
 RESTART_ONLY_UPSTREAM = (
     "base_url",
     "limits",

@@ -24,6 +24,10 @@ _ERRORS = {
 _NOT_FOUND = {"404": _json(_ref("Error"), "Unknown token id")}
 _TOKEN_ID = {"name": "token_id", "in": "path", "required": True, "schema": {"type": "string"}}
 
+_CLASS = {
+    "type": ["string", "null"],
+    "description": "Class of service (config `classes`); null: the config's default_class",
+}
 _QUOTA = {"type": ["integer", "null"], "minimum": 1, "maximum": MAX_QUOTA}
 _SCHEMAS: dict[str, Any] = {
     "Error": {
@@ -42,6 +46,7 @@ _SCHEMAS: dict[str, Any] = {
             "hourly": _QUOTA,
             "per_minute": _QUOTA,
             "weight": {"type": "integer", "minimum": 1},
+            "class": _CLASS,
             "created_at": {"type": "string", "format": "date-time"},
             "expires_at": {"type": ["string", "null"], "format": "date-time"},
             "revoked_at": {"type": ["string", "null"], "format": "date-time"},
@@ -69,6 +74,7 @@ _SCHEMAS: dict[str, Any] = {
             "per_minute": _QUOTA,
             "weight": {"type": "integer", "minimum": 1, "default": 1},
             "expires_in": {"type": ["string", "null"], "examples": ["30d", "12h"]},
+            "class": _CLASS,
         },
     },
     "TokenUpdate": {
@@ -81,6 +87,7 @@ _SCHEMAS: dict[str, Any] = {
             "per_minute": _QUOTA,
             "weight": {"type": "integer", "minimum": 1},
             "expires_in": {"type": ["string", "null"], "description": "null: never expires"},
+            "class": _CLASS,
         },
     },
     "Window": {

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
-from proxy.admin.tokenops import create_token, open_store
+from proxy.admin.tokenops import create_token, open_store, token_view
 from proxy.auth.tokens import TokenStore
 from proxy.cli.admin_client import AdminClient
 from proxy.cli.common import admin_call, fail, load
@@ -70,6 +70,8 @@ def _print_created(view: dict[str, Any], token: str) -> None:
 def _token_body(args: argparse.Namespace) -> dict[str, Any]:
     body: dict[str, Any] = {"name": args.name, "scopes": args.scope, "weight": args.weight}
     body["upstream_key"] = args.upstream_key
+    if args.service_class is not None:
+        body["class"] = args.service_class
     for key in ("hourly", "per_minute", "expires_in"):
         if getattr(args, key) is not None:
             body[key] = getattr(args, key)
@@ -89,7 +91,9 @@ def cmd_token_create(args: argparse.Namespace) -> int:
 
     async def run(store: TokenStore) -> int:
         try:
-            new = await create_token(store, config, config.route_table(), **_token_body(args))
+            body = _token_body(args)
+            body["service_class"] = body.pop("class", None)
+            new = await create_token(store, config, config.route_table(), **body)
         except ValueError as exc:
             return fail([str(exc)])
         _print_created(new.record.public_view(), new.token)
@@ -102,14 +106,22 @@ def _print_tokens(views: list[dict[str, Any]], as_json: bool) -> None:
     if as_json:
         print(json.dumps(views, indent=2))
         return
-    rows = [("ID", "NAME", "STATUS", "KEY", "SCOPES")]
+    rows = [("ID", "NAME", "STATUS", "KEY", "CLASS", "SCOPES")]
     rows += [
-        (v["id"], v["name"], v["status"], v["upstream_key"], " ".join(v["scopes"])) for v in views
+        (
+            v["id"],
+            v["name"],
+            v["status"],
+            v["upstream_key"],
+            v.get("class") or "-",
+            " ".join(v["scopes"]),
+        )
+        for v in views
     ]
     # Each column as wide as its longest value (names and keys run to 64 characters).
-    widths = [max(len(row[i]) for row in rows) + 2 for i in range(4)]
+    widths = [max(len(row[i]) for row in rows) + 2 for i in range(5)]
     for row in rows:
-        print("".join(row[i].ljust(widths[i]) for i in range(4)) + row[4])
+        print("".join(row[i].ljust(widths[i]) for i in range(5)) + row[5])
 
 
 def cmd_token_list(args: argparse.Namespace) -> int:
@@ -123,7 +135,8 @@ def cmd_token_list(args: argparse.Namespace) -> int:
     config = load(args)
 
     async def run(store: TokenStore) -> int:
-        _print_tokens([r.public_view() for r in await store.list()], args.json)
+        views = [token_view(r, config) for r in await store.list()]
+        _print_tokens(views, args.json)
         return 0
 
     return asyncio.run(_with_store(config, run))
@@ -162,6 +175,9 @@ def add_token_parser(sub: Subparsers) -> None:
     create.add_argument("--weight", type=int, default=1)
     create.add_argument("--expires-in", help="e.g. 30d, 12h, 90m")
     create.add_argument("--upstream-key", default="default")
+    create.add_argument(
+        "--class", dest="service_class", help="its class of service (default: default_class)"
+    )
     create.set_defaults(func=cmd_token_create)
     lst = tsub.add_parser("list", help="list tokens (never their secrets)")
     lst.add_argument("--json", action="store_true")

@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from proxy.config.classes import check_classes
 from proxy.config.errors import ConfigError
 from proxy.config.schema import GatewayConfig
 from proxy.config.secrets import SecretRef
@@ -107,6 +108,8 @@ def parse_config(raw: object, source: str = "config") -> GatewayConfig:
     except ValueError as exc:
         text = str(exc)
         raise ConfigError([text if text.startswith("routes[") else f"routes: {text}"]) from None
+    if problems := check_classes(config):
+        raise ConfigError(problems)
     if problem := _shared_address(config):
         raise ConfigError([problem])
     if config.server.workers != 1 and (problem := unshared_state(config, "server.workers")):

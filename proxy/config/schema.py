@@ -23,6 +23,7 @@ from pydantic import (
 
 from proxy.auth.routes import DEFAULT_ROUTES, Route, RouteTable
 from proxy.auth.tokens import DEFAULT_UPSTREAM_KEY
+from proxy.config.classes import ClassConfig
 from proxy.config.secrets import AGENCY_KEY_NAME, SecretRef
 from proxy.config.state_url import parse_state_url
 
@@ -259,6 +260,18 @@ class GatewayConfig(_Model):
     tokens: TokensConfig = TokensConfig()
     logging: LoggingConfig = LoggingConfig()
     routes: tuple[RouteConfig, ...] = ()
+    # Classes of service (proxy/config/classes.py; checked against upstream.limits by
+    # check_classes once the whole config is read).
+    classes: dict[str, ClassConfig] = Field(default_factory=dict)
+    default_class: str | None = None
+
+    @field_validator("classes")
+    @classmethod
+    def _class_names(cls, value: dict[str, ClassConfig]) -> dict[str, ClassConfig]:
+        for name in value:
+            if not (0 < len(name) <= 64 and name.replace("-", "").replace("_", "").isalnum()):
+                raise ValueError(f"{name!r}: names are 1-64 of [A-Za-z0-9_-]")
+        return value
 
     @field_validator("listen", "admin_listen")
     @classmethod

@@ -182,6 +182,22 @@ async def test_update_changes_only_what_it_names(store: TokenStore) -> None:
     assert partial == record(1, hourly=50, per_minute=7, weight=5, scopes=("*",), expires_at=None)
 
 
+async def test_a_token_keeps_its_class_and_one_without_stays_without(store: TokenStore) -> None:
+    # A record without a class (every token stored before classes existed) reads back
+    # without one: the config's default_class applies to it.
+    plain, batch = record(1), record(2, service_class="batch")
+    await store.put(plain)
+    await store.put(batch)
+    assert (await store.get(plain.id)) == plain
+    assert (await store.get(batch.id)) == batch
+    assert [r.service_class for r in await store.list()] == [None, "batch"]
+    moved = await store.update(batch.id, service_class="interactive")
+    assert moved == record(2, service_class="interactive")
+    cleared = await store.update(batch.id, service_class=None)
+    assert cleared == record(2)
+    assert await store.get(batch.id) == record(2)
+
+
 async def test_update_keeps_revocation_and_secret(store: TokenStore) -> None:
     await store.put(record(1))
     await store.revoke(record(1).id, T0 + 1)
