@@ -21,6 +21,7 @@ from proxy.auth.routes import RouteTable
 from proxy.auth.throttle import AuthThrottle
 from proxy.auth.tokens import TokenStore
 from proxy.budget.admission import Admitter, OpenAdmitter
+from proxy.budget.classes import ClassBook, ServiceClass
 from proxy.budget.lane import Lane, QueuePolicy
 from proxy.budget.quotas import QUOTA_HORIZON
 from proxy.budget.scheduler import Scheduler
@@ -154,6 +155,7 @@ class Runtime:
                 policy,
                 self.metrics,
                 source=state.credential_source(name, limits),
+                classes=class_book(cfg, limits),
             )
             await lane.restore()
             lanes[name] = lane
@@ -188,6 +190,24 @@ class Runtime:
             await self._upstream.close()
         if self._state is not None:
             await self._state.close()
+
+
+def class_book(config: GatewayConfig, limits: list[Limit]) -> ClassBook | None:
+    """One credential's classes of service, as configured (None: none configured)."""
+    if not config.classes or config.default_class is None:
+        return None
+    classes = [
+        ServiceClass(
+            name,
+            spec.weight,
+            tuple(Limit(r.requests, r.per_seconds) for r in spec.reserve),
+            spec.pace,
+            spec.burst,
+        )
+        for name, spec in config.classes.items()
+    ]
+    guard = config.upstream.window_guard_seconds
+    return ClassBook(classes, limits, guard, config.default_class)
 
 
 def _auth_throttle(config: GatewayConfig) -> AuthThrottle:

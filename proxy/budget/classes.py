@@ -207,6 +207,13 @@ class ClassBook:
             wait = max(wait, self._reserve_wait(key, index, now, budget))
         return wait
 
+    def covers(self, name: str | None, now: float, sends: int) -> bool:
+        """Class ``name``'s unused reservation holds ``sends`` more in every window: the
+        other classes cannot delay them (only the budget's own windows, pace and freezes)."""
+        self._prune(now)
+        cls = self._classes[self.resolve(name)]
+        return all(cls.unused(index) >= sends for index in range(len(self._limits)))
+
     def _others_unused(self, key: str, index: int) -> int:
         return sum(c.unused(index) for n, c in self._classes.items() if n != key)
 

@@ -11,6 +11,8 @@ from typing import Any, Protocol
 
 from proxy.auth.tokens import TokenRecord
 from proxy.budget.admission import Refusal
+from proxy.budget.class_queue import ClassQueue
+from proxy.budget.classes import ClassBook
 from proxy.budget.fairness import FairQueue
 from proxy.budget.slots import SlotSource
 from proxy.errors import Reason
@@ -42,7 +44,9 @@ class LaneState(Protocol):
     @property
     def probing(self) -> bool: ...
     @property
-    def queue(self) -> FairQueue[Any]: ...
+    def queue(self) -> FairQueue[Any] | ClassQueue[Any]: ...
+    @property
+    def classes(self) -> ClassBook | None: ...
 
     def predicted_wait(self, now: float, token: TokenRecord, horizon: float | None) -> float:
         """Seconds until a new request of ``token`` would be served, given who waits."""
@@ -96,7 +100,9 @@ class Refusals:
         frozen = lane.source.frozen_until(now)
         # One prediction, without a horizon: a refusal needs the whole wait for Retry-After.
         wait = lane.predicted_wait(now, token, None)
-        if lane.queue.depth == 0:  # the moment the budget frees, as long as nothing changes
+        # The moment the budget frees, as long as nothing changes (with classes, when it
+        # frees depends on the class: not remembered).
+        if lane.queue.depth == 0 and lane.classes is None:
             self.cached = (self._basis(), now + wait, frozen)
         if wait <= max_wait:
             return None
