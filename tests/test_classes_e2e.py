@@ -128,3 +128,40 @@ async def test_a_paced_class_alone_spreads_its_windows(
                 t = arrivals[b] - first
                 assert b - a + 1 <= n * (t + 0.3) / per + 4, (a, b, t)
     assert len(arrivals) >= 0.8 * 4 * 11  # and it still sends at its pace: 4 a second
+
+
+async def test_callers_and_operators_see_each_class(
+    make_gateway: MakeGateway,  # noqa: F811
+    short_sim: tuple[Simulator, str],  # noqa: F811
+) -> None:
+    _, sim_url = short_sim
+    gw = await short_gateway(make_gateway, sim_url, **CLASSES)
+    calls = await class_token(gw, "calls", "interactive")
+    batch = await gw.token("contacts:read", name="sync")
+    async with http_client() as session:
+        seen = {}
+        for name, token in (("interactive", calls), ("batch", batch)):
+            headers = {"Authorization": f"Bearer {token}"}
+            async with session.get(gw.url("/api/v1/contacts"), headers=headers) as resp:
+                assert resp.status == 200
+                seen[name] = resp.headers
+        admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        async with session.get(gw.admin_url("/admin/budget"), headers=admin) as resp:
+            budget = await resp.json()
+    # A caller's fields describe what its class may use: batch at most the limit less
+    # interactive's reserve (40 - 8 in 10 s, 12 - 3 in 2 s), interactive the whole limit.
+    assert seen["batch"]["RateLimit-Policy"] == '"batch-10s";q=32;w=10, "batch-2s";q=9;w=2'
+    assert seen["interactive"]["RateLimit-Policy"].startswith('"interactive-10s";q=40;w=10')
+    assert seen["batch"]["X-RateLimit-Limit"] == "9"
+    # 12 - 2 sent, less the 2 of its 3 interactive has not used.
+    assert seen["batch"]["X-RateLimit-Remaining"] == "8"
+    classes = budget["credentials"]["default"]["classes"]
+    assert classes["interactive"]["weight"] == 4
+    short = {name: c["windows"][1] for name, c in classes.items()}
+    assert short["interactive"] == {
+        "requests": 12, "per_seconds": 2.0, "reserved": 3, "used": 1, "free": 10, "share": 12,
+    }  # fmt: skip
+    assert short["batch"]["used"] == 1 and short["batch"]["free"] == 8
+    async with http_client() as session, session.get(gw.admin_url("/status")) as resp:
+        page = await resp.text()
+    assert "interactive" in page and "3 reserved" in page

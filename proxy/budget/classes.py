@@ -59,6 +59,7 @@ class ClassWindow(NamedTuple):
     reserved: int  # held for this class in the window
     used: int  # this class's sends counting in it
     free: int  # what this class may still send in it now (its reserve and the surplus)
+    share: int  # the most it may ever use in the window: the limit less the others' reserves
 
 
 class _Bucket:
@@ -253,6 +254,7 @@ class ClassBook:
             for index, limit in enumerate(self._limits):
                 free = limit.requests - budget.count(now, index)
                 free = max(0, free - self._others_unused(key, index))
+                held = sum(c.reserved[index] for n, c in self._classes.items() if n != key)
                 rows.append(
                     ClassWindow(
                         limit.requests,
@@ -260,6 +262,7 @@ class ClassBook:
                         cls.reserved[index],
                         cls.used(index),
                         free,
+                        limit.requests - held,
                     )
                 )
             out[key] = rows

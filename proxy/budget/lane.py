@@ -19,6 +19,7 @@ from typing import Protocol
 
 from proxy.auth.tokens import TokenRecord
 from proxy.budget.admission import STATE_DOWN, Refusal
+from proxy.budget.class_lane import class_wait, take_shared
 from proxy.budget.class_queue import ClassQueue
 from proxy.budget.classes import ClassBook
 from proxy.budget.dispatch import Dispatch
@@ -82,16 +83,15 @@ class Lane:
     ) -> None:
         """Either ``send_log`` (slots kept in this process) or a shared ``source``;
         ``guard``: seconds added to every window of a ``send_log``'s budget; ``classes``:
-        the credential's classes of service, kept with a ``send_log``'s slots (a shared
-        source keeps none: the lane is then class-blind)."""
+        the credential's classes of service, kept with a ``send_log``'s slots; with a
+        shared source, by this process for its own sends (see ``take``)."""
         self.name = name
-        self.classes: ClassBook | None = None
+        self.classes = classes
         self._local: LocalSlots | None = None
         if source is None:
             assert send_log is not None, "a Lane needs a send log or a slot source"
             budget = CredentialBudget(limits, guard)
             source = self._local = LocalSlots(name, budget, send_log, clock, classes=classes)
-            self.classes = classes
         self.source = source
         source.on_frozen = self._frozen_elsewhere
         self.policy = policy
@@ -148,10 +148,13 @@ class Lane:
         queued request; ``cls``: its class of service. May raise StateUnavailable."""
         if not self.can_send():
             return None
-        if self._local is not None and self.classes is not None:
+        book = self.classes
+        if book is None:
+            slot = await self.source.take(now, waiting)
+        elif self._local is not None:
             slot = await self._local.take(now, waiting, cls)
         else:
-            slot = await self.source.take(now, waiting)
+            slot = await take_shared(self.source, book, now, waiting, book.resolve(cls))
         if slot is None:
             return None
         self.version += 1
@@ -163,18 +166,12 @@ class Lane:
         """Seconds until a new request of ``token`` would be served, given who waits."""
         # While a calibration probe is out the wait is at least its round trip, which no
         # budget math knows; the probe is already recorded, so it is not counted again.
-        book = self.classes
-        if book is None or not isinstance(self.queue, ClassQueue):
-            ahead = self.queue.ahead_of_new(token.id, token.weight)
-            return self.source.predict_wait(now, ahead, horizon)
-        cls = book.resolve(token.service_class)
-        own = self.queue.ahead_in_class(token.id, token.weight, cls)
-        if book.covers(cls, now, own + 1):  # its reservation covers it and those ahead
-            ahead = own
-        else:
-            ahead = self.queue.ahead_of_new(token.id, token.weight, cls)
-        budget_wait = self.source.predict_wait(now, ahead, horizon)
-        return max(budget_wait, book.wait(cls, now, self.source.budget, own))
+        book, queue = self.classes, self.queue
+        if book is None or not isinstance(queue, ClassQueue):
+            return self.source.predict_wait(
+                now, queue.ahead_of_new(token.id, token.weight), horizon
+            )
+        return class_wait(self.source, book, queue, now, token, horizon)
 
     def hold(self, token: TokenRecord, max_wait: float) -> Waiter | None:
         """Queue a new request of ``token`` at once, without awaiting its turn, unless
@@ -309,6 +306,8 @@ class Lane:
     def give_back(self, slot: Slot) -> None:
         """A granted slot never reached echowin: free it and let a waiter have it."""
         self.source.give_back(slot)
+        if self._local is None and self.classes is not None:  # kept here for shared slots
+            self.classes.release(slot.cls, slot.at)
         self.version += 1
         self.probing = False
         self.dispatch.schedule()

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
+from typing import NamedTuple, Protocol
 
 from proxy.budget.admission import SHUTTING_DOWN, STATE_DOWN, AdmitRequest, Grant, Held, Refusal
+from proxy.budget.class_queue import ClassQueue
 from proxy.budget.grants import Hold
 from proxy.budget.lane import Lane, Observer, QueuePolicy
 from proxy.budget.quotas import QuotaSources, TokenCharge, TokenQuotas
@@ -25,7 +27,23 @@ from proxy.budget.ratelimit_headers import (
 from proxy.budget.slots import SlotSource, StateUnavailable
 from proxy.budget.windows import Limit, WindowView
 
-__all__ = ["Scheduler"]
+__all__ = ["ClassObserver", "Scheduler"]
+
+
+class ClassObserver(Protocol):
+    """What the scheduler reports per class of service (proxy/observe/class_metrics.py)."""
+
+    def class_admitted(self, credential: str, cls: str, waited: float) -> None: ...
+    def class_refused(self, credential: str, cls: str, reason: str) -> None: ...
+
+
+class _ClassState(NamedTuple):
+    """One window as a class's caller sees it (``WindowState`` for ``caller_headers``)."""
+
+    requests: int
+    per_seconds: float
+    remaining: int
+    reset_in: float
 
 
 class _KeptHeaders:
@@ -71,9 +89,12 @@ class Scheduler:
         clock: Callable[[], float] = time.time,
         *,
         quota_sources: QuotaSources,
+        class_observer: ClassObserver | None = None,
     ) -> None:
         """``quota_sources``: where token quotas are kept (the state backend's; in this
-        process: proxy.state.memory.memory_quota_sources)."""
+        process: proxy.state.memory.memory_quota_sources); ``class_observer``: told each
+        admission and refusal of a lane with classes of service."""
+        self.class_observer = class_observer
         self.lanes = dict(lanes)
         self.policy = policy
         self.observer = observer
@@ -145,6 +166,12 @@ class Scheduler:
             if charge is not None:
                 charge.refund()
             self.observer.refused(lane.name, token.name, result.reason)
+        cls = lane.class_of(token)
+        if cls is not None and self.class_observer is not None:
+            if isinstance(result, Refusal):
+                self.class_observer.class_refused(lane.name, cls, result.reason)
+            else:
+                self.class_observer.class_admitted(lane.name, cls, result.queued_seconds)
         return result
 
     def caller_headers(self, request: AdmitRequest) -> Mapping[str, str]:
@@ -159,9 +186,10 @@ class Scheduler:
         now = self.clock()
         lane = self.lanes[request.credential]
         quota = self.quotas.in_use.get(request.token.id)
-        if quota is not None:
-            windows = [("echowin", w) for w in lane.source.snapshot(now)]
-            windows += [("token", w) for w in quota.source.snapshot(now)]
+        if quota is not None or lane.classes is not None:
+            windows = self._lane_windows(now, lane, request)
+            if quota is not None:
+                windows += [("token", w) for w in quota.source.snapshot(now)]
             return caller_headers(now, windows)
         version = (lane.version, lane.source.changes)
         kept = self._headers.get(lane.name)
@@ -186,6 +214,21 @@ class Scheduler:
         self._headers[lane.name] = _KeptHeaders(version, now, resets, headers)
         return headers
 
+    def _lane_windows(
+        self, now: float, lane: Lane, request: AdmitRequest
+    ) -> list[tuple[str, WindowView | _ClassState]]:
+        """The shared budget's windows as the token's caller sees them: with classes of
+        service, what its class may use (named after the class), else the credential's."""
+        windows = lane.source.snapshot(now)
+        cls = lane.class_of(request.token)
+        if lane.classes is None or cls is None:
+            return [("echowin", w) for w in windows]
+        views = lane.classes.views(now, lane.source.budget)[cls]
+        return [
+            (cls, _ClassState(v.share, v.per_seconds, min(v.free, w.remaining), w.reset_in))
+            for v, w in zip(views, windows, strict=True)
+        ]
+
     def token_quotas(self) -> dict[str, list[WindowView]]:
         """Every token quota in use, by token name, at now (for metrics)."""
         return self.quotas.views()
@@ -209,6 +252,8 @@ class Scheduler:
                 "echowin_reported_remaining": lane.reported_remaining,
                 "calibrated": lane.calibrated,
             }
+            if lane.classes is not None:
+                out[name]["classes"] = _classes_json(lane, now)  # type: ignore[index]
         return out
 
     def shed(self) -> None:
@@ -235,6 +280,23 @@ def _window_json(w: WindowView) -> dict[str, object]:
         "reset_in": round(w.reset_in, 3),
         "external": w.external,
     }
+
+
+def _classes_json(lane: Lane, now: float) -> dict[str, object]:
+    """Each class of ``lane``: its weight, whether paced, per window what it has reserved,
+    used, may still send (free) and may use at most (share), and how many of it wait."""
+    book = lane.classes
+    assert book is not None
+    queue = lane.queue
+    out: dict[str, object] = {}
+    for name, views in book.views(now, lane.source.budget).items():
+        out[name] = {
+            "weight": book.weight(name),
+            "pace": book.paced(name),
+            "queue_depth": queue.queued_in(name) if isinstance(queue, ClassQueue) else 0,
+            "windows": [v._asdict() for v in views],
+        }
+    return out
 
 
 def _frozen_for(source: SlotSource, now: float) -> float:

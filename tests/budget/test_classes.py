@@ -179,9 +179,9 @@ def test_the_worked_example_interactive_keeps_its_reserve_from_a_flat_out_batch(
     assert batch == 80  # the minute's 100 less interactive's 20
     assert sum(send(budget, book, "interactive", 1 + 0.001 * i) for i in range(30)) == 20
     views = book.views(2.0, budget)
-    assert views["interactive"][1] == (100, 60, 20, 20, 0)
+    assert views["interactive"][1] == (100, 60, 20, 20, 0, 100)
     # 1000 - 100 sent, less what interactive has still unused of its 200 (180).
-    assert views["batch"][0] == (1000, 3600, 0, 80, 720)
+    assert views["batch"][0] == (1000, 3600, 0, 80, 720, 800)
 
 
 def test_a_paced_batch_spreads_the_hour() -> None:

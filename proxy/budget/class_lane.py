@@ -1,0 +1,52 @@
+"""What a lane does differently with classes of service: take a slot of a shared source
+for a class, and predict a new request's wait in its class. Times are wall-clock seconds.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from proxy.auth.tokens import TokenRecord
+from proxy.budget.class_queue import ClassQueue
+from proxy.budget.classes import ClassBook
+from proxy.budget.slots import Slot, SlotSource
+
+__all__ = ["class_wait", "take_shared"]
+
+
+async def take_shared(
+    source: SlotSource, book: ClassBook, now: float, waiting: bool, cls: str
+) -> Slot | None:
+    """A slot of a shared source (Redis) for class ``cls``. The class rules are kept by
+    this process for its own sends, against the shared view of every send: the other
+    processes' sends of a class count as not using its reservation, so each process holds
+    every reservation it has not used itself (safe for the reserving class, at some cost
+    to the others; docs/budget.md, "Classes of service")."""
+    if not book.allows(cls, now, source.budget):
+        return None
+    slot = await source.take(now, waiting)
+    if slot is not None:
+        slot.cls = cls
+        book.record(cls, slot.at)
+    return slot
+
+
+def class_wait(
+    source: SlotSource,
+    book: ClassBook,
+    queue: ClassQueue[Any],
+    now: float,
+    token: TokenRecord,
+    horizon: float | None,
+) -> float:
+    """Seconds until a new request of ``token`` would be served in its class: behind those
+    of its class ahead of it, and the other classes' share too unless its unused
+    reservation covers them all; never before the class rules (reserve, pace) let it."""
+    cls = book.resolve(token.service_class)
+    own = queue.ahead_in_class(token.id, token.weight, cls)
+    if book.covers(cls, now, own + 1):  # its reservation covers it and those ahead
+        ahead = own
+    else:
+        ahead = queue.ahead_of_new(token.id, token.weight, cls)
+    budget_wait = source.predict_wait(now, ahead, horizon)
+    return max(budget_wait, book.wait(cls, now, source.budget, own))
