@@ -27,6 +27,7 @@ from proxy.budget.quotas import QUOTA_HORIZON
 from proxy.budget.scheduler import Scheduler
 from proxy.budget.windows import Limit
 from proxy.config import GatewayConfig, Secrets
+from proxy.observe.class_metrics import ClassMetrics
 from proxy.observe.logs import AccessLog, setup_logging
 from proxy.observe.metrics import Metrics
 from proxy.observe.request_ids import RequestIds
@@ -162,6 +163,8 @@ class Runtime:
             self.metrics.upstream_429s.labels(name)  # exported as 0 from the start
         scheduler = Scheduler(lanes, policy, self.metrics, quota_sources=state.quota_source)
         self.metrics.attach_budget(scheduler.snapshot, scheduler.token_quotas)
+        if cfg.classes:
+            scheduler.class_observer = ClassMetrics(self.metrics.registry, scheduler.snapshot)
         self.metrics.queue_max_wait.set(cfg.queue.max_wait_seconds)
         return scheduler
 

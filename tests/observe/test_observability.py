@@ -538,6 +538,9 @@ async def test_prometheus_scrapes_the_gateway_and_every_panel_has_data(
         redis={"key_prefix": redis_prefix},
         upstream={"limits": LIMITS, "window_guard_seconds": 0.1},
         queue={"max_wait_seconds": 2},
+        # Every token in one class, so that the classes' row has data too.
+        classes={"standard": {}},
+        default_class="standard",
     )
     admin_port = gw.admin.port
     assert admin_port is not None
