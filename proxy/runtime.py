@@ -148,6 +148,7 @@ class Runtime:
         )
         lanes = {}
         for name in self.secrets.credentials:
+            book = class_book(cfg, limits)
             lane = Lane(
                 name,
                 limits,
@@ -155,8 +156,8 @@ class Runtime:
                 state.send_log,
                 policy,
                 self.metrics,
-                source=state.credential_source(name, limits),
-                classes=class_book(cfg, limits),
+                source=state.credential_source(name, limits, book),
+                classes=book,
             )
             await lane.restore()
             lanes[name] = lane

@@ -8,10 +8,12 @@ Like those tests, the gateway runs in this process (memory state), or with
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from typing import Any
 
 import aiohttp
+import pytest
 
 from proxy.sim import Simulator
 from tests.conftest import ADMIN_TOKEN, TEAM_KEY
@@ -42,6 +44,7 @@ CLASSES: dict[str, Any] = {
     "default_class": "batch",
 }
 RUN_SECONDS = 20.0
+REDIS = os.environ.get("EGW_TEST_STATE") == "redis" and "EGW_TEST_WORKERS" in os.environ
 PERIOD = 1.5
 
 
@@ -110,6 +113,8 @@ async def test_a_paced_class_alone_spreads_its_windows(
     make_gateway: MakeGateway,  # noqa: F811
     short_sim: tuple[Simulator, str],  # noqa: F811
 ) -> None:
+    if REDIS:
+        pytest.skip("with Redis a class is paced per replica (docs/budget.md, where it is kept)")
     sim, sim_url = short_sim
     classes = {"classes": {"batch": {"pace": True, "burst": 4}}, "default_class": "batch"}
     gw = await short_gateway(make_gateway, sim_url, **classes)
@@ -155,6 +160,8 @@ async def test_callers_and_operators_see_each_class(
     assert seen["batch"]["X-RateLimit-Limit"] == "9"
     # 12 - 2 sent, less the 2 of its 3 interactive has not used.
     assert seen["batch"]["X-RateLimit-Remaining"] == "8"
+    if REDIS:  # each replica shows the classes as its own sends left them (docs/budget.md)
+        return
     classes = budget["credentials"]["default"]["classes"]
     assert classes["interactive"]["weight"] == 4
     short = {name: c["windows"][1] for name, c in classes.items()}

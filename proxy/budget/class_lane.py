@@ -17,14 +17,15 @@ __all__ = ["class_wait", "take_shared"]
 async def take_shared(
     source: SlotSource, book: ClassBook, now: float, waiting: bool, cls: str
 ) -> Slot | None:
-    """A slot of a shared source (Redis) for class ``cls``. The class rules are kept by
-    this process for its own sends, against the shared view of every send: the other
-    processes' sends of a class count as not using its reservation, so each process holds
-    every reservation it has not used itself (safe for the reserving class, at some cost
-    to the others; docs/budget.md, "Classes of service")."""
+    """A slot of a shared source (Redis) for class ``cls``. The source checks the reserve
+    rule against every replica's sends in the reservation's own step (reserve.lua); this
+    process keeps the rules for its own sends too, against the shared view of every send,
+    to pick the class a free slot goes to and to predict waits (the other replicas' sends
+    of a class count there as not using its reservation: a replica holds back more than
+    Redis would; docs/budget.md, "Classes of service")."""
     if not book.allows(cls, now, source.budget):
         return None
-    slot = await source.take(now, waiting)
+    slot = await source.take(now, waiting, cls)  # Redis checks the reserve rule again
     if slot is not None:
         slot.cls = cls
         book.record(cls, slot.at)

@@ -148,6 +148,11 @@ class ClassBook:
         """The class a send of ``name`` counts in: itself if known, else the default."""
         return name if name is not None and name in self._classes else self.default
 
+    def table(self) -> tuple[str, list[tuple[str, list[int]]]]:
+        """The reserve rule's data for a shared backend's own check (reserve.lua): the
+        default class, and per class its reservation in each window (0: none)."""
+        return self.default, [(n, list(c.reserved)) for n, c in self._classes.items()]
+
     def weight(self, name: str) -> int:
         return self._classes[self.resolve(name)].spec.weight
 

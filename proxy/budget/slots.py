@@ -132,11 +132,12 @@ class SlotSource(Protocol):
         slots read their log at once): True when it is up to date, False when only
         ``refresh`` can bring it (a shared view past its age)."""
 
-    async def take(self, now: float, waiting: bool = False) -> Slot | None:
+    async def take(self, now: float, waiting: bool = False, cls: str | None = None) -> Slot | None:
         """Reserve one send at ``now`` if every limit allows it and no other process is
         ahead in line for it, else None. ``waiting``: this process has requests queued
-        for the credential, so it keeps (or takes) a place in line. Raises
-        StateUnavailable when the backend is down and the mode is "closed"."""
+        for the credential, so it keeps (or takes) a place in line. ``cls``: the class of
+        service of the send (a source that keeps classes checks their rules in the same
+        step). Raises StateUnavailable when the backend is down and the mode is "closed"."""
 
     async def commit(self, slot: Slot) -> None:
         """Make ``slot`` durable; returns before the request may leave."""

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from proxy.auth.tokens import TokenStore
+from proxy.budget.classes import ClassBook
 from proxy.budget.quotas import local_quota_source
 from proxy.budget.slots import SendLog, SlotSource
 from proxy.budget.windows import Limit
@@ -167,10 +168,13 @@ class State:
     def shared(self) -> bool:
         return self._redis is not None
 
-    def credential_source(self, name: str, limits: Sequence[Limit]) -> SlotSource | None:
+    def credential_source(
+        self, name: str, limits: Sequence[Limit], classes: ClassBook | None = None
+    ) -> SlotSource | None:
         """The shared slot source of credential ``name``; None for local slots (the lane
-        keeps them on ``send_log``)."""
-        return self._shared_slots(name, limits, quota=False)
+        keeps them on ``send_log``). ``classes``: its classes of service, whose reserve
+        rule a shared source checks in the reservation's own step."""
+        return self._shared_slots(name, limits, quota=False, classes=classes)
 
     def quota_source(self, name: str, limits: tuple[Limit, ...]) -> SlotSource:
         """A token's own quota, kept where the credentials' budgets are (no guard: the
@@ -182,7 +186,7 @@ class State:
         return source
 
     def _shared_slots(
-        self, name: str, limits: Sequence[Limit], *, quota: bool
+        self, name: str, limits: Sequence[Limit], *, quota: bool, classes: ClassBook | None = None
     ) -> SlotSource | None:
         """Redis slots: a token's quota keeps its view fresh only while the token is in use
         here (``QUOTA_IN_USE``), a credential's always."""
@@ -191,7 +195,7 @@ class State:
         from proxy.state.redis.slots import QUOTA_IN_USE, RedisSlots
 
         cfg, hooks = self._config, self._hooks
-        return RedisSlots(
+        source = RedisSlots(
             name,
             self._redis,
             cfg.redis.key_prefix,
@@ -203,6 +207,9 @@ class State:
             on_health=hooks.on_health,
             keep_view=QUOTA_IN_USE if quota else math.inf,
         )
+        if classes is not None:
+            source.class_table = classes.table()
+        return source
 
     async def close(self) -> None:
         """Close the send log, the token store and the Redis client (after the slots)."""

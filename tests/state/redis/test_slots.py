@@ -77,6 +77,28 @@ async def test_give_back_frees_the_slot(client: Redis, prefix: str) -> None:
     assert await a.take(now) is not None
 
 
+async def test_the_reserve_rule_is_checked_in_the_reservation_across_replicas(
+    client: Redis, prefix: str
+) -> None:
+    # interactive holds 2 of the 5 per 10 s; replicas that keep no class view of their
+    # own (RedisSlots alone, no lane): only reserve.lua can hold the line.
+    table = ("batch", [("interactive", [2]), ("batch", [0])])
+    options: dict[str, Any] = {"replicas": 2, "mode": "local"}
+    a, b = (RedisSlots("default", client, prefix, [Limit(5, 10.0)], 0.0, **options) for _ in "ab")
+    a.class_table = b.class_table = table
+    now = time.time()
+    for replica in (a, b, a):
+        assert await replica.take(now, cls="batch") is not None
+    # 3 of 5 sent: what is free (2) no longer exceeds interactive's unused 2.
+    assert await b.take(now, cls="batch") is None
+    assert b.retry_in(now) == 0  # held back by a class, not the budget: others may go
+    assert await b.take(now, cls="interactive") is not None
+    assert await a.take(now, cls="interactive") is not None
+    assert await a.take(now, cls="interactive") is None  # the window is full
+    members = [m.decode() for m in await client.zrange(f"{prefix}default:sends", 0, -1)]
+    assert sorted(m.rpartition("|")[2] for m in members) == ["batch"] * 3 + ["interactive"] * 2
+
+
 async def test_external_use_and_freeze_reach_every_replica(client: Redis, prefix: str) -> None:
     a, b = slots(client, prefix), slots(client, prefix)
     now = time.time()
