@@ -35,7 +35,11 @@ from typing import NamedTuple
 
 from proxy.budget.windows import CredentialBudget, Limit
 
-__all__ = ["ClassBook", "ClassWindow", "ServiceClass"]
+__all__ = ["UNCLASSED", "ClassBook", "ClassWindow", "ServiceClass"]
+
+UNCLASSED = "*"
+"""The class of sends no class counts: a lease's block, taken far from every reservation
+(see :meth:`ClassBook.surplus`), whose slots may go to requests of any class."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,16 +157,19 @@ class ClassBook:
         default class, and per class its reservation in each window (0: none)."""
         return self.default, [(n, list(c.reserved)) for n, c in self._classes.items()]
 
-    def weight(self, name: str) -> int:
+    def weight(self, name: str | None) -> int:
         return self._classes[self.resolve(name)].spec.weight
 
-    def paced(self, name: str) -> bool:
+    def paced(self, name: str | None) -> bool:
         return self._classes[self.resolve(name)].spec.pace
 
     # --- what was sent ---------------------------------------------------------------
 
     def record(self, name: str | None, at: float) -> None:
-        """A send of class ``name`` recorded at ``at`` (seconds) in the credential's budget."""
+        """A send of class ``name`` recorded at ``at`` (seconds) in the credential's budget
+        (of UNCLASSED: nothing to record here)."""
+        if name == UNCLASSED:
+            return
         cls = self._classes[self.resolve(name)]
         for log in cls.logs:
             if log and at < log[-1]:
@@ -174,6 +181,8 @@ class ClassBook:
 
     def release(self, name: str | None, at: float) -> bool:
         """A send of class ``name`` recorded at ``at`` never left; True if it was found."""
+        if name == UNCLASSED:
+            return False
         cls = self._classes[self.resolve(name)]
         found = False
         for log in cls.logs:
@@ -219,6 +228,17 @@ class ClassBook:
         self._prune(now)
         cls = self._classes[self.resolve(name)]
         return all(cls.unused(index) >= sends for index in range(len(self._limits)))
+
+    def surplus(self, now: float, budget: CredentialBudget) -> int:
+        """What is free in the tightest window beyond every class's unused reservation:
+        sends that may go to any class without touching a reservation (a lease's size)."""
+        self._prune(now)
+        return min(
+            limit.requests
+            - budget.count(now, index)
+            - sum(c.unused(index) for c in self._classes.values())
+            for index, limit in enumerate(self._limits)
+        )
 
     def _others_unused(self, key: str, index: int) -> int:
         return sum(c.unused(index) for n, c in self._classes.items() if n != key)

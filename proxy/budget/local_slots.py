@@ -14,7 +14,7 @@ import logging
 import math
 from collections.abc import Callable, Coroutine, Sequence
 
-from proxy.budget.classes import ClassBook
+from proxy.budget.classes import UNCLASSED, ClassBook
 from proxy.budget.slots import LINE_GRACE, Line, Row, SendLog, Slot, StateUnavailable
 from proxy.budget.windows import CredentialBudget, Limit, WindowView
 
@@ -29,6 +29,7 @@ class _Lease:
 
     at: float
     left: int
+    cls: str = ""  # the class its row records every slot of it under
 
 
 class LocalSlots:
@@ -67,15 +68,17 @@ class LocalSlots:
         for another process's write lock: a send is never stamped before it was decided.
         ``leases``: False for a token's quota, whose requests may move between processes
         (a lease's unused slots stay with the process that took it until it takes again).
-        ``classes``: the credential's classes of service, checked with every take (one
-        row per send then: a lease's slots would go to requests of any class).
+        ``classes``: the credential's classes of service, checked with every take. A lease
+        is then only as large as what no class's reservation needs, its slots go to
+        requests of any class and are counted by none (UNCLASSED), and a paced class never
+        takes from one.
         """
         self.name = name
         self.clock = clock
         self.budget = budget
         self.log = log
         self.classes = classes
-        self._block_max = log.block_max if leases and classes is None else 1
+        self._block_max = log.block_max if leases else 1
         self.durable = log.durable
         self.remembers_external = False  # the log holds this gateway's own sends only
         self.healthy = True
@@ -96,13 +99,15 @@ class LocalSlots:
             cls = book.resolve(cls)
         lease = self._lease
         if lease is not None:
-            if lease.left > 0 and now <= lease.at:
+            if lease.left > 0 and now <= lease.at and not (book and book.paced(cls)):
                 lease.left -= 1
-                return Slot(lease.at, committed=True)
+                return Slot(lease.at, committed=True, cls=lease.cls or None)
             self._lease = None
-            returned: Row | None = (lease.at, -lease.left, "") if lease.left else None
+            returned: Row | None = (lease.at, -lease.left, lease.cls) if lease.left else None
             for _ in range(lease.left):
                 self.budget.release(lease.at)
+                if book is not None:
+                    book.release(lease.cls or None, lease.at)
         else:
             returned = None
         if returned is None:
@@ -124,11 +129,11 @@ class LocalSlots:
         try:
             row = self.log.reserve(self.name, plan, returned)
         except Exception as exc:
-            for at, n, _ in planned:  # not written: not reserved
+            for at, n, row_cls in planned:  # not written: not reserved
                 for _ in range(n):
                     self.budget.release(at)
                     if book is not None:
-                        book.release(cls, at)
+                        book.release(row_cls or None, at)
             self._line_due = -math.inf  # the place in line was not written either
             log.warning(
                 "send log write failed",
@@ -137,11 +142,11 @@ class LocalSlots:
             raise StateUnavailable(f"send log: {type(exc).__name__}") from exc
         if row is None:
             return None
-        at, n, _ = row
+        at, n, row_cls = row
         if n > 1:
-            lease = self._lease = _Lease(at, n - 1)
+            lease = self._lease = _Lease(at, n - 1, row_cls)
             asyncio.get_running_loop().call_later(self.LEASE_IDLE_SECONDS, self._lease_idle, lease)
-        return Slot(at, committed=True, cls=cls if book is not None else None)
+        return Slot(at, committed=True, cls=row_cls or None)
 
     def _lease_idle(self, lease: _Lease) -> None:
         """The lease timer. If this process has not taken since the lease ended (an idle
@@ -173,16 +178,18 @@ class LocalSlots:
         if wait <= 0:
             free = min(self.budget.remaining(now, i) for i in range(len(self.budget.limits)))
             if free > len(ahead):
-                n = self._block(now)
+                n = self._block(now, cls)
                 at = now + self.LEASE_SECONDS if n > 1 else now
+                # A block's slots go to any class: counted by none (it fits the surplus).
+                row_cls = "" if book is None else (cls or "") if n == 1 else UNCLASSED
                 for _ in range(n):
                     self.budget.record(at)
                     if book is not None:
-                        book.record(cls, at)
+                        book.record(row_cls, at)
                 line.mine = None  # served: behind every waiting process next time
                 self._line_due = -math.inf
                 self._served = now
-                return at, n, cls if book is not None and cls is not None else ""
+                return at, n, row_cls
             # The slot is theirs: look again when the first of them said it would try
             # (it has taken it by then, or it comes late), and at the latest when its
             # place lapses.
@@ -196,11 +203,15 @@ class LocalSlots:
             self._line_due = retry + LINE_GRACE
         return None
 
-    def _block(self, now: float) -> int:
-        """How many slots one row reserves: 1 near any limit, up to ``block_max`` far."""
-        if self._block_max <= 1:
+    def _block(self, now: float, cls: str | None = None) -> int:
+        """How many slots one row reserves: 1 near any limit, up to ``block_max`` far (with
+        classes: far from what their reservations need; 1 for a paced class)."""
+        book = self.classes
+        if self._block_max <= 1 or (book is not None and book.paced(cls)):
             return 1
         free = min(self.budget.remaining(now, index) for index in range(len(self.budget.limits)))
+        if book is not None:
+            free = min(free, book.surplus(now, self.budget))
         block = min(self._block_max, free // self.LEASE_FRACTION)
         return block if block >= self.LEASE_MIN else 1
 
@@ -307,7 +318,9 @@ class LocalSlots:
         if lease is not None and lease.left:
             for _ in range(lease.left):
                 self.budget.release(lease.at)
-            self._spawn(self.log.give_back(self.name, lease.at, lease.left))
+                if self.classes is not None:
+                    self.classes.release(lease.cls or None, lease.at)
+            self._spawn(self.log.give_back(self.name, lease.at, lease.left, lease.cls))
 
     def frozen_until(self, now: float) -> float | None:
         return self.budget.frozen_until(now)

@@ -374,9 +374,10 @@ def start_gateway(
     max_depth: int = 10_000,
     event_loop: str | None = "asyncio",
     source: Path | None = None,
+    classes: dict[str, Any] | None = None,
 ) -> Gateway:
     """The gateway of the throughput scenarios: state in a SQLite file, as ``serve`` keeps
-    it by default."""
+    it by default. ``classes``: ``classes`` and ``default_class`` to add to its config."""
     state = f"sqlite:///{procs.tmp / name}.db"
     # The queued scenario holds max_depth connections at once, all from 127.0.0.1. A
     # baseline tree is given the connection bounds and the auth section only if it knows them.
@@ -392,6 +393,7 @@ def start_gateway(
         connections=connections,
         throttle=source is None or knows(source, "failures_per_client"),
     )
+    raw.update(classes or {})
     return launch_gateway(procs, name, raw, cpu, source=source)
 
 

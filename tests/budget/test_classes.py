@@ -15,7 +15,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from proxy.budget.class_queue import ClassQueue
-from proxy.budget.classes import ClassBook, ServiceClass
+from proxy.budget.classes import UNCLASSED, ClassBook, ServiceClass
 from proxy.budget.windows import CredentialBudget, Limit
 
 GRID = 64
@@ -299,3 +299,22 @@ def test_a_class_the_rules_hold_back_gives_its_turn_to_the_others() -> None:
     assert queue.ahead_in_class("new", 1, "batch") == 1  # sync, just served, goes after it
     assert queue.remove("calls", "i0") and not queue.remove("calls", "i0")
     assert queue.queued_in("interactive") == 4
+
+
+def test_a_lease_with_classes_stays_out_of_every_reservation() -> None:
+    # Far from every limit a block of slots is reserved at once (a lease); with classes
+    # it fits what no reservation needs, and its slots are counted by no class.
+    limits = [Limit(10_000, 60)]
+    book = ClassBook(
+        [ServiceClass("interactive", reserve=(Limit(9_000, 60),)), ServiceClass("batch")],
+        limits,
+        0.0,
+        "batch",
+    )
+    budget = CredentialBudget(limits, 0.0)
+    assert book.surplus(0.0, budget) == 1_000
+    budget.record(0.0)
+    book.record(UNCLASSED, 0.0)  # a lease's slot: the budget counts it, no class does
+    assert book.surplus(0.0, budget) == 999
+    assert book.views(0.0, budget)["interactive"][0].used == 0
+    assert not book.release(UNCLASSED, 0.0)
