@@ -293,6 +293,25 @@ class ClassBook:
             out[key] = rows
         return out
 
+    def caller_windows(
+        self, name: str | None, now: float, budget: CredentialBudget
+    ) -> list[tuple[int, int]]:
+        """Per window, what a caller of class ``name`` is told: the most its class may use
+        (the limit less the others' reservations) and what it may still send now. The
+        numbers of ``views``, for one class (made for every answer)."""
+        self._prune(now)
+        key = self.resolve(name)
+        out = []
+        for index, limit in enumerate(self._limits):
+            held = unused = 0
+            for other, cls in self._classes.items():
+                if other != key:
+                    held += cls.reserved[index]
+                    unused += cls.unused(index)
+            free = limit.requests - budget.count(now, index) - unused
+            out.append((limit.requests - held, max(0, free)))
+        return out
+
     def _prune(self, now: float) -> None:
         for cls in self._classes.values():
             for log, span in zip(cls.logs, self._spans, strict=True):

@@ -219,14 +219,14 @@ class Scheduler:
     ) -> list[tuple[str, WindowView | _ClassState]]:
         """The shared budget's windows as the token's caller sees them: with classes of
         service, what its class may use (named after the class), else the credential's."""
-        windows = lane.source.snapshot(now)
         cls = lane.class_of(request.token)
         if lane.classes is None or cls is None:
-            return [("echowin", w) for w in windows]
-        views = lane.classes.views(now, lane.source.budget)[cls]
+            return [("echowin", w) for w in lane.source.snapshot(now)]
+        _, _, resets = lane.source.tightest(now)
+        seen = lane.classes.caller_windows(cls, now, lane.source.budget)
         return [
-            (cls, _ClassState(v.share, v.per_seconds, min(v.free, w.remaining), w.reset_in))
-            for v, w in zip(views, windows, strict=True)
+            (cls, _ClassState(share, limit.per_seconds, free, reset_in))
+            for (share, free), limit, reset_in in zip(seen, lane.budget.limits, resets, strict=True)
         ]
 
     def token_quotas(self) -> dict[str, list[WindowView]]:

@@ -161,6 +161,8 @@ def test_the_wait_is_when_the_class_rules_let_it_go(
         name = setup.classes[pick % len(setup.classes)].name
         wait = book.wait(name, now, budget)
         assert (wait <= 0) == book.allows(name, now, budget)
+        seen = [(v.share, v.free) for v in book.views(now, budget)[name]]
+        assert book.caller_windows(name, now, budget) == seen
         if 0 < wait < 1000:
             assert book.allows(name, now + wait + 1e-9, budget)
         send(budget, book, name, now)
