@@ -31,6 +31,19 @@ class _Credit:
     weight: int
 
 
+class _Tokens(Generic[T]):
+    """A token's queue in whichever class it waits in: ``get`` as a dict's."""
+
+    __slots__ = ("_queue",)
+
+    def __init__(self, queue: ClassQueue[T]) -> None:
+        self._queue = queue
+
+    def get(self, key: str) -> TokenQueue[T] | None:
+        group = self._queue.tokens_class.get(key)
+        return None if group is None else self._queue.queues[group].tokens.get(key)
+
+
 class ClassQueue(Generic[T]):
     """One :class:`FairQueue` per class and a weighted round-robin between them. A token
     is queued in the class it had when its first waiting request came (``push``'s
@@ -54,9 +67,9 @@ class ClassQueue(Generic[T]):
         return sum(q.version for q in self.queues.values())
 
     @property
-    def tokens(self) -> dict[str, TokenQueue[T]]:
+    def tokens(self) -> _Tokens[T]:
         """Every token's queue, by token id (the per-token bound reads it)."""
-        return {key: tq for q in self.queues.values() for key, tq in q.tokens.items()}
+        return _Tokens(self)
 
     def push(self, key: str, weight: int, item: T, group: str = "") -> None:
         """Queue ``item`` of token ``key`` in class ``group`` (where the token already

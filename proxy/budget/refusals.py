@@ -21,7 +21,8 @@ __all__ = ["LaneState", "Refusals"]
 
 # What a remembered refusal was predicted from: (lane's version, source's changes, a
 # calibration probe out, the state healthy). The counters only grow; health may return.
-_Basis = tuple[int, int, bool, bool]
+# With classes of service, the class too: when the budget frees for a request depends on it.
+_Basis = tuple[int, int, bool, bool, str | None]
 
 
 class QueueBounds(Protocol):
@@ -63,16 +64,17 @@ class Refusals:
         self.lane = lane
         self.cached: tuple[_Basis, float, float | None] | None = None
 
-    def _basis(self) -> _Basis:
+    def _basis(self, token: TokenRecord) -> _Basis:
         lane = self.lane
-        return (lane.version, lane.source.changes, lane.probing, lane.source.healthy)
+        cls = None if lane.classes is None else lane.classes.resolve(token.service_class)
+        return (lane.version, lane.source.changes, lane.probing, lane.source.healthy, cls)
 
     def known(self, now: float, token: TokenRecord, max_wait: float) -> Refusal | None:
         """With nobody queued and nothing changed since the last refusal, the budget frees
         at the same moment: refuse again without asking it (a flood of refused requests).
         None when that refusal is out of date, or the request can wait that long."""
         known = self.cached
-        if known is None or known[0] != self._basis():
+        if known is None or known[0] != self._basis(token):
             self.cached = None
             return None
         _, free_at, frozen = known
@@ -100,10 +102,8 @@ class Refusals:
         frozen = lane.source.frozen_until(now)
         # One prediction, without a horizon: a refusal needs the whole wait for Retry-After.
         wait = lane.predicted_wait(now, token, None)
-        # The moment the budget frees, as long as nothing changes (with classes, when it
-        # frees depends on the class: not remembered).
-        if lane.queue.depth == 0 and lane.classes is None:
-            self.cached = (self._basis(), now + wait, frozen)
+        if lane.queue.depth == 0:  # the moment the budget frees, as long as nothing changes
+            self.cached = (self._basis(token), now + wait, frozen)
         if wait <= max_wait:
             return None
         return _refusal(now, wait, frozen, max_wait)

@@ -21,6 +21,7 @@ from proxy.budget.ratelimit_headers import (
     caller_headers,
     policy_header,
     tight_headers,
+    tighter,
     unchanged_for,
     window_name,
 )
@@ -105,6 +106,7 @@ class Scheduler:
         self._headers: dict[str, _KeptHeaders] = {}
         self._shapes: dict[str, _Shape] = {}
         self._shedding = False  # shutting down: see shed
+        self._class_policies: dict[tuple[str, str], str] = {}  # (credential, class)
 
     def _max_wait(self, request: AdmitRequest) -> float:
         if request.max_wait is None:
@@ -186,11 +188,12 @@ class Scheduler:
         now = self.clock()
         lane = self.lanes[request.credential]
         quota = self.quotas.in_use.get(request.token.id)
-        if quota is not None or lane.classes is not None:
+        if quota is not None:
             windows = self._lane_windows(now, lane, request)
-            if quota is not None:
-                windows += [("token", w) for w in quota.source.snapshot(now)]
+            windows += [("token", w) for w in quota.source.snapshot(now)]
             return caller_headers(now, windows)
+        if lane.classes is not None:
+            return self._class_headers(now, lane, request)
         version = (lane.version, lane.source.changes)
         kept = self._headers.get(lane.name)
         if kept is not None and kept.version == version and kept.made <= now:
@@ -213,6 +216,20 @@ class Scheduler:
         )
         self._headers[lane.name] = _KeptHeaders(version, now, resets, headers)
         return headers
+
+    def _class_headers(self, now: float, lane: Lane, request: AdmitRequest) -> Mapping[str, str]:
+        """``caller_headers`` of a class's windows, its RateLimit-Policy made once."""
+        windows = self._lane_windows(now, lane, request)
+        owner, tight = windows[0]
+        for pair in windows[1:]:
+            if tighter(pair[1].remaining, pair[1].reset_in, tight.remaining, tight.reset_in):
+                owner, tight = pair
+        key = (lane.name, owner)
+        policy = self._class_policies.get(key)
+        if policy is None:
+            policy = self._class_policies[key] = policy_header(windows)
+        name = window_name(owner, tight.per_seconds)
+        return tight_headers(now, name, tight.requests, tight.remaining, tight.reset_in, policy)
 
     def _lane_windows(
         self, now: float, lane: Lane, request: AdmitRequest
