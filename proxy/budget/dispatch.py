@@ -171,6 +171,7 @@ class Dispatch:
             now = self.clock()
             waits = [book.wait(n, now, budget) for n in book.names if queue.queued_in(n)]
             delay = max(lane.source.retry_in(now), min(waits, default=0.0))
+            delay = min(delay, 1.0)  # a look again each second at most: views change by others
             loop = asyncio.get_running_loop()
             self._timer = loop.call_later(max(delay, 0.0005), self._on_timer)
 
