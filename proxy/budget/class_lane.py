@@ -18,17 +18,15 @@ async def take_shared(
     source: SlotSource, book: ClassBook, now: float, waiting: bool, cls: str
 ) -> Slot | None:
     """A slot of a shared source (Redis) for class ``cls``. The source checks the reserve
-    rule against every replica's sends in the reservation's own step (reserve.lua); this
-    process keeps the rules for its own sends too, against the shared view of every send,
-    to pick the class a free slot goes to and to predict waits (the other replicas' sends
-    of a class count there as not using its reservation: a replica holds back more than
-    Redis would; docs/budget.md, "Classes of service")."""
+    rule against every replica's sends in the reservation's own step (reserve.lua); the
+    book follows the shared view of every replica's sends (proxy/state/redis/class_view.py)
+    and is asked first: it picks the class a free slot goes to, keeps a class's pace and
+    predicts waits (docs/budget.md, "Classes of service")."""
     if not book.allows(cls, now, source.budget):
         return None
     slot = await source.take(now, waiting, cls)  # Redis checks the reserve rule again
     if slot is not None:
-        slot.cls = cls
-        book.record(cls, slot.at)
+        slot.cls = cls  # the book learnt it with the view (given back: the lane releases it)
     return slot
 
 

@@ -195,6 +195,10 @@ class ClassBook:
                 bucket.give()
         return found
 
+    def reset(self) -> None:
+        """Forget every class's sends (before loading a new picture of them)."""
+        self._classes = {n: _Class(c.spec, self._limits) for n, c in self._classes.items()}
+
     def load(self, sends: Iterable[tuple[float, str | None]], now: float) -> None:
         """Restore classed sends after a restart (oldest first or not): each class's
         windows keep those that still count, its buckets replay them in order."""

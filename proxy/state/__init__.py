@@ -208,7 +208,9 @@ class State:
             keep_view=QUOTA_IN_USE if quota else math.inf,
         )
         if classes is not None:
-            source.class_table = classes.table()
+            from proxy.state.redis.class_view import follow_classes
+
+            follow_classes(source, classes)
         return source
 
     async def close(self) -> None:

@@ -19,8 +19,10 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
+from proxy.budget.classes import ClassBook, ServiceClass
 from proxy.budget.slots import StateUnavailable
 from proxy.budget.windows import Limit
+from proxy.state.redis.class_view import class_of_member, follow_classes
 from proxy.state.redis.fallback import PROBE_INTERVAL
 from proxy.state.redis.slots import RedisSlots
 from tests.procs import eventually, free_ports
@@ -97,6 +99,25 @@ async def test_the_reserve_rule_is_checked_in_the_reservation_across_replicas(
     assert await a.take(now, cls="interactive") is None  # the window is full
     members = [m.decode() for m in await client.zrange(f"{prefix}default:sends", 0, -1)]
     assert sorted(m.rpartition("|")[2] for m in members) == ["batch"] * 3 + ["interactive"] * 2
+
+
+async def test_each_replicas_classes_follow_every_replicas_sends(
+    client: Redis, prefix: str
+) -> None:
+    specs = [ServiceClass("interactive", reserve=(Limit(2, 10.0),)), ServiceClass("batch")]
+    a, b = slots(client, prefix), slots(client, prefix)
+    books = [ClassBook(specs, LIMITS, 0.0, "batch") for _ in "ab"]
+    follow_classes(a, books[0])
+    follow_classes(b, books[1])
+    now = time.time()
+    assert await a.take(now, cls="interactive") is not None
+    assert await b.take(now, cls="batch") is not None  # its reply brings a's send along
+    await a.refresh(now)  # a snapshot: the whole picture again
+    for book, source in zip(books, (a, b), strict=True):
+        views = book.views(now, source.budget)
+        assert (views["interactive"][0].used, views["batch"][0].used) == (1, 1)
+    assert class_of_member(b"abc:1|interactive") == "interactive"
+    assert class_of_member(b"abc:2") is None
 
 
 async def test_external_use_and_freeze_reach_every_replica(client: Redis, prefix: str) -> None:
