@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 import aiohttp
+import pytest
 
 from proxy.sim import Simulator
 from tests.conftest import ADMIN_TOKEN, TEAM_KEY
