@@ -13,7 +13,6 @@ import time
 from typing import Any
 
 import aiohttp
-import pytest
 
 from proxy.sim import Simulator
 from tests.conftest import ADMIN_TOKEN, TEAM_KEY
@@ -129,10 +128,6 @@ async def test_a_paced_class_alone_spreads_its_windows(
     make_gateway: MakeGateway,  # noqa: F811
     short_sim: tuple[Simulator, str],  # noqa: F811
 ) -> None:
-    if REDIS:
-        # Each replica keeps a class's pace from the shared view, not in the Lua step:
-        # replicas racing may pass the burst by a few sends together (docs/budget.md).
-        pytest.skip("with Redis a class's pace is not part of the atomic reservation")
     sim, sim_url = short_sim
     classes = {"classes": {"batch": {"pace": True, "burst": 4}}, "default_class": "batch"}
     gw = await short_gateway(make_gateway, sim_url, **classes)

@@ -17,14 +17,14 @@ __all__ = ["class_wait", "take_shared"]
 async def take_shared(
     source: SlotSource, book: ClassBook, now: float, waiting: bool, cls: str
 ) -> Slot | None:
-    """A slot of a shared source (Redis) for class ``cls``. The source checks the reserve
-    rule against every replica's sends in the reservation's own step (reserve.lua); the
-    book follows the shared view of every replica's sends (proxy/state/redis/class_view.py)
-    and is asked first: it picks the class a free slot goes to, keeps a class's pace and
-    predicts waits (docs/budget.md, "Classes of service")."""
+    """A slot of a shared source (Redis) for class ``cls``. The source checks the class
+    rules (reserve, pace) against every replica's sends in the reservation's own step
+    (reserve.lua); the book follows the shared view of every replica's sends
+    (proxy/state/redis/class_view.py) and is asked first: it picks the class a free slot
+    goes to and predicts waits (docs/budget.md, "Classes of service")."""
     if not book.allows(cls, now, source.budget):
         return None
-    slot = await source.take(now, waiting, cls)  # Redis checks the reserve rule again
+    slot = await source.take(now, waiting, cls)  # Redis checks the class rules again
     if slot is not None:
         slot.cls = cls  # the book learnt it with the view (given back: the lane releases it)
     return slot

@@ -152,10 +152,15 @@ class ClassBook:
         """The class a send of ``name`` counts in: itself if known, else the default."""
         return name if name is not None and name in self._classes else self.default
 
-    def table(self) -> tuple[str, list[tuple[str, list[int]]]]:
-        """The reserve rule's data for a shared backend's own check (reserve.lua): the
-        default class, and per class its reservation in each window (0: none)."""
-        return self.default, [(n, list(c.reserved)) for n, c in self._classes.items()]
+    def table(
+        self,
+    ) -> tuple[str, list[tuple[str, list[int]]], dict[str, list[tuple[int, float]]]]:
+        """The class rules' data for a shared backend's own check (reserve.lua): the
+        default class, per class its reservation in each window (0: none), and per paced
+        class its bucket in each window (size, refill per second)."""
+        reserves = [(n, list(c.reserved)) for n, c in self._classes.items()]
+        paces = {n: [(b.size, b.rate) for b in c.buckets] for n, c in self._classes.items()}
+        return self.default, reserves, {n: b for n, b in paces.items() if b}
 
     def weight(self, name: str | None) -> int:
         return self._classes[self.resolve(name)].spec.weight

@@ -9,7 +9,7 @@ returns its values in that order.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from importlib.resources import files
 from typing import TYPE_CHECKING
 
@@ -154,22 +154,30 @@ def reserve_args(
     return args
 
 
-ClassTable = tuple[str, Sequence[tuple[str, Sequence[int]]]]
-"""The classes of service as reserve.lua's class rule takes them: the default class (of a
-send whose member names none), and per class its name and its reservation in each window
-(0 where it holds none)."""
+ClassTable = tuple[
+    str, Sequence[tuple[str, Sequence[int]]], Mapping[str, Sequence[tuple[int, float]]]
+]
+"""The classes of service as reserve.lua's class rules take them: the default class (of a
+send whose member names none), per class its name and its reservation in each window (0
+where it holds none), and per paced class its bucket in each window (size, refill per
+second)."""
 
 
 def class_args(cls: str | None, table: ClassTable | None) -> list[str | float]:
     """The ARGV that follow reserve.lua's windows for a send of class ``cls``
     (classes.lua): the class, the default class, the number of classes, then per class its
-    name and its reservation in each window. None for either: no class rule (nothing)."""
+    name and its reservation in each window; then 1 if ``cls`` is paced (each window's
+    bucket size and refill per second follow), else 0. None for either: no class rule."""
     if cls is None or table is None:
         return []
-    default, reserves = table
+    default, reserves, paces = table
     args: list[str | float] = [cls, default, len(reserves)]
     for name, held in reserves:
         args += (name, *held)
+    buckets = paces.get(cls, ())
+    args.append(1 if buckets else 0)
+    for size, rate in buckets:
+        args += (size, repr(rate))
     return args
 
 

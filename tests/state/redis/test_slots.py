@@ -84,7 +84,7 @@ async def test_the_reserve_rule_is_checked_in_the_reservation_across_replicas(
 ) -> None:
     # interactive holds 2 of the 5 per 10 s; replicas that keep no class view of their
     # own (RedisSlots alone, no lane): only reserve.lua can hold the line.
-    table = ("batch", [("interactive", [2]), ("batch", [0])])
+    table: Any = ("batch", [("interactive", [2]), ("batch", [0])], {})
     options: dict[str, Any] = {"replicas": 2, "mode": "local"}
     a, b = (RedisSlots("default", client, prefix, [Limit(5, 10.0)], 0.0, **options) for _ in "ab")
     a.class_table = b.class_table = table
@@ -97,6 +97,14 @@ async def test_the_reserve_rule_is_checked_in_the_reservation_across_replicas(
     assert await b.take(now, cls="interactive") is not None
     assert await a.take(now, cls="interactive") is not None
     assert await a.take(now, cls="interactive") is None  # the window is full
+    # Pace in the same step: a bucket of 2 that refills once a minute, across replicas.
+    paced: Any = ("batch", [("batch", [0])], {"batch": [(2, 1 / 60)]})
+    c, d = (RedisSlots("paced", client, prefix, [Limit(50, 10.0)], 0.0, **options) for _ in "cd")
+    c.class_table = d.class_table = paced
+    assert await c.take(now, cls="batch") is not None
+    assert await d.take(now, cls="batch") is not None
+    assert await c.take(now, cls="batch") is None  # the budget has 48 more; the pace none
+    assert await d.take(now) is not None  # a send of no class: no pace to keep
     members = [m.decode() for m in await client.zrange(f"{prefix}default:sends", 0, -1)]
     assert sorted(m.rpartition("|")[2] for m in members) == ["batch"] * 3 + ["interactive"] * 2
 
