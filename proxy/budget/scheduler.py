@@ -8,6 +8,7 @@ Time is wall-clock seconds (``time.time``) because the send log outlives the pro
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Mapping
 from typing import NamedTuple, Protocol
@@ -272,9 +273,15 @@ class Scheduler:
         return [_window_json(w) for w in known.source.snapshot(self.clock())]
 
     def snapshot(self) -> dict[str, object]:
+        """Each credential's windows, queue and classes. Local slots first read the rows the
+        other processes on their log wrote (``refreshed``: one read, at most every
+        POLL_SECONDS), so the view of an idle worker of ``serve --workers N`` counts the
+        others' sends, its classes' too."""
         now = self.clock()
         out: dict[str, object] = {}
         for name, lane in self.lanes.items():
+            with contextlib.suppress(Exception):  # unreadable now: the view it has
+                lane.source.refreshed(now)
             out[name] = {
                 "windows": [_window_json(w) for w in lane.source.snapshot(now)],
                 "queue_depth": lane.depth,
