@@ -11,7 +11,9 @@ import asyncio
 import contextlib
 import time
 from collections import Counter
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import web
 
@@ -25,7 +27,7 @@ from proxy.budget.lane import Lane, QueuePolicy
 from proxy.budget.quotas import QUOTA_HORIZON
 from proxy.budget.scheduler import Scheduler
 from proxy.budget.windows import Limit
-from proxy.config import GatewayConfig, Secrets
+from proxy.config import AGENCY_KEY_NAME, GatewayConfig, Secrets
 from proxy.observe.logs import AccessLog, setup_logging
 from proxy.observe.metrics import Metrics
 from proxy.observe.request_ids import RequestIds
@@ -58,6 +60,7 @@ class Runtime:
     _auth: TokenAuthenticator | None = None
     _upstream: Upstream | None = None
     _pruner: asyncio.Task[None] | None = None
+    _reloading: asyncio.Task[None] | None = None  # a reload opening new keys' lanes
 
     def __post_init__(self) -> None:
         self.trusted_proxies = TrustedProxies.parse(self.config.server.trusted_proxies)
@@ -84,6 +87,15 @@ class Runtime:
         self.metrics.queue_max_wait.set(config.queue.max_wait_seconds)
         setup_logging(config.logging.level, config.logging.format)
         self.access_log.configure(config.logging)
+
+    @property
+    def reloading(self) -> bool:
+        """True while a reload opens the lanes of keys it adds (see proxy/reload.py)."""
+        return self._reloading is not None and not self._reloading.done()
+
+    def keep(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run a reload's ``work`` in the background (one at a time: see ``reloading``)."""
+        self._reloading = asyncio.get_running_loop().create_task(work)
 
     @property
     def shared_state(self) -> bool:
@@ -138,7 +150,6 @@ class Runtime:
 
     async def _open_scheduler(self, state: State) -> Scheduler:
         cfg = self.config
-        limits = [Limit(lim.requests, lim.per_seconds) for lim in cfg.upstream.limits]
         policy = QueuePolicy(
             max_wait=cfg.queue.max_wait_seconds,
             max_depth=cfg.queue.max_depth,
@@ -146,22 +157,67 @@ class Runtime:
         )
         lanes = {}
         for name in self.secrets.credentials:
-            lane = Lane(
-                name,
-                limits,
-                cfg.upstream.window_guard_seconds,
-                state.send_log,
-                policy,
-                self.metrics,
-                source=state.credential_source(name, limits),
-            )
-            await lane.restore()
-            lanes[name] = lane
-            self.metrics.upstream_429s.labels(name)  # exported as 0 from the start
+            lanes[name] = await self._new_lane(name, state, policy)
         scheduler = Scheduler(lanes, policy, self.metrics, quota_sources=state.quota_source)
         self.metrics.attach_budget(scheduler.snapshot, scheduler.token_quotas)
         self.metrics.queue_max_wait.set(cfg.queue.max_wait_seconds)
         return scheduler
+
+    def lane_limits(self, name: str, secrets: Secrets | None = None) -> tuple[Limit, ...]:
+        """The budget windows of the key ``name``: its own (upstream.keys_file) or
+        upstream.limits."""
+        credential = (secrets or self.secrets).credentials[name]
+        if credential.limits is not None:
+            return tuple(Limit(n, per) for n, per in credential.limits)
+        return tuple(Limit(lim.requests, lim.per_seconds) for lim in self.config.upstream.limits)
+
+    async def _new_lane(
+        self, name: str, state: State, policy: QueuePolicy, secrets: Secrets | None = None
+    ) -> Lane:
+        limits = list(self.lane_limits(name, secrets))
+        lane = Lane(
+            name,
+            limits,
+            self.config.upstream.window_guard_seconds,
+            state.send_log,
+            policy,
+            self.metrics,
+            source=state.credential_source(name, limits),
+        )
+        await lane.restore()
+        self.metrics.upstream_429s.labels(name)  # exported as 0 from the start
+        return lane
+
+    def key_problems(self, secrets: Secrets) -> list[str]:
+        """What a reload's ``secrets`` change that only a restart can: a key's own limits
+        (its lane keeps its windows), or the agency key's presence."""
+        problems = []
+        old = self.secrets.credentials
+        if (AGENCY_KEY_NAME in old) != (AGENCY_KEY_NAME in secrets.credentials):
+            problems.append("upstream.agency_key: adding or removing it needs a restart")
+        lanes = self.admitter.lanes if isinstance(self.admitter, Scheduler) else {}
+        for name in secrets.credentials:
+            lane = lanes.get(name)
+            if lane is not None and tuple(lane.budget.limits) != self.lane_limits(name, secrets):
+                problems.append(f"upstream key {name}: changing its limits needs a restart")
+        return problems
+
+    async def change_keys(self, secrets: Secrets) -> None:
+        """Open the lanes of the keys ``secrets`` adds (before any request can name them),
+        and retire those it takes away; ``apply`` then swaps the secrets in."""
+        scheduler = self.admitter
+        if not isinstance(scheduler, Scheduler) or self._state is None:
+            return
+        lanes = [
+            scheduler.lanes.get(name)
+            or await self._new_lane(name, self._state, scheduler.policy, secrets)
+            for name in secrets.credentials
+        ]
+        for lane in lanes:  # all at once, once every one is open
+            scheduler.add_lane(lane)
+        for name in self.secrets.credentials:
+            if name not in secrets.credentials:
+                scheduler.retire(name)
 
     def _horizon(self) -> float:
         """How long a recorded send can still matter, seconds: a token quota's hour too."""
@@ -179,6 +235,10 @@ class Runtime:
 
     async def close(self) -> None:
         self.access_log.close()  # what waits is written; later lines go out at once
+        if self._reloading is not None:
+            self._reloading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reloading
         if self._pruner is not None:
             self._pruner.cancel()
             with contextlib.suppress(asyncio.CancelledError):

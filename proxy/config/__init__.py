@@ -33,6 +33,7 @@ from proxy.config.secrets import (
     Secret,
     SecretRef,
     Secrets,
+    file_key_names,
     resolve_secrets,
 )
 
@@ -58,6 +59,7 @@ __all__ = [
     "TokensConfig",
     "UpstreamConfig",
     "check_state_url",
+    "file_key_names",
     "load_config",
     "parse_address",
     "parse_config",

@@ -97,6 +97,8 @@ class UpstreamConfig(_Model):
     api_key: SecretRef = SecretRef(env="ECHOWIN_API_KEY")
     agency_key: SecretRef | None = None
     extra_keys: dict[str, SecretRef] = Field(default_factory=dict)
+    # A JSON or YAML map of key name to key (proxy/config/keys_file.py), read like a secret.
+    keys_file: SecretRef | None = None
     timeout_seconds: PositiveFloat = 30.0
     connect_timeout_seconds: PositiveFloat = 5.0
     max_connections: PositiveInt = 100
