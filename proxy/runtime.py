@@ -65,6 +65,11 @@ class Runtime:
     def __post_init__(self) -> None:
         self.trusted_proxies = TrustedProxies.parse(self.config.server.trusted_proxies)
         self.auth_throttle = _auth_throttle(self.config)
+        self._configure_metrics(self.config)
+
+    def _configure_metrics(self, config: GatewayConfig) -> None:
+        bounds = config.metrics
+        self.metrics.token_labels.configure(bounds.token_labels, bounds.token_label_period_seconds)
 
     @classmethod
     def from_config(cls, config: GatewayConfig, secrets: Secrets) -> Runtime:
@@ -77,6 +82,7 @@ class Runtime:
         if config.auth != self.config.auth:  # a new rate: the old buckets do not fit it
             self.auth_throttle = _auth_throttle(config)
         self.trusted_proxies = TrustedProxies.parse(config.server.trusted_proxies)
+        self._configure_metrics(config)
         self.config = config
         self.secrets = secrets
         if isinstance(self.admitter, Scheduler):

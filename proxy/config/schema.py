@@ -35,6 +35,7 @@ __all__ = [
     "GatewayConfig",
     "LimitConfig",
     "LoggingConfig",
+    "MetricsConfig",
     "QueueConfig",
     "RedisConfig",
     "RouteConfig",
@@ -207,6 +208,13 @@ class TokensConfig(_Model):
     cache_size: PositiveInt = 10_000
 
 
+class MetricsConfig(_Model):
+    # Token names as label values at once: the busiest, re-ranked every period; the rest
+    # are token="other" (proxy/observe/token_labels.py). Bounds /metrics at many tokens.
+    token_labels: PositiveInt = 100
+    token_label_period_seconds: PositiveFloat = 60.0
+
+
 class LoggingConfig(_Model):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "text"] = "json"
@@ -260,6 +268,7 @@ class GatewayConfig(_Model):
     auth: AuthConfig = AuthConfig()
     tokens: TokensConfig = TokensConfig()
     logging: LoggingConfig = LoggingConfig()
+    metrics: MetricsConfig = MetricsConfig()
     routes: tuple[RouteConfig, ...] = ()
 
     @field_validator("listen", "admin_listen")

@@ -55,7 +55,7 @@ def account(rt: Runtime, method: str, ex: Exchange, response: web.StreamResponse
     total = time.perf_counter() - ex.started
     metrics = rt.metrics
     label = method if method in METHODS else "OTHER"
-    metrics.requests.inc(token_name, ex.route, label, str(status))
+    metrics.requests.inc(metrics.token_label(token_name), ex.route, label, str(status))
     if ex.token is not None:
         counts = rt.usage.get(ex.token.id)
         if counts is None:

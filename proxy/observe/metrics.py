@@ -2,7 +2,9 @@
 
 Labels are bounded: token names come from the token store, routes are TEMPLATES (never
 raw paths or ids), methods and statuses are few, reasons are enums. Requests without an
-authenticated token are labelled ``token="-"``.
+authenticated token are labelled ``token="-"``. Token names are bounded too: at most
+``metrics.token_labels`` of them at once, the busiest, and ``token="other"`` for the rest
+(proxy/observe/token_labels.py).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from prometheus_client.registry import Collector
 from proxy import __version__
 from proxy.errors import REFUSAL_REASONS
 from proxy.observe.loop_metrics import LoopCounter, LoopHistogram
+from proxy.observe.token_labels import TokenLabels
 
 ANONYMOUS = "-"
 
@@ -60,9 +63,12 @@ def window_label(per_seconds: float) -> str:
 class BudgetCollector(Collector):
     """Budget gauges read at scrape time from the scheduler's snapshot."""
 
-    def __init__(self, source: BudgetSource, quotas: QuotaSource) -> None:
+    def __init__(
+        self, source: BudgetSource, quotas: QuotaSource, shown: Callable[[str], bool]
+    ) -> None:
         self._source = source
         self._quotas = quotas
+        self._shown = shown  # token names with their own label (token_labels.py)
 
     def collect(self) -> Iterator[Metric]:
         labels = ["credential", "window"]
@@ -113,6 +119,8 @@ class BudgetCollector(Collector):
             labels=labels,
         )
         for token, windows in self._quotas().items():
+            if not self._shown(token):  # bounded like every token label: no "other" sum
+                continue
             for w in windows:
                 key = [token, window_label(w.per_seconds)]
                 limit.add_metric(key, w.requests)
@@ -140,6 +148,8 @@ class Metrics:
         # kept: labels() validates and locks on every call. Bounded like the label values.
         self._children: dict[tuple[object, ...], Any] = {}
         self._remaining: dict[str, int] = {}  # echowin_remaining as last set, per credential
+        # Token names as label values: at most metrics.token_labels at once, the rest "other".
+        self.token_labels = TokenLabels()
 
     def _declare_process(self, r: CollectorRegistry) -> None:
         self.build_info = Gauge(
@@ -315,12 +325,27 @@ class Metrics:
 
     def attach_budget(self, source: BudgetSource, quotas: QuotaSource) -> None:
         """Export the scheduler's budget state and token quotas at every scrape."""
-        self.registry.register(BudgetCollector(source, quotas))
+        self.registry.register(BudgetCollector(source, quotas, self.token_labels.shown))
 
     # --- the scheduler's Observer ---------------------------------------------------
 
     def refused(self, credential: str, token: str, reason: str) -> None:
-        self.child(self.refusals, credential, token, reason).inc()
+        label = token if token == ANONYMOUS else self.token_labels.peek(token)
+        self.child(self.refusals, credential, label, reason).inc()
+
+    def token_label(self, token: str) -> str:
+        """The label value of one request's token name (counted: see token_labels.py)."""
+        return token if token == ANONYMOUS else self.token_labels.label(token)
+
+    def _rerank_tokens(self) -> None:
+        """Drop the series of token names that lost their label (at scrape time)."""
+        demoted = self.token_labels.rerank()
+        if not demoted:
+            return
+        self.requests.drop("token", demoted)
+        for key in [k for k in self._children if k[0] == id(self.refusals) and k[2] in demoted]:
+            del self._children[key]
+            self.refusals.remove(*key[1:])
 
     def waited(self, credential: str, seconds: float) -> None:
         self.queue_wait.observe(seconds, credential)
@@ -339,4 +364,5 @@ class Metrics:
 
     def exposition(self) -> bytes:
         """The text exposition format of every metric."""
+        self._rerank_tokens()
         return generate_latest(self.registry)
