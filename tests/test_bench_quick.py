@@ -191,3 +191,29 @@ def test_memory_floor_holds_every_request_then_answers(tmp_path: Path) -> None:
     for row in rows:
         assert (row["answered"], row["errors"], row["event_loop"]) == (50, 0, "asyncio")
         assert 0 < row["rss_start_mb"] <= row["rss_held_mb"]
+
+
+def test_scale_quick_mode_produces_every_figure(tmp_path: Path) -> None:
+    # tests/bench/scale.py: keys from a keys file, tokens through the admin API, traffic
+    # rotating over them; every figure is produced (none is judged).
+    out_json, out_md = tmp_path / "scale.json", tmp_path / "scale.md"
+    cmd = [sys.executable, "-m", "tests.bench.scale", "--quick", "--json", str(out_json)]
+    cmd += ["--markdown", str(out_md)]
+    run = subprocess.run(
+        cmd, cwd=REPO, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=240
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    result = json.loads(out_json.read_text(encoding="utf-8"))
+    assert set(result["targets"]) == {"one", "scale-1", "scale"}
+    for name, entry in result["targets"].items():
+        assert entry["all_as_expected"], (name, entry["rounds"])
+        assert entry["rps"] > 0 and entry["cpu_us"] is not None and entry["rss_peak_mb"] > 0
+    assert result["targets"]["one"]["rps_ratio"] == 1.0
+    setup = result["setup"]
+    assert setup["scale"]["tokens"] == result["meta"]["tokens"] > 1
+    assert setup["scale"]["startup_seconds"] > 0 and setup["scale"]["rss_with_tokens_mb"] > 0
+    scrapes = result["scrapes"]["scale"]
+    assert scrapes["/metrics"]["series"] > 0 and scrapes["/status.json"]["bytes"] > 0
+    # Traffic over 100 tokens: every one of them, or "other", is a label value.
+    assert 1 < scrapes["/metrics"]["token_values"] <= 102
+    assert "| scale |" in out_md.read_text(encoding="utf-8")
