@@ -204,7 +204,7 @@ def test_scale_quick_mode_produces_every_figure(tmp_path: Path) -> None:
     )
     assert run.returncode == 0, run.stderr[-4000:]
     result = json.loads(out_json.read_text(encoding="utf-8"))
-    assert set(result["targets"]) == {"one", "scale-1", "scale"}
+    assert set(result["targets"]) == {"one", "scale-1", "scale-1key", "scale"}
     for name, entry in result["targets"].items():
         assert entry["all_as_expected"], (name, entry["rounds"])
         assert entry["rps"] > 0 and entry["cpu_us"] is not None and entry["rss_peak_mb"] > 0

@@ -24,10 +24,19 @@ __all__ = ["LocalSlots"]
 
 @dataclasses.dataclass(slots=True, eq=False)
 class _Lease:
-    """Slots reserved by one write-ahead row: ``left`` of them may still go until ``at``."""
+    """Slots reserved by one write-ahead row: ``left`` of them may still go until ``at``;
+    ``size``: how many the row reserved (``left`` at first, plus the one taken with it)."""
 
     at: float
     left: int
+    size: int = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        self.size = self.left + 1
+
+    @property
+    def used(self) -> int:
+        return self.size - self.left
 
 
 class LocalSlots:
@@ -46,6 +55,9 @@ class LocalSlots:
     LEASE_SECONDS = 0.25  # how long the slots of one block may be handed out
     LEASE_FRACTION = 16  # a block is at most 1/16 of what the tightest window has free
     LEASE_MIN = 16  # smaller blocks are not worth it: a row per send (>= 256 free to lease)
+    # A block is at most twice what the last one handed out: a credential with little
+    # traffic of its own (one of hundreds of keys) does not reserve 256 slots per send.
+    LEASE_GROWTH = 2
     # An idle process gives back a lease's unused slots this long (loop time) after taking
     # it: the lease is over by then. Longer than the lease, so a test moving a fake clock
     # meets the timer only if it runs that long in real time.
@@ -77,6 +89,9 @@ class LocalSlots:
         self.changes = 0
         self.on_frozen: Callable[[float], None] | None = None
         self._lease: _Lease | None = None
+        # Slots the last lease handed out before it ended (None: no lease yet). Each slot
+        # reserved costs a record and, unused, a release in every window: see _block.
+        self._demand: int | None = None
         self._line_due = -math.inf  # the ``due`` of this process's place in line
         self._yield_until = -math.inf  # a slot is free but another process's turn
         self._served = 0.0  # when this process last got a slot from the log (its line order)
@@ -92,6 +107,7 @@ class LocalSlots:
                 lease.left -= 1
                 return Slot(lease.at, committed=True)
             self._lease = None
+            self._demand = lease.used
             returned: Row | None = (lease.at, -lease.left) if lease.left else None
             for _ in range(lease.left):
                 self.budget.release(lease.at)
@@ -178,12 +194,20 @@ class LocalSlots:
         return None
 
     def _block(self, now: float) -> int:
-        """How many slots one row reserves: 1 near any limit, up to ``block_max`` far."""
+        """How many slots one row reserves: 1 near any limit, up to ``block_max`` far, and
+        at most ``LEASE_GROWTH`` times what the last lease handed out (at least 2). A
+        credential with a few sends per lease then reserves a few, not ``block_max``, per
+        row (every slot reserved is recorded, and released if unused, in each window); a
+        busy one doubles its block from lease to lease, back to ``block_max``."""
         if self._block_max <= 1:
             return 1
         free = min(self.budget.remaining(now, index) for index in range(len(self.budget.limits)))
         block = min(self._block_max, free // self.LEASE_FRACTION)
-        return block if block >= self.LEASE_MIN else 1
+        if block < self.LEASE_MIN:
+            return 1
+        if self._demand is not None:
+            block = min(block, max(2, self.LEASE_GROWTH * self._demand))
+        return block
 
     def _merge(self, rows: list[Row]) -> None:
         if rows:
@@ -278,6 +302,8 @@ class LocalSlots:
         # into the lease, which would hand it out again (past a freeze, or never give it
         # back to the others).
         self._lease = None
+        if lease is not None:
+            self._demand = lease.used
         if lease is not None and lease.left:
             for _ in range(lease.left):
                 self.budget.release(lease.at)

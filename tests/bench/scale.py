@@ -16,10 +16,14 @@ the load generator to the other:
 Measured interleaved for ``--rounds`` rounds, 50 connections, admitted requests (limits
 never binding):
 
-    one        traffic from the one token
-    scale-1    the scale gateway, traffic from one of its tokens (its keys and store, no spread)
-    scale      the scale gateway, traffic spread over ``--spread`` tokens (wrk with a Lua
-               script taking them in turn; else the Python generator, rotating)
+    one         traffic from the one token
+    scale-1     the scale gateway, traffic from one of its tokens (its keys and store)
+    scale-1key  traffic spread over ``--spread`` tokens, all bound to one key
+    scale       traffic spread over ``--spread`` other tokens, bound round robin to the
+                keys (the traffic of many subteams)
+
+Spread traffic comes from wrk with a Lua script taking the tokens in turn (else the Python
+generator, rotating).
 
 Per measurement: req/s, the gateway's own CPU time per answer (/proc), its peak RSS. Once:
 start-up time (process start to ``/readyz`` 200), token creation, RSS at rest (started, and
@@ -121,9 +125,10 @@ async def start(procs: Processes, upstream: str, cpu: int | None, name: str, key
     return Setup(name, gw, [], round(time.monotonic() - started, 3), rss_started_mb=rss_mb(gw.pid))
 
 
-async def make_tokens(setup: Setup, count: int, keys: int) -> None:
-    """``count`` tokens through the admin API, ``CREATE_AT_ONCE`` at a time, bound round
-    robin to the keys; bounded by ``CREATE_SECONDS``."""
+async def make_tokens(setup: Setup, count: int, keys: int, spread: int = 0) -> None:
+    """``count`` tokens through the admin API, ``CREATE_AT_ONCE`` at a time, bounded by
+    ``CREATE_SECONDS``: the first ``spread`` bound to the first key, the others round robin
+    to the keys."""
     gw = setup.gw
     auth = {"Authorization": f"Bearer {gw.admin_token}"}
     tokens: list[str] = [""] * count
@@ -131,8 +136,8 @@ async def make_tokens(setup: Setup, count: int, keys: int) -> None:
 
     async def one(session: aiohttp.ClientSession, i: int) -> None:
         body: dict[str, Any] = {"name": f"svc-{i:05d}", "scopes": ["contacts:read"]}
-        if keys:
-            body["upstream_key"] = f"team-{i % keys:04d}"
+        if keys:  # the first spread on one key, the next spread and the rest round robin
+            body["upstream_key"] = f"team-{0 if i < spread else i % keys:04d}"
         async with at_once, session.post(gw.admin_url + "/admin/tokens", json=body) as resp:
             answer = await resp.json()
             if resp.status != 201:
@@ -238,7 +243,7 @@ class Run:
             await make_tokens(one, 1, 0)
             scale = await start(self.procs, upstream, self.server_cpu, "scale", opts.keys)
             log(f"scale gateway ready in {scale.startup_seconds} s; making {opts.tokens} tokens")
-            await make_tokens(scale, opts.tokens, opts.keys)
+            await make_tokens(scale, opts.tokens, opts.keys, opts.spread)
             log(f"{opts.tokens} tokens in {scale.create_seconds} s")
             rounds = await self._rounds(one, scale)
             result = summarise(opts, one, scale, rounds, CONNECTIONS)
@@ -264,9 +269,10 @@ class Run:
         return up.url
 
     async def _rounds(self, one: Setup, scale: Setup) -> dict[str, list[dict[str, Any]]]:
-        spread = scale.tokens[: self.opts.spread]
-        plan = [("one", one.gw, one.tokens), ("scale-1", scale.gw, spread[:1])]
-        plan.append(("scale", scale.gw, spread))
+        n = self.opts.spread
+        one_key, many_keys = scale.tokens[:n], self.spread_tokens(scale)
+        plan = [("one", one.gw, one.tokens), ("scale-1", scale.gw, one_key[:1])]
+        plan += [("scale-1key", scale.gw, one_key), ("scale", scale.gw, many_keys)]
         for name, gw, tokens in plan:  # warm: every token of the spread looked up once
             await self.measure(gw, tokens, f"warm-{name}")
         rounds: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in plan}
@@ -281,6 +287,11 @@ class Run:
                 )
         return rounds
 
+    def spread_tokens(self, scale: Setup) -> list[str]:
+        """The ``scale`` run's tokens: the spread bound round robin to the keys."""
+        n = self.opts.spread
+        return scale.tokens[n : 2 * n]
+
     async def _profile(self, scale: Setup) -> dict[str, Any]:
         """py-spy on the scale gateway during one more spread measurement."""
         assert self.opts.profile is not None
@@ -292,10 +303,12 @@ class Run:
         cmd = [str(spy), "record", "--pid", str(scale.gw.pid), "--rate", "200", "--idle"]
         cmd += ["--duration", str(self.opts.seconds), "--format", "raw", "-o", str(raw)]
         proc = await asyncio.create_subprocess_exec(
-            *loadgen.pinned(cmd, self.load_cpu), stdin=asyncio.subprocess.DEVNULL
+            *loadgen.pinned(cmd, self.load_cpu),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,  # its progress: the JSON alone goes to stdout
         )
         await asyncio.sleep(0.5)
-        res = await self.measure(scale.gw, scale.tokens[: self.opts.spread], "profile")
+        res = await self.measure(scale.gw, self.spread_tokens(scale), "profile")
         await asyncio.wait_for(proc.wait(), timeout=60)
         found = hotspots(raw) if raw.exists() else {"error": "py-spy wrote nothing"}
         found["rps_while_profiled"] = res["rps"]
@@ -325,11 +338,11 @@ def parse_args(argv: list[str] | None) -> tuple[Options, Path | None, Path | Non
     p.add_argument("--markdown", type=Path)
     args = p.parse_args(argv)
     quick = args.quick
-    tokens = max(1, min(args.tokens or (200 if quick else 10_000), 20_000))
+    tokens = max(2, min(args.tokens or (200 if quick else 10_000), 20_000))
     opts = Options(
         keys=max(1, min(args.keys or (20 if quick else 500), 10_000)),
         tokens=tokens,
-        spread=max(1, min(args.spread or (100 if quick else 1_000), tokens)),
+        spread=max(1, min(args.spread or (100 if quick else 1_000), tokens // 2)),
         rounds=max(1, min(args.rounds or (1 if quick else 3), 20)),
         seconds=max(1, min(args.seconds or (1 if quick else 5), 60)),
         quick=quick,
