@@ -69,7 +69,9 @@ class Runtime:
 
     def _configure_metrics(self, config: GatewayConfig) -> None:
         bounds = config.metrics
-        self.metrics.token_labels.configure(bounds.token_labels, bounds.token_label_period_seconds)
+        period = bounds.token_label_period_seconds
+        self.metrics.token_labels.configure(bounds.token_labels, period)
+        self.metrics.credential_labels.configure(bounds.credential_labels, period)
 
     @classmethod
     def from_config(cls, config: GatewayConfig, secrets: Secrets) -> Runtime:

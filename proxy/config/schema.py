@@ -210,9 +210,12 @@ class TokensConfig(_Model):
 
 class MetricsConfig(_Model):
     # Token names as label values at once: the busiest, re-ranked every period; the rest
-    # are token="other" (proxy/observe/token_labels.py). Bounds /metrics at many tokens.
+    # are token="other" (proxy/observe/label_bounds.py). Bounds /metrics at many tokens.
     token_labels: PositiveInt = 100
     token_label_period_seconds: PositiveFloat = 60.0
+    # Credential names in the histograms by credential (queue wait, upstream duration);
+    # the budget gauges and counters keep every credential.
+    credential_labels: PositiveInt = 50
 
 
 class LoggingConfig(_Model):

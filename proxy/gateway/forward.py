@@ -174,9 +174,9 @@ async def forward(
     finally:
         upstream.release()  # whatever happened since the answer came: never a leaked connection
         # Counted once the answer is on its way, not on the caller's time.
-        metrics = rt.metrics
-        metrics.upstream_duration.observe(ex.upstream_seconds, credential.name, ex.route)
-        metrics.upstream_responses.inc(credential.name, str(upstream.status))
+        rt.metrics.upstream_answered(
+            credential.name, ex.route, ex.upstream_seconds, upstream.status
+        )
 
 
 def _upstream_429(

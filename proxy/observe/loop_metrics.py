@@ -64,7 +64,7 @@ class _LoopMetric(Collector, Generic[_Series]):
 
     def drop(self, label: str, values: set[str]) -> None:
         """Forget every series whose ``label`` is one of ``values`` (token names that lost
-        their label value: proxy/observe/token_labels.py)."""
+        their label value: proxy/observe/label_bounds.py)."""
         index = self.labelnames.index(label)
         for key in [k for k in self._series if k[index] in values]:
             del self._series[key]

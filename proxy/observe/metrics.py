@@ -3,8 +3,9 @@
 Labels are bounded: token names come from the token store, routes are TEMPLATES (never
 raw paths or ids), methods and statuses are few, reasons are enums. Requests without an
 authenticated token are labelled ``token="-"``. Token names are bounded too: at most
-``metrics.token_labels`` of them at once, the busiest, and ``token="other"`` for the rest
-(proxy/observe/token_labels.py).
+``metrics.token_labels`` of them at once, the busiest, and ``token="other"`` for the rest;
+so are credential names in the histograms, ``metrics.credential_labels``
+(proxy/observe/label_bounds.py).
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ from prometheus_client.registry import Collector
 
 from proxy import __version__
 from proxy.errors import REFUSAL_REASONS
+from proxy.observe.label_bounds import BusiestNames
 from proxy.observe.loop_metrics import LoopCounter, LoopHistogram
-from proxy.observe.token_labels import TokenLabels
 
 ANONYMOUS = "-"
 
@@ -68,7 +69,7 @@ class BudgetCollector(Collector):
     ) -> None:
         self._source = source
         self._quotas = quotas
-        self._shown = shown  # token names with their own label (token_labels.py)
+        self._shown = shown  # token names with their own label (label_bounds.py)
 
     def collect(self) -> Iterator[Metric]:
         labels = ["credential", "window"]
@@ -148,8 +149,10 @@ class Metrics:
         # kept: labels() validates and locks on every call. Bounded like the label values.
         self._children: dict[tuple[object, ...], Any] = {}
         self._remaining: dict[str, int] = {}  # echowin_remaining as last set, per credential
-        # Token names as label values: at most metrics.token_labels at once, the rest "other".
-        self.token_labels = TokenLabels()
+        # Token names as label values: at most metrics.token_labels at once, the rest
+        # "other"; credential names in the histograms, metrics.credential_labels.
+        self.token_labels = BusiestNames()
+        self.credential_labels = BusiestNames(50)
 
     def _declare_process(self, r: CollectorRegistry) -> None:
         self.build_info = Gauge(
@@ -334,11 +337,15 @@ class Metrics:
         self.child(self.refusals, credential, label, reason).inc()
 
     def token_label(self, token: str) -> str:
-        """The label value of one request's token name (counted: see token_labels.py)."""
+        """The label value of one request's token name (counted: see label_bounds.py)."""
         return token if token == ANONYMOUS else self.token_labels.label(token)
 
-    def _rerank_tokens(self) -> None:
-        """Drop the series of token names that lost their label (at scrape time)."""
+    def _rerank(self) -> None:
+        """Drop the series of names that lost their label (at scrape time)."""
+        credentials = self.credential_labels.rerank()
+        if credentials:
+            self.queue_wait.drop("credential", credentials)
+            self.upstream_duration.drop("credential", credentials)
         demoted = self.token_labels.rerank()
         if not demoted:
             return
@@ -348,7 +355,13 @@ class Metrics:
             self.refusals.remove(*key[1:])
 
     def waited(self, credential: str, seconds: float) -> None:
-        self.queue_wait.observe(seconds, credential)
+        # Once per admitted request: the count that ranks the credentials (label_bounds.py).
+        self.queue_wait.observe(seconds, self.credential_labels.label(credential))
+
+    def upstream_answered(self, credential: str, route: str, seconds: float, status: int) -> None:
+        """An answer from echowin after ``seconds`` (upstream_duration, upstream_responses)."""
+        self.upstream_duration.observe(seconds, self.credential_labels.peek(credential), route)
+        self.upstream_responses.inc(credential, str(status))
 
     def upstream_429(self, credential: str) -> None:
         self.child(self.upstream_429s, credential).inc()
@@ -364,5 +377,5 @@ class Metrics:
 
     def exposition(self) -> bytes:
         """The text exposition format of every metric."""
-        self._rerank_tokens()
+        self._rerank()
         return generate_latest(self.registry)

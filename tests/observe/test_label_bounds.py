@@ -1,12 +1,12 @@
-"""Token names as metric labels stay bounded: with 10,000 tokens the series are bounded by
+"""Names as metric labels stay bounded: with 10,000 tokens the series are bounded by
 metrics.token_labels, the busy tokens keep their own label, the rest count as "other"."""
 
 from __future__ import annotations
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from proxy.observe.label_bounds import OTHER, BusiestNames
 from proxy.observe.metrics import Metrics
-from proxy.observe.token_labels import OTHER, TokenLabels
 
 TOKENS = 10_000
 LIMIT = 50
@@ -22,7 +22,7 @@ class Clock:
 
 def test_few_tokens_are_labelled_at_once_and_many_are_bounded() -> None:
     clock = Clock()
-    labels = TokenLabels(limit=3, period=60, clock=clock)
+    labels = BusiestNames(limit=3, period=60, clock=clock)
     assert [labels.label(n) for n in ("a", "b", "c", "d")] == ["a", "b", "c", OTHER]
     assert labels.peek("d") == OTHER and labels.shown("a") and not labels.shown("d")
     assert labels.rerank() == set()  # the period has not passed
@@ -56,7 +56,7 @@ def _tokens(series: dict[tuple[tuple[str, str], ...], float]) -> set[str]:
 def test_10000_tokens_keep_metrics_bounded_and_the_busy_ones_visible() -> None:
     clock = Clock()
     metrics = Metrics()
-    metrics.token_labels = TokenLabels(limit=LIMIT, period=60, clock=clock)
+    metrics.token_labels = BusiestNames(limit=LIMIT, period=60, clock=clock)
     busy = [f"svc-busy-{i}" for i in range(10)]
 
     def request(name: str, status: str = "200") -> None:
@@ -95,3 +95,38 @@ def test_10000_tokens_keep_metrics_bounded_and_the_busy_ones_visible() -> None:
     assert len(_tokens(refusals)) == LIMIT + 1
     assert set(busy) <= _tokens(refusals)
     assert len(metrics.exposition()) < 64 * 1024
+
+
+def test_histograms_by_credential_keep_the_busiest_keys_and_other() -> None:
+    clock = Clock()
+    metrics = Metrics()
+    metrics.credential_labels = BusiestNames(limit=5, period=60, clock=clock)
+    for i in range(500):  # 500 keys from a keys file, a request each
+        metrics.waited(f"team-{i:03d}", 0.0)
+        metrics.upstream_answered(f"team-{i:03d}", "/api/v1/contacts", 0.01, 200)
+    for _ in range(10):
+        metrics.waited("team-499", 0.0)
+        metrics.upstream_answered("team-499", "/api/v1/contacts", 0.01, 200)
+    text = metrics.exposition().decode()
+    waits = _label_values(text, "echowin_gateway_queue_wait_seconds_count", "credential")
+    assert waits == {"team-000", "team-001", "team-002", "team-003", "team-004", OTHER}
+    clock.now += 60
+    metrics.exposition()  # ranked: team-499 was the busiest
+    metrics.waited("team-499", 0.0)
+    metrics.upstream_answered("team-499", "/api/v1/contacts", 0.01, 200)
+    text = metrics.exposition().decode()
+    for family in ("queue_wait_seconds_count", "upstream_duration_seconds_count"):
+        values = _label_values(text, f"echowin_gateway_{family}", "credential")
+        assert "team-499" in values and len(values) <= 6, (family, values)
+    # The counters by credential keep every key: an alert on one key reads them.
+    responses = _label_values(text, "echowin_gateway_upstream_responses_total", "credential")
+    assert len(responses) == 500
+
+
+def _label_values(text: str, sample: str, label: str) -> set[str]:
+    return {
+        s.labels[label]
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == sample
+    }

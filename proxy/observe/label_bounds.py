@@ -1,17 +1,19 @@
-"""Which token names the metrics may carry as label values: a bounded set.
+"""Which names (of tokens, of credentials) the metrics may carry as label values: a
+bounded set, the busiest.
 
 A label per token name is what an operator wants with ten services, and a problem with
 10,000 tokens: every token used multiplies ``echowin_gateway_requests_total``'s series by its
 routes, methods and statuses (about 26 series a token in the scale run; 2.4 MB of
-``/metrics`` with 1,000 tokens used). So at most ``limit`` names are label values at once;
-the rest are counted under ``other``:
+``/metrics`` with 1,000 tokens used). Likewise a histogram by credential, with hundreds of
+keys (``upstream.keys_file``). So at most ``limit`` names are label values at once; the
+rest are counted under ``other``:
 
-- while fewer than ``limit`` tokens have been seen, each gets its own label at once (a
-  gateway with few tokens is labelled exactly as before);
+- while fewer than ``limit`` names have been seen, each gets its own label at once (a
+  gateway with few tokens or keys is labelled exactly as before);
 - once full, every ``period`` seconds (checked when metrics are scraped, never on a
   request) the names are ranked by their requests in the period just ended: the busiest
   ``limit`` keep or get their own label, quiet labelled names keep theirs while no busier
-  one needs the place, and the names that lose it are handed to ``on_demoted`` (their
+  one needs the place, and the names that lose it are returned by ``rerank`` (their
   series are dropped: a counter's series never moves to another label, so ``other``
   only grows by what is counted under it, and ``rate()`` stays right).
 
@@ -25,13 +27,13 @@ import heapq
 import time
 from collections.abc import Callable
 
-__all__ = ["OTHER", "TokenLabels"]
+__all__ = ["OTHER", "BusiestNames"]
 
 OTHER = "other"
-"""The label value of every token name without its own."""
+"""The label value of every name without its own."""
 
 
-class TokenLabels:
+class BusiestNames:
     """At most ``limit`` token names as label values, re-ranked each ``period`` seconds."""
 
     def __init__(
@@ -52,14 +54,14 @@ class TokenLabels:
         self.limit, self.period = limit, period
 
     def label(self, name: str) -> str:
-        """The label value for one request of token ``name``, counted for the ranking."""
+        """The label value for one request of ``name``, counted for the ranking."""
         counts = self._counts
         counts[name] = counts.get(name, 0) + 1
         return self.peek(name)
 
     def peek(self, name: str) -> str:
-        """The label value for token ``name`` now, not counted (a second metric of a
-        request already counted)."""
+        """The label value for ``name`` now, not counted (a second metric of a request
+        already counted)."""
         own = self._own
         if name in own:
             return name
