@@ -49,7 +49,9 @@ def test_quick_mode_reports_every_scenario(tmp_path: Path) -> None:
         assert entry["all_as_expected"], entry["rounds"]
         assert entry["rounds"][0]["requests"] > 0 and entry["cores"]["median"] is not None
     assert workers["ratio"] is not None
-    assert "admitted req/s, 2 workers vs 1" in [t["name"] for t in result["targets"]]
+    assert workers["per_cpu_ratio"] is not None
+    names = [t["name"] for t in result["targets"]]
+    assert "req/s per gateway CPU-second, 2 workers vs 1" in names
     for name in THROUGHPUT:
         scenario = result["scenarios"][name]
         assert scenario["connections"] == (1 if name == "latency" else 50)
@@ -217,3 +219,23 @@ def test_scale_quick_mode_produces_every_figure(tmp_path: Path) -> None:
     # Traffic over 100 tokens: every one of them, or "other", is a label value.
     assert 1 < scrapes["/metrics"]["token_values"] <= 102
     assert "| scale |" in out_md.read_text(encoding="utf-8")
+
+
+def test_replicas_quick_mode_produces_every_figure(tmp_path: Path) -> None:
+    # tests/bench/replicas.py: a private redis-server, 1 to 3 replicas on it and one
+    # gateway on SQLite; req/s per replica and Redis round trips per answer are produced.
+    out_json = tmp_path / "replicas.json"
+    cmd = [sys.executable, "-m", "tests.bench.replicas", "--quick", "--json", str(out_json)]
+    run = subprocess.run(
+        cmd, cwd=REPO, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=240
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    result = json.loads(out_json.read_text(encoding="utf-8"))
+    assert set(result["targets"]) == {"sqlite", "redis-1", "redis-2", "redis-3"}
+    for name, entry in result["targets"].items():
+        assert entry["all_as_expected"], (name, entry["rounds"])
+        assert entry["rps"] > 0 and entry["rps_per_replica"] > 0
+        assert len(entry["rounds"][0]["rps_per_replica"]) == entry["replicas"]
+    assert result["targets"]["sqlite"]["redis_ops_per_request"] == 0
+    for name in ("redis-1", "redis-2", "redis-3"):
+        assert result["targets"][name]["redis_commands_per_request"] > 0
