@@ -34,9 +34,14 @@ def subteam_key(index: int | str) -> str:
     return f"subteam-key-{index}-5f0e1d2c3b4a59687766"
 
 
-def write_keys(path: Path, names: list[str]) -> dict[str, str]:
+def write_keys(path: Path, names: list[str], own_limit: int = 7) -> dict[str, str]:
+    """The keys file: every name's key; team-499 with a window of its own."""
     keys = {name: subteam_key(name.removeprefix("team-")) for name in names}
-    path.write_text(json.dumps(keys), encoding="utf-8")
+    entries: dict[str, Any] = dict(keys)
+    if "team-499" in entries:
+        limits = [{"requests": own_limit, "per_seconds": 60}]
+        entries["team-499"] = {"key": keys["team-499"], "limits": limits}
+    path.write_text(json.dumps(entries), encoding="utf-8")
     return keys
 
 
@@ -90,7 +95,20 @@ async def test_500_keys_route_by_token_and_reload_adds_and_removes(
         async with session.get(gw.admin_url("/admin/budget"), headers=ADMIN_AUTH) as resp:
             budget = (await resp.json())["credentials"]
         assert "team-new" in budget and "team-321" not in budget and len(budget) == KEYS + 1
+        assert [w["requests"] for w in budget["team-499"]["windows"]] == [7]
+        assert [w["requests"] for w in budget["team-new"]["windows"]] == [1000, 100]
+
+        # A key's own limits are its lane's windows: changing them needs a restart.
+        write_keys(keys_path, names, own_limit=8)
+        proc.popen.send_signal(signal.SIGHUP)
+        failure = 'echowin_gateway_config_reloads_total{result="failure"}'
+
+        async def refused() -> bool:
+            return await metric(session, gw.admin_url("/metrics"), failure) == 1
+
+        await eventually(refused, "the refused reload", 10)
     log = proc.stderr()
     assert "upstream keys changed" in log
+    assert "upstream key team-499: changing its limits needs a restart" in log
     for key in (keys["team-321"], subteam_key("new"), subteam_key("000")):
         assert key not in log and key not in checked.stdout + checked.stderr
