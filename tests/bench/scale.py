@@ -70,6 +70,7 @@ class Options:
     quick: bool
     load: str
     profile: Path | None
+    cache_ttl: float | None = None  # tokens.cache_ttl_seconds of both gateways (None: default)
 
 
 @dataclass
@@ -94,7 +95,14 @@ def rss_mb(pid: int) -> float:
     return round((servers.read_status_kb(pid, "VmRSS") or 0) / 1024, 1)
 
 
-async def start(procs: Processes, upstream: str, cpu: int | None, name: str, keys: int) -> Setup:
+async def start(
+    procs: Processes,
+    upstream: str,
+    cpu: int | None,
+    name: str,
+    keys: int,
+    cache_ttl: float | None = None,
+) -> Setup:
     """A gateway (with ``keys`` keys from a keys file when above 0), timed to ready."""
     raw = servers.gateway_config(
         upstream,
@@ -103,6 +111,8 @@ async def start(procs: Processes, upstream: str, cpu: int | None, name: str, key
         max_wait=10,
         connections=10_000,
     )
+    if cache_ttl is not None:
+        raw["tokens"] = {"cache_ttl_seconds": cache_ttl}
     if keys:
         path = procs.tmp / f"{name}-keys.json"
         keys_file(path, keys)
@@ -239,9 +249,10 @@ class Run:
             if self.load_cpu is not None:
                 os.sched_setaffinity(0, {self.load_cpu})
             upstream = await self._upstream()
-            one = await start(self.procs, upstream, self.server_cpu, "one", 0)
+            cpu, ttl = self.server_cpu, opts.cache_ttl
+            one = await start(self.procs, upstream, cpu, "one", 0, ttl)
             await make_tokens(one, 1, 0)
-            scale = await start(self.procs, upstream, self.server_cpu, "scale", opts.keys)
+            scale = await start(self.procs, upstream, cpu, "scale", opts.keys, ttl)
             log(f"scale gateway ready in {scale.startup_seconds} s; making {opts.tokens} tokens")
             await make_tokens(scale, opts.tokens, opts.keys, opts.spread)
             log(f"{opts.tokens} tokens in {scale.create_seconds} s")
@@ -334,6 +345,9 @@ def parse_args(argv: list[str] | None) -> tuple[Options, Path | None, Path | Non
     p.add_argument("--seconds", type=int, help="seconds per measurement (default 5)")
     p.add_argument("--load", choices=("auto", "wrk", "python"), default="auto")
     p.add_argument("--profile", type=Path, help="also run py-spy on the scale gateway; output dir")
+    p.add_argument(
+        "--cache-ttl", type=float, help="tokens.cache_ttl_seconds of both gateways (default 5)"
+    )
     p.add_argument("--json", type=Path)
     p.add_argument("--markdown", type=Path)
     args = p.parse_args(argv)
@@ -348,6 +362,7 @@ def parse_args(argv: list[str] | None) -> tuple[Options, Path | None, Path | Non
         quick=quick,
         load=args.load,
         profile=args.profile,
+        cache_ttl=args.cache_ttl,
     )
     return opts, args.json, args.markdown
 
