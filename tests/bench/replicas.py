@@ -19,9 +19,9 @@ request: the gateway's own count of its Redis operations
 and Redis's ``total_commands_processed`` (a pipeline or a script is one exchange but may
 be several commands).
 
-Placement: as in every bench, wrk and the upstream run on the load CPU and the servers on
-the other: here the replicas and Redis share that one CPU (a two-CPU machine has no CPU for
-each). The figures are what a replica costs, not how replicas scale. Prints one
+Placement: as in every bench, wrk and the upstream run on the load CPU; the replicas take
+the other CPUs in turn and Redis the last of them. On a two-CPU machine the replicas and
+Redis share one CPU: the figures are then what a replica costs, not how replicas scale. Prints one
 JSON object (progress on stderr); never asserts a speed.
 """
 
@@ -63,12 +63,23 @@ def start_redis(procs: Processes, cpu: int | None) -> tuple[str, int]:
     return f"redis://127.0.0.1:{port}/0", port
 
 
+def server_cpus(load_cpu: int | None) -> list[int | None]:
+    """The CPUs the servers may have, one each in turn: every CPU this process may use but
+    the load's (None on a single-CPU machine: nothing pinned). Asked before the harness
+    pins itself to the load CPU."""
+    if load_cpu is None:
+        return [None]
+    return [c for c in sorted(os.sched_getaffinity(0)) if c != load_cpu] or [None]
+
+
 def start_replicas(
-    procs: Processes, upstream: str, cpu: int | None, name: str, state: str
+    procs: Processes, upstream: str, cpus: list[int | None], name: str, state: str
 ) -> list[Gateway]:
+    """The setup's gateways, replica ``i`` on ``cpus[i]`` (in turn)."""
     count = SETUPS[name]
     out = []
     for i in range(count):
+        cpu = cpus[i % len(cpus)]
         raw = servers.gateway_config(upstream, state, HUGE_LIMITS, max_wait=10, connections=10_000)
         if state.startswith("redis"):
             raw["redis"] = {"key_prefix": f"egw-bench-{name}:"}
@@ -100,7 +111,8 @@ class Run:
     def __init__(self, rounds: int, seconds: int, tmp: Path) -> None:
         self.rounds, self.seconds, self.tmp = rounds, seconds, tmp
         self.procs = Processes(tmp)
-        self.server_cpu, self.load_cpu = choose_cpus()
+        _, self.load_cpu = choose_cpus()
+        self.cpus = server_cpus(self.load_cpu)
         self.wrk = loadgen.wrk_path()
         self.redis_port = 0
 
@@ -147,11 +159,13 @@ class Run:
             if self.load_cpu is not None:
                 os.sched_setaffinity(0, {self.load_cpu})
             up = await self._upstream()
-            redis_url, self.redis_port = start_redis(self.procs, self.server_cpu)
+            cpus = self.cpus
+            # Redis on the last server CPU; replica 0 on the first (the same one on two CPUs).
+            redis_url, self.redis_port = start_redis(self.procs, cpus[-1])
             groups: dict[str, list[Gateway]] = {}
             for name in SETUPS:
                 state = f"sqlite:///{self.tmp / name}.db" if name == "sqlite" else redis_url
-                groups[name] = start_replicas(self.procs, up, self.server_cpu, name, state)
+                groups[name] = start_replicas(self.procs, up, cpus, name, state)
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
                 tokens = {}
                 for name, gws in groups.items():
