@@ -28,6 +28,7 @@ __all__ = [
     "FileKey",
     "key_name_problem",
     "parse_keys_file",
+    "read_entries",
 ]
 
 KEYS_FILE = "upstream.keys_file"
@@ -60,6 +61,15 @@ def key_name_problem(name: object) -> str | None:
 def parse_keys_file(text: str) -> list[FileKey]:
     """The entries of a keys file's ``text``; ConfigError naming the entries at fault (all
     of them, so that one run of check-config lists everything to mend)."""
+    keys, errors = read_entries(text)
+    if errors:
+        raise ConfigError(errors)
+    return keys
+
+
+def read_entries(text: str) -> tuple[list[FileKey], list[str]]:
+    """The good entries of ``text`` and an error line for each bad one; ConfigError when
+    the text as a whole is not a keys file (too large, not a map, a syntax error)."""
     if len(text.encode()) > MAX_KEYS_FILE_BYTES:
         raise ConfigError([f"{KEYS_FILE}: larger than {MAX_KEYS_FILE_BYTES} bytes"])
     raw = _load(text)
@@ -81,9 +91,7 @@ def parse_keys_file(text: str) -> list[FileKey]:
             keys.append(_entry(name, value))
         except ValueError as exc:
             errors.append(f"{KEYS_FILE}.{name}: {exc}")
-    if errors:
-        raise ConfigError(errors)
-    return keys
+    return keys, errors
 
 
 def _showable(name: object) -> bool:

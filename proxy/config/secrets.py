@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, model_validator
 
 from proxy.auth.tokens import DEFAULT_UPSTREAM_KEY
 from proxy.config.errors import ConfigError
-from proxy.config.keys_file import KEYS_FILE, parse_keys_file
+from proxy.config.keys_file import KEYS_FILE, parse_keys_file, read_entries
 
 if TYPE_CHECKING:
     from proxy.config.schema import GatewayConfig
@@ -186,9 +186,9 @@ def _file_credentials(
     limit through), is refused: by name, never by key."""
     text, source = ref.read(KEYS_FILE, environ)
     holders = {c.secret.reveal(): c.name for c in configured.values() if c.name != AGENCY_KEY_NAME}
-    errors: list[str] = []
+    entries, errors = read_entries(text)
     out: dict[str, Credential] = {}
-    for entry in parse_keys_file(text):
+    for entry in entries:
         if entry.name in configured:
             errors.append(f"{KEYS_FILE}.{entry.name}: also named by the config (extra_keys)")
             continue

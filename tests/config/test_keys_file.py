@@ -9,8 +9,10 @@ from typing import Any
 
 import pytest
 
+from proxy.cli.common import EXIT_CONFIG
 from proxy.config import ConfigError, parse_config, resolve_secrets
 from proxy.config.keys_file import MAX_KEYS, parse_keys_file
+from tests.procs import child_env, run_cli, write_config
 
 KEY = "ek_live_5a1d0c9e8f7b6a5d4c3b2a19"
 OTHER = "ek_live_0f1e2d3c4b5a69788796a5b4"
@@ -122,3 +124,19 @@ def test_a_missing_file_is_named(tmp_path: Path) -> None:
     assert info.value.lines[0].startswith(
         f"upstream.keys_file: cannot read secret file {tmp_path / 'no'}"
     )
+
+
+def test_check_config_names_each_bad_entry_and_prints_no_key(tmp_path: Path) -> None:
+    keys = tmp_path / "subteams.yaml"
+    keys.write_text(
+        f"acme: {KEY}\nglobex: {KEY}\n{OTHER}: x\ndefault: {OTHER}x\n", encoding="utf-8"
+    )
+    config = tmp_path / "gateway.yaml"
+    raw = {"upstream": {"api_key": {"env": "TEAM"}, "keys_file": {"file": str(keys)}}}
+    write_config(config, raw)
+    result = run_cli("check-config", config, env=child_env(TEAM=ENV["TEAM"]))
+    assert result.returncode == EXIT_CONFIG, result.stderr
+    out = result.stdout + result.stderr
+    assert KEY not in out and OTHER not in out and KEY[8:20] not in out, out
+    assert "upstream.keys_file.globex: the same key as 'acme'" in out
+    assert "upstream.keys_file: entry " in out and "'default' is reserved" in out
