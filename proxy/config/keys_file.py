@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
@@ -43,7 +43,7 @@ class FileKey:
     """One entry: ``limits`` as (requests, per_seconds) pairs, None for upstream.limits."""
 
     name: str
-    key: str
+    key: str = field(repr=False)  # never shown: made a Secret by proxy/config/secrets.py
     limits: tuple[tuple[int, float], ...] | None = None
 
 

@@ -48,7 +48,9 @@ def test_yaml_and_json_maps_become_credentials_with_optional_limits(tmp_path: Pa
     assert creds["acme"].secret.source == f"file:{tmp_path / 'keys.yaml'}#acme"
 
     as_json = json.dumps({"acme": KEY, "globex": {"key": OTHER}})
-    assert [k.name for k in parse_keys_file(as_json)] == ["acme", "globex"]
+    entries = parse_keys_file(as_json)
+    assert [k.name for k in entries] == ["acme", "globex"]
+    assert KEY not in repr(entries) and OTHER not in repr(entries)
 
 
 def test_keys_file_from_an_environment_variable() -> None:
