@@ -14,26 +14,55 @@
 #   docker run --rm --no-healthcheck echowin-gateway:0.1.0 simulate --host 0.0.0.0 --port 8081
 # Config: the default (deploy/docker/gateway.yaml) takes its secrets from the environment;
 # mount your own over /etc/echowin-gateway/gateway.yaml to change anything else.
+#
+# Reproducible: the base is pinned by digest, and every dependency comes from
+# requirements.lock (pip-tools, --generate-hashes; pip installs it with --require-hashes),
+# the build tools from requirements-build.lock. Give the build the revision it is made from:
+#   docker build --build-arg REVISION="$(git rev-parse HEAD)" -t echowin-gateway:0.1.0 .
+#
+# Moving the base (the same digest on both FROM lines; it names the multi-arch index):
+#   docker buildx imagetools inspect python:3.11-slim-bookworm --format '{{json .Manifest.Digest}}'
+# Moving a dependency (after a change to pyproject.toml; tests/test_lockfile.py checks both):
+#   pip-compile --generate-hashes --extra redis --extra postgres --extra fast --strip-extras --allow-unsafe \
+#     --no-emit-index-url --no-emit-find-links -o requirements.lock pyproject.toml
+#   pip-compile --generate-hashes --only-build-deps --build-deps-for wheel --allow-unsafe \
+#     --no-emit-index-url --no-emit-find-links -o requirements-build.lock pyproject.toml
 
-FROM python:3.11-slim-bookworm AS build
+FROM python:3.11-slim-bookworm@sha256:a36c24f9cbdf4fd0f52d67f0823eeac19c2028c637cecc392d97f980d4fec56b AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_ROOT_USER_ACTION=ignore
 WORKDIR /src
 # A virtualenv without pip: the build stage's pip installs into it, so the runtime stage gets
-# the package and what it imports, and no build tools.
+# the package and what it imports (redis: the Redis client; postgres: asyncpg, for a
+# token_store on PostgreSQL; fast: uvloop, which server.event_loop auto runs on), and no
+# build tools.
 RUN python -m venv --without-pip /opt/echowin-gateway
+COPY requirements.lock requirements-build.lock ./
+RUN pip install --no-cache-dir --require-hashes --no-deps -r requirements-build.lock \
+    && pip --python /opt/echowin-gateway/bin/python install --no-cache-dir --require-hashes \
+       --no-deps -r requirements.lock
 COPY pyproject.toml README.md ./
 COPY proxy/ proxy/
-# fast: uvloop, which server.event_loop (auto) then runs on (docs/performance.md).
-RUN pip --python /opt/echowin-gateway/bin/python install --no-cache-dir "./[redis,fast]" \
+# The package alone, built with the locked setuptools: its dependencies are in already.
+RUN pip wheel --no-cache-dir --no-deps --no-build-isolation --wheel-dir /tmp/wheels . \
+    && pip --python /opt/echowin-gateway/bin/python install --no-cache-dir --no-deps \
+       --no-index /tmp/wheels/*.whl \
     && /opt/echowin-gateway/bin/echowin-gateway --version
 
-FROM python:3.11-slim-bookworm
+FROM python:3.11-slim-bookworm@sha256:a36c24f9cbdf4fd0f52d67f0823eeac19c2028c637cecc392d97f980d4fec56b
+# VERSION: pyproject.toml's (a test keeps them equal); REVISION: the git commit (build-arg).
+ARG VERSION=0.1.0
+ARG REVISION=unknown
 LABEL org.opencontainers.image.title="echowin-gateway" \
       org.opencontainers.image.description="Authenticating, rate-limiting reverse proxy for the echowin REST API" \
-      org.opencontainers.image.licenses="Apache-2.0"
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.source="https://github.com/echowin/echowin-gateway" \
+      org.opencontainers.image.base.name="docker.io/library/python:3.11-slim-bookworm"
 ENV PATH=/opt/echowin-gateway/bin:$PATH \
+    ECHOWIN_GATEWAY_REVISION=${REVISION} \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     GATEWAY_HEALTHCHECK_URL=http://127.0.0.1:9090/healthz

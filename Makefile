@@ -5,12 +5,19 @@ BIN := $(VENV)/bin
 
 .PHONY: run test test-deps lint typecheck unit unit-workers bench clean
 
+# The ports `make run` takes (all on 127.0.0.1): make run PORT=18080 ADMIN_PORT=19090 SIM_PORT=18081
+PORT ?= 8080
+ADMIN_PORT ?= 9090
+SIM_PORT ?= 8081
+
 run: $(VENV)/.installed
-	$(BIN)/echowin-gateway quickstart --config config/gateway.example.yaml
+	$(BIN)/echowin-gateway quickstart --config config/gateway.example.yaml \
+	    --port $(PORT) --admin-port $(ADMIN_PORT) --sim-port $(SIM_PORT)
 
 test: $(VENV)/.installed test-deps lint typecheck unit unit-workers
 
-# Redis, Prometheus, Chromium: installed when missing, Redis started when down.
+# Redis, PostgreSQL, Prometheus, Chromium: installed when missing, Redis and PostgreSQL
+# started when down.
 test-deps:
 	bash scripts/test-deps.sh
 

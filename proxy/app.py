@@ -12,8 +12,9 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 from aiohttp.web import UrlMappingMatchInfo
 
+from proxy import SERVER_NAME
 from proxy.admin.app import build_admin_app
-from proxy.aiohttp_compat import retype
+from proxy.aiohttp_compat import name_servers, retype
 from proxy.auth.authenticator import AuthResult
 from proxy.config import GatewayConfig, Secrets
 from proxy.gateway.handler import WATCHES, expect_later, handle, lobby_decider
@@ -56,6 +57,7 @@ class _OneRoute(web.UrlDispatcher):
 def build_proxy_app(runtime: Runtime) -> web.Application:
     """The proxy listener's app; its cleanup_ctx opens and closes ``runtime``."""
     app = web.Application(handler_args=HANDLER_ARGS)
+    name_servers(SERVER_NAME)  # every listener's answers: the gateway, without versions
     app[RUNTIME] = runtime
     app[WATCHES] = Watches()
 
@@ -111,16 +113,10 @@ async def serve(
     _on_signals(loop, stop, runtime, config_path, state_override, hangups)
     try:
         await _listen(config, proxy_runner, admin_runner, worker)
-        log.info(
-            "gateway listening",
-            extra={
-                "fields": {
-                    "listen": config.listen,
-                    "admin_listen": config.admin_listen,
-                    "event_loop": loop_name(loop),
-                }
-            },
-        )
+        fields: dict[str, object] = {"listen": config.listen, "event_loop": loop_name(loop)}
+        if worker is None:  # a worker's admin app is reached through its supervisor's
+            fields["admin_listen"] = config.admin_listen
+        log.info("gateway listening", extra={"fields": fields})
         if ready is not None:
             ready.set()
         await stop.wait()
@@ -252,5 +248,6 @@ def _as_worker(proxy_app: web.Application, admin_app: web.Application, worker: W
     from proxy.server.worker import forwarded_peer
 
     proxy_app[RUNTIME].workers = worker.count
+    proxy_app[RUNTIME].siblings = (os.path.dirname(worker.admin_socket), worker.index)
     admin_app.middlewares.append(forwarded_peer)
     admin_app.cleanup_ctx.append(worker.watching_parent)

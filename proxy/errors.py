@@ -49,6 +49,8 @@ class Reason(StrEnum):
     UPSTREAM_UNREACHABLE = "upstream_unreachable"
     UPSTREAM_TIMEOUT = "upstream_timeout"
     UPSTREAM_UNREADABLE = "upstream_unreadable"
+    # The response cache: ``Cache-Control: only-if-cached`` and nothing held (504).
+    NOT_CACHED = "not_cached"
     # An answer cut short once under way: in the access log only (no body can follow).
     UPSTREAM_BROKEN_BODY = "upstream_broken_body"
     UPSTREAM_KEY_IN_BODY = "upstream_key_in_body"
@@ -61,6 +63,7 @@ class Reason(StrEnum):
     UNAUTHORIZED = "unauthorized"
     DISABLED = "disabled"
     NOT_FOUND = "not_found"
+    NAME_TAKEN = "name_taken"
     NO_WORKER = "no_worker"
     WORKER_UNAVAILABLE = "worker_unavailable"
 

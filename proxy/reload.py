@@ -14,7 +14,17 @@ from proxy.runtime import Runtime
 log = logging.getLogger("echowin_gateway.reload")
 
 # Keys a running gateway cannot change: its sockets, its state backend, its budgets.
-RESTART_ONLY = ("listen", "admin_listen", "state", "redis", "replicas", "on_state_failure")
+RESTART_ONLY = (
+    "listen",
+    "admin_listen",
+    "state",
+    "redis",
+    "token_store",
+    "postgres",
+    "replicas",
+    "on_state_failure",
+    "cache",
+)
 RESTART_ONLY_UPSTREAM = (
     "base_url",
     "limits",

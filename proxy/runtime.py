@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections import Counter
 from collections.abc import Coroutine
@@ -21,18 +22,23 @@ from proxy.auth.authenticator import TokenAuthenticator
 from proxy.auth.client_address import TrustedProxies
 from proxy.auth.routes import RouteTable
 from proxy.auth.throttle import AuthThrottle
-from proxy.auth.tokens import TokenStore
+from proxy.auth.tokens import TokenFeed, TokenStore
 from proxy.budget.admission import Admitter, OpenAdmitter
 from proxy.budget.lane import Lane, QueuePolicy
 from proxy.budget.quotas import QUOTA_HORIZON
 from proxy.budget.scheduler import Scheduler
 from proxy.budget.windows import Limit
+from proxy.cache.channel import open_purge_channel
+from proxy.cache.keeper import GatewayCache
+from proxy.cache.purge import EVERYTHING
 from proxy.config import AGENCY_KEY_NAME, GatewayConfig, Secrets
 from proxy.observe.logs import AccessLog, setup_logging
 from proxy.observe.metrics import Metrics
 from proxy.observe.request_ids import RequestIds
 from proxy.state import SharedSlotsHooks, State, open_state
 from proxy.upstream import Upstream
+
+log = logging.getLogger("echowin_gateway.state")
 
 
 @dataclass(slots=True)
@@ -56,6 +62,11 @@ class Runtime:
     trusted_proxies: TrustedProxies = field(init=False)
     # Failed authentications per client (auth.failures_per_client): proxy/auth/throttle.py.
     auth_throttle: AuthThrottle = field(init=False)
+    # The response cache (``cache:``; proxy/cache/); None when it is off.
+    cache: GatewayCache | None = None
+    # A worker of serve --workers N: its group's private directory and its index (the
+    # cache's purges reach the other workers there when the state is not in Redis).
+    siblings: tuple[str, int] | None = None
     _state: State | None = None
     _auth: TokenAuthenticator | None = None
     _upstream: Upstream | None = None
@@ -70,8 +81,8 @@ class Runtime:
     def _configure_metrics(self, config: GatewayConfig) -> None:
         bounds = config.metrics
         period = bounds.token_label_period_seconds
-        self.metrics.token_labels.configure(bounds.token_labels, period)
-        self.metrics.credential_labels.configure(bounds.credential_labels, period)
+        self.metrics.labels.tokens.configure(bounds.token_labels, period)
+        self.metrics.labels.credentials.configure(bounds.credential_labels, period)
 
     @classmethod
     def from_config(cls, config: GatewayConfig, secrets: Secrets) -> Runtime:
@@ -86,6 +97,11 @@ class Runtime:
         self.trusted_proxies = TrustedProxies.parse(config.server.trusted_proxies)
         self._configure_metrics(config)
         self.config = config
+        if self.cache is not None:  # a credential given another key: its copies go
+            for name, credential in secrets.credentials.items():
+                old = self.secrets.credentials.get(name)
+                if old is None or old.secret.reveal() != credential.secret.reveal():
+                    self.cache.purge(name, EVERYTHING)
         self.secrets = secrets
         if isinstance(self.admitter, Scheduler):
             policy = self.admitter.policy
@@ -109,6 +125,12 @@ class Runtime:
     def shared_state(self) -> bool:
         """True when the state lives in Redis, shared with other replicas."""
         return self._state is not None and self._state.shared
+
+    @property
+    def tokens_shared(self) -> bool:
+        """True when the tokens live in a store shared with other replicas (Redis, or
+        PostgreSQL through ``token_store``)."""
+        return self._state is not None and self._state.tokens_shared
 
     @property
     def store(self) -> TokenStore:
@@ -135,16 +157,24 @@ class Runtime:
             on_latency=lambda op, s: self.metrics.state_latency.labels(op).observe(s),
             on_health=lambda up: self.metrics.state_up.labels("redis").set(1 if up else 0),
         )
+        pg_password = self.secrets.token_store_password
         self._state = state = await open_state(
-            cfg, password.reveal() if password is not None else None, hooks
+            cfg,
+            password.reveal() if password is not None else None,
+            hooks,
+            pg_password.reveal() if pg_password is not None else None,
         )
         self.metrics.state_up.labels(state.backend).set(1)
+        state.watch_resets(self._state_reset)
         self._auth = TokenAuthenticator(
             state.store,
             cache_ttl=cfg.tokens.cache_ttl_seconds,
             cache_size=cfg.tokens.cache_size,
-            stale_if_error=state.shared and cfg.on_state_failure == "local",
+            stale_if_error=state.tokens_shared and cfg.on_state_failure == "local",
         )
+        if isinstance(state.store, TokenFeed):  # changes made elsewhere drop the cache at once
+            up = self.metrics.state_up.labels(state.token_backend)
+            state.store.follow(self._auth.invalidate, lambda ok: up.set(1 if ok else 0))
         self._upstream = Upstream(
             cfg.upstream.base_url,
             timeout_seconds=cfg.upstream.timeout_seconds,
@@ -153,8 +183,26 @@ class Runtime:
         )
         await self._upstream.start()
         self.admitter = await self._open_scheduler(state)
+        if cfg.cache is not None:
+            self.cache = GatewayCache(cfg.cache, self.metrics.registry)
+            self.cache.channel = await open_purge_channel(
+                self.cache, state.redis, cfg.redis.key_prefix, self.siblings
+            )
         if state.send_log is not None:
             self._pruner = asyncio.get_running_loop().create_task(self._prune_forever())
+
+    def _state_reset(self) -> None:
+        """Redis lost its data: say so, and where the tokens are (lost with it, or not)."""
+        self.metrics.state_resets.inc()
+        assert self._state is not None
+        if self.config.token_store is None:  # tokens in Redis too
+            tokens = "lost with it: callers get 401 until their tokens are created again"
+            hint = "run Redis with appendonly yes, or keep tokens in token_store: postgresql://"
+        else:
+            tokens = f"kept in {self._state.token_backend}"
+            hint = "the budget is rebuilt from the replicas' journals"
+        fields = {"backend": "redis", "tokens": tokens, "hint": hint}
+        log.warning("Redis lost its data (restarted empty?)", extra={"fields": fields})
 
     async def _open_scheduler(self, state: State) -> Scheduler:
         cfg = self.config
@@ -167,7 +215,8 @@ class Runtime:
         for name in self.secrets.credentials:
             lanes[name] = await self._new_lane(name, state, policy)
         scheduler = Scheduler(lanes, policy, self.metrics, quota_sources=state.quota_source)
-        self.metrics.attach_budget(scheduler.snapshot, scheduler.token_quotas)
+        quotas = self.metrics.labels.shown_tokens(scheduler.token_quotas)
+        self.metrics.attach_budget(scheduler.snapshot, quotas)
         self.metrics.queue_max_wait.set(cfg.queue.max_wait_seconds)
         return scheduler
 
@@ -252,6 +301,8 @@ class Runtime:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._pruner
         await self.admitter.close()
+        if self.cache is not None:
+            await self.cache.close()
         if self._upstream is not None:
             await self._upstream.close()
         if self._state is not None:

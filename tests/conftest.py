@@ -23,8 +23,9 @@ from proxy.server.guard import Guard, MalformedLog
 from proxy.server.listeners import JsonErrorRunner, ProxyRunner
 from proxy.sim import SimConfig, SimLimit, Simulator
 
-# The subprocess helpers' fixtures (``spawn``) are shared by every test module.
-pytest_plugins = ["tests.procs"]
+# The subprocess helpers' fixtures (``spawn``) and the PostgreSQL database of the session
+# (``pg_session_url``) are shared by every test module.
+pytest_plugins = ["tests.procs", "tests.state.pg_server"]
 
 TEAM_KEY = "real-team-key-0123456789abcdef"
 ACME_KEY = "real-acme-key-fedcba9876543210"
@@ -68,7 +69,13 @@ class GatewayHandle:
     def admin_url(self, path: str) -> str:
         return str(self.admin.make_url(path))
 
-    async def token(self, *scopes: str, name: str = "svc", **kwargs: Any) -> str:
+    minted: int = 0
+
+    async def token(self, *scopes: str, name: str | None = None, **kwargs: Any) -> str:
+        """A new token; without ``name``, "svc", then "svc-2", ... (active names are unique)."""
+        self.minted += 1
+        if name is None:
+            name = "svc" if self.minted == 1 else f"svc-{self.minted}"
         rt = self.runtime
         new = await create_token(
             rt.store, rt.config, rt.routes, name=name, scopes=scopes or ("*",), **kwargs

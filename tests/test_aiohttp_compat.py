@@ -10,6 +10,7 @@ import asyncio
 import inspect
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -201,3 +202,19 @@ def test_the_compat_docstring_lists_every_internal_checked_here() -> None:
     names -= {"__init__"}
     missing = [n for n in sorted(names) if n not in doc]
     assert not missing, f"proxy/aiohttp_compat.py's docstring lacks {missing}"
+
+
+async def test_the_server_field_of_every_answer_is_the_name_given(
+    aiohttp_client: Any,
+) -> None:
+    """name_servers sets the global aiohttp's responses read for their Server field."""
+
+    async def hello(request: web.Request) -> web.Response:
+        return web.Response(text="hi")
+
+    app = web.Application()
+    app.router.add_get("/", hello)
+    compat.name_servers("echowin-gateway")
+    client = await aiohttp_client(app)
+    resp = await client.get("/")
+    assert resp.headers["Server"] == "echowin-gateway"

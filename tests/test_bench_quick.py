@@ -21,7 +21,7 @@ from tests.bench import harness, loadgen, upstream
 REPO = Path(__file__).resolve().parents[1]
 QUEUED = 200
 ServerFactory = Callable[..., Awaitable[TestServer]]
-THROUGHPUT = ("admitted", "latency", "refusal", "unauthorized")
+THROUGHPUT = ("admitted", "latency", "refusal", "unauthorized", "cache_hit", "cache_missing")
 MEASURED_KEYS = {"rps", "p50_ms", "p90_ms", "p99_ms", "rounds", "rps_ratio", "p50_added_ms"}
 
 
@@ -77,7 +77,8 @@ def test_quick_mode_reports_every_scenario(tmp_path: Path) -> None:
     assert queued["targets"]["gateway"]["queued"] > 0
 
     names = [t["name"] for t in result["targets"]]
-    assert len(names) == 6
+    assert len(names) == 7
+    assert "cache hit req/s vs pass-through" in names
     assert all(isinstance(t["met"], bool) for t in result["targets"])
     table = out_md.read_text(encoding="utf-8")
     assert "| Scenario | Server |" in table

@@ -149,7 +149,14 @@ class WorkersGateway:
     def admin_url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.admin_port}{path}"
 
-    async def token(self, *scopes: str, name: str = "svc", **kwargs: Any) -> str:
+    minted: int = 0
+
+    async def token(self, *scopes: str, name: str | None = None, **kwargs: Any) -> str:
+        """As GatewayHandle.token: without ``name``, "svc", then "svc-2", ... (active names
+        are unique)."""
+        self.minted += 1
+        if name is None:
+            name = "svc" if self.minted == 1 else f"svc-{self.minted}"
         body = {"name": name, "scopes": list(scopes or ("*",)), **kwargs}
         headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
         async with (

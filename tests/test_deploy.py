@@ -199,9 +199,13 @@ def test_dockerfile_ports_volume_and_healthcheck_match_its_config() -> None:
 
 
 def test_dockerfile_installs_only_the_package() -> None:
+    """The locked runtime dependencies (the redis, postgres and fast extras:
+    tests/test_lockfile.py), then the package alone, built from the context; nothing of
+    [dev]."""
     runs = " ".join(rest for word, rest in dockerfile() if word == "RUN")
-    assert re.search(r"pip .*install .*\./?\[redis,fast\]", runs), "with the redis and fast extras"
-    assert "[dev]" not in runs and "requirements" not in runs
+    assert re.search(r"--require-hashes\s+--no-deps -r requirements\.lock", runs), runs
+    assert re.search(r"pip wheel .*--no-deps .*\.\s", runs), "the package, built from ."
+    assert "[dev]" not in runs and "requirements-dev" not in runs
 
 
 def test_dockerignore_lets_every_copied_path_in() -> None:

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Sequence
 from typing import Any
 
 from proxy import __version__
+from proxy.auth.routes import RouteTable
+from proxy.auth.scopes import known_scopes
 from proxy.auth.tokens import MAX_QUOTA
+
+DURATION_PATTERN = r"^\s*[0-9]+(\.[0-9]+)?[smhdwSMHDW]?\s*$"
+"""What ``expires_in`` takes (proxy/auth/tokens.py: parse_duration), for generated clients
+and fuzzers: 45s, 15m, 12h, 30d, 2w, or seconds; tests/admin check the two agree."""
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -18,7 +26,8 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 
 _ERRORS = {
     "400": _json(_ref("Error"), "Bad input; nothing changed"),
-    "401": _json(_ref("Error"), "Missing or wrong admin token"),
+    "401": _json(_ref("Error"), "Missing or wrong admin token")
+    | {"headers": {"WWW-Authenticate": {"schema": {"type": "string"}}}},
     "403": _json(_ref("Error"), "Admin API disabled (no admin token configured)"),
 }
 _NOT_FOUND = {"404": _json(_ref("Error"), "Unknown token id")}
@@ -68,7 +77,14 @@ _SCHEMAS: dict[str, Any] = {
             "hourly": _QUOTA,
             "per_minute": _QUOTA,
             "weight": {"type": "integer", "minimum": 1, "default": 1},
-            "expires_in": {"type": ["string", "null"], "examples": ["30d", "12h"]},
+            "expires_in": {
+                "type": ["string", "number", "null"],
+                "pattern": DURATION_PATTERN,
+                "maxLength": 32,
+                "exclusiveMinimum": 0,
+                "examples": ["30d", "12h"],
+                "description": "a duration (45s, 15m, 12h, 30d, 2w) or seconds",
+            },
         },
     },
     "TokenUpdate": {
@@ -80,7 +96,14 @@ _SCHEMAS: dict[str, Any] = {
             "hourly": _QUOTA,
             "per_minute": _QUOTA,
             "weight": {"type": "integer", "minimum": 1},
-            "expires_in": {"type": ["string", "null"], "description": "null: never expires"},
+            "expires_in": {
+                "type": ["string", "number", "null"],
+                "pattern": DURATION_PATTERN,
+                "maxLength": 32,
+                "exclusiveMinimum": 0,
+                "description": "a duration (45s, 15m, 12h, 30d, 2w) or seconds; null: never"
+                " expires",
+            },
         },
     },
     "Window": {
@@ -92,6 +115,19 @@ _SCHEMAS: dict[str, Any] = {
             "remaining": {"type": "integer"},
             "reset_in": {"type": "number", "description": "seconds"},
             "external": {"type": "integer", "description": "used by others (echowin says)"},
+        },
+    },
+    "AuditEntry": {
+        "type": "object",
+        "description": "One token operation; never a token or its hash.",
+        "properties": {
+            "seq": {"type": "integer", "description": "the log's own order"},
+            "at": {"type": "string", "format": "date-time"},
+            "action": {"enum": ["token.create", "token.revoke", "token.update", "token.migrate"]},
+            "token_id": {"type": "string"},
+            "actor": {"type": ["string", "null"], "description": "X-Gateway-Actor, cli:USER"},
+            "address": {"type": ["string", "null"], "description": "the admin client's"},
+            "detail": {"type": "object", "description": "the fields set or changed"},
         },
     },
     "Usage": {
@@ -109,15 +145,28 @@ _SCHEMAS: dict[str, Any] = {
 }
 
 
-def openapi_document() -> dict[str, Any]:
-    """The document; built per call (it is small and served rarely)."""
+def _schemas(routes: RouteTable, key_names: Sequence[str]) -> dict[str, Any]:
+    """The schemas, with what this gateway accepts: its scopes and upstream key names."""
+    schemas = copy.deepcopy(_SCHEMAS)
+    scope = {"type": "string", "enum": sorted(known_scopes(routes.routes))}
+    for name in ("TokenCreate", "TokenUpdate"):
+        scopes = schemas[name]["properties"]["scopes"]
+        scopes["items"] = scope
+    create = schemas["TokenCreate"]["properties"]
+    create["upstream_key"]["enum"] = list(key_names)
+    return schemas
+
+
+def openapi_document(routes: RouteTable, key_names: Sequence[str]) -> dict[str, Any]:
+    """The document for a gateway with ``routes`` (its scopes) and the upstream keys
+    ``key_names`` a token may be bound to; built per call (it is small and served rarely)."""
     return {
         "openapi": "3.1.0",
         "info": {"title": "echowin-gateway admin API", "version": __version__},
         "security": [{"adminToken": []}],
         "paths": {**_token_paths(), **_other_paths()},
         "components": {
-            "schemas": _SCHEMAS,
+            "schemas": _schemas(routes, key_names),
             "securitySchemes": {"adminToken": {"type": "http", "scheme": "bearer"}},
         },
     }
@@ -140,7 +189,11 @@ def _token_paths() -> dict[str, Any]:
             "post": {
                 "summary": "Create a token (its secret is in this answer only)",
                 "requestBody": _json(_ref("TokenCreate"), "The new token") | {"required": True},
-                "responses": {"201": _json(_ref("NewToken"), "Created"), **_ERRORS},
+                "responses": {
+                    "201": _json(_ref("NewToken"), "Created"),
+                    "409": _json(_ref("Error"), "An active token already has this name"),
+                    **_ERRORS,
+                },
             },
         },
         "/admin/tokens/{token_id}": {
@@ -180,10 +233,52 @@ def _other_paths() -> dict[str, Any]:
                 "responses": {"200": _json({"type": "object"}, "Forgotten"), **_ERRORS},
             },
         },
+        "/admin/audit": _audit_path(),
         "/admin/budget": {
             "get": {
-                "summary": "Every upstream credential's budget windows, queue and freeze",
+                "summary": "Every upstream credential's budget windows, queue and freeze;"
+                " with the response cache on, what it holds and saved (cache)",
                 "responses": {"200": _json({"type": "object"}, "Budget state"), **_ERRORS},
             }
         },
+        "/admin/cache": {
+            "delete": {
+                "summary": "Purge the response cache (optionally one credential's copies,"
+                " under one path prefix), on every worker and replica",
+                "parameters": [
+                    {"name": "credential", "in": "query", "schema": {"type": "string"}},
+                    {"name": "prefix", "in": "query", "schema": {"type": "string"}},
+                ],
+                "responses": {"200": _json({"type": "object"}, "Copies purged here"), **_ERRORS},
+            }
+        },
+    }
+
+
+def _audit_path() -> dict[str, Any]:
+    """The audit log of token operations."""
+    return {
+        "get": {
+            "summary": "The audit log of token operations, newest first (404 when the"
+            " token store keeps none: Redis)",
+            "parameters": [
+                {"name": "token_id", "in": "query", "schema": {"type": "string"}},
+                {
+                    "name": "limit",
+                    "in": "query",
+                    "schema": {"type": "integer", "minimum": 1, "maximum": 1000},
+                },
+            ],
+            "responses": {
+                "200": _json(
+                    {
+                        "type": "object",
+                        "properties": {"entries": {"items": _ref("AuditEntry")}},
+                    },
+                    "Entries, newest first",
+                ),
+                **_ERRORS,
+                "404": _json(_ref("Error"), "The token store keeps no audit log"),
+            },
+        }
     }

@@ -26,6 +26,7 @@ def status_data(rt: Runtime) -> dict[str, Any]:
     return {
         "version": __version__,
         "credentials": rt.admitter.snapshot(),
+        "cache": None if rt.cache is None else rt.cache.snapshot(),
         "busiest_tokens": [
             {
                 "id": token_id,
@@ -90,9 +91,23 @@ def status_html(data: Mapping[str, Any]) -> str:
         "<meta http-equiv='refresh' content='5'><title>echowin-gateway status</title>"
         f"<style>{_STYLE}</style></head><body>"
         f"<h1>echowin-gateway {html.escape(data['version'])}</h1>{credentials}"
+        f"{_cache_html(data.get('cache'))}"
         "<section><h2>Busiest tokens</h2><table><tr><th>name</th><th>id</th>"
         f"<th>requests</th><th>refused (429)</th></tr>{tokens}</table></section>"
         "</body></html>"
+    )
+
+
+def _cache_html(cache: Mapping[str, Any] | None) -> str:
+    if not cache:
+        return ""
+    lookups = " · ".join(f"{k}: {v}" for k, v in sorted(cache["lookups"].items()))
+    return (
+        "<section><h2>Response cache</h2>"
+        f"<p><strong>{cache['sends_saved']} upstream sends saved</strong> · "
+        f"{cache['entries']} answers held ({cache['bytes']} of {cache['max_bytes']} bytes)"
+        f" · {cache['evictions']} evicted · {cache['purged']} purged</p>"
+        f'<p class="notes">{html.escape(lookups)}</p></section>'
     )
 
 
@@ -116,6 +131,12 @@ def status_text(data: Mapping[str, Any]) -> str:
         if lane["frozen_for"]:
             queue += f", frozen for {lane['frozen_for']:.0f}s"
         lines.append(queue)
+    cache = data.get("cache")
+    if cache:
+        lines.append(
+            f"\nresponse cache: {cache['sends_saved']} sends saved, {cache['entries']} held"
+            f" ({cache['bytes']} bytes)"
+        )
     lines.append("\nbusiest tokens")
     for t in data["busiest_tokens"]:
         lines.append(f"  {t['name']:<24} {t['id']:<14} {t['requests']:>7} requests")

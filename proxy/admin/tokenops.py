@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from proxy.auth.routes import RouteTable, is_valid_scope
+from proxy.auth.scopes import known_scopes
 from proxy.auth.tokens import (
     DEFAULT_UPSTREAM_KEY,
     NewToken,
@@ -16,11 +18,55 @@ from proxy.auth.tokens import (
     parse_duration,
 )
 from proxy.config import AGENCY_KEY_NAME, ConfigError, GatewayConfig, file_key_names
-from proxy.state import open_token_store, redis_options, state_password
+from proxy.state import open_token_store, postgres_options, redis_options, state_password
+
+
+class NameTaken(ValueError):
+    """An active token already has the name asked for (the admin API answers 409)."""
+
+
+def check_scopes(scopes: Iterable[str], routes: RouteTable) -> None:
+    """ValueError naming the first scope that is not one of the known ones, with the close
+    ones (or all of them) in the message; one holding a separator is told to repeat
+    ``--scope`` instead."""
+    known = known_scopes(routes.routes)
+    for scope in scopes:
+        if is_valid_scope(scope, routes.routes):
+            continue
+        parts = scope.replace(",", " ").split()
+        if len(parts) > 1:
+            each = " ".join(f"--scope {part}" for part in parts)
+            raise ValueError(
+                f"scopes: {scope!r} holds several scopes: give each on its own ({each},"
+                ' or a JSON list ["a", "b"])'
+            )
+        close = difflib.get_close_matches(scope, sorted(known), n=3, cutoff=0.6)
+        hint = f"did you mean {' or '.join(close)}? " if close else ""
+        raise ValueError(
+            f"scopes: unknown scope {scope!r}; {hint}known: {', '.join(sorted(known))}"
+        )
+
+
+async def check_name_free(store: TokenStore, name: str, now: float) -> None:
+    """NameTaken when an active token is called ``name``: metrics and logs label by name,
+    so two active tokens of one name would be counted as one service. A revoked or
+    expired token's name may be taken again (its new owner is told apart by the id)."""
+    for record in await store.list():
+        if record.name == name and record.status(now) == "active":
+            raise NameTaken(
+                f"name: an active token is already called {name!r} (id {record.id}); pick"
+                " another name, or revoke that token first"
+            )
 
 
 async def open_store(config: GatewayConfig) -> TokenStore:
-    """The token store ``config`` names, for the CLI (reads redis.password if needed)."""
+    """The token store ``config`` names (``token_store``, else ``state``), for the CLI
+    (reads ``postgres.password`` or ``redis.password`` if needed)."""
+    if config.token_store is not None:
+        ref = config.postgres.password
+        password = None if ref is None else ref.resolve("postgres.password", os.environ).reveal()
+        options = postgres_options(config, password)
+        return await open_token_store(config.token_store, postgres_options=options)
     password = state_password(config, os.environ)
     return await open_token_store(config.state, redis_options=redis_options(config, password))
 
@@ -64,9 +110,7 @@ async def create_token(
     by default read from ``config`` (see upstream_key_names)."""
     if not scopes:
         raise ValueError("scopes: at least one scope is required")
-    for scope in scopes:
-        if not is_valid_scope(scope, routes.routes):
-            raise ValueError(f"scopes: unknown scope {scope!r}")
+    check_scopes(scopes, routes)
     if upstream_key == AGENCY_KEY_NAME:
         raise ValueError("upstream_key: agency routes always use the agency key; bind a team key")
     names = upstream_key_names(config) if key_names is None else tuple(key_names)
@@ -77,10 +121,12 @@ async def create_token(
         if value is not None and (isinstance(value, bool) or value <= 0):
             raise ValueError(f"{field_name}: must be a positive integer, got {value!r}")
     seconds = None if expires_in is None else _expires_in_seconds(expires_in, "")
+    now = time.time() if now is None else now
+    await check_name_free(store, name, now)
     new = mint_token(
         name=name,
         scopes=list(scopes),
-        now=time.time() if now is None else now,
+        now=now,
         upstream_key=upstream_key,
         hourly=hourly,
         per_minute=per_minute,
@@ -120,9 +166,7 @@ def token_changes(
         scopes = data["scopes"]
         if not (isinstance(scopes, list) and scopes and all(isinstance(x, str) for x in scopes)):
             raise ValueError("scopes: must be a non-empty list of strings")
-        for scope in scopes:
-            if not is_valid_scope(scope, routes.routes):
-                raise ValueError(f"scopes: unknown scope {scope!r}")
+        check_scopes(scopes, routes)
         changes["scopes"] = tuple(scopes)
     if "expires_in" in data:
         changes["expires_at"] = _expires_at(data["expires_in"], now)
@@ -140,7 +184,10 @@ def _expires_in_seconds(value: object, also: str) -> float:
     bool), positive; ValueError naming the field otherwise (``also``: other values the
     caller takes, for the message)."""
     if isinstance(value, str):
-        seconds = parse_duration(value)
+        try:
+            seconds = parse_duration(value)
+        except ValueError as exc:  # parse_duration's message starts "duration:"
+            raise ValueError("expires_in: " + str(exc).removeprefix("duration: ")) from None
     elif type(value) in (int, float):
         seconds = float(value)  # type: ignore[arg-type]
     else:

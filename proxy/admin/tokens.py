@@ -1,7 +1,8 @@
 """The admin API for tokens: create, list, show, update quotas, revoke, usage.
 
 JSON in and out; every change writes one audit log line (action, token id, peer; never a
-token or a secret). Bad input gets a 400 naming the field and changes nothing.
+token or a secret) and one entry of the token store's audit log (``proxy/admin/audit.py``).
+Bad input gets a 400 naming the field and changes nothing.
 """
 
 from __future__ import annotations
@@ -13,7 +14,14 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.admin.tokenops import create_token, token_changes
+from proxy.admin.audit import (
+    admin_actor,
+    audit_list,
+    changes_detail,
+    created_detail,
+    record_operation,
+)
+from proxy.admin.tokenops import NameTaken, create_token, token_changes
 from proxy.errors import Reason, json_error
 from proxy.runtime import RUNTIME
 
@@ -40,9 +48,13 @@ def _bad(message: str) -> web.HTTPBadRequest:
     )
 
 
-def _audit(request: web.Request, action: str, token_id: str | None) -> None:
-    fields = {"action": action, "token_id": token_id, "peer": request.remote}
+async def _audit(
+    request: web.Request, action: str, token_id: str, detail: dict[str, object]
+) -> None:
+    actor = admin_actor(request)
+    fields = {"action": action, "token_id": token_id, "peer": request.remote, "actor": actor.name}
     audit.info("admin action", extra={"fields": fields})
+    await record_operation(request.app[RUNTIME].store, actor, action, token_id, detail)
 
 
 _CREATE_FIELDS = {"name", "scopes", "upstream_key", "hourly", "per_minute", "weight", "expires_in"}
@@ -69,9 +81,11 @@ async def tokens_create(request: web.Request) -> web.Response:
             key_names=rt.secrets.team_key_names(),
             **_create_args(data),
         )
+    except NameTaken as exc:
+        return json_error(409, str(exc), reason=Reason.NAME_TAKEN)
     except (ValueError, TypeError) as exc:
         raise _bad(str(exc)) from None
-    _audit(request, "token.create", new.record.id)
+    await _audit(request, "token.create", new.record.id, created_detail(new.record))
     return web.json_response({"token": new.token, **new.record.public_view()}, status=201)
 
 
@@ -102,7 +116,9 @@ async def token_revoke(request: web.Request) -> web.Response:
     record = await request.app[RUNTIME].auth.revoke(token_id)
     if record is None:
         return json_error(404, "Unknown token", reason=Reason.NOT_FOUND)
-    _audit(request, "token.revoke", token_id)
+    await _audit(
+        request, "token.revoke", token_id, {"revoked_at": record.public_view()["revoked_at"]}
+    )
     return web.json_response(record.public_view())
 
 
@@ -118,7 +134,7 @@ async def token_update(request: web.Request) -> web.Response:
     rt.auth.invalidate(token_id)
     if record is None:
         return json_error(404, "Unknown token", reason=Reason.NOT_FOUND)
-    _audit(request, "token.update", token_id)
+    await _audit(request, "token.update", token_id, changes_detail(changes, record))
     return web.json_response(record.public_view())
 
 
@@ -155,3 +171,4 @@ def add_token_routes(router: web.UrlDispatcher) -> None:
     router.add_delete("/admin/tokens/{token_id}", token_revoke)
     router.add_get("/admin/tokens/{token_id}/usage", token_usage)
     router.add_post("/admin/tokens/{token_id}/forget", token_forget)
+    router.add_get("/admin/audit", audit_list)

@@ -20,15 +20,16 @@ import re
 import secrets
 import string
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Protocol, TypedDict, Unpack
+from typing import Protocol, TypedDict, Unpack, runtime_checkable
 
 __all__ = [
     "DEFAULT_UPSTREAM_KEY",
     "NewToken",
     "TokenChanges",
+    "TokenFeed",
     "TokenRecord",
     "TokenStore",
     "apply_changes",
@@ -60,7 +61,7 @@ _ID_RE = re.compile(rf"[a-z0-9]{{{ID_LENGTH}}}")
 _HASH_RE = re.compile(r"[0-9a-f]{64}")
 _NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _SCOPE_RE = re.compile(r"[A-Za-z0-9:*._-]{1,64}")
-_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)([smhdw]?)")
+_DURATION_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)([smhdw]?)")  # ASCII digits only
 _UNIT_SECONDS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
 
 
@@ -302,3 +303,16 @@ class TokenStore(Protocol):
 
     async def close(self) -> None:
         """Release the backend; idempotent."""
+
+
+@runtime_checkable
+class TokenFeed(Protocol):
+    """A token store that tells of changes made by any process (PostgreSQL's NOTIFY), so a
+    cache in front of it can drop a token at once instead of after its TTL."""
+
+    def follow(
+        self, on_change: Callable[[str], None], on_health: Callable[[bool], None] | None = None
+    ) -> None:
+        """Call ``on_change(token_id)`` for each token created, changed or revoked anywhere,
+        until the store is closed; ``on_health(up)`` as the store's connection comes and
+        goes (False: changes may go unheard, the cache's TTL bounds them)."""

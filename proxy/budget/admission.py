@@ -79,6 +79,10 @@ class Admitter(Protocol):
         """Wait (bounded) for budget, or refuse at once. ``held``: what ``hold`` gave for
         this request; its wait goes on here."""
 
+    async def charge_own(self, request: AdmitRequest) -> Refusal | None:
+        """Charge one request to the token's own quota only (an answer that spends no
+        upstream send: the response cache's); the refusal when that quota is spent."""
+
     def caller_headers(self, request: AdmitRequest) -> Mapping[str, str]:
         """The caller's own rate-limit view, as response header fields."""
 
@@ -116,6 +120,9 @@ class OpenAdmitter:
 
     async def admit(self, request: AdmitRequest, held: Held | None = None) -> Grant | Refusal:
         return self._grant
+
+    async def charge_own(self, request: AdmitRequest) -> Refusal | None:
+        return None
 
     def caller_headers(self, request: AdmitRequest) -> Mapping[str, str]:
         return {}

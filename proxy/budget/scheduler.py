@@ -163,6 +163,21 @@ class Scheduler:
             self.observer.refused(lane.name, token.name, result.reason)
         return result
 
+    async def charge_own(self, request: AdmitRequest) -> Refusal | None:
+        """One request charged to the token's own quota, none to the shared budget (a
+        cached answer); the quota's refusal, or STATE_DOWN, when it cannot be."""
+        token = request.token
+        if not self.quotas.has_own(token):
+            return None
+        try:
+            charged = await self.quotas.charge(token, None)
+        except StateUnavailable:
+            charged = STATE_DOWN
+        if isinstance(charged, Refusal):
+            self.observer.refused(request.credential, token.name, charged.reason)
+            return charged
+        return None
+
     def caller_headers(self, request: AdmitRequest) -> Mapping[str, str]:
         """X-RateLimit-* and RateLimit fields for the tightest of the token's own quota and
         the shared budget of its credential. Read-only: the same mapping may be returned

@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import builtins
 import os
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 
@@ -20,14 +22,30 @@ class AdminError(Exception):
 
 
 class AdminClient:
-    def __init__(self, base_url: str, token: str | None = None, timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        token: str | None = None,
+        timeout: float = 10.0,
+        actor: str | None = None,
+    ) -> None:
+        """``actor``: sent as ``X-Gateway-Actor``, the name the audit log records."""
         self.base_url = base_url.rstrip("/")
         self._token = token if token is not None else os.environ.get(ADMIN_TOKEN_ENV, "")
         self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._actor = actor
 
     async def call(self, method: str, path: str, body: object | None = None) -> Any:
-        """One request; the decoded JSON answer, or AdminError."""
+        """One request; the decoded JSON answer, or AdminError. A call to /admin/ without
+        an admin token is refused here, naming the variable (the API would only say the
+        token is wrong)."""
+        if path.startswith("/admin/") and not self._token:
+            raise AdminError(
+                400, f"{ADMIN_TOKEN_ENV} is not set: export the admin token to use --admin-url"
+            )
         headers = {"Authorization": f"Bearer {self._token}"}
+        if self._actor is not None:
+            headers["X-Gateway-Actor"] = self._actor
         try:
             async with (
                 aiohttp.ClientSession(timeout=self._timeout) as session,
@@ -51,6 +69,12 @@ class AdminClient:
 
     async def revoke(self, token_id: str) -> dict[str, Any]:
         result: dict[str, Any] = await self.call("DELETE", f"/admin/tokens/{token_id}")
+        return result
+
+    async def audit(self, token_id: str | None, limit: int) -> builtins.list[dict[str, Any]]:
+        query = f"?limit={limit}" + (f"&token_id={quote(token_id, safe='')}" if token_id else "")
+        answer = await self.call("GET", "/admin/audit" + query)
+        result: builtins.list[dict[str, Any]] = answer["entries"]
         return result
 
     async def budget(self) -> dict[str, Any]:

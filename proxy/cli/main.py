@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import io
 import os
 import sys
@@ -149,8 +150,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         try:
             asyncio.run(run_simulator(config, args.host, args.port, faults))
         except OSError as exc:  # the port is taken, the host does not resolve, ...
-            errno = exc.errno or 0  # getaddrinfo's are negative: its strerror says it
-            reason = os.strerror(errno) if errno > 0 else exc.strerror or str(exc)
+            number = exc.errno or 0  # getaddrinfo's are negative: its strerror says it
+            reason = os.strerror(number) if number > 0 else exc.strerror or str(exc)
             return fail([f"cannot start: {args.host}:{args.port}: {reason}"], code=1)
     return 0
 
@@ -165,9 +166,19 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     if isinstance(sys.stdout, io.TextIOWrapper):  # the token line must show when piped (docker)
         sys.stdout.reconfigure(line_buffering=True)
     try:
-        return asyncio.run(run_quickstart(config, sim_port=args.sim_port))
+        return asyncio.run(
+            run_quickstart(
+                config, sim_port=args.sim_port, port=args.port, admin_port=args.admin_port
+            )
+        )
     except OSError as exc:
-        return fail([f"cannot start: {exc.strerror or exc}"], code=1)
+        hint = ""
+        if exc.errno == errno.EADDRINUSE:
+            hint = (
+                "; pick free ports: make run PORT=N ADMIN_PORT=N SIM_PORT=N"
+                " (quickstart --port, --admin-port, --sim-port)"
+            )
+        return fail([f"cannot start: {exc.strerror or exc}{hint}"], code=1)
 
 
 def port_arg(text: str) -> int:
@@ -264,7 +275,15 @@ def _add_quickstart(sub: Subparsers) -> None:
     )
     quick.add_argument("--config", required=True)
     quick.add_argument("--state", default="sqlite:///./.run/state.db")
-    quick.add_argument("--sim-port", type=int, default=8081)
+    quick.add_argument(
+        "--port", type=port_arg, help="the proxy's port (default: the config's listen)"
+    )
+    quick.add_argument(
+        "--admin-port", type=port_arg, help="the admin port (default: the config's admin_listen)"
+    )
+    quick.add_argument(
+        "--sim-port", type=port_arg, default=8081, help="the simulator's port (default 8081)"
+    )
     quick.set_defaults(func=cmd_quickstart)
 
 

@@ -2,7 +2,10 @@
 
 Runs the gateway on loopback. When ECHOWIN_API_KEY is not set it also runs the echowin
 simulator in the same process, with made-up keys, and points the gateway at it, so the
-tour costs no echowin quota. It mints a demo token and prints it with a curl line.
+tour costs no echowin quota. It mints a demo token and prints it with a curl line: one
+that expires after ``DEMO_LIFETIME``, and the one an earlier start minted is revoked first,
+so the state never gathers live demo tokens (the store keeps only a token's hash: an
+earlier one cannot be shown again, so it is replaced rather than reused).
 """
 
 from __future__ import annotations
@@ -10,15 +13,19 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import time
 
 from aiohttp import web
 
 from proxy.admin.tokenops import create_token, open_store
 from proxy.app import serve
+from proxy.auth.tokens import NewToken, TokenStore
 from proxy.config import ConfigError, GatewayConfig, SecretRef, resolve_secrets
 from proxy.sim import SimConfig, Simulator
 
 DEMO_SCOPES = ("contacts:read", "contacts:write", "tags:read", "boards:read")
+DEMO_NAME = "quickstart"
+DEMO_LIFETIME = "24h"
 
 
 def _sim_env(config: GatewayConfig) -> tuple[dict[str, str], set[str], set[str]]:
@@ -48,10 +55,32 @@ async def _start_simulator(
     return config.model_copy(update={"upstream": upstream}), runner, env
 
 
-async def run_quickstart(config: GatewayConfig, *, sim_port: int) -> int:
-    """Serve until SIGINT/SIGTERM. Returns the process exit code."""
-    _, port = config.listen_address()
-    _, admin_port = config.admin_address()
+async def demo_token(store: TokenStore, config: GatewayConfig) -> NewToken:
+    """A new demo token, the earlier starts' ones revoked (they were shown once, each)."""
+    now = time.time()
+    for record in await store.list():
+        if record.name == DEMO_NAME and record.status(now) == "active":
+            await store.revoke(record.id, now)
+    return await create_token(
+        store,
+        config,
+        config.route_table(),
+        name=DEMO_NAME,
+        scopes=DEMO_SCOPES,
+        expires_in=DEMO_LIFETIME,
+        now=now,
+    )
+
+
+async def run_quickstart(
+    config: GatewayConfig, *, sim_port: int, port: int | None = None, admin_port: int | None = None
+) -> int:
+    """Serve until SIGINT/SIGTERM. Returns the process exit code. ``port`` and
+    ``admin_port`` replace the config's (``make run PORT=... ADMIN_PORT=...``)."""
+    if port is None:
+        _, port = config.listen_address()
+    if admin_port is None:
+        _, admin_port = config.admin_address()
     config = config.model_copy(
         update={"listen": f"127.0.0.1:{port}", "admin_listen": f"127.0.0.1:{admin_port}"}
     )
@@ -73,9 +102,7 @@ async def run_quickstart(config: GatewayConfig, *, sim_port: int) -> int:
         return 2
     store = await open_store(config)
     try:
-        new = await create_token(
-            store, config, config.route_table(), name="quickstart", scopes=DEMO_SCOPES
-        )
+        new = await demo_token(store, config)
     finally:
         await store.close()
     ready = asyncio.Event()
@@ -90,7 +117,7 @@ async def run_quickstart(config: GatewayConfig, *, sim_port: int) -> int:
         print(
             f"gateway on http://127.0.0.1:{port}, metrics on http://127.0.0.1:{admin_port}/metrics"
         )
-        print(f"token (scopes: {' '.join(DEMO_SCOPES)}): {new.token}")
+        print(f"token (scopes: {' '.join(DEMO_SCOPES)}; expires in {DEMO_LIFETIME}): {new.token}")
         auth = f'-H "Authorization: Bearer {new.token}"'
         print(f"try: curl -s http://127.0.0.1:{port}/api/v1/contacts {auth}")
         print("stop with Ctrl-C")

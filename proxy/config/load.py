@@ -5,13 +5,15 @@ Values of keys that may hold a secret are never echoed."""
 
 from __future__ import annotations
 
+import difflib
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_origin
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from proxy.config.errors import ConfigError
 from proxy.config.schema import GatewayConfig
@@ -30,7 +32,6 @@ _MESSAGES = {
     "extra_forbidden": "unknown key",
     "missing": "is required",
     "too_short": "must not be empty",
-    "literal_error": "must be one of the allowed values",
 }
 
 
@@ -38,7 +39,7 @@ _NOT_INLINE = "must be {env: NAME} or {file: PATH}, never inline"
 
 # Keys whose values may be a secret pasted inline by mistake: never echo their input.
 _SECRET_KEYS = frozenset(
-    {"api_key", "agency_key", "extra_keys", "admin_token", "state", "password"}
+    {"api_key", "agency_key", "extra_keys", "admin_token", "state", "token_store", "password"}
 )
 
 
@@ -59,6 +60,10 @@ def _format_error(error: Mapping[str, Any]) -> str:
     if kind == "model_type":  # a scalar (or list) where a mapping goes
         secret = error.get("ctx", {}).get("class_name") == SecretRef.__name__
         message = _NOT_INLINE if secret else "must be a mapping of keys"
+    if kind == "literal_error":
+        message = f"must be one of {error.get('ctx', {}).get('expected', 'the allowed values')}"
+    if kind == "extra_forbidden" and loc and isinstance(loc[-1], str):
+        message = "unknown key" + _suggestion(loc[-1], _keys_at(loc[:-1]))
     if message is None:
         message = str(error["msg"]).removeprefix("Value error, ")
     line = f"{_loc(loc)}: {message}"
@@ -68,6 +73,39 @@ def _format_error(error: Mapping[str, Any]) -> str:
         if isinstance(shown, str | int | float | bool) or shown is None:
             line += f", got {_show(shown)}"
     return line
+
+
+def _keys_at(loc: tuple[int | str, ...]) -> list[str]:
+    """The keys the schema takes at ``loc`` (a path of mapping keys and list indexes); []
+    where it cannot tell (a map of names, such as ``upstream.extra_keys``)."""
+    model: Any = GatewayConfig
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        is_model = isinstance(model, type) and issubclass(model, BaseModel)
+        field = model.model_fields.get(part) if is_model else None
+        if field is None:
+            return []
+        model = _model_in(field.annotation)
+    if not (isinstance(model, type) and issubclass(model, BaseModel)):
+        return []
+    return [field.alias or name for name, field in model.model_fields.items()]
+
+
+def _model_in(annotation: Any) -> Any:
+    """The pydantic model an annotation holds (``X``, ``X | None``, ``list[X]``), or None."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        found = _model_in(arg)
+        if found is not None and get_origin(annotation) is not dict:
+            return found
+    return None
+
+
+def _suggestion(given: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(given, known, n=1, cutoff=0.75)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def _show(value: object) -> str:
@@ -107,11 +145,24 @@ def parse_config(raw: object, source: str = "config") -> GatewayConfig:
     except ValueError as exc:
         text = str(exc)
         raise ConfigError([text if text.startswith("routes[") else f"routes: {text}"]) from None
+    if problem := _cache_routes(config):
+        raise ConfigError([problem])
     if problem := _shared_address(config):
         raise ConfigError([problem])
     if config.server.workers != 1 and (problem := unshared_state(config, "server.workers")):
         raise ConfigError([problem])
     return config
+
+
+def _cache_routes(config: GatewayConfig) -> str:
+    """Why ``cache.routes`` names a route the gateway does not forward GET on ("" if not)."""
+    if config.cache is None:
+        return ""
+    gets = {r.template for r in config.route_table().routes if r.method == "GET"}
+    for template in config.cache.routes:
+        if template not in gets:
+            return f"cache.routes: {template!r} is not a GET route of the route table"
+    return ""
 
 
 _ANY_HOST = frozenset({"0.0.0.0", "::"})  # noqa: S104 (compared with, never bound)
@@ -181,6 +232,53 @@ def _key_listed_twice(root: yaml.Node | None) -> str:
     return ""
 
 
+_QUOTED_VALUE = re.compile(r"""^\s*(?:-\s+|[^#'"]*?:\s+)(["'])(.*)$""")
+
+
+def _unclosed_quote(text: str, upto: int) -> int | None:
+    """The first line (1-based, at most ``upto``) whose value opens a quote that the line
+    does not close, or None. A quoted scalar may span lines in YAML, so PyYAML reports an
+    unclosed one where it stopped making sense, often lines later."""
+    for number, line in enumerate(text.splitlines()[:upto], start=1):
+        match = _QUOTED_VALUE.match(line)
+        if match is None:
+            continue
+        quote, rest = match.groups()
+        if quote == '"':  # escapes: \\ and \" close nothing
+            rest = rest.replace("\\\\", "").replace('\\"', "")
+        else:  # '' is a quote inside single quotes
+            rest = rest.replace("''", "")
+        if quote not in rest:
+            return number
+    return None
+
+
+def _yaml_where(exc: yaml.YAMLError, text: str) -> str:
+    """Where a YAML error is, and what: an unclosed quote or bracket is reported by PyYAML
+    where it gave up (often the end of the file), so the place it opened (an unclosed
+    quote's line, or the error's context mark) is named first. Never the offending text
+    itself: it could be a pasted secret."""
+    if not isinstance(exc, yaml.MarkedYAMLError):
+        return ""
+    what = " ".join(part for part in (exc.context, exc.problem) if part)
+    start, end = exc.context_mark, exc.problem_mark
+    quoted = _unclosed_quote(text, end.line + 1) if end is not None else None
+    if quoted is not None and end is not None:
+        return (
+            f" at line {quoted}: a quote opened there is not closed on its line"
+            f" (PyYAML: {what}, at line {end.line + 1})"
+        )
+    if start is not None and end is not None and start.line != end.line:
+        return (
+            f" at line {start.line + 1}, column {start.column + 1}: {what}"
+            f" (noticed at line {end.line + 1})"
+        )
+    mark = end or start
+    if mark is None:
+        return f": {what}" if what else ""
+    return f" (line {mark.line + 1}, column {mark.column + 1}): {what}"
+
+
 def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
     """Read and validate a YAML config file; ConfigError on any problem."""
     try:
@@ -197,9 +295,7 @@ def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
             raise ConfigError([f"{path}: {twice}"])
         raw = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        raise ConfigError([f"{path}: not valid YAML{where}"]) from None
+        raise ConfigError([f"{path}: not valid YAML{_yaml_where(exc, text)}"]) from None
     except RecursionError:  # PyYAML composes nested collections recursively
         raise ConfigError([f"{path}: not a usable config: nested too deeply"]) from None
     finally:

@@ -23,6 +23,8 @@ from pydantic import (
 
 from proxy.auth.routes import DEFAULT_ROUTES, Route, RouteTable
 from proxy.auth.tokens import DEFAULT_UPSTREAM_KEY
+from proxy.config.cache import CacheConfig
+from proxy.config.postgres_url import parse_postgres_url
 from proxy.config.secrets import AGENCY_KEY_NAME, SecretRef
 from proxy.config.state_url import parse_state_url
 
@@ -31,11 +33,13 @@ __all__ = [
     "MAX_WORKERS",
     "MISSING_UVLOOP",
     "AuthConfig",
+    "CacheConfig",
     "EventLoop",
     "GatewayConfig",
     "LimitConfig",
     "LoggingConfig",
     "MetricsConfig",
+    "PostgresConfig",
     "QueueConfig",
     "RedisConfig",
     "RouteConfig",
@@ -239,6 +243,16 @@ class RedisConfig(_Model):
         return value
 
 
+class PostgresConfig(_Model):
+    """Connection details for ``token_store: postgresql://...`` (ignored otherwise)."""
+
+    password: SecretRef | None = None
+    # One connect, or one statement, seconds; slower counts as the store failing.
+    timeout_seconds: PositiveFloat = 5.0
+    # Connections each process keeps at most (token lookups that miss the cache, admin calls).
+    pool_size: PositiveInt = 4
+
+
 class RouteConfig(_Model):
     """An extra route, or a new scope for a default one (same method and path)."""
 
@@ -261,6 +275,9 @@ class GatewayConfig(_Model):
     admin_token: SecretRef | None = SecretRef(env="GATEWAY_ADMIN_TOKEN")
     state: str = "sqlite:///var/lib/echowin-gateway/state.db"
     redis: RedisConfig = RedisConfig()
+    # Where tokens and their audit log live when not in the state backend: postgresql://.
+    token_store: str | None = None
+    postgres: PostgresConfig = PostgresConfig()
     # When the shared state (Redis) fails: "closed" answers 503; "local" carries on with
     # 1/replicas of every limit per replica, so the sum stays within echowin's.
     on_state_failure: Literal["closed", "local"] = "local"
@@ -273,6 +290,8 @@ class GatewayConfig(_Model):
     logging: LoggingConfig = LoggingConfig()
     metrics: MetricsConfig = MetricsConfig()
     routes: tuple[RouteConfig, ...] = ()
+    # Budget savers (proxy/cache/): off unless present.
+    cache: CacheConfig | None = None
 
     @field_validator("listen", "admin_listen")
     @classmethod
@@ -286,6 +305,17 @@ class GatewayConfig(_Model):
         if not value.startswith(("memory://", "sqlite:///", "redis://", "rediss://")):
             raise ValueError("must start with memory://, sqlite:///, redis:// or rediss://")
         check_state_url(value)
+        return value
+
+    @field_validator("token_store")
+    @classmethod
+    def _token_store(cls, value: str | None) -> str | None:
+        if value is not None:
+            _require_asyncpg()
+            try:
+                parse_postgres_url(value)
+            except ValueError as exc:
+                raise ValueError(str(exc).removeprefix("token_store: ")) from None
         return value
 
     def route_table(self) -> RouteTable:
@@ -307,6 +337,11 @@ class GatewayConfig(_Model):
 
     def admin_address(self) -> tuple[str, int]:
         return parse_address(self.admin_listen)
+
+
+def _require_asyncpg() -> None:
+    if importlib.util.find_spec("asyncpg") is None:
+        raise ValueError("postgresql:// needs asyncpg: pip install 'echowin-gateway[postgres]'")
 
 
 def check_state_url(value: str) -> None:

@@ -133,6 +133,8 @@ class Secrets:
     credentials: Mapping[str, Credential]
     admin_token: Secret | None
     state_password: Secret | None = None
+    # postgres.password, read when token_store is a postgresql:// URL.
+    token_store_password: Secret | None = None
 
     def team_key_names(self) -> tuple[str, ...]:
         return tuple(n for n in self.credentials if n != AGENCY_KEY_NAME)
@@ -173,9 +175,20 @@ def resolve_secrets(config: GatewayConfig, environ: Mapping[str, str] | None = N
             password = config.redis.password.resolve("redis.password", env)
         except ConfigError as exc:
             errors.extend(exc.lines)
+    pg_password: Secret | None = None
+    if config.postgres.password is not None and config.token_store is not None:
+        try:
+            pg_password = config.postgres.password.resolve("postgres.password", env)
+        except ConfigError as exc:
+            errors.extend(exc.lines)
     if errors:
         raise ConfigError(errors)
-    return Secrets(credentials=credentials, admin_token=admin, state_password=password)
+    return Secrets(
+        credentials=credentials,
+        admin_token=admin,
+        state_password=password,
+        token_store_password=pg_password,
+    )
 
 
 def _file_credentials(

@@ -38,6 +38,7 @@ class Exchange:
     awaits_continue: bool = False  # the caller holds its body until "100 Continue"
     on_wire: bool = False  # the request's head may have left for echowin
     then: Callable[[], None] | None = None  # called once when the head leaves
+    cache: str | None = None  # the response cache's lookup result (proxy/gateway/cached.py)
 
     def wired(self) -> None:
         self.on_wire = True
@@ -51,11 +52,15 @@ def account(rt: Runtime, method: str, ex: Exchange, response: web.StreamResponse
     caller went away before its answer was written (``response`` None, or
     ``ex.client_gone``)."""
     status = response.status if response is not None and not ex.client_gone else 499
+    if not ex.bytes_out and status != 499 and isinstance(response, web.Response):
+        body = response.body  # an answer the gateway wrote itself: its JSON body
+        if isinstance(body, bytes):
+            ex.bytes_out = len(body)
     token_name = ex.token.name if ex.token is not None else ANONYMOUS
     total = time.perf_counter() - ex.started
     metrics = rt.metrics
     label = method if method in METHODS else "OTHER"
-    metrics.requests.inc(metrics.token_label(token_name), ex.route, label, str(status))
+    metrics.requests.inc(metrics.labels.token(token_name), ex.route, label, str(status))
     if ex.token is not None:
         counts = rt.usage.get(ex.token.id)
         if counts is None:
@@ -79,6 +84,7 @@ def account(rt: Runtime, method: str, ex: Exchange, response: web.StreamResponse
             total,
             ex.bytes_out,
             ex.refusal,
+            ex.cache,
         )
 
 

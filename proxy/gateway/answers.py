@@ -13,7 +13,7 @@ from aiohttp import web
 from proxy.budget.admission import Refusal
 from proxy.errors import Reason, json_body, json_error, json_response
 from proxy.gateway.account import METHODS, Exchange
-from proxy.gateway.gate import AGENCY_PREFIX, Refused
+from proxy.gateway.gate import AGENCY_PREFIX, OTHER_SCHEME, Refused
 
 _ALLOW = ", ".join(sorted(METHODS))
 _THROTTLED = "Too many failed authentications"
@@ -24,6 +24,13 @@ _AUTH_MESSAGES = {
     Reason.REVOKED: "API key revoked",
 }
 _CHALLENGE = 'Bearer realm="echowin-gateway"'
+# The admin listener's open paths, asked of the proxy by probes and people: told where.
+_ADMIN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/status", "/status.json"})
+_ADMIN_REASONS = frozenset({Reason.MISSING, Reason.UNKNOWN_ROUTE})
+_NOT_BEARER = (
+    "Authorization scheme not recognised: send Authorization: Bearer <token>"
+    " (or X-API-Key: <token>)"
+)
 
 
 def refuse(
@@ -46,11 +53,17 @@ def refuse(
 def refused(ex: Exchange, outcome: Refused, method: str, raw_path: str) -> web.Response:
     """The answer for the gate's ``outcome`` on ``method raw_path``."""
     reason = outcome.reason
+    if reason in _ADMIN_REASONS and raw_path.partition("?")[0] in _ADMIN_PATHS:
+        path = raw_path.partition("?")[0]
+        told = f"{path} is served on the admin listener (admin_listen), not the proxy"
+        return refuse(ex, 404, Reason.NOT_FOUND, told)
     if reason is Reason.AUTH_THROTTLED:
         ex.refusal = reason
         retry = outcome.retry_after
         body = _refusal_body(_THROTTLED, reason, retry)
         return json_response(429, body, {"X-Request-ID": ex.request_id, "Retry-After": str(retry)})
+    if reason is Reason.MISSING and outcome.detail == OTHER_SCHEME:
+        return _unauthorised(ex, reason, _NOT_BEARER)
     if reason is Reason.MISSING:
         header = "X-AGENCY-KEY" if raw_path.startswith(AGENCY_PREFIX) else "X-API-Key"
         return _unauthorised(ex, reason, f"Missing {header} header")

@@ -174,9 +174,10 @@ async def forward(
     finally:
         upstream.release()  # whatever happened since the answer came: never a leaked connection
         # Counted once the answer is on its way, not on the caller's time.
-        rt.metrics.upstream_answered(
-            credential.name, ex.route, ex.upstream_seconds, upstream.status
-        )
+        metrics = rt.metrics
+        label = metrics.labels.credential_now(credential.name)  # bounded: label_series.py
+        metrics.upstream_duration.observe(ex.upstream_seconds, label, ex.route)
+        metrics.upstream_responses.inc(credential.name, str(upstream.status))
 
 
 def _upstream_429(
@@ -206,4 +207,14 @@ def _upstream_failed(rt: Runtime, ex: Exchange, exc: UpstreamError, grant: Grant
     return answers.refuse(ex, 504, Reason.UPSTREAM_TIMEOUT, message)
 
 
-__all__ = ["BodyTooLarge", "CappedBody", "forward", "upstream_headers"]
+upstream_429 = _upstream_429
+upstream_failed = _upstream_failed
+
+__all__ = [
+    "BodyTooLarge",
+    "CappedBody",
+    "forward",
+    "upstream_429",
+    "upstream_failed",
+    "upstream_headers",
+]

@@ -69,6 +69,10 @@ class Unverified:
 AUTH_FAILURES = frozenset(Reason(failure.value) for failure in AuthFailure)
 """The refusals of a token itself (401): each is charged to its client's throttle."""
 _AUTH_REFUSED = {failure: Refused(Reason(failure.value)) for failure in AuthFailure}
+OTHER_SCHEME = "scheme"
+"""A missing token's ``detail`` when an Authorization field of another scheme than Bearer
+came (``Authorization: egw_...``, ``Basic ...``): the answer says so."""
+_NO_BEARER = Refused(Reason.MISSING, detail=OTHER_SCHEME)
 
 
 def gate(
@@ -89,6 +93,8 @@ def gate(
     if known is None:
         raw = presented_token(fields, target)
         if not raw:
+            if raw == "" and _other_scheme(fields):
+                return _NO_BEARER
             return _AUTH_REFUSED[AuthFailure.MISSING]
         known = rt.auth.recall(raw)
         if known is None:
@@ -139,6 +145,12 @@ def credential_of(rt: Runtime, token: TokenRecord, match: RouteMatch) -> Credent
 def _throttled(retry: int) -> Refused:
     # A throttled client is refused again and again, with the same Retry-After.
     return Refused(Reason.AUTH_THROTTLED, retry_after=retry)
+
+
+def _other_scheme(fields: Mapping[str, str]) -> bool:
+    """True when the Authorization field names a scheme other than Bearer."""
+    scheme, _, _ = fields.get("Authorization", "").strip().partition(" ")
+    return bool(scheme) and scheme.lower() != "bearer"
 
 
 def presented_token(headers: Mapping[str, str], raw_path: str) -> str | None:

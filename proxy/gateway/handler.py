@@ -18,6 +18,7 @@ from proxy.budget.admission import AdmitRequest, Held, Refusal
 from proxy.errors import Reason
 from proxy.gateway import answers
 from proxy.gateway.account import Exchange, account
+from proxy.gateway.cached import through_cache, written
 from proxy.gateway.forward import forward
 from proxy.gateway.gate import (
     AUTH_FAILURES,
@@ -122,6 +123,8 @@ async def _handle(
     length = request.content_length
     if length is not None and length > rt.config.server.max_request_body_bytes:
         return answers.body_too_large(ex)
+    if rt.cache is not None and rt.cache.takes(method, ex.route) and not request.body_exists:
+        return await through_cache(request, rt, ex, passed, held)
     admit = AdmitRequest(token, ex.credential, ex.route, max_wait(request.headers))
     admitted = await rt.admitter.admit(admit, held)
     if isinstance(admitted, Refusal):
@@ -139,6 +142,9 @@ async def _handle(
         else:
             admitted.unsent()
         raise
+    finally:
+        if rt.cache is not None and ex.on_wire:
+            written(rt, method, passed, ex.upstream_status)
 
 
 async def _look_up(rt: Runtime, lookup: Lookup, raw: str) -> AuthResult | None:

@@ -11,6 +11,7 @@ import time
 from proxy.auth.authenticator import AuthResult
 from proxy.budget.admission import AdmitRequest, Held
 from proxy.gateway.account import Exchange, account
+from proxy.gateway.cached import key_of
 from proxy.gateway.gate import Passed, Refused, Unverified, asks_continue, client, gate, max_wait
 from proxy.runtime import Runtime
 from proxy.server.lobby import Decide, Head
@@ -88,7 +89,7 @@ def lobby_decider(rt: Runtime) -> Decide[AuthResult]:
         outcome = gate(rt, head.method, head.target, head.fields, head.peer, known)
         if isinstance(outcome, Unverified):
             return check(outcome.raw, head)
-        if isinstance(outcome, Refused):
+        if isinstance(outcome, Refused) or _answered_without_budget(rt, head, outcome):
             return None
         request = AdmitRequest(
             outcome.token, outcome.credential.name, outcome.match.template, max_wait(head.fields)
@@ -111,6 +112,16 @@ def _may_wait(rt: Runtime, head: Head) -> bool:
         or head.length is None  # chunked, or a length the lobby does not read
         or head.length > rt.config.server.max_request_body_bytes
     )
+
+
+def _answered_without_budget(rt: Runtime, head: Head, passed: Passed) -> bool:
+    """The response cache holds a copy of this GET, or one like it is in flight: its
+    handler answers it without waiting for budget (proxy/gateway/cached.py)."""
+    cache = rt.cache
+    if cache is None or head.length or not cache.takes(head.method, passed.match.template):
+        return False
+    key = key_of(passed, head.target, head.fields)
+    return cache.flights.get(key) is not None or cache.store.get(key) is not None
 
 
 def _checked(

@@ -228,13 +228,22 @@ class Watches:
         return watch
 
 
+def fields_text(fields: list[tuple[str, str]]) -> bytes:
+    """What :func:`leaking_fields` searches first: the values joined as they follow each
+    other (a key split across them is whole here), then the names, a newline apart (no
+    form of a key holds one)."""
+    values = "".join([value for _, value in fields])
+    text = values + "\n" + "\n".join([name for name, _ in fields])
+    return text.encode("utf-8", "surrogateescape")
+
+
 def leaking_fields(watch: KeyWatch, fields: list[tuple[str, str]]) -> set[int]:
     """The indexes of ``fields`` (name, value) that hold a form of the key: in a name, in a
     value, or as part of one split across values as they follow each other (a caller could
     join them back). One search when none does, the usual case."""
-    values = "".join([value for _, value in fields])
-    if not watch.found(values + "\n" + "\n".join([name for name, _ in fields])):
+    if not watch.found(fields_text(fields)):
         return set()
+    values = "".join([value for _, value in fields])
     leaking = {i for i, (name, _) in enumerate(fields) if watch.found(name)}
     ends: list[int] = []
     end = 0

@@ -25,6 +25,7 @@ from proxy.gateway.keywatch import (
     Watches,
     coding_of,
     decoded,
+    fields_text,
     leaking_fields,
 )
 from proxy.upstream import HOP_BY_HOP, Upstream, UpstreamResponse, connection_tokens
@@ -90,20 +91,21 @@ async def relay(
     fields (the caller's rate-limit fields, Server-Timing, X-Request-ID); 502 when its
     coding is one the gateway cannot search for the key."""
     watch = request.app[WATCHES].of(credential.name, credential.secret.reveal())
-    response = _response(upstream, pool, credential, watch, extra)
     content = upstream.content
     assert content is not None
     # Every Content-Encoding field, as a client joins them: several codings are refused.
     codings = upstream.headers.getall("Content-Encoding", None)
     coding = coding_of(None if codings is None else ", ".join(codings))
     whole = content.is_eof() and content.exception() is None
-    body = b""
-    if whole:  # the whole answer is here already (most are small): one write, no loop
-        body = content.read_nowait()
-        if not coding:
-            body, found = watch.masked(body)
-            if found:
-                _key_seen(credential, "masked")
+    # The whole answer is here already (most are small): one write, no loop; unencoded, it
+    # is searched with the fields, in one search.
+    body = content.read_nowait() if whole else b""
+    plain = whole and not coding
+    response, suspect = _response(upstream, pool, credential, watch, extra, body if plain else b"")
+    if plain and suspect:
+        body, found = watch.masked(body)
+        if found:
+            _key_seen(credential, "masked")
     if coding is None or (whole and coding and body):
         try:
             body = _decoded_if_leaking(response, body, watch, coding, credential)
@@ -135,23 +137,67 @@ async def relay(
     return response
 
 
+def watched(
+    request: web.Request,
+    upstream: UpstreamResponse,
+    pool: Upstream,
+    credential: Credential,
+    body: bytes,
+) -> tuple[int, list[tuple[str, str]], bytes]:
+    """echowin's whole answer (``body`` read to its end) as :func:`relay` would send it,
+    for the response cache to keep and share: status, fields (without the length) and
+    body, the key watch applied. Unreadable for a coding the gateway cannot search."""
+    watch = request.app[WATCHES].of(credential.name, credential.secret.reveal())
+    response, _ = _response(upstream, pool, credential, watch, {})
+    codings = upstream.headers.getall("Content-Encoding", None)
+    coding = coding_of(None if codings is None else ", ".join(codings))
+    if not coding:
+        body, found = watch.masked(body)
+        if found:
+            _key_seen(credential, "masked")
+    if coding is None or (coding and body):
+        body = _decoded_if_leaking(response, body, watch, coding, credential)
+    fields = [(k, v) for k, v in response.headers.items() if k.lower() != "content-length"]
+    return response.status, fields, body
+
+
 def _response(
     upstream: UpstreamResponse,
     pool: Upstream,
     credential: Credential,
     watch: KeyWatch,
     extra: dict[str, str],
-) -> _Relayed:
+    body: bytes = b"",
+) -> tuple[_Relayed, bool]:
     """The caller's answer's head: echowin's status with the standard reason phrase, not
     echowin's (its free text could carry the key, and no header filter sees it); its
-    fields as :func:`_relay_fields` keeps them, then ``extra``; its length if known."""
+    fields as :func:`_relay_fields` keeps them, then ``extra``; its length if known. And
+    whether ``body``, searched with the fields, may hold a form of the key."""
     response = _Relayed(status=upstream.status)
-    _relay_fields(response.headers, upstream.headers, pool, credential, watch)
+    suspect = _relay_fields(response.headers, upstream.headers, pool, credential, watch, body)
     response.headers.update(extra)
+    _private(response.headers)
     length = upstream.content_length
     if length is not None:
         response.content_length = length
-    return response
+    return response, suspect
+
+
+_VARY = "Authorization, X-API-Key, X-AGENCY-KEY"
+
+
+def _private(headers: CIMultiDict[str]) -> None:
+    """The answer is the caller's own (its rate-limit fields, and what its token may see):
+    ``Cache-Control: private`` when echowin set none, and ``Vary`` on the fields a token
+    comes in, so a shared cache between a service and the gateway keeps one token's answer
+    from another."""
+    if "Cache-Control" not in headers:
+        headers["Cache-Control"] = "private"
+    varies = headers.getall("Vary", None)
+    if varies is None:
+        headers["Vary"] = _VARY
+    elif "*" not in (value.strip() for value in varies):
+        headers["Vary"] = ", ".join((*varies, _VARY))
 
 
 def _relay_fields(
@@ -160,24 +206,41 @@ def _relay_fields(
     pool: Upstream,
     credential: Credential,
     watch: KeyWatch,
-) -> None:
+    body: bytes,
+) -> bool:
     """echowin's end-to-end fields into ``headers``, less those the caller never gets and
     every one holding a form of the key, in its name, its value, or split across values
-    (proxy/gateway/keywatch.py); a URL into echowin's API becomes the gateway's own path."""
+    (proxy/gateway/keywatch.py); a URL into echowin's API becomes the gateway's own path.
+    ``body`` (an unencoded answer, or empty) is searched with them, after a newline (no
+    form holds one): one search for both, the usual answer. False when none holds a form,
+    True when the fields or ``body`` may."""
     named = connection_tokens(given)
     kept: list[tuple[str, str]] = []
     for name, value in given.items():
         low = name.lower()
         if low not in _SKIP_RESPONSE and low not in named:
             kept.append((name, pool.relative(value) if low in _LOCATIONS else value))
-    leaking = leaking_fields(watch, kept)
+    text = fields_text(kept)
+    if not watch.found(text + b"\n" + body if body else text):
+        for name, value in kept:
+            headers.add(name, value)
+        return False
+    for name, value in _without_leaking(kept, watch, credential):
+        headers.add(name, value)
+    return True
+
+
+def _without_leaking(
+    fields: list[tuple[str, str]], watch: KeyWatch, credential: Credential
+) -> list[tuple[str, str]]:
+    """``fields`` less every one holding a form of the key (keywatch's ``leaking_fields``)."""
+    leaking = leaking_fields(watch, fields)
     if leaking:
         _key_seen(credential, "dropped")
         while leaking:  # dropping a field makes its neighbours adjacent: check them again
-            kept = [field for i, field in enumerate(kept) if i not in leaking]
-            leaking = leaking_fields(watch, kept)
-    for name, value in kept:
-        headers.add(name, value)
+            fields = [field for i, field in enumerate(fields) if i not in leaking]
+            leaking = leaking_fields(watch, fields)
+    return fields
 
 
 async def _chunks_of(content: StreamReader) -> AsyncIterator[bytes]:
@@ -268,7 +331,13 @@ def _decoded_if_leaking(
     if not found:
         return body
     _key_seen(credential, "masked")
-    del response.headers["Content-Encoding"]
+    headers = response.headers
+    fields = [
+        (name, value) for name, value in headers.items() if name.lower() != "content-encoding"
+    ]
+    # Without Content-Encoding its neighbours are adjacent: a key split around it is whole.
+    headers.clear()
+    headers.extend(_without_leaking(fields, watch, credential))
     response.content_length = len(plain)
     return plain
 
@@ -280,4 +349,4 @@ def _key_seen(credential: Credential, action: str) -> None:
     )
 
 
-__all__ = ["WATCHES", "relay"]
+__all__ = ["WATCHES", "relay", "watched"]

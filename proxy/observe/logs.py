@@ -162,9 +162,11 @@ class AccessLog:
         total_seconds: float,
         bytes_out: int,
         refusal: str | None,
+        cache: str | None = None,
     ) -> None:
         """Log one answered request. Times come in seconds and are shown as milliseconds
-        (``queue_ms``, ``upstream_ms``, ``total_ms``) with three decimals."""
+        (``queue_ms``, ``upstream_ms``, ``total_ms``) with three decimals. ``cache``: the
+        response cache's lookup result, for a GET through it (no field otherwise)."""
         now = time.time()
         second = int(now)
         if second != self._second:
@@ -182,14 +184,16 @@ class AccessLog:
                 f'"queue_ms":{queue_seconds * 1000:.3f},'
                 f'"upstream_ms":{upstream_seconds * 1000:.3f},'
                 f'"total_ms":{total_seconds * 1000:.3f},"bytes":{bytes_out},'
-                f'"refusal":{_json(refusal)}}}\n'
+                f'"refusal":{_json(refusal)}'
+                + ("}\n" if cache is None else f',"cache":{_json(cache)}}}\n')
             )
         else:
             line = (
                 f"{self._stamp}{_TEXT_HEAD}{request_id} {middle} status={status} "
                 f"upstream_status={upstream_status} queue_ms={queue_seconds * 1000:.3f} "
                 f"upstream_ms={upstream_seconds * 1000:.3f} "
-                f"total_ms={total_seconds * 1000:.3f} bytes={bytes_out} refusal={refusal}\n"
+                f"total_ms={total_seconds * 1000:.3f} bytes={bytes_out} refusal={refusal}"
+                + ("\n" if cache is None else f" cache={cache}\n")
             )
         self._add(line)
 

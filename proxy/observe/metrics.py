@@ -1,17 +1,16 @@
 """Prometheus metrics: one registry per gateway, never the process-global one.
 
-Labels are bounded: token names come from the token store, routes are TEMPLATES (never
-raw paths or ids), methods and statuses are few, reasons are enums. Requests without an
-authenticated token are labelled ``token="-"``. Token names are bounded too: at most
-``metrics.token_labels`` of them at once, the busiest, and ``token="other"`` for the rest;
-so are credential names in the histograms, ``metrics.credential_labels``
-(proxy/observe/label_bounds.py).
+Labels are bounded: token names (the busiest ``metrics.token_labels``, the rest ``other``:
+label_series.py), routes are TEMPLATES (never raw paths or ids), methods and statuses are
+few, reasons are enums. Requests without an authenticated token are labelled ``token="-"``.
 """
 
 from __future__ import annotations
 
 import functools
+import gzip
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import (
@@ -26,14 +25,14 @@ from prometheus_client.core import (
     GaugeMetricFamily,
     Metric,
 )
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 from proxy import __version__
 from proxy.errors import REFUSAL_REASONS
-from proxy.observe.label_bounds import BusiestNames
+from proxy.observe.build import revision
+from proxy.observe.label_series import ANONYMOUS, LabelBounds  # noqa: F401 - ANONYMOUS: re-exported
 from proxy.observe.loop_metrics import LoopCounter, LoopHistogram
-
-ANONYMOUS = "-"
 
 # Upstream latency buckets in seconds: echowin answers in tens to hundreds of ms.
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -56,6 +55,46 @@ BudgetSource = Callable[[], Mapping[str, Any]]
 QuotaSource = Callable[[], Mapping[str, Any]]
 
 
+@dataclass(frozen=True, slots=True)
+class Exposition:
+    """A /metrics answer: its body and the fields that say what it is."""
+
+    body: bytes
+    headers: dict[str, str]
+
+
+_GZIP_MIN_BYTES = 1024  # smaller pages gain nothing from compression
+
+
+def expose(
+    registry: CollectorRegistry, accept: str | None, accept_encoding: str | None
+) -> Exposition:
+    """``registry``'s metrics in the format ``accept`` asks for (OpenMetrics 1.0 when it
+    names application/openmetrics-text, else Prometheus' text format; prometheus_client's
+    own choice), gzipped when ``accept_encoding`` allows it."""
+    encoder, content_type = choose_encoder(accept or "")
+    body = encoder(registry)
+    headers = {"Content-Type": content_type, "Vary": "Accept, Accept-Encoding"}
+    if len(body) >= _GZIP_MIN_BYTES and _takes_gzip(accept_encoding):
+        body = gzip.compress(body, compresslevel=6)
+        headers["Content-Encoding"] = "gzip"
+    return Exposition(body, headers)
+
+
+def _takes_gzip(accept_encoding: str | None) -> bool:
+    """True when ``accept_encoding`` lists gzip (or ``*``) with a q-value above 0."""
+    for item in (accept_encoding or "").split(","):
+        coding, _, params = item.strip().partition(";")
+        if coding.strip().lower() not in ("gzip", "x-gzip", "*"):
+            continue
+        q = params.strip().lower().removeprefix("q=")
+        try:
+            return not params.strip() or float(q) > 0
+        except ValueError:
+            return False
+    return False
+
+
 def window_label(per_seconds: float) -> str:
     """A window's label value: its length, e.g. ``3600s``."""
     return f"{per_seconds:g}s"
@@ -64,12 +103,9 @@ def window_label(per_seconds: float) -> str:
 class BudgetCollector(Collector):
     """Budget gauges read at scrape time from the scheduler's snapshot."""
 
-    def __init__(
-        self, source: BudgetSource, quotas: QuotaSource, shown: Callable[[str], bool]
-    ) -> None:
+    def __init__(self, source: BudgetSource, quotas: QuotaSource) -> None:
         self._source = source
         self._quotas = quotas
-        self._shown = shown  # token names with their own label (label_bounds.py)
 
     def collect(self) -> Iterator[Metric]:
         labels = ["credential", "window"]
@@ -120,8 +156,6 @@ class BudgetCollector(Collector):
             labels=labels,
         )
         for token, windows in self._quotas().items():
-            if not self._shown(token):  # bounded like every token label: no "other" sum
-                continue
             for w in windows:
                 key = [token, window_label(w.per_seconds)]
                 limit.add_metric(key, w.requests)
@@ -138,6 +172,7 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
+        self.labels = LabelBounds(self)  # first: collected (ranked) before the others
         self._declare_process(r)
         self._declare_requests(r)
         self._declare_upstream(r)
@@ -149,18 +184,18 @@ class Metrics:
         # kept: labels() validates and locks on every call. Bounded like the label values.
         self._children: dict[tuple[object, ...], Any] = {}
         self._remaining: dict[str, int] = {}  # echowin_remaining as last set, per credential
-        # Token names as label values: at most metrics.token_labels at once, the rest
-        # "other"; credential names in the histograms, metrics.credential_labels.
-        self.token_labels = BusiestNames()
-        self.credential_labels = BusiestNames(50)
 
     def _declare_process(self, r: CollectorRegistry) -> None:
         self.build_info = Gauge(
-            "echowin_gateway_build_info", "Build information; always 1.", ["version"], registry=r
+            "echowin_gateway_build_info",
+            "Build information; always 1.",
+            ["version", "revision"],
+            registry=r,
         )
-        self.build_info.labels(__version__).set(1)
-        # CPU seconds, resident memory, open file descriptors of this process.
-        ProcessCollector(namespace="echowin_gateway", registry=r)
+        self.build_info.labels(__version__, revision()).set(1)
+        # CPU seconds, resident memory, open file descriptors of this process, under the
+        # standard process_* names generic dashboards and alerts expect.
+        ProcessCollector(registry=r)
 
     def _declare_requests(self, r: CollectorRegistry) -> None:
         # Updated on every request: plain numbers on the event loop (see loop_metrics).
@@ -278,6 +313,12 @@ class Metrics:
             ["backend"],
             registry=r,
         )
+        self.state_resets = Counter(
+            "echowin_gateway_state_resets_total",
+            "Times this replica found Redis had lost its data (restarted empty, flushed,"
+            " evicted, or failed over without the last writes).",
+            registry=r,
+        )
         self.state_latency = Histogram(
             "echowin_gateway_state_backend_duration_seconds",
             "Time one state-backend (Redis) operation took, in seconds.",
@@ -328,40 +369,15 @@ class Metrics:
 
     def attach_budget(self, source: BudgetSource, quotas: QuotaSource) -> None:
         """Export the scheduler's budget state and token quotas at every scrape."""
-        self.registry.register(BudgetCollector(source, quotas, self.token_labels.shown))
+        self.registry.register(BudgetCollector(source, quotas))
 
     # --- the scheduler's Observer ---------------------------------------------------
 
     def refused(self, credential: str, token: str, reason: str) -> None:
-        label = token if token == ANONYMOUS else self.token_labels.peek(token)
-        self.child(self.refusals, credential, label, reason).inc()
-
-    def token_label(self, token: str) -> str:
-        """The label value of one request's token name (counted: see label_bounds.py)."""
-        return token if token == ANONYMOUS else self.token_labels.label(token)
-
-    def _rerank(self) -> None:
-        """Drop the series of names that lost their label (at scrape time)."""
-        credentials = self.credential_labels.rerank()
-        if credentials:
-            self.queue_wait.drop("credential", credentials)
-            self.upstream_duration.drop("credential", credentials)
-        demoted = self.token_labels.rerank()
-        if not demoted:
-            return
-        self.requests.drop("token", demoted)
-        for key in [k for k in self._children if k[0] == id(self.refusals) and k[2] in demoted]:
-            del self._children[key]
-            self.refusals.remove(*key[1:])
+        self.child(self.refusals, credential, self.labels.token_now(token), reason).inc()
 
     def waited(self, credential: str, seconds: float) -> None:
-        # Once per admitted request: the count that ranks the credentials (label_bounds.py).
-        self.queue_wait.observe(seconds, self.credential_labels.label(credential))
-
-    def upstream_answered(self, credential: str, route: str, seconds: float, status: int) -> None:
-        """An answer from echowin after ``seconds`` (upstream_duration, upstream_responses)."""
-        self.upstream_duration.observe(seconds, self.credential_labels.peek(credential), route)
-        self.upstream_responses.inc(credential, str(status))
+        self.queue_wait.observe(seconds, self.labels.credential(credential))
 
     def upstream_429(self, credential: str) -> None:
         self.child(self.upstream_429s, credential).inc()
@@ -377,5 +393,8 @@ class Metrics:
 
     def exposition(self) -> bytes:
         """The text exposition format of every metric."""
-        self._rerank()
         return generate_latest(self.registry)
+
+    def answer(self, accept: str | None, accept_encoding: str | None) -> Exposition:
+        """Every metric as the scraper asked: see :func:`expose`."""
+        return expose(self.registry, accept, accept_encoding)

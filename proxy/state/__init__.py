@@ -1,7 +1,8 @@
 """Durable state behind Protocols, and the one place that maps a state URL (parsed by
-:mod:`proxy.config.state_url`, whose docstring lists the URLs) to a backend: ``open_state``
-for a gateway process, ``open_token_store`` and ``open_send_log`` for one part alone.
-Nothing outside this module asks which backend a URL names."""
+:mod:`proxy.config.state_url`, whose docstring lists the URLs) or a ``token_store`` URL
+(:mod:`proxy.config.postgres_url`) to a backend: ``open_state`` for a gateway process,
+``open_token_store`` and ``open_send_log`` for one part alone. Nothing outside this module
+opens a backend by name (``token migrate`` only asks which password a URL needs)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from proxy.budget.quotas import local_quota_source
 from proxy.budget.slots import SendLog, SlotSource
 from proxy.budget.windows import Limit
 from proxy.config import GatewayConfig
+from proxy.config.postgres_url import is_postgres_url
 from proxy.config.state_url import StateUrl, parse_state_url
 from proxy.state.memory import MemorySendLog, MemoryTokenStore
 from proxy.state.sqlite.sends import SqliteSendLog
@@ -25,12 +27,17 @@ from proxy.state.sqlite.tokens import SqliteTokenStore
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
+    from proxy.state.postgres.connection import PostgresOptions
+    from proxy.state.postgres.tokens import PostgresTokenStore
     from proxy.state.redis.client import RedisOptions, open_redis
+    from proxy.state.redis.reset import ResetWatch
     from proxy.state.redis.tokens import RedisTokenStore
 
 __all__ = [
     "MemorySendLog",
     "MemoryTokenStore",
+    "PostgresOptions",
+    "PostgresTokenStore",
     "RedisOptions",
     "RedisTokenStore",
     "SharedSlotsHooks",
@@ -43,6 +50,7 @@ __all__ = [
     "open_state",
     "open_token_store",
     "parse_state_url",
+    "postgres_options",
     "redis_options",
     "state_password",
 ]
@@ -51,11 +59,14 @@ _REDIS_NAMES = {
     "RedisOptions": "proxy.state.redis.client",
     "open_redis": "proxy.state.redis.client",
     "RedisTokenStore": "proxy.state.redis.tokens",
+    "PostgresOptions": "proxy.state.postgres.connection",
+    "PostgresTokenStore": "proxy.state.postgres.tokens",
 }
 
 
 def __getattr__(name: str) -> object:
-    """The Redis names, imported on first use so memory and sqlite work without redis-py."""
+    """The Redis and PostgreSQL names, imported on first use so memory and sqlite work
+    without redis-py or asyncpg."""
     if name in _REDIS_NAMES:
         return getattr(importlib.import_module(_REDIS_NAMES[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -75,6 +86,19 @@ def redis_options(config: GatewayConfig, password: str | None) -> RedisOptions |
     )
 
 
+def postgres_options(config: GatewayConfig, password: str | None) -> PostgresOptions | None:
+    """The PostgresOptions for ``config``'s ``token_store``; None unless it is PostgreSQL.
+    ``password``: the resolved ``postgres.password``."""
+    if config.token_store is None:
+        return None
+    from proxy.state.postgres.connection import PostgresOptions
+
+    pg = config.postgres
+    return PostgresOptions(
+        password=password, timeout_seconds=pg.timeout_seconds, pool_size=pg.pool_size
+    )
+
+
 def state_password(config: GatewayConfig, environ: Mapping[str, str]) -> str | None:
     """``redis.password`` read from ``environ`` (or its file) when the state is in Redis;
     None otherwise, or when none is set. ConfigError if it cannot be read."""
@@ -89,8 +113,10 @@ async def open_token_store(
     *,
     redis_options: RedisOptions | None = None,
     redis_client: Redis | None = None,
+    postgres_options: PostgresOptions | None = None,
 ) -> TokenStore:
-    """Open the token store named by a ``state`` URL (async: opening may touch disk or network).
+    """Open the token store named by a ``state`` or ``token_store`` URL (async: opening may
+    touch disk or network).
 
     The caller owns the store and must ``await store.close()``. ValueError for a bad URL (see
     ``parse_state_url``); ``StateFileError`` (proxy.state.sqlite.connection) if the file
@@ -101,7 +127,17 @@ async def open_token_store(
     the store uses it and leaves it open on ``close``; without, the store opens its own client
     and closes it. Nothing is sent to Redis here, so a gateway starts while Redis is down;
     ``ping`` tells. Both keywords are ignored for the other backends.
+
+    For ``postgresql://``: ``postgres_options`` (default ``PostgresOptions()``) gives the
+    password, timeout and pool size; the store connects and migrates the schema here
+    (``PostgresStoreError`` when it cannot) and also keeps the audit log.
     """
+    if is_postgres_url(url):
+        from proxy.state.postgres.connection import PostgresOptions
+        from proxy.state.postgres.tokens import PostgresTokenStore
+
+        options = PostgresOptions() if postgres_options is None else postgres_options
+        return await PostgresTokenStore.open(url, options)
     state = parse_state_url(url)
     if state.backend == "memory":
         return MemoryTokenStore()
@@ -162,10 +198,26 @@ class State:
     _config: GatewayConfig
     _hooks: SharedSlotsHooks
     _redis: Redis | None = None
+    _reset_watch: ResetWatch | None = None
 
     @property
     def shared(self) -> bool:
         return self._redis is not None
+
+    @property
+    def redis(self) -> Redis | None:
+        """The Redis client the state uses (None unless ``shared``)."""
+        return self._redis
+
+    @property
+    def token_backend(self) -> str:
+        """Where the tokens live: ``postgresql`` for a ``token_store``, else ``backend``."""
+        return "postgresql" if self._config.token_store is not None else self.backend
+
+    @property
+    def tokens_shared(self) -> bool:
+        """True when the tokens live in a store other replicas share (Redis, PostgreSQL)."""
+        return self.shared or self._config.token_store is not None
 
     def credential_source(self, name: str, limits: Sequence[Limit]) -> SlotSource | None:
         """The shared slot source of credential ``name``; None for local slots (the lane
@@ -204,26 +256,58 @@ class State:
             keep_view=QUOTA_IN_USE if quota else math.inf,
         )
 
+    def watch_resets(self, on_reset: Callable[[], None], interval: float | None = None) -> None:
+        """With state in Redis: call ``on_reset()`` each time Redis is found to have lost
+        its data (``proxy.state.redis.reset``), checking every ``interval`` seconds (default
+        ``CHECK_SECONDS``) until ``close``. Nothing for the other backends."""
+        if self._redis is None or self._reset_watch is not None:
+            return
+        from proxy.state.redis.reset import CHECK_SECONDS, ResetWatch
+
+        every = CHECK_SECONDS if interval is None else interval
+        watch = ResetWatch(self._redis, self._config.redis.key_prefix, on_reset, interval=every)
+        self._reset_watch = watch
+        watch.start()
+
     async def close(self) -> None:
         """Close the send log, the token store and the Redis client (after the slots)."""
-        if self.send_log is not None:
-            await self.send_log.close()
-        await self.store.close()
-        if self._redis is not None:
-            await self._redis.aclose()
+        if self._reset_watch is not None:
+            await self._reset_watch.stop()
+        try:
+            if self.send_log is not None:
+                await self.send_log.close()
+            await self.store.close()
+        finally:
+            if self._redis is not None:
+                await self._redis.aclose()
 
 
-async def open_state(config: GatewayConfig, password: str | None, hooks: SharedSlotsHooks) -> State:
+async def open_state(
+    config: GatewayConfig,
+    password: str | None,
+    hooks: SharedSlotsHooks,
+    token_store_password: str | None = None,
+) -> State:
     """Open what ``config.state`` names: the token store and the budget's state (a send log,
-    or one Redis client shared by the store and every slot source). ``password``: the
-    resolved ``redis.password`` (ignored by the other backends)."""
+    or one Redis client shared by the store and every slot source); the token store is
+    ``config.token_store``'s instead when set. ``password``: the resolved ``redis.password``
+    (ignored by the other backends); ``token_store_password``: ``postgres.password``."""
     client = None
     options = redis_options(config, password)
     if options is not None:
         from proxy.state.redis.client import open_redis  # redis-py only when Redis is used
 
         client = open_redis(config.state, options)
-    store = await open_token_store(config.state, redis_options=options, redis_client=client)
+    try:
+        if config.token_store is not None:
+            pg = postgres_options(config, token_store_password)
+            store = await open_token_store(config.token_store, postgres_options=pg)
+        else:
+            store = await open_token_store(config.state, redis_options=options, redis_client=client)
+    except BaseException:
+        if client is not None:
+            await client.aclose()
+        raise
     try:
         send_log = None if client is not None else await open_send_log(config.state)
     except BaseException:

@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import builtins
 import dataclasses
+import itertools
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Unpack
 
+from proxy.auth.audit import MAX_AUDIT_PAGE, AuditEntry
 from proxy.auth.tokens import TokenChanges, TokenRecord, apply_changes
 from proxy.budget.quotas import QuotaSources, local_quota_source
 from proxy.budget.slots import Line, SlotSource
@@ -28,8 +31,13 @@ class MemoryTokenStore:
     so handing out the stored objects is safe. After ``close`` every method raises RuntimeError.
     """
 
+    AUDIT_KEPT = 10_000
+    """Audit entries kept (the oldest are dropped past it): memory:// is for tests and demos."""
+
     def __init__(self) -> None:
         self._records: dict[str, TokenRecord] = {}
+        self._audit: deque[AuditEntry] = deque(maxlen=self.AUDIT_KEPT)
+        self._seq = itertools.count(1)
         self._closed = False
 
     def _open_records(self) -> dict[str, TokenRecord]:
@@ -64,6 +72,18 @@ class MemoryTokenStore:
             return None
         records[token_id] = updated = apply_changes(record, changes)
         return updated
+
+    async def append(self, entry: AuditEntry) -> None:
+        self._open_records()
+        self._audit.append(dataclasses.replace(entry, seq=next(self._seq)))
+
+    async def entries(
+        self, *, token_id: str | None = None, limit: int = 100
+    ) -> builtins.list[AuditEntry]:
+        self._open_records()
+        limit = max(1, min(limit, MAX_AUDIT_PAGE))
+        found = (e for e in reversed(self._audit) if token_id in (None, e.token_id))
+        return builtins.list(itertools.islice(found, limit))
 
     async def ping(self) -> None:
         self._open_records()

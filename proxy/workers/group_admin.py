@@ -20,31 +20,33 @@ import asyncio
 import json
 import logging
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Protocol
 from urllib.parse import quote
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, Metric
-from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
+from proxy import SERVER_NAME
+from proxy.admin.app import json_errors
+from proxy.admin.cache import merge_cache
 from proxy.admin.status import status_html
 from proxy.admin.tokens import MAX_ADMIN_BODY
+from proxy.aiohttp_compat import name_servers
 from proxy.errors import Reason, json_error
-from proxy.observe.metrics import CONNECTIONS_REFUSED_HELP
+from proxy.observe.metrics import CONNECTIONS_REFUSED_HELP, expose
 from proxy.server.guard import REFUSAL_REASONS
 from proxy.server.listeners import HANDLER_ARGS
+from proxy.workers.group_metrics import WORKER_LABEL, merge_metrics
 from proxy.workers.group_status import merge_credentials, merge_status
 
 log = logging.getLogger("echowin_gateway.admin")
 
-WORKER_LABEL = "worker"
-SUPERVISOR = "supervisor"
 CALL_SECONDS = 5.0  # one call to a worker's admin socket, at most
 # Not forwarded either way: they describe one hop, not the message.
 HOP_HEADERS = frozenset(
@@ -122,17 +124,6 @@ class WorkerLinks:
 # --- /metrics ----------------------------------------------------------------------------
 
 
-def _labelled(families: Iterable[Metric], worker: str) -> Iterator[Metric]:
-    """Each sample labelled with its worker (one that names its worker already keeps it)."""
-    for family in families:
-        out = Metric(family.name, family.documentation, family.type, family.unit)
-        out.samples = [
-            s if WORKER_LABEL in s.labels else s._replace(labels={**s.labels, WORKER_LABEL: worker})
-            for s in family.samples
-        ]
-        yield out
-
-
 class _Restarts(Collector):
     """``echowin_gateway_worker_restarts_total``: the supervisor's count per worker."""
 
@@ -177,35 +168,6 @@ class ConnectionsRefused(Collector):
 CONNECTIONS_REFUSED = web.AppKey("connections_refused", ConnectionsRefused)
 
 
-class _Merged(Collector):
-    def __init__(self, families: list[Metric]) -> None:
-        self._families = families
-
-    def collect(self) -> Iterator[Metric]:
-        return iter(self._families)
-
-
-def merge_metrics(pages: Mapping[str, str], own: Iterable[Metric] = ()) -> bytes:
-    """One exposition of several: ``pages`` maps a worker label to its /metrics text, ``own``
-    are the supervisor's families. Families keep their first-seen order; samples are
-    labelled with their worker. A page that does not parse is left out (and logged)."""
-    merged: dict[str, Metric] = {}
-    sources: list[tuple[str, Iterable[Metric]]] = [(SUPERVISOR, own)]
-    for worker, text in pages.items():
-        try:
-            sources.append((worker, list(text_string_to_metric_families(text))))
-        except ValueError:
-            log.warning("unreadable worker metrics", extra={"fields": {"worker": worker}})
-    for worker, families in sources:
-        for family in _labelled(families, worker):
-            known = merged.setdefault(family.name, family)
-            if known is not family:
-                known.samples.extend(family.samples)
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Merged(list(merged.values())))
-    return generate_latest(registry)
-
-
 async def metrics(request: web.Request) -> web.Response:
     group = request.app[GROUP]
     ready = [w for w in group.workers if w.ready]
@@ -220,8 +182,10 @@ async def metrics(request: web.Request) -> web.Response:
     pages = await asyncio.gather(*(fetch(w) for w in ready))
     found = {str(w.index): page for w, page in zip(ready, pages, strict=True) if page is not None}
     own = request.app[SUPERVISOR_REGISTRY].collect()
-    body = merge_metrics(found, own)
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+    merged = merge_metrics(found, own)
+    headers = request.headers
+    answer = expose(merged, headers.get("Accept"), headers.get("Accept-Encoding"))
+    return web.Response(body=answer.body, headers=answer.headers)
 
 
 # --- health ------------------------------------------------------------------------------
@@ -292,7 +256,10 @@ async def budget(request: web.Request) -> web.Response:
     views = await _every_worker(request, "/admin/budget", auth)
     if isinstance(views, web.Response):
         return views
-    return web.json_response({"credentials": merge_credentials([v["credentials"] for v in views])})
+    body: dict[str, Any] = {"credentials": merge_credentials([v["credentials"] for v in views])}
+    if any("cache" in v for v in views):
+        body["cache"] = merge_cache([v.get("cache") for v in views])
+    return web.json_response(body)
 
 
 async def status_json(request: web.Request) -> web.Response:
@@ -370,10 +337,13 @@ async def _forget_everywhere(
 
 
 def build_group_admin_app(group: Group) -> web.Application:
-    app = web.Application(client_max_size=MAX_ADMIN_BODY, handler_args=HANDLER_ARGS)
+    app = web.Application(
+        client_max_size=MAX_ADMIN_BODY, handler_args=HANDLER_ARGS, middlewares=[json_errors]
+    )
+    name_servers(SERVER_NAME)  # every listener's answers: the gateway, without versions
     app[GROUP] = group
     registry = CollectorRegistry()
-    ProcessCollector(namespace="echowin_gateway", registry=registry)
+    ProcessCollector(registry=registry)  # the supervisor's own process_*
     registry.register(_Restarts(group))
     app[SUPERVISOR_REGISTRY] = registry
     refused = ConnectionsRefused()

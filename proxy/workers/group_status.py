@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from proxy.admin.cache import merge_cache
 from proxy.admin.status import BUSIEST
 
 _WINDOW_MAX = ("used", "external", "reset_in")
@@ -56,5 +57,6 @@ def merge_status(datas: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return {
         **datas[0],
         "credentials": merge_credentials([d["credentials"] for d in datas]),
+        "cache": merge_cache([d.get("cache") for d in datas]),
         "busiest_tokens": busiest,
     }

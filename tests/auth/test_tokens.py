@@ -31,6 +31,7 @@ def test_all_is_pinned() -> None:
             "DEFAULT_UPSTREAM_KEY",
             "NewToken",
             "TokenChanges",
+            "TokenFeed",
             "TokenRecord",
             "TokenStore",
             "apply_changes",

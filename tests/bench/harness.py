@@ -16,6 +16,10 @@ its servers interleaved (gateway, pass-through, nginx, gateway, ...) for N round
     latency        1 connection, same requests: the latency each server adds
     refusal        50 connections, budget spent (1/3600, max_wait 0): every answer a 429
     unauthorized   50 connections, an unknown (well-formed) token: every answer a 401
+    cache_hit      50 connections, the admitted request on a gateway whose cache keeps the
+                   route: every answer a copy, echowin never asked (docs/cache.md)
+    cache_missing  the admitted scenario on a gateway with ``cache:`` configured for other
+                   routes: the cost of the cache's step when it holds nothing
     queued         N requests at once (default 10,000) against a budget that lets through a
                    tenth of them per second: peak RSS while they wait, every one answered
     workers        the admitted scenario against ``serve --workers 1`` and ``--workers 2``
@@ -71,12 +75,23 @@ PATH = "/api/v1/contacts"
 SCOPE = "contacts:read"
 SPENT_LIMITS = [(1, 3600.0)]
 
-SCENARIOS = ("admitted", "latency", "refusal", "unauthorized", "queued")
+SCENARIOS = (
+    "admitted",
+    "latency",
+    "refusal",
+    "unauthorized",
+    "cache_hit",
+    "cache_missing",
+    "queued",
+)
 DESCRIPTIONS = {
     "admitted": "admitted path, 50 connections: valid token, scope held, budget never binding",
     "latency": "added latency, 1 connection: the admitted request, one at a time",
     "refusal": "refusal path, 50 connections: budget spent (max_wait 0), every answer a 429",
     "unauthorized": "401 path, 50 connections: an unknown token, every answer a 401",
+    "cache_hit": "cache-hit path, 50 connections: the route kept (cache:), every answer a copy",
+    "cache_missing": "admitted path with cache: configured but the route not kept (shared"
+    " in-flight GETs only)",
     "queued": "N requests at once, queued for budget: peak RSS, every one answered",
 }
 TARGET_ORDER = ("gateway", "passthrough", "nginx")
@@ -93,6 +108,10 @@ PROFILED = (
 ADMITTED_RATIO = 0.85
 ADDED_P50_MS = 0.1
 REFUSAL_RATIO = 1.5
+CACHE_HIT_RATIO = 2.0
+# The cache sections of the cache scenarios' gateways.
+CACHE_HIT = {"routes": {PATH: 3600}}
+CACHE_MISSING = {"routes": {"/api/v1/tags": 60}}
 QUEUED_RSS_MB = 100.0
 
 
@@ -129,12 +148,19 @@ class Stack:
     pt: Proc | None  # None for the baseline: the floor is the same
     gw_queue: Gateway | None = None
     pt_queue: Proc | None = None
+    gw_cache: Gateway | None = None  # None: a baseline tree that knows no cache
+    gw_cache_missing: Gateway | None = None
+    cache_token: str = ""
+    cache_missing_token: str = ""
     token: str = ""
     spent_token: str = ""
     queue_token: str = ""
 
     def gateways(self) -> list[Gateway]:
         return [self.gw, self.gw_spent, *([self.gw_queue] if self.gw_queue else [])]
+
+    def cache_gateways(self) -> list[Gateway]:
+        return [g for g in (self.gw_cache, self.gw_cache_missing) if g is not None]
 
 
 @dataclass(frozen=True)
@@ -262,6 +288,10 @@ class Bench:
                 *(servers.create_token(self.session, g, SCOPE) for g in stack.gateways())
             )
             stack.queue_token = queue[0] if queue else ""
+            if stack.gw_cache is not None and stack.gw_cache_missing is not None:
+                stack.cache_token, stack.cache_missing_token = await asyncio.gather(
+                    *(servers.create_token(self.session, g, SCOPE) for g in stack.cache_gateways())
+                )
             # Spend the refusal gateway's whole budget (1 request per hour) once.
             auth = self._auth(stack.spent_token)
             status = await self._probe(stack.gw_spent.url + PATH, auth)
@@ -289,6 +319,16 @@ class Bench:
             if source
             else servers.start_passthrough(self.procs, up, cpu, f"passthrough{sfx}", loop),
         )
+        wanted = set(opts.scenarios)
+        if wanted & {"cache_hit", "cache_missing"} and (
+            source is None or servers.knows(source, "CacheConfig")
+        ):
+            stack.gw_cache = gateway(
+                f"gateway-cache{sfx}", limits=HUGE_LIMITS, max_wait=10, cache=CACHE_HIT
+            )
+            stack.gw_cache_missing = gateway(
+                f"gateway-cache-missing{sfx}", limits=HUGE_LIMITS, max_wait=10, cache=CACHE_MISSING
+            )
         if opts.run_queued:
             windows, per = opts.drain
             stack.gw_queue = gateway(
@@ -348,8 +388,19 @@ class Bench:
                 "latency": stack.token,
                 "refusal": stack.spent_token,
                 "unauthorized": UNKNOWN_TOKEN,
+                "cache_hit": stack.cache_token,
+                "cache_missing": stack.cache_missing_token,
             }[scenario]
-            gw = stack.gw_spent if scenario == "refusal" else stack.gw
+            gw: Gateway | None = {
+                "refusal": stack.gw_spent,
+                "cache_hit": stack.gw_cache,
+                "cache_missing": stack.gw_cache_missing,
+            }.get(scenario, stack.gw)
+            if gw is None:  # a baseline tree without the cache: the pass-through only
+                if scenario == "cache_missing":  # its plain gateway is the path compared
+                    gw, token = stack.gw, stack.token
+                else:
+                    continue
             name, auth = f"gateway{stack.suffix}", self._auth(token)
             out.append(Target(name, gw.url + PATH, auth, want, gw.pid))
             if stack.pt is not None:
@@ -542,6 +593,8 @@ class Bench:
                 for stack in self.stacks:
                     stack.gw.check_alive()
                     stack.gw_spent.check_alive()
+                    for gw in stack.cache_gateways():
+                        gw.check_alive()
             finally:
                 self.procs.close()
         result["meta"]["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
@@ -660,6 +713,9 @@ def _gateway_targets(scenarios: dict[str, Any], gw: str, tag: str) -> list[dict[
     if "refusal" in scenarios:
         ratio = scenarios["refusal"]["targets"][gw]["rps_ratio"]
         found.append(_at_least(f"refusal (429) req/s vs pass-through{tag}", ratio, REFUSAL_RATIO))
+    if "cache_hit" in scenarios and gw in scenarios["cache_hit"]["targets"]:
+        ratio = scenarios["cache_hit"]["targets"][gw]["rps_ratio"]
+        found.append(_at_least(f"cache hit req/s vs pass-through{tag}", ratio, CACHE_HIT_RATIO))
     if "queued" not in scenarios:  # --no-queued
         return found
     que = scenarios["queued"]["targets"][gw]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -374,9 +375,10 @@ def start_gateway(
     max_depth: int = 10_000,
     event_loop: str | None = "asyncio",
     source: Path | None = None,
+    cache: dict[str, Any] | None = None,
 ) -> Gateway:
     """The gateway of the throughput scenarios: state in a SQLite file, as ``serve`` keeps
-    it by default."""
+    it by default; ``cache``: its ``cache:`` section (none by default)."""
     state = f"sqlite:///{procs.tmp / name}.db"
     # The queued scenario holds max_depth connections at once, all from 127.0.0.1. A
     # baseline tree is given the connection bounds and the auth section only if it knows them.
@@ -392,7 +394,15 @@ def start_gateway(
         connections=connections,
         throttle=source is None or knows(source, "failures_per_client"),
     )
+    if cache is not None:
+        raw["cache"] = cache
     return launch_gateway(procs, name, raw, cpu, source=source)
+
+
+def _token_name(gw: Gateway) -> str:
+    """A token name of its own per gateway: active names are unique, and gateways on one
+    Redis share a token store."""
+    return "bench-" + re.sub(r"[^A-Za-z0-9._-]", "-", gw.name)[:58]
 
 
 async def create_token(session: aiohttp.ClientSession, gw: Gateway, scope: str) -> str:
@@ -411,7 +421,7 @@ async def create_token(session: aiohttp.ClientSession, gw: Gateway, scope: str) 
         await asyncio.sleep(0.05)
     async with session.post(
         gw.admin_url + "/admin/tokens",
-        json={"name": "bench", "scopes": [scope]},
+        json={"name": _token_name(gw), "scopes": [scope]},
         headers={"Authorization": f"Bearer {gw.admin_token}"},
     ) as resp:
         body = await resp.json()

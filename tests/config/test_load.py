@@ -52,13 +52,24 @@ from tests.config.conftest import ROOT, errors_of
             'admin_listen: must be "host:port" with a port in 1-65535, got "127.0.0.1:9\u00b2"',
         ),
         ({"upstream": {"colour": "blue"}}, "upstream.colour: unknown key"),
+        ({"upstrem": {}}, "upstrem: unknown key; did you mean 'upstream'?"),
+        (
+            {"upstream": {"timout_seconds": 3}},
+            "upstream.timout_seconds: unknown key; did you mean 'timeout_seconds'?",
+        ),
         (
             {"logging": {"format": "xml"}},
-            'logging.format: must be one of the allowed values, got "xml"',
+            "logging.format: must be one of 'json' or 'text', got \"xml\"",
         ),
         ({"upstream": {"api_key": "sk-inline"}}, None),
         ({"upstream": {"api_key": {"env": "A", "file": "/b"}}}, None),
         ({"state": "postgres://x"}, None),
+        (
+            {"token_store": "postgresql://gw@db/tokens?sslmode=maybe"},
+            "token_store: sslmode must be one of disable, prefer, require, verify-ca, verify-full",
+        ),
+        ({"token_store": "sqlite:///tokens.db"}, None),
+        ({"postgres": {"pool_size": 0}}, "postgres.pool_size: must be a positive integer, got 0"),
         ({"upstream": {"base_url": "ftp://echo.win"}}, None),
         ({"upstream": {"extra_keys": {"default": {"env": "X"}}}}, None),
     ],
@@ -75,6 +86,28 @@ def test_inline_secret_is_refused_without_echoing_it() -> None:
     lines = errors_of({"upstream": {"api_key": "sk-live-very-secret"}})
     assert lines and all("sk-live-very-secret" not in line for line in lines)
     assert lines[0].startswith("upstream.api_key")
+
+
+def test_a_token_store_password_is_refused_without_echoing_it() -> None:
+    lines = errors_of({"token_store": "postgresql://gw:pg-very-secret@db/tokens"})
+    assert lines == [
+        "token_store: a postgresql:// URL must not carry a password;"
+        " set postgres.password (from env or file) instead"
+    ]
+
+
+def test_the_postgres_password_is_read_only_for_a_postgres_token_store() -> None:
+    from proxy.config import resolve_secrets
+
+    raw = {"postgres": {"password": {"env": "PG_PW"}}}
+    env = {"ECHOWIN_API_KEY": "k", "PG_PW": "pg-secret"}
+    assert resolve_secrets(parse_config(raw), env).token_store_password is None
+    raw["token_store"] = "postgresql://gw@db/tokens"
+    secret = resolve_secrets(parse_config(raw), env).token_store_password
+    assert secret is not None and secret.reveal() == "pg-secret"
+    assert "pg-secret" not in repr(secret)
+    with pytest.raises(ConfigError, match=r"postgres\.password: environment variable PG_PW"):
+        resolve_secrets(parse_config(raw), {"ECHOWIN_API_KEY": "k"})
 
 
 def test_every_error_is_reported_at_once() -> None:

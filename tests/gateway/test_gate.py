@@ -17,7 +17,16 @@ from proxy.config import parse_config, resolve_secrets
 from proxy.errors import Reason
 from proxy.gateway import answers
 from proxy.gateway.account import Exchange
-from proxy.gateway.gate import AUTH_FAILURES, Passed, Refused, Unverified, client, gate, judge
+from proxy.gateway.gate import (
+    AUTH_FAILURES,
+    OTHER_SCHEME,
+    Passed,
+    Refused,
+    Unverified,
+    client,
+    gate,
+    judge,
+)
 from proxy.runtime import Runtime
 from proxy.state import SharedSlotsHooks, open_state
 from tests.conftest import ENV, gateway_config
@@ -74,7 +83,12 @@ async def test_no_token_is_refused_without_a_lookup() -> None:
     rt = await runtime()
     assert gate(rt, "GET", "/api/v1/contacts", fields(), PEER) == Refused(Reason.MISSING)
     basic = CIMultiDict({"Authorization": "Basic abc"})
-    assert gate(rt, "GET", "/api/v1/contacts", basic, PEER) == Refused(Reason.MISSING)
+    other = Refused(Reason.MISSING, detail=OTHER_SCHEME)  # answered: scheme not recognised
+    assert gate(rt, "GET", "/api/v1/contacts", basic, PEER) == other
+    bare = CIMultiDict({"Authorization": "egw_" + "0" * 12 + "_" + "A" * 43})
+    assert gate(rt, "GET", "/api/v1/contacts", bare, PEER) == other
+    empty = CIMultiDict({"Authorization": "Bearer "})
+    assert gate(rt, "GET", "/api/v1/contacts", empty, PEER) == Refused(Reason.MISSING)
 
 
 async def test_each_bad_token_is_refused_for_its_own_reason() -> None:

@@ -379,3 +379,33 @@ async def test_fields_made_neighbours_by_a_dropped_field_are_checked_again(
             values = "".join(v for k, v in resp.headers.items() if k.startswith("X-Debug"))
     assert TEAM_KEY not in values
     assert "X-Debug-B" not in resp.headers
+
+
+async def test_fields_around_a_dropped_content_encoding_are_checked_again(
+    make_gateway: MakeGateway,
+) -> None:
+    """A gzip answer holding the key is sent inflated, its Content-Encoding dropped: the
+    fields either side of it, side by side now, would spell the key: they go too."""
+    key = TEAM_KEY.encode()
+    payload = gzip.compress(b'{"echo": "' + key + b'"}')
+    answer = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+        b"X-Debug-A: " + key[:10] + b"\r\nContent-Encoding: gzip\r\n"
+        b"X-Debug-C: " + key[10:] + b"\r\n"
+        b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(payload) + payload
+    )
+    async with raw_upstream(answer) as url:
+        gw = await make_gateway(url)
+        token = await gw.token("contacts:read")
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(
+                gw.url("/api/v1/contacts"), headers={"Authorization": f"Bearer {token}"}
+            ) as resp,
+        ):
+            body = await resp.read()
+            values = "".join(v for k, v in resp.headers.items() if k.startswith("X-Debug"))
+    assert resp.status == 200
+    assert "Content-Encoding" not in resp.headers
+    assert key not in body and b"*" * len(key) in body
+    assert TEAM_KEY not in values

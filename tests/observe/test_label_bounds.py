@@ -56,11 +56,11 @@ def _tokens(series: dict[tuple[tuple[str, str], ...], float]) -> set[str]:
 def test_10000_tokens_keep_metrics_bounded_and_the_busy_ones_visible() -> None:
     clock = Clock()
     metrics = Metrics()
-    metrics.token_labels = BusiestNames(limit=LIMIT, period=60, clock=clock)
+    metrics.labels.tokens = BusiestNames(limit=LIMIT, period=60, clock=clock)
     busy = [f"svc-busy-{i}" for i in range(10)]
 
     def request(name: str, status: str = "200") -> None:
-        metrics.requests.inc(metrics.token_label(name), "/api/v1/contacts", "GET", status)
+        metrics.requests.inc(metrics.labels.token(name), "/api/v1/contacts", "GET", status)
 
     for i in range(TOKENS):  # every token once: the first LIMIT take the labels
         request(f"svc-{i:05d}")
@@ -100,20 +100,20 @@ def test_10000_tokens_keep_metrics_bounded_and_the_busy_ones_visible() -> None:
 def test_histograms_by_credential_keep_the_busiest_keys_and_other() -> None:
     clock = Clock()
     metrics = Metrics()
-    metrics.credential_labels = BusiestNames(limit=5, period=60, clock=clock)
+    metrics.labels.credentials = BusiestNames(limit=5, period=60, clock=clock)
     for i in range(500):  # 500 keys from a keys file, a request each
         metrics.waited(f"team-{i:03d}", 0.0)
-        metrics.upstream_answered(f"team-{i:03d}", "/api/v1/contacts", 0.01, 200)
+        answered(metrics, f"team-{i:03d}")
     for _ in range(10):
         metrics.waited("team-499", 0.0)
-        metrics.upstream_answered("team-499", "/api/v1/contacts", 0.01, 200)
+        answered(metrics, "team-499")
     text = metrics.exposition().decode()
     waits = _label_values(text, "echowin_gateway_queue_wait_seconds_count", "credential")
     assert waits == {"team-000", "team-001", "team-002", "team-003", "team-004", OTHER}
     clock.now += 60
     metrics.exposition()  # ranked: team-499 was the busiest
     metrics.waited("team-499", 0.0)
-    metrics.upstream_answered("team-499", "/api/v1/contacts", 0.01, 200)
+    answered(metrics, "team-499")
     text = metrics.exposition().decode()
     for family in ("queue_wait_seconds_count", "upstream_duration_seconds_count"):
         values = _label_values(text, f"echowin_gateway_{family}", "credential")
@@ -121,6 +121,13 @@ def test_histograms_by_credential_keep_the_busiest_keys_and_other() -> None:
     # The counters by credential keep every key: an alert on one key reads them.
     responses = _label_values(text, "echowin_gateway_upstream_responses_total", "credential")
     assert len(responses) == 500
+
+
+def answered(metrics: Metrics, credential: str) -> None:
+    """What proxy/gateway/forward.py counts of an answer from echowin."""
+    label = metrics.labels.credential_now(credential)
+    metrics.upstream_duration.observe(0.01, label, "/api/v1/contacts")
+    metrics.upstream_responses.inc(credential, "200")
 
 
 def _label_values(text: str, sample: str, label: str) -> set[str]:

@@ -1,8 +1,9 @@
 """The TokenStore contract, run against every backend, plus SQLite specifics and URL parsing.
 
 To add a backend, add its name to BACKENDS and a case to the ``store`` fixture; every
-contract test then runs against it unchanged. Redis is the real server at ``REDIS_URL``: when
-it does not answer, the Redis tests FAIL (never skip), so CI cannot pass without it.
+contract test then runs against it unchanged. Redis is the real server at ``REDIS_URL``,
+PostgreSQL the real server of tests/state/postgres.py (a database of this session): when
+either does not answer, its tests FAIL (never skip), so CI cannot pass without it.
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ from proxy.state import (
     parse_state_url,
 )
 from proxy.state.sqlite.connection import SCHEMA_VERSION, open_sqlite
+from tests.state.pg_server import empty_tables
 
-BACKENDS = ["memory", "sqlite", "redis"]
+BACKENDS = ["memory", "sqlite", "redis", "postgresql"]
 T0 = 1_700_000_000.0
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -74,15 +76,19 @@ async def redis_scratch() -> AsyncIterator[tuple[Redis, str]]:
 @pytest.fixture(params=BACKENDS)
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[TokenStore]:
     async with AsyncExitStack() as stack:
-        if request.param == "redis":
+        if request.param == "postgresql":
+            url = request.getfixturevalue("pg_session_url")
+            stack.push_async_callback(empty_tables, url)
+            opened = await open_token_store(url)
+        elif request.param == "redis":
             # As the gateway runs it: on a client shared with the budget, under its own prefix.
             client, prefix = await stack.enter_async_context(scratch_redis())
             opened = await open_token_store(
                 REDIS_URL, redis_options=RedisOptions(key_prefix=prefix), redis_client=client
             )
         else:
-            url = {"memory": "memory://", "sqlite": f"sqlite:///{tmp_path}/state.db"}
-            opened = await open_token_store(url[request.param])
+            urls = {"memory": "memory://", "sqlite": f"sqlite:///{tmp_path}/state.db"}
+            opened = await open_token_store(urls[request.param])
         yield opened
         await opened.close()
 
@@ -352,6 +358,8 @@ def test_state_all_is_pinned() -> None:
     assert sorted(proxy.state.__all__) == [
         "MemorySendLog",
         "MemoryTokenStore",
+        "PostgresOptions",
+        "PostgresTokenStore",
         "RedisOptions",
         "RedisTokenStore",
         "SharedSlotsHooks",
@@ -364,6 +372,7 @@ def test_state_all_is_pinned() -> None:
         "open_state",
         "open_token_store",
         "parse_state_url",
+        "postgres_options",
         "redis_options",
         "state_password",
     ]
@@ -447,8 +456,9 @@ async def test_errors_never_repeat_credentials() -> None:
         "redis://cache/hunter2",
         "redis://cache/0?password=hunter2",
         "postgres://user:hunter2@db/x",
+        "postgresql://user:hunter2@db:5432/x",
     ):
-        with pytest.raises(ValueError, match=r"^state:") as caught:
+        with pytest.raises(ValueError, match=r"^(state|token_store):") as caught:
             await open_token_store(url)
         assert "hunter2" not in str(caught.value)
 

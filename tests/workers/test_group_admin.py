@@ -5,14 +5,21 @@ tests/test_workers.py.)"""
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as openmetrics_families,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.config import ConfigError, parse_config, unshared_state
-from proxy.workers.group_admin import merge_metrics
+from proxy.observe.metrics import expose
+from proxy.workers.group_metrics import merge_metrics
 from proxy.workers.group_status import merge_credentials, merge_status
 from proxy.workers.supervisor import exit_status, resolve_workers
 
@@ -30,7 +37,9 @@ def worker_page(requests: float, depth: float) -> str:
 def test_merged_metrics_label_every_sample_and_describe_each_family_once() -> None:
     own = CollectorRegistry()
     Gauge("egw_queue_depth", "Waiting.", registry=own).set(0)
-    text = merge_metrics({"0": worker_page(3, 1), "1": worker_page(4, 2)}, own.collect()).decode()
+    text = generate_latest(
+        merge_metrics({"0": worker_page(3, 1), "1": worker_page(4, 2)}, own.collect())
+    ).decode()
     types = [line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")]
     assert len(types) == len(set(types)), text
     assert text.count("# HELP egw_requests_total ") == 1
@@ -53,7 +62,9 @@ def test_merged_metrics_label_every_sample_and_describe_each_family_once() -> No
 
 
 def test_a_page_that_does_not_parse_is_left_out() -> None:
-    text = merge_metrics({"0": worker_page(1, 0), "1": "# TYPE x counter\nx{ 1\n"}).decode()
+    text = generate_latest(
+        merge_metrics({"0": worker_page(1, 0), "1": "# TYPE x counter\nx{ 1\n"})
+    ).decode()
     workers = {s.labels["worker"] for f in text_string_to_metric_families(text) for s in f.samples}
     assert workers == {"0"}
 
@@ -141,3 +152,25 @@ def test_memory_state_is_refused_for_several_workers_only() -> None:
     assert "--workers 3" in unshared_state(config, "--workers", 3)
     redis = parse_config({"state": "redis://127.0.0.1:6379/0", "server": {"workers": 2}})
     assert unshared_state(redis, "server.workers") == ""
+
+
+def test_merged_metrics_as_openmetrics_are_valid(tmp_path: Path) -> None:
+    """What a Prometheus asking for OpenMetrics gets from ``serve --workers N``: the merged
+    families, each once, that the OpenMetrics parser and promtool accept."""
+    registry = merge_metrics({"0": worker_page(3, 1), "1": worker_page(4, 2)})
+    answer = expose(registry, "application/openmetrics-text; version=1.0.0", None)
+    assert answer.headers["Content-Type"].startswith("application/openmetrics-text")
+    text = answer.body.decode()
+    assert text.endswith("# EOF\n")
+    families = list(openmetrics_families(text))
+    assert len({f.name for f in families}) == len(families)
+    requests = [s for f in families for s in f.samples if s.name == "egw_requests_total"]
+    assert {s.labels["worker"]: s.value for s in requests} == {"0": 3, "1": 4}
+    page = tmp_path / "metrics.txt"
+    page.write_bytes(answer.body)
+    if shutil.which("promtool"):
+        with page.open("rb") as stdin:
+            checked = subprocess.run(
+                ["promtool", "check", "metrics"], stdin=stdin, capture_output=True, check=False
+            )
+        assert b"error" not in checked.stderr.lower(), checked.stderr

@@ -259,7 +259,7 @@ async def test_both_workers_serve_one_port_behind_one_admin_listener(
         s.labels.get("worker") for f in text_string_to_metric_families(text) for s in f.samples
     }
     assert workers == {"0", "1", "supervisor"}
-    supervisor_cpu = by_worker(text, "echowin_gateway_process_cpu_seconds_total")
+    supervisor_cpu = by_worker(text, "process_cpu_seconds_total")
     assert set(supervisor_cpu) == {"0", "1", "supervisor"}
 
     # The budget as the group sees it: every send, whichever worker made it.

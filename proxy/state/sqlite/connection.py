@@ -29,7 +29,9 @@ T = TypeVar("T")
 
 class StateFileError(RuntimeError):
     """The state file cannot be used: not created, not a database, read-only, or of a newer
-    schema. The message starts ``state:`` and names the file (a path holds no secret)."""
+    schema. The message starts ``state:`` and names the file (a path holds no secret).
+    ``serve`` and the ``token`` commands answer it with that one line, exit status 1; the
+    PostgreSQL token store's ``PostgresStoreError`` is one too (``token_store:``)."""
 
 
 BUSY_TIMEOUT_SECONDS = 5.0
@@ -87,6 +89,20 @@ SCHEMA_MIGRATIONS: tuple[tuple[str, ...], ...] = (
             due REAL NOT NULL,
             PRIMARY KEY (credential, owner)
         ) WITHOUT ROWID""",
+    ),
+    # 4 -> 5: the audit log of token operations (proxy.auth.audit.AuditEntry), append-only;
+    # ``detail`` is a JSON object.
+    (
+        """CREATE TABLE token_audit (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            at REAL NOT NULL,
+            action TEXT NOT NULL,
+            token_id TEXT NOT NULL,
+            actor TEXT,
+            address TEXT,
+            detail TEXT NOT NULL
+        )""",
+        "CREATE INDEX token_audit_by_token ON token_audit (token_id, seq)",
     ),
 )
 """Entry ``i`` takes the schema from ``PRAGMA user_version`` ``i`` to ``i + 1``. Only append."""

@@ -7,6 +7,7 @@ import json
 import sqlite3
 from typing import Any, Unpack
 
+from proxy.auth.audit import MAX_AUDIT_PAGE, AuditEntry
 from proxy.auth.tokens import TokenChanges, TokenRecord, apply_changes
 from proxy.state.sqlite.connection import Connection, transaction
 
@@ -98,6 +99,44 @@ def _update(conn: sqlite3.Connection, token_id: str, changes: TokenChanges) -> T
         return updated
 
 
+def _append(conn: sqlite3.Connection, entry: AuditEntry) -> None:
+    conn.execute(
+        "INSERT INTO token_audit (at, action, token_id, actor, address, detail)"
+        " VALUES (?, ?, ?, ?, ?, ?)",
+        (
+            entry.at,
+            entry.action,
+            entry.token_id,
+            entry.actor,
+            entry.address,
+            json.dumps(dict(entry.detail), sort_keys=True),
+        ),
+    )
+
+
+def _entries(conn: sqlite3.Connection, token_id: str | None, limit: int) -> list[AuditEntry]:
+    select = "SELECT seq, at, action, token_id, actor, address, detail FROM token_audit"
+    limit = max(1, min(limit, MAX_AUDIT_PAGE))
+    if token_id is None:
+        rows = conn.execute(select + " ORDER BY seq DESC LIMIT ?", (limit,))
+    else:
+        rows = conn.execute(
+            select + " WHERE token_id = ? ORDER BY seq DESC LIMIT ?", (token_id, limit)
+        )
+    return [
+        AuditEntry(
+            at=at,
+            action=action,
+            token_id=tid,
+            actor=actor,
+            address=address,
+            detail=json.loads(detail),
+            seq=seq,
+        )
+        for seq, at, action, tid, actor, address, detail in rows
+    ]
+
+
 class SqliteTokenStore(Connection):
     """``proxy.auth.tokens.TokenStore`` on one SQLite connection, which it owns and closes.
 
@@ -121,6 +160,15 @@ class SqliteTokenStore(Connection):
 
     async def update(self, token_id: str, **changes: Unpack[TokenChanges]) -> TokenRecord | None:
         return await self._run(lambda conn: _update(conn, token_id, changes))
+
+    async def append(self, entry: AuditEntry) -> None:
+        """One row of the audit log (``proxy.auth.audit.AuditLog``)."""
+        await self._run(lambda conn: _append(conn, entry))
+
+    async def entries(
+        self, *, token_id: str | None = None, limit: int = 100
+    ) -> builtins.list[AuditEntry]:
+        return await self._run(lambda conn: _entries(conn, token_id, limit))
 
     async def ping(self) -> None:
         """Raises ``sqlite3.Error`` if the database cannot answer, e.g. once closed."""
