@@ -158,7 +158,13 @@ async def make_tokens(setup: Setup, count: int, keys: int, spread: int = 0) -> N
     timeout = aiohttp.ClientTimeout(total=30)
     async with aiohttp.ClientSession(headers=auth, timeout=timeout) as session:
         work = asyncio.gather(*(one(session, i) for i in range(count)))
-        await asyncio.wait_for(work, timeout=CREATE_SECONDS)
+        try:
+            await asyncio.wait_for(work, timeout=CREATE_SECONDS)
+        except TimeoutError:
+            made = sum(1 for t in tokens if t)
+            raise RuntimeError(
+                f"{gw.name}: {made} of {count} tokens made in {CREATE_SECONDS:.0f} s"
+            ) from None
     setup.create_seconds = round(time.monotonic() - started, 2)
     setup.tokens = tokens
     setup.rss_tokens_mb = rss_mb(gw.pid)
