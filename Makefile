@@ -42,7 +42,7 @@ unit-workers: $(VENV)/.installed
 
 # The performance harness (docs/performance.md): a few minutes; writes bench.json, bench.md.
 bench: $(VENV)/.installed
-	$(BIN)/python -m tests.bench.harness --json bench.json --markdown bench.md
+	$(BIN)/python -m tests.bench.harness --tracing --json bench.json --markdown bench.md
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)

@@ -28,6 +28,9 @@ The listeners (proxy/server/):
   ``BaseRequest.writer.output_size`` (:func:`answer_started`);
 - ``BaseRequest.protocol``: the connection's handler, read once per request by
   proxy/server/proxy_handler.py (``take_held``, ``on_its_way``);
+- ``BaseRequest._headers``: what ``request.headers`` returns, and ``BaseRequest._cache``,
+  the dict where aiohttp's ``reify`` keeps it once read (``"headers"``), both named in
+  ``BaseRequest.ATTRS`` (:func:`replace_fields`, for tracing's ``traceparent``);
 - ``aiohttp.web_response.SERVER_SOFTWARE``: the ``Server`` field of an answer that sets
   none, a module global read as each head is written (:func:`name_servers`);
 - a class changed on an object aiohttp made (:func:`retype`): the Server, and the proxy
@@ -54,6 +57,7 @@ from aiohttp import web, web_response
 from aiohttp.client_proto import ResponseHandler
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from aiohttp.http_writer import StreamWriter
+from multidict import CIMultiDictProxy
 
 AIOHTTP_SERIES = "3.14"
 """The minor series these names were read from (pyproject.toml pins aiohttp to it)."""
@@ -201,6 +205,16 @@ def start_exchange(
     return StreamWriter(proto, loop)
 
 
+def replace_fields(request: web.BaseRequest, fields: CIMultiDictProxy[str]) -> None:
+    """``request.headers`` is ``fields`` from now on (``raw_headers`` stay as received).
+    aiohttp's own ``clone(headers=...)`` makes a new request, its URL and raw fields again,
+    at ten times the cost."""
+    if not {"_headers", "_cache"} <= web.BaseRequest.ATTRS:
+        raise AiohttpChanged("aiohttp.web.BaseRequest._headers or ._cache is gone")
+    request._headers = fields
+    request._cache["headers"] = fields  # where reify keeps ``headers`` once read
+
+
 def name_servers(name: str) -> None:
     """The ``Server`` field of every answer this process's aiohttp servers write without
     one: ``name``, instead of aiohttp's default naming Python's and aiohttp's versions. It
@@ -227,6 +241,7 @@ __all__ = [
     "line_limit",
     "name_servers",
     "new_handler",
+    "replace_fields",
     "retype",
     "start_exchange",
     "writing_paused",

@@ -19,6 +19,7 @@ from proxy.auth.authenticator import AuthResult
 from proxy.config import GatewayConfig, Secrets
 from proxy.gateway.handler import WATCHES, expect_later, handle, lobby_decider
 from proxy.gateway.keywatch import Watches
+from proxy.gateway.traced import traced_handle
 from proxy.reload import EarlyHangups, reload_config
 from proxy.runtime import RUNTIME, Runtime
 from proxy.server.guard import Guard, MalformedLog
@@ -68,7 +69,9 @@ def build_proxy_app(runtime: Runtime) -> web.Application:
 
     app.cleanup_ctx.append(lifecycle)
     # No "100 Continue" before the request is authenticated and admitted (expect_later).
-    app.router.add_route("*", "/{tail:.*}", handle, expect_handler=expect_later)
+    # With tracing on, every request through traced_handle; without, no trace of it.
+    entry = handle if runtime.trace_settings is None else traced_handle
+    app.router.add_route("*", "/{tail:.*}", entry, expect_handler=expect_later)
     _OneRoute.over(app.router)
     return app
 

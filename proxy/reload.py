@@ -24,6 +24,7 @@ RESTART_ONLY = (
     "replicas",
     "on_state_failure",
     "cache",
+    "tracing",
 )
 RESTART_ONLY_UPSTREAM = (
     "base_url",

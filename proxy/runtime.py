@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections import Counter
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -31,14 +33,21 @@ from proxy.budget.windows import Limit
 from proxy.cache.channel import open_purge_channel
 from proxy.cache.keeper import GatewayCache
 from proxy.cache.purge import EVERYTHING
-from proxy.config import AGENCY_KEY_NAME, GatewayConfig, Secrets
+from proxy.config import AGENCY_KEY_NAME, GatewayConfig, Secrets, TracingConfig, tracing_from_env
+from proxy.observe.history import QueueHistory
 from proxy.observe.logs import AccessLog, setup_logging
 from proxy.observe.metrics import Metrics
 from proxy.observe.request_ids import RequestIds
 from proxy.state import SharedSlotsHooks, State, open_state
 from proxy.upstream import Upstream
 
+if TYPE_CHECKING:  # OpenTelemetry is loaded only when tracing is on
+    from proxy.observe.tracing import Tracing
+
 log = logging.getLogger("echowin_gateway.state")
+
+QUEUE_SAMPLE_SECONDS = 1.0
+"""How often the queue depth of each credential is sampled for the status page's history."""
 
 
 @dataclass(slots=True)
@@ -67,15 +76,23 @@ class Runtime:
     # A worker of serve --workers N: its group's private directory and its index (the
     # cache's purges reach the other workers there when the state is not in Redis).
     siblings: tuple[str, int] | None = None
+    # Tracing (``tracing:`` or OTEL_* variables): what it runs with, decided once; the
+    # tracer, opened with the runtime. Both None when it is off.
+    trace_settings: TracingConfig | None = field(init=False)
+    tracing: Tracing | None = None
     _state: State | None = None
     _auth: TokenAuthenticator | None = None
     _upstream: Upstream | None = None
+    # The deepest queue per credential in each of the last 60 minutes (the status page).
+    queue_history: QueueHistory = field(default_factory=QueueHistory)
     _pruner: asyncio.Task[None] | None = None
     _reloading: asyncio.Task[None] | None = None  # a reload opening new keys' lanes
+    _sampler: asyncio.Task[None] | None = None
 
     def __post_init__(self) -> None:
         self.trusted_proxies = TrustedProxies.parse(self.config.server.trusted_proxies)
         self.auth_throttle = _auth_throttle(self.config)
+        self.trace_settings = tracing_from_env(self.config.tracing, os.environ)
         self._configure_metrics(self.config)
 
     def _configure_metrics(self, config: GatewayConfig) -> None:
@@ -190,6 +207,10 @@ class Runtime:
             )
         if state.send_log is not None:
             self._pruner = asyncio.get_running_loop().create_task(self._prune_forever())
+        self._sampler = asyncio.get_running_loop().create_task(self._sample_forever())
+        if self.trace_settings is not None:
+            headers = {k: v.reveal() for k, v in self.secrets.tracing_headers.items()}
+            self.tracing = _open_tracing(self.trace_settings, headers, cfg.upstream.base_url)
 
     def _state_reset(self) -> None:
         """Redis lost its data: say so, and where the tokens are (lost with it, or not)."""
@@ -290,16 +311,29 @@ class Runtime:
                 with contextlib.suppress(Exception):
                     await self._state.send_log.prune(time.time() - self._horizon() - 60)
 
+    async def _sample_forever(self) -> None:
+        """Each credential's queue depth into ``queue_history``, every QUEUE_SAMPLE_SECONDS:
+        a dict walk a second, nothing on a request's path."""
+        while True:
+            if isinstance(self.admitter, Scheduler):
+                now = time.time()
+                for name, lane in self.admitter.lanes.items():
+                    self.queue_history.sample(name, now, lane.depth)
+            await asyncio.sleep(QUEUE_SAMPLE_SECONDS)
+
     async def close(self) -> None:
         self.access_log.close()  # what waits is written; later lines go out at once
         if self._reloading is not None:
             self._reloading.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reloading
-        if self._pruner is not None:
-            self._pruner.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._pruner
+        if self.tracing is not None:  # the last spans exported, off the event loop
+            await asyncio.to_thread(self.tracing.shutdown)
+        for task in (self._pruner, self._sampler):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self.admitter.close()
         if self.cache is not None:
             await self.cache.close()
@@ -307,6 +341,16 @@ class Runtime:
             await self._upstream.close()
         if self._state is not None:
             await self._state.close()
+
+
+def _open_tracing(settings: TracingConfig, headers: dict[str, str], base_url: str) -> Tracing:
+    """The tracer (proxy/observe/tracing.py, imported only now: the ``otel`` extra);
+    ``headers``: ``tracing.headers``, resolved."""
+    from proxy.observe.tracing import Tracing
+
+    upstream = urlsplit(base_url)
+    port = upstream.port or (443 if upstream.scheme == "https" else 80)
+    return Tracing(settings, headers, os.environ, (upstream.hostname or "", port))
 
 
 def _auth_throttle(config: GatewayConfig) -> AuthThrottle:

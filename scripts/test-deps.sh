@@ -49,6 +49,14 @@ if ! (exec 3<>/dev/tcp/127.0.0.1/5432) 2>/dev/null; then
   "${as_pg[@]}" "$pg_bin/pg_ctl" -D "$pgdata" -l "$pgdata/server.log" -w -t 30 start \
     -o "-c listen_addresses=127.0.0.1 -p 5432 -k /tmp" >/dev/null
 fi
+# Redis Sentinel and Cluster: tests/state/redis/shapes.py starts a master, a replica and
+# three redis-sentinel processes, and clusters joined by `redis-cli --cluster create`, on free
+# loopback ports; tests/state/redis/test_tls_acl.py a TLS-only redis-server (Debian's build
+# has TLS: `redis-server --tls-port` works). They fail, never skip, without these binaries.
+if ! command -v redis-sentinel >/dev/null 2>&1 || ! command -v redis-cli >/dev/null 2>&1; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-sentinel redis-tools
+fi
+# (The package's own sentinel service, if it starts, is not used: the tests pick free ports.)
 
 # Prometheus: tests/test_observability.py runs promtool on the alert rules and the dashboard's
 # queries, and starts its own prometheus on a free loopback port; it fails (never skips)
@@ -74,7 +82,8 @@ if ! command -v chromium >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium
 fi
 
-# openssl: tests/test_upstream.py makes a throwaway certificate for its TLS upstream.
+# openssl: tests/test_upstream.py makes a throwaway certificate for its TLS upstream, and
+# tests/state/redis/shapes.py a CA and certificates for the TLS Redis.
 if ! command -v openssl >/dev/null 2>&1; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends openssl

@@ -60,6 +60,8 @@ SLOTS = [
     (web.AppRunner, "_shutdown_timeout"),
 ]
 PROPERTIES = [(ResponseHandler, "should_close"), (web.BaseRequest, "protocol")]
+# Attributes aiohttp names as a request's own (BaseRequest.ATTRS), set by the gateway.
+REQUEST_ATTRS = ["_headers", "_cache"]
 
 
 def _name(cls: type, attr: str) -> str:
@@ -199,6 +201,7 @@ def test_no_other_module_imports_aiohttps_private_modules() -> None:
 def test_the_compat_docstring_lists_every_internal_checked_here() -> None:
     doc = compat.__doc__ or ""
     names = {m for _, m, _ in METHODS + KEYWORDS} | {a for _, a in SLOTS + PROPERTIES}
+    names |= set(REQUEST_ATTRS)
     names -= {"__init__"}
     missing = [n for n in sorted(names) if n not in doc]
     assert not missing, f"proxy/aiohttp_compat.py's docstring lacks {missing}"
@@ -218,3 +221,24 @@ async def test_the_server_field_of_every_answer_is_the_name_given(
     client = await aiohttp_client(app)
     resp = await client.get("/")
     assert resp.headers["Server"] == "echowin-gateway"
+
+
+async def test_replaced_fields_are_the_requests_headers(aiohttp_client: Any) -> None:
+    """replace_fields sets what request.headers returns, on aiohttp's own request."""
+    from multidict import CIMultiDict, CIMultiDictProxy
+
+    assert set(REQUEST_ATTRS) <= web.BaseRequest.ATTRS
+
+    async def echo(request: web.Request) -> web.Response:
+        fields = CIMultiDict(request.headers)  # read once: reify keeps it
+        fields["traceparent"] = "replaced"
+        compat.replace_fields(request, CIMultiDictProxy(fields))
+        return web.json_response(
+            {"seen": request.headers.get("traceparent"), "kept": request.headers.get("X-Kept")}
+        )
+
+    app = web.Application()
+    app.router.add_get("/", echo)
+    client = await aiohttp_client(app)
+    resp = await client.get("/", headers={"traceparent": "caller", "X-Kept": "yes"})
+    assert await resp.json() == {"seen": "replaced", "kept": "yes"}

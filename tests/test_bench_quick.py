@@ -28,6 +28,7 @@ MEASURED_KEYS = {"rps", "p50_ms", "p90_ms", "p99_ms", "rounds", "rps_ratio", "p5
 def test_quick_mode_reports_every_scenario(tmp_path: Path) -> None:
     out_json, out_md = tmp_path / "bench.json", tmp_path / "bench.md"
     cmd = [sys.executable, "-m", "tests.bench.harness", "--quick", "--queued", str(QUEUED)]
+    cmd += ["--tracing"]
     cmd += ["--json", str(out_json), "--markdown", str(out_md)]
     run = subprocess.run(
         cmd,
@@ -62,6 +63,11 @@ def test_quick_mode_reports_every_scenario(tmp_path: Path) -> None:
             # Every answer had the scenario's status (200, or 429/401 from the gateway).
             assert entry["all_as_expected"], (name, target, entry["rounds"])
             assert entry["rounds"][0]["requests"] > 0
+    for name in harness.TRACED_SCENARIOS:  # --tracing: the traced gateways beside
+        assert {"gateway+trace100", "gateway+trace1"} <= set(result["scenarios"][name]["targets"])
+    # What the traced gateways exported reached the sink: three spans per recorded request.
+    sink = result["meta"]["otlp_sink"]
+    assert sink["exports"] > 0 and sink["spans"] >= 3
     want = {"refusal": 429, "unauthorized": 401}
     for name, status in want.items():
         assert result["scenarios"][name]["probes"]["gateway"] == status
@@ -84,6 +90,7 @@ def test_quick_mode_reports_every_scenario(tmp_path: Path) -> None:
     assert "| Scenario | Server |" in table
     assert "| Target | Wanted | Measured | Met |" in table
     assert "| gateway-2w |" in table
+    assert "| admitted | gateway+trace100 vs gateway |" in table
 
 
 async def test_python_load_generator_and_burst(aiohttp_server: ServerFactory) -> None:

@@ -1,6 +1,7 @@
-"""At a glance without Grafana: each upstream key's windows as bars, the queue, and the
-busiest tokens. Served by the admin listener as HTML (/status) and JSON (/status.json),
-and drawn in a terminal by ``echowin-gateway status``.
+"""At a glance without Grafana: each upstream key's windows as bars, its last hour as a
+picture (sends per minute against its limits, and the queue: proxy/admin/status_svg.py),
+and the busiest tokens. Served by the admin listener as HTML (/status) and JSON
+(/status.json), and drawn in a terminal by ``echowin-gateway status``.
 
 Like /metrics it shows token names and budgets, never a token or a key.
 """
@@ -8,24 +9,58 @@ Like /metrics it shows token names and budgets, never a token or a key.
 from __future__ import annotations
 
 import html
-from collections.abc import Mapping
+import time
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from aiohttp import web
 
 from proxy import __version__
+from proxy.admin.status_svg import SVG_STYLE, history_svg
+from proxy.budget.scheduler import Scheduler
+from proxy.observe.history import first_minute, sends_per_minute
 from proxy.runtime import RUNTIME, Runtime
 
 BUSIEST = 10
 
 
+def _histories(rt: Runtime, credentials: dict[str, Any]) -> None:
+    """Add each credential's last hour (``history``) to its ``credentials`` entry: sends
+    per minute counted from the budget's own log (every process's and replica's sends,
+    as this process last saw them), and the deepest queue this process sampled."""
+    if not isinstance(rt.admitter, Scheduler):
+        return
+    now = time.time()
+    for name, lane in rt.admitter.lanes.items():
+        if name not in credentials:
+            continue
+        budget = lane.source.budget
+        longest = max(limit.per_seconds for limit in budget.limits) + budget.guard
+        credentials[name]["history"] = {
+            "start": first_minute(now),
+            "sends": sends_per_minute(budget.counted(), now, now - longest),
+            "queue_max": rt.queue_history.series(name, now),
+        }
+
+
+async def _refresh(rt: Runtime) -> None:
+    """Bring each credential's view of the budget up to date (a shared one in Redis may
+    be up to its mirror's age old), as a prediction would."""
+    if isinstance(rt.admitter, Scheduler):
+        for lane in rt.admitter.lanes.values():
+            await lane.source.refresh(time.time())
+
+
 def status_data(rt: Runtime) -> dict[str, Any]:
-    """The status as JSON-able data: credentials (windows, queue, freeze) and tokens."""
+    """The status as JSON-able data: credentials (windows, queue, freeze, last hour) and
+    tokens."""
     names = rt.usage_names
     busiest = sorted(rt.usage.items(), key=lambda item: -sum(item[1].values()))[:BUSIEST]
+    credentials = rt.admitter.snapshot()
+    _histories(rt, credentials)
     return {
         "version": __version__,
-        "credentials": rt.admitter.snapshot(),
+        "credentials": credentials,
         "cache": None if rt.cache is None else rt.cache.snapshot(),
         "busiest_tokens": [
             {
@@ -62,7 +97,7 @@ def _credential_html(name: str, lane: Mapping[str, Any]) -> str:
         notes += f" · echowin says {lane['echowin_reported_remaining']} left"
     return (
         f"<section><h2>{html.escape(name)}</h2><table>{rows}</table>"
-        f'<p class="notes">{notes}</p></section>'
+        f'<p class="notes">{notes}</p>{history_svg(name, lane)}</section>'
     )
 
 
@@ -89,7 +124,7 @@ def status_html(data: Mapping[str, Any]) -> str:
     return (
         "<!doctype html><html><head><meta charset='utf-8'>"
         "<meta http-equiv='refresh' content='5'><title>echowin-gateway status</title>"
-        f"<style>{_STYLE}</style></head><body>"
+        f"<style>{_STYLE}{SVG_STYLE}</style></head><body>"
         f"<h1>echowin-gateway {html.escape(data['version'])}</h1>{credentials}"
         f"{_cache_html(data.get('cache'))}"
         "<section><h2>Busiest tokens</h2><table><tr><th>name</th><th>id</th>"
@@ -116,6 +151,17 @@ def _bar_text(used: int, limit: int, width: int = 30) -> str:
     return "[" + "#" * filled + "." * (width - filled) + "]"
 
 
+_TICKS = " ▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: Sequence[int | None]) -> str:
+    """One character per minute: blank for none, taller for more; "?" where not known."""
+    top = max([1, *(v for v in values if v is not None)])
+    return "".join(
+        "?" if v is None else _TICKS[0 if v == 0 else max(1, round(v / top * 8))] for v in values
+    )
+
+
 def status_text(data: Mapping[str, Any]) -> str:
     """The terminal rendering of ``status_data``."""
     lines = [f"echowin-gateway {data['version']}"]
@@ -127,6 +173,9 @@ def status_text(data: Mapping[str, Any]) -> str:
             lines.append(
                 f"  {window:>12} {bar} {w['used']:>5} used  resets in {w['reset_in']:.0f}s"
             )
+        history = lane.get("history")
+        if history:
+            lines.append(f"  {'sends/min':>12} {sparkline(history['sends'])}  last hour")
         queue = f"  queue: {lane['queue_depth']} waiting"
         if lane["frozen_for"]:
             queue += f", frozen for {lane['frozen_for']:.0f}s"
@@ -144,9 +193,11 @@ def status_text(data: Mapping[str, Any]) -> str:
 
 
 async def status_page(request: web.Request) -> web.Response:
+    await _refresh(request.app[RUNTIME])
     data = status_data(request.app[RUNTIME])
     return web.Response(text=status_html(data), content_type="text/html")
 
 
 async def status_json(request: web.Request) -> web.Response:
+    await _refresh(request.app[RUNTIME])
     return web.json_response(status_data(request.app[RUNTIME]))

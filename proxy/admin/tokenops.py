@@ -6,6 +6,7 @@ import difflib
 import os
 import time
 from collections.abc import Iterable, Sequence
+from typing import Protocol, runtime_checkable
 
 from proxy.auth.routes import RouteTable, is_valid_scope
 from proxy.auth.scopes import known_scopes
@@ -13,6 +14,7 @@ from proxy.auth.tokens import (
     DEFAULT_UPSTREAM_KEY,
     NewToken,
     TokenChanges,
+    TokenRecord,
     TokenStore,
     mint_token,
     parse_duration,
@@ -47,16 +49,28 @@ def check_scopes(scopes: Iterable[str], routes: RouteTable) -> None:
         )
 
 
+@runtime_checkable
+class UniqueNames(Protocol):
+    """A token store that stores a token only if no active one has its name, in one
+    atomic step (PostgreSQL's: replicas and the CLI may create tokens at once)."""
+
+    async def put_unique_name(self, record: TokenRecord, now: float) -> str | None: ...
+
+
+def _name_taken(name: str, holder: str) -> NameTaken:
+    return NameTaken(
+        f"name: an active token is already called {name!r} (id {holder}); pick"
+        " another name, or revoke that token first"
+    )
+
+
 async def check_name_free(store: TokenStore, name: str, now: float) -> None:
     """NameTaken when an active token is called ``name``: metrics and logs label by name,
     so two active tokens of one name would be counted as one service. A revoked or
     expired token's name may be taken again (its new owner is told apart by the id)."""
     for record in await store.list():
         if record.name == name and record.status(now) == "active":
-            raise NameTaken(
-                f"name: an active token is already called {name!r} (id {record.id}); pick"
-                " another name, or revoke that token first"
-            )
+            raise _name_taken(name, record.id)
 
 
 async def open_store(config: GatewayConfig) -> TokenStore:
@@ -122,7 +136,8 @@ async def create_token(
             raise ValueError(f"{field_name}: must be a positive integer, got {value!r}")
     seconds = None if expires_in is None else _expires_in_seconds(expires_in, "")
     now = time.time() if now is None else now
-    await check_name_free(store, name, now)
+    if not isinstance(store, UniqueNames):  # else checked as it is stored
+        await check_name_free(store, name, now)
     new = mint_token(
         name=name,
         scopes=list(scopes),
@@ -133,7 +148,12 @@ async def create_token(
         weight=weight,
         expires_in=seconds,
     )
-    await store.put(new.record)
+    if isinstance(store, UniqueNames):
+        holder = await store.put_unique_name(new.record, now)
+        if holder is not None:
+            raise _name_taken(name, holder)
+    else:
+        await store.put(new.record)
     return new
 
 

@@ -279,6 +279,11 @@ class CredentialBudget:
         """Our own send times not yet pruned, oldest first (what a write-ahead log keeps)."""
         return [at for at, external in self._windows[self._longest].entries if not external]
 
+    def counted(self) -> list[float]:
+        """Every send time the longest window holds, ours and external, oldest first, in
+        seconds; not pruned (read-only: what the status page's history is drawn from)."""
+        return [at for at, _ in self._windows[self._longest].entries]
+
     def load(self, sends: Iterable[float], now: float) -> None:
         """Restore our own sends after a restart, on top of whatever is recorded; each
         window keeps those it still counts at ``now``. O((n + logged) log n)."""

@@ -14,15 +14,16 @@ import logging
 import os
 import secrets
 import socket
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from proxy.cache.keeper import GatewayCache
-from proxy.cache.purge import Purge
+from proxy.cache.purge import EVERYTHING, Purge
 
 if TYPE_CHECKING:
-    from redis.asyncio import Redis
+    from proxy.state.redis.client import RedisClient
 
 __all__ = ["RedisChannel", "SiblingChannel", "heard", "open_purge_channel"]
 
@@ -31,6 +32,8 @@ log = logging.getLogger("echowin_gateway.cache")
 LISTEN_SECONDS = 5.0  # one wait for a message
 MAX_PAUSE = 30.0  # between attempts to listen again, doubling from 1 s while they fail
 _MAX_MESSAGE = 16 * 1024
+MAX_QUEUED = 64  # datagrams waiting for a sibling's full queue; past it they coalesce
+SEND_SECONDS = 2.0  # one queued datagram's wait for room in a sibling's queue
 
 
 def _message(origin: str, credential: str | None, purge: Purge) -> str:
@@ -55,7 +58,7 @@ def heard(cache: GatewayCache, origin: str, text: str) -> bool:
 class RedisChannel:
     """Purges on the Redis channel ``<key_prefix>cache:purges``."""
 
-    def __init__(self, client: Redis, key_prefix: str, cache: GatewayCache) -> None:
+    def __init__(self, client: RedisClient, key_prefix: str, cache: GatewayCache) -> None:
         self._redis = client
         self._channel = f"{key_prefix}cache:purges"
         self._cache = cache
@@ -91,9 +94,7 @@ class RedisChannel:
                     while True:
                         message = await channel.get_message(timeout=LISTEN_SECONDS)
                         if message is not None:
-                            data = message["data"]
-                            text = data.decode() if isinstance(data, bytes) else str(data)
-                            heard(self._cache, self.origin, text)
+                            self._heard(message["data"])
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # Redis away, or a bug: listen again after a pause
@@ -103,6 +104,17 @@ class RedisChannel:
                 )
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, MAX_PAUSE)
+
+    def _heard(self, data: object) -> None:
+        """One message: a bad one (not UTF-8, not a purge) is passed over, never the
+        listener's end (the purges after it would be lost while it subscribes again)."""
+        try:
+            text = data.decode("utf-8", "replace") if isinstance(data, bytes) else str(data)
+            heard(self._cache, self.origin, text)
+        except Exception as exc:
+            log.warning(
+                "cache purge message passed over", extra={"fields": {"error": type(exc).__name__}}
+            )
 
     async def close(self) -> None:
         self._listener.cancel()
@@ -125,7 +137,9 @@ class _Datagrams(asyncio.DatagramProtocol):
 class SiblingChannel:
     """Purges between the workers of one ``serve --workers N``: each binds
     ``<dir>/purge-<index>.sock`` (a unix datagram socket in the supervisor's private
-    directory) and sends every purge to the others' sockets there."""
+    directory) and sends every purge to the others' sockets there; a burst past a sibling's
+    kernel queue waits in a bounded queue of its own (past ``MAX_QUEUED``, it becomes one
+    purge of everything)."""
 
     def __init__(self, directory: str, index: int, cache: GatewayCache) -> None:
         self._dir = Path(directory)
@@ -135,6 +149,8 @@ class SiblingChannel:
         self._transport: asyncio.DatagramTransport | None = None
         self._out = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._out.setblocking(False)
+        self._pending: deque[tuple[str, bytes]] = deque()
+        self._drainer: asyncio.Task[None] | None = None
 
     async def open(self) -> SiblingChannel:
         with contextlib.suppress(FileNotFoundError):
@@ -155,15 +171,51 @@ class SiblingChannel:
     def publish(self, credential: str | None, purge: Purge) -> None:
         data = _message(self.origin, credential, purge).encode()
         if len(data) > _MAX_MESSAGE:
-            data = _message(self.origin, credential, Purge(prefixes=("",))).encode()
+            data = _message(self.origin, credential, EVERYTHING).encode()
         for peer in self._dir.glob("purge-*.sock"):
             if peer != self._path:
+                self._send(str(peer), data)
+
+    def _send(self, peer: str, data: bytes) -> None:
+        """``data`` to ``peer`` now, or queued behind what waits already when its kernel
+        queue (``net.unix.max_dgram_qlen`` datagrams) is full."""
+        if not self._pending:
+            try:
+                self._out.sendto(data, peer)
+                return
+            except BlockingIOError:
+                pass
+            except OSError:
                 # A sibling restarting (its socket gone or not yet bound) misses it: its
                 # cache starts empty anyway.
-                with contextlib.suppress(OSError):
-                    self._out.sendto(data, str(peer))
+                return
+        if len(self._pending) >= MAX_QUEUED:
+            # Bounded: what waits becomes one purge of everything per sibling.
+            peers = {waiting for waiting, _ in self._pending} | {peer}
+            self._pending.clear()
+            data = _message(self.origin, None, EVERYTHING).encode()
+            self._pending.extend((waiting, data) for waiting in sorted(peers))
+        else:
+            self._pending.append((peer, data))
+        if self._drainer is None or self._drainer.done():
+            self._drainer = asyncio.get_running_loop().create_task(self._drain())
+
+    async def _drain(self) -> None:
+        """The queued datagrams, each sent once its sibling has room (or given up after
+        ``SEND_SECONDS``: a sibling that stopped reading)."""
+        loop = asyncio.get_running_loop()
+        while self._pending:
+            peer, data = self._pending.popleft()
+            try:
+                await asyncio.wait_for(loop.sock_sendto(self._out, data, peer), SEND_SECONDS)
+            except (OSError, TimeoutError):
+                continue
 
     async def close(self) -> None:
+        if self._drainer is not None:
+            self._drainer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._drainer
         if self._transport is not None:
             self._transport.close()
         self._out.close()
@@ -173,7 +225,7 @@ class SiblingChannel:
 
 async def open_purge_channel(
     cache: GatewayCache,
-    redis: Redis | None,
+    redis: RedisClient | None,
     key_prefix: str,
     sibling: tuple[str, int] | None,
 ) -> RedisChannel | SiblingChannel | None:

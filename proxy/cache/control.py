@@ -9,7 +9,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 
-__all__ = ["Directives", "answer_ttl", "request_directives"]
+from multidict import MultiMapping
+
+from proxy.cache.keys import keyed_vary
+
+__all__ = ["Directives", "answer_ttl", "must_revalidate", "request_directives"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,12 +98,13 @@ def _expires_in(headers: Mapping[str, str], now: float) -> float | None:
 
 
 def answer_ttl(
-    ttl: float, headers: Mapping[str, str], all_cache_control: Iterable[str], now: float
+    ttl: float, headers: MultiMapping[str], all_cache_control: Iterable[str], now: float
 ) -> float:
     """How long echowin's answer may be kept, at most ``ttl`` (the route's): 0 when it
-    must not be (``no-store``, ``private``, ``no-cache``, a ``Set-Cookie``, ``Vary: *``); echowin's
-    ``s-maxage``, else ``max-age``, else ``Expires``, shortens it."""
-    if "Set-Cookie" in headers or "*" in headers.get("Vary", "").replace(" ", "").split(","):
+    must not be (``no-store``, ``private``, ``no-cache``, a ``Set-Cookie``, a ``Vary``
+    line naming a field the key does not hold, ``*`` included); echowin's ``s-maxage``,
+    else ``max-age``, else ``Expires``, shortens it."""
+    if "Set-Cookie" in headers or not keyed_vary(headers.getall("Vary", ())):
         return 0.0
     found = _directives(all_cache_control)
     if "no-store" in found or "private" in found or "no-cache" in found:
@@ -110,3 +115,10 @@ def answer_ttl(
             return min(ttl, 0.0 if given is None else given)
     expires = _expires_in(headers, now)
     return ttl if expires is None else min(ttl, expires)
+
+
+def must_revalidate(all_cache_control: Iterable[str]) -> bool:
+    """echowin's answer must not be served stale (``must-revalidate``, or
+    ``proxy-revalidate`` to a shared cache: RFC 9111 §5.2.2.2 and §5.2.2.8)."""
+    found = _directives(all_cache_control)
+    return "must-revalidate" in found or "proxy-revalidate" in found

@@ -52,7 +52,10 @@ class GatewayCache:
         self.store = ResponseCache(
             config.max_bytes, config.max_entry_bytes, config.stale_seconds, clock
         )
-        self.flights: Flights[Fetched] = Flights(self._landed)
+        # Purges by credential (None: every credential's), counted: a flight stamped
+        # with an older count than its credential's now brings an answer a purge missed.
+        self._purges: Counter[str | None] = Counter()
+        self.flights: Flights[Fetched] = Flights(self._landed, self._epoch)
         self.counts: Counter[str] = Counter()
         self.purged = 0
         self.channel: PurgeChannel | None = None
@@ -74,14 +77,25 @@ class GatewayCache:
         self.counts[result] += 1
         self.metrics.lookup(route, result, result in SAVING)
 
+    def _epoch(self, key: CacheKey) -> tuple[int, int]:
+        return self._purges[None], self._purges[key.credential]
+
     def _landed(self, flight: Flight[Fetched]) -> None:
         fetched = flight.task.result()
-        if flight.keep and fetched.answer is not None and fetched.fresh_for > 0:
-            fetched.stored = self.store.put(flight.key, fetched.answer, fetched.fresh_for)
+        if not flight.keep or flight.epoch != self._epoch(flight.key):
+            return  # a purge came while it was under way: what it brings may predate it
+        if fetched.answer is not None and fetched.fresh_for > 0:
+            fetched.stored = self.store.put(
+                flight.key,
+                fetched.answer,
+                fetched.fresh_for,
+                must_revalidate=fetched.must_revalidate,
+            )
 
     def purge(self, credential: str | None, purge: Purge, *, publish: bool = True) -> int:
         """Drop what ``purge`` concerns, of ``credential`` (every credential's: None), here,
         and (``publish``) on every other worker and replica."""
+        self._purges[credential] += 1
         dropped = self.store.purge(credential, purge.matches)
 
         def concerned(key: CacheKey) -> bool:

@@ -11,10 +11,15 @@ from cachetools import TLRUCache
 
 from proxy.cache.keys import CacheKey
 
-__all__ = ["Answer", "Entry", "ResponseCache"]
+__all__ = ["Answer", "Entry", "ResponseCache", "key_bytes"]
 
-# What an entry costs beyond its body and fields: the key, the objects, the cache's own.
+# What an entry costs beyond its body, fields and key's text: the objects, the cache's own.
 _OVERHEAD = 512
+
+
+def key_bytes(key: CacheKey) -> int:
+    """What ``key``'s text costs (its path and query may run to kilobytes)."""
+    return sum(len(part) for part in key)
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,11 +41,14 @@ class Answer:
 @dataclass(frozen=True, slots=True)
 class Entry:
     """An answer kept at ``stored_at`` (the cache's clock), fresh for ``fresh_for``
-    seconds."""
+    seconds; ``size``: what it counts against ``max_bytes``, its key included;
+    ``must_revalidate``: echowin forbade serving it stale."""
 
     answer: Answer
     stored_at: float
     fresh_for: float
+    size: int = 0
+    must_revalidate: bool = False
 
     def age(self, now: float) -> float:
         return max(0.0, now - self.stored_at)
@@ -48,6 +56,11 @@ class Entry:
     def staleness(self, now: float) -> float:
         """Seconds past freshness (<= 0 while fresh)."""
         return self.age(now) - self.fresh_for
+
+    def may_stand_in(self, now: float, allowed: float) -> bool:
+        """Served stale, at most ``allowed`` seconds past freshness, where echowin
+        allowed it at all."""
+        return not self.must_revalidate and self.staleness(now) <= allowed
 
 
 class _Bounded(TLRUCache[CacheKey, Entry]):
@@ -79,20 +92,24 @@ class ResponseCache:
             max_bytes,
             ttu=lambda _key, entry, _now: entry.stored_at + entry.fresh_for + stale_seconds,
             timer=lambda: self.clock(),  # read at each use: a test may move the clock
-            getsizeof=lambda entry: entry.answer.size,
+            getsizeof=lambda entry: entry.size,
         )
 
     def get(self, key: CacheKey) -> Entry | None:
         """The entry under ``key`` (fresh or stale), or None."""
         return self._entries.get(key)
 
-    def put(self, key: CacheKey, answer: Answer, fresh_for: float) -> bool:
-        """Keep ``answer`` for ``fresh_for`` seconds (and ``stale_seconds`` past them);
-        False when it is too large to keep (any older copy is dropped then too)."""
+    def put(
+        self, key: CacheKey, answer: Answer, fresh_for: float, *, must_revalidate: bool = False
+    ) -> bool:
+        """Keep ``answer`` for ``fresh_for`` seconds (and ``stale_seconds`` past them,
+        unless ``must_revalidate``: never served stale); False when it is too large to
+        keep (any older copy is dropped then too)."""
         if answer.size > self.max_entry_bytes:
             self._entries.pop(key, None)
             return False
-        self._entries[key] = Entry(answer, self.clock(), fresh_for)
+        size = answer.size + key_bytes(key)
+        self._entries[key] = Entry(answer, self.clock(), fresh_for, size, must_revalidate)
         return True
 
     def purge(self, credential: str | None, matches: Callable[[str], bool]) -> int:
@@ -113,7 +130,7 @@ class ResponseCache:
 
     @property
     def bytes(self) -> int:
-        """Bytes held (as ``Answer.size`` counts them)."""
+        """Bytes held (as ``Entry.size`` counts them)."""
         return int(self._entries.currsize)
 
     @property

@@ -20,7 +20,11 @@ class Fetched:
     above 0 (``stored`` once it is). Otherwise for the first caller alone: ``upstream``,
     an answer too large to hold, to relay; or ``refusal``, the gateway's own answer.
     ``stale``: why a stale copy may stand in for what came ("" when none may);
-    ``limits``: the first caller's rate-limit fields."""
+    ``limits``: the first caller's rate-limit fields. ``shareable``: False when echowin's
+    ``Vary`` names a field the callers of one key may send differently (the answer is
+    the first caller's alone). ``charged``: the first caller's token's own quota paid for
+    this trip (it reached echowin, or may have): a stale copy in its place is not charged
+    again. ``must_revalidate``: echowin forbade serving the answer stale."""
 
     answer: Answer | None = None
     upstream: UpstreamResponse | None = None
@@ -29,6 +33,9 @@ class Fetched:
     limits: Mapping[str, str] = field(default_factory=dict)
     fresh_for: float = 0.0
     stored: bool = False
+    shareable: bool = True
+    charged: bool = False
+    must_revalidate: bool = False
 
     def release(self) -> None:
         """Nobody will relay ``upstream``: its connection goes back (or is closed)."""

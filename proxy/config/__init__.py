@@ -25,6 +25,7 @@ from proxy.config.schema import (
     RouteConfig,
     ServerConfig,
     TokensConfig,
+    TracingConfig,
     UpstreamConfig,
     check_state_url,
     parse_address,
@@ -39,6 +40,7 @@ from proxy.config.secrets import (
     file_key_names,
     resolve_secrets,
 )
+from proxy.config.tracing import tracing_from_env
 
 __all__ = [
     "AGENCY_KEY_NAME",
@@ -63,6 +65,7 @@ __all__ = [
     "Secrets",
     "ServerConfig",
     "TokensConfig",
+    "TracingConfig",
     "UpstreamConfig",
     "check_state_url",
     "file_key_names",
@@ -70,6 +73,7 @@ __all__ = [
     "parse_address",
     "parse_config",
     "resolve_secrets",
+    "tracing_from_env",
     "unshared_state",
     "uvloop_installed",
     "with_state",

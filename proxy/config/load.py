@@ -18,6 +18,7 @@ from pydantic import BaseModel, ValidationError
 from proxy.config.errors import ConfigError
 from proxy.config.schema import GatewayConfig
 from proxy.config.secrets import SecretRef
+from proxy.config.state_url import REDIS_SCHEMES, parse_redis_url
 
 __all__ = ["load_config", "parse_config", "unshared_state", "with_state"]
 
@@ -147,7 +148,7 @@ def parse_config(raw: object, source: str = "config") -> GatewayConfig:
         raise ConfigError([text if text.startswith("routes[") else f"routes: {text}"]) from None
     if problem := _cache_routes(config):
         raise ConfigError([problem])
-    if problem := _shared_address(config):
+    if problem := _shared_address(config) or _redis_problem(config):
         raise ConfigError([problem])
     if config.server.workers != 1 and (problem := unshared_state(config, "server.workers")):
         raise ConfigError([problem])
@@ -162,6 +163,27 @@ def _cache_routes(config: GatewayConfig) -> str:
     for template in config.cache.routes:
         if template not in gets:
             return f"cache.routes: {template!r} is not a GET route of the route table"
+    return ""
+
+
+def _redis_problem(config: GatewayConfig) -> str:
+    """Why ``redis:`` does not fit ``state`` ("" when it does): ``redis.tls`` needs a TLS
+    URL; a user name in the URL and ``redis.username`` must agree."""
+    scheme = config.state.partition("://")[0].lower()
+    if scheme not in REDIS_SCHEMES:
+        return ""
+    if config.redis.tls is not None and not scheme.startswith("rediss"):
+        return f"redis.tls: needs a TLS state URL (rediss{scheme.removeprefix('redis')}://...)"
+    address = parse_redis_url(config.state)
+    tls = config.redis.tls
+    if address.shape == "cluster" and tls is not None and tls.server_name is not None:
+        return (
+            "redis.tls.server_name: a cluster's nodes are checked by the names they announce;"
+            " leave it out (or set redis.tls.check_hostname: false)"
+        )
+    in_url = address.username
+    if in_url is not None and config.redis.username not in (None, in_url):
+        return "redis.username: differs from the user name in the state URL"
     return ""
 
 
@@ -199,9 +221,12 @@ def with_state(config: GatewayConfig, state: str) -> GatewayConfig:
     """``config`` with its ``state`` replaced (``--state``), checked as the file's would be;
     ConfigError naming ``state`` otherwise."""
     try:
-        return GatewayConfig.model_validate({**config.model_dump(), "state": state})
+        changed = GatewayConfig.model_validate({**config.model_dump(), "state": state})
     except ValidationError as exc:
         raise ConfigError(_error_lines(exc)) from None
+    if problem := _redis_problem(changed):
+        raise ConfigError([problem])
+    return changed
 
 
 def _key_listed_twice(root: yaml.Node | None) -> str:

@@ -9,13 +9,10 @@ from __future__ import annotations
 
 import importlib.util
 import ipaddress
-import math
 from typing import Annotated, Literal
 
 from pydantic import (
-    BaseModel,
     BeforeValidator,
-    ConfigDict,
     Field,
     field_validator,
     model_validator,
@@ -24,9 +21,13 @@ from pydantic import (
 from proxy.auth.routes import DEFAULT_ROUTES, Route, RouteTable
 from proxy.auth.tokens import DEFAULT_UPSTREAM_KEY
 from proxy.config.cache import CacheConfig
+from proxy.config.fields import Model as _Model
+from proxy.config.fields import NonNegativeFloat, PositiveFloat, PositiveInt
 from proxy.config.postgres_url import parse_postgres_url
 from proxy.config.secrets import AGENCY_KEY_NAME, SecretRef
-from proxy.config.state_url import parse_state_url
+from proxy.config.state_url import REDIS_SCHEMES, parse_state_url
+from proxy.config.stores import PostgresConfig, RedisConfig, RedisTlsConfig
+from proxy.config.tracing import TracingConfig
 
 __all__ = [
     "EVENT_LOOPS",
@@ -42,9 +43,11 @@ __all__ = [
     "PostgresConfig",
     "QueueConfig",
     "RedisConfig",
+    "RedisTlsConfig",
     "RouteConfig",
     "ServerConfig",
     "TokensConfig",
+    "TracingConfig",
     "UpstreamConfig",
     "check_state_url",
     "parse_address",
@@ -59,31 +62,6 @@ MISSING_UVLOOP = "uvloop is not installed (pip install 'echowin-gateway[fast]')"
 
 def uvloop_installed() -> bool:
     return importlib.util.find_spec("uvloop") is not None
-
-
-def _positive_int(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError("must be a positive integer")
-    return value
-
-
-def _number(value: object, *, allow_zero: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError("must be a number")
-    if not math.isfinite(value):
-        raise ValueError("must be a finite number")
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ValueError("must be a number >= 0" if allow_zero else "must be a positive number")
-    return float(value)
-
-
-PositiveInt = Annotated[int, BeforeValidator(_positive_int)]
-PositiveFloat = Annotated[float, BeforeValidator(lambda v: _number(v, allow_zero=False))]
-NonNegativeFloat = Annotated[float, BeforeValidator(lambda v: _number(v, allow_zero=True))]
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class LimitConfig(_Model):
@@ -228,31 +206,6 @@ class LoggingConfig(_Model):
     access_log: bool = True
 
 
-class RedisConfig(_Model):
-    """Connection details for ``state: redis://...`` (ignored by other backends)."""
-
-    password: SecretRef | None = None
-    key_prefix: str = "egw:"
-    timeout_seconds: PositiveFloat = 0.5
-
-    @field_validator("key_prefix")
-    @classmethod
-    def _prefix(cls, value: str) -> str:
-        if not value or len(value) > 64 or not value.isprintable() or " " in value:
-            raise ValueError("must be 1-64 printable characters without spaces")
-        return value
-
-
-class PostgresConfig(_Model):
-    """Connection details for ``token_store: postgresql://...`` (ignored otherwise)."""
-
-    password: SecretRef | None = None
-    # One connect, or one statement, seconds; slower counts as the store failing.
-    timeout_seconds: PositiveFloat = 5.0
-    # Connections each process keeps at most (token lookups that miss the cache, admin calls).
-    pool_size: PositiveInt = 4
-
-
 class RouteConfig(_Model):
     """An extra route, or a new scope for a default one (same method and path)."""
 
@@ -292,6 +245,8 @@ class GatewayConfig(_Model):
     routes: tuple[RouteConfig, ...] = ()
     # Budget savers (proxy/cache/): off unless present.
     cache: CacheConfig | None = None
+    # OpenTelemetry traces (proxy/observe/tracing.py): off unless present or OTEL_* set.
+    tracing: TracingConfig | None = None
 
     @field_validator("listen", "admin_listen")
     @classmethod
@@ -302,8 +257,12 @@ class GatewayConfig(_Model):
     @field_validator("state")
     @classmethod
     def _state(cls, value: str) -> str:
-        if not value.startswith(("memory://", "sqlite:///", "redis://", "rediss://")):
-            raise ValueError("must start with memory://, sqlite:///, redis:// or rediss://")
+        redis = tuple(f"{scheme}://" for scheme in REDIS_SCHEMES)
+        if not value.startswith(("memory://", "sqlite:///", *redis)):
+            raise ValueError(
+                "must start with memory://, sqlite:///, redis://, rediss://, redis-sentinel://"
+                " or redis-cluster://"
+            )
         check_state_url(value)
         return value
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, model_validator
 from proxy.auth.tokens import DEFAULT_UPSTREAM_KEY
 from proxy.config.errors import ConfigError
 from proxy.config.keys_file import KEYS_FILE, parse_keys_file, read_entries
+from proxy.config.state_url import REDIS_SCHEMES
 
 if TYPE_CHECKING:
     from proxy.config.schema import GatewayConfig
@@ -135,6 +136,8 @@ class Secrets:
     state_password: Secret | None = None
     # postgres.password, read when token_store is a postgresql:// URL.
     token_store_password: Secret | None = None
+    # tracing.headers, read when tracing is on: sent with every span export.
+    tracing_headers: Mapping[str, Secret] = field(default_factory=dict)
 
     def team_key_names(self) -> tuple[str, ...]:
         return tuple(n for n in self.credentials if n != AGENCY_KEY_NAME)
@@ -170,7 +173,8 @@ def resolve_secrets(config: GatewayConfig, environ: Mapping[str, str] | None = N
         except ConfigError:
             admin = None  # the admin API stays closed; the gateway itself still runs
     password: Secret | None = None
-    if config.redis.password is not None and config.state.startswith(("redis://", "rediss://")):
+    redis_state = config.state.partition("://")[0].lower() in REDIS_SCHEMES
+    if config.redis.password is not None and redis_state:
         try:
             password = config.redis.password.resolve("redis.password", env)
         except ConfigError as exc:
@@ -181,6 +185,13 @@ def resolve_secrets(config: GatewayConfig, environ: Mapping[str, str] | None = N
             pg_password = config.postgres.password.resolve("postgres.password", env)
         except ConfigError as exc:
             errors.extend(exc.lines)
+    tracing: dict[str, Secret] = {}
+    if config.tracing is not None and config.tracing.enabled:
+        for name, ref in config.tracing.headers.items():
+            try:
+                tracing[name] = ref.resolve(f"tracing.headers.{name}", env)
+            except ConfigError as exc:
+                errors.extend(exc.lines)
     if errors:
         raise ConfigError(errors)
     return Secrets(
@@ -188,6 +199,7 @@ def resolve_secrets(config: GatewayConfig, environ: Mapping[str, str] | None = N
         admin_token=admin,
         state_password=password,
         token_store_password=pg_password,
+        tracing_headers=tracing,
     )
 
 

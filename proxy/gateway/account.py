@@ -7,13 +7,18 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from proxy.auth.client_address import client_address
 from proxy.auth.tokens import TokenRecord
 from proxy.errors import Reason
-from proxy.observe.metrics import ANONYMOUS
+from proxy.observe.label_series import ANONYMOUS
 from proxy.runtime import Runtime
+
+if TYPE_CHECKING:  # OpenTelemetry is loaded only when tracing is on
+    from proxy.observe.tracing import RequestSpan
 
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 """The methods the metrics name; any other is counted as ``OTHER`` (bounded labels)."""
@@ -26,6 +31,7 @@ class Exchange:
 
     request_id: str
     started: float
+    span: RequestSpan | None = None  # the request's trace span, when tracing is on
     token: TokenRecord | None = None
     route: str = "unmatched"
     credential: str = ""
@@ -39,6 +45,7 @@ class Exchange:
     on_wire: bool = False  # the request's head may have left for echowin
     then: Callable[[], None] | None = None  # called once when the head leaves
     cache: str | None = None  # the response cache's lookup result (proxy/gateway/cached.py)
+    sent_at: float = 0.0  # perf_counter() when the exchange with echowin began (0: never)
 
     def wired(self) -> None:
         self.on_wire = True
@@ -47,10 +54,16 @@ class Exchange:
             then()
 
 
-def account(rt: Runtime, method: str, ex: Exchange, response: web.StreamResponse | None) -> None:
-    """Count ``ex`` and write its access log line: status 499 (as nginx logs it) when the
-    caller went away before its answer was written (``response`` None, or
-    ``ex.client_gone``)."""
+def account(
+    rt: Runtime,
+    method: str,
+    ex: Exchange,
+    response: web.StreamResponse | None,
+    request: web.BaseRequest | None = None,
+) -> None:
+    """Count ``ex``, end its span and write its access log line (with the client and user
+    agent of ``request``, when given): status 499 (as nginx logs it) when the caller went
+    away before its answer was written (``response`` None, or ``ex.client_gone``)."""
     status = response.status if response is not None and not ex.client_gone else 499
     if not ex.bytes_out and status != 499 and isinstance(response, web.Response):
         body = response.body  # an answer the gateway wrote itself: its JSON body
@@ -68,8 +81,19 @@ def account(rt: Runtime, method: str, ex: Exchange, response: web.StreamResponse
             rt.usage_names[ex.token.id] = ex.token.name
         counts[status] += 1
     metrics.request_duration.observe(total, ex.route)
+    span = ex.span
+    if span is not None:
+        span.end(ex, status, token_name, ex.refusal)
     access = rt.access_log
     if access.enabled:
+        peer = agent = None
+        if request is not None:
+            peer = request.remote
+            agent = request.headers.get("User-Agent")
+            if rt.trusted_proxies and peer is not None:
+                fields = request.headers.getall("X-Forwarded-For", ())
+                address = client_address(peer, fields, rt.trusted_proxies)
+                peer = peer if address is None else str(address)
         access.request(
             ex.request_id,
             ex.token.id if ex.token is not None else None,
@@ -85,6 +109,9 @@ def account(rt: Runtime, method: str, ex: Exchange, response: web.StreamResponse
             ex.bytes_out,
             ex.refusal,
             ex.cache,
+            peer,
+            agent,
+            span,
         )
 
 

@@ -17,7 +17,7 @@ from multidict import MultiMapping
 from proxy.budget.admission import AdmitRequest, Held
 from proxy.cache.control import Directives, request_directives
 from proxy.cache.keeper import GatewayCache
-from proxy.cache.keys import CacheKey, cache_key
+from proxy.cache.keys import CacheKey, cache_key, unkeyed_fields
 from proxy.cache.purge import purge_for
 from proxy.cache.store import Answer, Entry
 from proxy.cache.trip import Fetched
@@ -57,6 +57,7 @@ class _Lookup:
     admit: AdmitRequest
     key: CacheKey
     asked: Directives
+    bypass: str = ""  # why no copy, no shared flight, nothing kept ("" when they may be)
 
 
 async def through_cache(
@@ -71,6 +72,12 @@ async def through_cache(
     )
     admit = AdmitRequest(passed.token, passed.credential.name, ex.route, max_wait(headers))
     look = _Lookup(rt, cache, ex, admit, key_of(passed, request.raw_path, headers), asked)
+    if unkeyed_fields(headers.keys()):
+        # A field the key does not hold may change echowin's answer: this GET is its own.
+        look.bypass = "unkeyed-field"
+        if asked.only_if_cached:
+            return _not_cached(look)
+        return await _alone(request, look, passed, held)
     entry = cache.store.get(look.key) if cache.caches(ex.route) else None
     now = cache.clock()
     if entry is not None and not asked.no_cache and _fresh_enough(entry, now, asked):
@@ -92,14 +99,25 @@ async def through_cache(
             held.release()
             held = None
         flight.joined += 1
-        shared_answer = await _shared(look, await cache.flights.wait(flight))
+        landed = await cache.flights.wait(flight)
+        shared_answer = None if landed is None else await _shared(look, landed)
         if shared_answer is not None:
             return shared_answer
-    trip = fetch(request, rt, ex, passed, admit, held)
+    return await _alone(request, look, passed, held, shared=shared)
+
+
+async def _alone(
+    request: web.Request, look: _Lookup, passed: Passed, held: Held | None, *, shared: bool = False
+) -> web.StreamResponse:
+    """This caller's own flight (joined by later identical callers when ``shared``)."""
+    cache = look.cache
+    trip = fetch(request, look.rt, look.ex, passed, look.admit, held)
     flight = cache.flights.start(look.key, trip, shared=shared)
-    if asked.no_store:
+    if look.asked.no_store or look.bypass:
         flight.keep = False
     fetched = await cache.flights.wait(flight, Fetched.release)
+    if fetched is None:  # called off as it started (see Flights.wait): once more, alone
+        return await _alone(request, look, passed, None)
     return await _first(request, look, passed, fetched)
 
 
@@ -111,10 +129,13 @@ def _fresh_enough(entry: Entry, now: float, asked: Directives) -> bool:
 
 def _stale_ok(look: _Lookup, entry: Entry) -> bool:
     """A stale copy the caller accepts in place of a refusal: within its ``max-stale``
-    when sent, else within ``stale_seconds``; never with ``no-cache``."""
+    when sent, else within ``stale_seconds``; never with ``no-cache``, nor when echowin
+    said ``must-revalidate`` (or ``proxy-revalidate``)."""
     asked = look.asked
+    if asked.no_cache or look.bypass:
+        return False
     allowed = look.cache.config.stale_seconds if asked.max_stale is None else asked.max_stale
-    return not asked.no_cache and entry.staleness(look.cache.clock()) <= allowed
+    return entry.may_stand_in(look.cache.clock(), allowed)
 
 
 def _ttl(entry: Entry, now: float) -> int:
@@ -127,10 +148,13 @@ def _stale_status(look: _Lookup, entry: Entry, why: str) -> str:
     return f"hit; ttl={min(-1, _ttl(entry, look.cache.clock()))}{detail}"
 
 
-async def _from_copy(look: _Lookup, entry: Entry, result: str, status: str) -> web.Response:
-    """A kept copy to the caller, charged to its token's own quota."""
+async def _from_copy(
+    look: _Lookup, entry: Entry, result: str, status: str, *, charged: bool = False
+) -> web.Response:
+    """A kept copy to the caller, charged to its token's own quota (unless its trip to
+    echowin was, ``charged``: one request, one charge)."""
     rt, ex = look.rt, look.ex
-    refused = await rt.admitter.charge_own(look.admit)
+    refused = None if charged else await rt.admitter.charge_own(look.admit)
     limits = rt.admitter.caller_headers(look.admit)
     if refused is not None:
         return answers.limited(ex, refused, limits)
@@ -188,7 +212,7 @@ async def _shared(look: _Lookup, fetched: Fetched) -> web.Response | None:
     if stale is not None:
         return await _from_copy(look, stale, "stale", _stale_status(look, stale, fetched.stale))
     answer = fetched.answer
-    if answer is None:
+    if answer is None or not fetched.shareable:
         return None
     rt, ex = look.rt, look.ex
     refused = await rt.admitter.charge_own(look.admit)
@@ -207,19 +231,22 @@ async def _first(
     ex = look.ex
     stale = _stale_copy(look, fetched.stale)
     if stale is not None:
-        return await _from_copy(look, stale, "stale", _stale_status(look, stale, fetched.stale))
+        status = _stale_status(look, stale, fetched.stale)
+        return await _from_copy(look, stale, "stale", status, charged=fetched.charged)
     if fetched.refusal is not None:
         return fetched.refusal
-    bypass = look.asked.no_cache
+    bypass = look.asked.no_cache or bool(look.bypass)
     _count(look, "bypass" if bypass else "miss")
-    fwd = "fwd=request" if bypass else "fwd=miss"
+    fwd = "fwd=request" if look.asked.no_cache else "fwd=miss"
+    if look.bypass:
+        fwd = f"fwd=bypass; detail={look.bypass}"
     if fetched.answer is not None:
         stored = "; stored" if fetched.stored else ""
         return _answer(ex, fetched.answer, _timed(ex, fetched), f"{fwd}{stored}", None)
     upstream = fetched.upstream
     assert upstream is not None
     extra = _timed(ex, fetched)
-    extra["Cache-Status"] = f"{NAME}; {fwd}; detail=too-large"
+    extra["Cache-Status"] = f"{NAME}; {fwd}" + ("" if look.bypass else "; detail=too-large")
     try:
         return await relay(request, upstream, look.rt.upstream, passed.credential, ex, extra)
     finally:

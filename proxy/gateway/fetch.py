@@ -14,7 +14,8 @@ import aiohttp
 from aiohttp import web
 
 from proxy.budget.admission import AdmitRequest, Grant, Held, Refusal
-from proxy.cache.control import answer_ttl
+from proxy.cache.control import answer_ttl, must_revalidate
+from proxy.cache.keys import keyed_vary
 from proxy.cache.store import Answer
 from proxy.cache.trip import Fetched
 from proxy.errors import Reason
@@ -79,14 +80,14 @@ async def _exchange(
     query = raw.find("?")
     path = passed.match.path
     path_qs = path if query < 0 or query == len(raw) - 1 else path + raw[query:]
-    sent_at = time.perf_counter()
+    sent_at = ex.sent_at = time.perf_counter()
     headers = upstream_headers(request, credential, ex, rt.upstream.host)
     try:
         upstream = await rt.upstream.send("GET", path_qs, headers, None, ex.wired)
     except UpstreamError as exc:
         ex.upstream_seconds = time.perf_counter() - sent_at
-        failed = upstream_failed(rt, ex, exc, grant)
-        return Fetched(refusal=failed, stale=_stale_for(exc), limits=limits)
+        failed = upstream_failed(rt, ex, exc, grant)  # the quota refunded when unsent
+        return Fetched(refusal=failed, stale=_stale_for(exc), limits=limits, charged=exc.sent)
     ex.upstream_seconds = time.perf_counter() - sent_at
     ex.upstream_status = upstream.status
     grant.sent(upstream.status, upstream.headers)
@@ -95,9 +96,12 @@ async def _exchange(
     if upstream.status == 429:  # the credential is frozen now (see Grant.sent)
         upstream.release()
         metrics.upstream_duration.observe(ex.upstream_seconds, credential.name, ex.route)
-        return Fetched(refusal=upstream_429(ex, upstream, limits), stale="stale-frozen")
+        refusal = upstream_429(ex, upstream, limits)
+        return Fetched(refusal=refusal, stale="stale-frozen", charged=True)
     try:
-        return await _read_whole(request, rt, ex, passed, upstream, limits)
+        fetched = await _read_whole(request, rt, ex, passed, upstream, limits)
+        fetched.charged = True
+        return fetched
     finally:
         metrics.upstream_duration.observe(ex.upstream_seconds, credential.name, ex.route)
 
@@ -139,7 +143,10 @@ async def _read_whole(
         given = upstream.headers
         fresh_for = answer_ttl(ttl, given, given.getall("Cache-Control", ()), time.time())
     answer = Answer(status, tuple(fields), body)
-    return Fetched(answer=answer, stale=stale, limits=limits, fresh_for=fresh_for)
+    fetched = Fetched(answer, stale=stale, limits=limits, fresh_for=fresh_for)
+    fetched.shareable = keyed_vary(upstream.headers.getall("Vary", ()))
+    fetched.must_revalidate = must_revalidate(upstream.headers.getall("Cache-Control", ()))
+    return fetched
 
 
 def _stale_for(exc: UpstreamError) -> str:

@@ -140,7 +140,7 @@ async def forward(
     query = raw.find("?")
     path = passed.match.path
     path_qs = path if query < 0 or query == len(raw) - 1 else path + raw[query:]
-    sent_at = time.perf_counter()
+    sent_at = ex.sent_at = time.perf_counter()
     try:
         upstream = await rt.upstream.send(
             request.method,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
@@ -32,22 +33,27 @@ from proxy.gateway.gate import (
 )
 from proxy.gateway.held import lobby_decider
 from proxy.gateway.relay import WATCHES
-from proxy.observe.metrics import ANONYMOUS
+from proxy.observe.label_series import ANONYMOUS
 from proxy.runtime import RUNTIME, Runtime
 from proxy.server.lobby import on_its_way, take_held
+
+if TYPE_CHECKING:  # OpenTelemetry is loaded only when tracing is on
+    from proxy.observe.tracing import RequestSpan
 
 log = logging.getLogger("echowin_gateway.proxy")
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
-async def handle(request: web.Request) -> web.StreamResponse:
-    """Every proxied request enters here."""
+async def handle(request: web.Request, span: RequestSpan | None = None) -> web.StreamResponse:
+    """Every proxied request enters here (through proxy/gateway/traced.py's
+    ``traced_handle``, with its ``span``, when tracing is on)."""
     rt = request.app[RUNTIME]
     held = take_held(request)
     ex = Exchange(
         rt.request_ids.take(request.headers.get("X-Request-ID")),
         held.arrived if held else time.perf_counter(),
+        span,
     )
     if held is not None:
         ex.then = on_its_way(request)
@@ -65,7 +71,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         rt.metrics.in_flight_now -= 1
         if held is not None:
             held.held.release()  # answered before admission took it over: a no-op after
-        account(rt, request.method, ex, response)
+        account(rt, request.method, ex, response, request)
     if ex.awaits_continue:
         # Answered before the caller was told to send its body: it may never send it,
         # and reading it to keep the connection would wait on the caller.

@@ -49,6 +49,7 @@ class HeldRequest:
         ex = Exchange(
             rt.request_ids.new(),
             self.arrived,
+            None,
             passed.token,
             passed.match.template,
             passed.credential.name,

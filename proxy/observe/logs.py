@@ -60,7 +60,7 @@ class TextFormatter(logging.Formatter):
         fields = {**_PROCESS_FIELDS, **fields}
         tail = ""
         if fields:
-            tail = " " + " ".join(f"{k}={v}" for k, v in fields.items())
+            tail = " " + " ".join(f"{k}={_text(v)}" for k, v in fields.items())
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
         return f"{stamp} {record.levelname.lower()} {record.name}: {record.getMessage()}{tail}"
 
@@ -76,6 +76,13 @@ def setup_logging(level: str, fmt: str) -> None:
         logger.propagate = False
     # aiohttp's own access log would duplicate ours, without token or route.
     logging.getLogger("aiohttp.access").disabled = True
+
+
+class TraceIds(Protocol):
+    """A request's trace and span ids, in hex (proxy/observe/tracing.py's RequestSpan)."""
+
+    trace_id: str
+    span_id: str
 
 
 class LogSettings(Protocol):
@@ -95,6 +102,16 @@ def _json(value: str | None) -> str:
 
 def _json_int(value: int | None) -> str:
     return "null" if value is None else str(value)
+
+
+def _text(value: object) -> str:
+    """A text-format value: ``-`` for none."""
+    return "-" if value is None else str(value)
+
+
+USER_AGENT_MAX = 200
+"""Characters of a ``User-Agent`` the access log keeps."""
+_AGENTS = 256  # distinct user agents kept formatted
 
 
 # Worker processes share stderr, often a pipe: a write of at most PIPE_BUF bytes reaches
@@ -138,6 +155,9 @@ class AccessLog:
         self._stamp = ""
         # The formatted token, method, route and credential fields, by their values.
         self._middles: dict[tuple[str | None, str, str, str, str | None], str] = {}
+        # User agents as a quoted, escaped ASCII string (the same in both formats); None's
+        # is the format's own (null, -).
+        self._agents: dict[str | None, str] = {}
 
     def configure(self, settings: LogSettings) -> None:
         """Apply ``logging.access_log``, ``logging.level`` and ``logging.format`` (at start and
@@ -146,6 +166,7 @@ class AccessLog:
         self.enabled = settings.access_log and settings.level.lower() in ("debug", "info")
         self.json = settings.format == "json"
         self._middles.clear()
+        self._agents.clear()
 
     def request(
         self,
@@ -163,10 +184,15 @@ class AccessLog:
         bytes_out: int,
         refusal: str | None,
         cache: str | None = None,
+        client: str | None = None,
+        user_agent: str | None = None,
+        trace: TraceIds | None = None,
     ) -> None:
         """Log one answered request. Times come in seconds and are shown as milliseconds
-        (``queue_ms``, ``upstream_ms``, ``total_ms``) with three decimals. ``cache``: the
-        response cache's lookup result, for a GET through it (no field otherwise)."""
+        (``queue_ms``, ``upstream_ms``, ``total_ms``) with three decimals. ``cache`` (a GET
+        through the response cache) and ``trace`` (tracing on) add fields when given;
+        ``user_agent`` is cut to ``USER_AGENT_MAX`` characters, a JSON string in both
+        formats. The text format shows ``-`` for what is not known."""
         now = time.time()
         second = int(now)
         if second != self._second:
@@ -176,6 +202,8 @@ class AccessLog:
         middle = self._middles.get(key)
         if middle is None:
             middle = self._middle(*key)
+        agent = self._agents.get(user_agent) or self._agent(user_agent)
+        tail = "" if cache is None and trace is None else self._tail(cache, trace)
         if self.json:
             line = (
                 f'{{"time":"{self._stamp}.{int((now - second) * 1000):03d}Z"{_JSON_HEAD}'
@@ -184,18 +212,46 @@ class AccessLog:
                 f'"queue_ms":{queue_seconds * 1000:.3f},'
                 f'"upstream_ms":{upstream_seconds * 1000:.3f},'
                 f'"total_ms":{total_seconds * 1000:.3f},"bytes":{bytes_out},'
-                f'"refusal":{_json(refusal)}'
-                + ("}\n" if cache is None else f',"cache":{_json(cache)}}}\n')
+                f'"refusal":{_json(refusal)},"client_address":{_json(client)},'
+                f'"user_agent":{agent}{tail}}}\n'
             )
         else:
             line = (
                 f"{self._stamp}{_TEXT_HEAD}{request_id} {middle} status={status} "
-                f"upstream_status={upstream_status} queue_ms={queue_seconds * 1000:.3f} "
+                f"upstream_status={_text(upstream_status)} "
+                f"queue_ms={queue_seconds * 1000:.3f} "
                 f"upstream_ms={upstream_seconds * 1000:.3f} "
-                f"total_ms={total_seconds * 1000:.3f} bytes={bytes_out} refusal={refusal}"
-                + ("\n" if cache is None else f" cache={cache}\n")
+                f"total_ms={total_seconds * 1000:.3f} bytes={bytes_out} "
+                f"refusal={_text(refusal)} client_address={_text(client)} "
+                f"user_agent={agent}{tail}\n"
             )
         self._add(line)
+
+    def _agent(self, user_agent: str | None) -> str:
+        """``user_agent`` cut and escaped, kept for the next request that sends it."""
+        if len(self._agents) >= _AGENTS:
+            self._agents.clear()
+        if user_agent is None:
+            agent = "null" if self.json else "-"
+        else:
+            agent = encode_basestring_ascii(user_agent[:USER_AGENT_MAX])
+        self._agents[user_agent] = agent
+        return agent
+
+    def _tail(self, cache: str | None, trace: TraceIds | None) -> str:
+        """The fields only some lines have: ``cache``, then ``trace_id`` and ``span_id``."""
+        tail = ""
+        if self.json:
+            if cache is not None:
+                tail = f',"cache":{_json(cache)}'
+            if trace is not None:
+                tail += f',"trace_id":"{trace.trace_id}","span_id":"{trace.span_id}"'
+        else:
+            if cache is not None:
+                tail = f" cache={cache}"
+            if trace is not None:
+                tail += f" trace_id={trace.trace_id} span_id={trace.span_id}"
+        return tail
 
     def _middle(
         self,
@@ -216,11 +272,11 @@ class AccessLog:
                 middle += f",{_json(key)}:{json.dumps(value, default=str)}"
         else:
             middle = (
-                f"token_id={token_id} token_name={token_name} method={method} "
-                f"route={route} credential={credential}"
+                f"token_id={_text(token_id)} token_name={token_name} method={method} "
+                f"route={route} credential={_text(credential)}"
             )
             for key, value in _PROCESS_FIELDS.items():
-                middle += f" {key}={value}"
+                middle += f" {key}={_text(value)}"
         if len(self._middles) >= _MIDDLES:
             self._middles.clear()
         self._middles[(token_id, token_name, method, route, credential)] = middle

@@ -31,7 +31,7 @@ from prometheus_client.registry import Collector
 from proxy import __version__
 from proxy.errors import REFUSAL_REASONS
 from proxy.observe.build import revision
-from proxy.observe.label_series import ANONYMOUS, LabelBounds  # noqa: F401 - ANONYMOUS: re-exported
+from proxy.observe.label_series import LabelBounds
 from proxy.observe.loop_metrics import LoopCounter, LoopHistogram
 
 # Upstream latency buckets in seconds: echowin answers in tens to hundreds of ms.

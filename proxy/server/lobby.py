@@ -30,7 +30,7 @@ from proxy.budget.admission import Held
 from proxy.server.connections import GuardedServer
 from proxy.server.guard import Slot
 from proxy.server.head import Head, parse_head
-from proxy.server.proxy_handler import ProxyHandler, on_its_way, take_held
+from proxy.server.proxy_handler import ProxyHandler, held_since, on_its_way, take_held
 
 log = logging.getLogger("echowin_gateway")
 
@@ -314,6 +314,7 @@ __all__ = [
     "Known",
     "Lobby",
     "LobbyServer",
+    "held_since",
     "on_its_way",
     "take_held",
 ]

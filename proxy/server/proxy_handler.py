@@ -135,4 +135,12 @@ def take_held(request: web.BaseRequest) -> HeldRequest | None:
     return held
 
 
-__all__ = ["PARK_ABOVE", "ProxyHandler", "on_its_way", "take_held"]
+def held_since(request: web.BaseRequest) -> float | None:
+    """When the lobby held the request in the budget's queue (``time.perf_counter()``),
+    if it did and its handler has not taken it over yet; reads only (see ``take_held``)."""
+    protocol = request.protocol
+    held = protocol.held if isinstance(protocol, ProxyHandler) else None
+    return None if held is None else held.arrived
+
+
+__all__ = ["PARK_ABOVE", "ProxyHandler", "held_since", "on_its_way", "take_held"]

@@ -25,11 +25,9 @@ from proxy.state.sqlite.sends import SqliteSendLog
 from proxy.state.sqlite.tokens import SqliteTokenStore
 
 if TYPE_CHECKING:
-    from redis.asyncio import Redis
-
     from proxy.state.postgres.connection import PostgresOptions
     from proxy.state.postgres.tokens import PostgresTokenStore
-    from proxy.state.redis.client import RedisOptions, open_redis
+    from proxy.state.redis.client import RedisClient, RedisOptions, open_redis
     from proxy.state.redis.reset import ResetWatch
     from proxy.state.redis.tokens import RedisTokenStore
 
@@ -79,10 +77,15 @@ def redis_options(config: GatewayConfig, password: str | None) -> RedisOptions |
         return None
     from proxy.state.redis.client import RedisOptions
 
+    redis = config.redis
     return RedisOptions(
         password=password,
-        key_prefix=config.redis.key_prefix,
-        timeout_seconds=config.redis.timeout_seconds,
+        key_prefix=redis.key_prefix,
+        timeout_seconds=redis.timeout_seconds,
+        username=redis.username,
+        pool_size=redis.pool_size,
+        connect_timeout_seconds=redis.connect_timeout_seconds,
+        tls=redis.tls,
     )
 
 
@@ -112,7 +115,7 @@ async def open_token_store(
     url: str,
     *,
     redis_options: RedisOptions | None = None,
-    redis_client: Redis | None = None,
+    redis_client: RedisClient | None = None,
     postgres_options: PostgresOptions | None = None,
 ) -> TokenStore:
     """Open the token store named by a ``state`` or ``token_store`` URL (async: opening may
@@ -148,7 +151,7 @@ async def open_token_store(
 
 
 def _open_redis_store(
-    url: str, options: RedisOptions | None, client: Redis | None
+    url: str, options: RedisOptions | None, client: RedisClient | None
 ) -> RedisTokenStore:
     from proxy.state.redis.client import RedisOptions, open_redis
     from proxy.state.redis.tokens import RedisTokenStore
@@ -197,7 +200,7 @@ class State:
     send_log: SendLog | None
     _config: GatewayConfig
     _hooks: SharedSlotsHooks
-    _redis: Redis | None = None
+    _redis: RedisClient | None = None
     _reset_watch: ResetWatch | None = None
 
     @property
@@ -205,7 +208,7 @@ class State:
         return self._redis is not None
 
     @property
-    def redis(self) -> Redis | None:
+    def redis(self) -> RedisClient | None:
         """The Redis client the state uses (None unless ``shared``)."""
         return self._redis
 
@@ -291,13 +294,22 @@ async def open_state(
     """Open what ``config.state`` names: the token store and the budget's state (a send log,
     or one Redis client shared by the store and every slot source); the token store is
     ``config.token_store``'s instead when set. ``password``: the resolved ``redis.password``
-    (ignored by the other backends); ``token_store_password``: ``postgres.password``."""
+    (ignored by the other backends); ``token_store_password``: ``postgres.password``. A
+    Redis that refuses what the gateway needs (a permission, the password, TLS) raises
+    ``StateAccessError`` (proxy.state.redis.preflight); one that does not answer lets the
+    gateway start."""
     client = None
     options = redis_options(config, password)
     if options is not None:
         from proxy.state.redis.client import open_redis  # redis-py only when Redis is used
+        from proxy.state.redis.preflight import check_access
 
         client = open_redis(config.state, options)
+        try:
+            await check_access(client, options.key_prefix)  # a refused permission: an error
+        except BaseException:
+            await client.aclose()
+            raise
     try:
         if config.token_store is not None:
             pg = postgres_options(config, token_store_password)

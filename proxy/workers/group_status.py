@@ -8,7 +8,7 @@ recent), and adds up what is per worker: queues and answers per token.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from proxy.admin.cache import merge_cache
@@ -36,6 +36,34 @@ def _credential(lanes: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     out["calibrated"] = all(lane.get("calibrated", True) for lane in lanes)
     reported = [r for lane in lanes if (r := lane.get("echowin_reported_remaining")) is not None]
     out["echowin_reported_remaining"] = min(reported) if reported else None
+    histories = [h for lane in lanes if (h := lane.get("history"))]
+    if histories:
+        # Sends: each worker counts the shared log, an idle one lags: the most. Queues
+        # are per worker: their deepest added up (at most what waited at once).
+        start = max(int(h["start"]) for h in histories)
+        out["history"] = {
+            "start": start,
+            "sends": _per_minute(max, [_from(start, h, "sends") for h in histories]),
+            "queue_max": _per_minute(sum, [_from(start, h, "queue_max") for h in histories]),
+        }
+    return out
+
+
+def _from(start: int, history: Mapping[str, Any], key: str) -> list[int | None]:
+    """A worker's series moved to begin at ``start`` (it was read before a minute turned
+    and the others after: its oldest minutes drop off, its newest is not known)."""
+    series = list(history[key])
+    shift = min(len(series), max(0, (start - int(history["start"])) // 60))
+    return series[shift:] + [None] * shift
+
+
+def _per_minute(
+    combine: Callable[[list[int]], int], series: Sequence[Sequence[int | None]]
+) -> list[int | None]:
+    out: list[int | None] = []
+    for values in zip(*series, strict=True):
+        known = [v for v in values if v is not None]
+        out.append(combine(known) if known else None)
     return out
 
 

@@ -47,6 +47,8 @@ async def test_status_json_and_terminal_view(
     assert data["busiest_tokens"][1]["refused"] == 1
     windows = data["credentials"]["default"]["windows"]
     assert [w["used"] for w in windows] == [5, 5]
+    history = data["credentials"]["default"]["history"]
+    assert sum(history["sends"]) == 5  # the last hour, per minute: the same five sends
     base = gateway.admin_url("/").rstrip("/")
     code = await asyncio.to_thread(main, ["status", "--admin-url", base])
     out = capsys.readouterr().out
@@ -54,6 +56,7 @@ async def test_status_json_and_terminal_view(
     assert "default" in out
     assert "1000/3600s" in out
     assert "crm-sync" in out
+    assert "sends/min" in out and "last hour" in out
     for secret in (*SECRETS, noisy, quiet):
         assert secret not in out
         assert secret not in text

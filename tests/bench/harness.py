@@ -3,7 +3,7 @@
     python -m tests.bench.harness [--quick] [--rounds N] [--seconds S] [--queued N]
                                   [--json out.json] [--markdown out.md] [--profile DIR]
                                   [--only SCENARIO ...] [--loop asyncio --loop uvloop]
-                                  [--baseline DIR]
+                                  [--baseline DIR] [--tracing]
 
 One run starts an upstream (nginx ``return 200`` when nginx is installed, else
 tests/bench/upstream.py), the gateway (``echowin-gateway serve``: auth, scope, budget with
@@ -29,6 +29,10 @@ its servers interleaved (gateway, pass-through, nginx, gateway, ...) for N round
 itself); given twice, the servers of the second loop run beside the first, interleaved, as
 ``gateway+uvloop`` and ``passthrough+uvloop``. ``--baseline DIR`` adds ``gateway@base``, the
 gateway from another source tree, to every scenario: a before/after in the same run.
+``--tracing`` adds ``gateway+trace100`` and ``gateway+trace1`` to the admitted and latency
+scenarios: the same gateway with OpenTelemetry tracing on (docs/observability.md), sampling
+every request and one in a hundred, exporting to a local OTLP/HTTP sink
+(tests/bench/otlp_sink.py) that counts what it receives (``meta.otlp_sink``).
 
 The pass-through and nginx do no checks: in the refusal and unauthorized scenarios they
 forward the same requests and answer 200, which is what the gateway's refusals are compared
@@ -59,7 +63,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -84,6 +88,9 @@ SCENARIOS = (
     "cache_missing",
     "queued",
 )
+# --tracing: the traced gateways' sampling ratios, and the scenarios they run in.
+TRACING_VARIANTS = {"trace100": 1.0, "trace1": 0.01}
+TRACED_SCENARIOS = ("admitted", "latency")
 DESCRIPTIONS = {
     "admitted": "admitted path, 50 connections: valid token, scope held, budget never binding",
     "latency": "added latency, 1 connection: the admitted request, one at a time",
@@ -135,6 +142,7 @@ class Options:
     # Another source tree of the gateway (say, the last commit): "gateway@base" beside it.
     baseline: Path | None = None
     run_workers: bool = True  # the workers scenario (tests/bench/workers.py)
+    tracing: bool = False  # gateway+trace100 and gateway+trace1 beside gateway
 
 
 @dataclass
@@ -155,6 +163,9 @@ class Stack:
     token: str = ""
     spent_token: str = ""
     queue_token: str = ""
+    # Traced gateways (--tracing) by variant name ("trace100"), and their tokens.
+    traced: dict[str, Gateway] = field(default_factory=dict)
+    traced_tokens: dict[str, str] = field(default_factory=dict)
 
     def gateways(self) -> list[Gateway]:
         return [self.gw, self.gw_spent, *([self.gw_queue] if self.gw_queue else [])]
@@ -271,6 +282,10 @@ class Bench:
         else:
             self.upstream = servers.start_python_upstream(self.procs, self.load_cpu)
         await servers.wait_ready(self.session, self.upstream)
+        self.sink: Proc | None = None
+        if opts.tracing:
+            self.sink = servers.start_otlp_sink(self.procs, self.load_cpu)
+            await servers.wait_ready(self.session, self.sink, "/count")
         self.stacks = [self._start_stack(loop, i > 0) for i, loop in enumerate(opts.loops)]
         if opts.baseline is not None:
             self.stacks.append(self._start_stack(opts.loops[0], True, opts.baseline))
@@ -288,6 +303,8 @@ class Bench:
                 *(servers.create_token(self.session, g, SCOPE) for g in stack.gateways())
             )
             stack.queue_token = queue[0] if queue else ""
+            for variant, gw in stack.traced.items():
+                stack.traced_tokens[variant] = await servers.create_token(self.session, gw, SCOPE)
             if stack.gw_cache is not None and stack.gw_cache_missing is not None:
                 stack.cache_token, stack.cache_missing_token = await asyncio.gather(
                     *(servers.create_token(self.session, g, SCOPE) for g in stack.cache_gateways())
@@ -320,6 +337,12 @@ class Bench:
             else servers.start_passthrough(self.procs, up, cpu, f"passthrough{sfx}", loop),
         )
         wanted = set(opts.scenarios)
+        if self.sink is not None and not extra and wanted & set(TRACED_SCENARIOS):
+            for variant, ratio in TRACING_VARIANTS.items():
+                traced = {"endpoint": self.sink.url + "/v1/traces", "sampling_ratio": ratio}
+                stack.traced[variant] = gateway(
+                    f"gateway+{variant}", limits=HUGE_LIMITS, max_wait=10, tracing=traced
+                )
         if wanted & {"cache_hit", "cache_missing"} and (
             source is None or servers.knows(source, "CacheConfig")
         ):
@@ -407,6 +430,11 @@ class Bench:
                 pt = stack.pt.url + PATH
                 name = f"passthrough{stack.suffix}"
                 out.append(Target(name, pt, self._auth(token), 200, stack.pt.pid))
+            if scenario in TRACED_SCENARIOS:
+                for variant, traced in stack.traced.items():
+                    auth = self._auth(stack.traced_tokens[variant])
+                    target = Target(f"gateway+{variant}", traced.url + PATH, auth, 200, traced.pid)
+                    out.append(target)
         if self.ngx is not None:
             token = self.token if scenario != "unauthorized" else UNKNOWN_TOKEN
             out.append(Target("nginx", self.ngx.url + PATH, self._auth(token), 200))
@@ -590,6 +618,8 @@ class Bench:
                 if self.opts.run_workers:
                     log("scenario workers (serve --workers 1 and 2)")
                     result["scenarios"]["workers"] = await self.workers_scenario()
+                if self.sink is not None:
+                    result["meta"]["otlp_sink"] = await self._sink_counts()
                 for stack in self.stacks:
                     stack.gw.check_alive()
                     stack.gw_spent.check_alive()
@@ -603,6 +633,18 @@ class Bench:
         if "workers" in result["scenarios"]:
             result["targets"].append(bench_workers.target_row(result["scenarios"]["workers"]))
         return result
+
+    async def _sink_counts(self) -> dict[str, Any]:
+        """What the traced gateways exported, once they have flushed (SIGTERM exports what
+        waits): spans and exports received by the sink."""
+        for stack in self.stacks:
+            for gw in stack.traced.values():
+                self.procs.stop(gw)
+        assert self.sink is not None
+        async with self.session.get(self.sink.url + "/count") as resp:
+            counts: dict[str, Any] = await resp.json()
+        counts["sampling_ratios"] = dict(TRACING_VARIANTS)
+        return counts
 
     async def workers_scenario(self) -> dict[str, Any]:
         return await bench_workers.run_scenario(
@@ -1027,6 +1069,12 @@ def parse_args(argv: list[str] | None) -> tuple[Options, Path | None, Path | Non
         help="also run the gateway from this source tree as gateway@base (say, the last "
         "commit: git archive HEAD | tar -x -C DIR)",
     )
+    p.add_argument(
+        "--tracing",
+        action="store_true",
+        help="also run the gateway with tracing on (gateway+trace100, gateway+trace1) in the "
+        "admitted and latency scenarios, exporting to a local OTLP/HTTP sink",
+    )
     p.add_argument("--profile", type=Path, help="also run py-spy on the gateway; output dir")
     p.add_argument("--profile-seconds", type=int, default=10)
     p.add_argument("--json", type=Path, help="also write the JSON here")
@@ -1049,6 +1097,7 @@ def parse_args(argv: list[str] | None) -> tuple[Options, Path | None, Path | Non
         scenarios=tuple(s for s in SCENARIOS[:-1] if not args.only or s in args.only),
         baseline=args.baseline.resolve() if args.baseline else None,
         run_workers=not args.no_workers and (not args.only or "workers" in args.only),
+        tracing=args.tracing,
     )
     return opts, args.json, args.markdown
 

@@ -252,6 +252,13 @@ def start_python_upstream(procs: Processes, cpu: int | None) -> Proc:
     return procs.start("aiohttp-upstream", cmd, f"http://127.0.0.1:{port}", cpu, env=child_env())
 
 
+def start_otlp_sink(procs: Processes, cpu: int | None) -> Proc:
+    """The traced gateways' collector (tests/bench/otlp_sink.py)."""
+    (port,) = free_ports(1)
+    cmd = [sys.executable, "-m", "tests.bench.otlp_sink", "--port", str(port)]
+    return procs.start("otlp-sink", cmd, f"http://127.0.0.1:{port}", cpu, env=child_env())
+
+
 def start_passthrough(
     procs: Processes, upstream: str, cpu: int | None, name: str, loop: str = "asyncio"
 ) -> Proc:
@@ -376,9 +383,10 @@ def start_gateway(
     event_loop: str | None = "asyncio",
     source: Path | None = None,
     cache: dict[str, Any] | None = None,
+    tracing: dict[str, Any] | None = None,
 ) -> Gateway:
     """The gateway of the throughput scenarios: state in a SQLite file, as ``serve`` keeps
-    it by default; ``cache``: its ``cache:`` section (none by default)."""
+    it by default; ``cache``, ``tracing``: its sections of those names (none by default)."""
     state = f"sqlite:///{procs.tmp / name}.db"
     # The queued scenario holds max_depth connections at once, all from 127.0.0.1. A
     # baseline tree is given the connection bounds and the auth section only if it knows them.
@@ -396,6 +404,8 @@ def start_gateway(
     )
     if cache is not None:
         raw["cache"] = cache
+    if tracing is not None:
+        raw["tracing"] = tracing
     return launch_gateway(procs, name, raw, cpu, source=source)
 
 

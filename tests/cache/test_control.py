@@ -47,6 +47,9 @@ def test_echowin_can_forbid_keeping() -> None:
     assert ttl(fields(Set_Cookie="session=1")) == 0.0
     assert ttl(fields(Vary="*")) == 0.0
     assert ttl(fields(Vary="Accept-Encoding")) == 60.0
+    two_lines = CIMultiDict([("Vary", "Accept-Encoding"), ("Vary", "User-Agent")])
+    assert ttl(two_lines) == 0.0  # the second line counts too
+    assert ttl(CIMultiDict([("Vary", "Accept"), ("Vary", "*")])) == 0.0
 
 
 def test_echowin_can_shorten_but_not_lengthen() -> None:
@@ -64,3 +67,12 @@ def test_expires_counts_from_echowins_date() -> None:
     assert ttl(fields(Expires=formatdate(now + 30, usegmt=True)), now=now) == 30.0
     assert ttl(fields(Expires="0"), now=now) == 0.0  # invalid: already expired
     assert ttl(fields(Expires=formatdate(now - 5, usegmt=True)), now=now) == 0.0
+
+
+def test_must_revalidate_and_proxy_revalidate() -> None:
+    from proxy.cache.control import must_revalidate
+
+    assert not must_revalidate([])
+    assert not must_revalidate(["max-age=60, public"])
+    assert must_revalidate(["max-age=60", "Must-Revalidate"])
+    assert must_revalidate(["proxy-revalidate, max-age=5"])

@@ -92,3 +92,29 @@ async def test_an_unshared_flight_is_not_joined() -> None:
 
 async def gate_trip(gate: asyncio.Future[str]) -> str:
     return await gate
+
+
+async def test_a_flight_is_stamped_with_the_epoch_of_its_start() -> None:
+    epoch = 0
+    flights: Flights[str] = Flights(lambda flight: None, lambda key: epoch)
+    gate: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    flight = flights.start(KEY, gate_trip(gate), shared=False)
+    epoch = 1
+    assert flight.epoch == 0
+    gate.set_result("x")
+    assert await flights.wait(flight) == "x"
+
+
+async def test_a_flight_called_off_is_joined_no_more_and_its_late_joiner_goes_alone() -> None:
+    flights: Flights[str] = Flights(lambda flight: None)
+    gate: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    flight = flights.start(KEY, gate_trip(gate), shared=True)
+    last = asyncio.ensure_future(flights.wait(flight))
+    await asyncio.sleep(0)
+    last.cancel()  # the last caller leaves: the flight is called off
+    with pytest.raises(asyncio.CancelledError):
+        await last
+    assert flights.get(KEY) is None  # not found while its task winds down
+    # A caller that found it just before: not cancelled itself, it gets "nothing".
+    assert await flights.wait(flight) is None
+    assert flight.task.cancelled()

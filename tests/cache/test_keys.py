@@ -38,3 +38,31 @@ def test_field_values_are_canonical() -> None:
     assert vary_value(["GZIP, deflate", " br"]) == "gzip,deflate,br"
     assert vary_value(None, "*/*") == "*/*"
     assert vary_value([" , "], "*/*") == "*/*"
+
+
+def test_fields_outside_the_safe_list_are_named() -> None:
+    from proxy.cache.keys import unkeyed_fields
+
+    assert unkeyed_fields(["Accept", "User-Agent", "Authorization", "Cache-Control"]) == []
+    assert unkeyed_fields(["X-Request-ID", "traceparent", "Host", "Connection"]) == []
+    named = ["If-None-Match", "accept-language", "Cookie", "X-Tenant", "Prefer"]
+    assert unkeyed_fields(named) == [
+        "accept-language",
+        "cookie",
+        "if-none-match",
+        "prefer",
+        "x-tenant",
+    ]
+
+
+def test_vary_is_read_on_every_line() -> None:
+    from proxy.cache.keys import keyed_vary
+
+    assert keyed_vary([])
+    assert keyed_vary(["Accept", "accept-encoding"])
+    # No keyed request carries Accept-Language: they all look alike on it.
+    assert keyed_vary(["Accept-Encoding", "Accept-Language, Origin"])
+    assert keyed_vary(["X-API-Key"])  # the credential's key: the same for all of a key
+    assert not keyed_vary(["Accept", "*"])
+    assert not keyed_vary(["Accept-Encoding", "User-Agent"])
+    assert not keyed_vary(["accept,  x-forwarded-for"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from proxy.cache.keys import CacheKey
 from proxy.cache.purge import EVERYTHING, Purge
-from proxy.cache.store import Answer, ResponseCache
+from proxy.cache.store import Answer, ResponseCache, key_bytes
 
 
 class Clock:
@@ -34,7 +34,7 @@ def test_an_entry_over_max_entry_bytes_is_not_kept() -> None:
 
 
 def test_the_total_stays_within_max_bytes_least_recently_used_evicted() -> None:
-    size = answer(1_000).size
+    size = answer(1_000).size + key_bytes(key("/a"))  # each key as long as /a's
     store = ResponseCache(size * 3, size, 10, Clock())
     for name in ("/a", "/b", "/c"):
         assert store.put(key(name), answer(1_000), 5)
@@ -73,3 +73,23 @@ def test_purges_by_credential_and_path() -> None:
     assert store.purge("acme", EVERYTHING.matches) == 1
     assert store.get(key("/api/v1/tags")) is not None
     assert store.purge(None, EVERYTHING.matches) == 2
+
+
+def test_the_key_counts_against_max_bytes() -> None:
+    store = ResponseCache(100_000, 10_000, 30, Clock())
+    long = CacheKey("default", "/api/v1/contacts", "/api/v1/contacts", "q=" + "x" * 8000, "*/*", "")
+    assert store.put(long, answer(10), 5)
+    assert store.bytes == answer(10).size + key_bytes(long)
+    assert store.bytes > 8000
+
+
+def test_a_copy_echowin_said_must_revalidate_never_stands_in_stale() -> None:
+    clock = Clock()
+    store = ResponseCache(100_000, 10_000, 30, clock)
+    store.put(key("/a"), answer(10), 5)
+    store.put(key("/b"), answer(10), 5, must_revalidate=True)
+    clock.now += 10  # both 5 s stale
+    a, b = store.get(key("/a")), store.get(key("/b"))
+    assert a is not None and a.may_stand_in(clock(), 30)
+    assert b is not None and not b.may_stand_in(clock(), 30)
+    assert not a.may_stand_in(clock(), 4)

@@ -18,7 +18,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from proxy.config import LoggingConfig
-from proxy.observe.logs import ACCESS_LOGGER, AccessLog, JsonFormatter, TextFormatter
+from proxy.observe.logs import (
+    ACCESS_LOGGER,
+    USER_AGENT_MAX,
+    AccessLog,
+    JsonFormatter,
+    TextFormatter,
+)
 from tests.procs import (
     Spawn,
     create_token,
@@ -44,6 +50,8 @@ FIELDS = (
     "total_ms",
     "bytes",
     "refusal",
+    "client_address",
+    "user_agent",
 )
 SAMPLE: tuple[Any, ...] = (
     "r-1", "abcdefabcdef", "crm", "GET", "/api/v1/contacts", "default",
@@ -71,10 +79,15 @@ class Recorder(io.StringIO):
 
 def formatted(fmt: logging.Formatter, values: tuple[Any, ...], created: float) -> str:
     """What ``logging.getLogger(ACCESS_LOGGER).info("request", extra=...)`` would print, the
-    times in milliseconds with three decimals."""
-    fields = dict(zip(FIELDS, values, strict=True))
+    times in milliseconds with three decimals, the user agent cut to 200 characters (and
+    in the text format quoted and escaped as a JSON string)."""
+    fields = dict(zip(FIELDS, values + (None,) * (len(FIELDS) - len(values)), strict=True))
     for name in ("queue_ms", "upstream_ms", "total_ms"):
         fields[name] = Decimal3(round(fields[name] * 1000, 3))
+    if fields["user_agent"] is not None:
+        fields["user_agent"] = fields["user_agent"][:USER_AGENT_MAX]
+        if isinstance(fmt, TextFormatter):
+            fields["user_agent"] = json.dumps(fields["user_agent"])
     record = logging.getLogger(ACCESS_LOGGER).makeRecord(
         ACCESS_LOGGER, logging.INFO, __file__, 1, "request", (), None, extra={"fields": fields}
     )
@@ -93,7 +106,7 @@ class Decimal3(float):
 def made(fmt: str, values: tuple[Any, ...]) -> str:
     log = AccessLog(Recorder())
     log.configure(LoggingConfig(format=fmt))  # type: ignore[arg-type]
-    log.request(*values)
+    log.request(*values[:13], None, *values[13:])  # no cache field
     log.flush()
     assert isinstance(log.stream, Recorder)
     return log.stream.getvalue()
@@ -105,6 +118,7 @@ values = st.tuples(
     text_values, st.none() | text_values, text_values, text_values, text_values,
     st.none() | text_values, st.integers(100, 599), st.none() | st.integers(100, 599),
     seconds, seconds, seconds, st.integers(0, 10**12), st.none() | text_values,
+    st.none() | st.ip_addresses().map(str), st.none() | st.text(max_size=300),
 )  # fmt: skip
 
 
@@ -255,3 +269,53 @@ async def test_a_reload_and_a_sigterm_lose_no_access_line(tmp_path: Path, spawn:
         f"text-{n}" for n in range(3)
     ]
     assert all("status=200" in line and "route=/api/v1/contacts" in line for line in text_lines)
+
+
+@pytest.mark.parametrize("fmt", ["json", "text"])
+def test_a_hostile_user_agent_stays_on_its_line_and_within_bounds(fmt: str) -> None:
+    agent = 'evil"\n{"status":200} \\ \x1b[31m ünï ' + "x" * 1000
+    line = made(fmt, (*SAMPLE, "192.0.2.7", agent))
+    assert line.count("\n") == 1 and line.endswith("\n")
+    assert line.isascii() and "\x1b" not in line
+    if fmt == "json":
+        got = json.loads(line)
+        assert got["user_agent"] == agent[:USER_AGENT_MAX]
+        assert got["client_address"] == "192.0.2.7"
+    else:
+        shown = re.search(r' user_agent=("(?:[^"\\]|\\.)*")(?: |\n)', line)
+        assert shown is not None, line
+        assert json.loads(shown[1]) == agent[:USER_AGENT_MAX]
+        assert " client_address=192.0.2.7 " in line
+
+
+def test_the_text_format_prints_a_dash_for_what_is_not_known() -> None:
+    anonymous = ("r-1", None, "anonymous", "GET", "unmatched", None, 401, None,
+                 0.0, 0.0, 0.001, 0, "missing", None, None)  # fmt: skip
+    line = made("text", anonymous)
+    assert "None" not in line
+    for field in ("token_id", "credential", "upstream_status", "client_address", "user_agent"):
+        assert f" {field}=- " in line or line.endswith(f" {field}=-\n"), field
+
+
+def test_trace_ids_follow_when_tracing_is_on() -> None:
+    class Ids:
+        trace_id = "0af7651916cd43dd8448eb211c80319c"
+        span_id = "b7ad6b7169203331"
+
+    for fmt in ("json", "text"):
+        log = AccessLog(Recorder())
+        log.configure(LoggingConfig(format=fmt))  # type: ignore[arg-type]
+        log.request(*SAMPLE, "hit", "127.0.0.1", "curl/8", Ids())
+        log.flush()
+        assert isinstance(log.stream, Recorder)
+        line = log.stream.getvalue()
+        if fmt == "json":
+            got = json.loads(line)
+            assert (got["cache"], got["trace_id"], got["span_id"]) == (
+                "hit",
+                Ids.trace_id,
+                Ids.span_id,
+            )
+        else:
+            assert line.endswith(f" cache=hit trace_id={Ids.trace_id} span_id={Ids.span_id}\n")
+    assert "trace_id" not in made("json", SAMPLE)  # tracing off: no field

@@ -3,7 +3,9 @@
 One credential, the same limits and guard everywhere: ``memory`` and ``sqlite`` are
 :class:`LocalSlots` on a :class:`MemorySendLog` / :class:`SqliteSendLog`, ``redis`` is
 :class:`RedisSlots` on the real server at 127.0.0.1:6379 (the tests FAIL, never skip,
-without it) under a fresh key prefix that is deleted afterwards.
+without it) under a fresh key prefix that is deleted afterwards; ``sentinel`` and
+``cluster`` are RedisSlots on the private Sentinel group and cluster this session starts
+(tests/state/conftest.py), reached through their URLs as the gateway reaches them.
 
 The ``make_source`` fixture is a factory: calling it again builds a second source on the
 same state (same SQLite file, same Redis prefix, a new MemorySendLog), which is how these
@@ -31,10 +33,11 @@ from proxy.budget.local_slots import LocalSlots
 from proxy.budget.slots import Slot, SlotSource
 from proxy.budget.windows import CredentialBudget, Limit
 from proxy.state.memory import MemorySendLog
+from proxy.state.redis.client import RedisClient, RedisOptions, open_redis
 from proxy.state.redis.slots import RedisSlots
 from proxy.state.sqlite.sends import SqliteSendLog
 
-BACKENDS = ["memory", "sqlite", "redis"]
+BACKENDS = ["memory", "sqlite", "redis", "sentinel", "cluster"]
 NAME = "default"
 LIMITS = (Limit(5, 10.0), Limit(3, 1.0))  # the 3-per-second window is the tightest now
 GUARD = 0.25
@@ -45,7 +48,7 @@ EPS = 1e-3  # Redis reports times to the microsecond and converts them to local 
 class Sources:
     """Builds slot sources of one backend on one shared state, and closes them all."""
 
-    def __init__(self, kind: str, tmp_path: Path, redis: Redis | None, prefix: str) -> None:
+    def __init__(self, kind: str, tmp_path: Path, redis: RedisClient | None, prefix: str) -> None:
         self.kind = kind
         self._db = tmp_path / "state.db"
         self._redis = redis
@@ -80,11 +83,16 @@ class Sources:
 
 
 @asynccontextmanager
-async def scratch_redis() -> AsyncIterator[tuple[Redis, str]]:
-    """A client on the test Redis and a fresh key prefix, whose keys are deleted afterwards.
+async def scratch_redis(url: str | None = None) -> AsyncIterator[tuple[RedisClient, str]]:
+    """A client on the test Redis (or the one at ``url``) and a fresh key prefix, whose keys
+    are deleted afterwards.
 
     Fails the test (never skips it) when Redis does not answer."""
-    client = Redis(host="127.0.0.1", port=6379, socket_timeout=2, socket_connect_timeout=2)
+    client: RedisClient
+    if url is None:
+        client = Redis(host="127.0.0.1", port=6379, socket_timeout=2, socket_connect_timeout=2)
+    else:
+        client = open_redis(url, RedisOptions(timeout_seconds=2.0))
     try:
         await client.ping()
     except Exception as exc:
@@ -95,8 +103,8 @@ async def scratch_redis() -> AsyncIterator[tuple[Redis, str]]:
         yield client, prefix
     finally:
         keys = [key async for key in client.scan_iter(match=f"{prefix}*", count=500)]
-        if keys:
-            await client.delete(*keys)
+        for key in keys:  # one by one: on a cluster they lie in different slots
+            await client.delete(key)
         await client.aclose()
 
 
@@ -106,6 +114,9 @@ async def make_source(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIt
         redis, prefix = None, ""
         if request.param == "redis":
             redis, prefix = await stack.enter_async_context(scratch_redis())
+        elif request.param in ("sentinel", "cluster"):
+            url = str(request.getfixturevalue(f"redis_{request.param}").url)
+            redis, prefix = await stack.enter_async_context(scratch_redis(url))
         sources = Sources(request.param, tmp_path, redis, prefix)
         # Registered after the Redis scratch: runs first, so sources close before cleanup.
         stack.push_async_callback(sources.close)

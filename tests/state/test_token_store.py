@@ -4,6 +4,9 @@ To add a backend, add its name to BACKENDS and a case to the ``store`` fixture; 
 contract test then runs against it unchanged. Redis is the real server at ``REDIS_URL``,
 PostgreSQL the real server of tests/state/postgres.py (a database of this session): when
 either does not answer, its tests FAIL (never skip), so CI cannot pass without it.
+``sentinel`` and ``cluster`` are private deployments this session starts on free ports
+(tests/state/conftest.py), reached by their ``redis-sentinel://`` and ``redis-cluster://``
+URLs as the gateway reaches them.
 """
 
 from __future__ import annotations
@@ -35,36 +38,44 @@ from proxy.state import (
     open_token_store,
     parse_state_url,
 )
+from proxy.state.redis.client import RedisClient
 from proxy.state.sqlite.connection import SCHEMA_VERSION, open_sqlite
 from tests.state.pg_server import empty_tables
 
-BACKENDS = ["memory", "sqlite", "redis", "postgresql"]
+BACKENDS = ["memory", "sqlite", "redis", "sentinel", "cluster", "postgresql"]
 T0 = 1_700_000_000.0
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
 @asynccontextmanager
-async def scratch_redis() -> AsyncIterator[tuple[Redis, str]]:
-    """A client on the test Redis and a fresh key prefix, whose keys are deleted afterwards.
+async def scratch_redis(url: str = REDIS_URL) -> AsyncIterator[tuple[RedisClient, str]]:
+    """A client on the Redis at ``url`` and a fresh key prefix, whose keys are deleted
+    afterwards.
 
     Fails the test (never skips it) when Redis does not answer.
     """
-    client = open_redis(REDIS_URL, RedisOptions(timeout_seconds=2.0))
+    client = open_redis(url, RedisOptions(timeout_seconds=2.0))
     try:
         await client.ping()
     except RedisError as exc:
         await client.aclose()
-        pytest.fail(
-            f"these tests need Redis at {REDIS_URL} (start redis-server): {exc}", pytrace=False
-        )
+        pytest.fail(f"these tests need Redis at {url} (start redis-server): {exc}", pytrace=False)
     prefix = f"egw-test-{uuid.uuid4().hex}:"
     try:
         yield client, prefix
     finally:
         keys = [key async for key in client.scan_iter(match=f"{prefix}*", count=500)]
-        if keys:
-            await client.delete(*keys)
+        for key in keys:  # one by one: on a cluster they lie in different slots
+            await client.delete(key)
         await client.aclose()
+
+
+def backend_url(request: pytest.FixtureRequest, kind: str) -> str:
+    """The URL of Redis backend ``kind``, its private deployment started on first use."""
+    if kind == "redis":
+        return REDIS_URL
+    deployment = request.getfixturevalue(f"redis_{kind}")
+    return str(deployment.url)
 
 
 @pytest.fixture
@@ -80,11 +91,12 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
             url = request.getfixturevalue("pg_session_url")
             stack.push_async_callback(empty_tables, url)
             opened = await open_token_store(url)
-        elif request.param == "redis":
+        elif request.param in ("redis", "sentinel", "cluster"):
             # As the gateway runs it: on a client shared with the budget, under its own prefix.
-            client, prefix = await stack.enter_async_context(scratch_redis())
+            url = backend_url(request, request.param)
+            client, prefix = await stack.enter_async_context(scratch_redis(url))
             opened = await open_token_store(
-                REDIS_URL, redis_options=RedisOptions(key_prefix=prefix), redis_client=client
+                url, redis_options=RedisOptions(key_prefix=prefix), redis_client=client
             )
         else:
             urls = {"memory": "memory://", "sqlite": f"sqlite:///{tmp_path}/state.db"}

@@ -101,6 +101,21 @@ def test_the_group_budget_is_the_most_recent_view_and_the_sum_of_the_queues() ->
     assert merged["echowin_reported_remaining"] == 20
 
 
+def test_the_group_history_takes_the_most_sends_and_adds_up_the_queues() -> None:
+    def history(start: int, sends: list[int | None], queue: list[int | None]) -> dict[str, Any]:
+        return {"start": start, "sends": sends, "queue_max": queue}
+
+    idle = {"default": lane(3, 37, 0, history=history(600, [None, 1, 2], [None, None, 0]))}
+    busy = {"default": lane(9, 31, 2, history=history(600, [None, 4, 1], [None, 3, 2]))}
+    merged = merge_credentials([idle, busy])["default"]
+    assert merged["history"] == history(600, [None, 4, 2], [None, 3, 2])
+    # Workers read at either side of a minute's turn: aligned on the newest minutes.
+    late = {"default": lane(9, 31, 2, history=history(660, [0, 1, 5], [3, 2, 0]))}
+    assert merge_credentials([idle, late])["default"]["history"] == history(
+        660, [1, 2, 5], [3, 2, 0]
+    )
+
+
 def test_the_group_status_adds_up_each_tokens_answers() -> None:
     def data(*tokens: tuple[str, int, int]) -> dict[str, Any]:
         busiest = [{"id": i, "name": f"n{i}", "requests": r, "refused": x} for i, r, x in tokens]

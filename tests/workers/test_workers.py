@@ -268,8 +268,10 @@ async def test_both_workers_serve_one_port_behind_one_admin_listener(
     assert budget["credentials"]["default"]["windows"][0]["used"] == sent[200]
     status, page = await admin_call(gw, "GET", "/status.json")
     assert page["busiest_tokens"][0]["requests"] == sent[200]
+    assert sum(page["credentials"]["default"]["history"]["sends"]) == sent[200]
     status, html = await admin_call(gw, "GET", "/status")
     assert status == 200 and "busiest tokens" in html.lower()
+    assert 'data-credential="default"' in html  # the picture of every worker's minutes
 
 
 @pytest.mark.parametrize("state", ["redis", "sqlite"])

@@ -9,7 +9,9 @@ that token (``TokenAuthenticator.invalidate``): a revocation made on any replica
 
 A notice sent while the listening connection is down is lost; the cache's bound still holds
 (the record is read again within ``tokens.cache_ttl_seconds``). The connection is checked
-every ``PING_SECONDS`` and opened again ``RETRY_SECONDS`` after it fails.
+every ``PING_SECONDS`` and opened again ``RETRY_SECONDS`` after it fails, the pause
+doubling up to ``MAX_RETRY_SECONDS`` while it keeps failing. Whatever fails (a network
+error, the server, a bug), the follower goes on: it logs the error's type and tries again.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ __all__ = ["CHANNEL", "ChangeFollower"]
 CHANNEL = "egw_tokens"
 PING_SECONDS = 10.0
 RETRY_SECONDS = 1.0
+MAX_RETRY_SECONDS = 30.0
 
 log = logging.getLogger("echowin_gateway.state")
 _ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
@@ -56,10 +59,13 @@ class ChangeFollower:
 
     async def _forever(self) -> None:
         told = False  # one warning per outage, not one per retry
+        pause = RETRY_SECONDS
         while True:
             try:
                 await self._listen_once()
-            except _ERRORS as exc:
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # any: a follower that ended would be silent forever
                 if self.listening.is_set() or not told:
                     log.warning(
                         "token change notices stopped; reconnecting",
@@ -68,10 +74,13 @@ class ChangeFollower:
                 told = True
             else:
                 told = False
+            if self.listening.is_set():
+                pause = RETRY_SECONDS  # it listened: a new outage starts from the shortest
             self.listening.clear()
             if self._on_health is not None:
                 self._on_health(False)
-            await asyncio.sleep(RETRY_SECONDS)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, MAX_RETRY_SECONDS)
 
     async def _listen_once(self) -> None:
         """One connection's life: listen until it ends or fails a ping."""

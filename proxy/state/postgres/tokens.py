@@ -29,6 +29,12 @@ _REVOKE_SET = "SET revoked_at = coalesce(revoked_at, $2) WHERE id = $1"
 _CHANGED = f"UPDATE egw_tokens {_REVOKE_SET} RETURNING {_COLUMNS}"
 _TOLD = f"pg_notify('{CHANNEL}', changed.id)"
 _REVOKE = f"WITH changed AS ({_CHANGED}) SELECT changed.*, {_TOLD} FROM changed"  # noqa: S608
+# Two creations of one name wait for each other (the lock ends with the transaction).
+_NAME_LOCK = "SELECT pg_advisory_xact_lock(hashtextextended('egw_tokens.name:' || $1, 0))"
+_ACTIVE_NAMED = (
+    "SELECT id FROM egw_tokens WHERE name = $1 AND revoked_at IS NULL"
+    " AND (expires_at IS NULL OR expires_at > $2) LIMIT 1"
+)
 _NOTIFY = f"SELECT pg_notify('{CHANNEL}', $1)"
 
 
@@ -127,6 +133,25 @@ class PostgresTokenStore:
                 await conn.execute(_NOTIFY, record.id)  # a replica may know it as unknown
         except asyncpg.UniqueViolationError:
             raise ValueError(f"token id {record.id!r} already exists") from None
+
+    async def put_unique_name(self, record: TokenRecord, now: float) -> str | None:
+        """Store ``record`` unless a token active at ``now`` (neither revoked nor expired)
+        has its name: then the id of that token, and nothing stored. Atomic across
+        replicas and the CLI: one transaction holding an advisory lock on the name (a
+        unique index cannot say "not expired": ``now`` is not in a row)."""
+        values = ", ".join(f"${n}" for n in range(1, 12))
+        statement = f"INSERT INTO egw_tokens ({_COLUMNS}) VALUES ({values})"  # noqa: S608
+        try:
+            async with self._open_pool().acquire() as conn, conn.transaction():
+                await conn.execute(_NAME_LOCK, record.name)
+                holder: str | None = await conn.fetchval(_ACTIVE_NAMED, record.name, now)
+                if holder is not None:
+                    return holder
+                await conn.execute(statement, *_to_args(record))
+                await conn.execute(_NOTIFY, record.id)
+        except asyncpg.UniqueViolationError:
+            raise ValueError(f"token id {record.id!r} already exists") from None
+        return None
 
     async def get(self, token_id: str) -> TokenRecord | None:
         row = await self._open_pool().fetchrow(_SELECT + " WHERE id = $1", token_id)

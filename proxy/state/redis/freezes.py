@@ -11,9 +11,7 @@ import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
-
+from proxy.state.redis.client import STATE_ERRORS, RedisClient
 from proxy.state.redis.fallback import PROBE_INTERVAL
 
 __all__ = ["FreezeListener"]
@@ -36,7 +34,7 @@ class FreezeListener:
 
     def __init__(
         self,
-        client: Redis,
+        client: RedisClient,
         *,
         channel: str,
         frozen_key: str,
@@ -72,7 +70,7 @@ class FreezeListener:
                                     self._heard(float(until))
                     finally:
                         connection.deregister_connect_callback(self._reconnected)
-            except (RedisError, OSError):
+            except STATE_ERRORS:
                 await asyncio.sleep(PROBE_INTERVAL)
             except Exception as exc:  # a bug must not end the listening for good
                 log.warning(
@@ -89,7 +87,7 @@ class FreezeListener:
         """Read the freeze Redis holds and hand it to ``heard``."""
         try:
             raw = await self._redis.get(self._frozen_key)
-        except (RedisError, OSError):
+        except STATE_ERRORS:
             if quietly:  # the listener, or the next reservation or refresh, finds out
                 return
             raise

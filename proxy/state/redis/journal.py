@@ -9,7 +9,7 @@ import math
 from collections import deque
 from collections.abc import Mapping
 
-from redis.asyncio import Redis
+from proxy.state.redis.client import RedisClient
 
 __all__ = ["Journal"]
 
@@ -19,7 +19,7 @@ class Journal:
     ``horizon`` seconds (the longest window plus the guard). ``pending_release``: members
     given back while Redis was away that it may still hold."""
 
-    def __init__(self, client: Redis, sends_key: str, horizon: float) -> None:
+    def __init__(self, client: RedisClient, sends_key: str, horizon: float) -> None:
         self._redis = client
         self._key = sends_key
         self.horizon = horizon

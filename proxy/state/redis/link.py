@@ -15,14 +15,12 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any, Literal, Protocol
-
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from proxy.budget.windows import CredentialBudget
 from proxy.state.redis import scripts
+from proxy.state.redis.client import STATE_ERRORS, RedisClient, server_of
 from proxy.state.redis.fallback import PROBE_INTERVAL, Fallback
 from proxy.state.redis.freezes import FreezeListener
 from proxy.state.redis.journal import Journal
@@ -69,7 +67,7 @@ class RedisLink:
     def __init__(
         self,
         slots: Linked,
-        client: Redis,
+        client: RedisClient,
         budget_scripts: scripts.Scripts,
         keys: scripts.BudgetKeys,
         view: SharedView,
@@ -103,6 +101,40 @@ class RedisLink:
         self.listener: asyncio.Task[None] | None = None  # hears freezes (FreezeListener)
         self.tasks: set[asyncio.Task[Any]] = set()  # the writes nobody waits for
         self.closed = False
+        self._server_now = server_of(client, keys.sends)
+        self._server = self._server_now()  # who held the shared state at the last answer
+
+    # --- failover and empty restarts -------------------------------------------------
+
+    async def refill(self, others: Mapping[bytes, float] | None = None) -> bool:
+        """Redis lost the shared state (it restarted empty, or a failover promoted a server
+        that missed the last writes): put back our journal and every other replica's send
+        we know of (``others``, default the view's), and the freeze, before anything else is
+        read. False (and alone) when Redis went away meanwhile."""
+        known = self._view.known if others is None else others
+        try:
+            await self._journal.replay(self._view.offset, self._clock(), known)
+            await self.carry_freeze()
+        except STATE_ERRORS:
+            self.went_down()
+            return False
+        self._view.read_at = -math.inf  # read the view again, with what was put back
+        return True
+
+    def answered(self) -> None:
+        """Redis answered: if another server holds the shared state than at the last answer
+        (Sentinel promoted a replica, a cluster moved the slot to one), it may lack sends the
+        old one acknowledged but never replicated: put them back, in the background.
+        (A replica that met the failover as an error replays anyway, on rejoining.)"""
+        server = self._server_now()
+        if server != self._server:
+            if self._server is not None:
+                log.warning(
+                    "shared state moved to another server",
+                    extra={"fields": {"credential": self._slots.name}},
+                )
+                self.spawn(self.refill(dict(self._view.known)))  # as known before this answer
+            self._server = server
 
     # --- background writes -----------------------------------------------------------
 
@@ -116,7 +148,7 @@ class RedisLink:
         started = time.perf_counter()
         try:
             await call
-        except (RedisError, OSError):
+        except STATE_ERRORS:
             self.went_down()
         finally:
             self._on_latency(op, time.perf_counter() - started)
@@ -126,7 +158,7 @@ class RedisLink:
         started = time.perf_counter()
         try:
             await self._redis.zrem(self._sends, member)
-        except (RedisError, OSError):
+        except STATE_ERRORS:
             self._journal.pending_release.append(member)  # removed once Redis is back
             self.went_down()
         finally:
@@ -217,7 +249,7 @@ class RedisLink:
                     await self._journal.replay(redis_now - self._clock(), self._clock())
                     await self.carry_freeze()
                     await self._journal.release_pending()
-            except (RedisError, OSError):
+            except STATE_ERRORS:
                 continue
             break
         slots.rejoined()

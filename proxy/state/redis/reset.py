@@ -16,8 +16,7 @@ import contextlib
 import secrets
 from collections.abc import Callable
 
-import redis.asyncio
-from redis.exceptions import RedisError
+from proxy.state.redis.client import STATE_ERRORS, RedisClient
 
 __all__ = ["CHECK_SECONDS", "ResetWatch"]
 
@@ -35,7 +34,7 @@ class ResetWatch:
 
     def __init__(
         self,
-        client: redis.asyncio.Redis,
+        client: RedisClient,
         key_prefix: str,
         on_reset: Callable[[], None],
         *,
@@ -67,7 +66,7 @@ class ResetWatch:
 
     async def _forever(self) -> None:
         while True:
-            with contextlib.suppress(RedisError, OSError, TimeoutError):
+            with contextlib.suppress(*STATE_ERRORS, TimeoutError):
                 await self.check()
             await asyncio.sleep(self._interval)
 

@@ -13,11 +13,13 @@ from collections.abc import Sequence
 from importlib.resources import files
 from typing import TYPE_CHECKING
 
+from redis.asyncio.cluster import RedisCluster
+
 from proxy.budget.slots import LINE_GRACE
 from proxy.budget.windows import Limit
 
 if TYPE_CHECKING:
-    from redis.asyncio import Redis
+    from proxy.state.redis.client import RedisClient
 
 __all__ = [
     "FREEZE_ARGV",
@@ -27,6 +29,7 @@ __all__ = [
     "BudgetKeys",
     "Scripts",
     "freeze_args",
+    "hash_tagged",
     "lua",
     "observe_args",
     "reply_text",
@@ -45,6 +48,14 @@ def lua(name: str) -> str:
     return text
 
 
+def hash_tagged(client: RedisClient) -> bool:
+    """True on a cluster: the keys of one credential (or of the token store) carry a hash
+    tag, ``{name}``, that puts them in one slot, so each script touches one slot. A single
+    server (standalone, or Sentinel's master) keeps the names it always had: no key moves
+    when a deployment upgrades."""
+    return isinstance(client, RedisCluster)
+
+
 def reply_text(raw: bytes | str) -> str:
     """A text a script returned (the client hands bytes back unless it decodes)."""
     return raw.decode() if isinstance(raw, bytes) else str(raw)
@@ -55,7 +66,7 @@ class Scripts:
 
     __slots__ = ("freeze", "observe", "reserve", "snapshot")
 
-    def __init__(self, client: Redis) -> None:
+    def __init__(self, client: RedisClient) -> None:
         self.reserve = client.register_script(lua("reserve"))
         self.snapshot = client.register_script(lua("snapshot"))
         self.observe = client.register_script(lua("observe"))
@@ -68,8 +79,8 @@ class BudgetKeys:
 
     __slots__ = ("epoch", "ext", "freezes", "frozen", "line", "reserve", "sends", "snapshot")
 
-    def __init__(self, prefix: str, name: str, windows: int) -> None:
-        base = f"{prefix}{name}"
+    def __init__(self, prefix: str, name: str, windows: int, *, tagged: bool = False) -> None:
+        base = f"{prefix}{{{name}}}" if tagged else f"{prefix}{name}"
         self.sends = f"{base}:sends"
         self.frozen = f"{base}:frozen"
         self.line = f"{base}:line"

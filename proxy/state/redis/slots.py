@@ -25,12 +25,10 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
-
 from proxy.budget.slots import LINE_GRACE, Slot, StateUnavailable
 from proxy.budget.windows import CredentialBudget, Limit, WindowView
 from proxy.state.redis import scripts
+from proxy.state.redis.client import STATE_ERRORS, RedisClient
 from proxy.state.redis.fallback import PROBE_INTERVAL, Fallback
 from proxy.state.redis.journal import Journal
 from proxy.state.redis.link import RedisLink
@@ -64,7 +62,7 @@ class RedisSlots:
     def __init__(
         self,
         name: str,
-        client: Redis,
+        client: RedisClient,
         prefix: str,
         limits: Sequence[Limit],
         guard: float,
@@ -121,7 +119,8 @@ class RedisSlots:
 
     def _set_limits(self, limits: Sequence[Limit]) -> None:
         self._limits = tuple(limits)
-        self._keys = scripts.BudgetKeys(self._prefix, self.name, len(self._limits))
+        tagged = scripts.hash_tagged(self._redis)
+        self._keys = scripts.BudgetKeys(self._prefix, self.name, len(self._limits), tagged=tagged)
         self._horizon = max(lim.per_seconds for lim in self._limits) + self._guard
 
     async def relimit(self, limits: Sequence[Limit], now: float) -> None:
@@ -164,7 +163,7 @@ class RedisSlots:
         except asyncio.CancelledError:
             call.add_done_callback(functools.partial(self._link.abandoned, member))
             raise
-        except (RedisError, OSError):
+        except STATE_ERRORS:
             # A timeout may come after the script ran: its send, if recorded, never leaves.
             self._journal.pending_release.append(member)
             self._link.went_down()
@@ -190,6 +189,7 @@ class RedisSlots:
         self._epoch = reply_text(reply[4])
         self._view.seen_at = now  # the view is current as of this answer
         link = self._link
+        link.answered()
         link.used_at = now
         fresh = link.fresh
         if fresh is not None and fresh.done():  # restored, idle until now
@@ -213,14 +213,9 @@ class RedisSlots:
         empty). Put back our journal and every other replica's send we know of, and the
         freeze, before anything else is reserved or read; then the epoch is ours. False
         (and alone) when Redis went away meanwhile."""
-        try:
-            await self._journal.replay(self._view.offset, self._clock(), self._view.known)
-            await self._link.carry_freeze()
-        except (RedisError, OSError):
-            self._link.went_down()
+        if not await self._link.refill():
             return False
         self._epoch = epoch
-        self._view.read_at = -math.inf  # the view is read again, with what was put back
         return True
 
     def _take_alone(self, now: float) -> Slot | None:
@@ -270,7 +265,7 @@ class RedisSlots:
         args = scripts.snapshot_args(horizon=self._horizon, new_epoch=secrets.token_hex(8))
         try:
             reply = await self._call("snapshot", self._scripts.snapshot, self._keys.snapshot, args)
-        except (RedisError, OSError):
+        except STATE_ERRORS:
             self._link.went_down()
             return
         # The reply: Redis time, the freeze (Redis time), the epoch, the sends (member,
@@ -284,6 +279,7 @@ class RedisSlots:
             await self._refill(epoch)
             return
         self._epoch = epoch
+        self._link.answered()
         self._view.rebuild(reply[3], reply[4:], offset, now)
         self.changes += 1
         # Redis' freeze, told to the lane if it is news only now: the lane predicts who can
@@ -395,5 +391,5 @@ class RedisSlots:
     async def close(self) -> None:
         await self._link.close()
         if self.healthy:  # leave the line at once (else the place lapses by itself)
-            with contextlib.suppress(RedisError, OSError):
+            with contextlib.suppress(*STATE_ERRORS):
                 await self._redis.hdel(self._keys.line, self._replica)

@@ -8,6 +8,10 @@ Keys, under the configured prefix (``redis.key_prefix``, default ``egw:``):
   which is exactly the order ``TokenStore.list`` promises.
 
 Records are never deleted (revocation is a field), so every id in the set has its hash.
+
+On a cluster (``redis-cluster://``) every token key carries the hash tag ``{tokens}``
+(``{prefix}{tokens}:token:{id}``, ``{prefix}{tokens}:index``): the store is one slot, so
+its scripts and transactions run there whole. Standalone and Sentinel keep the names above.
 """
 
 from __future__ import annotations
@@ -18,16 +22,19 @@ import json
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar, Unpack, cast
 
-import redis.asyncio
+from redis.asyncio.client import Pipeline
+from redis.asyncio.cluster import ClusterPipeline
 from redis.exceptions import WatchError
 from redis.typing import EncodableT, FieldT
 
 from proxy.auth.tokens import TokenChanges, TokenRecord, apply_changes
-from proxy.state.redis.scripts import lua
+from proxy.state.redis.client import RedisClient
+from proxy.state.redis.scripts import hash_tagged, lua
 
 __all__ = ["RedisTokenStore"]
 
 T = TypeVar("T")
+AnyPipeline = Pipeline | ClusterPipeline
 
 MAX_TRANSACTION_ATTEMPTS = 100
 """Bound on optimistic (WATCH) retries. Each failed attempt means another writer committed, so
@@ -101,13 +108,13 @@ class RedisTokenStore:
     """
 
     def __init__(
-        self, client: redis.asyncio.Redis, *, key_prefix: str = "egw:", owns_client: bool = False
+        self, client: RedisClient, *, key_prefix: str = "egw:", owns_client: bool = False
     ) -> None:
         if not key_prefix:
             raise ValueError("redis.key_prefix: must be a non-empty string")
         self._client = client
-        self._prefix = key_prefix
-        self._index = f"{key_prefix}tokens"
+        self._prefix = f"{key_prefix}{{tokens}}:" if hash_tagged(client) else key_prefix
+        self._index = f"{self._prefix}index" if hash_tagged(client) else f"{key_prefix}tokens"
         self._owns_client = owns_client
         self._closed = False
         self._put_script = client.register_script(lua("token_put"))
@@ -116,7 +123,11 @@ class RedisTokenStore:
     def _key(self, token_id: str) -> str:
         return f"{self._prefix}token:{token_id}"
 
-    def _open_client(self) -> redis.asyncio.Redis:
+    def keys(self, token_id: str) -> tuple[str, str]:
+        """The keys a token's record touches: its hash, and the index of ids."""
+        return self._key(token_id), self._index
+
+    def _open_client(self) -> RedisClient:
         if self._closed:
             raise RuntimeError("redis token store is closed")
         return self._client
@@ -143,7 +154,7 @@ class RedisTokenStore:
         """All records as of one instant: the index is WATCHed while the hashes are read."""
         return await self._transaction(self._index, self._list_once)
 
-    async def _list_once(self, pipe: redis.asyncio.client.Pipeline) -> builtins.list[TokenRecord]:
+    async def _list_once(self, pipe: AnyPipeline) -> builtins.list[TokenRecord]:
         # Without withscores, ZRANGE returns the bare members.
         ids = cast("builtins.list[bytes]", await pipe.zrange(self._index, 0, -1))
         pipe.multi()  # type: ignore[no-untyped-call]
@@ -166,7 +177,7 @@ class RedisTokenStore:
         """
         key = self._key(token_id)
 
-        async def once(pipe: redis.asyncio.client.Pipeline) -> TokenRecord | None:
+        async def once(pipe: AnyPipeline) -> TokenRecord | None:
             raw = await pipe.hgetall(key)
             if not raw:
                 return None
@@ -186,9 +197,7 @@ class RedisTokenStore:
 
         return await self._transaction(key, once)
 
-    async def _transaction(
-        self, key: str, attempt: Callable[[redis.asyncio.client.Pipeline], Awaitable[T]]
-    ) -> T:
+    async def _transaction(self, key: str, attempt: Callable[[AnyPipeline], Awaitable[T]]) -> T:
         """Run ``attempt`` with ``key`` WATCHed, again while another writer gets in first."""
         client = self._open_client()
         for _ in range(MAX_TRANSACTION_ATTEMPTS):

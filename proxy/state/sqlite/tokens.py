@@ -66,6 +66,19 @@ def _put(conn: sqlite3.Connection, record: TokenRecord) -> None:
         raise ValueError(f"token id {record.id!r} already exists") from None
 
 
+def _put_unique_name(conn: sqlite3.Connection, record: TokenRecord, now: float) -> str | None:
+    with transaction(conn):  # IMMEDIATE: the write lock before the check
+        row = conn.execute(
+            "SELECT id FROM tokens WHERE name = ? AND revoked_at IS NULL"
+            " AND (expires_at IS NULL OR expires_at > ?) LIMIT 1",
+            (record.name, now),
+        ).fetchone()
+        if row is not None:
+            return str(row[0])
+        _put(conn, record)
+        return None
+
+
 def _list(conn: sqlite3.Connection) -> builtins.list[TokenRecord]:
     return [_from_row(row) for row in conn.execute(_SELECT + " ORDER BY created_at, id")]
 
@@ -148,6 +161,12 @@ class SqliteTokenStore(Connection):
 
     async def put(self, record: TokenRecord) -> None:
         await self._run(lambda conn: _put(conn, record))
+
+    async def put_unique_name(self, record: TokenRecord, now: float) -> str | None:
+        """Store ``record`` unless a token active at ``now`` has its name: then that
+        token's id, and nothing stored. One IMMEDIATE transaction: atomic across the
+        processes sharing the file."""
+        return await self._run(lambda conn: _put_unique_name(conn, record, now))
 
     async def get(self, token_id: str) -> TokenRecord | None:
         return await self._run(lambda conn: _get(conn, token_id))

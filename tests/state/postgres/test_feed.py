@@ -111,3 +111,20 @@ async def test_closing_stops_following(
     finally:
         await admin.close()
     assert listening == 0
+
+
+async def test_an_unexpected_error_does_not_end_the_follower(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from proxy.state.postgres.feed import ChangeFollower
+
+    health: asyncio.Queue[bool] = asyncio.Queue()
+    # An argument asyncpg does not take: a TypeError, none of the network's errors.
+    follower = ChangeFollower({"no_such_argument": 1}, lambda _id: None, health.put_nowait)
+    follower.start()
+    try:
+        assert await asyncio.wait_for(health.get(), WAIT) is False
+        assert follower._task is not None and not follower._task.done()
+        assert any(getattr(r, "fields", {}).get("error") == "TypeError" for r in caplog.records)
+    finally:
+        await follower.stop()

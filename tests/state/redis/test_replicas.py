@@ -25,8 +25,7 @@ from aiohttp.test_utils import TestServer
 from proxy.admin.tokenops import create_token
 from proxy.config import load_config
 from proxy.sim import SimConfig, Simulator
-from proxy.state import open_token_store
-from proxy.state.redis.client import RedisOptions
+from proxy.state import open_token_store, redis_options, state_password
 from tests.conftest import base_url
 from tests.procs import (
     REAL_KEY,
@@ -120,8 +119,15 @@ class Replica:
 
 
 def replica_configs(
-    tmp_path: Path, sim_url: str, redis_url: str, n: int, **extra: Any
+    tmp_path: Path,
+    sim_url: str,
+    redis_url: str,
+    n: int,
+    *,
+    redis: dict[str, Any] | None = None,
+    **extra: Any,
 ) -> list[Replica]:
+    """``n`` replicas' configs on one Redis; ``redis``: more keys of its section."""
     prefix = f"egw-it-{uuid.uuid4().hex[:8]}:"
     replicas = []
     for i in range(n):
@@ -130,7 +136,7 @@ def replica_configs(
             "listen": f"127.0.0.1:{port}",
             "admin_listen": f"127.0.0.1:{admin_port}",
             "state": redis_url,
-            "redis": {"key_prefix": prefix, "timeout_seconds": 0.3},
+            "redis": {"key_prefix": prefix, "timeout_seconds": 0.3, **(redis or {})},
             "replicas": n,
             "upstream": {
                 "base_url": sim_url,
@@ -149,11 +155,11 @@ def replica_configs(
     return replicas
 
 
-async def mint(replica: Replica, n: int) -> list[str]:
+async def mint(replica: Replica, n: int, env: dict[str, str] | None = None) -> list[str]:
+    """``n`` tokens, written as ``token create`` would (``env``: the secrets' variables)."""
     config = load_config(replica.config)
-    store = await open_token_store(
-        config.state, redis_options=RedisOptions(key_prefix=config.redis.key_prefix)
-    )
+    options = redis_options(config, state_password(config, env or {}))
+    store = await open_token_store(config.state, redis_options=options)
     try:
         return [
             (
@@ -167,8 +173,8 @@ async def mint(replica: Replica, n: int) -> list[str]:
         await store.close()
 
 
-async def start_all(spawn: Spawn, replicas: list[Replica]) -> list[Proc]:
-    env = child_env(ECHOWIN_API_KEY=REAL_KEY)
+async def start_all(spawn: Spawn, replicas: list[Replica], **env_extra: str) -> list[Proc]:
+    env = child_env(ECHOWIN_API_KEY=REAL_KEY, **env_extra)
     procs = [
         spawn("serve", "--config", r.config, env=env, name=f"replica{i}")
         for i, r in enumerate(replicas)
