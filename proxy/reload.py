@@ -8,7 +8,7 @@ import logging
 import signal
 import time
 
-from proxy.config import ConfigError, GatewayConfig, load_config, resolve_secrets
+from proxy.config import ConfigError, GatewayConfig, Secrets, load_config, resolve_secrets
 from proxy.runtime import Runtime
 
 log = logging.getLogger("echowin_gateway.reload")
@@ -60,19 +60,42 @@ def reload_config(runtime: Runtime, path: str, state_override: str | None = None
         secrets = resolve_secrets(config)
     except ConfigError as exc:
         return _refused(runtime, exc.lines)
+    if runtime.reloading:
+        return _refused(runtime, ["a reload that adds upstream keys is under way; try again"])
     problems = [
         f"{key}: changing it needs a restart"
         for key in restart_only_changes(runtime.config, config)
     ]
-    if set(secrets.credentials) != set(runtime.secrets.credentials):
-        problems.append("upstream keys: adding or removing one needs a restart")
+    problems += runtime.key_problems(secrets)
     if problems:
         return _refused(runtime, problems)
+    if set(secrets.credentials) == set(runtime.secrets.credentials):
+        _applied(runtime, config, secrets)
+    else:  # the new keys' lanes read their send history first
+        runtime.keep(_change_keys(runtime, config, secrets))
+    return True
+
+
+async def _change_keys(runtime: Runtime, config: GatewayConfig, secrets: Secrets) -> None:
+    before = set(runtime.secrets.credentials)
+    try:
+        await runtime.change_keys(secrets)
+    except Exception as exc:  # the state cannot be read: the running keys stay
+        _refused(runtime, [f"upstream keys: cannot open a new key's budget: {type(exc).__name__}"])
+        return
+    _applied(runtime, config, secrets)
+    now = set(secrets.credentials)
+    log.info(
+        "upstream keys changed",
+        extra={"fields": {"added": sorted(now - before), "removed": sorted(before - now)}},
+    )
+
+
+def _applied(runtime: Runtime, config: GatewayConfig, secrets: Secrets) -> None:
     runtime.apply(config, secrets)
     runtime.metrics.reloads.labels("success").inc()
     runtime.metrics.last_reload.set(time.time())
     log.info("config reloaded", extra={"fields": {"routes": len(runtime.routes)}})
-    return True
 
 
 def _refused(runtime: Runtime, lines: list[str]) -> bool:

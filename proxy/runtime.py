@@ -13,8 +13,9 @@ import logging
 import os
 import time
 from collections import Counter
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -33,7 +34,7 @@ from proxy.budget.windows import Limit
 from proxy.cache.channel import open_purge_channel
 from proxy.cache.keeper import GatewayCache
 from proxy.cache.purge import EVERYTHING
-from proxy.config import GatewayConfig, Secrets, TracingConfig, tracing_from_env
+from proxy.config import AGENCY_KEY_NAME, GatewayConfig, Secrets, TracingConfig, tracing_from_env
 from proxy.observe.class_metrics import ClassMetrics
 from proxy.observe.history import QueueHistory
 from proxy.observe.logs import AccessLog, setup_logging
@@ -87,12 +88,20 @@ class Runtime:
     # The deepest queue per credential in each of the last 60 minutes (the status page).
     queue_history: QueueHistory = field(default_factory=QueueHistory)
     _pruner: asyncio.Task[None] | None = None
+    _reloading: asyncio.Task[None] | None = None  # a reload opening new keys' lanes
     _sampler: asyncio.Task[None] | None = None
 
     def __post_init__(self) -> None:
         self.trusted_proxies = TrustedProxies.parse(self.config.server.trusted_proxies)
         self.auth_throttle = _auth_throttle(self.config)
         self.trace_settings = tracing_from_env(self.config.tracing, os.environ)
+        self._configure_metrics(self.config)
+
+    def _configure_metrics(self, config: GatewayConfig) -> None:
+        bounds = config.metrics
+        period = bounds.token_label_period_seconds
+        self.metrics.labels.tokens.configure(bounds.token_labels, period)
+        self.metrics.labels.credentials.configure(bounds.credential_labels, period)
 
     @classmethod
     def from_config(cls, config: GatewayConfig, secrets: Secrets) -> Runtime:
@@ -105,6 +114,7 @@ class Runtime:
         if config.auth != self.config.auth:  # a new rate: the old buckets do not fit it
             self.auth_throttle = _auth_throttle(config)
         self.trusted_proxies = TrustedProxies.parse(config.server.trusted_proxies)
+        self._configure_metrics(config)
         self.config = config
         if self.cache is not None:  # a credential given another key: its copies go
             for name, credential in secrets.credentials.items():
@@ -120,6 +130,15 @@ class Runtime:
         self.metrics.queue_max_wait.set(config.queue.max_wait_seconds)
         setup_logging(config.logging.level, config.logging.format)
         self.access_log.configure(config.logging)
+
+    @property
+    def reloading(self) -> bool:
+        """True while a reload opens the lanes of keys it adds (see proxy/reload.py)."""
+        return self._reloading is not None and not self._reloading.done()
+
+    def keep(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run a reload's ``work`` in the background (one at a time: see ``reloading``)."""
+        self._reloading = asyncio.get_running_loop().create_task(work)
 
     @property
     def shared_state(self) -> bool:
@@ -210,7 +229,6 @@ class Runtime:
 
     async def _open_scheduler(self, state: State) -> Scheduler:
         cfg = self.config
-        limits = [Limit(lim.requests, lim.per_seconds) for lim in cfg.upstream.limits]
         policy = QueuePolicy(
             max_wait=cfg.queue.max_wait_seconds,
             max_depth=cfg.queue.max_depth,
@@ -218,26 +236,72 @@ class Runtime:
         )
         lanes = {}
         for name in self.secrets.credentials:
-            book = class_book(cfg, limits)
-            lane = Lane(
-                name,
-                limits,
-                cfg.upstream.window_guard_seconds,
-                state.send_log,
-                policy,
-                self.metrics,
-                source=state.credential_source(name, limits, book),
-                classes=book,
-            )
-            await lane.restore()
-            lanes[name] = lane
-            self.metrics.upstream_429s.labels(name)  # exported as 0 from the start
+            lanes[name] = await self._new_lane(name, state, policy)
         scheduler = Scheduler(lanes, policy, self.metrics, quota_sources=state.quota_source)
-        self.metrics.attach_budget(scheduler.snapshot, scheduler.token_quotas)
+        quotas = self.metrics.labels.shown_tokens(scheduler.token_quotas)
+        self.metrics.attach_budget(scheduler.snapshot, quotas)
         if cfg.classes:
             scheduler.class_observer = ClassMetrics(self.metrics.registry, scheduler.snapshot)
         self.metrics.queue_max_wait.set(cfg.queue.max_wait_seconds)
         return scheduler
+
+    def lane_limits(self, name: str, secrets: Secrets | None = None) -> tuple[Limit, ...]:
+        """The budget windows of the key ``name``: its own (upstream.keys_file) or
+        upstream.limits."""
+        credential = (secrets or self.secrets).credentials[name]
+        if credential.limits is not None:
+            return tuple(Limit(n, per) for n, per in credential.limits)
+        return tuple(Limit(lim.requests, lim.per_seconds) for lim in self.config.upstream.limits)
+
+    async def _new_lane(
+        self, name: str, state: State, policy: QueuePolicy, secrets: Secrets | None = None
+    ) -> Lane:
+        limits = list(self.lane_limits(name, secrets))
+        book = class_book(self.config, limits)  # its own: the classes in the key's windows
+        lane = Lane(
+            name,
+            limits,
+            self.config.upstream.window_guard_seconds,
+            state.send_log,
+            policy,
+            self.metrics,
+            source=state.credential_source(name, limits, book),
+            classes=book,
+        )
+        await lane.restore()
+        self.metrics.upstream_429s.labels(name)  # exported as 0 from the start
+        return lane
+
+    def key_problems(self, secrets: Secrets) -> list[str]:
+        """What a reload's ``secrets`` change that only a restart can: a key's own limits
+        (its lane keeps its windows), or the agency key's presence."""
+        problems = []
+        old = self.secrets.credentials
+        if (AGENCY_KEY_NAME in old) != (AGENCY_KEY_NAME in secrets.credentials):
+            problems.append("upstream.agency_key: adding or removing it needs a restart")
+        lanes = self.admitter.lanes if isinstance(self.admitter, Scheduler) else {}
+        for name in secrets.credentials:
+            lane = lanes.get(name)
+            if lane is not None and tuple(lane.budget.limits) != self.lane_limits(name, secrets):
+                problems.append(f"upstream key {name}: changing its limits needs a restart")
+        return problems
+
+    async def change_keys(self, secrets: Secrets) -> None:
+        """Open the lanes of the keys ``secrets`` adds (before any request can name them),
+        and retire those it takes away; ``apply`` then swaps the secrets in."""
+        scheduler = self.admitter
+        if not isinstance(scheduler, Scheduler) or self._state is None:
+            return
+        lanes = [
+            scheduler.lanes.get(name)
+            or await self._new_lane(name, self._state, scheduler.policy, secrets)
+            for name in secrets.credentials
+        ]
+        for lane in lanes:  # all at once, once every one is open
+            scheduler.add_lane(lane)
+        for name in self.secrets.credentials:
+            if name not in secrets.credentials:
+                scheduler.retire(name)
 
     def _horizon(self) -> float:
         """How long a recorded send can still matter, seconds: a token quota's hour too."""
@@ -265,6 +329,10 @@ class Runtime:
 
     async def close(self) -> None:
         self.access_log.close()  # what waits is written; later lines go out at once
+        if self._reloading is not None:
+            self._reloading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reloading
         if self.tracing is not None:  # the last spans exported, off the event loop
             await asyncio.to_thread(self.tracing.shutdown)
         for task in (self._pruner, self._sampler):

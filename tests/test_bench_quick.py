@@ -50,7 +50,9 @@ def test_quick_mode_reports_every_scenario(tmp_path: Path) -> None:
         assert entry["all_as_expected"], entry["rounds"]
         assert entry["rounds"][0]["requests"] > 0 and entry["cores"]["median"] is not None
     assert workers["ratio"] is not None
-    assert "admitted req/s, 2 workers vs 1" in [t["name"] for t in result["targets"]]
+    assert workers["per_cpu_ratio"] is not None
+    names = [t["name"] for t in result["targets"]]
+    assert "req/s per gateway CPU-second, 2 workers vs 1" in names
     for name in THROUGHPUT:
         scenario = result["scenarios"][name]
         assert scenario["connections"] == (1 if name == "latency" else 50)
@@ -199,3 +201,49 @@ def test_memory_floor_holds_every_request_then_answers(tmp_path: Path) -> None:
     for row in rows:
         assert (row["answered"], row["errors"], row["event_loop"]) == (50, 0, "asyncio")
         assert 0 < row["rss_start_mb"] <= row["rss_held_mb"]
+
+
+def test_scale_quick_mode_produces_every_figure(tmp_path: Path) -> None:
+    # tests/bench/scale.py: keys from a keys file, tokens through the admin API, traffic
+    # rotating over them; every figure is produced (none is judged).
+    out_json, out_md = tmp_path / "scale.json", tmp_path / "scale.md"
+    cmd = [sys.executable, "-m", "tests.bench.scale", "--quick", "--json", str(out_json)]
+    cmd += ["--markdown", str(out_md)]
+    run = subprocess.run(
+        cmd, cwd=REPO, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=240
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    result = json.loads(out_json.read_text(encoding="utf-8"))
+    assert set(result["targets"]) == {"one", "scale-1", "scale-1key", "scale"}
+    for name, entry in result["targets"].items():
+        assert entry["all_as_expected"], (name, entry["rounds"])
+        assert entry["rps"] > 0 and entry["cpu_us"] is not None and entry["rss_peak_mb"] > 0
+    assert result["targets"]["one"]["rps_ratio"] == 1.0
+    setup = result["setup"]
+    assert setup["scale"]["tokens"] == result["meta"]["tokens"] > 1
+    assert setup["scale"]["startup_seconds"] > 0 and setup["scale"]["rss_with_tokens_mb"] > 0
+    scrapes = result["scrapes"]["scale"]
+    assert scrapes["/metrics"]["series"] > 0 and scrapes["/status.json"]["bytes"] > 0
+    # Traffic over 100 tokens: every one of them, or "other", is a label value.
+    assert 1 < scrapes["/metrics"]["token_values"] <= 102
+    assert "| scale |" in out_md.read_text(encoding="utf-8")
+
+
+def test_replicas_quick_mode_produces_every_figure(tmp_path: Path) -> None:
+    # tests/bench/replicas.py: a private redis-server, 1 to 3 replicas on it and one
+    # gateway on SQLite; req/s per replica and Redis round trips per answer are produced.
+    out_json = tmp_path / "replicas.json"
+    cmd = [sys.executable, "-m", "tests.bench.replicas", "--quick", "--json", str(out_json)]
+    run = subprocess.run(
+        cmd, cwd=REPO, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=240
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    result = json.loads(out_json.read_text(encoding="utf-8"))
+    assert set(result["targets"]) == {"sqlite", "redis-1", "redis-2", "redis-3"}
+    for name, entry in result["targets"].items():
+        assert entry["all_as_expected"], (name, entry["rounds"])
+        assert entry["rps"] > 0 and entry["rps_per_replica"] > 0
+        assert len(entry["rounds"][0]["rps_per_replica"]) == entry["replicas"]
+    assert result["targets"]["sqlite"]["redis_ops_per_request"] == 0
+    for name in ("redis-1", "redis-2", "redis-3"):
+        assert result["targets"][name]["redis_commands_per_request"] > 0

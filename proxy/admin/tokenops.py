@@ -19,7 +19,7 @@ from proxy.auth.tokens import (
     mint_token,
     parse_duration,
 )
-from proxy.config import AGENCY_KEY_NAME, GatewayConfig
+from proxy.config import AGENCY_KEY_NAME, ConfigError, GatewayConfig, file_key_names
 from proxy.state import open_token_store, postgres_options, redis_options, state_password
 
 
@@ -86,8 +86,22 @@ async def open_store(config: GatewayConfig) -> TokenStore:
 
 
 def upstream_key_names(config: GatewayConfig) -> tuple[str, ...]:
-    """The team keys a token may be bound to (the agency key is per route, not per token)."""
-    return (DEFAULT_UPSTREAM_KEY, *config.upstream.extra_keys)
+    """The team keys a token may be bound to (the agency key is per route, not per token):
+    those the config names, and those of ``upstream.keys_file`` (read for their names; a
+    file that cannot be read is the ValueError of its ConfigError)."""
+    names = (DEFAULT_UPSTREAM_KEY, *config.upstream.extra_keys)
+    if config.upstream.keys_file is None:
+        return names
+    try:
+        return names + tuple(file_key_names(config.upstream.keys_file, os.environ))
+    except ConfigError as exc:
+        raise ValueError("; ".join(exc.lines)) from None
+
+
+def _known(names: Sequence[str]) -> str:
+    """The names for an error line: the first ten of many."""
+    shown = ", ".join(names[:10])
+    return shown if len(names) <= 10 else f"{shown} and {len(names) - 10} more"
 
 
 async def create_token(
@@ -103,16 +117,20 @@ async def create_token(
     weight: int = 1,
     expires_in: str | float | None = None,
     now: float | None = None,
+    key_names: Sequence[str] | None = None,
     service_class: str | None = None,
 ) -> NewToken:
-    """Validate every field (ValueError naming it), mint a token and store its hash."""
+    """Validate every field (ValueError naming it), mint a token and store its hash.
+    ``key_names``: the team keys a token may be bound to, when known (a running gateway's);
+    by default read from ``config`` (see upstream_key_names)."""
     if not scopes:
         raise ValueError("scopes: at least one scope is required")
     check_scopes(scopes, routes)
     if upstream_key == AGENCY_KEY_NAME:
         raise ValueError("upstream_key: agency routes always use the agency key; bind a team key")
-    if upstream_key not in upstream_key_names(config):
-        known = ", ".join(upstream_key_names(config))
+    names = upstream_key_names(config) if key_names is None else tuple(key_names)
+    if upstream_key not in names:
+        known = _known(names)
         raise ValueError(f"upstream_key: {upstream_key!r} is not configured (known: {known})")
     for field_name, value in (("hourly", hourly), ("per_minute", per_minute)):
         if value is not None and (isinstance(value, bool) or value <= 0):

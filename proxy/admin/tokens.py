@@ -83,7 +83,13 @@ async def tokens_create(request: web.Request) -> web.Response:
         if key in data and data[key] is not None and type(data[key]) is not int:
             raise _bad(f"{key}: must be an integer")
     try:
-        new = await create_token(rt.store, rt.config, rt.routes, **_create_args(data))
+        new = await create_token(
+            rt.store,
+            rt.config,
+            rt.routes,
+            key_names=rt.secrets.team_key_names(),
+            **_create_args(data),
+        )
     except NameTaken as exc:
         return json_error(409, str(exc), reason=Reason.NAME_TAKEN)
     except (ValueError, TypeError) as exc:

@@ -9,27 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import math
 from collections.abc import Callable, Coroutine, Sequence
 
 from proxy.budget.classes import UNCLASSED, ClassBook
+from proxy.budget.lease import Lease
 from proxy.budget.slots import LINE_GRACE, Line, Row, SendLog, Slot, StateUnavailable
 from proxy.budget.windows import CredentialBudget, Limit, WindowView
 
 log = logging.getLogger("echowin_gateway.budget")
 
 __all__ = ["LocalSlots"]
-
-
-@dataclasses.dataclass(slots=True, eq=False)
-class _Lease:
-    """Slots reserved by one write-ahead row: ``left`` of them may still go until ``at``."""
-
-    at: float
-    left: int
-    cls: str = ""  # the class its row records every slot of it under
 
 
 class LocalSlots:
@@ -48,6 +39,9 @@ class LocalSlots:
     LEASE_SECONDS = 0.25  # how long the slots of one block may be handed out
     LEASE_FRACTION = 16  # a block is at most 1/16 of what the tightest window has free
     LEASE_MIN = 16  # smaller blocks are not worth it: a row per send (>= 256 free to lease)
+    # A block is at most twice what the last one handed out: a credential with little
+    # traffic of its own (one of hundreds of keys) does not reserve 256 slots per send.
+    LEASE_GROWTH = 2
     # An idle process gives back a lease's unused slots this long (loop time) after taking
     # it: the lease is over by then. Longer than the lease, so a test moving a fake clock
     # meets the timer only if it runs that long in real time.
@@ -84,7 +78,10 @@ class LocalSlots:
         self.healthy = True
         self.changes = 0
         self.on_frozen: Callable[[float], None] | None = None
-        self._lease: _Lease | None = None
+        self._lease: Lease | None = None
+        # Slots the last lease handed out before it ended (None: no lease yet). Each slot
+        # reserved costs a record and, unused, a release in every window: see _block.
+        self._demand: int | None = None
         self._line_due = -math.inf  # the ``due`` of this process's place in line
         self._yield_until = -math.inf  # a slot is free but another process's turn
         self._served = 0.0  # when this process last got a slot from the log (its line order)
@@ -103,6 +100,7 @@ class LocalSlots:
                 lease.left -= 1
                 return Slot(lease.at, committed=True, cls=lease.cls or None)
             self._lease = None
+            self._demand = lease.used
             returned: Row | None = (lease.at, -lease.left, lease.cls) if lease.left else None
             for _ in range(lease.left):
                 self.budget.release(lease.at)
@@ -144,11 +142,11 @@ class LocalSlots:
             return None
         at, n, row_cls = row
         if n > 1:
-            lease = self._lease = _Lease(at, n - 1, row_cls)
+            lease = self._lease = Lease(at, n - 1, row_cls)
             asyncio.get_running_loop().call_later(self.LEASE_IDLE_SECONDS, self._lease_idle, lease)
         return Slot(at, committed=True, cls=row_cls or None)
 
-    def _lease_idle(self, lease: _Lease) -> None:
+    def _lease_idle(self, lease: Lease) -> None:
         """The lease timer. If this process has not taken since the lease ended (an idle
         worker), its unused slots would stay reserved until it takes again: give them back
         now, for the other processes."""
@@ -205,7 +203,11 @@ class LocalSlots:
 
     def _block(self, now: float, cls: str | None = None) -> int:
         """How many slots one row reserves: 1 near any limit, up to ``block_max`` far (with
-        classes: far from what their reservations need; 1 for a paced class)."""
+        classes: far from what their reservations need; 1 for a paced class), and at most
+        ``LEASE_GROWTH`` times what the last lease handed out (at least 2). A credential
+        with a few sends per lease then reserves a few, not ``block_max``, per row (every
+        slot reserved is recorded, and released if unused, in each window); a busy one
+        doubles its block from lease to lease, back to ``block_max``."""
         book = self.classes
         if self._block_max <= 1 or (book is not None and book.paced(cls)):
             return 1
@@ -213,7 +215,11 @@ class LocalSlots:
         if book is not None:
             free = min(free, book.surplus(now, self.budget))
         block = min(self._block_max, free // self.LEASE_FRACTION)
-        return block if block >= self.LEASE_MIN else 1
+        if block < self.LEASE_MIN:
+            return 1
+        if self._demand is not None:
+            block = min(block, max(2, self.LEASE_GROWTH * self._demand))
+        return block
 
     def _merge(self, rows: list[Row]) -> None:
         if rows:
@@ -315,6 +321,8 @@ class LocalSlots:
         # into the lease, which would hand it out again (past a freeze, or never give it
         # back to the others).
         self._lease = None
+        if lease is not None:
+            self._demand = lease.used
         if lease is not None and lease.left:
             for _ in range(lease.left):
                 self.budget.release(lease.at)

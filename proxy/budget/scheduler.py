@@ -108,6 +108,22 @@ class Scheduler:
         self._shapes: dict[str, _Shape] = {}
         self._shedding = False  # shutting down: see shed
         self._class_policies: dict[tuple[str, str], str] = {}  # (credential, class)
+        self._retired: set[str] = set()  # lanes of keys a reload took away: see retire
+
+    def add_lane(self, lane: Lane) -> None:
+        """A key a reload added (or gave back: its retired lane, with its send history)."""
+        self.lanes[lane.name] = lane
+        self._retired.discard(lane.name)
+
+    def retire(self, name: str) -> None:
+        """A key a reload took away: no new request reaches its lane (the gate no longer
+        knows the key), the queued ones are served as before, and the lane leaves the
+        snapshot (the budget pages and gauges). It is kept, with its send history, for the
+        requests still under way and for a reload that brings the key back."""
+        self._retired.add(name)
+
+    def retired(self, name: str) -> bool:
+        return name in self._retired
 
     def _max_wait(self, request: AdmitRequest) -> float:
         if request.max_wait is None:
@@ -280,6 +296,8 @@ class Scheduler:
         now = self.clock()
         out: dict[str, object] = {}
         for name, lane in self.lanes.items():
+            if name in self._retired:
+                continue
             with contextlib.suppress(Exception):  # unreadable now: the view it has
                 lane.source.refreshed(now)
             out[name] = {

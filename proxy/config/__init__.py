@@ -18,6 +18,7 @@ from proxy.config.schema import (
     GatewayConfig,
     LimitConfig,
     LoggingConfig,
+    MetricsConfig,
     PostgresConfig,
     QueueConfig,
     RedisConfig,
@@ -36,6 +37,7 @@ from proxy.config.secrets import (
     Secret,
     SecretRef,
     Secrets,
+    file_key_names,
     resolve_secrets,
 )
 from proxy.config.tracing import tracing_from_env
@@ -53,6 +55,7 @@ __all__ = [
     "GatewayConfig",
     "LimitConfig",
     "LoggingConfig",
+    "MetricsConfig",
     "PostgresConfig",
     "QueueConfig",
     "RedisConfig",
@@ -65,6 +68,7 @@ __all__ = [
     "TracingConfig",
     "UpstreamConfig",
     "check_state_url",
+    "file_key_names",
     "load_config",
     "parse_address",
     "parse_config",

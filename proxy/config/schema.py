@@ -40,6 +40,7 @@ __all__ = [
     "GatewayConfig",
     "LimitConfig",
     "LoggingConfig",
+    "MetricsConfig",
     "PostgresConfig",
     "QueueConfig",
     "RedisConfig",
@@ -80,6 +81,8 @@ class UpstreamConfig(_Model):
     api_key: SecretRef = SecretRef(env="ECHOWIN_API_KEY")
     agency_key: SecretRef | None = None
     extra_keys: dict[str, SecretRef] = Field(default_factory=dict)
+    # A JSON or YAML map of key name to key (proxy/config/keys_file.py), read like a secret.
+    keys_file: SecretRef | None = None
     timeout_seconds: PositiveFloat = 30.0
     connect_timeout_seconds: PositiveFloat = 5.0
     max_connections: PositiveInt = 100
@@ -188,6 +191,16 @@ class TokensConfig(_Model):
     cache_size: PositiveInt = 10_000
 
 
+class MetricsConfig(_Model):
+    # Token names as label values at once: the busiest, re-ranked every period; the rest
+    # are token="other" (proxy/observe/label_bounds.py). Bounds /metrics at many tokens.
+    token_labels: PositiveInt = 100
+    token_label_period_seconds: PositiveFloat = 60.0
+    # Credential names in the histograms by credential (queue wait, upstream duration);
+    # the budget gauges and counters keep every credential.
+    credential_labels: PositiveInt = 50
+
+
 class LoggingConfig(_Model):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "text"] = "json"
@@ -229,6 +242,7 @@ class GatewayConfig(_Model):
     auth: AuthConfig = AuthConfig()
     tokens: TokensConfig = TokensConfig()
     logging: LoggingConfig = LoggingConfig()
+    metrics: MetricsConfig = MetricsConfig()
     routes: tuple[RouteConfig, ...] = ()
     # Budget savers (proxy/cache/): off unless present.
     cache: CacheConfig | None = None

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, model_validator
 
 from proxy.auth.tokens import DEFAULT_UPSTREAM_KEY
 from proxy.config.errors import ConfigError
+from proxy.config.keys_file import KEYS_FILE, parse_keys_file, read_entries
 from proxy.config.state_url import REDIS_SCHEMES
 
 if TYPE_CHECKING:
@@ -25,6 +26,7 @@ __all__ = [
     "Secret",
     "SecretRef",
     "Secrets",
+    "file_key_names",
     "resolve_secrets",
 ]
 
@@ -85,12 +87,18 @@ class SecretRef(BaseModel):
         The variable's name or the file's path is shown (in errors, and as the Secret's
         source) only when it looks like one: a key pasted where the name goes must not be
         echoed back."""
+        value, source = self.read(key, environ)
+        return Secret(value, source)
+
+    def read(self, key: str, environ: Mapping[str, str]) -> tuple[str, str]:
+        """The text (stripped, not empty) and where it came from, safe to show (see
+        ``resolve``); ConfigError naming ``key`` when it cannot be read."""
         if self.env is not None:
             env = self.env if _ENV_NAME.fullmatch(self.env) else f"named at {key}.env"
             value = environ.get(self.env, "")
             if not value.strip():
                 raise ConfigError([f"{key}: environment variable {env} is not set or empty"])
-            return Secret(value.strip(), f"env:{env}")
+            return value.strip(), f"env:{env}"
         assert self.file is not None
         file = self.file if "/" in self.file else f"named at {key}.file"
         try:
@@ -102,7 +110,7 @@ class SecretRef(BaseModel):
             raise ConfigError([f"{key}: secret file {file} is not UTF-8 text"]) from None
         if not value:
             raise ConfigError([f"{key}: secret file {file} is empty"])
-        return Secret(value, f"file:{file}")
+        return value, f"file:{file}"
 
 
 # An environment variable's name as people write them (upper case, digits, underscores).
@@ -113,9 +121,12 @@ _ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]{0,63}")
 class Credential:
     """One upstream echowin credential; each has its own budget."""
 
-    name: str  # "default", "agency" or an extra_keys name: safe to show
+    name: str  # "default", "agency", an extra_keys or keys_file name: safe to show
     header: str  # "X-API-Key" or "X-AGENCY-KEY"
     secret: Secret
+    # Its own budget windows (requests, per_seconds), from upstream.keys_file; None:
+    # upstream.limits.
+    limits: tuple[tuple[int, float], ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +159,11 @@ def resolve_secrets(config: GatewayConfig, environ: Mapping[str, str] | None = N
     for name, header, key, ref in wanted:
         try:
             credentials[name] = Credential(name, header, ref.resolve(key, env))
+        except ConfigError as exc:
+            errors.extend(exc.lines)
+    if up.keys_file is not None:
+        try:
+            credentials.update(_file_credentials(up.keys_file, credentials, env))
         except ConfigError as exc:
             errors.extend(exc.lines)
     admin: Secret | None = None
@@ -185,3 +201,34 @@ def resolve_secrets(config: GatewayConfig, environ: Mapping[str, str] | None = N
         token_store_password=pg_password,
         tracing_headers=tracing,
     )
+
+
+def _file_credentials(
+    ref: SecretRef, configured: Mapping[str, Credential], environ: Mapping[str, str]
+) -> dict[str, Credential]:
+    """The credentials of ``upstream.keys_file``. A name the config names already, or a
+    key that another name holds (two budgets for one echowin key would let twice its
+    limit through), is refused: by name, never by key."""
+    text, source = ref.read(KEYS_FILE, environ)
+    holders = {c.secret.reveal(): c.name for c in configured.values() if c.name != AGENCY_KEY_NAME}
+    entries, errors = read_entries(text)
+    out: dict[str, Credential] = {}
+    for entry in entries:
+        if entry.name in configured:
+            errors.append(f"{KEYS_FILE}.{entry.name}: also named by the config (extra_keys)")
+            continue
+        other = holders.setdefault(entry.key, entry.name)
+        if other != entry.name:
+            errors.append(f"{KEYS_FILE}.{entry.name}: the same key as {other!r}")
+            continue
+        secret = Secret(entry.key, f"{source}#{entry.name}")
+        out[entry.name] = Credential(entry.name, "X-API-Key", secret, entry.limits)
+    if errors:
+        raise ConfigError(errors)
+    return out
+
+
+def file_key_names(ref: SecretRef, environ: Mapping[str, str]) -> list[str]:
+    """The names of ``upstream.keys_file``'s keys (ConfigError if it cannot be read)."""
+    text, _ = ref.read(KEYS_FILE, environ)
+    return [entry.name for entry in parse_keys_file(text)]

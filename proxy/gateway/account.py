@@ -14,7 +14,7 @@ from aiohttp import web
 from proxy.auth.client_address import client_address
 from proxy.auth.tokens import TokenRecord
 from proxy.errors import Reason
-from proxy.observe.metrics import ANONYMOUS
+from proxy.observe.label_series import ANONYMOUS
 from proxy.runtime import Runtime
 
 if TYPE_CHECKING:  # OpenTelemetry is loaded only when tracing is on
@@ -73,7 +73,7 @@ def account(
     total = time.perf_counter() - ex.started
     metrics = rt.metrics
     label = method if method in METHODS else "OTHER"
-    metrics.requests.inc(token_name, ex.route, label, str(status))
+    metrics.requests.inc(metrics.labels.token(token_name), ex.route, label, str(status))
     if ex.token is not None:
         counts = rt.usage.get(ex.token.id)
         if counts is None:

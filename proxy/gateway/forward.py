@@ -175,7 +175,8 @@ async def forward(
         upstream.release()  # whatever happened since the answer came: never a leaked connection
         # Counted once the answer is on its way, not on the caller's time.
         metrics = rt.metrics
-        metrics.upstream_duration.observe(ex.upstream_seconds, credential.name, ex.route)
+        label = metrics.labels.credential_now(credential.name)  # bounded: label_series.py
+        metrics.upstream_duration.observe(ex.upstream_seconds, label, ex.route)
         metrics.upstream_responses.inc(credential.name, str(upstream.status))
 
 

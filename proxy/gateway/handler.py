@@ -33,7 +33,7 @@ from proxy.gateway.gate import (
 )
 from proxy.gateway.held import lobby_decider
 from proxy.gateway.relay import WATCHES
-from proxy.observe.metrics import ANONYMOUS
+from proxy.observe.label_series import ANONYMOUS
 from proxy.runtime import RUNTIME, Runtime
 from proxy.server.lobby import on_its_way, take_held
 

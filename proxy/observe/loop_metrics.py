@@ -62,6 +62,14 @@ class _LoopMetric(Collector, Generic[_Series]):
         (PROMETHEUS_DISABLE_CREATED_SERIES, disable_created_metrics())."""
         return self._created[values] if getattr(_prometheus_metrics, "_use_created", True) else None
 
+    def drop(self, label: str, values: set[str]) -> None:
+        """Forget every series whose ``label`` is one of ``values`` (token names that lost
+        their label value: proxy/observe/label_bounds.py)."""
+        index = self.labelnames.index(label)
+        for key in [k for k in self._series if k[index] in values]:
+            del self._series[key]
+            self._created.pop(key, None)
+
     def _check(self, values: tuple[str, ...]) -> None:
         """A new label set: the right number of values, and its creation time noted."""
         if len(values) != len(self.labelnames):

@@ -1,8 +1,8 @@
 """Prometheus metrics: one registry per gateway, never the process-global one.
 
-Labels are bounded: token names come from the token store, routes are TEMPLATES (never
-raw paths or ids), methods and statuses are few, reasons are enums. Requests without an
-authenticated token are labelled ``token="-"``.
+Labels are bounded: token names (the busiest ``metrics.token_labels``, the rest ``other``:
+label_series.py), routes are TEMPLATES (never raw paths or ids), methods and statuses are
+few, reasons are enums. Requests without an authenticated token are labelled ``token="-"``.
 """
 
 from __future__ import annotations
@@ -31,9 +31,8 @@ from prometheus_client.registry import Collector
 from proxy import __version__
 from proxy.errors import REFUSAL_REASONS
 from proxy.observe.build import revision
+from proxy.observe.label_series import LabelBounds
 from proxy.observe.loop_metrics import LoopCounter, LoopHistogram
-
-ANONYMOUS = "-"
 
 # Upstream latency buckets in seconds: echowin answers in tens to hundreds of ms.
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -173,6 +172,7 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
+        self.labels = LabelBounds(self)  # first: collected (ranked) before the others
         self._declare_process(r)
         self._declare_requests(r)
         self._declare_upstream(r)
@@ -374,10 +374,10 @@ class Metrics:
     # --- the scheduler's Observer ---------------------------------------------------
 
     def refused(self, credential: str, token: str, reason: str) -> None:
-        self.child(self.refusals, credential, token, reason).inc()
+        self.child(self.refusals, credential, self.labels.token_now(token), reason).inc()
 
     def waited(self, credential: str, seconds: float) -> None:
-        self.queue_wait.observe(seconds, credential)
+        self.queue_wait.observe(seconds, self.labels.credential(credential))
 
     def upstream_429(self, credential: str) -> None:
         self.child(self.upstream_429s, credential).inc()

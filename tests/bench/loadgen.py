@@ -48,6 +48,8 @@ done = function(summary, latency, requests)
     latency.mean, latency.max))
 end
 """
+WRK_DONE = _WRK_DONE
+"""The ``done`` hook every wrk script of the bench ends with: the summary as one JSON line."""
 _NON_2XX = re.compile(r"Non-2xx or 3xx responses:\s+(\d+)")
 
 
@@ -120,11 +122,14 @@ async def run_wrk(
     seconds: int,
     cpu: int | None,
     script_dir: Path,
+    script: Path | None = None,
 ) -> dict[str, Any]:
-    """One wrk run (one thread); the dict of :func:`_result` plus wrk's raw summary."""
-    script = script_dir / "wrk_done.lua"
-    if not script.exists():
-        script.write_text(_WRK_DONE, encoding="utf-8")
+    """One wrk run (one thread); the dict of :func:`_result` plus wrk's raw summary.
+    ``script``: a Lua script of one's own (which must end with :data:`WRK_DONE`'s hook)."""
+    if script is None:
+        script = script_dir / "wrk_done.lua"
+        if not script.exists():
+            script.write_text(_WRK_DONE, encoding="utf-8")
     cmd = [wrk, "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s", "--latency"]
     cmd += ["-s", str(script)]
     for name, value in headers.items():
@@ -250,7 +255,7 @@ def _request_bytes(url: str, headers: Mapping[str, str]) -> tuple[str, int, byte
 async def _connection(
     host: str,
     port: int,
-    request: bytes,
+    requests: list[bytes],
     deadline: float,
     latencies: list[float],
     statuses: Counter[int],
@@ -271,7 +276,7 @@ async def _connection(
         proto.waiter = loop.create_future()
         started = time.perf_counter()
         transport = proto.transport
-        transport.write(request)
+        transport.write(requests[sent % len(requests)])
         sent += 1
         try:
             status, close = await proto.waiter
@@ -290,18 +295,28 @@ async def _connection(
 
 
 async def run_python(
-    url: str, headers: Mapping[str, str], connections: int, seconds: float
+    url: str,
+    headers: Mapping[str, str],
+    connections: int,
+    seconds: float,
+    rotate: list[Mapping[str, str]] | None = None,
 ) -> dict[str, Any]:
-    """``connections`` keep-alive connections for ``seconds``; same dict as :func:`run_wrk`."""
+    """``connections`` keep-alive connections for ``seconds``; same dict as :func:`run_wrk`.
+    ``rotate``: header sets each connection takes in turn (``headers`` added to each)."""
     host, port, request = _request_bytes(url, headers)
+    requests = [request]
+    if rotate:
+        requests = [_request_bytes(url, {**headers, **more})[2] for more in rotate]
     latencies: list[float] = []
     statuses: Counter[int] = Counter()
     errors: Counter[str] = Counter()
     started = time.perf_counter()
     deadline = started + seconds
     tasks = [
-        asyncio.create_task(_connection(host, port, request, deadline, latencies, statuses, errors))
-        for _ in range(connections)
+        asyncio.create_task(
+            _connection(host, port, _turned(requests, i), deadline, latencies, statuses, errors)
+        )
+        for i in range(connections)
     ]
     done, pending = await asyncio.wait(tasks, timeout=seconds + GRACE_SECONDS)
     for task in pending:
@@ -325,6 +340,12 @@ async def run_python(
     if errors:
         res["error_kinds"] = dict(errors)
     return res
+
+
+def _turned(items: list[bytes], by: int) -> list[bytes]:
+    """``items`` starting at ``by`` (modulo its length): each connection its own start."""
+    by %= len(items)
+    return items[by:] + items[:by]
 
 
 # --- the queued scenario ---------------------------------------------------------------------

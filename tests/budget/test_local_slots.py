@@ -106,7 +106,30 @@ async def test_a_lease_ends_after_its_time_and_gives_back_what_it_did_not_use(
     assert later[0].at == T0 + 2 * LEASE + 0.01
     assert files.rows()[1] == (first[0].at, -(block - 10))
     assert [v.used for v in source.snapshot(T0 + LEASE + 0.01)] == [11]
-    assert len(await source.log.recent(NAME, 0.0)) == 10 + block  # 10 spent, 1 new lease
+    # 10 spent, and a new lease of twice what the last one handed out (see the next test)
+    assert len(await source.log.recent(NAME, 0.0)) == 10 + 2 * 10
+
+
+async def test_a_lease_is_sized_by_what_the_last_one_handed_out(files: Files) -> None:
+    # One key of hundreds sees a send now and then: a block of block_max per send would
+    # record 256 slots and release 255 in every window, each time. Its leases shrink to
+    # twice what the last one handed out (at least 2); a busy key doubles back to the cap.
+    source = await files.source(Limit(100_000, 3600))
+    now = T0
+    for _ in range(3):  # one send per lease
+        assert len(await take(source, now, 1)) == 1
+        now += LEASE + 0.01
+    sizes = [n for _, n in files.rows() if n > 0]
+    assert sizes == [SqliteSendLog.block_max, 2, 2]
+    await take(source, now, 2)  # a lease of 2, used up: the next one is 4, then 8...
+    slots = await take(source, now, 2 + 4 + 8)
+    assert len(slots) == 14
+    sizes = [n for _, n in files.rows() if n > 0]
+    assert sizes[-4:] == [2, 4, 8, 16]
+    for _ in range(6):
+        await take(source, now, sizes[-1])
+        sizes = [n for _, n in files.rows() if n > 0]
+    assert sizes[-1] == SqliteSendLog.block_max
 
 
 async def test_a_slot_given_back_returns_to_its_open_lease(files: Files) -> None:
