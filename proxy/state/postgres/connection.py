@@ -66,6 +66,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX egw_token_audit_by_token ON egw_token_audit (token_id, seq)",
     ),
+    # 3: a token's class of service (SPEC §5); NULL: the default class.
+    ("ALTER TABLE egw_tokens ADD COLUMN service_class text",),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
