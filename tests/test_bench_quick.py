@@ -247,3 +247,25 @@ def test_replicas_quick_mode_produces_every_figure(tmp_path: Path) -> None:
     assert result["targets"]["sqlite"]["redis_ops_per_request"] == 0
     for name in ("redis-1", "redis-2", "redis-3"):
         assert result["targets"][name]["redis_commands_per_request"] > 0
+
+
+def test_outage_bench_quick_mode_runs() -> None:
+    """tests/bench/outage.py --quick: both scenarios run and report their counts; never an
+    upstream 429 (a correctness property, not a speed)."""
+    run = subprocess.run(
+        [sys.executable, "-m", "tests.bench.outage", "--quick"],
+        cwd=REPO,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    result = json.loads(run.stdout)
+    scenarios = [r["scenario"] for r in result["rounds"]]
+    assert scenarios == ["loaded", "old_view"]
+    for entry in result["rounds"]:
+        assert entry["upstream_429s"] == 0, entry
+        assert entry["ideal_sends"] > 0 and len(entry["admitted_per_replica"]) == 2
+    assert "first_admit_seconds" in result["rounds"][1]
