@@ -30,7 +30,10 @@ class FreezeListener:
     """Calls ``heard(until)`` (Redis time) for each freeze another replica publishes on
     ``channel``, and for the freeze ``frozen_key`` holds after each subscription and each
     reconnection the client makes by itself (a freeze published meanwhile is not missed).
-    ``spawn`` runs a background coroutine owned by the caller."""
+    ``spawn`` runs a background coroutine owned by the caller. ``lost()`` is called when
+    the subscription's connection fails: the first sign that Redis went away, often long
+    before the next reservation would tell (a replica waiting out a full window makes
+    none), so the fallback starts from a view no older than it must be."""
 
     def __init__(
         self,
@@ -42,8 +45,10 @@ class FreezeListener:
         name: str,
         heard: Callable[[float], None],
         spawn: Callable[[Coroutine[Any, Any, Any]], None],
+        lost: Callable[[], None] = lambda: None,
     ) -> None:
         self._redis = client
+        self._lost = lost
         self._channel = channel
         self._frozen_key = frozen_key
         self._replica = replica
@@ -71,6 +76,7 @@ class FreezeListener:
                     finally:
                         connection.deregister_connect_callback(self._reconnected)
             except STATE_ERRORS:
+                self._lost()
                 await asyncio.sleep(PROBE_INTERVAL)
             except Exception as exc:  # a bug must not end the listening for good
                 log.warning(

@@ -205,6 +205,7 @@ class RedisLink:
             name=self._slots.name,
             heard=heard_redis,
             spawn=self.spawn,
+            lost=self.listener_lost,
         )
         self.listener = asyncio.get_running_loop().create_task(listener.run())
 
@@ -228,9 +229,20 @@ class RedisLink:
             view.budget, sends.values(), age=now - view.seen_at, replicas=self._replicas, now=now
         )
         slots.fall_back(fallback)
+        seen = view.budget.snapshot(now)
+        alone = fallback.budget.snapshot(now)
         log.warning(
             "shared state unreachable",
-            extra={"fields": {"credential": slots.name, "mode": self._mode}},
+            extra={
+                "fields": {
+                    "credential": slots.name,
+                    "mode": self._mode,
+                    "view_age_seconds": round(now - view.seen_at, 3),
+                    # per window: free as last seen, and free alone (after the margin)
+                    "free_seen": [w.remaining for w in seen],
+                    "free_alone": [w.remaining for w in alone],
+                }
+            },
         )
         self.spawn(self._probe())
 
@@ -256,6 +268,20 @@ class RedisLink:
         slots.healthy = True
         self._on_health(True)
         log.warning("shared state reachable again", extra={"fields": {"credential": slots.name}})
+
+    def listener_lost(self) -> None:
+        """The freeze subscription broke: ask Redis on the budget's own connection, and
+        fall back only if it does not answer. A subscription that breaks alone (its node
+        moved in a failover, a proxy closed it) must not send this replica alone while the
+        others still share: its sends would be counted in Redis by nobody."""
+        if self._slots.healthy and not self.closed:
+            self.spawn(self._check_reachable())
+
+    async def _check_reachable(self) -> None:
+        try:
+            await self._redis_time()
+        except STATE_ERRORS:
+            self.went_down()
 
     async def _redis_time(self) -> float:
         seconds, micros = await self._redis.time()

@@ -122,3 +122,34 @@ async def test_the_freeze_listener_survives_a_redis_restart_and_stops_when_close
         assert source._link.listener is not None and source._link.listener.done()
         assert not source._link.tasks, "a task of a closed source is left"
     await client.aclose()
+
+
+async def test_a_lost_subscription_starts_the_fallback_before_any_reservation(
+    redis_server: tuple[int, list[subprocess.Popen[bytes]]],  # noqa: F811
+    tmp_path: Path,
+    prefix: str,
+) -> None:
+    """Redis goes away while a replica makes no call (its window is full for 8 s): the
+    freeze listener's broken subscription is the first sign, and the replica falls back at
+    once, from a view as old as its last answer, instead of at its next reservation or
+    idle refresh (5 s), by which time the windows have turned and the blind margin counts
+    what freed meanwhile as spent (tests/bench/outage.py measures what that costs)."""
+    port, procs = redis_server
+    start_redis(port, procs, tmp_path)
+    client = open_redis(f"redis://127.0.0.1:{port}/0", RedisOptions(timeout_seconds=0.5))
+    await wait_redis(client, up=True)
+    lane = replica(client, prefix)
+    await lane.restore()
+    await eventually(lambda: listening(client, prefix, 1), "the replica listens", 5.0)
+    assert isinstance(await lane.take(time.time()), SlotGrant)
+    source = lane.source
+    assert isinstance(source, RedisSlots)
+    procs[-1].terminate()
+    procs[-1].wait(timeout=10)
+
+    async def alone() -> bool:
+        return not source.healthy
+
+    await eventually(alone, "the replica fell back", 2.0)
+    await lane.close()
+    await client.aclose()
