@@ -104,6 +104,8 @@ SCHEMA_MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX token_audit_by_token ON token_audit (token_id, seq)",
     ),
+    # 5 -> 6: the tokens of one name (the check that no two active tokens share a name).
+    ("CREATE INDEX tokens_by_name ON tokens (name, created_at, id)",),
 )
 """Entry ``i`` takes the schema from ``PRAGMA user_version`` ``i`` to ``i + 1``. Only append."""
 
