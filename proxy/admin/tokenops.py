@@ -52,7 +52,8 @@ def check_scopes(scopes: Iterable[str], routes: RouteTable) -> None:
 @runtime_checkable
 class UniqueNames(Protocol):
     """A token store that stores a token only if no active one has its name, in one
-    atomic step (PostgreSQL's: replicas and the CLI may create tokens at once)."""
+    atomic step (SQLite's, PostgreSQL's and Redis': replicas and the CLI may create tokens
+    at once)."""
 
     async def put_unique_name(self, record: TokenRecord, now: float) -> str | None: ...
 

@@ -367,6 +367,39 @@ async def test_redis_by_name_finds_tokens_a_gateway_without_name_indexes_put(
     assert await client.get(count_key) == b"5"  # and kept so by the put script
     assert [r.id for r in await store.by_name("svc")] == [record(n).id for n in (1, 2, 3, 5)]
     assert [r.id for r in await store.by_name("other")] == [record(4).id]
+    await put_as_older_gateway(record(6, name="solo", created_at=T0 + 5))
+    # The name check also rebuilds the indexes first: the older gateway's token holds it.
+    assert await store.put_unique_name(record(7, name="solo"), T0 + 6) == record(6).id
+    assert await store.get(record(7).id) is None
+
+
+async def test_redis_replicas_creating_one_name_at_once_make_one_token(
+    redis_scratch: tuple[Redis, str],
+) -> None:
+    """Two stores on one Redis and prefix, as two replicas hold them, each on its own
+    client: the name check and the put are one script, so one of each pair is refused."""
+    _, prefix = redis_scratch
+    options = RedisOptions(key_prefix=prefix)
+    a = await open_token_store(REDIS_URL, redis_options=options)
+    b = await open_token_store(REDIS_URL, redis_options=options)
+    config = GatewayConfig()
+    try:
+        for round_ in range(5):
+            results = await asyncio.gather(
+                *(
+                    create_token(
+                        s, config, config.route_table(), name=f"svc-{round_}", scopes=["*"]
+                    )
+                    for s in (a, b, a, b)
+                ),
+                return_exceptions=True,
+            )
+            refused = [r for r in results if isinstance(r, NameTaken)]
+            assert len(refused) == 3, [type(r).__name__ for r in results]
+        assert len(await a.list()) == 5
+    finally:
+        await a.close()
+        await b.close()
 
 
 # --- SQLite specifics ---------------------------------------------------------------------

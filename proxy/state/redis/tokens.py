@@ -104,7 +104,8 @@ def _pairs_to_mapping(flat: Sequence[bytes]) -> dict[bytes | str, bytes | str]:
 class RedisTokenStore:
     """``proxy.auth.tokens.TokenStore`` in Redis, on a client shared with the rest of the process.
 
-    Every method is atomic across processes: ``put`` and ``revoke`` are Lua scripts,
+    Every method is atomic across processes: ``put``, ``put_unique_name`` and ``revoke``
+    are Lua scripts,
     ``update`` and ``list`` are optimistic WATCH/MULTI transactions retried when another
     writer got in first. Several stores (replicas) on the same Redis and prefix see each
     other's writes at once. Redis errors propagate (``redis.exceptions.RedisError``); the
@@ -146,19 +147,38 @@ class RedisTokenStore:
         return self._client
 
     async def put(self, record: TokenRecord) -> None:
-        """Insert ``record`` (hash and index in one script); ValueError if the id exists.
+        """Insert ``record`` (hash and indexes in one script); ValueError if the id exists.
 
         A put whose reply is lost to a dropped connection may have been applied: its retry
         then reports "already exists" for a record that is in fact stored.
         """
+        await self._put(record, "", [])
+
+    async def put_unique_name(self, record: TokenRecord, now: float) -> str | None:
+        """Store ``record`` unless a token active at ``now`` has its name: then that
+        token's id, and nothing stored. One script, atomic across replicas: it is given
+        the tokens of the name as read just before, and refuses (to be read again) if the
+        name's index has changed since."""
+        for _ in range(MAX_TRANSACTION_ATTEMPTS):
+            ids = await self._named_ids(record.name)
+            holders = [self._key(_text(token_id)) for token_id in ids]
+            done = await self._put(record, repr(float(now)), holders)
+            if done != -1:
+                return None if done == 1 else _text(cast("bytes | str", done))
+        raise WatchError(f"gave up after {MAX_TRANSACTION_ATTEMPTS} conflicting writes")
+
+    async def _put(self, record: TokenRecord, now: str, holders: list[str]) -> object:
+        """The put script (proxy/state/lua/token_put.lua): 1, -1 or a holder's id;
+        ValueError if the id exists."""
         self._open_client()
-        args: list[str] = [repr(float(record.created_at)), record.id]
+        args: list[str] = [repr(float(record.created_at)), record.id, now]
         for name, value in _encode(record).items():
             args += (name, value)
-        keys = list(self.keys(record.id, record.name))
-        created = await self._put_script(keys=keys, args=args)
-        if not created:
+        keys = [*self.keys(record.id, record.name), *holders]
+        done = await self._put_script(keys=keys, args=args)
+        if done == 0:
             raise ValueError(f"token id {record.id!r} already exists")
+        return done
 
     async def get(self, token_id: str) -> TokenRecord | None:
         raw = await self._open_client().hgetall(self._key(token_id))
@@ -180,24 +200,27 @@ class RedisTokenStore:
     async def by_name(self, name: str) -> builtins.list[TokenRecord]:
         """The tokens called ``name`` (any status), from the name's index: one transaction
         to read the index (and check it is complete), one pipeline for the records."""
-        client = self._open_client()
-        count_key = f"{self._names}s"
-        for _ in range(MAX_TRANSACTION_ATTEMPTS):
-            async with client.pipeline(transaction=True) as pipe:
-                pipe.get(count_key)
-                pipe.zcount(self._index, "-inf", "+inf")
-                pipe.hgetall(self._name_key(name))
-                indexed, stored, ids = await pipe.execute()
-            if int(indexed or 0) == stored:
-                break
-            await self._transaction(self._index, self._reindex_once)
-        else:
-            raise WatchError(f"gave up after {MAX_TRANSACTION_ATTEMPTS} conflicting writes")
-        async with client.pipeline(transaction=False) as pipe:
+        ids = await self._named_ids(name)
+        async with self._open_client().pipeline(transaction=False) as pipe:
             for token_id in ids:
                 pipe.hgetall(self._key(_text(token_id)))
             hashes: builtins.list[dict[bytes | str, bytes | str]] = await pipe.execute()
         return sorted((_decode(raw) for raw in hashes if raw), key=lambda r: (r.created_at, r.id))
+
+    async def _named_ids(self, name: str) -> builtins.list[bytes]:
+        """The ids in ``name``'s index, once every token is in its name's index (rebuilt
+        first if a token put by an older gateway is missing)."""
+        client = self._open_client()
+        for _ in range(MAX_TRANSACTION_ATTEMPTS):
+            async with client.pipeline(transaction=True) as pipe:
+                pipe.get(f"{self._names}s")
+                pipe.zcount(self._index, "-inf", "+inf")
+                pipe.hgetall(self._name_key(name))
+                indexed, stored, ids = await pipe.execute()
+            if int(indexed or 0) == stored:
+                return builtins.list(ids)
+            await self._transaction(self._index, self._reindex_once)
+        raise WatchError(f"gave up after {MAX_TRANSACTION_ATTEMPTS} conflicting writes")
 
     async def _reindex_once(self, pipe: AnyPipeline) -> None:
         """Put every token in its name's index and set the count, unless the id index
