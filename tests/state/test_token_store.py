@@ -429,6 +429,22 @@ async def test_sqlite_uses_wal_and_the_current_schema(tmp_path: Path) -> None:
         conn.close()
 
 
+def test_sqlite_reads_the_tokens_of_one_name_by_its_index(tmp_path: Path) -> None:
+    """The name check and by_name read one name's rows, not the table (issue 22: a create
+    among 10,000 tokens scanned them all)."""
+    conn = open_sqlite(tmp_path / "state.db")
+    try:
+        for query in (
+            "SELECT id FROM tokens WHERE name = ? AND revoked_at IS NULL"
+            " AND (expires_at IS NULL OR expires_at > ?) LIMIT 1",
+            "SELECT id FROM tokens WHERE name = ? ORDER BY created_at, id",
+        ):
+            plan = conn.execute("EXPLAIN QUERY PLAN " + query, ("svc", T0)[: query.count("?")])
+            assert "INDEX tokens_by_name (name=?)" in " ".join(str(row) for row in plan), query
+    finally:
+        conn.close()
+
+
 def test_open_sqlite_sets_pragmas(tmp_path: Path) -> None:
     conn = open_sqlite(tmp_path / "state.db")
     try:
