@@ -35,10 +35,13 @@ unit: $(VENV)/.installed
 	$(BIN)/pytest -q -p no:cacheprovider
 
 # The end-to-end budget tests once more, every gateway a `serve --workers 2` on sqlite state
-# (tests/procs.py: EGW_TEST_WORKERS; EGW_TEST_STATE=redis for Redis).
+# (tests/procs.py: EGW_TEST_WORKERS; EGW_TEST_STATE=redis for Redis); the classes of service
+# once more with three processes sharing Redis, as three replicas would.
 unit-workers: $(VENV)/.installed
 	EGW_TEST_WORKERS=2 $(BIN)/pytest -q -p no:cacheprovider tests/test_budget_e2e.py \
-	    tests/test_restart.py
+	    tests/test_restart.py tests/test_classes_e2e.py
+	EGW_TEST_WORKERS=3 EGW_TEST_STATE=redis $(BIN)/pytest -q -p no:cacheprovider \
+	    tests/test_classes_e2e.py
 
 # The performance harness (docs/performance.md): a few minutes; writes bench.json, bench.md.
 bench: $(VENV)/.installed

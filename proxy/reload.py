@@ -25,6 +25,8 @@ RESTART_ONLY = (
     "on_state_failure",
     "cache",
     "tracing",
+    "classes",
+    "default_class",
 )
 RESTART_ONLY_UPSTREAM = (
     "base_url",

@@ -26,6 +26,7 @@ from proxy.auth.routes import RouteTable
 from proxy.auth.throttle import AuthThrottle
 from proxy.auth.tokens import TokenFeed, TokenStore
 from proxy.budget.admission import Admitter, OpenAdmitter
+from proxy.budget.classes import ClassBook, ServiceClass
 from proxy.budget.lane import Lane, QueuePolicy
 from proxy.budget.quotas import QUOTA_HORIZON
 from proxy.budget.scheduler import Scheduler
@@ -34,6 +35,7 @@ from proxy.cache.channel import open_purge_channel
 from proxy.cache.keeper import GatewayCache
 from proxy.cache.purge import EVERYTHING
 from proxy.config import AGENCY_KEY_NAME, GatewayConfig, Secrets, TracingConfig, tracing_from_env
+from proxy.observe.class_metrics import ClassMetrics
 from proxy.observe.history import QueueHistory
 from proxy.observe.logs import AccessLog, setup_logging
 from proxy.observe.metrics import Metrics
@@ -238,6 +240,8 @@ class Runtime:
         scheduler = Scheduler(lanes, policy, self.metrics, quota_sources=state.quota_source)
         quotas = self.metrics.labels.shown_tokens(scheduler.token_quotas)
         self.metrics.attach_budget(scheduler.snapshot, quotas)
+        if cfg.classes:
+            scheduler.class_observer = ClassMetrics(self.metrics.registry, scheduler.snapshot)
         self.metrics.queue_max_wait.set(cfg.queue.max_wait_seconds)
         return scheduler
 
@@ -253,6 +257,7 @@ class Runtime:
         self, name: str, state: State, policy: QueuePolicy, secrets: Secrets | None = None
     ) -> Lane:
         limits = list(self.lane_limits(name, secrets))
+        book = class_book(self.config, limits)  # its own: the classes in the key's windows
         lane = Lane(
             name,
             limits,
@@ -260,7 +265,8 @@ class Runtime:
             state.send_log,
             policy,
             self.metrics,
-            source=state.credential_source(name, limits),
+            source=state.credential_source(name, limits, book),
+            classes=book,
         )
         await lane.restore()
         self.metrics.upstream_429s.labels(name)  # exported as 0 from the start
@@ -351,6 +357,24 @@ def _open_tracing(settings: TracingConfig, headers: dict[str, str], base_url: st
     upstream = urlsplit(base_url)
     port = upstream.port or (443 if upstream.scheme == "https" else 80)
     return Tracing(settings, headers, os.environ, (upstream.hostname or "", port))
+
+
+def class_book(config: GatewayConfig, limits: list[Limit]) -> ClassBook | None:
+    """One credential's classes of service, as configured (None: none configured)."""
+    if not config.classes or config.default_class is None:
+        return None
+    classes = [
+        ServiceClass(
+            name,
+            spec.weight,
+            tuple(Limit(r.requests, r.per_seconds) for r in spec.reserve),
+            spec.pace,
+            spec.burst,
+        )
+        for name, spec in config.classes.items()
+    ]
+    guard = config.upstream.window_guard_seconds
+    return ClassBook(classes, limits, guard, config.default_class)
 
 
 def _auth_throttle(config: GatewayConfig) -> AuthThrottle:

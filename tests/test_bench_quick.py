@@ -249,6 +249,28 @@ def test_replicas_quick_mode_produces_every_figure(tmp_path: Path) -> None:
         assert result["targets"][name]["redis_commands_per_request"] > 0
 
 
+def test_outage_bench_quick_mode_runs() -> None:
+    """tests/bench/outage.py --quick: both scenarios run and report their counts; never an
+    upstream 429 (a correctness property, not a speed)."""
+    run = subprocess.run(
+        [sys.executable, "-m", "tests.bench.outage", "--quick"],
+        cwd=REPO,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    result = json.loads(run.stdout)
+    scenarios = [r["scenario"] for r in result["rounds"]]
+    assert scenarios == ["loaded", "old_view"]
+    for entry in result["rounds"]:
+        assert entry["upstream_429s"] == 0, entry
+        assert entry["ideal_sends"] > 0 and len(entry["admitted_per_replica"]) == 2
+    assert "first_admit_seconds" in result["rounds"][1]
+
+
 def test_token_create_quick_mode_measures_every_backend() -> None:
     # tests/bench/token_create.py: a store filled with tokens, then creates through
     # create_token on memory, SQLite and a private Redis; the figures are not judged.

@@ -50,6 +50,16 @@ def _element_model(annotation: object) -> type[BaseModel] | None:
     return None
 
 
+def _value_model(annotation: object) -> type[BaseModel] | None:
+    """The model inside ``dict[str, Model]`` (``classes``: one per name), if that it is."""
+    if typing.get_origin(annotation) is dict:
+        args = typing.get_args(annotation)
+        model = args[1] if len(args) == 2 else None
+        if isinstance(model, type) and issubclass(model, BaseModel) and model is not SecretRef:
+            return model
+    return None
+
+
 def schema_keys(model: type[BaseModel] = GatewayConfig, prefix: str = "") -> dict[str, Any]:
     """Every key an operator writes, dotted (``upstream.limits[].requests``), with its field.
 
@@ -71,6 +81,9 @@ def schema_keys(model: type[BaseModel] = GatewayConfig, prefix: str = "") -> dic
         element = _element_model(annotation)
         if element is not None:
             keys |= schema_keys(element, path + "[].")
+        value = _value_model(annotation)
+        if value is not None:  # a map of models by name: ``classes.NAME.weight``
+            keys |= schema_keys(value, path + ".NAME.")
     return keys
 
 
@@ -124,6 +137,12 @@ def test_configuration_shows_the_real_defaults() -> None:
             continue
         value = re.fullmatch(r"`([^`]+)`", cell)
         assert value, f"{key}: the default is one code span, got {cell!r}"
+        if ".NAME." in key:  # inside a named entry: its model's own default
+            shown = yaml.safe_load(value.group(1))
+            shown = tuple(shown) if isinstance(shown, list) else shown
+            default = fields[key].get_default(call_default_factory=True)
+            assert default == shown, f"{key}: {cell} is not the default"
+            continue
         raw = nested(key, yaml.safe_load(value.group(1)))
         assert parse_config(raw) == GatewayConfig(), f"{key}: {cell} is not the default"
 

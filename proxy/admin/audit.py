@@ -59,7 +59,18 @@ def admin_actor(request: web.Request) -> Actor:
     return Actor(name, None if peer is None else str(peer))
 
 
-_CREATED = ("name", "scopes", "upstream_key", "hourly", "per_minute", "weight", "expires_at")
+_CREATED = (
+    "name",
+    "scopes",
+    "upstream_key",
+    "hourly",
+    "per_minute",
+    "weight",
+    "expires_at",
+    "class",
+)
+_VIEW_KEYS = {"service_class": "class"}
+"""A change's field named as the admin API shows it, where the two differ."""
 
 
 def created_detail(record: TokenRecord) -> dict[str, object]:
@@ -69,9 +80,10 @@ def created_detail(record: TokenRecord) -> dict[str, object]:
 
 
 def changes_detail(changes: TokenChanges, record: TokenRecord) -> dict[str, object]:
-    """The fields an update named, with the values ``record`` (as updated) holds."""
+    """The fields an update named, with the values ``record`` (as updated) holds (a class
+    as ``class``: null for the default class)."""
     view = record.public_view()
-    return {key: view[key] for key in changes}
+    return {key: view[key] for key in (_VIEW_KEYS.get(name, name) for name in changes)}
 
 
 async def record_operation(

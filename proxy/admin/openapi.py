@@ -33,6 +33,10 @@ _ERRORS = {
 _NOT_FOUND = {"404": _json(_ref("Error"), "Unknown token id")}
 _TOKEN_ID = {"name": "token_id", "in": "path", "required": True, "schema": {"type": "string"}}
 
+_CLASS = {
+    "type": ["string", "null"],
+    "description": "Class of service (config `classes`); null: the config's default_class",
+}
 _QUOTA = {"type": ["integer", "null"], "minimum": 1, "maximum": MAX_QUOTA}
 _SCHEMAS: dict[str, Any] = {
     "Error": {
@@ -51,6 +55,7 @@ _SCHEMAS: dict[str, Any] = {
             "hourly": _QUOTA,
             "per_minute": _QUOTA,
             "weight": {"type": "integer", "minimum": 1},
+            "class": _CLASS,
             "created_at": {"type": "string", "format": "date-time"},
             "expires_at": {"type": ["string", "null"], "format": "date-time"},
             "revoked_at": {"type": ["string", "null"], "format": "date-time"},
@@ -85,6 +90,7 @@ _SCHEMAS: dict[str, Any] = {
                 "examples": ["30d", "12h"],
                 "description": "a duration (45s, 15m, 12h, 30d, 2w) or seconds",
             },
+            "class": _CLASS,
         },
     },
     "TokenUpdate": {
@@ -104,6 +110,7 @@ _SCHEMAS: dict[str, Any] = {
                 "description": "a duration (45s, 15m, 12h, 30d, 2w) or seconds; null: never"
                 " expires",
             },
+            "class": _CLASS,
         },
     },
     "Window": {

@@ -97,8 +97,26 @@ def _credential_html(name: str, lane: Mapping[str, Any]) -> str:
         notes += f" · echowin says {lane['echowin_reported_remaining']} left"
     return (
         f"<section><h2>{html.escape(name)}</h2><table>{rows}</table>"
-        f'<p class="notes">{notes}</p>{history_svg(name, lane)}</section>'
+        f'<p class="notes">{notes}</p>{_classes_html(lane)}{history_svg(name, lane)}</section>'
     )
+
+
+def _classes_html(lane: Mapping[str, Any]) -> str:
+    """Each class of service (when configured): per window reserved, used and free."""
+    classes = lane.get("classes")
+    if not classes:
+        return ""
+    rows = "".join(
+        f"<tr><td>{html.escape(name)}</td>"
+        + "".join(
+            f"<td>{w['per_seconds']:g} s: {w['reserved']} reserved, {w['used']} used,"
+            f" {w['free']} free</td>"
+            for w in c["windows"]
+        )
+        + f"<td>{c['queue_depth']} waiting</td></tr>"
+        for name, c in sorted(classes.items())
+    )
+    return f"<h3>classes</h3><table>{rows}</table>"
 
 
 _STYLE = """
@@ -176,6 +194,12 @@ def status_text(data: Mapping[str, Any]) -> str:
         history = lane.get("history")
         if history:
             lines.append(f"  {'sends/min':>12} {sparkline(history['sends'])}  last hour")
+        for cls, c in sorted(lane.get("classes", {}).items()):
+            shown = ", ".join(
+                f"{w['per_seconds']:g}s {w['used']}/{w['reserved']} used/reserved {w['free']} free"
+                for w in c["windows"]
+            )
+            lines.append(f"  class {cls}: {shown}")
         queue = f"  queue: {lane['queue_depth']} waiting"
         if lane["frozen_for"]:
             queue += f", frozen for {lane['frozen_for']:.0f}s"

@@ -119,6 +119,7 @@ async def create_token(
     expires_in: str | float | None = None,
     now: float | None = None,
     key_names: Sequence[str] | None = None,
+    service_class: str | None = None,
 ) -> NewToken:
     """Validate every field (ValueError naming it), mint a token and store its hash.
     ``key_names``: the team keys a token may be bound to, when known (a running gateway's);
@@ -135,6 +136,7 @@ async def create_token(
     for field_name, value in (("hourly", hourly), ("per_minute", per_minute)):
         if value is not None and (isinstance(value, bool) or value <= 0):
             raise ValueError(f"{field_name}: must be a positive integer, got {value!r}")
+    check_class(config, service_class)
     seconds = None if expires_in is None else _expires_in_seconds(expires_in, "")
     now = time.time() if now is None else now
     if not isinstance(store, UniqueNames):  # else checked as it is stored
@@ -148,6 +150,7 @@ async def create_token(
         per_minute=per_minute,
         weight=weight,
         expires_in=seconds,
+        service_class=service_class,
     )
     if isinstance(store, UniqueNames):
         holder = await store.put_unique_name(new.record, now)
@@ -158,11 +161,34 @@ async def create_token(
     return new
 
 
-UPDATABLE = ("hourly", "per_minute", "weight", "scopes", "expires_in")
+UPDATABLE = ("hourly", "per_minute", "weight", "scopes", "expires_in", "class")
+
+
+def token_view(record: TokenRecord, config: GatewayConfig) -> dict[str, object]:
+    """``record.public_view()`` with ``class`` the token's effective class: its own, else
+    ``default_class`` (null when no classes are configured)."""
+    view = record.public_view()
+    view["class"] = record.service_class or config.default_class
+    return view
+
+
+def check_class(config: GatewayConfig, service_class: object) -> None:
+    """ValueError naming ``class`` unless it is None or a configured class."""
+    if service_class is None:
+        return
+    if not isinstance(service_class, str):
+        raise ValueError(f"class: must be a class name or null, got {service_class!r}")
+    if service_class not in config.classes:
+        known = ", ".join(config.classes) or "none configured"
+        raise ValueError(f"class: {service_class!r} is not a configured class (known: {known})")
 
 
 def token_changes(
-    data: dict[str, object], routes: RouteTable, *, now: float | None = None
+    data: dict[str, object],
+    routes: RouteTable,
+    *,
+    now: float | None = None,
+    config: GatewayConfig | None = None,
 ) -> TokenChanges:
     """Validate an update (JSON fields of ``UPDATABLE``; null clears a quota or the expiry)
     into TokenChanges. ValueError names the first bad field."""
@@ -191,6 +217,13 @@ def token_changes(
         changes["scopes"] = tuple(scopes)
     if "expires_in" in data:
         changes["expires_at"] = _expires_at(data["expires_in"], now)
+    if "class" in data:
+        value = data["class"]
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"class: must be a class name or null, got {value!r}")
+        if config is not None:
+            check_class(config, value)
+        changes["service_class"] = value
     return changes
 
 

@@ -21,7 +21,7 @@ from proxy.admin.audit import (
     created_detail,
     record_operation,
 )
-from proxy.admin.tokenops import NameTaken, create_token, token_changes
+from proxy.admin.tokenops import NameTaken, create_token, token_changes, token_view
 from proxy.errors import Reason, json_error
 from proxy.runtime import RUNTIME
 
@@ -57,7 +57,16 @@ async def _audit(
     await record_operation(request.app[RUNTIME].store, actor, action, token_id, detail)
 
 
-_CREATE_FIELDS = {"name", "scopes", "upstream_key", "hourly", "per_minute", "weight", "expires_in"}
+_CREATE_FIELDS = {
+    "name",
+    "scopes",
+    "upstream_key",
+    "hourly",
+    "per_minute",
+    "weight",
+    "expires_in",
+    "class",
+}
 
 
 async def tokens_create(request: web.Request) -> web.Response:
@@ -86,7 +95,7 @@ async def tokens_create(request: web.Request) -> web.Response:
     except (ValueError, TypeError) as exc:
         raise _bad(str(exc)) from None
     await _audit(request, "token.create", new.record.id, created_detail(new.record))
-    return web.json_response({"token": new.token, **new.record.public_view()}, status=201)
+    return web.json_response({"token": new.token, **token_view(new.record, rt.config)}, status=201)
 
 
 def _create_args(data: dict[str, Any]) -> dict[str, Any]:
@@ -96,19 +105,23 @@ def _create_args(data: dict[str, Any]) -> dict[str, Any]:
     for key in ("upstream_key", "hourly", "per_minute", "weight", "expires_in"):
         if data.get(key) is not None:
             args[key] = data[key]
+    if data.get("class") is not None:
+        args["service_class"] = data["class"]
     return args
 
 
 async def tokens_list(request: web.Request) -> web.Response:
-    records = await request.app[RUNTIME].store.list()
-    return web.json_response({"tokens": [r.public_view() for r in records]})
+    rt = request.app[RUNTIME]
+    records = await rt.store.list()
+    return web.json_response({"tokens": [token_view(r, rt.config) for r in records]})
 
 
 async def token_show(request: web.Request) -> web.Response:
-    record = await request.app[RUNTIME].store.get(request.match_info["token_id"])
+    rt = request.app[RUNTIME]
+    record = await rt.store.get(request.match_info["token_id"])
     if record is None:
         return json_error(404, "Unknown token", reason=Reason.NOT_FOUND)
-    return web.json_response(record.public_view())
+    return web.json_response(token_view(record, rt.config))
 
 
 async def token_revoke(request: web.Request) -> web.Response:
@@ -123,11 +136,11 @@ async def token_revoke(request: web.Request) -> web.Response:
 
 
 async def token_update(request: web.Request) -> web.Response:
-    """PATCH: quotas, weight, scopes or expiry; takes effect at once on this replica."""
+    """PATCH: quotas, weight, scopes, expiry or class; takes effect at once on this replica."""
     rt = request.app[RUNTIME]
     token_id = request.match_info["token_id"]
     try:
-        changes = token_changes(await read_json(request), rt.routes)
+        changes = token_changes(await read_json(request), rt.routes, config=rt.config)
         record = await rt.store.update(token_id, **changes)
     except ValueError as exc:
         raise _bad(str(exc)) from None
@@ -135,7 +148,7 @@ async def token_update(request: web.Request) -> web.Response:
     if record is None:
         return json_error(404, "Unknown token", reason=Reason.NOT_FOUND)
     await _audit(request, "token.update", token_id, changes_detail(changes, record))
-    return web.json_response(record.public_view())
+    return web.json_response(token_view(record, rt.config))
 
 
 async def token_usage(request: web.Request) -> web.Response:

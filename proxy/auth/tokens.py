@@ -115,6 +115,9 @@ class TokenRecord:
     created_at: float = 0.0
     expires_at: float | None = None
     revoked_at: float | None = None
+    # The class of service (SPEC §5 "Classes of service"); None: the config's default_class,
+    # so records stored before classes existed keep working.
+    service_class: str | None = None
 
     def __post_init__(self) -> None:
         if not (isinstance(self.id, str) and _ID_RE.fullmatch(self.id)):
@@ -137,6 +140,10 @@ class TokenRecord:
         _check_time("created_at", self.created_at)
         _check_time("expires_at", self.expires_at)
         _check_time("revoked_at", self.revoked_at)
+        if self.service_class is not None and not (
+            isinstance(self.service_class, str) and _NAME_RE.fullmatch(self.service_class)
+        ):
+            raise ValueError("class: must be 1-64 characters of [A-Za-z0-9._-]")
 
     def is_active(self, now: float) -> bool:
         """True when neither revoked nor expired at ``now`` (Unix seconds)."""
@@ -163,6 +170,7 @@ class TokenRecord:
             "hourly": self.hourly,
             "per_minute": self.per_minute,
             "weight": self.weight,
+            "class": self.service_class,
             "created_at": _iso(self.created_at),
             "expires_at": _iso(self.expires_at),
             "revoked_at": _iso(self.revoked_at),
@@ -193,6 +201,7 @@ def mint_token(
     per_minute: int | None = None,
     weight: int = 1,
     expires_in: float | None = None,
+    service_class: str | None = None,
 ) -> NewToken:
     """Make a new random token created at ``now`` (Unix seconds), expiring ``expires_in`` seconds
     later (None: never). Does not store it. ValueError names the offending field.
@@ -219,6 +228,7 @@ def mint_token(
         weight=weight,
         created_at=now,
         expires_at=None if expires_in is None else now + expires_in,
+        service_class=service_class,
     )
     return NewToken(token=f"{TOKEN_PREFIX}{token_id}_{secret}", record=record)
 
@@ -256,6 +266,7 @@ class TokenChanges(TypedDict, total=False):
     weight: int
     scopes: tuple[str, ...]
     expires_at: float | None
+    service_class: str | None
 
 
 _CHANGEABLE = frozenset(TokenChanges.__annotations__)

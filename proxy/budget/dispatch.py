@@ -14,6 +14,8 @@ from typing import Protocol
 
 from proxy.auth.tokens import TokenRecord
 from proxy.budget.admission import STATE_DOWN, Refusal
+from proxy.budget.class_queue import ClassQueue
+from proxy.budget.classes import ClassBook
 from proxy.budget.fairness import FairQueue, Tally
 from proxy.budget.grants import SlotGrant, Waiter, settled
 from proxy.budget.slots import SlotSource, StateUnavailable
@@ -25,12 +27,15 @@ class SlotTaker(Protocol):
     """What the dispatch asks of its lane (``proxy.budget.lane.Lane``)."""
 
     source: SlotSource
+    classes: ClassBook | None
 
     def can_send(self) -> bool:
         """A send may go now as far as calibration goes (the budget may still say no)."""
 
-    async def take(self, now: float, waiting: bool = False) -> SlotGrant | None:
-        """A slot now if the budget allows; raises StateUnavailable."""
+    async def take(
+        self, now: float, waiting: bool = False, cls: str | None = None
+    ) -> SlotGrant | None:
+        """A slot now if the budget allows (and ``cls``'s rules); raises StateUnavailable."""
 
 
 class Dispatch:
@@ -43,7 +48,12 @@ class Dispatch:
     def __init__(self, lane: SlotTaker, tally: Tally, clock: Callable[[], float]) -> None:
         self.lane = lane
         self.clock = clock
-        self.queue: FairQueue[Waiter] = FairQueue(tally)
+        book = lane.classes
+        self.queue: FairQueue[Waiter] | ClassQueue[Waiter] = (
+            FairQueue(tally)
+            if book is None
+            else ClassQueue(tally, {name: book.weight(name) for name in book.names})
+        )
         self._timer: asyncio.TimerHandle | None = None
         self._pump: asyncio.Task[None] | None = None
 
@@ -54,7 +64,11 @@ class Dispatch:
         future: asyncio.Future[SlotGrant | Refusal | None] = loop.create_future()
         timer = loop.call_later(max_wait + 0.05, _wait_over, future)
         waiter = Waiter(token, now + max_wait, future, timer, now)
-        self.queue.push(token.id, token.weight, waiter)
+        queue, book = self.queue, self.lane.classes
+        if isinstance(queue, ClassQueue) and book is not None:
+            queue.push(token.id, token.weight, waiter, book.resolve(token.service_class))
+        else:
+            queue.push(token.id, token.weight, waiter)
         self.schedule()
         return waiter
 
@@ -101,6 +115,9 @@ class Dispatch:
         """Hand out slots to waiters until the budget or the queue runs out, then set one
         timer for the moment the budget allows the next send."""
         queue, lane = self.queue, self.lane
+        if isinstance(queue, ClassQueue) and lane.classes is not None:
+            await self._run_class_pump(queue, lane.classes)
+            return
         while queue.depth > 0:
             try:
                 grant = await lane.take(self.clock(), waiting=True)
@@ -119,11 +136,51 @@ class Dispatch:
             loop = asyncio.get_running_loop()
             self._timer = loop.call_later(max(delay, 0.0005), self._on_timer)
 
+    async def _run_class_pump(self, queue: ClassQueue[Waiter], book: ClassBook) -> None:
+        """The pump with classes of service: each free slot goes to the class the round
+        between classes picks among those whose rules let it send now, then to the next
+        of its tokens; one timer for the first moment a waiting class may send."""
+        lane = self.lane
+        budget = lane.source.budget
+        while queue.depth > 0:
+            now = self.clock()
+
+            def may_send(name: str, now: float = now) -> bool:
+                return book.allows(name, now, budget)
+
+            name = queue.next_class(may_send)
+            if name is None:
+                break
+            try:
+                grant = await lane.take(now, waiting=True, cls=name)
+            except StateUnavailable:
+                self.fail(STATE_DOWN)
+                return
+            if grant is None:
+                break
+            waiter = None
+            while queue.queued_in(name) and waiter is None:
+                waiter = queue.pop(name, may_send)
+                if waiter.future.done():  # its wait is over, or its client left
+                    waiter = None
+            if waiter is None:
+                grant.unsent()
+                continue
+            waiter.future.set_result(grant)
+        if queue.depth > 0 and lane.can_send():
+            now = self.clock()
+            waits = [book.wait(n, now, budget) for n in book.names if queue.queued_in(n)]
+            delay = max(lane.source.retry_in(now), min(waits, default=0.0))
+            delay = min(delay, 1.0)  # a look again each second at most: views change by others
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(max(delay, 0.0005), self._on_timer)
+
     def _next_live_waiter(self) -> Waiter | None:
         """The next waiter in round-robin order whose request still waits. A waiter whose
         wait is over (settled with None) or whose task was cancelled (client gone: a
         cancelled future) stays queued until its task runs again: skip it, it takes no slot."""
         queue = self.queue
+        assert isinstance(queue, FairQueue)
         while queue.depth > 0:
             waiter = queue.pop()
             if not waiter.future.done():

@@ -19,6 +19,9 @@ from typing import Protocol
 
 from proxy.auth.tokens import TokenRecord
 from proxy.budget.admission import STATE_DOWN, Refusal
+from proxy.budget.class_lane import class_wait, take_shared
+from proxy.budget.class_queue import ClassQueue
+from proxy.budget.classes import ClassBook
 from proxy.budget.dispatch import Dispatch
 from proxy.budget.fairness import FairQueue
 from proxy.budget.grants import SlotGrant, Waiter
@@ -76,20 +79,26 @@ class Lane:
         observer: Observer,
         clock: Callable[[], float] = time.time,
         source: SlotSource | None = None,
+        classes: ClassBook | None = None,
     ) -> None:
         """Either ``send_log`` (slots kept in this process) or a shared ``source``;
-        ``guard``: seconds added to every window of a ``send_log``'s budget."""
+        ``guard``: seconds added to every window of a ``send_log``'s budget; ``classes``:
+        the credential's classes of service, kept with a ``send_log``'s slots; with a
+        shared source, by this process for its own sends (see ``take``)."""
         self.name = name
+        self.classes = classes
+        self._local: LocalSlots | None = None
         if source is None:
             assert send_log is not None, "a Lane needs a send log or a slot source"
-            source = LocalSlots(name, CredentialBudget(limits, guard), send_log, clock)
+            budget = CredentialBudget(limits, guard)
+            source = self._local = LocalSlots(name, budget, send_log, clock, classes=classes)
         self.source = source
         source.on_frozen = self._frozen_elsewhere
         self.policy = policy
         self.observer = observer
         self.clock = clock
         self.dispatch = Dispatch(self, policy, clock)
-        self.queue: FairQueue[Waiter] = self.dispatch.queue
+        self.queue: FairQueue[Waiter] | ClassQueue[Waiter] = self.dispatch.queue
         # Without a durable log we do not know what was sent before we started: one probe
         # at a time until echowin's headers say where the budget stands.
         self.calibrated = source.durable
@@ -128,12 +137,24 @@ class Lane:
         """Calibrated, or no calibration probe out."""
         return self.calibrated or not self.probing
 
-    async def take(self, now: float, waiting: bool = False) -> SlotGrant | None:
+    def class_of(self, token: TokenRecord) -> str | None:
+        """The class of service ``token``'s sends count in (None: no classes kept)."""
+        return None if self.classes is None else self.classes.resolve(token.service_class)
+
+    async def take(
+        self, now: float, waiting: bool = False, cls: str | None = None
+    ) -> SlotGrant | None:
         """A slot now, if the budget (and the calibration probe) allow; ``waiting``: for a
-        queued request. May raise StateUnavailable."""
+        queued request; ``cls``: its class of service. May raise StateUnavailable."""
         if not self.can_send():
             return None
-        slot = await self.source.take(now, waiting)
+        book = self.classes
+        if book is None:
+            slot = await self.source.take(now, waiting)
+        elif self._local is not None:
+            slot = await self._local.take(now, waiting, cls)
+        else:
+            slot = await take_shared(self.source, book, now, waiting, book.resolve(cls))
         if slot is None:
             return None
         self.version += 1
@@ -145,8 +166,12 @@ class Lane:
         """Seconds until a new request of ``token`` would be served, given who waits."""
         # While a calibration probe is out the wait is at least its round trip, which no
         # budget math knows; the probe is already recorded, so it is not counted again.
-        ahead = self.queue.ahead_of_new(token.id, token.weight)
-        return self.source.predict_wait(now, ahead, horizon)
+        book, queue = self.classes, self.queue
+        if book is None or not isinstance(queue, ClassQueue):
+            return self.source.predict_wait(
+                now, queue.ahead_of_new(token.id, token.weight), horizon
+            )
+        return class_wait(self.source, book, queue, now, token, horizon)
 
     def hold(self, token: TokenRecord, max_wait: float) -> Waiter | None:
         """Queue a new request of ``token`` at once, without awaiting its turn, unless
@@ -223,7 +248,7 @@ class Lane:
                 refreshed = True
                 grant = self.refusals.known(now, token, max_wait)
             if grant is None:
-                grant = await self.take(now)
+                grant = await self.take(now, cls=self.class_of(token))
         if grant is None:
             if not refreshed:
                 await self.source.refresh(now)
@@ -281,6 +306,8 @@ class Lane:
     def give_back(self, slot: Slot) -> None:
         """A granted slot never reached echowin: free it and let a waiter have it."""
         self.source.give_back(slot)
+        if self._local is None and self.classes is not None:  # kept here for shared slots
+            self.classes.release(slot.cls, slot.at)
         self.version += 1
         self.probing = False
         self.dispatch.schedule()

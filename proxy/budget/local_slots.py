@@ -9,34 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import math
 from collections.abc import Callable, Coroutine, Sequence
 
+from proxy.budget.classes import UNCLASSED, ClassBook
+from proxy.budget.lease import Lease
 from proxy.budget.slots import LINE_GRACE, Line, Row, SendLog, Slot, StateUnavailable
 from proxy.budget.windows import CredentialBudget, Limit, WindowView
 
 log = logging.getLogger("echowin_gateway.budget")
 
 __all__ = ["LocalSlots"]
-
-
-@dataclasses.dataclass(slots=True, eq=False)
-class _Lease:
-    """Slots reserved by one write-ahead row: ``left`` of them may still go until ``at``;
-    ``size``: how many the row reserved (``left`` at first, plus the one taken with it)."""
-
-    at: float
-    left: int
-    size: int = dataclasses.field(init=False)
-
-    def __post_init__(self) -> None:
-        self.size = self.left + 1
-
-    @property
-    def used(self) -> int:
-        return self.size - self.left
 
 
 class LocalSlots:
@@ -72,23 +56,29 @@ class LocalSlots:
         clock: Callable[[], float] | None = None,
         *,
         leases: bool = True,
+        classes: ClassBook | None = None,
     ) -> None:
         """``clock``: read again when a row is planned, since ``reserve`` may have waited
         for another process's write lock: a send is never stamped before it was decided.
         ``leases``: False for a token's quota, whose requests may move between processes
         (a lease's unused slots stay with the process that took it until it takes again).
+        ``classes``: the credential's classes of service, checked with every take. A lease
+        is then only as large as what no class's reservation needs, its slots go to
+        requests of any class and are counted by none (UNCLASSED), and a paced class never
+        takes from one.
         """
         self.name = name
         self.clock = clock
         self.budget = budget
         self.log = log
+        self.classes = classes
         self._block_max = log.block_max if leases else 1
         self.durable = log.durable
         self.remembers_external = False  # the log holds this gateway's own sends only
         self.healthy = True
         self.changes = 0
         self.on_frozen: Callable[[float], None] | None = None
-        self._lease: _Lease | None = None
+        self._lease: Lease | None = None
         # Slots the last lease handed out before it ended (None: no lease yet). Each slot
         # reserved costs a record and, unused, a release in every window: see _block.
         self._demand: int | None = None
@@ -100,29 +90,36 @@ class LocalSlots:
         # Slots given back while ``relimit`` reads the log: written once the new view is in.
         self._held: list[float] | None = None
 
-    async def take(self, now: float, waiting: bool = False) -> Slot | None:
+    async def take(self, now: float, waiting: bool = False, cls: str | None = None) -> Slot | None:
+        book = self.classes
+        if book is not None:
+            cls = book.resolve(cls)
         lease = self._lease
         if lease is not None:
-            if lease.left > 0 and now <= lease.at:
+            if lease.left > 0 and now <= lease.at and not (book and book.paced(cls)):
                 lease.left -= 1
-                return Slot(lease.at, committed=True)
+                return Slot(lease.at, committed=True, cls=lease.cls or None)
             self._lease = None
             self._demand = lease.used
-            returned: Row | None = (lease.at, -lease.left) if lease.left else None
+            returned: Row | None = (lease.at, -lease.left, lease.cls) if lease.left else None
             for _ in range(lease.left):
                 self.budget.release(lease.at)
+                if book is not None:
+                    book.release(lease.cls or None, lease.at)
         else:
             returned = None
         if returned is None:
             # The view is never more pessimistic than the log: no trip needed, unless this
             # process waits and its place in line would lapse before it tries again.
             retry = max(self.budget.wait_time(now), self._yield_until - now)
+            if book is not None:
+                retry = max(retry, book.wait(cls, now, self.budget))
             if retry > 0 and not (waiting and self._line_due < now + retry + LINE_GRACE / 2):
                 return None
         planned: list[Row] = []
 
         def plan(rows: list[Row], line: Line) -> Row | None:
-            row = self._plan(now, rows, line, waiting)
+            row = self._plan(now, rows, line, waiting, cls)
             if row is not None:
                 planned.append(row)
             return row
@@ -130,9 +127,11 @@ class LocalSlots:
         try:
             row = self.log.reserve(self.name, plan, returned)
         except Exception as exc:
-            for at, n in planned:  # not written: not reserved
+            for at, n, row_cls in planned:  # not written: not reserved
                 for _ in range(n):
                     self.budget.release(at)
+                    if book is not None:
+                        book.release(row_cls or None, at)
             self._line_due = -math.inf  # the place in line was not written either
             log.warning(
                 "send log write failed",
@@ -141,20 +140,22 @@ class LocalSlots:
             raise StateUnavailable(f"send log: {type(exc).__name__}") from exc
         if row is None:
             return None
-        at, n = row
+        at, n, row_cls = row
         if n > 1:
-            lease = self._lease = _Lease(at, n - 1)
+            lease = self._lease = Lease(at, n - 1, row_cls)
             asyncio.get_running_loop().call_later(self.LEASE_IDLE_SECONDS, self._lease_idle, lease)
-        return Slot(at, committed=True)
+        return Slot(at, committed=True, cls=row_cls or None)
 
-    def _lease_idle(self, lease: _Lease) -> None:
+    def _lease_idle(self, lease: Lease) -> None:
         """The lease timer. If this process has not taken since the lease ended (an idle
         worker), its unused slots would stay reserved until it takes again: give them back
         now, for the other processes."""
         if self._lease is lease:
             self._end_lease()
 
-    def _plan(self, now: float, rows: list[Row], line: Line, waiting: bool) -> Row | None:
+    def _plan(
+        self, now: float, rows: list[Row], line: Line, waiting: bool, cls: str | None = None
+    ) -> Row | None:
         """Inside the log's transaction: what to reserve, given the others' new rows and
         who else waits in line (each process ahead of this one gets a free slot first)."""
         if self.clock is not None:
@@ -169,17 +170,24 @@ class LocalSlots:
             if served < self._served and now <= due <= now + 2 * LINE_GRACE
         ]
         wait = self.budget.wait_time(now)
+        book = self.classes
+        if book is not None:  # the class rules, against every process's sends
+            wait = max(wait, book.wait(cls, now, self.budget))
         if wait <= 0:
             free = min(self.budget.remaining(now, i) for i in range(len(self.budget.limits)))
             if free > len(ahead):
-                n = self._block(now)
+                n = self._block(now, cls)
                 at = now + self.LEASE_SECONDS if n > 1 else now
+                # A block's slots go to any class: counted by none (it fits the surplus).
+                row_cls = "" if book is None else (cls or "") if n == 1 else UNCLASSED
                 for _ in range(n):
                     self.budget.record(at)
+                    if book is not None:
+                        book.record(row_cls, at)
                 line.mine = None  # served: behind every waiting process next time
                 self._line_due = -math.inf
                 self._served = now
-                return at, n
+                return at, n, row_cls
             # The slot is theirs: look again when the first of them said it would try
             # (it has taken it by then, or it comes late), and at the latest when its
             # place lapses.
@@ -193,15 +201,19 @@ class LocalSlots:
             self._line_due = retry + LINE_GRACE
         return None
 
-    def _block(self, now: float) -> int:
-        """How many slots one row reserves: 1 near any limit, up to ``block_max`` far, and
-        at most ``LEASE_GROWTH`` times what the last lease handed out (at least 2). A
-        credential with a few sends per lease then reserves a few, not ``block_max``, per
-        row (every slot reserved is recorded, and released if unused, in each window); a
-        busy one doubles its block from lease to lease, back to ``block_max``."""
-        if self._block_max <= 1:
+    def _block(self, now: float, cls: str | None = None) -> int:
+        """How many slots one row reserves: 1 near any limit, up to ``block_max`` far (with
+        classes: far from what their reservations need; 1 for a paced class), and at most
+        ``LEASE_GROWTH`` times what the last lease handed out (at least 2). A credential
+        with a few sends per lease then reserves a few, not ``block_max``, per row (every
+        slot reserved is recorded, and released if unused, in each window); a busy one
+        doubles its block from lease to lease, back to ``block_max``."""
+        book = self.classes
+        if self._block_max <= 1 or (book is not None and book.paced(cls)):
             return 1
         free = min(self.budget.remaining(now, index) for index in range(len(self.budget.limits)))
+        if book is not None:
+            free = min(free, book.surplus(now, self.budget))
         block = min(self._block_max, free // self.LEASE_FRACTION)
         if block < self.LEASE_MIN:
             return 1
@@ -213,16 +225,21 @@ class LocalSlots:
         if rows:
             self.changes += 1
         frozen: float | None = None
-        for at, n in rows:
+        book = self.classes
+        for at, n, cls in rows:
             if n == 0:  # another process met an unexpected 429: the key is frozen for all
                 self.budget.freeze(at)
                 frozen = at if frozen is None else max(frozen, at)
             elif n > 0:
                 for _ in range(n):
                     self.budget.record(at)
+                    if book is not None:
+                        book.record(cls or None, at)
             else:
                 for _ in range(-n):
                     self.budget.release(at)
+                    if book is not None:
+                        book.release(cls or None, at)
         # Told once every row is in: a give-back written after the freeze (the lease's
         # unused slots, a send that never left) may let a waiter last until the first send.
         if frozen is not None and self.on_frozen is not None:
@@ -249,12 +266,14 @@ class LocalSlots:
             lease.left += 1
             return
         self.budget.release(slot.at)
+        if self.classes is not None:
+            self.classes.release(slot.cls, slot.at)
         if not slot.committed:
             return
         if self._held is not None:
             self._held.append(slot.at)
         else:
-            self._spawn(self.log.give_back(self.name, slot.at, 1))
+            self._spawn(self.log.give_back(self.name, slot.at, 1, slot.cls or ""))
 
     def retry_in(self, now: float) -> float:
         return max(self.budget.wait_time(now), self._yield_until - now, 0.0)
@@ -307,7 +326,9 @@ class LocalSlots:
         if lease is not None and lease.left:
             for _ in range(lease.left):
                 self.budget.release(lease.at)
-            self._spawn(self.log.give_back(self.name, lease.at, lease.left))
+                if self.classes is not None:
+                    self.classes.release(lease.cls or None, lease.at)
+            self._spawn(self.log.give_back(self.name, lease.at, lease.left, lease.cls))
 
     def frozen_until(self, now: float) -> float | None:
         return self.budget.frozen_until(now)
@@ -323,6 +344,10 @@ class LocalSlots:
 
     async def restore(self, now: float) -> None:
         await self._load(self.budget, now)
+        if self.classes is not None:  # each class's sends, for its reserve and its pace
+            horizon = max(lim.per_seconds for lim in self.budget.limits) + self.budget.guard
+            sends = await self.log.recent_classes(self.name, now - horizon)
+            self.classes.load(((at, cls or None) for at, cls in sends), now)
 
     async def _load(self, budget: CredentialBudget, now: float) -> None:
         horizon = max(lim.per_seconds for lim in budget.limits) + budget.guard

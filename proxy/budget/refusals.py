@@ -11,6 +11,8 @@ from typing import Any, Protocol
 
 from proxy.auth.tokens import TokenRecord
 from proxy.budget.admission import Refusal
+from proxy.budget.class_queue import ClassQueue
+from proxy.budget.classes import ClassBook
 from proxy.budget.fairness import FairQueue
 from proxy.budget.slots import SlotSource
 from proxy.errors import Reason
@@ -19,7 +21,8 @@ __all__ = ["LaneState", "Refusals"]
 
 # What a remembered refusal was predicted from: (lane's version, source's changes, a
 # calibration probe out, the state healthy). The counters only grow; health may return.
-_Basis = tuple[int, int, bool, bool]
+# With classes of service, the class too: when the budget frees for a request depends on it.
+_Basis = tuple[int, int, bool, bool, str | None]
 
 
 class QueueBounds(Protocol):
@@ -42,7 +45,9 @@ class LaneState(Protocol):
     @property
     def probing(self) -> bool: ...
     @property
-    def queue(self) -> FairQueue[Any]: ...
+    def queue(self) -> FairQueue[Any] | ClassQueue[Any]: ...
+    @property
+    def classes(self) -> ClassBook | None: ...
 
     def predicted_wait(self, now: float, token: TokenRecord, horizon: float | None) -> float:
         """Seconds until a new request of ``token`` would be served, given who waits."""
@@ -59,16 +64,17 @@ class Refusals:
         self.lane = lane
         self.cached: tuple[_Basis, float, float | None] | None = None
 
-    def _basis(self) -> _Basis:
+    def _basis(self, token: TokenRecord) -> _Basis:
         lane = self.lane
-        return (lane.version, lane.source.changes, lane.probing, lane.source.healthy)
+        cls = None if lane.classes is None else lane.classes.resolve(token.service_class)
+        return (lane.version, lane.source.changes, lane.probing, lane.source.healthy, cls)
 
     def known(self, now: float, token: TokenRecord, max_wait: float) -> Refusal | None:
         """With nobody queued and nothing changed since the last refusal, the budget frees
         at the same moment: refuse again without asking it (a flood of refused requests).
         None when that refusal is out of date, or the request can wait that long."""
         known = self.cached
-        if known is None or known[0] != self._basis():
+        if known is None or known[0] != self._basis(token):
             self.cached = None
             return None
         _, free_at, frozen = known
@@ -97,7 +103,7 @@ class Refusals:
         # One prediction, without a horizon: a refusal needs the whole wait for Retry-After.
         wait = lane.predicted_wait(now, token, None)
         if lane.queue.depth == 0:  # the moment the budget frees, as long as nothing changes
-            self.cached = (self._basis(), now + wait, frozen)
+            self.cached = (self._basis(token), now + wait, frozen)
         if wait <= max_wait:
             return None
         return _refusal(now, wait, frozen, max_wait)

@@ -8,10 +8,13 @@ Time is wall-clock seconds (``time.time``) because the send log outlives the pro
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Mapping
+from typing import NamedTuple, Protocol
 
 from proxy.budget.admission import SHUTTING_DOWN, STATE_DOWN, AdmitRequest, Grant, Held, Refusal
+from proxy.budget.class_queue import ClassQueue
 from proxy.budget.grants import Hold
 from proxy.budget.lane import Lane, Observer, QueuePolicy
 from proxy.budget.quotas import QuotaSources, TokenCharge, TokenQuotas
@@ -19,13 +22,30 @@ from proxy.budget.ratelimit_headers import (
     caller_headers,
     policy_header,
     tight_headers,
+    tighter,
     unchanged_for,
     window_name,
 )
 from proxy.budget.slots import SlotSource, StateUnavailable
 from proxy.budget.windows import Limit, WindowView
 
-__all__ = ["Scheduler"]
+__all__ = ["ClassObserver", "Scheduler"]
+
+
+class ClassObserver(Protocol):
+    """What the scheduler reports per class of service (proxy/observe/class_metrics.py)."""
+
+    def class_admitted(self, credential: str, cls: str, waited: float) -> None: ...
+    def class_refused(self, credential: str, cls: str, reason: str) -> None: ...
+
+
+class _ClassState(NamedTuple):
+    """One window as a class's caller sees it (``WindowState`` for ``caller_headers``)."""
+
+    requests: int
+    per_seconds: float
+    remaining: int
+    reset_in: float
 
 
 class _KeptHeaders:
@@ -71,9 +91,12 @@ class Scheduler:
         clock: Callable[[], float] = time.time,
         *,
         quota_sources: QuotaSources,
+        class_observer: ClassObserver | None = None,
     ) -> None:
         """``quota_sources``: where token quotas are kept (the state backend's; in this
-        process: proxy.state.memory.memory_quota_sources)."""
+        process: proxy.state.memory.memory_quota_sources); ``class_observer``: told each
+        admission and refusal of a lane with classes of service."""
+        self.class_observer = class_observer
         self.lanes = dict(lanes)
         self.policy = policy
         self.observer = observer
@@ -84,6 +107,7 @@ class Scheduler:
         self._headers: dict[str, _KeptHeaders] = {}
         self._shapes: dict[str, _Shape] = {}
         self._shedding = False  # shutting down: see shed
+        self._class_policies: dict[tuple[str, str], str] = {}  # (credential, class)
         self._retired: set[str] = set()  # lanes of keys a reload took away: see retire
 
     def add_lane(self, lane: Lane) -> None:
@@ -161,6 +185,12 @@ class Scheduler:
             if charge is not None:
                 charge.refund()
             self.observer.refused(lane.name, token.name, result.reason)
+        cls = lane.class_of(token)
+        if cls is not None and self.class_observer is not None:
+            if isinstance(result, Refusal):
+                self.class_observer.class_refused(lane.name, cls, result.reason)
+            else:
+                self.class_observer.class_admitted(lane.name, cls, result.queued_seconds)
         return result
 
     async def charge_own(self, request: AdmitRequest) -> Refusal | None:
@@ -191,9 +221,11 @@ class Scheduler:
         lane = self.lanes[request.credential]
         quota = self.quotas.in_use.get(request.token.id)
         if quota is not None:
-            windows = [("echowin", w) for w in lane.source.snapshot(now)]
+            windows = self._lane_windows(now, lane, request)
             windows += [("token", w) for w in quota.source.snapshot(now)]
             return caller_headers(now, windows)
+        if lane.classes is not None:
+            return self._class_headers(now, lane, request)
         version = (lane.version, lane.source.changes)
         kept = self._headers.get(lane.name)
         if kept is not None and kept.version == version and kept.made <= now:
@@ -217,6 +249,35 @@ class Scheduler:
         self._headers[lane.name] = _KeptHeaders(version, now, resets, headers)
         return headers
 
+    def _class_headers(self, now: float, lane: Lane, request: AdmitRequest) -> Mapping[str, str]:
+        """``caller_headers`` of a class's windows, its RateLimit-Policy made once."""
+        windows = self._lane_windows(now, lane, request)
+        owner, tight = windows[0]
+        for pair in windows[1:]:
+            if tighter(pair[1].remaining, pair[1].reset_in, tight.remaining, tight.reset_in):
+                owner, tight = pair
+        key = (lane.name, owner)
+        policy = self._class_policies.get(key)
+        if policy is None:
+            policy = self._class_policies[key] = policy_header(windows)
+        name = window_name(owner, tight.per_seconds)
+        return tight_headers(now, name, tight.requests, tight.remaining, tight.reset_in, policy)
+
+    def _lane_windows(
+        self, now: float, lane: Lane, request: AdmitRequest
+    ) -> list[tuple[str, WindowView | _ClassState]]:
+        """The shared budget's windows as the token's caller sees them: with classes of
+        service, what its class may use (named after the class), else the credential's."""
+        cls = lane.class_of(request.token)
+        if lane.classes is None or cls is None:
+            return [("echowin", w) for w in lane.source.snapshot(now)]
+        _, _, resets = lane.source.tightest(now)
+        seen = lane.classes.caller_windows(cls, now, lane.source.budget)
+        return [
+            (cls, _ClassState(share, limit.per_seconds, free, reset_in))
+            for (share, free), limit, reset_in in zip(seen, lane.budget.limits, resets, strict=True)
+        ]
+
     def token_quotas(self) -> dict[str, list[WindowView]]:
         """Every token quota in use, by token name, at now (for metrics)."""
         return self.quotas.views()
@@ -228,11 +289,17 @@ class Scheduler:
         return [_window_json(w) for w in known.source.snapshot(self.clock())]
 
     def snapshot(self) -> dict[str, object]:
+        """Each credential's windows, queue and classes. Local slots first read the rows the
+        other processes on their log wrote (``refreshed``: one read, at most every
+        POLL_SECONDS), so the view of an idle worker of ``serve --workers N`` counts the
+        others' sends, its classes' too."""
         now = self.clock()
         out: dict[str, object] = {}
         for name, lane in self.lanes.items():
             if name in self._retired:
                 continue
+            with contextlib.suppress(Exception):  # unreadable now: the view it has
+                lane.source.refreshed(now)
             out[name] = {
                 "windows": [_window_json(w) for w in lane.source.snapshot(now)],
                 "queue_depth": lane.depth,
@@ -242,6 +309,8 @@ class Scheduler:
                 "echowin_reported_remaining": lane.reported_remaining,
                 "calibrated": lane.calibrated,
             }
+            if lane.classes is not None:
+                out[name]["classes"] = _classes_json(lane, now)  # type: ignore[index]
         return out
 
     def shed(self) -> None:
@@ -268,6 +337,23 @@ def _window_json(w: WindowView) -> dict[str, object]:
         "reset_in": round(w.reset_in, 3),
         "external": w.external,
     }
+
+
+def _classes_json(lane: Lane, now: float) -> dict[str, object]:
+    """Each class of ``lane``: its weight, whether paced, per window what it has reserved,
+    used, may still send (free) and may use at most (share), and how many of it wait."""
+    book = lane.classes
+    assert book is not None
+    queue = lane.queue
+    out: dict[str, object] = {}
+    for name, views in book.views(now, lane.source.budget).items():
+        out[name] = {
+            "weight": book.weight(name),
+            "pace": book.paced(name),
+            "queue_depth": queue.queued_in(name) if isinstance(queue, ClassQueue) else 0,
+            "windows": [v._asdict() for v in views],
+        }
+    return out
 
 
 def _frozen_for(source: SlotSource, now: float) -> float:

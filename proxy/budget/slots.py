@@ -26,17 +26,21 @@ class StateUnavailable(Exception):
 @dataclasses.dataclass(slots=True, eq=False)
 class Slot:
     """One reserved send. ``at`` is local wall-clock seconds; ``ref`` is the backend's own
-    handle (a Redis member id), None for local slots. ``committed`` once written ahead."""
+    handle (a Redis member id), None for local slots. ``committed`` once written ahead.
+    ``cls``: the class of service it was taken for (None: classes are not kept)."""
 
     at: float
     ref: str | None = None
     committed: bool = False
+    cls: str | None = None
 
 
-Row = tuple[float, int]
-"""One write-ahead record: ``(at, n)``, ``n`` sends counted at ``at`` (seconds); a negative
-``n`` gives back that many sends recorded at ``at`` (they never left); ``n`` = 0 is a
-freeze: no send before ``at``."""
+Row = tuple[float, int, str]
+"""One write-ahead record: ``(at, n, cls)``, ``n`` sends counted at ``at`` (seconds); a
+negative ``n`` gives back that many sends recorded at ``at`` (they never left); ``n`` = 0 is
+a freeze: no send before ``at``. ``cls``: the class of service of those sends ("" when
+classes are not configured, or the row is a freeze), so that every process on the log and
+a restart count each class's sends (docs/budget.md, "Classes of service")."""
 
 LINE_GRACE = 0.05
 """Seconds a process keeps its turn for a free slot past the moment it said it would try
@@ -82,8 +86,8 @@ class SendLog(Protocol):
     def poll(self, credential: str) -> list[Row]:
         """Rows other processes wrote for ``credential`` since the last call."""
 
-    async def give_back(self, credential: str, at: float, n: int) -> None:
-        """Record that ``n`` sends recorded at ``at`` never left."""
+    async def give_back(self, credential: str, at: float, n: int, cls: str = "") -> None:
+        """Record that ``n`` sends of class ``cls`` recorded at ``at`` never left."""
 
     async def freeze(self, credential: str, until: float) -> None:
         """Record a freeze: no send before ``until`` (a row with ``n`` = 0)."""
@@ -94,6 +98,10 @@ class SendLog(Protocol):
     async def recent(self, credential: str, since: float) -> list[float]:
         """Sends recorded after ``since``, net of those given back, oldest first. Later
         ``poll`` and ``reserve`` calls return only rows written after this one read."""
+
+    async def recent_classes(self, credential: str, since: float) -> list[tuple[float, str]]:
+        """The sends of a class (``cls`` not "") recorded after ``since``, net of those
+        given back, with their class, oldest first (a restart rebuilds the classes)."""
 
     async def prune(self, before: float) -> None:
         """Drop every row recorded before ``before``."""
@@ -124,11 +132,12 @@ class SlotSource(Protocol):
         slots read their log at once): True when it is up to date, False when only
         ``refresh`` can bring it (a shared view past its age)."""
 
-    async def take(self, now: float, waiting: bool = False) -> Slot | None:
+    async def take(self, now: float, waiting: bool = False, cls: str | None = None) -> Slot | None:
         """Reserve one send at ``now`` if every limit allows it and no other process is
         ahead in line for it, else None. ``waiting``: this process has requests queued
-        for the credential, so it keeps (or takes) a place in line. Raises
-        StateUnavailable when the backend is down and the mode is "closed"."""
+        for the credential, so it keeps (or takes) a place in line. ``cls``: the class of
+        service of the send (a source that keeps classes checks their rules in the same
+        step). Raises StateUnavailable when the backend is down and the mode is "closed"."""
 
     async def commit(self, slot: Slot) -> None:
         """Make ``slot`` durable; returns before the request may leave."""

@@ -242,6 +242,11 @@ class CredentialBudget:
         window = self._windows[index]
         return len(window.entries) - window.external
 
+    def times(self, index: int) -> list[float]:
+        """The times of the sends window ``index`` holds (ours and external; as last
+        pruned), for :class:`~proxy.budget.classes.ClassBook`'s waits."""
+        return [at for at, _ in self._windows[index].entries]
+
     def remaining(self, now: float, index: int) -> int:
         """``N - count``, never below 0."""
         return max(0, self._windows[index].limit.requests - self.count(now, index))

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from proxy.admin.audit import Actor, created_detail, record_operation
-from proxy.admin.tokenops import create_token, open_store
+from proxy.admin.tokenops import create_token, open_store, token_view
 from proxy.auth.audit import MAX_AUDIT_PAGE, AuditLog
 from proxy.auth.routes import DEFAULT_ROUTES
 from proxy.auth.scopes import known_scopes
@@ -91,6 +91,8 @@ def _print_created(view: dict[str, Any], token: str) -> None:
 def _token_body(args: argparse.Namespace) -> dict[str, Any]:
     body: dict[str, Any] = {"name": args.name, "scopes": args.scope, "weight": args.weight}
     body["upstream_key"] = args.upstream_key
+    if args.service_class is not None:
+        body["class"] = args.service_class
     for key in ("hourly", "per_minute", "expires_in"):
         if getattr(args, key) is not None:
             body[key] = getattr(args, key)
@@ -110,7 +112,9 @@ def cmd_token_create(args: argparse.Namespace) -> int:
 
     async def run(store: TokenStore) -> int:
         try:
-            new = await create_token(store, config, config.route_table(), **_token_body(args))
+            body = _token_body(args)
+            body["service_class"] = body.pop("class", None)
+            new = await create_token(store, config, config.route_table(), **body)
         except ValueError as exc:
             return fail([str(exc)])
         actor = Actor(cli_actor())
@@ -127,14 +131,22 @@ def _print_tokens(views: list[dict[str, Any]], as_json: bool) -> None:
     if as_json:
         print(json.dumps(views, indent=2))
         return
-    rows = [("ID", "NAME", "STATUS", "KEY", "SCOPES")]
+    rows = [("ID", "NAME", "STATUS", "KEY", "CLASS", "SCOPES")]
     rows += [
-        (v["id"], v["name"], v["status"], v["upstream_key"], " ".join(v["scopes"])) for v in views
+        (
+            v["id"],
+            v["name"],
+            v["status"],
+            v["upstream_key"],
+            v.get("class") or "-",
+            " ".join(v["scopes"]),
+        )
+        for v in views
     ]
     # Each column as wide as its longest value (names and keys run to 64 characters).
-    widths = [max(len(row[i]) for row in rows) + 2 for i in range(4)]
+    widths = [max(len(row[i]) for row in rows) + 2 for i in range(5)]
     for row in rows:
-        print("".join(row[i].ljust(widths[i]) for i in range(4)) + row[4])
+        print("".join(row[i].ljust(widths[i]) for i in range(5)) + row[5])
 
 
 def cmd_token_list(args: argparse.Namespace) -> int:
@@ -150,7 +162,8 @@ def cmd_token_list(args: argparse.Namespace) -> int:
         return missing
 
     async def run(store: TokenStore) -> int:
-        _print_tokens([r.public_view() for r in await store.list()], args.json)
+        views = [token_view(r, config) for r in await store.list()]
+        _print_tokens(views, args.json)
         return 0
 
     return asyncio.run(_with_store(config, run))
@@ -276,6 +289,12 @@ def _add_create_parser(tsub: Subparsers) -> argparse.ArgumentParser:
         metavar="NAME",
         help="the echowin key it uses: default (upstream.api_key) or a name under"
         " upstream.extra_keys",
+    )
+    create.add_argument(
+        "--class",
+        dest="service_class",
+        metavar="NAME",
+        help="its class of service, a name under classes (default: default_class)",
     )
     return create
 

@@ -15,6 +15,7 @@ from typing import Any, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from proxy.config.classes import check_classes
 from proxy.config.errors import ConfigError
 from proxy.config.schema import GatewayConfig
 from proxy.config.secrets import SecretRef
@@ -148,6 +149,8 @@ def parse_config(raw: object, source: str = "config") -> GatewayConfig:
         raise ConfigError([text if text.startswith("routes[") else f"routes: {text}"]) from None
     if problem := _cache_routes(config):
         raise ConfigError([problem])
+    if problems := check_classes(config):
+        raise ConfigError(problems)
     if problem := _shared_address(config) or _redis_problem(config):
         raise ConfigError([problem])
     if config.server.workers != 1 and (problem := unshared_state(config, "server.workers")):

@@ -21,6 +21,7 @@ from pydantic import (
 from proxy.auth.routes import DEFAULT_ROUTES, Route, RouteTable
 from proxy.auth.tokens import DEFAULT_UPSTREAM_KEY
 from proxy.config.cache import CacheConfig
+from proxy.config.classes import ClassConfig
 from proxy.config.fields import Model as _Model
 from proxy.config.fields import NonNegativeFloat, PositiveFloat, PositiveInt
 from proxy.config.postgres_url import parse_postgres_url
@@ -247,6 +248,18 @@ class GatewayConfig(_Model):
     cache: CacheConfig | None = None
     # OpenTelemetry traces (proxy/observe/tracing.py): off unless present or OTEL_* set.
     tracing: TracingConfig | None = None
+    # Classes of service (proxy/config/classes.py; checked against upstream.limits by
+    # check_classes once the whole config is read).
+    classes: dict[str, ClassConfig] = Field(default_factory=dict)
+    default_class: str | None = None
+
+    @field_validator("classes")
+    @classmethod
+    def _class_names(cls, value: dict[str, ClassConfig]) -> dict[str, ClassConfig]:
+        for name in value:
+            if not (0 < len(name) <= 64 and name.replace("-", "").replace("_", "").isalnum()):
+                raise ValueError(f"{name!r}: names are 1-64 of [A-Za-z0-9_-]")
+        return value
 
     @field_validator("listen", "admin_listen")
     @classmethod

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from proxy.auth.tokens import TokenStore
+from proxy.budget.classes import ClassBook
 from proxy.budget.quotas import local_quota_source
 from proxy.budget.slots import SendLog, SlotSource
 from proxy.budget.windows import Limit
@@ -222,10 +223,13 @@ class State:
         """True when the tokens live in a store other replicas share (Redis, PostgreSQL)."""
         return self.shared or self._config.token_store is not None
 
-    def credential_source(self, name: str, limits: Sequence[Limit]) -> SlotSource | None:
+    def credential_source(
+        self, name: str, limits: Sequence[Limit], classes: ClassBook | None = None
+    ) -> SlotSource | None:
         """The shared slot source of credential ``name``; None for local slots (the lane
-        keeps them on ``send_log``)."""
-        return self._shared_slots(name, limits, quota=False)
+        keeps them on ``send_log``). ``classes``: its classes of service, whose reserve
+        rule a shared source checks in the reservation's own step."""
+        return self._shared_slots(name, limits, quota=False, classes=classes)
 
     def quota_source(self, name: str, limits: tuple[Limit, ...]) -> SlotSource:
         """A token's own quota, kept where the credentials' budgets are (no guard: the
@@ -237,7 +241,7 @@ class State:
         return source
 
     def _shared_slots(
-        self, name: str, limits: Sequence[Limit], *, quota: bool
+        self, name: str, limits: Sequence[Limit], *, quota: bool, classes: ClassBook | None = None
     ) -> SlotSource | None:
         """Redis slots: a token's quota keeps its view fresh only while the token is in use
         here (``QUOTA_IN_USE``), a credential's always."""
@@ -246,7 +250,7 @@ class State:
         from proxy.state.redis.slots import QUOTA_IN_USE, RedisSlots
 
         cfg, hooks = self._config, self._hooks
-        return RedisSlots(
+        source = RedisSlots(
             name,
             self._redis,
             cfg.redis.key_prefix,
@@ -258,6 +262,11 @@ class State:
             on_health=hooks.on_health,
             keep_view=QUOTA_IN_USE if quota else math.inf,
         )
+        if classes is not None:
+            from proxy.state.redis.class_view import follow_classes
+
+            follow_classes(source, classes)
+        return source
 
     def watch_resets(self, on_reset: Callable[[], None], interval: float | None = None) -> None:
         """With state in Redis: call ``on_reset()`` each time Redis is found to have lost

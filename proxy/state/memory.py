@@ -122,7 +122,7 @@ class MemorySendLog:
     def poll(self, credential: str) -> builtins.list[Row]:
         return []
 
-    async def give_back(self, credential: str, at: float, n: int) -> None:
+    async def give_back(self, credential: str, at: float, n: int, cls: str = "") -> None:
         return None
 
     async def freeze(self, credential: str, until: float) -> None:
@@ -132,6 +132,11 @@ class MemorySendLog:
         return None
 
     async def recent(self, credential: str, since: float) -> builtins.list[float]:
+        return []
+
+    async def recent_classes(
+        self, credential: str, since: float
+    ) -> builtins.list[tuple[float, str]]:
         return []
 
     async def prune(self, before: float) -> None:

@@ -165,3 +165,28 @@ async def test_cli_works_through_the_admin_api(
     code = await asyncio.to_thread(cli, "token", "list", "--admin-url", base)
     assert code == 1
     assert "Invalid admin token" in capsys.readouterr().err
+
+
+CLASSES = {
+    "classes": {"interactive": {"weight": 4}, "batch": {"pace": True}},
+    "default_class": "batch",
+}
+
+
+async def test_the_admin_api_creates_shows_and_changes_a_tokens_class(
+    make_gateway: MakeGateway,
+) -> None:
+    gw = await make_gateway(**CLASSES)
+    body = {"name": "calls", "scopes": ["contacts:read"], "class": "interactive"}
+    status, created = await admin(gw, "POST", "/admin/tokens", body)
+    assert status == 201, created
+    assert created["class"] == "interactive"
+    token_id = created["id"]
+    status, changed = await admin(gw, "PATCH", f"/admin/tokens/{token_id}", {"class": None})
+    assert (status, changed["class"]) == (200, "batch")  # none of its own: default_class
+    stored = await gw.runtime.store.get(str(token_id))
+    assert stored is not None and stored.service_class is None
+    status, refused = await admin(gw, "PATCH", f"/admin/tokens/{token_id}", {"class": "bulk"})
+    assert status == 400 and "class" in str(refused["error"]), refused
+    status, listed = await admin(gw, "GET", "/admin/tokens")
+    assert [t["class"] for t in listed["tokens"]] == ["batch"]  # type: ignore[index]

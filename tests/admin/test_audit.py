@@ -210,3 +210,33 @@ async def test_a_group_of_workers_records_the_group_listeners_peer(
         "deploy-bot",
         "127.0.0.1",
     )
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "sqlite"])
+async def test_a_class_change_is_recorded_with_the_class_set(
+    request: pytest.FixtureRequest, make_gateway: MakeGateway, tmp_path: Path, backend: str
+) -> None:
+    classes = {"classes": {"interactive": {"weight": 4}, "batch": {"pace": True}}}
+    if backend == "postgresql":
+        url = request.getfixturevalue("pg_session_url")
+        gw = await make_gateway(token_store=url, default_class="batch", **classes)
+    else:
+        state = f"sqlite:///{tmp_path}/state.db"
+        gw = await make_gateway(state=state, default_class="batch", **classes)
+    try:
+        body = {"name": "calls", "scopes": ["contacts:read"], "class": "interactive"}
+        status, made = await call(gw, "POST", "/admin/tokens", body)
+        assert status == 201, made
+        token_id = made["id"]
+        for change in ({"class": "batch"}, {"class": None, "weight": 2}):
+            status, changed = await call(gw, "PATCH", f"/admin/tokens/{token_id}", change)
+            assert status == 200, changed
+        status, log = await call(gw, "GET", f"/admin/audit?token_id={token_id}")
+        assert status == 200, log
+        second, first, create = log["entries"]
+        assert create["detail"]["class"] == "interactive"
+        assert first["detail"] == {"class": "batch"}
+        assert second["detail"] == {"class": None, "weight": 2}  # null: the default class
+    finally:
+        if backend == "postgresql":
+            await empty_tables(url)

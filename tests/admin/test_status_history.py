@@ -46,7 +46,7 @@ async def write_earlier_sends(path: Path, now: float) -> dict[int, int]:
     expected = {}
     try:
         for ago, n in EARLIER.items():
-            row: Row = (this_minute - 60 * ago + 10, n)
+            row: Row = (this_minute - 60 * ago + 10, n, "")
 
             def plan(rows: list[Row], line: Line, row: Row = row) -> Row:
                 return row

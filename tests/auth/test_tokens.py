@@ -260,6 +260,7 @@ def test_public_view_has_no_hash_and_iso_times() -> None:
         "expires_at": "2023-11-15T22:13:20Z",
         "revoked_at": None,
         "status": "active",
+        "class": None,
     }
     assert datetime.fromisoformat(str(view["created_at"])) == datetime.fromtimestamp(T0, tz=UTC)
 

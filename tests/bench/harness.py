@@ -78,6 +78,18 @@ from tests.bench.servers import HUGE_LIMITS, UNKNOWN_TOKEN, Gateway, Proc, Proce
 PATH = "/api/v1/contacts"
 SCOPE = "contacts:read"
 SPENT_LIMITS = [(1, 3600.0)]
+# The admitted path with classes of service (docs/budget.md): the bench token is in the
+# default class, which another class's reservation holds back from a part of each window.
+CLASSES: dict[str, Any] = {
+    "classes": {
+        "interactive": {
+            "weight": 4,
+            "reserve": [{"requests": n // 5, "per_seconds": t} for n, t in HUGE_LIMITS],
+        },
+        "batch": {},
+    },
+    "default_class": "batch",
+}
 
 SCENARIOS = (
     "admitted",
@@ -158,17 +170,20 @@ class Stack:
     pt_queue: Proc | None = None
     gw_cache: Gateway | None = None  # None: a baseline tree that knows no cache
     gw_cache_missing: Gateway | None = None
+    gw_classes: Gateway | None = None  # the main stack only: the admitted path with classes
     cache_token: str = ""
     cache_missing_token: str = ""
     token: str = ""
     spent_token: str = ""
     queue_token: str = ""
+    classes_token: str = ""
     # Traced gateways (--tracing) by variant name ("trace100"), and their tokens.
     traced: dict[str, Gateway] = field(default_factory=dict)
     traced_tokens: dict[str, str] = field(default_factory=dict)
 
     def gateways(self) -> list[Gateway]:
-        return [self.gw, self.gw_spent, *([self.gw_queue] if self.gw_queue else [])]
+        extra = [g for g in (self.gw_queue, self.gw_classes) if g is not None]
+        return [self.gw, self.gw_spent, *extra]
 
     def cache_gateways(self) -> list[Gateway]:
         return [g for g in (self.gw_cache, self.gw_cache_missing) if g is not None]
@@ -299,10 +314,18 @@ class Bench:
             waiting.append(self.ngx)
         await asyncio.gather(*(servers.wait_ready(self.session, p) for p in waiting))
         for stack in self.stacks:
-            stack.token, stack.spent_token, *queue = await asyncio.gather(
-                *(servers.create_token(self.session, g, SCOPE) for g in stack.gateways())
+            tokens = dict(
+                zip(
+                    map(id, stack.gateways()),
+                    await asyncio.gather(
+                        *(servers.create_token(self.session, g, SCOPE) for g in stack.gateways())
+                    ),
+                    strict=True,
+                )
             )
-            stack.queue_token = queue[0] if queue else ""
+            stack.token, stack.spent_token = tokens[id(stack.gw)], tokens[id(stack.gw_spent)]
+            stack.queue_token = tokens.get(id(stack.gw_queue), "")
+            stack.classes_token = tokens.get(id(stack.gw_classes), "")
             for variant, gw in stack.traced.items():
                 stack.traced_tokens[variant] = await servers.create_token(self.session, gw, SCOPE)
             if stack.gw_cache is not None and stack.gw_cache_missing is not None:
@@ -351,6 +374,10 @@ class Bench:
             )
             stack.gw_cache_missing = gateway(
                 f"gateway-cache-missing{sfx}", limits=HUGE_LIMITS, max_wait=10, cache=CACHE_MISSING
+            )
+        if not extra and source is None:
+            stack.gw_classes = gateway(
+                "gateway+classes", limits=HUGE_LIMITS, max_wait=10, classes=CLASSES
             )
         if opts.run_queued:
             windows, per = opts.drain
@@ -426,6 +453,10 @@ class Bench:
                     continue
             name, auth = f"gateway{stack.suffix}", self._auth(token)
             out.append(Target(name, gw.url + PATH, auth, want, gw.pid))
+            classed = stack.gw_classes
+            if classed is not None and scenario in ("admitted", "latency"):
+                auth = self._auth(stack.classes_token)
+                out.append(Target("gateway+classes", classed.url + PATH, auth, 200, classed.pid))
             if stack.pt is not None:
                 pt = stack.pt.url + PATH
                 name = f"passthrough{stack.suffix}"

@@ -384,9 +384,11 @@ def start_gateway(
     source: Path | None = None,
     cache: dict[str, Any] | None = None,
     tracing: dict[str, Any] | None = None,
+    classes: dict[str, Any] | None = None,
 ) -> Gateway:
     """The gateway of the throughput scenarios: state in a SQLite file, as ``serve`` keeps
-    it by default; ``cache``, ``tracing``: its sections of those names (none by default)."""
+    it by default; ``cache``, ``tracing``: its sections of those names (none by default);
+    ``classes``: ``classes`` and ``default_class`` to add to its config."""
     state = f"sqlite:///{procs.tmp / name}.db"
     # The queued scenario holds max_depth connections at once, all from 127.0.0.1. A
     # baseline tree is given the connection bounds and the auth section only if it knows them.
@@ -406,6 +408,7 @@ def start_gateway(
         raw["cache"] = cache
     if tracing is not None:
         raw["tracing"] = tracing
+    raw.update(classes or {})
     return launch_gateway(procs, name, raw, cpu, source=source)
 
 

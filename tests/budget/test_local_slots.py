@@ -17,6 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from proxy.budget.classes import ClassBook, ServiceClass
 from proxy.budget.local_slots import LocalSlots
 from proxy.budget.slots import Slot
 from proxy.budget.windows import CredentialBudget, Limit
@@ -372,3 +373,83 @@ async def test_two_processes_never_send_more_than_the_limit_in_any_window(
             assert len(inside) <= limit.requests
     finally:
         await files.close()
+
+
+async def test_with_classes_leases_fit_the_surplus_and_two_processes_keep_the_reserve(
+    tmp_path: Path,
+) -> None:
+    # Two processes on one file (serve --workers 2), classes of service: interactive holds
+    # 9,000 of the minute's 10,000. Batch's leases fit the 1,000 nobody holds, and whatever
+    # both processes send, interactive's reservation stays whole; a paced class takes no
+    # lease (one row per send).
+    limits = (Limit(10_000, 60),)
+    specs = [
+        ServiceClass("interactive", reserve=(Limit(9_000, 60),)),
+        ServiceClass("batch"),
+        ServiceClass("paced", pace=True, burst=50),
+    ]
+    logs = [await SqliteSendLog.open(tmp_path / "state.db") for _ in range(2)]
+    sources = [
+        LocalSlots(NAME, CredentialBudget(limits, GUARD), log, classes=ClassBook(
+            specs, limits, GUARD, "batch"))
+        for log in logs
+    ]  # fmt: skip
+    try:
+        got = [await sources[i % 2].take(T0, cls="batch") for i in range(2_000)]
+        assert sum(slot is not None for slot in got) == 1_000  # the surplus, not a slot more
+        sources[0].refreshed(T0 + 1)
+        assert sum(1 for s in (await take_class(sources[0], T0, "interactive", 9_500))) == 9_000
+        with sqlite3.connect(tmp_path / "state.db") as conn:
+            classes = dict(conn.execute("SELECT cls, SUM(n) FROM send_rows GROUP BY cls"))
+        assert classes["interactive"] == 9_000
+        assert classes.get("*", 0) + classes.get("batch", 0) == 1_000
+        later = T0 + 120  # every window empty again
+        assert len(await take_class(sources[1], later, "paced", 60)) == 50  # its burst
+        with sqlite3.connect(tmp_path / "state.db") as conn:
+            paced = conn.execute("SELECT n FROM send_rows WHERE cls = 'paced'").fetchall()
+        assert paced == [(1,)] * 50  # a row per send: no lease
+    finally:
+        for source in sources:
+            await source.close()
+        for log in logs:
+            await log.close()
+
+
+async def take_class(source: LocalSlots, now: float, cls: str, count: int) -> list[Slot]:
+    got = [await source.take(now, cls=cls) for _ in range(count)]
+    return [slot for slot in got if slot is not None]
+
+
+async def test_a_restart_rebuilds_each_class_from_the_log(tmp_path: Path) -> None:
+    # The send rows carry their class: a restarted process (a new LocalSlots on the same
+    # file) counts interactive's sends against its reservation, and batch's pace.
+    limits = (Limit(100, 60),)
+    specs = [
+        ServiceClass("interactive", reserve=(Limit(20, 60),)),
+        ServiceClass("batch", pace=True, burst=5),
+    ]
+    path = tmp_path / "state.db"
+
+    async def start() -> tuple[SqliteSendLog, LocalSlots]:
+        log = await SqliteSendLog.open(path)
+        book = ClassBook(specs, limits, GUARD, "batch")
+        source = LocalSlots(NAME, CredentialBudget(limits, GUARD), log, classes=book)
+        await source.restore(T0)
+        return log, source
+
+    log, source = await start()
+    assert len(await take_class(source, T0, "interactive", 3)) == 3
+    assert len(await take_class(source, T0, "batch", 10)) == 5  # its burst
+    await source.close()
+    await log.close()
+    log, source = await start()
+    try:
+        assert source.classes is not None
+        views = source.classes.views(T0, source.budget)
+        assert [v.used for v in views["interactive"]] == [3]
+        assert [v.free for v in views["batch"]] == [100 - 8 - 17]  # interactive's 17 held
+        assert await source.take(T0, cls="batch") is None  # its pace, rebuilt: spent
+        assert await source.take(T0 + 0.7, cls="batch") is not None  # 100/60 s refill
+    finally:
+        await source.close()
+        await log.close()

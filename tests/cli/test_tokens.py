@@ -108,13 +108,37 @@ def test_token_list_keeps_long_names_and_keys_in_their_columns(tmp_path: Path) -
     listed = run_cli("token", "list", "--config", gw.config, env=gw.env)
     assert listed.returncode == 0, listed.stderr
     header, *rows = listed.stdout.splitlines()
-    assert header.split() == ["ID", "NAME", "STATUS", "KEY", "SCOPES"]
+    assert header.split() == ["ID", "NAME", "STATUS", "KEY", "CLASS", "SCOPES"]
     (row,) = [r for r in rows if r.startswith(token_id)]
-    assert row.split() == [token_id, name, "active", "default", "contacts:read"]
+    assert row.split() == [token_id, name, "active", "default", "-", "contacts:read"]
     # The columns line up: every field starts where its header does.
-    for field in ("NAME", "STATUS", "KEY", "SCOPES"):
+    for field in ("NAME", "STATUS", "KEY", "CLASS", "SCOPES"):
         column = header.index(field)
         assert all(r[column - 1] == " " and r[column] != " " for r in rows), (field, rows)
+
+
+CLASSES = {
+    "classes": {
+        "interactive": {"weight": 4, "reserve": [{"requests": 20, "per_seconds": 60}]},
+        "batch": {"pace": True},
+    },
+    "default_class": "batch",
+}
+
+
+def test_token_create_takes_a_class_and_list_shows_every_tokens_class(tmp_path: Path) -> None:
+    gw = gateway_config(tmp_path, "http://127.0.0.1:9", **CLASSES)
+    fast = create_token(gw, "--name", "calls", "--scope", "contacts:read", "--class", "interactive")
+    plain = create_token(gw, "--name", "sync", "--scope", "contacts:read")
+    listed = run_cli("token", "list", "--json", "--config", gw.config, env=gw.env)
+    classes = {v["id"]: v["class"] for v in json.loads(listed.stdout)}
+    # A token created without --class belongs to default_class.
+    assert classes == {fast.split("_")[1]: "interactive", plain.split("_")[1]: "batch"}
+    unknown = run_cli(
+        "token", "create", "--config", gw.config, "--name", "x", "--scope", "contacts:read",
+        "--class", "bulk", env=gw.env,
+    )  # fmt: skip
+    assert_clean_error(unknown, 2, "class", "bulk", "interactive")
 
 
 def test_token_list_into_a_closed_pipe_ends_without_a_traceback(tmp_path: Path) -> None:

@@ -541,6 +541,9 @@ async def test_prometheus_scrapes_the_gateway_and_every_panel_has_data(
         queue={"max_wait_seconds": 2},
         # The cache's metrics exist: tags kept; contacts not shared (the load wants 429s).
         cache={"coalesce": False, "routes": {"/api/v1/tags": 60}},
+        # Every token in one class, so that the classes' row has data too.
+        classes={"standard": {}},
+        default_class="standard",
     )
     admin_port = gw.admin.port
     assert admin_port is not None

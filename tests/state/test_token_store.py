@@ -41,7 +41,7 @@ from proxy.state import (
     parse_state_url,
 )
 from proxy.state.redis.client import RedisClient
-from proxy.state.sqlite.connection import SCHEMA_VERSION, open_sqlite
+from proxy.state.sqlite.connection import SCHEMA_MIGRATIONS, SCHEMA_VERSION, open_sqlite
 from tests.state.pg_server import empty_tables
 
 BACKENDS = ["memory", "sqlite", "redis", "sentinel", "cluster", "postgresql"]
@@ -200,6 +200,22 @@ async def test_update_changes_only_what_it_names(store: TokenStore) -> None:
     assert await store.get(record(1).id) == expected
     partial = await store.update(record(1).id, hourly=50)
     assert partial == record(1, hourly=50, per_minute=7, weight=5, scopes=("*",), expires_at=None)
+
+
+async def test_a_token_keeps_its_class_and_one_without_stays_without(store: TokenStore) -> None:
+    # A record without a class (every token stored before classes existed) reads back
+    # without one: the config's default_class applies to it.
+    plain, batch = record(1), record(2, service_class="batch")
+    await store.put(plain)
+    await store.put(batch)
+    assert (await store.get(plain.id)) == plain
+    assert (await store.get(batch.id)) == batch
+    assert [r.service_class for r in await store.list()] == [None, "batch"]
+    moved = await store.update(batch.id, service_class="interactive")
+    assert moved == record(2, service_class="interactive")
+    cleared = await store.update(batch.id, service_class=None)
+    assert cleared == record(2)
+    assert await store.get(batch.id) == record(2)
 
 
 async def test_update_keeps_revocation_and_secret(store: TokenStore) -> None:
@@ -451,6 +467,57 @@ def test_open_sqlite_sets_pragmas(tmp_path: Path) -> None:
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
         assert conn.execute("PRAGMA synchronous").fetchone() == (1,)  # NORMAL
         assert conn.in_transaction is False
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("version", [4, 5])
+async def test_an_older_sqlite_file_gains_classes_and_keeps_its_tokens(
+    tmp_path: Path, version: int
+) -> None:
+    """Version 4 (before the audit log) and 5 (the audit log) files open: classes (6) are
+    added after them, every token read back in the default class and free to change."""
+    path = tmp_path / "state.db"
+    conn = sqlite3.connect(path)
+    for statements in SCHEMA_MIGRATIONS[:version]:
+        for statement in statements:
+            conn.execute(statement)
+    conn.execute(
+        "INSERT INTO tokens (id, name, secret_hash, scopes, upstream_key, hourly, per_minute,"
+        " weight, created_at, expires_at, revoked_at) VALUES"
+        " ('aaaaaaaaaaaa', 'old', ?, '[\"contacts:read\"]', 'default', NULL, NULL, 1, ?,"
+        " NULL, NULL)",
+        ("0" * 64, T0),
+    )
+    if version == 5:
+        conn.execute(
+            "INSERT INTO token_audit (at, action, token_id, actor, address, detail)"
+            " VALUES (?, 'token.create', 'aaaaaaaaaaaa', 'cli:ops', NULL, '{}')",
+            (T0,),
+        )
+    conn.execute(f"PRAGMA user_version = {version}")
+    conn.commit()
+    conn.close()
+    store = await SqliteTokenStore.open(path)
+    try:
+        old = await store.get("aaaaaaaaaaaa")
+        assert old is not None
+        assert (old.name, old.service_class) == ("old", None)
+        changed = await store.update("aaaaaaaaaaaa", service_class="batch")
+        assert changed is not None
+        assert changed.service_class == "batch"
+        assert await store.get("aaaaaaaaaaaa") == changed
+        kept = await store.entries(token_id="aaaaaaaaaaaa")
+        assert [e.actor for e in kept] == (["cli:ops"] if version == 5 else [])
+    finally:
+        await store.close()
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,) == (7,)
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(send_rows)")}
+        assert "cls" in columns
+        indexes = {row[1] for row in conn.execute("PRAGMA index_list(tokens)")}
+        assert "tokens_by_name" in indexes  # 7: the tokens of one name
     finally:
         conn.close()
 

@@ -33,6 +33,9 @@ local frozen = tonumber(redis.call('GET', frozen_key) or '0')
 if frozen > now then wait = frozen - now end
 local window_w, free = window_wait(sends, ext, windows, now)
 if window_w > wait then wait = window_w end
+-- Classes of service (classes.lua): held back by the others' reservations, the send does
+-- not go; the budget's own wait is what the replica is told (other classes may go now).
+local class_w = class_wait(sends, ext, windows, now, k, 12 + 2 * k)
 -- The line of replicas waiting for a free slot (proxy.budget.slots.Line): field = replica,
 -- value = 'served due'. Each replica served before this one and about to try gets a
 -- free slot first.
@@ -53,7 +56,7 @@ for j = 1, #raw, 2 do
 end
 local ok = 0
 local retry = now + wait
-if wait <= 0 then
+if wait <= 0 and class_w <= 0 then
   if free > ahead then
     redis.call('ZADD', sends, string.format('%.6f', now), member)
     redis.call('PEXPIRE', sends, math.ceil(horizon * 1000))

@@ -20,8 +20,9 @@ __all__ = ["PostgresTokenStore"]
 
 _COLUMNS = (
     "id, name, secret_hash, scopes, upstream_key, hourly, per_minute, weight,"
-    " created_at, expires_at, revoked_at"
+    " created_at, expires_at, revoked_at, service_class"
 )
+_FIELDS = _COLUMNS.count(",") + 1
 _SELECT = f"SELECT {_COLUMNS} FROM egw_tokens"  # noqa: S608 - fixed column names only
 _AUDIT_COLUMNS = "seq, at, action, token_id, actor, address, detail"
 _REVOKE_SET = "SET revoked_at = coalesce(revoked_at, $2) WHERE id = $1"
@@ -52,6 +53,7 @@ def _from_row(row: asyncpg.Record) -> TokenRecord:
         created_at=row["created_at"],
         expires_at=row["expires_at"],
         revoked_at=row["revoked_at"],
+        service_class=row["service_class"],
     )
 
 
@@ -68,6 +70,7 @@ def _to_args(record: TokenRecord) -> tuple[object, ...]:
         record.created_at,
         record.expires_at,
         record.revoked_at,
+        record.service_class,
     )
 
 
@@ -125,7 +128,7 @@ class PostgresTokenStore:
         return self._pool
 
     async def put(self, record: TokenRecord) -> None:
-        values = ", ".join(f"${n}" for n in range(1, 12))
+        values = ", ".join(f"${n}" for n in range(1, _FIELDS + 1))
         statement = f"INSERT INTO egw_tokens ({_COLUMNS}) VALUES ({values})"  # noqa: S608
         try:
             async with self._open_pool().acquire() as conn, conn.transaction():
@@ -139,7 +142,7 @@ class PostgresTokenStore:
         has its name: then the id of that token, and nothing stored. Atomic across
         replicas and the CLI: one transaction holding an advisory lock on the name (a
         unique index cannot say "not expired": ``now`` is not in a row)."""
-        values = ", ".join(f"${n}" for n in range(1, 12))
+        values = ", ".join(f"${n}" for n in range(1, _FIELDS + 1))
         statement = f"INSERT INTO egw_tokens ({_COLUMNS}) VALUES ({values})"  # noqa: S608
         try:
             async with self._open_pool().acquire() as conn, conn.transaction():
@@ -183,13 +186,14 @@ class PostgresTokenStore:
             updated = apply_changes(_from_row(row), changes)
             await conn.execute(
                 "UPDATE egw_tokens SET scopes = $2, hourly = $3, per_minute = $4, weight = $5,"
-                " expires_at = $6 WHERE id = $1",
+                " expires_at = $6, service_class = $7 WHERE id = $1",
                 token_id,
                 list(updated.scopes),
                 updated.hourly,
                 updated.per_minute,
                 updated.weight,
                 updated.expires_at,
+                updated.service_class,
             )
             await conn.execute(_NOTIFY, token_id)
             return updated

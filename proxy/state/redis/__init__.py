@@ -3,7 +3,8 @@
 its Lua in ``proxy/state/lua``).
 
 Keys, for credential (or token quota) ``c`` and prefix ``p`` (``redis.key_prefix``):
-``p{c}:sends`` (sorted set, score = Redis time of the send, member = ``replica:seq``),
+``p{c}:sends`` (sorted set, score = Redis time of the send, member = ``replica:seq``, or
+``replica:seq|class`` for a send of a class of service: ``proxy/state/lua/classes.lua``),
 ``p{c}:ext:{i}`` (external sends counted in window ``i``), ``p{c}:frozen`` (Redis time
 until which nothing may be sent), ``p{c}:epoch`` (set by the first reservation a Redis
 sees: another one means it lost its data) and ``p{c}:line`` (hash: the replicas waiting for

@@ -138,6 +138,13 @@ async def _run(what: str, step: Callable[[], Awaitable[Any]]) -> None:
 
 Step = tuple[str, Callable[[], Awaitable[Any]]]
 
+_PROBE_CLASSES: scripts.ClassTable = (
+    "probe",
+    (("probe", (0,)), ("other", (1,))),
+    {"probe": ((1, 1.0),)},
+)
+"""Two classes for the probe's one window: ``other`` holds a reservation, ``probe`` is paced."""
+
 
 def _budget_steps(client: RedisClient, prefix: str, probe: str) -> list[Step]:
     keys = scripts.BudgetKeys(prefix, probe, 1, tagged=scripts.hash_tagged(client))
@@ -155,6 +162,20 @@ def _budget_steps(client: RedisClient, prefix: str, probe: str) -> list[Step]:
         horizon=1.0,
         limits=limits,
     )
+    # The same step with classes of service (classes.lua): another class's reservation to
+    # respect, and this send's class paced, so every call of the class rules runs.
+    classed = scripts.reserve_args(
+        member="probe:3|probe",
+        waiting=False,
+        served=0.0,
+        cursor=0.0,
+        known_epoch="",
+        new_epoch="probe",
+        replica="probe",
+        guard=0.0,
+        horizon=1.0,
+        limits=limits,
+    ) + scripts.class_args("probe", _PROBE_CLASSES)
     observe = scripts.observe_args(used=0, span=1.0, requests=1, prefix="probe")
     freeze = scripts.freeze_args(seconds=0.001, channel=keys.freezes, replica="probe")
     horizon = PROBE_SECONDS * 1000
@@ -165,6 +186,7 @@ def _budget_steps(client: RedisClient, prefix: str, probe: str) -> list[Step]:
             "the reservation script (EVALSHA, SCRIPT LOAD)",
             lambda: run.reserve(keys.reserve, reserve),
         ),
+        ("the reservation script's class rules", lambda: run.reserve(keys.reserve, classed)),
         ("the snapshot script", lambda: run.snapshot(keys.snapshot, [1.0, "probe"])),
         ("the observation script", lambda: run.observe(keys.observe(0), observe)),
         ("the freeze script (PUBLISH)", lambda: run.freeze([keys.frozen], freeze)),

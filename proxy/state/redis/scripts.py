@@ -9,7 +9,7 @@ returns its values in that order.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from importlib.resources import files
 from typing import TYPE_CHECKING
 
@@ -27,7 +27,9 @@ __all__ = [
     "RESERVE_ARGV",
     "SNAPSHOT_ARGV",
     "BudgetKeys",
+    "ClassTable",
     "Scripts",
+    "class_args",
     "freeze_args",
     "hash_tagged",
     "lua",
@@ -40,12 +42,16 @@ __all__ = [
 
 def lua(name: str) -> str:
     """The text of ``proxy/state/lua/<name>.lua``; ``reserve`` is preceded by ``windows``
-    (the window rule it calls)."""
+    and ``classes`` (the window and class rules it calls)."""
     folder = files("proxy.state").joinpath("lua")
     text = folder.joinpath(f"{name}.lua").read_text(encoding="utf-8")
     if name == "reserve":
-        text = folder.joinpath("windows.lua").read_text(encoding="utf-8") + text
+        rules = [folder.joinpath(f"{r}.lua").read_text(encoding="utf-8") for r in _RULES]
+        text = "".join(rules) + text
     return text
+
+
+_RULES = ("windows", "classes")
 
 
 def hash_tagged(client: RedisClient) -> bool:
@@ -137,7 +143,8 @@ def reserve_args(
     8. ``guard``: seconds added to every window;
     9. ``horizon``: seconds a send is kept (longest window plus guard);
     10. ``grace``: LINE_GRACE, seconds;
-    11. ``k``: the number of windows; then, per window, its requests and its seconds.
+    11. ``k``: the number of windows; then, per window, its requests and its seconds;
+    then, with classes of service, :func:`class_args`.
 
     Times are formatted as Redis time is, to the microsecond."""
     args: list[str | float] = [
@@ -155,6 +162,33 @@ def reserve_args(
     ]
     for limit in limits:
         args += (limit.requests, limit.per_seconds)
+    return args
+
+
+ClassTable = tuple[
+    str, Sequence[tuple[str, Sequence[int]]], Mapping[str, Sequence[tuple[int, float]]]
+]
+"""The classes of service as reserve.lua's class rules take them: the default class (of a
+send whose member names none), per class its name and its reservation in each window (0
+where it holds none), and per paced class its bucket in each window (size, refill per
+second)."""
+
+
+def class_args(cls: str | None, table: ClassTable | None) -> list[str | float]:
+    """The ARGV that follow reserve.lua's windows for a send of class ``cls``
+    (classes.lua): the class, the default class, the number of classes, then per class its
+    name and its reservation in each window; then 1 if ``cls`` is paced (each window's
+    bucket size and refill per second follow), else 0. None for either: no class rule."""
+    if cls is None or table is None:
+        return []
+    default, reserves, paces = table
+    args: list[str | float] = [cls, default, len(reserves)]
+    for name, held in reserves:
+        args += (name, *held)
+    buckets = paces.get(cls, ())
+    args.append(1 if buckets else 0)
+    for size, rate in buckets:
+        args += (size, repr(rate))
     return args
 
 

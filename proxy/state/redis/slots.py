@@ -1,16 +1,15 @@
 """The upstream budget in Redis, shared by every replica (``state: redis://...``).
 
-A reservation is ONE Lua script per send (``proxy/state/lua/reserve.lua``) that reads
-Redis' own clock (``TIME``, so replica clocks do not matter), checks every rolling window
-(the sends of every replica plus the external sends echowin reported) and records the send
-only if all of them hold. Nothing is counted before it is checked, so a refused attempt
-never eats budget. Keys expire on their own and old members are trimmed on every
-reservation: memory stays bounded.
+A reservation is ONE Lua script per send (``proxy/state/lua/reserve.lua``) that reads Redis' own
+clock (``TIME``, so replica clocks do not matter), checks every rolling window (the sends of every
+replica plus the external sends echowin reported) and records the send only if all of them hold.
+Nothing is counted before it is checked, so a refused attempt never eats budget. Keys expire on
+their own and old members are trimmed on every reservation: memory stays bounded.
 
 Each replica keeps a journal of its own recent sends (``journal.py``); its link to Redis
-(``link.py``) runs the background: the health (alone while Redis is away, the journal
-replayed once it answers), the idle refresh and the freeze listener. The mirrored view
-(``view.py``) serves predictions. The keys are listed in ``proxy.state.redis``.
+(``link.py``) runs the background: the health (alone while Redis is away, the journal replayed once
+it answers), the idle refresh and the freeze listener. The mirrored view (``view.py``) serves
+predictions. The keys are listed in ``proxy.state.redis``.
 """
 
 from __future__ import annotations
@@ -37,8 +36,7 @@ from proxy.state.redis.view import SharedView
 
 __all__ = ["MIRROR_MAX_AGE", "QUOTA_IN_USE", "RedisSlots"]
 
-# Rebuild the shared view used for predictions at most this often, seconds.
-MIRROR_MAX_AGE = 0.1
+MIRROR_MAX_AGE = 0.1  # rebuild the shared view used for predictions at most this often, s
 # A token quota's view is kept VIEW_MAX_IDLE fresh only this long after this replica last
 # reserved from it (a credential's view: always); see RedisSlots(keep_view=...).
 QUOTA_IN_USE = 60.0
@@ -58,6 +56,7 @@ class RedisSlots:
 
     durable = True
     remembers_external = True  # the ext:{i} keys keep what echowin reported to any replica
+    class_table: scripts.ClassTable | None = None  # set by a lane with classes of service
 
     def __init__(
         self,
@@ -134,13 +133,15 @@ class RedisSlots:
 
     # --- reserving -------------------------------------------------------------------
 
-    async def take(self, now: float, waiting: bool = False, *, again: bool = True) -> Slot | None:
+    async def take(
+        self, now: float, waiting: bool = False, cls: str | None = None, *, again: bool = True
+    ) -> Slot | None:
         if not self.healthy:
             return self._take_alone(now)
         if now < self._hint_until and not (waiting and self._line_due < self._hint_until):
             return None  # no slot before the hint, and our place in line (if we wait) holds
         self._seq += 1
-        member = f"{self._replica}:{self._seq}"
+        member = f"{self._replica}:{self._seq}" + (f"|{cls}" if cls else "")
         args = scripts.reserve_args(
             member=member,
             waiting=waiting,
@@ -152,7 +153,7 @@ class RedisSlots:
             guard=self._guard,
             horizon=self._horizon,
             limits=self._limits,
-        )
+        ) + scripts.class_args(cls, self.class_table)
         call = asyncio.ensure_future(
             self._call("reserve", self._scripts.reserve, self._keys.reserve, args)
         )
@@ -182,7 +183,7 @@ class RedisSlots:
         if ok < 0:  # Redis lost the shared state: put back what we know, then ask again
             if not await self._refill(reply_text(reply[4])):
                 return self._take_alone(self._clock())
-            if not again:
+            if not again or "|" in member:  # a class's send: asked again by the lane
                 return None
             # The refill took round trips: a send is placed at the time it is reserved.
             return await self.take(self._clock(), waiting, again=False)

@@ -50,7 +50,7 @@ N concurrent writers of one key need at most N attempts; hitting this bound rais
 
 _INT_FIELDS = frozenset({"hourly", "per_minute", "weight"})
 _FLOAT_FIELDS = frozenset({"created_at", "expires_at", "revoked_at"})
-_STR_FIELDS = frozenset({"id", "name", "secret_hash", "upstream_key"})
+_STR_FIELDS = frozenset({"id", "name", "secret_hash", "upstream_key", "service_class"})
 
 
 def _encode(record: TokenRecord) -> dict[str, str]:

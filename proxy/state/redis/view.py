@@ -8,7 +8,7 @@ reported, as of the last answer from Redis. Pure bookkeeping: the caller talks t
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from proxy.budget.windows import CredentialBudget, Limit
 
@@ -27,7 +27,17 @@ class SharedView:
     ``read_at``: local time the mirror was last rebuilt from a snapshot; ``seen_at``: local
     time of the last answer from Redis (the view's age)."""
 
-    __slots__ = ("budget", "cursor", "known", "known_max", "offset", "read_at", "seen_at")
+    __slots__ = (
+        "budget",
+        "cursor",
+        "known",
+        "known_max",
+        "offset",
+        "on_learn",
+        "on_rebuild",
+        "read_at",
+        "seen_at",
+    )
 
     def __init__(self, limits: Sequence[Limit], guard: float) -> None:
         self.known: dict[bytes, float] = {}
@@ -35,6 +45,10 @@ class SharedView:
         self.offset = 0.0
         self.read_at = -math.inf
         self.seen_at = -math.inf
+        # Told of every send the mirror learns (member, local time), and of the whole of
+        # it when rebuilt: the classes of service follow the shared sends this way.
+        self.on_learn: Callable[[bytes, float], None] | None = None
+        self.on_rebuild: Callable[[dict[bytes, float], float], None] | None = None
         self.relimit(limits, guard)
 
     def relimit(self, limits: Sequence[Limit], guard: float) -> None:
@@ -57,6 +71,8 @@ class SharedView:
                 at = known[fresh[i]] = score - self.offset
                 self.budget.record(at)
                 learnt += 1
+                if self.on_learn is not None:
+                    self.on_learn(fresh[i], at)
             if fresh[i] == member:
                 mine = at
             self.cursor = max(self.cursor, score)
@@ -90,3 +106,5 @@ class SharedView:
             mirror.freeze(local)
         self.budget, self.read_at, self.offset = mirror, now, offset
         self.seen_at = now
+        if self.on_rebuild is not None:
+            self.on_rebuild(known, now)

@@ -104,7 +104,13 @@ SCHEMA_MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX token_audit_by_token ON token_audit (token_id, seq)",
     ),
-    # 5 -> 6: the tokens of one name (the check that no two active tokens share a name).
+    # 5 -> 6: classes of service (SPEC §5): a token's class (NULL: the default class) and
+    # the class of each send row ('' before classes; a give-back or freeze row: its own).
+    (
+        "ALTER TABLE tokens ADD COLUMN service_class TEXT",
+        "ALTER TABLE send_rows ADD COLUMN cls TEXT NOT NULL DEFAULT ''",
+    ),
+    # 6 -> 7: the tokens of one name (the check that no two active tokens share a name).
     ("CREATE INDEX tokens_by_name ON tokens (name, created_at, id)",),
 )
 """Entry ``i`` takes the schema from ``PRAGMA user_version`` ``i`` to ``i + 1``. Only append."""

@@ -41,12 +41,15 @@ class SqliteSendLog(Connection):
 
     def _new_rows(self, conn: sqlite3.Connection, credential: str) -> builtins.list[Row]:
         rows = conn.execute(
-            "SELECT id, at, n, owner FROM send_rows WHERE credential = ? AND id > ? ORDER BY id",
+            "SELECT id, at, n, owner, cls FROM send_rows WHERE credential = ? AND id > ?"
+            " ORDER BY id",
             (credential, self._cursor.get(credential, self._start)),
         ).fetchall()
         if rows:
             self._cursor[credential] = int(rows[-1][0])
-        return [(float(at), int(n)) for _, at, n, owner in rows if owner != self.owner]
+        return [
+            (float(at), int(n), str(cls)) for _, at, n, owner, cls in rows if owner != self.owner
+        ]
 
     def reserve(
         self,
@@ -68,8 +71,8 @@ class SqliteSendLog(Connection):
             writes = [r for r in (returned, row) if r is not None]
             if writes:
                 conn.executemany(
-                    "INSERT INTO send_rows (credential, at, n, owner) VALUES (?, ?, ?, ?)",
-                    [(credential, at, n, self.owner) for at, n in writes],
+                    "INSERT INTO send_rows (credential, at, n, owner, cls) VALUES (?, ?, ?, ?, ?)",
+                    [(credential, at, n, self.owner, cls) for at, n, cls in writes],
                 )
             if line.mine is None and mine is not None:
                 conn.execute(
@@ -88,11 +91,11 @@ class SqliteSendLog(Connection):
         with self._lock:
             return self._new_rows(self._conn, credential)
 
-    async def give_back(self, credential: str, at: float, n: int) -> None:
+    async def give_back(self, credential: str, at: float, n: int, cls: str = "") -> None:
         await self._run(
             lambda c: c.execute(
-                "INSERT INTO send_rows (credential, at, n, owner) VALUES (?, ?, ?, ?)",
-                (credential, at, -n, self.owner),
+                "INSERT INTO send_rows (credential, at, n, owner, cls) VALUES (?, ?, ?, ?, ?)",
+                (credential, at, -n, self.owner, cls),
             )
         )
 
@@ -129,6 +132,18 @@ class SqliteSendLog(Connection):
         net, last = await self._run(read)
         self._cursor[credential] = max(last, self._cursor.get(credential, self._start))
         return [at for at, n in net for _ in range(max(n, 0))]
+
+    async def recent_classes(
+        self, credential: str, since: float
+    ) -> builtins.list[tuple[float, str]]:
+        net = await self._run(
+            lambda c: c.execute(
+                "SELECT at, cls, SUM(n) FROM send_rows WHERE credential = ? AND at > ?"
+                " AND cls != '' GROUP BY at, cls ORDER BY at",
+                (credential, since),
+            ).fetchall()
+        )
+        return [(float(at), str(cls)) for at, cls, n in net for _ in range(max(int(n), 0))]
 
     async def prune(self, before: float) -> None:
         def delete(conn: sqlite3.Connection) -> None:

@@ -15,7 +15,13 @@ __all__ = ["SqliteTokenStore"]
 
 _SELECT = (
     "SELECT id, name, secret_hash, scopes, upstream_key, hourly, per_minute, weight,"
-    " created_at, expires_at, revoked_at FROM tokens"
+    " created_at, expires_at, revoked_at, service_class FROM tokens"
+)
+
+_INSERT = (
+    "INSERT INTO tokens (id, name, secret_hash, scopes, upstream_key, hourly, per_minute,"
+    " weight, created_at, expires_at, revoked_at, service_class)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 
@@ -32,13 +38,14 @@ def _to_row(record: TokenRecord) -> tuple[object, ...]:
         record.created_at,
         record.expires_at,
         record.revoked_at,
+        record.service_class,
     )
 
 
 def _from_row(row: tuple[Any, ...]) -> TokenRecord:
     """Rebuild a record; TokenRecord's own checks reject a corrupt or tampered row."""
     (id_, name, secret_hash, scopes, upstream_key, hourly, per_minute, weight, *times) = row
-    created_at, expires_at, revoked_at = times
+    created_at, expires_at, revoked_at, service_class = times
     return TokenRecord(
         id=id_,
         name=name,
@@ -51,6 +58,7 @@ def _from_row(row: tuple[Any, ...]) -> TokenRecord:
         created_at=created_at,
         expires_at=expires_at,
         revoked_at=revoked_at,
+        service_class=service_class,
     )
 
 
@@ -61,7 +69,7 @@ def _get(conn: sqlite3.Connection, token_id: str) -> TokenRecord | None:
 
 def _put(conn: sqlite3.Connection, record: TokenRecord) -> None:
     try:
-        conn.execute("INSERT INTO tokens VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", _to_row(record))
+        conn.execute(_INSERT, _to_row(record))
     except sqlite3.IntegrityError:
         raise ValueError(f"token id {record.id!r} already exists") from None
 
@@ -103,14 +111,15 @@ def _update(conn: sqlite3.Connection, token_id: str, changes: TokenChanges) -> T
             return None
         updated = apply_changes(record, changes)
         conn.execute(
-            "UPDATE tokens SET scopes = ?, hourly = ?, per_minute = ?, weight = ?, expires_at = ?"
-            " WHERE id = ?",
+            "UPDATE tokens SET scopes = ?, hourly = ?, per_minute = ?, weight = ?, expires_at = ?,"
+            " service_class = ? WHERE id = ?",
             (
                 json.dumps(list(updated.scopes)),
                 updated.hourly,
                 updated.per_minute,
                 updated.weight,
                 updated.expires_at,
+                updated.service_class,
                 token_id,
             ),
         )

@@ -93,6 +93,58 @@ async def test_a_database_at_an_older_version_is_brought_up_to_date() -> None:
         assert await _versions(url) == list(range(1, SCHEMA_VERSION + 1))
 
 
+async def test_tokens_of_schema_2_gain_a_class_column_and_keep_their_values() -> None:
+    """Schema 3 adds ``service_class``: a token stored before it reads back in the default
+    class (None), and its class can then be set."""
+    async with scratch_database() as url:
+        conn = await asyncpg.connect(url, timeout=5)
+        old = record(1)
+        try:  # as a gateway of schema 2 left it
+            await conn.execute(
+                "CREATE TABLE egw_schema_version (version integer PRIMARY KEY,"
+                " applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            for version, statements in enumerate(MIGRATIONS[:2], start=1):
+                for statement in statements:
+                    await conn.execute(statement)
+                await conn.execute("INSERT INTO egw_schema_version (version) VALUES ($1)", version)
+            await conn.execute(
+                "INSERT INTO egw_tokens (id, name, secret_hash, scopes, upstream_key, hourly,"
+                " per_minute, weight, created_at, expires_at, revoked_at)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+                old.id,
+                old.name,
+                old.secret_hash,
+                list(old.scopes),
+                old.upstream_key,
+                old.hourly,
+                old.per_minute,
+                old.weight,
+                old.created_at,
+                old.expires_at,
+                old.revoked_at,
+            )
+        finally:
+            await conn.close()
+        store = await open_token_store(url)
+        try:
+            assert await store.get(old.id) == old
+            assert old.service_class is None
+            changed = await store.update(old.id, service_class="batch")
+            assert changed is not None
+            assert (await store.get(old.id)) == changed
+            assert changed.service_class == "batch"
+        finally:
+            await store.close()
+        assert await _versions(url) == list(range(1, SCHEMA_VERSION + 1)) == [1, 2, 3, 4]
+        conn = await asyncpg.connect(url, timeout=5)
+        try:  # 4: the tokens of one name
+            query = "SELECT indexname FROM pg_indexes WHERE tablename = 'egw_tokens'"
+            assert "egw_tokens_by_name" in {row["indexname"] for row in await conn.fetch(query)}
+        finally:
+            await conn.close()
+
+
 async def test_a_newer_schema_is_refused() -> None:
     async with scratch_database() as url:
         store = await open_token_store(url)

@@ -19,8 +19,10 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
+from proxy.budget.classes import ClassBook, ServiceClass
 from proxy.budget.slots import StateUnavailable
 from proxy.budget.windows import Limit
+from proxy.state.redis.class_view import class_of_member, follow_classes
 from proxy.state.redis.fallback import PROBE_INTERVAL
 from proxy.state.redis.slots import RedisSlots
 from tests.procs import eventually, free_ports
@@ -75,6 +77,55 @@ async def test_give_back_frees_the_slot(client: Redis, prefix: str) -> None:
     await asyncio.gather(*a._link.tasks)
     assert await client.zcard(f"{prefix}default:sends") == 2
     assert await a.take(now) is not None
+
+
+async def test_the_reserve_rule_is_checked_in_the_reservation_across_replicas(
+    client: Redis, prefix: str
+) -> None:
+    # interactive holds 2 of the 5 per 10 s; replicas that keep no class view of their
+    # own (RedisSlots alone, no lane): only reserve.lua can hold the line.
+    table: Any = ("batch", [("interactive", [2]), ("batch", [0])], {})
+    options: dict[str, Any] = {"replicas": 2, "mode": "local"}
+    a, b = (RedisSlots("default", client, prefix, [Limit(5, 10.0)], 0.0, **options) for _ in "ab")
+    a.class_table = b.class_table = table
+    now = time.time()
+    for replica in (a, b, a):
+        assert await replica.take(now, cls="batch") is not None
+    # 3 of 5 sent: what is free (2) no longer exceeds interactive's unused 2.
+    assert await b.take(now, cls="batch") is None
+    assert b.retry_in(now) == 0  # held back by a class, not the budget: others may go
+    assert await b.take(now, cls="interactive") is not None
+    assert await a.take(now, cls="interactive") is not None
+    assert await a.take(now, cls="interactive") is None  # the window is full
+    # Pace in the same step: a bucket of 2 that refills once a minute, across replicas.
+    paced: Any = ("batch", [("batch", [0])], {"batch": [(2, 1 / 60)]})
+    c, d = (RedisSlots("paced", client, prefix, [Limit(50, 10.0)], 0.0, **options) for _ in "cd")
+    c.class_table = d.class_table = paced
+    assert await c.take(now, cls="batch") is not None
+    assert await d.take(now, cls="batch") is not None
+    assert await c.take(now, cls="batch") is None  # the budget has 48 more; the pace none
+    assert await d.take(now) is not None  # a send of no class: no pace to keep
+    members = [m.decode() for m in await client.zrange(f"{prefix}default:sends", 0, -1)]
+    assert sorted(m.rpartition("|")[2] for m in members) == ["batch"] * 3 + ["interactive"] * 2
+
+
+async def test_each_replicas_classes_follow_every_replicas_sends(
+    client: Redis, prefix: str
+) -> None:
+    specs = [ServiceClass("interactive", reserve=(Limit(2, 10.0),)), ServiceClass("batch")]
+    a, b = slots(client, prefix), slots(client, prefix)
+    books = [ClassBook(specs, LIMITS, 0.0, "batch") for _ in "ab"]
+    follow_classes(a, books[0])
+    follow_classes(b, books[1])
+    now = time.time()
+    assert await a.take(now, cls="interactive") is not None
+    assert await b.take(now, cls="batch") is not None  # its reply brings a's send along
+    await a.refresh(now)  # a snapshot: the whole picture again
+    for book, source in zip(books, (a, b), strict=True):
+        views = book.views(now, source.budget)
+        assert (views["interactive"][0].used, views["batch"][0].used) == (1, 1)
+    assert class_of_member(b"abc:1|interactive") == "interactive"
+    assert class_of_member(b"abc:2") is None
 
 
 async def test_external_use_and_freeze_reach_every_replica(client: Redis, prefix: str) -> None:
