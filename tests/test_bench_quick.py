@@ -269,3 +269,18 @@ def test_outage_bench_quick_mode_runs() -> None:
         assert entry["upstream_429s"] == 0, entry
         assert entry["ideal_sends"] > 0 and len(entry["admitted_per_replica"]) == 2
     assert "first_admit_seconds" in result["rounds"][1]
+
+
+def test_token_create_quick_mode_measures_every_backend() -> None:
+    # tests/bench/token_create.py: a store filled with tokens, then creates through
+    # create_token on memory, SQLite and a private Redis; the figures are not judged.
+    cmd = [sys.executable, "-m", "tests.bench.token_create", "--quick"]
+    run = subprocess.run(
+        cmd, cwd=REPO, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    result = json.loads(run.stdout)
+    assert set(result) == {"memory", "sqlite", "redis"}
+    for backend, entry in result.items():
+        assert (entry["tokens_before"], entry["creates"]) == (200, 20), backend
+        assert 0 < entry["create_ms_median"] <= entry["create_ms_p90"], backend

@@ -52,7 +52,8 @@ def check_scopes(scopes: Iterable[str], routes: RouteTable) -> None:
 @runtime_checkable
 class UniqueNames(Protocol):
     """A token store that stores a token only if no active one has its name, in one
-    atomic step (PostgreSQL's: replicas and the CLI may create tokens at once)."""
+    atomic step (SQLite's, PostgreSQL's and Redis': replicas and the CLI may create tokens
+    at once)."""
 
     async def put_unique_name(self, record: TokenRecord, now: float) -> str | None: ...
 
@@ -68,8 +69,8 @@ async def check_name_free(store: TokenStore, name: str, now: float) -> None:
     """NameTaken when an active token is called ``name``: metrics and logs label by name,
     so two active tokens of one name would be counted as one service. A revoked or
     expired token's name may be taken again (its new owner is told apart by the id)."""
-    for record in await store.list():
-        if record.name == name and record.status(now) == "active":
+    for record in await store.by_name(name):  # indexed: not every token there is
+        if record.status(now) == "active":
             raise _name_taken(name, record.id)
 
 

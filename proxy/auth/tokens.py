@@ -286,7 +286,8 @@ def apply_changes(record: TokenRecord, changes: TokenChanges) -> TokenRecord:
 
 
 class TokenStore(Protocol):
-    """Where token records live. Backends: ``proxy.state`` (memory, sqlite), picked by URL.
+    """Where token records live. Backends: ``proxy.state`` (memory, sqlite, redis,
+    postgresql), picked by URL.
 
     Every method is atomic on its own. Implementations must pass tests/state/test_token_store.py.
     """
@@ -299,6 +300,10 @@ class TokenStore(Protocol):
 
     async def list(self) -> builtins.list[TokenRecord]:
         """Every record, revoked and expired ones included, ordered by ``created_at`` then id."""
+
+    async def by_name(self, name: str) -> builtins.list[TokenRecord]:
+        """The records called ``name``, revoked and expired ones included, ordered as ``list``.
+        Indexed: its cost follows the tokens of that name, not all the tokens there are."""
 
     async def revoke(self, token_id: str, now: float) -> TokenRecord | None:
         """Set ``revoked_at = now`` unless already set (the first revocation time is kept).

@@ -2,8 +2,8 @@
 
 echowin has no reason to send its key back, but a debug page, an error that prints the
 request, a redirect that carries it in a query string or an HTML template would, and each
-writes it its own way. :class:`KeyWatch` is one compiled pattern per key that finds it in
-one pass over the bytes, in any of these forms:
+writes it its own way. :class:`KeyWatch` finds a key in one pass over the bytes, in any of
+these forms:
 
 - verbatim, in any letter case;
 - each character independently as itself, ``%XX`` (or ``%25XX``, a percent-encoded
@@ -14,6 +14,14 @@ one pass over the bytes, in any of these forms:
 - base64 and base64url at each of the three alignments a key can have inside a longer
   encoded text (only the characters that depend on the key's bits alone);
 - UTF-16 LE and BE, any letter case; lowercase or uppercase hex of the key's bytes.
+
+Each key has two patterns. The *sieve*, kept for as long as the key, reads each character
+of the key as itself or as any escape (a ``%``, ``\\`` or ``&`` and what may follow one):
+a pattern every form above also matches, about a fifth of the exact one's memory, and
+what every answer is searched with. Only when it matches (a key, or a run of escapes as
+long as a key) is the *exact* pattern searched, compiled on demand and kept for the
+``EXACT_KEPT`` keys that needed it last. A key's watch took about 165 KB (500 keys: 83 MB)
+with the exact pattern kept; with the sieve, about 55 KB (28 MB).
 
 Every match becomes as many ``*`` (the length stays, so ``Content-Length`` holds). A
 stream is searched with the last :attr:`KeyWatch.keep` bytes held back, so a form split
@@ -56,6 +64,15 @@ _JSON_SHORT = {"/": "\\/", '"': '\\"', "\\": "\\\\"}
 
 
 _NOWHERE = (-1, -1)
+# What may follow the first character of an escape (``%``, ``\`` or ``&``) in any spelling
+# of a character (_char_form): hex and decimal digits, ``%25XX`` and ``%XX%XX``, ``\uXXXX``
+# (several for a character beyond the BMP), ``&#``/``&#x`` entities and their ``;``, the
+# letters, digits and ``;`` of HTML entity names, JSON's ``\/``, ``\"`` and ``\\``.
+# tests/gateway/test_keywatch.py checks that every entity name is covered.
+_ESCAPE = r'[%\\&][#%0-9A-Za-z;/"\\]+'
+EXACT_KEPT = 64
+"""Exact patterns kept compiled, for the keys whose answers needed one last (an answer
+matches a key's sieve only when it holds the key, or a run of escapes as long as it)."""
 
 
 class _Spans(Protocol):
@@ -97,9 +114,11 @@ def _entity_names() -> dict[str, list[str]]:
 _ENTITIES = _entity_names()
 
 
+@functools.lru_cache(maxsize=512)
 def _char_form(char: str) -> tuple[str, int]:
     """The pattern for one character of the key written any way a caller can undo, and the
-    longest text it matches. Read case-insensitively: a letter stands for both cases."""
+    longest text it matches. Read case-insensitively: a letter stands for both cases.
+    Kept for the characters seen (a watch and its exact pattern both need them)."""
     spellings: dict[str, int] = {_literal(char.encode()): len(char.encode())}
     codes = {ord(char), ord(char.swapcase())} if char.isascii() and char.isalpha() else {ord(char)}
     for code in sorted(codes):
@@ -140,28 +159,24 @@ def _literal(data: bytes) -> str:
 
 
 class KeyWatch:
-    """Finds and masks every form of one key (see the module's docstring) in one pass.
+    """Finds and masks every form of one key (see the module's docstring) in one pass of
+    its sieve, and of the exact pattern only where the sieve matched.
 
-    Built once per key (a credential's, at start and on reload): compiling costs about a
-    millisecond. Its repr names no key, and it cannot be pickled.
+    Built once per key (a credential's, on its first answer and after a reload that
+    changes it): a millisecond or two. Its repr names no key, and it cannot be pickled.
     """
 
-    __slots__ = ("_search", "keep", "shortest")
+    __slots__ = ("_key", "_sieve", "keep", "shortest")
 
     def __init__(self, key: str) -> None:
         forms = [_char_form(c) for c in key]
-        utf16le, utf16be = key.encode("utf-16-le"), key.encode("utf-16-be")
         data = key.encode()
         runs = list(_base64_runs(data))
-        alternatives = [
-            "(?i:" + "".join(pattern for pattern, _ in forms) + ")",
-            f"(?i:{_literal(utf16le)})",
-            f"(?i:{_literal(utf16be)})",
-            f"(?i:{data.hex()})",
-            *(pattern for pattern, _ in runs),
-        ]
-        self._search = _compiled("|".join(alternatives))
-        longest = max(sum(n for _, n in forms), len(utf16le), 2 * len(data), 4 + 4 * len(data) // 3)
+        self._key = key
+        sieve = "".join(f"(?:{_literal(c.encode())}|{_ESCAPE})" for c in key)
+        self._sieve = _compiled(_pattern(sieve, key))
+        utf16 = len(key.encode("utf-16-le"))
+        longest = max(sum(n for _, n in forms), utf16, 2 * len(data), 4 + 4 * len(data) // 3)
         # A stream holds back this many bytes: no match is longer than keep + 1, so one
         # that starts before them lies wholly in what has been read.
         self.keep = longest - 1
@@ -176,17 +191,20 @@ class KeyWatch:
         raise TypeError("a KeyWatch cannot be pickled")
 
     def found(self, data: bytes | str) -> bool:
-        """Whether any form of the key is in ``data`` (a str is read as UTF-8)."""
+        """Whether any form of the key is in ``data`` (a str is read as UTF-8): the sieve,
+        then (rarely) the exact pattern."""
         if isinstance(data, str):
             data = data.encode("utf-8", "surrogateescape")
         end = len(data)
-        return end >= self.shortest and self._search(data, 0, end)[0] != _NOWHERE
+        if end < self.shortest or self._sieve(data, 0, end)[0] == _NOWHERE:
+            return False
+        return _exact(self._key)(data, 0, end)[0] != _NOWHERE
 
     def spans(self, data: bytes) -> list[tuple[int, int]]:
         """Where forms of the key lie in ``data``, ``(start, end)`` in order; overlapping
         copies are all found (each search starts one byte after the last match began)."""
         found: list[tuple[int, int]] = []
-        search, end = self._search, len(data)
+        search, end = _exact(self._key), len(data)
         span = search(data, 0, end)[0]
         while span != _NOWHERE:
             found.append(span)
@@ -203,6 +221,26 @@ class KeyWatch:
         for start, end in spans:
             out[start:end] = b"*" * (end - start)
         return bytes(out), len(spans)
+
+
+def _pattern(chars: str, key: str) -> str:
+    """The whole pattern of ``key``, ``chars`` its characters' part (exact or sieve)."""
+    data = key.encode()
+    alternatives = [
+        f"(?i:{chars})",
+        f"(?i:{_literal(key.encode('utf-16-le'))})",
+        f"(?i:{_literal(key.encode('utf-16-be'))})",
+        f"(?i:{data.hex()})",
+        *(pattern for pattern, _ in _base64_runs(data)),
+    ]
+    return "|".join(alternatives)
+
+
+@functools.lru_cache(maxsize=EXACT_KEPT)
+def _exact(key: str) -> _Spans:
+    """The exact pattern of ``key`` (every form in the module's docstring, nothing else),
+    compiled (about a millisecond) when an answer matched its sieve."""
+    return _compiled(_pattern("".join(pattern for pattern, _ in map(_char_form, key)), key))
 
 
 class Watches:

@@ -36,6 +36,7 @@ class MemoryTokenStore:
 
     def __init__(self) -> None:
         self._records: dict[str, TokenRecord] = {}
+        self._by_name: dict[str, builtins.list[str]] = {}  # name -> ids (names never change)
         self._audit: deque[AuditEntry] = deque(maxlen=self.AUDIT_KEPT)
         self._seq = itertools.count(1)
         self._closed = False
@@ -50,12 +51,18 @@ class MemoryTokenStore:
         if record.id in records:
             raise ValueError(f"token id {record.id!r} already exists")
         records[record.id] = record
+        self._by_name.setdefault(record.name, []).append(record.id)
 
     async def get(self, token_id: str) -> TokenRecord | None:
         return self._open_records().get(token_id)
 
     async def list(self) -> builtins.list[TokenRecord]:
         return sorted(self._open_records().values(), key=lambda r: (r.created_at, r.id))
+
+    async def by_name(self, name: str) -> builtins.list[TokenRecord]:
+        records = self._open_records()
+        named = (records[token_id] for token_id in self._by_name.get(name, ()))
+        return sorted(named, key=lambda r: (r.created_at, r.id))
 
     async def revoke(self, token_id: str, now: float) -> TokenRecord | None:
         records = self._open_records()

@@ -11,6 +11,7 @@ import gzip
 import html
 import json
 import pickle
+import re
 import urllib.parse
 import zlib
 
@@ -18,6 +19,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from proxy.gateway import keywatch
 from proxy.gateway.keywatch import Inflated, KeyWatch, Unreadable, decoded, leaking_fields
 from tests.conftest import AGENCY_KEY, TEAM_KEY
 
@@ -256,3 +258,64 @@ def test_a_credential_keeps_its_watch_until_its_key_changes() -> None:
     watches.of("third", TEAM_KEY)  # past the bound (2): the oldest name, default, goes
     assert watches.of("acme", TEAM_KEY) is acme
     assert watches.of("default", AGENCY_KEY) is not rotated
+
+
+def _spellings(c: str) -> list[str]:
+    """One character of a key in each way a caller could undo, by the standard library's
+    own encoders (json.dumps gives JSON's short escapes and surrogate pairs). Letter case
+    is changed for ASCII letters only, as the watch reads it."""
+    raw = c.encode()
+    out = [c, c.swapcase() if c.isascii() else c]
+    out += ["".join(f"%{b:02X}" for b in raw), "".join(f"%25{b:02x}" for b in raw)]
+    out += [json.dumps(c)[1:-1], f"\\u{ord(c):04X}" if ord(c) < 0x10000 else ""]
+    out += [f"&#{ord(c)};", f"&#0000{ord(c)}", f"&#x{ord(c):X};", f"&#X00{ord(c):x}"]
+    out += ["&" + n for n, t in html.entities.html5.items() if t == c]
+    return [s for s in out if s]
+
+
+SPELT_KEY = 'ew_live_9fQ2/x+Tz=\u00e9\U0001f511"K'
+
+
+@settings(max_examples=200, deadline=None)
+@given(picks=st.lists(st.integers(0, 1000), min_size=len(SPELT_KEY), max_size=len(SPELT_KEY)))
+def test_each_character_spelt_its_own_way_is_found(picks: list[int]) -> None:
+    """Every mix of spellings, character by character: what the sieve (searched first on
+    every answer) must let through to the exact pattern, which finds and masks it."""
+    form = "".join(
+        (s := _spellings(c))[pick % len(s)] for c, pick in zip(SPELT_KEY, picks, strict=True)
+    ).encode()
+    masked, count = KeyWatch(SPELT_KEY).masked(b"<p>" + form + b"</p>")
+    assert count >= 1
+    assert masked == b"<p>" + b"*" * len(form) + b"</p>"
+
+
+def test_the_sieve_lets_every_escape_of_every_character_through() -> None:
+    """Each spelling of a character that starts with an escape is one run of the sieve's
+    escape pattern: every HTML entity name, and each encoding of a sample of characters."""
+    escape = re.compile(keywatch._ESCAPE)
+    for name, text in html.entities.html5.items():
+        if len(text) == 1:
+            assert escape.fullmatch("&" + name), name
+    for c in 'aZ09_-/+="\\\u00e9\u20ac\U0001f511':
+        for spelt in _spellings(c):
+            assert spelt in (c, c.swapcase()) or escape.fullmatch(spelt), (c, spelt)
+
+
+def test_ordinary_answers_compile_no_exact_pattern_and_few_are_kept() -> None:
+    """The bound: 200 keys' watches search ordinary answers with their sieves alone; the
+    answers that hold a key compile its exact pattern, and at most EXACT_KEPT are kept,
+    while a key whose pattern was dropped is still found and masked."""
+    keywatch._exact.cache_clear()
+    keys = [f"subteam-{i:04d}-9c8b7a6f5e4d3c2b1a09" for i in range(200)]
+    watches = [KeyWatch(key) for key in keys]
+    body = json.dumps(
+        {"data": [{"id": i, "note": "50% off \\u00e9 &amp; caf\u00e9"} for i in range(40)]}
+    )
+    for watch in watches:
+        assert watch.masked(body.encode()) == (body.encode(), 0)
+    assert keywatch._exact.cache_info().currsize == 0
+    for key, watch in zip(keys, watches, strict=True):
+        masked, count = watch.masked(f"<{urllib.parse.quote(key)}>".encode())
+        assert count == 1 and masked.count(b"*") == len(urllib.parse.quote(key))
+    assert keywatch._exact.cache_info().currsize == keywatch.EXACT_KEPT < len(keys)
+    assert watches[0].found(keys[0].upper())  # its exact pattern went first: compiled again

@@ -27,7 +27,9 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 import proxy.state
+from proxy.admin.tokenops import NameTaken, create_token
 from proxy.auth.tokens import TokenRecord, TokenStore, hash_secret
+from proxy.config import GatewayConfig
 from proxy.state import (
     MemoryTokenStore,
     RedisOptions,
@@ -258,6 +260,60 @@ async def test_update_refuses_bad_changes_and_keeps_the_record(
     assert await store.get(record(1).id) == record(1)
 
 
+async def test_by_name_finds_every_token_of_that_name_and_only_those(store: TokenStore) -> None:
+    assert await store.by_name("svc") == []
+    named = [
+        record(3, name="svc", created_at=T0 + 30),
+        record(1, name="svc", created_at=T0 + 10, expires_at=T0 + 11),  # expired by T0 + 30
+        record(5, name="svc", created_at=T0 + 10),
+        record(2, name="svc-2", created_at=T0 + 20),
+        record(4, name="svc.", created_at=T0),  # a name that only starts like it
+    ]
+    for r in named:
+        await store.put(r)
+    await store.revoke(record(5).id, T0 + 40)
+    found = await store.by_name("svc")
+    assert [r.id for r in found] == [record(n).id for n in (1, 5, 3)]  # created_at, then id
+    assert [r.status(T0 + 50) for r in found] == ["expired", "revoked", "active"]
+    assert found == [await store.get(r.id) for r in found]
+    assert [r.id for r in await store.by_name("svc-2")] == [record(2).id]
+    assert await store.by_name("SVC") == []  # names are case-sensitive
+    assert await store.by_name("sv") == []
+
+
+async def test_by_name_follows_updates_and_a_refused_rename(store: TokenStore) -> None:
+    await store.put(record(1, name="svc"))
+    await store.update(record(1).id, weight=9, expires_at=None)
+    with pytest.raises(ValueError, match=r"^update:"):
+        await store.update(record(1).id, name="renamed")  # type: ignore[call-arg]
+    assert await store.by_name("svc") == [record(1, name="svc", weight=9, expires_at=None)]
+    assert await store.by_name("renamed") == []
+
+
+async def test_one_active_token_per_name_through_create_token(store: TokenStore) -> None:
+    """create_token's name check, on each store (by_name, or put_unique_name where the
+    store has one): refused while a token of the name is active, taken again once that one
+    is revoked or expired."""
+    config = GatewayConfig()
+
+    async def make(name: str, now: float, **kw: Any) -> str:
+        new = await create_token(
+            store, config, config.route_table(), name=name, scopes=["tags:read"], now=now, **kw
+        )
+        return new.record.id
+
+    first = await make("svc", T0)
+    await make("other", T0)
+    with pytest.raises(NameTaken, match=first):
+        await make("svc", T0 + 1)
+    await store.revoke(first, T0 + 2)
+    second = await make("svc", T0 + 3, expires_in=10)
+    with pytest.raises(NameTaken, match=second):
+        await make("svc", T0 + 12)
+    third = await make("svc", T0 + 13)  # the second expired at T0 + 13
+    assert [r.id for r in await store.by_name("svc")] == [first, second, third]
+
+
 async def test_ping_answers_until_closed(store: TokenStore) -> None:
     await store.ping()
     await store.close()
@@ -300,6 +356,68 @@ async def test_redis_persists_across_reopen(redis_scratch: tuple[Redis, str]) ->
     await _fill_and_reopen(REDIS_URL, RedisOptions(key_prefix=prefix))
 
 
+async def test_redis_by_name_finds_tokens_a_gateway_without_name_indexes_put(
+    redis_scratch: tuple[Redis, str],
+) -> None:
+    """Tokens stored by an older gateway (hash and id index only, as its put script wrote
+    them), before and after this one's first put: by_name rebuilds the name indexes once
+    it sees they miss a token, and finds them all."""
+    client, prefix = redis_scratch
+    store = RedisTokenStore(client, key_prefix=prefix)
+
+    async def put_as_older_gateway(r: TokenRecord) -> None:
+        hash_key, index, _, _ = store.keys(r.id, r.name)
+        fields = {"id": r.id, "name": r.name, "secret_hash": r.secret_hash, "scopes": '["*"]'}
+        fields["created_at"] = repr(r.created_at)
+        await client.hset(hash_key, mapping=fields)  # type: ignore[arg-type]
+        await client.zadd(index, {r.id: r.created_at})
+
+    await put_as_older_gateway(record(1, name="svc"))
+    await store.put(record(2, name="svc", created_at=T0 + 1))
+    await put_as_older_gateway(record(3, name="svc", created_at=T0 + 2))
+    await store.put(record(4, name="other", created_at=T0 + 3))
+    assert [r.id for r in await store.by_name("svc")] == [record(n).id for n in (1, 2, 3)]
+    count_key = store.keys(record(1).id, "svc")[3]
+    assert await client.get(count_key) == b"4"  # rebuilt: every token indexed
+    await store.put(record(5, name="svc", created_at=T0 + 4))
+    assert await client.get(count_key) == b"5"  # and kept so by the put script
+    assert [r.id for r in await store.by_name("svc")] == [record(n).id for n in (1, 2, 3, 5)]
+    assert [r.id for r in await store.by_name("other")] == [record(4).id]
+    await put_as_older_gateway(record(6, name="solo", created_at=T0 + 5))
+    # The name check also rebuilds the indexes first: the older gateway's token holds it.
+    assert await store.put_unique_name(record(7, name="solo"), T0 + 6) == record(6).id
+    assert await store.get(record(7).id) is None
+
+
+async def test_redis_replicas_creating_one_name_at_once_make_one_token(
+    redis_scratch: tuple[Redis, str],
+) -> None:
+    """Two stores on one Redis and prefix, as two replicas hold them, each on its own
+    client: the name check and the put are one script, so one of each pair is refused."""
+    _, prefix = redis_scratch
+    options = RedisOptions(key_prefix=prefix)
+    a = await open_token_store(REDIS_URL, redis_options=options)
+    b = await open_token_store(REDIS_URL, redis_options=options)
+    config = GatewayConfig()
+    try:
+        for round_ in range(5):
+            results = await asyncio.gather(
+                *(
+                    create_token(
+                        s, config, config.route_table(), name=f"svc-{round_}", scopes=["*"]
+                    )
+                    for s in (a, b, a, b)
+                ),
+                return_exceptions=True,
+            )
+            refused = [r for r in results if isinstance(r, NameTaken)]
+            assert len(refused) == 3, [type(r).__name__ for r in results]
+        assert len(await a.list()) == 5
+    finally:
+        await a.close()
+        await b.close()
+
+
 # --- SQLite specifics ---------------------------------------------------------------------
 
 
@@ -323,6 +441,22 @@ async def test_sqlite_uses_wal_and_the_current_schema(tmp_path: Path) -> None:
     try:
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
         assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+    finally:
+        conn.close()
+
+
+def test_sqlite_reads_the_tokens_of_one_name_by_its_index(tmp_path: Path) -> None:
+    """The name check and by_name read one name's rows, not the table (issue 22: a create
+    among 10,000 tokens scanned them all)."""
+    conn = open_sqlite(tmp_path / "state.db")
+    try:
+        for query in (
+            "SELECT id FROM tokens WHERE name = ? AND revoked_at IS NULL"
+            " AND (expires_at IS NULL OR expires_at > ?) LIMIT 1",
+            "SELECT id FROM tokens WHERE name = ? ORDER BY created_at, id",
+        ):
+            plan = conn.execute("EXPLAIN QUERY PLAN " + query, ("svc", T0)[: query.count("?")])
+            assert "INDEX tokens_by_name (name=?)" in " ".join(str(row) for row in plan), query
     finally:
         conn.close()
 
@@ -379,9 +513,11 @@ async def test_an_older_sqlite_file_gains_classes_and_keeps_its_tokens(
         await store.close()
     conn = sqlite3.connect(path)
     try:
-        assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,) == (6,)
+        assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,) == (7,)
         columns = {row[1] for row in conn.execute("PRAGMA table_info(send_rows)")}
         assert "cls" in columns
+        indexes = {row[1] for row in conn.execute("PRAGMA index_list(tokens)")}
+        assert "tokens_by_name" in indexes  # 7: the tokens of one name
     finally:
         conn.close()
 

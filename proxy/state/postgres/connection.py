@@ -68,6 +68,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
     # 3: a token's class of service (SPEC §5); NULL: the default class.
     ("ALTER TABLE egw_tokens ADD COLUMN service_class text",),
+    # 4: the tokens of one name (the check that no two active tokens share a name).
+    ('CREATE INDEX egw_tokens_by_name ON egw_tokens (name, created_at, id COLLATE "C")',),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -164,6 +164,13 @@ class PostgresTokenStore:
         rows = await self._open_pool().fetch(_SELECT + ' ORDER BY created_at, id COLLATE "C"')
         return [_from_row(row) for row in rows]
 
+    async def by_name(self, name: str) -> builtins.list[TokenRecord]:
+        """The tokens called ``name`` (index ``egw_tokens_by_name``)."""
+        rows = await self._open_pool().fetch(
+            _SELECT + ' WHERE name = $1 ORDER BY created_at, id COLLATE "C"', name
+        )
+        return [_from_row(row) for row in rows]
+
     async def revoke(self, token_id: str, now: float) -> TokenRecord | None:
         """One statement: the first revocation time is kept."""
         row = await self._open_pool().fetchrow(_REVOKE, token_id, now)

@@ -10,7 +10,8 @@ until which nothing may be sent), ``p{c}:epoch`` (set by the first reservation a
 sees: another one means it lost its data) and ``p{c}:line`` (hash: the replicas waiting for
 the next free slot, ``proxy.budget.slots.Line``). A freeze is also published on the channel
 ``p{c}:freezes`` (``"<replica> <Redis time>"``), so that the other replicas refuse their
-waiters at once. Tokens: ``ptoken:{id}`` and ``ptokens`` (``tokens.py``). On a cluster
+waiters at once. Tokens: ``ptoken:{id}``, ``ptokens`` and the name
+indexes ``ptokens:name:{name}`` and ``ptokens:names`` (``tokens.py``). On a cluster
 every key of ``c`` carries the hash tag ``{c}`` (``p{c}:sends`` with the braces kept), so
 each script touches one slot; the token keys the tag ``{tokens}`` (``scripts.hash_tagged``).
 

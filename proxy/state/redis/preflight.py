@@ -211,13 +211,16 @@ def _token_steps(client: RedisClient, prefix: str, probe: str) -> list[Step]:
     record = TokenRecord(
         id=secrets.token_hex(6), name="probe", secret_hash="0" * 64, scopes=("probe",)
     )
-    hash_key, index = store.keys(record.id)
+    hash_key, index, name_index, count = store.keys(record.id, record.name)
     expire = PROBE_SECONDS * 1000
     return [
         ("the token scripts", lambda: store.put(record)),
         ("PEXPIRE", lambda: client.pexpire(hash_key, expire)),
         ("PEXPIRE", lambda: client.pexpire(index, expire)),
+        ("PEXPIRE", lambda: client.pexpire(name_index, expire)),
+        ("PEXPIRE", lambda: client.pexpire(count, expire)),
         ("HGETALL", lambda: store.get(record.id)),
+        ("MULTI, GET, ZCOUNT, HGETALL, EXEC", lambda: store.by_name(record.name)),
         ("WATCH, MULTI, HSET, HDEL, EXEC", lambda: store.update(record.id, weight=2, hourly=None)),
         ("ZRANGE", store.list),
         ("the revocation script", lambda: store.revoke(record.id, time.time())),

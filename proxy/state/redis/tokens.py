@@ -5,13 +5,20 @@ Keys, under the configured prefix (``redis.key_prefix``, default ``egw:``):
 - ``{prefix}token:{id}``: a hash with one field per ``TokenRecord`` field (``scopes`` as a
   JSON array, times as Unix seconds, ``None`` as an absent field);
 - ``{prefix}tokens``: a sorted set of ids scored by ``created_at``; equal scores sort by id,
-  which is exactly the order ``TokenStore.list`` promises.
+  which is exactly the order ``TokenStore.list`` promises;
+- ``{prefix}tokens:name:{name}``: a hash of the ids of the tokens called ``name`` (value:
+  ``created_at``), so ``by_name`` reads those tokens only;
+- ``{prefix}tokens:names``: how many ids the name indexes hold. While it equals the size of
+  ``{prefix}tokens`` every token is in its name's index; a token put by an older gateway
+  (no name index) leaves it behind, and ``by_name`` then rebuilds the name indexes once.
 
-Records are never deleted (revocation is a field), so every id in the set has its hash.
+Records are never deleted (revocation is a field) and names never change, so every id in
+the set has its hash, and a name index only grows.
 
 On a cluster (``redis-cluster://``) every token key carries the hash tag ``{tokens}``
-(``{prefix}{tokens}:token:{id}``, ``{prefix}{tokens}:index``): the store is one slot, so
-its scripts and transactions run there whole. Standalone and Sentinel keep the names above.
+(``{prefix}{tokens}:token:{id}``, ``{prefix}{tokens}:index``, ``{prefix}{tokens}:name:{name}``,
+``{prefix}{tokens}:names``): the store is one slot, so its scripts and transactions run
+there whole. Standalone and Sentinel keep the names above.
 """
 
 from __future__ import annotations
@@ -97,7 +104,8 @@ def _pairs_to_mapping(flat: Sequence[bytes]) -> dict[bytes | str, bytes | str]:
 class RedisTokenStore:
     """``proxy.auth.tokens.TokenStore`` in Redis, on a client shared with the rest of the process.
 
-    Every method is atomic across processes: ``put`` and ``revoke`` are Lua scripts,
+    Every method is atomic across processes: ``put``, ``put_unique_name`` and ``revoke``
+    are Lua scripts,
     ``update`` and ``list`` are optimistic WATCH/MULTI transactions retried when another
     writer got in first. Several stores (replicas) on the same Redis and prefix see each
     other's writes at once. Redis errors propagate (``redis.exceptions.RedisError``); the
@@ -115,6 +123,8 @@ class RedisTokenStore:
         self._client = client
         self._prefix = f"{key_prefix}{{tokens}}:" if hash_tagged(client) else key_prefix
         self._index = f"{self._prefix}index" if hash_tagged(client) else f"{key_prefix}tokens"
+        names = f"{self._prefix}name" if hash_tagged(client) else f"{key_prefix}tokens:name"
+        self._names = names  # + ":{name}": a name's index; + "s": how many ids they hold
         self._owns_client = owns_client
         self._closed = False
         self._put_script = client.register_script(lua("token_put"))
@@ -123,9 +133,13 @@ class RedisTokenStore:
     def _key(self, token_id: str) -> str:
         return f"{self._prefix}token:{token_id}"
 
-    def keys(self, token_id: str) -> tuple[str, str]:
-        """The keys a token's record touches: its hash, and the index of ids."""
-        return self._key(token_id), self._index
+    def _name_key(self, name: str) -> str:
+        return f"{self._names}:{name}"
+
+    def keys(self, token_id: str, name: str) -> tuple[str, str, str, str]:
+        """The keys a token's record touches: its hash, the index of ids, its name's index
+        and the count of ids in the name indexes."""
+        return self._key(token_id), self._index, self._name_key(name), f"{self._names}s"
 
     def _open_client(self) -> RedisClient:
         if self._closed:
@@ -133,18 +147,38 @@ class RedisTokenStore:
         return self._client
 
     async def put(self, record: TokenRecord) -> None:
-        """Insert ``record`` (hash and index in one script); ValueError if the id exists.
+        """Insert ``record`` (hash and indexes in one script); ValueError if the id exists.
 
         A put whose reply is lost to a dropped connection may have been applied: its retry
         then reports "already exists" for a record that is in fact stored.
         """
+        await self._put(record, "", [])
+
+    async def put_unique_name(self, record: TokenRecord, now: float) -> str | None:
+        """Store ``record`` unless a token active at ``now`` has its name: then that
+        token's id, and nothing stored. One script, atomic across replicas: it is given
+        the tokens of the name as read just before, and refuses (to be read again) if the
+        name's index has changed since."""
+        for _ in range(MAX_TRANSACTION_ATTEMPTS):
+            ids = await self._named_ids(record.name)
+            holders = [self._key(_text(token_id)) for token_id in ids]
+            done = await self._put(record, repr(float(now)), holders)
+            if done != -1:
+                return None if done == 1 else _text(cast("bytes | str", done))
+        raise WatchError(f"gave up after {MAX_TRANSACTION_ATTEMPTS} conflicting writes")
+
+    async def _put(self, record: TokenRecord, now: str, holders: list[str]) -> object:
+        """The put script (proxy/state/lua/token_put.lua): 1, -1 or a holder's id;
+        ValueError if the id exists."""
         self._open_client()
-        args: list[str] = [repr(float(record.created_at)), record.id]
+        args: list[str] = [repr(float(record.created_at)), record.id, now]
         for name, value in _encode(record).items():
             args += (name, value)
-        created = await self._put_script(keys=[self._key(record.id), self._index], args=args)
-        if not created:
+        keys = [*self.keys(record.id, record.name), *holders]
+        done = await self._put_script(keys=keys, args=args)
+        if done == 0:
             raise ValueError(f"token id {record.id!r} already exists")
+        return done
 
     async def get(self, token_id: str) -> TokenRecord | None:
         raw = await self._open_client().hgetall(self._key(token_id))
@@ -162,6 +196,52 @@ class RedisTokenStore:
             pipe.hgetall(self._key(token_id.decode()))
         hashes: builtins.list[dict[bytes | str, bytes | str]] = await pipe.execute()
         return [_decode(raw) for raw in hashes if raw]
+
+    async def by_name(self, name: str) -> builtins.list[TokenRecord]:
+        """The tokens called ``name`` (any status), from the name's index: one transaction
+        to read the index (and check it is complete), one pipeline for the records."""
+        ids = await self._named_ids(name)
+        async with self._open_client().pipeline(transaction=False) as pipe:
+            for token_id in ids:
+                pipe.hgetall(self._key(_text(token_id)))
+            hashes: builtins.list[dict[bytes | str, bytes | str]] = await pipe.execute()
+        return sorted((_decode(raw) for raw in hashes if raw), key=lambda r: (r.created_at, r.id))
+
+    async def _named_ids(self, name: str) -> builtins.list[bytes]:
+        """The ids in ``name``'s index, once every token is in its name's index (rebuilt
+        first if a token put by an older gateway is missing)."""
+        client = self._open_client()
+        for _ in range(MAX_TRANSACTION_ATTEMPTS):
+            async with client.pipeline(transaction=True) as pipe:
+                pipe.get(f"{self._names}s")
+                pipe.zcount(self._index, "-inf", "+inf")
+                pipe.hgetall(self._name_key(name))
+                indexed, stored, ids = await pipe.execute()
+            if int(indexed or 0) == stored:
+                return builtins.list(ids)
+            await self._transaction(self._index, self._reindex_once)
+        raise WatchError(f"gave up after {MAX_TRANSACTION_ATTEMPTS} conflicting writes")
+
+    async def _reindex_once(self, pipe: AnyPipeline) -> None:
+        """Put every token in its name's index and set the count, unless the id index
+        changes meanwhile (it is WATCHed): tokens put by a gateway without name indexes."""
+        scored = cast(
+            "builtins.list[tuple[bytes, float]]",
+            await pipe.zrange(self._index, 0, -1, withscores=True),
+        )
+        async with self._open_client().pipeline(transaction=False) as reader:
+            for token_id, _ in scored:
+                reader.hgetall(self._key(token_id.decode()))  # HGETALL: in the ACL already
+            hashes: builtins.list[dict[bytes, bytes]] = await reader.execute()
+        by_name: dict[str, dict[FieldT, EncodableT]] = {}
+        for (token_id, score), raw in zip(scored, hashes, strict=True):
+            if b"name" in raw:
+                by_name.setdefault(raw[b"name"].decode(), {})[token_id] = repr(float(score))
+        pipe.multi()  # type: ignore[no-untyped-call]
+        for name, ids in by_name.items():
+            pipe.hset(self._name_key(name), mapping=ids)
+        pipe.set(f"{self._names}s", len(scored))
+        await pipe.execute()
 
     async def revoke(self, token_id: str, now: float) -> TokenRecord | None:
         """Set ``revoked_at = now`` unless already set, in one script. None for an unknown id."""

@@ -110,6 +110,8 @@ SCHEMA_MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE tokens ADD COLUMN service_class TEXT",
         "ALTER TABLE send_rows ADD COLUMN cls TEXT NOT NULL DEFAULT ''",
     ),
+    # 6 -> 7: the tokens of one name (the check that no two active tokens share a name).
+    ("CREATE INDEX tokens_by_name ON tokens (name, created_at, id)",),
 )
 """Entry ``i`` takes the schema from ``PRAGMA user_version`` ``i`` to ``i + 1``. Only append."""
 

@@ -91,6 +91,11 @@ def _list(conn: sqlite3.Connection) -> builtins.list[TokenRecord]:
     return [_from_row(row) for row in conn.execute(_SELECT + " ORDER BY created_at, id")]
 
 
+def _by_name(conn: sqlite3.Connection, name: str) -> builtins.list[TokenRecord]:
+    rows = conn.execute(_SELECT + " WHERE name = ? ORDER BY created_at, id", (name,))
+    return [_from_row(row) for row in rows]
+
+
 def _revoke(conn: sqlite3.Connection, token_id: str, now: float) -> TokenRecord | None:
     with transaction(conn):
         conn.execute(
@@ -182,6 +187,10 @@ class SqliteTokenStore(Connection):
 
     async def list(self) -> builtins.list[TokenRecord]:
         return await self._run(_list)
+
+    async def by_name(self, name: str) -> builtins.list[TokenRecord]:
+        """The tokens called ``name`` (index ``tokens_by_name``)."""
+        return await self._run(lambda conn: _by_name(conn, name))
 
     async def revoke(self, token_id: str, now: float) -> TokenRecord | None:
         return await self._run(lambda conn: _revoke(conn, token_id, now))

@@ -136,7 +136,13 @@ async def test_tokens_of_schema_2_gain_a_class_column_and_keep_their_values() ->
             assert changed.service_class == "batch"
         finally:
             await store.close()
-        assert await _versions(url) == list(range(1, SCHEMA_VERSION + 1)) == [1, 2, 3]
+        assert await _versions(url) == list(range(1, SCHEMA_VERSION + 1)) == [1, 2, 3, 4]
+        conn = await asyncpg.connect(url, timeout=5)
+        try:  # 4: the tokens of one name
+            query = "SELECT indexname FROM pg_indexes WHERE tablename = 'egw_tokens'"
+            assert "egw_tokens_by_name" in {row["indexname"] for row in await conn.fetch(query)}
+        finally:
+            await conn.close()
 
 
 async def test_a_newer_schema_is_refused() -> None:

@@ -255,9 +255,16 @@ async def test_key_layout(scratch: tuple[Redis, str]) -> None:
     assert await client.zrange(f"{prefix}tokens", 0, -1, withscores=True) == [
         (stored.id.encode(), T0 + 0.25)
     ]
+    # The name's index (id -> created_at) and how many ids the name indexes hold.
+    assert await client.hgetall(f"{prefix}tokens:name:svc-1") == {
+        stored.id.encode(): b"1700000000.25"
+    }
+    assert await client.get(f"{prefix}tokens:names") == b"1"
     assert sorted(await client.keys(f"{prefix}*")) == [
         f"{prefix}token:{stored.id}".encode(),
         f"{prefix}tokens".encode(),
+        f"{prefix}tokens:name:svc-1".encode(),
+        f"{prefix}tokens:names".encode(),
     ]
 
 
