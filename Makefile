@@ -44,8 +44,12 @@ unit-workers: $(VENV)/.installed
 	    tests/test_classes_e2e.py
 
 # The performance harness (docs/performance.md): a few minutes; writes bench.json, bench.md.
+# Then the admitted path on SQLite, one Redis and a Redis Cluster (three masters), with
+# replicas, in one run (about 1.5 minutes): bench-replicas.json, bench-replicas.md.
 bench: $(VENV)/.installed
 	$(BIN)/python -m tests.bench.harness --tracing --json bench.json --markdown bench.md
+	$(BIN)/python -m tests.bench.replicas --rounds 3 --seconds 3 \
+	    --json bench-replicas.json --markdown bench-replicas.md
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)

@@ -230,23 +230,34 @@ def test_scale_quick_mode_produces_every_figure(tmp_path: Path) -> None:
 
 
 def test_replicas_quick_mode_produces_every_figure(tmp_path: Path) -> None:
-    # tests/bench/replicas.py: a private redis-server, 1 to 3 replicas on it and one
-    # gateway on SQLite; req/s per replica and Redis round trips per answer are produced.
-    out_json = tmp_path / "replicas.json"
+    # tests/bench/replicas.py: a private redis-server and a private three-master cluster,
+    # 1 to 3 replicas on the first, 1 and 2 on the cluster, and one gateway on SQLite;
+    # req/s per replica and Redis round trips per answer are produced for each.
+    out_json, out_md = tmp_path / "replicas.json", tmp_path / "replicas.md"
     cmd = [sys.executable, "-m", "tests.bench.replicas", "--quick", "--json", str(out_json)]
+    cmd += ["--markdown", str(out_md)]
     run = subprocess.run(
         cmd, cwd=REPO, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=240
     )
     assert run.returncode == 0, run.stderr[-4000:]
     result = json.loads(out_json.read_text(encoding="utf-8"))
-    assert set(result["targets"]) == {"sqlite", "redis-1", "redis-2", "redis-3"}
+    redis_setups = {"redis-1", "redis-2", "redis-3", "cluster-1", "cluster-2"}
+    assert set(result["targets"]) == {"sqlite", *redis_setups}
     for name, entry in result["targets"].items():
         assert entry["all_as_expected"], (name, entry["rounds"])
         assert entry["rps"] > 0 and entry["rps_per_replica"] > 0
         assert len(entry["rounds"][0]["rps_per_replica"]) == entry["replicas"]
-    assert result["targets"]["sqlite"]["redis_ops_per_request"] == 0
-    for name in ("redis-1", "redis-2", "redis-3"):
-        assert result["targets"][name]["redis_commands_per_request"] > 0
+    sqlite = result["targets"]["sqlite"]
+    assert sqlite["redis_ops_per_request"] == 0 == sqlite["redis_commands_per_request"]
+    for name in redis_setups:
+        entry = result["targets"][name]
+        # Each admitted request reaches Redis (the gateway's count and Redis's own).
+        assert entry["redis_ops_per_request"] > 0, name
+        assert entry["redis_commands_per_request"] > 0, name
+        nodes = 3 if name.startswith("cluster") else 1
+        assert len(entry["rounds"][0]["redis_commands_by_node"]) == nodes, name
+    assert result["targets"]["cluster-2"]["replicas"] == 2
+    assert "| cluster-2 | 2 |" in out_md.read_text(encoding="utf-8")
 
 
 def test_outage_bench_quick_mode_runs() -> None:

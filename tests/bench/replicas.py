@@ -1,15 +1,20 @@
-"""The replicas benchmark: gateways sharing one Redis, against one gateway on SQLite.
+"""The replicas benchmark: gateways sharing one Redis or one Redis Cluster, against one
+gateway on SQLite.
 
     python -m tests.bench.replicas [--quick] [--rounds 3] [--seconds 5]
                                    [--json out.json] [--markdown out.md]
 
-One private Redis (``redis-server`` on a free loopback port, no persistence) and the
-gateways of this tree (every feature on, limits never binding), measured interleaved:
+One private Redis (``redis-server`` on a free loopback port, no persistence), one private
+Redis Cluster (three masters, no replicas: ``tests/state/redis/shapes.py``'s
+``start_cluster``) and the gateways of this tree (every feature on, limits never binding),
+measured interleaved:
 
     sqlite      one gateway, state in a SQLite file (the default)
     redis-1     one gateway on the Redis
     redis-2     two replicas on the same Redis (``replicas: 2``), loaded at once
     redis-3     three replicas, loaded at once
+    cluster-1   one gateway on the cluster (``redis-cluster://``)
+    cluster-2   two replicas on the cluster, loaded at once
 
 Each replica gets its own wrk (50 connections, the one token made through the first
 replica's admin API: tokens are shared). Per round: admitted req/s in all and per
@@ -17,12 +22,13 @@ replica, the replicas' own CPU time per answer, and the Redis round trips per ad
 request: the gateway's own count of its Redis operations
 (``echowin_gateway_state_backend_duration_seconds_count``, each one exchange with Redis),
 and Redis's ``total_commands_processed`` (a pipeline or a script is one exchange but may
-be several commands).
+be several commands), summed over the cluster's masters for a cluster setup.
 
 Placement: as in every bench, wrk and the upstream run on the load CPU; the replicas take
-the other CPUs in turn and Redis the last of them. On a two-CPU machine the replicas and
-Redis share one CPU: the figures are then what a replica costs, not how replicas scale. Prints one
-JSON object (progress on stderr); never asserts a speed.
+the other CPUs in turn and Redis and the cluster's nodes the last of them. On a two-CPU
+machine the replicas and every Redis share one CPU: the figures are then what a replica
+costs, not how replicas scale. Prints one JSON object (progress on stderr); never asserts
+a speed.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -46,10 +53,11 @@ from tests.bench import loadgen, servers
 from tests.bench.harness import choose_cpus, log, raise_nofile
 from tests.bench.servers import HUGE_LIMITS, Gateway, Processes
 from tests.procs import free_ports
+from tests.state.redis import shapes
 
 PATH = "/api/v1/contacts"
 CONNECTIONS = 50
-SETUPS = {"sqlite": 1, "redis-1": 1, "redis-2": 2, "redis-3": 3}
+SETUPS = {"sqlite": 1, "redis-1": 1, "redis-2": 2, "redis-3": 3, "cluster-1": 1, "cluster-2": 2}
 OPS = "echowin_gateway_state_backend_duration_seconds_count"
 
 
@@ -81,8 +89,12 @@ def start_replicas(
     for i in range(count):
         cpu = cpus[i % len(cpus)]
         raw = servers.gateway_config(upstream, state, HUGE_LIMITS, max_wait=10, connections=10_000)
-        if state.startswith("redis"):
-            raw["redis"] = {"key_prefix": f"egw-bench-{name}:"}
+        if state.startswith("redis"):  # redis:// and redis-cluster://
+            # A command may take 5 s, not 0.5: on a shared machine a Redis pinned beside
+            # the loaded replicas can wait that long for its CPU, and a slower answer
+            # would be a Redis outage (the fallback: on_state_failure), not the admitted
+            # path this measures.
+            raw["redis"] = {"key_prefix": f"egw-bench-{name}:", "timeout_seconds": 5}
             raw["replicas"] = count
         out.append(servers.launch_gateway(procs, f"{name}-{i}", raw, cpu))
     return out
@@ -99,12 +111,38 @@ async def state_ops(session: aiohttp.ClientSession, gws: list[Gateway]) -> float
     return total
 
 
-def redis_commands(port: int) -> int:
-    client = redis.Redis(host="127.0.0.1", port=port)
-    try:
-        return int(client.info("stats")["total_commands_processed"])
-    finally:
-        client.close()
+def redis_commands(ports: list[int]) -> list[int]:
+    """Each server's ``total_commands_processed`` (a cluster node counts its own only)."""
+    out = []
+    for port in ports:
+        client = redis.Redis(host="127.0.0.1", port=port)
+        try:
+            out.append(int(client.info("stats")["total_commands_processed"]))
+        finally:
+            client.close()
+    return out
+
+
+def odd_answers(gws: list[Gateway]) -> dict[str, int]:
+    """What the replicas' logs hold besides 200s (said when a round had other answers):
+    access-log lines by status and refusal, and warnings and errors by message."""
+    counts: Counter[str] = Counter()
+    for gw in gws:
+        for line in gw.tail(10_000_000).splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if entry.get("status") not in (None, 200) and entry.get("route") == PATH:
+                counts[f"{entry['status']} {entry.get('refusal')}"] += 1
+            elif entry.get("level") in ("warning", "error"):
+                counts[f"{entry['level']}: {entry.get('msg')}"] += 1
+    return dict(counts)
+
+
+def backend(name: str) -> str:
+    """``sqlite``, ``redis`` or ``cluster``: what the setup ``name`` keeps its state in."""
+    return name.split("-")[0]
 
 
 class Run:
@@ -114,7 +152,9 @@ class Run:
         _, self.load_cpu = choose_cpus()
         self.cpus = server_cpus(self.load_cpu)
         self.wrk = loadgen.wrk_path()
-        self.redis_port = 0
+        # The Redis servers each backend's commands are counted on (the cluster's masters).
+        self.ports: dict[str, list[int]] = {"sqlite": [], "redis": [], "cluster": []}
+        self.cluster: shapes.Cluster | None = None
 
     async def load(self, gws: list[Gateway], token: str) -> list[dict[str, Any]]:
         """Every replica at once, each with its own load generator."""
@@ -134,23 +174,28 @@ class Run:
         return list(await asyncio.gather(*runs))
 
     async def measure(
-        self, session: aiohttp.ClientSession, gws: list[Gateway], token: str
+        self, session: aiohttp.ClientSession, name: str, gws: list[Gateway], token: str
     ) -> dict[str, Any]:
+        ports = self.ports[backend(name)]
         cpu = sum(servers.cpu_seconds(gw.pid) or 0.0 for gw in gws)
         ops = await state_ops(session, gws)
-        commands = redis_commands(self.redis_port)
+        before = redis_commands(ports)
         runs = await self.load(gws, token)
         admitted = sum(r["requests"] - r["non_2xx"] for r in runs)
         seconds = max(r["seconds"] for r in runs)
         spent = sum(servers.cpu_seconds(gw.pid) or 0.0 for gw in gws) - cpu
         ops = await state_ops(session, gws) - ops
-        commands = redis_commands(self.redis_port) - commands
+        by_node = [a - b for a, b in zip(redis_commands(ports), before, strict=True)]
+        commands = sum(by_node)
         return {
             "rps": round(admitted / seconds, 1),
             "rps_per_replica": [r["rps"] for r in runs],
             "cpu_us": round(spent * 1e6 / admitted, 1) if admitted else None,
             "redis_ops_per_request": round(ops / admitted, 3) if admitted else None,
             "redis_commands_per_request": round(commands / admitted, 3) if admitted else None,
+            "redis_commands_by_node": by_node,
+            "non_2xx": sum(r["non_2xx"] for r in runs),
+            "socket_errors": sum(r["errors"] for r in runs),
             "as_expected": all(r["requests"] and not (r["errors"] or r["non_2xx"]) for r in runs),
         }
 
@@ -160,11 +205,11 @@ class Run:
                 os.sched_setaffinity(0, {self.load_cpu})
             up = await self._upstream()
             cpus = self.cpus
-            # Redis on the last server CPU; replica 0 on the first (the same one on two CPUs).
-            redis_url, self.redis_port = start_redis(self.procs, cpus[-1])
+            started = time.monotonic()
+            states = self._backends(cpus)
+            log(f"redis and cluster up in {time.monotonic() - started:.1f} s")
             groups: dict[str, list[Gateway]] = {}
-            for name in SETUPS:
-                state = f"sqlite:///{self.tmp / name}.db" if name == "sqlite" else redis_url
+            for name, state in states.items():
                 groups[name] = start_replicas(self.procs, up, cpus, name, state)
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
                 tokens = {}
@@ -172,19 +217,54 @@ class Run:
                     tokens[name] = await servers.create_token(session, gws[0], "contacts:read")
                     for gw in gws[1:]:
                         await servers.wait_ready(session, gw, "/api/v1/contacts")
+                log(
+                    f"{sum(map(len, groups.values()))} gateways ready in"
+                    f" {time.monotonic() - started:.1f} s"
+                )
                 rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in groups}
                 for r in range(self.rounds):
                     for name, gws in groups.items():
-                        res = await self.measure(session, gws, tokens[name])
+                        res = await self.measure(session, name, gws, tokens[name])
                         rounds[name].append(res)
                         log(
-                            f"round {r + 1}/{self.rounds} {name:<8} {res['rps']:>8.1f} req/s"
+                            f"round {r + 1}/{self.rounds} {name:<9} {res['rps']:>8.1f} req/s"
                             f" {res['rps_per_replica']}  {res['cpu_us']} us CPU/answer"
                             f"  redis ops/request {res['redis_ops_per_request']}"
+                            f" commands/request {res['redis_commands_per_request']}"
                         )
-            return summarise(rounds)
+                        if not res["as_expected"]:
+                            log(
+                                f"  {name}: {res['non_2xx']} non-2xx answers,"
+                                f" {res['socket_errors']} socket errors; in the logs so far:"
+                                f" {odd_answers(gws)}"
+                            )
+            result = summarise(rounds)
+            result["meta"].update(
+                load="wrk" if self.wrk else "python",
+                upstream="nginx" if servers.nginx_path() else "aiohttp",
+                cluster_masters=len(self.ports["cluster"]),
+            )
+            return result
         finally:
             self.procs.close()
+            if self.cluster is not None:
+                self.cluster.stop()
+
+    def _backends(self, cpus: list[int | None]) -> dict[str, str]:
+        """Start the Redis and the cluster, on the last server CPU (replica 0 takes the
+        first: the same one on two CPUs); each setup's ``state`` URL."""
+        redis_url, port = start_redis(self.procs, cpus[-1])
+        self.ports["redis"] = [port]
+        pin = cpus[-1]
+        self.cluster = shapes.start_cluster(
+            self.tmp / "cluster", wrap=lambda cmd: loadgen.pinned(cmd, pin)
+        )
+        self.ports["cluster"] = list(self.cluster.ports)
+        urls = {"redis": redis_url, "cluster": self.cluster.url}
+        return {
+            name: f"sqlite:///{self.tmp / name}.db" if name == "sqlite" else urls[backend(name)]
+            for name in SETUPS
+        }
 
     async def _upstream(self) -> str:
         nginx = servers.nginx_path()
@@ -228,7 +308,7 @@ def summarise(rounds: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
 def markdown(result: dict[str, Any]) -> str:
     lines = [
         "| Setup | replicas | admitted req/s | per replica | vs sqlite | CPU µs/answer |"
-        " Redis ops/request | Redis commands/request |",
+        " Redis round trips/request | Redis commands/request |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, t in result["targets"].items():

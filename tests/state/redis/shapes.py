@@ -63,13 +63,15 @@ class Deployment:
     tmp: Path
     procs: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict)
     started: dict[int, tuple[str, ...]] = field(default_factory=dict)
+    # Prefixes each command line (say taskset, to pin a benchmark's servers to a CPU).
+    wrap: Callable[[list[str]], list[str]] = list
 
     def start(self, port: int, *args: str, program: str = "redis-server") -> None:
         self.tmp.mkdir(parents=True, exist_ok=True)
         self.started[port] = (program, *args)
         log = (self.tmp / f"{program}-{port}.log").open("wb")
         self.procs[port] = subprocess.Popen(
-            [binary(program), *args], stdout=log, stderr=subprocess.STDOUT, cwd=self.tmp
+            self.wrap([binary(program), *args]), stdout=log, stderr=subprocess.STDOUT, cwd=self.tmp
         )
         log.close()
 
@@ -317,12 +319,19 @@ def cluster_ports(n: int) -> tuple[int, ...]:
     pytest.fail("no free ports for a cluster", pytrace=False)
 
 
-def start_cluster(tmp: Path, *, replicas: int = 0, certs: Certs | None = None) -> Cluster:
+def start_cluster(
+    tmp: Path,
+    *,
+    replicas: int = 0,
+    certs: Certs | None = None,
+    wrap: Callable[[list[str]], list[str]] = list,
+) -> Cluster:
     """Three masters (and ``replicas`` replicas each) joined by ``redis-cli --cluster
     create``; a master down 1 s is failed over to its replica. ``certs``: TLS only, on
-    the clients' ports and the cluster bus alike (a client certificate demanded)."""
+    the clients' ports and the cluster bus alike (a client certificate demanded).
+    ``wrap``: prefixes each node's command line (tests/bench/replicas.py pins the nodes)."""
     ports = cluster_ports(3 * (1 + replicas))
-    cluster = Cluster(tmp, ports=ports)
+    cluster = Cluster(tmp, wrap=wrap, ports=ports)
     tls = {} if certs is None else tls_client_kwargs(certs)
     try:
         for port in ports:
