@@ -241,7 +241,9 @@ class Runtime:
         quotas = self.metrics.labels.shown_tokens(scheduler.token_quotas)
         self.metrics.attach_budget(scheduler.snapshot, quotas)
         if cfg.classes:
-            scheduler.class_observer = ClassMetrics(self.metrics.registry, scheduler.snapshot)
+            scheduler.class_observer = ClassMetrics(
+                self.metrics.registry, scheduler.snapshot, self.metrics.labels.credential_now
+            )
         self.metrics.queue_max_wait.set(cfg.queue.max_wait_seconds)
         return scheduler
 

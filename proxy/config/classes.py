@@ -5,6 +5,7 @@ is read (each error names the key).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from proxy.config.fields import Model as _Model
@@ -14,7 +15,10 @@ from proxy.config.fields import PositiveInt as _PositiveInt
 if TYPE_CHECKING:
     from proxy.config.schema import GatewayConfig, LimitConfig
 
-__all__ = ["ClassConfig", "ReserveConfig", "check_classes"]
+__all__ = ["ClassConfig", "ReserveConfig", "check_classes", "check_key_classes"]
+
+Pair = tuple[int, float]
+"""A limit as (requests, per_seconds)."""
 
 
 class ReserveConfig(_Model):
@@ -53,17 +57,40 @@ def check_classes(config: GatewayConfig) -> list[str]:
         errors += _reserve_errors(name, cls, limits)
         if cls.burst is not None and not cls.pace:
             errors.append(f"classes.{name}.burst: only a paced class (pace: true) has a burst")
-    for index, limit in enumerate(limits):
+    pairs = [(limit.requests, limit.per_seconds) for limit in limits]
+    errors += _sum_errors(config, pairs, "upstream.limits")
+    return errors
+
+
+def check_key_classes(config: GatewayConfig, where: str, limits: Sequence[Pair]) -> list[str]:
+    """The classes against one key's own limits (``upstream.keys_file``'s ``limits``,
+    ``where`` naming them): each reserved window must be one of them, and reservations
+    may not sum past any of them, as for ``upstream.limits``."""
+    errors: list[str] = []
+    lengths = {per for _, per in limits}
+    for name, cls in config.classes.items():
+        for index, reserve in enumerate(cls.reserve):
+            if reserve.per_seconds not in lengths:
+                errors.append(
+                    f"{where}: no window is {reserve.per_seconds:g} s long, which"
+                    f" classes.{name}.reserve[{index}] reserves"
+                )
+    return errors + _sum_errors(config, limits, where)
+
+
+def _sum_errors(config: GatewayConfig, limits: Sequence[Pair], where: str) -> list[str]:
+    errors: list[str] = []
+    for index, (requests, per_seconds) in enumerate(limits):
         total = sum(
             r.requests
-            for cls in classes.values()
+            for cls in config.classes.values()
             for r in cls.reserve
-            if r.per_seconds == limit.per_seconds
+            if r.per_seconds == per_seconds
         )
-        if total > limit.requests:
+        if total > requests:
             errors.append(
-                f"classes: reservations for {limit.per_seconds:g} s windows sum to {total},"
-                f" more than upstream.limits[{index}].requests ({limit.requests})"
+                f"classes: reservations for {per_seconds:g} s windows sum to {total},"
+                f" more than {where}[{index}].requests ({requests})"
             )
     return errors
 

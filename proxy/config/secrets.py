@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, model_validator
 
 from proxy.auth.tokens import DEFAULT_UPSTREAM_KEY
+from proxy.config.classes import check_key_classes
 from proxy.config.errors import ConfigError
 from proxy.config.keys_file import KEYS_FILE, parse_keys_file, read_entries
 from proxy.config.state_url import REDIS_SCHEMES
@@ -163,7 +164,7 @@ def resolve_secrets(config: GatewayConfig, environ: Mapping[str, str] | None = N
             errors.extend(exc.lines)
     if up.keys_file is not None:
         try:
-            credentials.update(_file_credentials(up.keys_file, credentials, env))
+            credentials.update(_file_credentials(config, credentials, env))
         except ConfigError as exc:
             errors.extend(exc.lines)
     admin: Secret | None = None
@@ -204,11 +205,14 @@ def resolve_secrets(config: GatewayConfig, environ: Mapping[str, str] | None = N
 
 
 def _file_credentials(
-    ref: SecretRef, configured: Mapping[str, Credential], environ: Mapping[str, str]
+    config: GatewayConfig, configured: Mapping[str, Credential], environ: Mapping[str, str]
 ) -> dict[str, Credential]:
     """The credentials of ``upstream.keys_file``. A name the config names already, or a
     key that another name holds (two budgets for one echowin key would let twice its
-    limit through), is refused: by name, never by key."""
+    limit through), is refused: by name, never by key; so are a key's own limits that the
+    classes' reservations do not fit."""
+    ref = config.upstream.keys_file
+    assert ref is not None
     text, source = ref.read(KEYS_FILE, environ)
     holders = {c.secret.reveal(): c.name for c in configured.values() if c.name != AGENCY_KEY_NAME}
     entries, errors = read_entries(text)
@@ -221,6 +225,9 @@ def _file_credentials(
         if other != entry.name:
             errors.append(f"{KEYS_FILE}.{entry.name}: the same key as {other!r}")
             continue
+        if entry.limits is not None and config.classes:
+            where = f"{KEYS_FILE}.{entry.name}.limits"
+            errors += check_key_classes(config, where, entry.limits)
         secret = Secret(entry.key, f"{source}#{entry.name}")
         out[entry.name] = Credential(entry.name, "X-API-Key", secret, entry.limits)
     if errors:

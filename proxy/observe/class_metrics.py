@@ -6,7 +6,7 @@ its snapshot at scrape time.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -22,8 +22,17 @@ class ClassMetrics(Collector):
     """Sends, waits and refusals by credential and class; per window what each class has
     reserved, used and may still send."""
 
-    def __init__(self, registry: CollectorRegistry, source: BudgetSource) -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        source: BudgetSource,
+        credential_label: Callable[[str], str] = str,
+    ) -> None:
+        """``credential_label``: the credential's label in the wait histogram, bounded as
+        the gateway's own histograms are (``metrics.credential_labels``: the busiest
+        credentials by name, the rest as ``other``; the request was counted already)."""
         labels = ["credential", "class"]
+        self._credential_label = credential_label
         self.sends = LoopCounter(
             "echowin_gateway_class_sends_total",
             "Requests admitted to echowin (a slot reserved and written ahead), by class.",
@@ -48,7 +57,7 @@ class ClassMetrics(Collector):
 
     def class_admitted(self, credential: str, cls: str, waited: float) -> None:
         self.sends.inc(credential, cls)
-        self.waits.observe(waited, credential, cls)
+        self.waits.observe(waited, self._credential_label(credential), cls)
 
     def class_refused(self, credential: str, cls: str, reason: str) -> None:
         self.refusals.labels(credential, cls, reason).inc()

@@ -142,3 +142,39 @@ def test_check_config_names_each_bad_entry_and_prints_no_key(tmp_path: Path) -> 
     assert KEY not in out and OTHER not in out and KEY[8:20] not in out, out
     assert "upstream.keys_file.globex: the same key as 'acme'" in out
     assert "upstream.keys_file: entry " in out and "'default' is reserved" in out
+
+
+def test_a_keys_own_limits_must_fit_the_classes_reservations(tmp_path: Path) -> None:
+    """Classes reserve windows of ``upstream.limits``; a key of the file with limits of its
+    own is checked the same way: every reserved window must be one of its own, and the
+    reservations may not sum past its limits. A key on upstream.limits is not re-checked."""
+    path = tmp_path / "keys.yaml"
+    path.write_text(
+        f"acme: {KEY}\n"
+        f"small: {{key: {OTHER}, limits: [{{requests: 10, per_seconds: 60}}]}}\n"
+        "hourly: {key: ek_live_hourly_only_0123456789,"
+        " limits: [{requests: 500, per_seconds: 3600}]}\n",
+        encoding="utf-8",
+    )
+    raw = {
+        "upstream": {"api_key": {"env": "TEAM"}, "keys_file": {"file": str(path)}},
+        "classes": {
+            "interactive": {"reserve": [{"requests": 20, "per_seconds": 60}]},
+            "batch": {"pace": True},
+        },
+        "default_class": "batch",
+    }
+    with pytest.raises(ConfigError) as info:
+        resolve_secrets(parse_config(raw), ENV)
+    lines = info.value.lines
+    assert any(
+        "upstream.keys_file.small.limits[0].requests (10)" in line and "sum to 20" in line
+        for line in lines
+    ), lines
+    assert any(
+        line.startswith("upstream.keys_file.hourly.limits: no window is 60 s long")
+        for line in lines
+    ), lines
+    assert not any("acme" in line for line in lines), lines
+    for line in lines:
+        assert KEY not in line and OTHER not in line, line

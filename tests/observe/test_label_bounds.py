@@ -137,3 +137,21 @@ def _label_values(text: str, sample: str, label: str) -> set[str]:
         for s in family.samples
         if s.name == sample
     }
+
+
+def test_the_class_wait_histogram_keeps_the_credential_bound() -> None:
+    """With classes of service, each admission is also observed by class: its wait
+    histogram labels credentials as the gateway's own do (busiest names, then other)."""
+    from proxy.observe.class_metrics import ClassMetrics
+
+    metrics = Metrics()
+    metrics.labels.credentials = BusiestNames(limit=5, period=60, clock=Clock())
+    classes = ClassMetrics(metrics.registry, dict, metrics.labels.credential_now)
+    for i in range(500):
+        metrics.waited(f"team-{i:03d}", 0.0)
+        classes.class_admitted(f"team-{i:03d}", "interactive", 0.0)
+    text = metrics.exposition().decode()
+    waits = _label_values(text, "echowin_gateway_class_queue_wait_seconds_count", "credential")
+    assert waits == {"team-000", "team-001", "team-002", "team-003", "team-004", OTHER}
+    sends = _label_values(text, "echowin_gateway_class_sends_total", "credential")
+    assert len(sends) == 500  # counters keep every key, as the gateway's own do
