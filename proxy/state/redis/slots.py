@@ -137,7 +137,7 @@ class RedisSlots:
         self, now: float, waiting: bool = False, cls: str | None = None, *, again: bool = True
     ) -> Slot | None:
         if not self.healthy:
-            return self._take_alone(now)
+            return self._take_alone(now, cls)
         if now < self._hint_until and not (waiting and self._line_due < self._hint_until):
             return None  # no slot before the hint, and our place in line (if we wait) holds
         self._seq += 1
@@ -170,7 +170,7 @@ class RedisSlots:
             self._link.went_down()
             # The failed call took time (up to the Redis timeout): a send recorded at the
             # earlier `now` would stop counting before echowin stops counting it.
-            return self._take_alone(self._clock())
+            return self._take_alone(self._clock(), cls)
         return await self._reserved(reply, now, member, waiting, again)
 
     async def _reserved(
@@ -182,7 +182,7 @@ class RedisSlots:
         self._view.offset = redis_now - now
         if ok < 0:  # Redis lost the shared state: put back what we know, then ask again
             if not await self._refill(reply_text(reply[4])):
-                return self._take_alone(self._clock())
+                return self._take_alone(self._clock(), member.partition("|")[2] or None)
             if not again or "|" in member:  # a class's send: asked again by the lane
                 return None
             # The refill took round trips: a send is placed at the time it is reserved.
@@ -219,15 +219,19 @@ class RedisSlots:
         self._epoch = epoch
         return True
 
-    def _take_alone(self, now: float) -> Slot | None:
+    def _take_alone(self, now: float, cls: str | None = None) -> Slot | None:
+        """A send while Redis is away, if the fallback allows. Its member names its class
+        (replayed under it), and the classes kept here (``view.on_learn``) count it now."""
         if self._mode == "closed":
             raise StateUnavailable("the shared state (Redis) cannot be reached")
         assert self._fallback is not None
         if not self._fallback.take(now):
             return None
         self._seq += 1
-        member = f"{self._replica}:{self._seq}"
+        member = f"{self._replica}:{self._seq}" + (f"|{cls}" if cls else "")
         self._journal.add(now, member, now)
+        if (learn := self._view.on_learn) is not None:
+            learn(member.encode(), now)
         return Slot(now, member)
 
     async def commit(self, slot: Slot) -> None:

@@ -128,6 +128,34 @@ async def test_each_replicas_classes_follow_every_replicas_sends(
     assert class_of_member(b"abc:2") is None
 
 
+async def test_sends_alone_keep_their_class_in_the_book_and_in_the_replay(
+    client: Redis, prefix: str
+) -> None:
+    """While Redis is away a replica's own sends still count in the classes it keeps (the
+    lane checks the reserve and the pace against the fallback's budget), and the journal
+    puts each back under its class once Redis answers."""
+    specs = [ServiceClass("interactive", reserve=(Limit(2, 10.0),)), ServiceClass("batch")]
+    a = slots(client, prefix)
+    book = ClassBook(specs, LIMITS, 0.0, "batch")
+    follow_classes(a, book)
+    await a.restore(time.time())
+    assert await a.take(time.time(), cls="batch") is not None  # a fresh view
+    a._link.went_down()  # as a failed call does: the replica decides alone
+    assert not a.healthy
+    now = time.time() + 1.5  # past the 1 s window the blind margin filled
+    slot = await a.take(now, cls="interactive")
+    assert slot is not None and (slot.ref or "").endswith("|interactive")
+    assert book.views(now, a.budget)["interactive"][0].used == 1
+
+    async def rejoined() -> bool:
+        return a.healthy
+
+    await eventually(rejoined, "the replica shares again", 5.0)
+    members = [m.decode() for m in await client.zrange(f"{prefix}default:sends", 0, -1)]
+    assert sorted(m.rpartition("|")[2] for m in members) == ["batch", "interactive"]
+    await a.close()
+
+
 async def test_external_use_and_freeze_reach_every_replica(client: Redis, prefix: str) -> None:
     a, b = slots(client, prefix), slots(client, prefix)
     now = time.time()
