@@ -275,11 +275,13 @@ def test_outage_bench_quick_mode_runs() -> None:
     assert run.returncode == 0, run.stderr[-4000:]
     result = json.loads(run.stdout)
     scenarios = [r["scenario"] for r in result["rounds"]]
-    assert scenarios == ["loaded", "old_view"]
+    assert scenarios == ["loaded", "old_view", "light", "light+window"]
     for entry in result["rounds"]:
         assert entry["upstream_429s"] == 0, entry
         assert entry["ideal_sends"] > 0 and len(entry["admitted_per_replica"]) == 2
     assert "first_admit_seconds" in result["rounds"][1]
+    for entry in result["rounds"][2:]:
+        assert entry["calls_during_outage"] >= entry["answered_200"] > 0, entry
 
 
 def test_token_create_quick_mode_measures_every_backend() -> None:

@@ -20,6 +20,10 @@ the longest time any replica went without an admitted answer during the outage.
 A second scenario, ``old_view``, leaves one replica idle through the warm-up (its shared
 view ages) and loads it only once Redis is away: how long it waits for its first admission
 (``first_admit_seconds``) shows whether an old view locks it out for a whole window.
+``light``: one caller per replica, a call every LIGHT_PACE seconds, under every limit: every
+call could go, so the figures are the calls answered 200 and the longest answer;
+``light+window``: the same with a short extra window in the gateway's limits
+(EXTRA_WINDOW), which bounds the blind margin to its size.
 
 Prints one JSON object (progress on stderr); asserts nothing about speed (the figures are
 counts of sends). docs/budget.md ("Outage without a lockout") holds one run's figures.
@@ -34,7 +38,6 @@ import json
 import sys
 import tempfile
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +53,10 @@ from tests.state.redis.test_replicas import RedisServer, mint, replica_configs, 
 LIMITS = ((40, 10.0), (12, 2.0))
 GUARD = 0.25  # the default window_guard_seconds, which the replicas run with
 CALLERS = 6  # back-to-back callers per loaded replica
+LIGHT_PACE = 0.8  # light: one caller per replica, a call every 0.8 s (2.5/s in all)
+# light+window: the gateway's limits with a short extra window, which bounds the blind
+# margin (what a replica alone counts as the others' unseen sends) to its size
+EXTRA_WINDOW = (3, 1.0)
 
 
 def ideal_sends(before: list[float], start: float, end: float) -> int:
@@ -116,26 +123,32 @@ async def wait_up(session: aiohttp.ClientSession, url: str) -> None:
     raise RuntimeError(f"{url} did not come up")
 
 
+Call = tuple[float, float, int]  # started, answered (monotonic), status
+
+
 async def caller(
-    url: str, token: str, until: float, seen: Counter[int], admits: list[float]
+    url: str, token: str, until: float, admits: list[float], calls: list[Call], pace: float
 ) -> None:
-    """Back to back until ``until`` (monotonic); bounded in count and time."""
+    """Until ``until`` (monotonic): back to back (``pace`` 0), or one call every ``pace``
+    seconds (a light load, under every limit); bounded in count and time."""
     headers = {"Authorization": f"Bearer {token}"}
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
         for _ in range(100_000):
-            if time.monotonic() >= until:
+            started = time.monotonic()
+            if started >= until:
                 return
+            status = 0
             try:
                 async with session.get(url, headers=headers) as resp:
                     await resp.read()
-                    seen[resp.status] += 1
-                    if resp.status == 200:
-                        admits.append(time.monotonic())
-                    else:
-                        await asyncio.sleep(0.05)
+                    status = resp.status
             except (aiohttp.ClientError, TimeoutError):
-                seen[0] += 1
-                await asyncio.sleep(0.05)
+                pass
+            calls.append((started, time.monotonic(), status))
+            if status == 200:
+                admits.append(time.monotonic())
+            pause = pace - (time.monotonic() - started) if pace else 0.0 if status == 200 else 0.05
+            await asyncio.sleep(max(pause, 0.0))
 
 
 def longest_gap(times: list[float], start: float, end: float) -> float:
@@ -145,8 +158,19 @@ def longest_gap(times: list[float], start: float, end: float) -> float:
 
 
 async def one_round(
-    tmp: Path, replicas: int, outage: float, warm: float, old_view: bool, keep: bool = False
+    tmp: Path,
+    replicas: int,
+    outage: float,
+    warm: float,
+    scenario: str,
+    keep: bool = False,
+    limits: tuple[tuple[int, float], ...] = LIMITS,
 ) -> dict[str, Any]:
+    """One round of ``scenario`` (``loaded``, ``old_view``, ``light``); ``limits``: the
+    gateway's (echowin's stay ``LIMITS``: a shorter extra window bounds the blind margin)."""
+    old_view = scenario == "old_view"
+    pace = LIGHT_PACE if scenario == "light" else 0.0
+    callers = 1 if scenario == "light" else CALLERS
     sim = Simulator(SimConfig(team_keys=frozenset({REAL_KEY}), limits=_sim_limits()))
     runner = web.AppRunner(sim.app(), access_log=None)
     await runner.setup()
@@ -164,6 +188,7 @@ async def one_round(
             redis.url,
             replicas,
             on_state_failure="local",
+            upstream=_upstream(f"http://127.0.0.1:{sim_port}", limits),
             logging={"access_log": keep, "level": "debug" if keep else "info"},
         )
         tokens = await mint(configs[0], replicas)
@@ -173,15 +198,15 @@ async def one_round(
             for cfg in configs:
                 await wait_up(session, cfg.admin_url("/healthz"))
         loaded_first = range(1, replicas) if old_view else range(replicas)
-        seen = [Counter[int]() for _ in configs]
         admits: list[list[float]] = [[] for _ in configs]
+        calls: list[Call] = []
         end_all = time.monotonic() + warm + outage + 2.0
 
         def load(i: int, until: float) -> list[asyncio.Task[None]]:
             url = configs[i].url("/api/v1/contacts")
             return [
-                asyncio.ensure_future(caller(url, tokens[i], until, seen[i], admits[i]))
-                for _ in range(CALLERS)
+                asyncio.ensure_future(caller(url, tokens[i], until, admits[i], calls, pace))
+                for _ in range(callers)
             ]
 
         tasks = [t for i in loaded_first for t in load(i, end_all)]
@@ -223,10 +248,26 @@ async def one_round(
         "longest_gap_seconds": [round(longest_gap(a, down_at, up_at), 2) for a in admits],
         "upstream_429s": sum(1 for r in sim.log if r.status == 429),
     }
+    if scenario == "light":  # every call could go: what share did, and how late
+        late = [c for c in calls if down_at <= c[0] < up_at]
+        ok = [c for c in late if c[2] == 200]
+        result["calls_during_outage"] = len(late)
+        result["answered_200"] = len(ok)
+        result["max_answer_seconds"] = round(max((b - a for a, b, _ in ok), default=0.0), 2)
     if old_view:
         first = [t for t in admits[0] if t >= down_at]
         result["first_admit_seconds"] = round(first[0] - down_at, 2) if first else None
     return result
+
+
+def _upstream(sim_url: str, limits: tuple[tuple[int, float], ...]) -> dict[str, Any]:
+    return {
+        "base_url": sim_url,
+        "api_key": {"env": "ECHOWIN_API_KEY"},
+        "timeout_seconds": 5,
+        "connect_timeout_seconds": 2,
+        "limits": [{"requests": n, "per_seconds": t} for n, t in limits],
+    }
 
 
 def _sim_limits() -> tuple[Any, ...]:
@@ -239,14 +280,19 @@ def sim_clock() -> float:
     return time.monotonic()  # the simulator's default clock
 
 
+SCENARIOS = ("loaded", "old_view", "light", "light+window")
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"limits": LIMITS, "guard_seconds": GUARD, "rounds": []}
-    for scenario in ("loaded", "old_view"):
+    for scenario in SCENARIOS:
         for r in range(args.rounds):
             with tempfile.TemporaryDirectory(prefix="egw-outage-") as tmp:
                 print(f"round {r} {scenario}", file=sys.stderr)
+                name, _, extra = scenario.partition("+")
+                limits = (*LIMITS, EXTRA_WINDOW) if extra else LIMITS
                 result = await one_round(
-                    Path(tmp), args.replicas, args.outage, args.warm, scenario == "old_view"
+                    Path(tmp), args.replicas, args.outage, args.warm, name, limits=limits
                 )
                 result["scenario"] = scenario
                 print(json.dumps(result), file=sys.stderr)
