@@ -9,6 +9,7 @@ connection pool per process. Secrets never come from the URL: the password is
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from redis.exceptions import RedisClusterException, RedisError
 from proxy.config.state_url import RedisAddress, parse_redis_url
 from proxy.config.stores import RedisTlsConfig
 
-__all__ = ["STATE_ERRORS", "RedisClient", "RedisOptions", "open_redis", "server_of"]
+__all__ = ["STATE_ERRORS", "RedisClient", "RedisOptions", "cancelling", "open_redis", "server_of"]
 
 RedisClient: TypeAlias = redis.asyncio.Redis | RedisCluster
 """What ``open_redis`` returns: a client of one server (standalone, or the sentinels'
@@ -39,6 +40,15 @@ master, followed across failovers), or of a cluster."""
 STATE_ERRORS = (RedisError, RedisClusterException, OSError)
 """What a call to Redis raises when Redis cannot answer: redis-py's errors (a cluster client's
 "no node reachable" is not a RedisError) and the socket's."""
+
+
+def cancelling() -> bool:
+    """The running task has been asked to stop. A loop that catches STATE_ERRORS must stop
+    then: a cancel that meets a call's own timeout may surface as TimeoutError (an OSError),
+    and a loop that took it for an outage would never end (its closer waits for it)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
 
 HEALTH_CHECK_INTERVAL_SECONDS = 10
 """A pooled connection idle this long is PINGed before reuse, so a dead one is replaced."""

@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from proxy.state.redis.client import STATE_ERRORS, RedisClient
+from proxy.state.redis.client import STATE_ERRORS, RedisClient, cancelling
 from proxy.state.redis.fallback import PROBE_INTERVAL
 
 __all__ = ["FreezeListener"]
@@ -76,6 +76,8 @@ class FreezeListener:
                     finally:
                         connection.deregister_connect_callback(self._reconnected)
             except STATE_ERRORS:
+                if cancelling():
+                    raise asyncio.CancelledError from None
                 self._lost()
                 await asyncio.sleep(PROBE_INTERVAL)
             except Exception as exc:  # a bug must not end the listening for good

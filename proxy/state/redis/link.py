@@ -20,7 +20,7 @@ from typing import Any, Literal, Protocol
 
 from proxy.budget.windows import CredentialBudget
 from proxy.state.redis import scripts
-from proxy.state.redis.client import STATE_ERRORS, RedisClient, server_of
+from proxy.state.redis.client import STATE_ERRORS, RedisClient, cancelling, server_of
 from proxy.state.redis.fallback import PROBE_INTERVAL, Fallback
 from proxy.state.redis.freezes import FreezeListener
 from proxy.state.redis.journal import Journal
@@ -215,7 +215,7 @@ class RedisLink:
         """Redis did not answer: the slots decide alone from what they knew, and the probe
         runs until Redis answers again."""
         slots = self._slots
-        if not slots.healthy:
+        if not slots.healthy or self.closed:  # closed: no probe may start any more
             return
         slots.healthy = False
         self._on_health(False)
@@ -249,7 +249,7 @@ class RedisLink:
     async def _probe(self) -> None:
         """Until Redis answers: wait, ping; then replay our journal and share again."""
         slots = self._slots
-        while True:
+        while not self.closed:
             await asyncio.sleep(PROBE_INTERVAL)
             try:
                 # Sends taken alone while these calls are on their way are in the journal
@@ -262,8 +262,12 @@ class RedisLink:
                     await self.carry_freeze()
                     await self._journal.release_pending()
             except STATE_ERRORS:
+                if cancelling():
+                    raise asyncio.CancelledError from None
                 continue
             break
+        if self.closed:
+            return
         slots.rejoined()
         slots.healthy = True
         self._on_health(True)
@@ -281,7 +285,8 @@ class RedisLink:
         try:
             await self._redis_time()
         except STATE_ERRORS:
-            self.went_down()
+            if not self.closed and not cancelling():  # a close may read as an error
+                self.went_down()
 
     async def _redis_time(self) -> float:
         seconds, micros = await self._redis.time()

@@ -20,6 +20,7 @@ from proxy.budget.grants import SlotGrant
 from proxy.budget.lane import Lane, QueuePolicy
 from proxy.budget.windows import Limit
 from proxy.state.redis.client import RedisOptions, open_redis
+from proxy.state.redis.freezes import FreezeListener
 from proxy.state.redis.slots import RedisSlots
 from tests.budget.test_scheduler import Recorder, token
 from tests.procs import eventually
@@ -153,3 +154,51 @@ async def test_a_lost_subscription_starts_the_fallback_before_any_reservation(
     await eventually(alone, "the replica fell back", 2.0)
     await lane.close()
     await client.aclose()
+
+
+async def test_a_cancel_that_surfaces_as_a_timeout_still_stops_the_listener(
+    redis_client: Redis, prefix: str
+) -> None:
+    """Closing cancels the listener; a cancel that meets a call's own timeout can come out
+    as TimeoutError, an OSError, which the listener takes for an outage. It must stop all
+    the same (``cancelling()``), or the link's close would wait for it forever."""
+
+    class Converting:  # the Redis client, whose subscription turns the cancel into a timeout
+        def __init__(self, real: Redis) -> None:
+            self.real = real
+            self.give_up = False  # the test's own way out, should the listener not stop
+
+        def pubsub(self, **kwargs: object) -> object:
+            return self.real.pubsub(**kwargs)
+
+        async def get(self, key: str) -> object:
+            if self.give_up:
+                raise asyncio.CancelledError
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                raise TimeoutError from None
+            return None
+
+    losses: list[float] = []
+    client = Converting(redis_client)
+    listener = FreezeListener(
+        client,  # type: ignore[arg-type]
+        channel=f"{prefix}default:freezes",
+        frozen_key=f"{prefix}default:frozen",
+        replica="r1",
+        name="default",
+        heard=lambda until: None,
+        spawn=lambda coro: None,
+        lost=lambda: losses.append(time.time()),
+    )
+    task = asyncio.ensure_future(listener.run())
+    await asyncio.sleep(0.3)  # subscribed, reading the freeze Redis holds
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=5.0)
+    if not done:  # stop it all the same, so that a failure does not hang the run
+        client.give_up = True
+        await asyncio.wait({task}, timeout=5.0)
+    assert done, "the listener went on after its cancel"
+    assert task.cancelled()
+    assert losses == [], "a cancel is not an outage"
