@@ -98,6 +98,9 @@ class RedisChannel:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # Redis away, or a bug: listen again after a pause
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():  # a stop seen as a timeout
+                    raise asyncio.CancelledError from None
                 self.subscribed.clear()
                 log.warning(
                     "cache purge listener failed", extra={"fields": {"error": type(exc).__name__}}

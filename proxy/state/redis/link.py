@@ -305,7 +305,7 @@ class RedisLink:
         replicas used every window meanwhile (nothing sent until they turn over). Ends once
         this replica has not reserved for ``keep_view`` seconds; a reservation starts it
         again."""
-        while True:
+        while not cancelling():  # a cancel the refresh took for an outage ends it too
             now = self._clock()
             if now - self.used_at > self._keep_view:
                 return  # not in use: no Redis call for it until it is

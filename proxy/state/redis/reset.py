@@ -16,7 +16,7 @@ import contextlib
 import secrets
 from collections.abc import Callable
 
-from proxy.state.redis.client import STATE_ERRORS, RedisClient
+from proxy.state.redis.client import STATE_ERRORS, RedisClient, cancelling
 
 __all__ = ["CHECK_SECONDS", "ResetWatch"]
 
@@ -68,6 +68,8 @@ class ResetWatch:
         while True:
             with contextlib.suppress(*STATE_ERRORS, TimeoutError):
                 await self.check()
+            if cancelling():  # a stop that surfaced as a timeout
+                raise asyncio.CancelledError
             await asyncio.sleep(self._interval)
 
     async def stop(self) -> None:
