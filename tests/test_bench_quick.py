@@ -229,6 +229,24 @@ def test_scale_quick_mode_produces_every_figure(tmp_path: Path) -> None:
     assert "| scale |" in out_md.read_text(encoding="utf-8")
 
 
+def test_scale_calls_counts_every_run(tmp_path: Path) -> None:
+    # tests/bench/scale_calls.py: the gateway under cProfile, calls per request for each
+    # run and what grows from one token to the spread (none is judged).
+    out_json = tmp_path / "calls.json"
+    cmd = [sys.executable, "-m", "tests.bench.scale_calls", "--keys", "4", "--tokens", "20"]
+    cmd += ["--spread", "8", "--requests", "40", "--top", "5", "--json", str(out_json)]
+    run = subprocess.run(
+        cmd, cwd=REPO, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    result = json.loads(out_json.read_text(encoding="utf-8"))
+    runs = {"one", "1key", "spread"}
+    for figure in ("calls_per_request", "rps", "write_ahead_transactions", "token_store_reads"):
+        assert set(result[figure]) == runs, figure
+    assert all(calls > 50 for calls in result["calls_per_request"].values())
+    assert len(result["grown_spread"]) == len(result["grown_1key"]) == 5
+
+
 def test_replicas_quick_mode_produces_every_figure(tmp_path: Path) -> None:
     # tests/bench/replicas.py: a private redis-server and a private three-master cluster,
     # 1 to 3 replicas on the first, 1 and 2 on the cluster, and one gateway on SQLite;

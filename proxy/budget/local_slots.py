@@ -14,7 +14,7 @@ import math
 from collections.abc import Callable, Coroutine, Sequence
 
 from proxy.budget.classes import UNCLASSED, ClassBook
-from proxy.budget.lease import Lease
+from proxy.budget.lease import LEASE_SECONDS, Lease, next_length
 from proxy.budget.slots import LINE_GRACE, Line, Row, SendLog, Slot, StateUnavailable
 from proxy.budget.windows import CredentialBudget, Limit, WindowView
 
@@ -36,7 +36,7 @@ class LocalSlots:
     its own row, recorded at the moment it is taken. See docs/budget.md, "Write-ahead".
     """
 
-    LEASE_SECONDS = 0.25  # how long the slots of one block may be handed out
+    LEASE_SECONDS = LEASE_SECONDS  # how long the slots of a first block may be handed out
     LEASE_FRACTION = 16  # a block is at most 1/16 of what the tightest window has free
     LEASE_MIN = 16  # smaller blocks are not worth it: a row per send (>= 256 free to lease)
     # A block is at most twice what the last one handed out: a credential with little
@@ -79,9 +79,9 @@ class LocalSlots:
         self.changes = 0
         self.on_frozen: Callable[[float], None] | None = None
         self._lease: Lease | None = None
-        # Slots the last lease handed out before it ended (None: no lease yet). Each slot
-        # reserved costs a record and, unused, a release in every window: see _block.
+        # Slots the last lease handed out (None: none yet) and the next one's length: _paced.
         self._demand: int | None = None
+        self.lease_seconds = self.LEASE_SECONDS
         self._line_due = -math.inf  # the ``due`` of this process's place in line
         self._yield_until = -math.inf  # a slot is free but another process's turn
         self._served = 0.0  # when this process last got a slot from the log (its line order)
@@ -100,7 +100,7 @@ class LocalSlots:
                 lease.left -= 1
                 return Slot(lease.at, committed=True, cls=lease.cls or None)
             self._lease = None
-            self._demand = lease.used
+            self._paced(lease, ended=now > lease.at)
             returned: Row | None = (lease.at, -lease.left, lease.cls) if lease.left else None
             for _ in range(lease.left):
                 self.budget.release(lease.at)
@@ -142,16 +142,23 @@ class LocalSlots:
             return None
         at, n, row_cls = row
         if n > 1:
-            lease = self._lease = Lease(at, n - 1, row_cls)
-            asyncio.get_running_loop().call_later(self.LEASE_IDLE_SECONDS, self._lease_idle, lease)
+            lease = self._lease = Lease(at, n - 1, row_cls, self.lease_seconds)
+            idle = self.LEASE_IDLE_SECONDS + lease.seconds - self.LEASE_SECONDS
+            asyncio.get_running_loop().call_later(idle, self._lease_idle, lease)
         return Slot(at, committed=True, cls=row_cls or None)
+
+    def _paced(self, lease: Lease, ended: bool) -> None:
+        """The next block's size (_block) and length (next_length), after ``lease``."""
+        self._demand = lease.used
+        shortest = min(lim.per_seconds for lim in self.budget.limits)
+        self.lease_seconds = next_length(lease, ended, shortest)
 
     def _lease_idle(self, lease: Lease) -> None:
         """The lease timer. If this process has not taken since the lease ended (an idle
         worker), its unused slots would stay reserved until it takes again: give them back
         now, for the other processes."""
         if self._lease is lease:
-            self._end_lease()
+            self._end_lease(paced=True)  # it lasted its length: a pace to learn from
 
     def _plan(
         self, now: float, rows: list[Row], line: Line, waiting: bool, cls: str | None = None
@@ -177,7 +184,7 @@ class LocalSlots:
             free = min(self.budget.remaining(now, i) for i in range(len(self.budget.limits)))
             if free > len(ahead):
                 n = self._block(now, cls)
-                at = now + self.LEASE_SECONDS if n > 1 else now
+                at = now + self.lease_seconds if n > 1 else now
                 # A block's slots go to any class: counted by none (it fits the surplus).
                 row_cls = "" if book is None else (cls or "") if n == 1 else UNCLASSED
                 for _ in range(n):
@@ -314,14 +321,17 @@ class LocalSlots:
         self._spawn(self.log.freeze(self.name, until))  # for a restart and other workers
         self._end_lease()  # nothing more leaves before ``until``
 
-    def _end_lease(self) -> None:
-        """Give the open lease's unused slots back now (the view at once, the log behind)."""
+    def _end_lease(self, paced: bool = False) -> None:
+        """Give the open lease's unused slots back now (the view at once, the log behind).
+        ``paced``: it lasted its length (else it ends early: a freeze, new limits, a stop)."""
         lease = self._lease
         # Used up or not: a slot of it given back later goes back to the budget, never
         # into the lease, which would hand it out again (past a freeze, or never give it
         # back to the others).
         self._lease = None
-        if lease is not None:
+        if lease is not None and paced:
+            self._paced(lease, ended=True)
+        elif lease is not None:
             self._demand = lease.used
         if lease is not None and lease.left:
             for _ in range(lease.left):

@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from proxy.budget.classes import ClassBook, ServiceClass
+from proxy.budget.lease import LEASE_MAX_SECONDS, LEASE_WANT, Lease, next_length
 from proxy.budget.local_slots import LocalSlots
 from proxy.budget.slots import Slot
 from proxy.budget.windows import CredentialBudget, Limit
@@ -103,7 +104,8 @@ async def test_a_lease_ends_after_its_time_and_gives_back_what_it_did_not_use(
     # Past the lease's end its slots may no longer leave: the next take opens a new lease
     # and gives back the old one's unused slots in the same write.
     later = await take(source, T0 + LEASE + 0.01, 1)
-    assert later[0].at == T0 + 2 * LEASE + 0.01
+    # It handed out fewer than LEASE_WANT in its time: the next lasts twice as long.
+    assert later[0].at == T0 + LEASE + 0.01 + 2 * LEASE
     assert files.rows()[1] == (first[0].at, -(block - 10))
     assert [v.used for v in source.snapshot(T0 + LEASE + 0.01)] == [11]
     # 10 spent, and a new lease of twice what the last one handed out (see the next test)
@@ -118,7 +120,7 @@ async def test_a_lease_is_sized_by_what_the_last_one_handed_out(files: Files) ->
     now = T0
     for _ in range(3):  # one send per lease
         assert len(await take(source, now, 1)) == 1
-        now += LEASE + 0.01
+        now += source.lease_seconds + 0.01  # (a quiet key's leases last longer: next test)
     sizes = [n for _, n in files.rows() if n > 0]
     assert sizes == [SqliteSendLog.block_max, 2, 2]
     await take(source, now, 2)  # a lease of 2, used up: the next one is 4, then 8...
@@ -130,6 +132,41 @@ async def test_a_lease_is_sized_by_what_the_last_one_handed_out(files: Files) ->
         await take(source, now, sizes[-1])
         sizes = [n for _, n in files.rows() if n > 0]
     assert sizes[-1] == SqliteSendLog.block_max
+
+
+async def test_a_quiet_keys_lease_lasts_longer_and_shares_its_row(files: Files) -> None:
+    # One key of hundreds, 4 sends a second: with 0.25 s leases nearly every send opened
+    # its own row (and gave back an unused slot). Its leases double in length while they
+    # hand out fewer than LEASE_WANT slots, up to LEASE_MAX_SECONDS, and halve back once one
+    # runs out with twice that many. Every slot's row counts it from before it leaves
+    # until at least its moment plus the window, as with any lease.
+    source = await files.source(Limit(100_000, 3600))
+    sends = [T0 + i * 0.25 for i in range(200)]  # 50 s at 4 a second
+    for now in sends:
+        (slot,) = await take(source, now, 1)
+        assert now <= slot.at <= now + LEASE_MAX_SECONDS
+    rows = [n for _, n in files.rows() if n > 0]
+    assert len(rows) < len(sends) / 8  # was a row per send or two
+    assert source.lease_seconds == LEASE_MAX_SECONDS
+    assert [v.used for v in source.snapshot(sends[-1])] == [200]  # each send counted once
+    # A burst runs leases out with many slots: each next one is half as long.
+    now = sends[-1] + LEASE_MAX_SECONDS + 0.01
+    burst = await take(source, now, 1000)
+    assert len(burst) == 1000 and all(now <= slot.at <= now + LEASE_MAX_SECONDS for slot in burst)
+    assert source.lease_seconds == LEASE
+
+
+def test_a_lease_is_never_longer_than_a_sixteenth_of_the_shortest_window() -> None:
+    quiet = Lease(T0, 1)
+    quiet.seconds = 1.0
+    assert next_length(quiet, True, 3600.0) == 2.0
+    assert next_length(quiet, True, 16.0) == 1.0  # 16 s / 16
+    assert next_length(quiet, True, 2.0) == LEASE  # never below the first lease's length
+    assert next_length(quiet, False, 3600.0) == 1.0  # ran out with 2 slots: as long
+    busy = Lease(T0, 2 * LEASE_WANT - 1)
+    busy.seconds, busy.left = 2.0, 0
+    assert next_length(busy, False, 3600.0) == 1.0
+    assert next_length(busy, True, 3600.0) == 2.0  # 32 handed out in its time: as long
 
 
 async def test_a_slot_given_back_returns_to_its_open_lease(files: Files) -> None:

@@ -183,7 +183,17 @@ class SqliteTokenStore(Connection):
         return await self._run(lambda conn: _put_unique_name(conn, record, now))
 
     async def get(self, token_id: str) -> TokenRecord | None:
-        return await self._run(lambda conn: _get(conn, token_id))
+        """A read by primary key, made on the caller's thread (the event loop) when the
+        connection is free, as the send log's are: the authenticator reads each token in
+        use again every ``tokens.cache_ttl_seconds``, and a hop to a worker thread and
+        back cost several times the read. When another statement holds the connection
+        (an admin write), in a worker thread as before: the loop never waits for it."""
+        if not self._lock.acquire(blocking=False):
+            return await self._run(lambda conn: _get(conn, token_id))
+        try:
+            return _get(self._conn, token_id)
+        finally:
+            self._lock.release()
 
     async def list(self) -> builtins.list[TokenRecord]:
         return await self._run(_list)
