@@ -45,7 +45,8 @@ import aiohttp
 from aiohttp import web
 
 from proxy.sim import SimConfig, Simulator
-from tests.procs import REAL_KEY, free_ports
+from tests.bench.servers import Processes
+from tests.procs import CLI, REAL_KEY, child_env, free_ports
 from tests.state.redis.test_replicas import RedisServer, mint, replica_configs, wait_redis_up
 
 # Short windows, so that a 10 s outage spans several turns of the tight one and most of
@@ -78,37 +79,6 @@ def ideal_sends(before: list[float], start: float, end: float) -> int:
         else:
             t += wait
     return count
-
-
-class Spawned:
-    """The gateway processes of one round: started here, all killed at the end."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.procs: list[asyncio.subprocess.Process] = []
-
-    async def serve(self, config: Path, name: str) -> None:
-        from tests.procs import CLI, child_env
-
-        out = (self.tmp / f"{name}.log").open("wb")
-        proc = await asyncio.create_subprocess_exec(
-            *CLI,
-            "serve",
-            "--config",
-            str(config),
-            env=child_env(ECHOWIN_API_KEY=REAL_KEY),
-            cwd=self.tmp,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=out,
-            stderr=out,
-        )
-        self.procs.append(proc)
-
-    async def close(self) -> None:
-        for proc in self.procs:
-            if proc.returncode is None:
-                proc.kill()
-            await proc.wait()
 
 
 async def wait_up(session: aiohttp.ClientSession, url: str) -> None:
@@ -179,7 +149,7 @@ async def one_round(
     (redis_port,) = free_ports(1)
     redis = RedisServer(redis_port, tmp, [])
     redis.start()
-    spawned = Spawned(tmp)
+    spawned = Processes(tmp)
     try:
         await wait_redis_up(redis.url)
         configs = replica_configs(
@@ -192,8 +162,10 @@ async def one_round(
             logging={"access_log": keep, "level": "debug" if keep else "info"},
         )
         tokens = await mint(configs[0], replicas)
+        serve_env = child_env(ECHOWIN_API_KEY=REAL_KEY)
         for i, cfg in enumerate(configs):
-            await spawned.serve(cfg.config, f"replica{i}")
+            cmd = [*CLI, "serve", "--config", str(cfg.config)]
+            spawned.start(f"replica{i}", cmd, cfg.url(""), None, env=serve_env)
         async with aiohttp.ClientSession() as session:
             for cfg in configs:
                 await wait_up(session, cfg.admin_url("/healthz"))
@@ -227,7 +199,7 @@ async def one_round(
         redis.start()
         await asyncio.gather(*tasks)
     finally:
-        await spawned.close()
+        spawned.close()
         for proc in redis.procs:
             if proc.poll() is None:
                 proc.kill()
