@@ -274,6 +274,30 @@ async def test_saturating_load_never_causes_a_429_and_uses_the_budget(
         assert statuses[200] > 0, f"{who} never got through"
 
 
+async def test_a_send_that_arrives_late_keeps_its_slot_until_its_answer(
+    make_gateway: MakeGateway, short_sim: tuple[Simulator, str]
+) -> None:
+    """The first twelve requests spend 0.6 s on their way in, more than the 0.25 s guard,
+    and echowin counts each from its late arrival. The gateway holds each slot until the
+    answer came back plus the window; counted from the send alone, the next request would
+    leave 2.25 s after the first and arrive within 2 s of the late ones."""
+    sim, sim_url = short_sim
+    gw = await short_gateway(make_gateway, sim_url)
+    token = await gw.token("contacts:read")
+    sim.set_faults(Faults(arrival_delay_seconds=0.6, count=12))
+    results = Results()
+    url = gw.url("/api/v1/contacts")
+    until = time.monotonic() + 6.0
+    await asyncio.gather(*(hammer(url, token, until, results, "t") for _ in range(12)))
+    assert sim.faults is None, "every late request was sent"
+    assert sim.statuses()[429] == 0, "a late arrival was counted in time: the window leaked"
+    arrivals = sim_arrivals(sim, TEAM_KEY)
+    for n, per in LIMITS:
+        assert max_in_any_window(arrivals, per) <= n
+    assert len(arrivals) >= 24, "the budget went on after the late requests"
+    assert results.statuses[200] == len(arrivals)
+
+
 async def test_a_noisy_token_cannot_starve_quiet_ones(
     make_gateway: MakeGateway, short_sim: tuple[Simulator, str]
 ) -> None:

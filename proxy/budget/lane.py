@@ -317,6 +317,7 @@ class Lane:
         unexpected 429 freezes the credential (:func:`freeze_until`)."""
         now = self.clock()
         self.version += 1
+        self.source.answered(grant.slot, now)
         if status == 429:
             quota = parse_upstream_quota(headers, now) if headers else None
             if quota is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
-__all__ = ["LEASE_SECONDS", "Lease", "next_length"]
+__all__ = ["LEASE_SECONDS", "Lease", "block_size", "next_length"]
 
 LEASE_SECONDS = 0.25  # how long a first lease lasts, and the shortest any lasts
 # A quiet credential's lease lasts longer (doubling while a lease hands out fewer than
@@ -13,6 +13,11 @@ LEASE_SECONDS = 0.25  # how long a first lease lasts, and the shortest any lasts
 # to LEASE_MAX_SECONDS and 1/LEASE_WINDOW_FRACTION of the shortest window: one of hundreds
 # of keys then shares a row among its sends, as a busy key does.
 LEASE_WANT = 16
+LEASE_FRACTION = 16  # a block is at most 1/16 of what the tightest window has free
+LEASE_MIN = 16  # smaller blocks are not worth it: a row per send (>= 256 free to lease)
+# A block is at most twice what the last one handed out: a credential with little traffic
+# of its own (one of hundreds of keys) does not reserve 256 slots per send.
+LEASE_GROWTH = 2
 LEASE_MAX_SECONDS = 4.0
 LEASE_WINDOW_FRACTION = 16
 
@@ -48,3 +53,18 @@ def next_length(lease: Lease, ended: bool, shortest_window: float) -> float:
     elif not ended and lease.used >= 2 * LEASE_WANT:
         seconds /= 2
     return max(LEASE_SECONDS, min(seconds, longest))
+
+
+def block_size(free: int, block_max: int, demand: int | None) -> int:
+    """How many slots one row reserves with ``free`` slots free (the fewest any window has,
+    or what the classes' reservations leave): 1 near any limit, up to ``block_max`` far,
+    and at most ``LEASE_GROWTH`` times what the last lease handed out (``demand``; at
+    least 2). A credential with a few sends per lease then reserves a few, not
+    ``block_max``, per row (every slot reserved is recorded, and released if unused, in
+    each window); a busy one doubles its block from lease to lease, back to ``block_max``."""
+    block = min(block_max, free // LEASE_FRACTION)
+    if block < LEASE_MIN:
+        return 1
+    if demand is not None:
+        block = min(block, max(2, LEASE_GROWTH * demand))
+    return block

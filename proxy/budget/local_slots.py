@@ -14,7 +14,7 @@ import math
 from collections.abc import Callable, Coroutine, Sequence
 
 from proxy.budget.classes import UNCLASSED, ClassBook
-from proxy.budget.lease import LEASE_SECONDS, Lease, next_length
+from proxy.budget.lease import LEASE_SECONDS, Lease, block_size, next_length
 from proxy.budget.slots import LINE_GRACE, Line, Row, SendLog, Slot, StateUnavailable
 from proxy.budget.windows import CredentialBudget, Limit, WindowView
 
@@ -37,11 +37,6 @@ class LocalSlots:
     """
 
     LEASE_SECONDS = LEASE_SECONDS  # how long the slots of a first block may be handed out
-    LEASE_FRACTION = 16  # a block is at most 1/16 of what the tightest window has free
-    LEASE_MIN = 16  # smaller blocks are not worth it: a row per send (>= 256 free to lease)
-    # A block is at most twice what the last one handed out: a credential with little
-    # traffic of its own (one of hundreds of keys) does not reserve 256 slots per send.
-    LEASE_GROWTH = 2
     # An idle process gives back a lease's unused slots this long (loop time) after taking
     # it: the lease is over by then. Longer than the lease, so a test moving a fake clock
     # meets the timer only if it runs that long in real time.
@@ -209,24 +204,15 @@ class LocalSlots:
         return None
 
     def _block(self, now: float, cls: str | None = None) -> int:
-        """How many slots one row reserves: 1 near any limit, up to ``block_max`` far (with
-        classes: far from what their reservations need; 1 for a paced class), and at most
-        ``LEASE_GROWTH`` times what the last lease handed out (at least 2). A credential
-        with a few sends per lease then reserves a few, not ``block_max``, per row (every
-        slot reserved is recorded, and released if unused, in each window); a busy one
-        doubles its block from lease to lease, back to ``block_max``."""
+        """How many slots one row reserves (:func:`block_size`): far from every limit, and
+        with classes far from what their reservations need; 1 for a paced class."""
         book = self.classes
         if self._block_max <= 1 or (book is not None and book.paced(cls)):
             return 1
         free = min(self.budget.remaining(now, index) for index in range(len(self.budget.limits)))
         if book is not None:
             free = min(free, book.surplus(now, self.budget))
-        block = min(self._block_max, free // self.LEASE_FRACTION)
-        if block < self.LEASE_MIN:
-            return 1
-        if self._demand is not None:
-            block = min(block, max(2, self.LEASE_GROWTH * self._demand))
-        return block
+        return block_size(free, self._block_max, self._demand)
 
     def _merge(self, rows: list[Row]) -> None:
         if rows:
@@ -281,6 +267,18 @@ class LocalSlots:
             self._held.append(slot.at)
         else:
             self._spawn(self.log.give_back(self.name, slot.at, 1, slot.cls or ""))
+
+    def answered(self, slot: Slot, now: float) -> None:
+        to = now - self.budget.guard
+        if to <= slot.at or not slot.committed or self._held is not None:
+            return  # in time (most answers); or a relimit reads the log: left as it is
+        self.budget.release(slot.at)  # False only when no window counts it any more
+        self.budget.record(to)
+        if self.classes is not None:
+            self.classes.release(slot.cls, slot.at)
+            self.classes.record(slot.cls, to)
+        self._spawn(self.log.move(self.name, slot.at, to, slot.cls or ""))
+        slot.at = to
 
     def retry_in(self, now: float) -> float:
         return max(self.budget.wait_time(now), self._yield_until - now, 0.0)

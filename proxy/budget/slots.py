@@ -89,6 +89,10 @@ class SendLog(Protocol):
     async def give_back(self, credential: str, at: float, n: int, cls: str = "") -> None:
         """Record that ``n`` sends of class ``cls`` recorded at ``at`` never left."""
 
+    async def move(self, credential: str, at: float, to: float, cls: str = "") -> None:
+        """Record that one send of class ``cls`` recorded at ``at`` counts from ``to``
+        instead (it may have reached echowin that late): both rows in one write."""
+
     async def freeze(self, credential: str, until: float) -> None:
         """Record a freeze: no send before ``until`` (a row with ``n`` = 0)."""
 
@@ -144,6 +148,12 @@ class SlotSource(Protocol):
 
     def give_back(self, slot: Slot) -> None:
         """The slot's request never reached echowin: free it (durable state in background)."""
+
+    def answered(self, slot: Slot, now: float) -> None:
+        """echowin answered ``slot``'s send at ``now``, so it arrived no later. An answer
+        more than the budget's guard after ``slot.at`` (a slow way in, a stalled process)
+        moves the send to ``now - guard``: it counts until ``now`` plus each window, as
+        echowin's count may (docs/budget.md, "Late answers")."""
 
     def retry_in(self, now: float) -> float:
         """Seconds until ``take`` may succeed again (0 if it may now)."""

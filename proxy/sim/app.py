@@ -155,6 +155,9 @@ class Simulator:
 
     async def _serve(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """Answer one API request, recording it whatever happens (client gone included)."""
+        pending = self._faults
+        if pending is not None and pending.arrival_delay_seconds > 0:
+            await asyncio.sleep(pending.arrival_delay_seconds)  # still on its way in
         arrival = self._arrive(request)
         status = NO_RESPONSE
         try:

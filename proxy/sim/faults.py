@@ -19,11 +19,14 @@ _MAX_LATENCY_SECONDS: Final = 600.0
 class Faults:
     """Misbehaviour applied to API requests (never to ``/_sim/`` control requests).
 
-    ``latency_seconds`` delays whatever answer follows. The answer itself, by precedence:
-    ``reset`` (drop the connection unanswered) > ``status`` (a JSON error with that status)
-    > ``force_429`` (echowin's 429 with ``Retry-After: retry_after`` seconds) > the normal
-    answer. ``gzip`` sends the answer's body gzip-encoded. ``count`` limits the faults to
-    the next ``count`` API requests (counted at arrival); None keeps them until cleared.
+    ``arrival_delay_seconds`` holds the request that long before it arrives (its time on
+    the way in: the network, echowin's load balancer): it is counted, and its windows
+    measured, from then. ``latency_seconds`` delays whatever answer follows. The answer
+    itself, by precedence: ``reset`` (drop the connection unanswered) > ``status`` (a JSON
+    error with that status) > ``force_429`` (echowin's 429 with ``Retry-After:
+    retry_after`` seconds) > the normal answer. ``gzip`` sends the answer's body
+    gzip-encoded. ``count`` limits the faults to the next ``count`` API requests (counted
+    at arrival); None keeps them until cleared.
 
     ``echo_key`` (a form of ``sim_echo.FORMS``) puts the key the request carried (its
     X-API-Key, or X-AGENCY-KEY under /api/v1/agency/), encoded in that form, into the answer
@@ -34,6 +37,7 @@ class Faults:
     """
 
     latency_seconds: float = 0.0
+    arrival_delay_seconds: float = 0.0
     status: int | None = None
     reset: bool = False
     force_429: bool = False
@@ -48,6 +52,8 @@ class Faults:
     def __post_init__(self) -> None:
         if not 0 <= self.latency_seconds <= _MAX_LATENCY_SECONDS:
             raise ValueError(f"latency_seconds must be within 0..{_MAX_LATENCY_SECONDS:g}")
+        if not 0 <= self.arrival_delay_seconds <= _MAX_LATENCY_SECONDS:
+            raise ValueError(f"arrival_delay_seconds must be within 0..{_MAX_LATENCY_SECONDS:g}")
         if self.status is not None and not 400 <= self.status <= 599:
             raise ValueError(f"status must be an HTTP error status (400..599), got {self.status}")
         if self.retry_after < 1:
@@ -73,6 +79,7 @@ class Faults:
         echo_in = _json_str(data, "echo_in")
         return cls(
             latency_seconds=_json_number(data, "latency_seconds"),
+            arrival_delay_seconds=_json_number(data, "arrival_delay_seconds"),
             status=_json_int(data, "status"),
             reset=_json_bool(data, "reset"),
             force_429=_json_bool(data, "force_429"),

@@ -125,6 +125,9 @@ class MemorySendLog:
     async def give_back(self, credential: str, at: float, n: int, cls: str = "") -> None:
         return None
 
+    async def move(self, credential: str, at: float, to: float, cls: str = "") -> None:
+        return None
+
     async def freeze(self, credential: str, until: float) -> None:
         return None
 

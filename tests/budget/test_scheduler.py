@@ -885,6 +885,10 @@ class Model:
         self.collected = 0
         self.open: list[SlotGrant] = []  # granted, not yet sent or unsent
         self.live: list[float] = []  # times of grants that count: open or sent
+        self.granted: list[float] = []  # the times they were granted at (never moved)
+        # A late answer came after its slot had stopped counting in some window: another
+        # send may have gone meanwhile, so only the granted times must keep that window.
+        self.overdue = False
         self.seen: set[int] = set()  # ids of grants handed out
 
     def admit(self, who: int, max_wait: float) -> None:
@@ -909,6 +913,7 @@ class Model:
                 self.seen.add(id(result))
                 self.open.append(result)
                 self.live.append(result.at)
+                self.granted.append(result.at)
             else:
                 assert isinstance(result, Refusal), result
                 assert result.reason in ("upstream_budget", "queue_full", "upstream_frozen")
@@ -925,7 +930,9 @@ class Model:
         longest = max(limit.per_seconds for limit in lane.budget.limits) + GUARD
         assert own_sends(lane, now) == sorted(t for t in self.live if t + longest > now)
         for limit in lane.budget.limits:
-            assert most_in_any_window(self.live, limit.per_seconds + GUARD) <= limit.requests
+            span = limit.per_seconds + GUARD
+            assert most_in_any_window(self.granted, span) <= limit.requests
+            assert self.overdue or most_in_any_window(self.live, span) <= limit.requests
         if not lane.calibrated:
             assert len(self.open) <= 1, "more than one probe out before calibration"
         # Nobody waits while a send is allowed (unless a blind probe is out).
@@ -968,13 +975,21 @@ async def run_interleaving(
                 pending[a % len(pending)].cancel()
             elif kind in ("sent", "unsent", "429") and model.open:
                 grant = model.open.pop(a % len(model.open))
+                before = grant.at
                 if kind == "unsent":
                     grant.unsent()
                     model.live.remove(grant.at)
+                    model.granted.remove(before)
                 elif kind == "sent":
                     grant.sent(200, rl(top, min(b, top)) if b >= 0 else {})
                 else:
                     grant.sent(429, {"Retry-After": str(1 + b % 3)})
+                if kind != "unsent":  # answered now: it counts from now - guard at the latest
+                    assert grant.at == max(before, clock.now - GUARD)
+                    if grant.at != before:
+                        model.live[model.live.index(before)] = grant.at
+                        shortest = min(limit.per_seconds for limit in limits)
+                        model.overdue |= clock.now > before + shortest + GUARD
             await settle()
             model.collect()
             model.check(clock.now)

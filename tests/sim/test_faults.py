@@ -16,6 +16,7 @@ import pytest
 from proxy.sim import (
     NO_RESPONSE,
     Faults,
+    SimConfig,
     Simulator,
 )
 from tests.sim.conftest import (
@@ -24,6 +25,7 @@ from tests.sim.conftest import (
     RATE_LIMITED,
     TEAM,
     TEAM_H,
+    AiohttpClient,
     Client,
     StartSim,
     get_tags,
@@ -34,6 +36,7 @@ from tests.sim.conftest import (
     ("fields", "message"),
     [
         ({"latency_seconds": -1}, "latency_seconds"),
+        ({"arrival_delay_seconds": 601}, "arrival_delay_seconds"),
         ({"status": 200}, "status"),
         ({"retry_after": 0}, "retry_after"),
         ({"count": 0}, "count"),
@@ -79,6 +82,21 @@ async def test_latency_fault_delays_the_answer(sim: Simulator, client: Client) -
     response = await get_tags(client)
     assert response.status == 200
     assert time.monotonic() - began >= 0.05
+
+
+async def test_arrival_delay_counts_the_request_when_it_arrives(
+    aiohttp_client: AiohttpClient,
+) -> None:
+    """The request is held on its way in: its arrival, the time its windows count from, is
+    read after the delay (a real clock here), and the answer follows."""
+    sim = Simulator(SimConfig(team_keys=frozenset({TEAM})), clock=time.monotonic)
+    client = await aiohttp_client(sim.app())
+    sim.set_faults(Faults(arrival_delay_seconds=0.05, count=1))
+    sent_at = time.monotonic()
+    response = await get_tags(client)
+    assert response.status == 200
+    assert sim.log[-1].at >= sent_at + 0.05
+    assert sim.faults is None  # its one use, taken at arrival
 
 
 async def test_status_fault_answers_json_5xx_for_count_requests_then_clears(

@@ -222,6 +222,34 @@ async def test_give_back_of_an_uncommitted_slot_frees_it_and_no_other(
     assert len(await take_all(source, now, 3)) == 1
 
 
+async def test_a_late_answer_moves_its_send_to_the_answer_less_the_guard(
+    make_source: Sources,
+) -> None:
+    """echowin counts a send when it arrives, no later than its answer: an answer more than
+    the guard after the send keeps its slot until the answer plus the window."""
+    source = await make_source()
+    now = time.time()
+    first, second, third = await take_all(source, now, 3)
+    for slot in (first, second, third):
+        await source.commit(slot)
+    source.answered(first, now + GUARD)  # in time: it stays where it is
+    for slot in (second, third):
+        source.answered(slot, now + GUARD + 0.5)
+    await settle(source)
+    assert first.at == pytest.approx(now, abs=EPS)
+    assert second.at == third.at == pytest.approx(now + 0.5, abs=EPS)
+    assert used(source, now + 0.5) == [3, 3]
+    await reread(source, now)
+    # The tightest window frees one slot when the first send stops counting, the next two
+    # half a second later (the 10 s window allows two more).
+    assert source.predict_wait(now, 0, None) == pytest.approx(SPANS[1], abs=0.1)
+    assert source.predict_wait(now, 1, None) == pytest.approx(SPANS[1] + 0.5, abs=0.1)
+    restarted = await make_source()  # what a restart, or another process, reads
+    await restarted.restore(now)
+    if restarted.durable:
+        assert restarted.predict_wait(now, 1, None) == pytest.approx(SPANS[1] + 0.5, abs=0.1)
+
+
 # --- 3. retry_in and predict_wait -----------------------------------------------------
 
 

@@ -33,5 +33,11 @@ def follow_classes(slots: RedisSlots, book: ClassBook) -> None:
         book.reset()
         book.load(((at, class_of_member(m)) for m, at in known.items()), now)
 
+    def move(member: bytes, at: float, to: float) -> None:
+        cls = class_of_member(member)
+        book.release(cls, at)
+        book.record(cls, to)
+
     view.on_learn = learn
+    view.on_move = move
     view.on_rebuild = rebuild

@@ -164,6 +164,26 @@ class RedisLink:
         finally:
             self._on_latency("release", time.perf_counter() - started)
 
+    async def call(self, op: str, script: Any, keys: list[str], args: list[Any]) -> Any:
+        """One script call the caller waits for, timed as ``op``."""
+        started = time.perf_counter()
+        try:
+            return await script(keys=keys, args=args)
+        finally:
+            self._on_latency(op, time.perf_counter() - started)
+
+    def move(self, member: str, at: float, to: float, now: float) -> None:
+        """Our send ``member`` counts from ``to`` instead of ``at`` (its answer came late):
+        in the journal (replayed so), the view (and the classes kept from it) and, when
+        Redis answers, its score, which every replica's reservation counts. A send made
+        alone keeps its place in the fallback's count."""
+        self._journal.remove(at, member)
+        self._journal.add(to, member, now)
+        self._view.move(member.encode(), to)
+        if self._slots.healthy:
+            call = self._redis.zadd(self._sends, {member: to + self._view.offset}, xx=True)
+            self.spawn(self.quietly("move", call))
+
     def abandoned(self, member: str, call: asyncio.Future[Any]) -> None:
         """A reservation whose caller left: remove its send if the script recorded one."""
         if call.cancelled():

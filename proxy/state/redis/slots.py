@@ -155,7 +155,7 @@ class RedisSlots:
             limits=self._limits,
         ) + scripts.class_args(cls, self.class_table)
         call = asyncio.ensure_future(
-            self._call("reserve", self._scripts.reserve, self._keys.reserve, args)
+            self._link.call("reserve", self._scripts.reserve, self._keys.reserve, args)
         )
         try:
             # The script runs to its end whoever waits: a caller that leaves meanwhile (a
@@ -250,6 +250,12 @@ class RedisSlots:
             else:  # Redis may hold it (taken before it went away): remove it once back
                 self._journal.pending_release.append(slot.ref)
 
+    def answered(self, slot: Slot, now: float) -> None:
+        to = now - self._guard
+        if to > slot.at and slot.ref is not None:
+            self._link.move(slot.ref, slot.at, to, now)
+            slot.at = to
+
     def retry_in(self, now: float) -> float:
         if not self.healthy:
             if self._mode == "closed":
@@ -268,8 +274,9 @@ class RedisSlots:
         if self.refreshed(now):
             return
         args = scripts.snapshot_args(horizon=self._horizon, new_epoch=secrets.token_hex(8))
+        script, keys = self._scripts.snapshot, self._keys.snapshot
         try:
-            reply = await self._call("snapshot", self._scripts.snapshot, self._keys.snapshot, args)
+            reply = await self._link.call("snapshot", script, keys, args)
         except STATE_ERRORS:
             self._link.went_down()
             return
@@ -376,13 +383,6 @@ class RedisSlots:
         self._fallback = None
         self._hint_until = 0.0
         self._view.read_at = -math.inf
-
-    async def _call(self, op: str, script: Any, keys: list[str], args: list[Any]) -> Any:
-        started = time.perf_counter()
-        try:
-            return await script(keys=keys, args=args)
-        finally:
-            self._on_latency(op, time.perf_counter() - started)
 
     async def restore(self, now: float) -> None:
         link = self._link

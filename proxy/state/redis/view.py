@@ -12,7 +12,11 @@ from collections.abc import Callable, Sequence
 
 from proxy.budget.windows import CredentialBudget, Limit
 
-__all__ = ["SharedView"]
+__all__ = ["MOVED_MIN", "SharedView"]
+
+# A known send read again with a later score was moved by the replica that sent it (its
+# answer came late); smaller differences are the clock offset's jitter between answers.
+MOVED_MIN = 0.01
 
 
 def _scores(raw: Sequence[bytes]) -> list[float]:
@@ -34,6 +38,7 @@ class SharedView:
         "known_max",
         "offset",
         "on_learn",
+        "on_move",
         "on_rebuild",
         "read_at",
         "seen_at",
@@ -49,6 +54,8 @@ class SharedView:
         # it when rebuilt: the classes of service follow the shared sends this way.
         self.on_learn: Callable[[bytes, float], None] | None = None
         self.on_rebuild: Callable[[dict[bytes, float], float], None] | None = None
+        # Told when a send counts from a later time (member, from, to): ``move``.
+        self.on_move: Callable[[bytes, float, float], None] | None = None
         self.relimit(limits, guard)
 
     def relimit(self, limits: Sequence[Limit], guard: float) -> None:
@@ -73,6 +80,9 @@ class SharedView:
                 learnt += 1
                 if self.on_learn is not None:
                     self.on_learn(fresh[i], at)
+            elif score - self.offset > at + MOVED_MIN:  # moved since: its answer came late
+                self.move(fresh[i], score - self.offset)
+                at = score - self.offset
             if fresh[i] == member:
                 mine = at
             self.cursor = max(self.cursor, score)
@@ -80,6 +90,18 @@ class SharedView:
             del known[next(iter(known))]
         self.budget.wait_time(now)  # prune what no window counts any more
         return mine, learnt
+
+    def move(self, member: bytes, to: float) -> None:
+        """A known send counts from ``to``, later than its time (its answer came late:
+        ``RedisSlots.answered``); nothing if it is not known."""
+        at = self.known.get(member)
+        if at is None or to <= at:
+            return
+        self.known[member] = to
+        self.budget.release(at)
+        self.budget.record(to)
+        if self.on_move is not None:
+            self.on_move(member, at, to)
 
     def rebuild(
         self, sends: Sequence[bytes], ext: Sequence[Sequence[bytes]], offset: float, now: float

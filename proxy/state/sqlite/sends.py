@@ -99,6 +99,15 @@ class SqliteSendLog(Connection):
             )
         )
 
+    async def move(self, credential: str, at: float, to: float, cls: str = "") -> None:
+        rows = [(credential, at, -1, self.owner, cls), (credential, to, 1, self.owner, cls)]
+        await self._run(
+            lambda c: c.executemany(
+                "INSERT INTO send_rows (credential, at, n, owner, cls) VALUES (?, ?, ?, ?, ?)",
+                rows,
+            )
+        )
+
     async def freeze(self, credential: str, until: float) -> None:
         await self._run(
             lambda c: c.execute(

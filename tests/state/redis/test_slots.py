@@ -109,14 +109,22 @@ async def test_the_reserve_rule_is_checked_in_the_reservation_across_replicas(
     assert sorted(m.rpartition("|")[2] for m in members) == ["batch"] * 3 + ["interactive"] * 2
 
 
-async def test_each_replicas_classes_follow_every_replicas_sends(
+def replicas_with_classes(
     client: Redis, prefix: str
-) -> None:
+) -> tuple[RedisSlots, RedisSlots, list[ClassBook]]:
+    """Two replicas whose classes (interactive reserves 2 per 10 s, batch) follow Redis."""
     specs = [ServiceClass("interactive", reserve=(Limit(2, 10.0),)), ServiceClass("batch")]
     a, b = slots(client, prefix), slots(client, prefix)
     books = [ClassBook(specs, LIMITS, 0.0, "batch") for _ in "ab"]
     follow_classes(a, books[0])
     follow_classes(b, books[1])
+    return a, b, books
+
+
+async def test_each_replicas_classes_follow_every_replicas_sends(
+    client: Redis, prefix: str
+) -> None:
+    a, b, books = replicas_with_classes(client, prefix)
     now = time.time()
     assert await a.take(now, cls="interactive") is not None
     assert await b.take(now, cls="batch") is not None  # its reply brings a's send along
@@ -126,6 +134,28 @@ async def test_each_replicas_classes_follow_every_replicas_sends(
         assert (views["interactive"][0].used, views["batch"][0].used) == (1, 1)
     assert class_of_member(b"abc:1|interactive") == "interactive"
     assert class_of_member(b"abc:2") is None
+
+
+async def test_a_late_answer_moves_the_send_for_every_replica_and_its_class(
+    client: Redis, prefix: str
+) -> None:
+    """Replica a's send is answered half a second late: Redis moves its score, and b, which
+    knew it at its first time, moves it in its view and its classes when it reads it again."""
+    a, b, books = replicas_with_classes(client, prefix)
+    now = time.time()
+    late = await a.take(now, cls="interactive")
+    assert late is not None and late.ref is not None
+    assert await b.take(now, cls="batch") is not None  # b knows a's send at its first time
+    a.answered(late, now + 0.5)  # the guard is 0 here: it counts from now + 0.5
+    await asyncio.gather(*a._link.tasks)
+    assert await b.take(now, cls="batch") is not None  # its reply brings the moved send
+    after = now + 10.2  # the sends made at `now` stop counting; the moved one still counts
+    for book, source in zip(books, (a, b), strict=True):
+        assert source._view.known[late.ref.encode()] == pytest.approx(now + 0.5, abs=0.05)
+        assert book.views(after, source.budget)["interactive"][0].used == 1
+        assert source.snapshot(after)[0].used == 1
+    await a.close()
+    await b.close()
 
 
 async def test_sends_alone_keep_their_class_in_the_book_and_in_the_replay(
@@ -359,7 +389,7 @@ async def test_a_reservation_whose_caller_left_records_no_send(client: Redis, pr
     the caller is gone before it hears so; the send must not stay counted."""
     a = slots(client, prefix)
     ran, release = asyncio.Event(), asyncio.Event()
-    real_call = a._call
+    real_call = a._link.call
 
     async def held_reply(op: str, script: Any, keys: list[str], args: list[Any]) -> Any:
         reply = await real_call(op, script, keys, args)
@@ -367,7 +397,7 @@ async def test_a_reservation_whose_caller_left_records_no_send(client: Redis, pr
         await release.wait()
         return reply
 
-    a._call = held_reply  # type: ignore[method-assign]
+    a._link.call = held_reply  # type: ignore[method-assign]
     taking = asyncio.ensure_future(a.take(time.time()))
     await ran.wait()
     assert await client.zcard(f"{prefix}default:sends") == 1

@@ -91,7 +91,7 @@ async def test_sends_taken_alone_while_the_journal_is_replayed_reach_redis(
     clock = Clock()
     a = slots(client_6379, prefix, replicas=1, clock=clock)
     assert await a.take(clock.now) is not None  # a current view of the shared state
-    real_call = a._call
+    real_call = a._link.call
     down = True
 
     async def flaky(op: str, script: Any, keys: list[str], args: list[Any]) -> Any:
@@ -99,7 +99,7 @@ async def test_sends_taken_alone_while_the_journal_is_replayed_reach_redis(
             raise ConnectionError("Redis is away")
         return await real_call(op, script, keys, args)
 
-    a._call = flaky  # type: ignore[method-assign]
+    a._link.call = flaky  # type: ignore[method-assign]
     assert await a.take(clock.now) is None  # goes down; the blind margin fills 1 s
     assert a.healthy is False
     clock.now += 1.01  # 1 + 2 assumed of 5 in 10 s: room for this replica's send
@@ -131,14 +131,14 @@ async def client_6379(redis_client: Redis) -> Redis:
 def _switchable(a: RedisSlots) -> dict[str, bool]:
     """Makes the reservation/snapshot scripts of ``a`` fail while state['down']."""
     state = {"down": False}
-    real_call = a._call
+    real_call = a._link.call
 
     async def call(op: str, script: Any, keys: list[str], args: list[Any]) -> Any:
         if state["down"]:
             raise ConnectionError("Redis is away")
         return await real_call(op, script, keys, args)
 
-    a._call = call  # type: ignore[method-assign]
+    a._link.call = call  # type: ignore[method-assign]
     return state
 
 
@@ -224,7 +224,7 @@ async def test_a_freeze_survives_a_refresh_that_read_redis_before_it(
     a = slots(client_6379, prefix, replicas=1, clock=clock)
     assert await a.take(clock.now) is not None
     read, deliver = asyncio.Event(), asyncio.Event()
-    real_call = a._call
+    real_call = a._link.call
 
     async def held(op: str, script: Any, keys: list[str], args: list[Any]) -> Any:
         reply = await real_call(op, script, keys, args)
@@ -233,7 +233,7 @@ async def test_a_freeze_survives_a_refresh_that_read_redis_before_it(
             await deliver.wait()
         return reply
 
-    a._call = held  # type: ignore[method-assign]
+    a._link.call = held  # type: ignore[method-assign]
     writing = asyncio.Event()
 
     async def freeze_fails(keys: list[str], args: list[Any]) -> Any:
@@ -266,7 +266,7 @@ async def test_a_reservation_that_timed_out_after_redis_ran_it_is_not_kept(
 
     a = slots(client_6379, prefix, (Limit(3, 30.0),), replicas=1)
     assert await a.take(time.time()) is not None  # a current view
-    real_call = a._call
+    real_call = a._link.call
     lost: list[str] = []
 
     async def late(op: str, script: Any, keys: list[str], args: list[Any]) -> Any:
@@ -274,10 +274,10 @@ async def test_a_reservation_that_timed_out_after_redis_ran_it_is_not_kept(
         lost.append(args[0])
         raise RedisTimeout("Timeout reading from socket")
 
-    a._call = late  # type: ignore[method-assign]
+    a._link.call = late  # type: ignore[method-assign]
     await a.take(time.time())
     assert a.healthy is False and lost
-    a._call = real_call  # type: ignore[method-assign]
+    a._link.call = real_call  # type: ignore[method-assign]
     members = await members_once_back(a, client_6379, prefix)
     assert lost[0].encode() not in members, "a reservation nobody used still counts"
     await a.close()
@@ -437,7 +437,7 @@ async def test_an_epoch_change_whose_refill_fails_is_not_a_fresh_view(
     async def replay_fails(offset: float, now: float, others: Any = None) -> None:
         raise ConnectionError("Redis is away again")
 
-    a._call = new_epoch  # type: ignore[method-assign]
+    a._link.call = new_epoch  # type: ignore[method-assign]
     a._journal.replay = replay_fails  # type: ignore[method-assign]
     assert await a.take(clock.now) is None
     assert a.healthy is False
