@@ -3,7 +3,7 @@ and one token, in the same run.
 
     python -m tests.bench.scale [--quick] [--keys 500] [--tokens 10000] [--spread 1000]
                                 [--rounds 3] [--seconds 5] [--json out.json]
-                                [--markdown out.md] [--profile DIR]
+                                [--markdown out.md] [--profile DIR] [--together]
 
 Two gateways of this tree (SQLite state, every feature on as in tests/bench/harness.py),
 pinned to one CPU, the upstream (nginx ``return 200``, else tests/bench/upstream.py) and
@@ -21,6 +21,10 @@ never binding):
     scale-1key  traffic spread over ``--spread`` tokens, all bound to one key
     scale       traffic spread over ``--spread`` other tokens, bound round robin to the
                 keys (the traffic of many subteams)
+
+With ``--together`` each of the three scale runs is measured at the same time as a run of
+``one`` (two load generators, both gateways sharing their CPU): each pair sees the same
+neighbours, and each run's CPU per answer is compared with its own ``one``.
 
 Spread traffic comes from wrk with a Lua script taking the tokens in turn (else the Python
 generator, rotating).
@@ -71,6 +75,7 @@ class Options:
     load: str
     profile: Path | None
     cache_ttl: float | None = None  # tokens.cache_ttl_seconds of both gateways (None: default)
+    together: bool = False  # each scale run at the same time as a run of ``one``
 
 
 @dataclass
@@ -202,6 +207,7 @@ class Run:
         self.procs = Processes(tmp)
         self.server_cpu, self.load_cpu = choose_cpus()
         self.wrk = loadgen.wrk_path() if opts.load in ("auto", "wrk") else None
+        self.nginx = servers.nginx_path()
 
     async def measure(self, gw: Gateway, tokens: list[str], tag: str) -> dict[str, Any]:
         url, seconds = gw.url + PATH, self.opts.seconds
@@ -264,6 +270,14 @@ class Run:
             log(f"{opts.tokens} tokens in {scale.create_seconds} s")
             rounds = await self._rounds(one, scale)
             result = summarise(opts, one, scale, rounds, CONNECTIONS)
+            result["meta"]["load_generator"] = (
+                loadgen.wrk_version(self.wrk) if self.wrk else "python asyncio"
+            )
+            result["meta"]["upstream"] = (
+                f"nginx {servers.nginx_version(self.nginx)} return 200"
+                if self.nginx
+                else "python (tests/bench/upstream.py)"
+            )
             result["scrapes"] = {
                 "one": await self.scrape_cost(one.gw),
                 "scale": await self.scrape_cost(scale.gw),
@@ -276,9 +290,8 @@ class Run:
             self.procs.close()
 
     async def _upstream(self) -> str:
-        nginx = servers.nginx_path()
-        if nginx:
-            up = servers.start_nginx_upstream(self.procs, nginx, self.load_cpu)
+        if self.nginx:
+            up = servers.start_nginx_upstream(self.procs, self.nginx, self.load_cpu)
         else:
             up = servers.start_python_upstream(self.procs, self.load_cpu)
         async with aiohttp.ClientSession() as session:
@@ -295,7 +308,17 @@ class Run:
         rounds: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in plan}
         for r in range(self.opts.rounds):
             for name, gw, tokens in plan:
-                res = await self.measure(gw, tokens, name)
+                if self.opts.together and name == "one":
+                    continue  # measured beside each of the others
+                if self.opts.together:
+                    base, res = await asyncio.gather(
+                        self.measure(one.gw, one.tokens, f"one-{name}"),
+                        self.measure(gw, tokens, name),
+                    )
+                    res["one_cpu_us"] = base.get("cpu_us")
+                    rounds["one"].append(base)
+                else:
+                    res = await self.measure(gw, tokens, name)
                 rounds[name].append(res)
                 log(
                     f"round {r + 1}/{self.opts.rounds} {name:<8} {res['rps']:>8.1f} req/s"
@@ -354,6 +377,11 @@ def parse_args(argv: list[str] | None) -> tuple[Options, Path | None, Path | Non
     p.add_argument(
         "--cache-ttl", type=float, help="tokens.cache_ttl_seconds of both gateways (default 5)"
     )
+    p.add_argument(
+        "--together",
+        action="store_true",
+        help="measure each scale run at the same time as a run of one (same neighbours)",
+    )
     p.add_argument("--json", type=Path)
     p.add_argument("--markdown", type=Path)
     args = p.parse_args(argv)
@@ -369,6 +397,7 @@ def parse_args(argv: list[str] | None) -> tuple[Options, Path | None, Path | Non
         load=args.load,
         profile=args.profile,
         cache_ttl=args.cache_ttl,
+        together=args.together,
     )
     return opts, args.json, args.markdown
 

@@ -17,15 +17,23 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"{meta['keys']} keys, {meta['tokens']:,} tokens, traffic over {meta['spread']:,};"
         f" {meta['rounds']} rounds of {meta['seconds']} s, {meta['connections']} connections;"
-        f" load average {meta['loadavg']}",
+        f" load average {meta['loadavg']}; load: {meta.get('load_generator', '?')};"
+        f" upstream: {meta.get('upstream', '?')}",
         "",
-        "| Run | req/s (median) | vs one | CPU µs/answer | vs one | peak RSS MB |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| Run | req/s (median) | vs one | CPU µs/answer | vs one"
+        " | vs one, round by round: median (range) | peak RSS MB |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, t in result["targets"].items():
+        paired = t.get("cpu_ratio_by_round")
+        by_round = (
+            f"{paired['median']:.3f} ({paired['min']:.3f} to {paired['max']:.3f})"
+            if paired
+            else "-"
+        )
         lines.append(
             f"| {name} | {_num(t['rps'])} | {_num(t['rps_ratio'], 3)} | {_num(t['cpu_us'])}"
-            f" | {_num(t['cpu_ratio'], 3)} | {t['rss_peak_mb']} |"
+            f" | {_num(t['cpu_ratio'], 3)} | {by_round} | {t['rss_peak_mb']} |"
         )
     lines += ["", "| Gateway | start-up s | tokens | made in s | RSS started MB |"]
     lines[-1] += " RSS with tokens MB | RSS after load MB |"
@@ -56,6 +64,22 @@ def _median(rows: list[dict[str, Any]], key: str) -> float | None:
     return round(statistics.median(values), 1) if values else None
 
 
+def _by_round(rows: list[dict[str, Any]], base: list[dict[str, Any]]) -> dict[str, float] | None:
+    """CPU per answer of each round against ``one``'s in the same round (measured seconds
+    apart, or at the same time with ``--together``): median, least and most."""
+    pairs = [(r.get("cpu_us"), r.get("one_cpu_us")) for r in rows]
+    if not any(b for _, b in pairs):
+        pairs = [(r.get("cpu_us"), b.get("cpu_us")) for r, b in zip(rows, base, strict=False)]
+    ratios = [r / b for r, b in pairs if r and b]
+    if not ratios:
+        return None
+    return {
+        "median": round(statistics.median(ratios), 3),
+        "min": round(min(ratios), 3),
+        "max": round(max(ratios), 3),
+    }
+
+
 def summarise(
     opts: Options,
     one: Setup,
@@ -73,6 +97,7 @@ def summarise(
             "rss_peak_mb": max(r["rss_peak_mb"] for r in rows),
             "rps_ratio": round(rps / base_rps, 3) if rps and base_rps else None,
             "cpu_ratio": round(cpu / base_cpu, 3) if cpu and base_cpu else None,
+            "cpu_ratio_by_round": _by_round(rows, rounds["one"]),
             "all_as_expected": all(r["as_expected"] for r in rows),
             "rounds": rows,
         }
@@ -85,6 +110,7 @@ def summarise(
             "seconds": opts.seconds,
             "connections": connections,
             "quick": opts.quick,
+            "together": opts.together,
             "loadavg": [round(x, 2) for x in os.getloadavg()],
         },
         "setup": {
