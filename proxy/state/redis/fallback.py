@@ -13,10 +13,14 @@ from collections.abc import Iterable, Sequence
 
 from proxy.budget.windows import CredentialBudget, Limit, WindowView
 
-__all__ = ["PROBE_INTERVAL", "Fallback", "blind_margin"]
+__all__ = ["PROBE_INTERVAL", "SETTLE_SECONDS", "Fallback", "Settling", "blind_margin"]
 
 # While Redis is down, probe it this often, seconds.
 PROBE_INTERVAL = 0.5
+# After rejoining, a replica keeps to its share alone this long as well (Settling): every
+# other replica alone has rejoined by then, its next probe (PROBE_INTERVAL) having waited
+# out at most a Redis timeout (redis.timeout_seconds, 0.5 s by default) first.
+SETTLE_SECONDS = 4 * PROBE_INTERVAL
 
 
 def blind_margin(
@@ -110,3 +114,23 @@ class Fallback:
         """Seconds until a send with ``ahead`` others queued before it could go, each of
         them weighing ``replicas``."""
         return self.budget.predict_wait(now, self.replicas * (ahead + 1) - 1, horizon)
+
+
+class Settling:
+    """The first replica back in Redis shares again while others may still be alone: their
+    sends alone are not in Redis until they rejoin and replay them, so Redis alone would
+    hand their share to this replica too. Until ``until`` (local seconds) each of its sends
+    must fit its ``fallback`` as well as Redis' windows, the share it kept alone."""
+
+    __slots__ = ("fallback", "until")
+
+    def __init__(self, fallback: Fallback, until: float) -> None:
+        self.fallback = fallback
+        self.until = until
+
+    def share(self, now: float, healthy: bool) -> Fallback | None:
+        """The share a send must fit now (None: Redis alone decides, or the fallback)."""
+        return self.fallback if healthy and now < self.until else None
+
+    def retry_in(self, now: float) -> float:
+        return self.fallback.retry_in(now) if now < self.until else 0.0

@@ -12,13 +12,14 @@ what this replica sent, and the slots share again.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any, Literal, Protocol
 
-from proxy.budget.windows import CredentialBudget
+from proxy.budget.windows import CredentialBudget, Limit
 from proxy.state.redis import scripts
 from proxy.state.redis.client import STATE_ERRORS, RedisClient, cancelling, server_of
 from proxy.state.redis.fallback import PROBE_INTERVAL, Fallback
@@ -49,7 +50,8 @@ class Linked(Protocol):
         """Redis went away: decide with ``fallback`` until it answers again."""
 
     def rejoined(self) -> None:
-        """Redis answers again and holds this replica's sends: share again."""
+        """Redis answers again and holds this replica's sends: share again (keeping to the
+        share alone for a while, as others may not be back yet: ``fallback.Settling``)."""
 
     @property
     def budget(self) -> CredentialBudget:
@@ -101,6 +103,7 @@ class RedisLink:
         self.listener: asyncio.Task[None] | None = None  # hears freezes (FreezeListener)
         self.tasks: set[asyncio.Task[Any]] = set()  # the writes nobody waits for
         self.closed = False
+        self._observations = itertools.count()  # makes each observe's members unique
         self._server_now = server_of(client, keys.sends)
         self._server = self._server_now()  # who held the shared state at the last answer
 
@@ -199,6 +202,17 @@ class RedisLink:
         args = scripts.freeze_args(seconds=seconds, channel=self._channel, replica=self._replica)
         result: Awaitable[Any] = self._scripts.freeze(keys=[self._frozen], args=args)
         return result
+
+    def write_observe(self, keys: list[str], used: int, limit: Limit, guard: float) -> None:
+        """echowin counts ``used`` sends in ``limit``'s window: what the replicas' sends
+        do not explain goes in as external sends (observe.lua), in the background."""
+        args = scripts.observe_args(
+            used=used,
+            span=limit.per_seconds + guard,
+            requests=limit.requests,
+            prefix=f"x:{self._replica}:{next(self._observations)}",
+        )
+        self.spawn(self.quietly("observe", self._scripts.observe(keys=keys, args=args)))
 
     async def carry_freeze(self) -> None:
         """A freeze set while alone (an upstream 429) must hold for every replica too."""

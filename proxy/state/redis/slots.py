@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import itertools
 import math
 import secrets
 import time
@@ -28,21 +27,18 @@ from proxy.budget.slots import LINE_GRACE, Slot, StateUnavailable
 from proxy.budget.windows import CredentialBudget, Limit, WindowView
 from proxy.state.redis import scripts
 from proxy.state.redis.client import STATE_ERRORS, RedisClient
-from proxy.state.redis.fallback import PROBE_INTERVAL, Fallback
+from proxy.state.redis.fallback import PROBE_INTERVAL, SETTLE_SECONDS, Fallback, Settling
 from proxy.state.redis.journal import Journal
 from proxy.state.redis.link import RedisLink
 from proxy.state.redis.scripts import reply_text
 from proxy.state.redis.view import SharedView
 
-__all__ = ["MIRROR_MAX_AGE", "QUOTA_IN_USE", "RedisSlots"]
+__all__ = ["MIRROR_MAX_AGE", "QUOTA_IN_USE", "SETTLE_SECONDS", "RedisSlots"]
 
 MIRROR_MAX_AGE = 0.1  # rebuild the shared view used for predictions at most this often, s
 # A token quota's view is kept VIEW_MAX_IDLE fresh only this long after this replica last
 # reserved from it (a credential's view: always); see RedisSlots(keep_view=...).
 QUOTA_IN_USE = 60.0
-# A freeze read back from Redis within this of the one the view holds is the same freeze
-# (each read converts Redis time with its own clock offset: they differ by a round trip).
-FREEZE_SAME = 0.05
 
 
 class RedisSlots:
@@ -89,9 +85,9 @@ class RedisSlots:
         self._served = 0.0  # Redis time this replica last got a slot (its order in line)
         self._line_due = -math.inf  # local time our place in line lapses (-inf: no place)
         self._seq = 0
-        self._observations = itertools.count()
         self._hint_until = 0.0  # Redis said: no slot before this (local time)
         self._fallback: Fallback | None = None  # while Redis is away
+        self._settling: Settling | None = None  # just back: its share still holds (Settling)
         self._link = link = RedisLink(
             self,
             client,
@@ -133,8 +129,17 @@ class RedisSlots:
 
     # --- reserving -------------------------------------------------------------------
 
-    async def take(
-        self, now: float, waiting: bool = False, cls: str | None = None, *, again: bool = True
+    async def take(self, now: float, waiting: bool = False, cls: str | None = None) -> Slot | None:
+        share = None if self._settling is None else self._settling.share(now, self.healthy)
+        if share is not None and not share.take(now):
+            return None  # just back in Redis, and past this replica's share (Settling)
+        slot = await self._take(now, waiting, cls)
+        if slot is None and share is not None:
+            share.give_back(now)
+        return slot
+
+    async def _take(
+        self, now: float, waiting: bool, cls: str | None, *, again: bool = True
     ) -> Slot | None:
         if not self.healthy:
             return self._take_alone(now, cls)
@@ -186,7 +191,7 @@ class RedisSlots:
             if not again or "|" in member:  # a class's send: asked again by the lane
                 return None
             # The refill took round trips: a send is placed at the time it is reserved.
-            return await self.take(self._clock(), waiting, again=False)
+            return await self._take(self._clock(), waiting, None, again=False)
         self._epoch = reply_text(reply[4])
         self._view.seen_at = now  # the view is current as of this answer
         link = self._link
@@ -240,8 +245,10 @@ class RedisSlots:
     def give_back(self, slot: Slot) -> None:
         self._hint_until = 0.0
         self._view.budget.release(slot.at)
-        if self._fallback is not None:
-            self._fallback.give_back(slot.at)
+        settling = self._settling
+        for fallback in (self._fallback, settling.fallback if settling else None):
+            if fallback is not None:
+                fallback.give_back(slot.at)
         self._journal.remove(slot.at, slot.ref or "")
         if slot.ref is not None:
             self._view.known.pop(slot.ref.encode(), None)  # never put back after a restart
@@ -262,7 +269,8 @@ class RedisSlots:
                 return PROBE_INTERVAL
             assert self._fallback is not None
             return self._fallback.retry_in(now)
-        return max(0.0, self._hint_until - now)
+        held = 0.0 if self._settling is None else self._settling.retry_in(now)
+        return max(0.0, self._hint_until - now, held)
 
     # --- predictions and views -------------------------------------------------------
 
@@ -334,14 +342,7 @@ class RedisSlots:
                 own = view.own_count(now, index)
                 view.observe(now, limit=limit, remaining=remaining, sent_count=own)
         if self.healthy:
-            args = scripts.observe_args(
-                used=used,
-                span=lim.per_seconds + self._guard,
-                requests=lim.requests,
-                prefix=f"x:{self._replica}:{next(self._observations)}",
-            )
-            call = self._scripts.observe(keys=self._keys.observe(index), args=args)
-            self._spawn(self._quietly("observe", call))
+            self._link.write_observe(self._keys.observe(index), used, lim, self._guard)
 
     def assume_external(self, now: float, used: int) -> None:
         self._view.budget.assume_external(now, used)
@@ -355,17 +356,12 @@ class RedisSlots:
             self._spawn(self._quietly("freeze", self._link.write_freeze(until - now)))
 
     def _heard_freeze(self, until: float, now: float) -> None:
-        """Redis holds a freeze until ``until`` (local time): it holds in this view too, and
-        one the view did not know yet (another replica met an upstream 429) is told to the
-        lane, which refuses at once the waiters that cannot wait it out."""
-        if until <= now:
-            return
-        mirror = self._view.budget
-        known = mirror.frozen_until(now)
-        mirror.freeze(until)
-        if self._fallback is not None:
-            self._fallback.budget.freeze(until)
-        if known is None or until > known + FREEZE_SAME:
+        """Redis holds a freeze until ``until`` (local time): it holds in this view (and
+        the fallback) too, and one the view did not know yet (another replica met an
+        upstream 429) is told to the lane, which refuses at once the waiters that cannot
+        wait it out."""
+        fallback = None if self._fallback is None else self._fallback.budget
+        if self._view.heard_freeze(until, now, fallback):
             self.changes += 1
             if self.on_frozen is not None:
                 self.on_frozen(until)
@@ -377,9 +373,11 @@ class RedisSlots:
         return self._seq
 
     def fall_back(self, fallback: Fallback) -> None:
-        self._fallback = fallback
+        self._fallback, self._settling = fallback, None
 
     def rejoined(self) -> None:
+        if self._fallback is not None and self._fallback.replicas > 1:  # others may be alone
+            self._settling = Settling(self._fallback, self._clock() + SETTLE_SECONDS)
         self._fallback = None
         self._hint_until = 0.0
         self._view.read_at = -math.inf

@@ -12,11 +12,14 @@ from collections.abc import Callable, Sequence
 
 from proxy.budget.windows import CredentialBudget, Limit
 
-__all__ = ["MOVED_MIN", "SharedView"]
+__all__ = ["FREEZE_SAME", "MOVED_MIN", "SharedView"]
 
 # A known send read again with a later score was moved by the replica that sent it (its
 # answer came late); smaller differences are the clock offset's jitter between answers.
 MOVED_MIN = 0.01
+# A freeze read back from Redis within this of the one the view holds is the same freeze
+# (each read converts Redis time with its own clock offset: they differ by a round trip).
+FREEZE_SAME = 0.05
 
 
 def _scores(raw: Sequence[bytes]) -> list[float]:
@@ -90,6 +93,17 @@ class SharedView:
             del known[next(iter(known))]
         self.budget.wait_time(now)  # prune what no window counts any more
         return mine, learnt
+
+    def heard_freeze(self, until: float, now: float, fallback: CredentialBudget | None) -> bool:
+        """Redis holds a freeze until ``until`` (local time): it holds in the mirror, and in
+        ``fallback`` if given. True when the mirror did not know it yet (news)."""
+        if until <= now:
+            return False
+        known = self.budget.frozen_until(now)
+        self.budget.freeze(until)
+        if fallback is not None:
+            fallback.freeze(until)
+        return known is None or until > known + FREEZE_SAME
 
     def move(self, member: bytes, to: float) -> None:
         """A known send counts from ``to``, later than its time (its answer came late:
