@@ -177,11 +177,13 @@ class Runtime:
             on_health=lambda up: self.metrics.state_up.labels("redis").set(1 if up else 0),
         )
         pg_password = self.secrets.token_store_password
+        sentinel = self.secrets.sentinel_password
         self._state = state = await open_state(
             cfg,
             password.reveal() if password is not None else None,
             hooks,
             pg_password.reveal() if pg_password is not None else None,
+            sentinel.reveal() if sentinel is not None else None,
         )
         self.metrics.state_up.labels(state.backend).set(1)
         state.watch_resets(self._state_reset)

@@ -20,7 +20,13 @@ from proxy.auth.tokens import (
     parse_duration,
 )
 from proxy.config import AGENCY_KEY_NAME, ConfigError, GatewayConfig, file_key_names
-from proxy.state import open_token_store, postgres_options, redis_options, state_password
+from proxy.state import (
+    open_token_store,
+    postgres_options,
+    redis_options,
+    sentinel_password,
+    state_password,
+)
 
 
 class NameTaken(ValueError):
@@ -83,7 +89,8 @@ async def open_store(config: GatewayConfig) -> TokenStore:
         options = postgres_options(config, password)
         return await open_token_store(config.token_store, postgres_options=options)
     password = state_password(config, os.environ)
-    return await open_token_store(config.state, redis_options=redis_options(config, password))
+    redis = redis_options(config, password, sentinel_password(config, os.environ))
+    return await open_token_store(config.state, redis_options=redis)
 
 
 def upstream_key_names(config: GatewayConfig) -> tuple[str, ...]:

@@ -24,7 +24,13 @@ from proxy.cli.common import cli_actor, fail, load, state_errors
 from proxy.config import ConfigError, GatewayConfig, parse_config
 from proxy.config.postgres_url import is_postgres_url, parse_postgres_url
 from proxy.config.state_url import parse_redis_url, parse_state_url
-from proxy.state import open_token_store, postgres_options, redis_options
+from proxy.state import (
+    open_token_store,
+    postgres_options,
+    redis_options,
+    sentinel_password,
+    state_password,
+)
 from proxy.state.sqlite.connection import StateFileError
 
 if TYPE_CHECKING:
@@ -107,11 +113,10 @@ async def _open(url: str, config: GatewayConfig) -> TokenStore:
         password = None if ref is None else ref.resolve("postgres.password", os.environ).reveal()
         return await open_token_store(url, postgres_options=postgres_options(config, password))
     parse_state_url(url)  # ValueError (state: ...) before any password is read
-    ref = config.redis.password
-    password = None if ref is None else ref.resolve("redis.password", os.environ).reveal()
-    return await open_token_store(
-        url, redis_options=redis_options(config.model_copy(update={"state": url}), password)
-    )
+    config = config.model_copy(update={"state": url})
+    password = state_password(config, os.environ)
+    options = redis_options(config, password, sentinel_password(config, os.environ))
+    return await open_token_store(url, redis_options=options)
 
 
 async def _run(args: argparse.Namespace, config: GatewayConfig) -> int:

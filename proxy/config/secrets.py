@@ -135,6 +135,8 @@ class Secrets:
     credentials: Mapping[str, Credential]
     admin_token: Secret | None
     state_password: Secret | None = None
+    # redis.sentinel_password, read when the state is in Redis behind sentinels.
+    sentinel_password: Secret | None = None
     # postgres.password, read when token_store is a postgresql:// URL.
     token_store_password: Secret | None = None
     # tracing.headers, read when tracing is on: sent with every span export.
@@ -142,6 +144,20 @@ class Secrets:
 
     def team_key_names(self) -> tuple[str, ...]:
         return tuple(n for n in self.credentials if n != AGENCY_KEY_NAME)
+
+
+def _optional(
+    ref: SecretRef | None, key: str, env: Mapping[str, str], errors: list[str]
+) -> Secret | None:
+    """The secret ``ref`` names (None without one); a missing one adds its line to
+    ``errors``."""
+    if ref is None:
+        return None
+    try:
+        return ref.resolve(key, env)
+    except ConfigError as exc:
+        errors.extend(exc.lines)
+        return None
 
 
 def resolve_secrets(config: GatewayConfig, environ: Mapping[str, str] | None = None) -> Secrets:
@@ -173,19 +189,13 @@ def resolve_secrets(config: GatewayConfig, environ: Mapping[str, str] | None = N
             admin = config.admin_token.resolve("admin_token", env)
         except ConfigError:
             admin = None  # the admin API stays closed; the gateway itself still runs
-    password: Secret | None = None
     redis_state = config.state.partition("://")[0].lower() in REDIS_SCHEMES
-    if config.redis.password is not None and redis_state:
-        try:
-            password = config.redis.password.resolve("redis.password", env)
-        except ConfigError as exc:
-            errors.extend(exc.lines)
-    pg_password: Secret | None = None
-    if config.postgres.password is not None and config.token_store is not None:
-        try:
-            pg_password = config.postgres.password.resolve("postgres.password", env)
-        except ConfigError as exc:
-            errors.extend(exc.lines)
+    redis, pg = config.redis, config.postgres
+    password = _optional(redis.password if redis_state else None, "redis.password", env, errors)
+    sentinel = redis.sentinel_password if redis_state else None
+    sentinel_pw = _optional(sentinel, "redis.sentinel_password", env, errors)
+    pg_ref = pg.password if config.token_store is not None else None
+    pg_password = _optional(pg_ref, "postgres.password", env, errors)
     tracing: dict[str, Secret] = {}
     if config.tracing is not None and config.tracing.enabled:
         for name, ref in config.tracing.headers.items():
@@ -199,6 +209,7 @@ def resolve_secrets(config: GatewayConfig, environ: Mapping[str, str] | None = N
         credentials=credentials,
         admin_token=admin,
         state_password=password,
+        sentinel_password=sentinel_pw,
         token_store_password=pg_password,
         tracing_headers=tracing,
     )

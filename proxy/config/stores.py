@@ -48,6 +48,9 @@ class RedisConfig(_Model):
 
     password: SecretRef | None = None
     username: str | None = None
+    # The sentinels' own AUTH (their requirepass, or an ACL user), redis-sentinel:// only.
+    sentinel_password: SecretRef | None = None
+    sentinel_username: str | None = None
     key_prefix: str = "egw:"
     timeout_seconds: PositiveFloat = 0.5
     connect_timeout_seconds: PositiveFloat | None = None
@@ -63,7 +66,7 @@ class RedisConfig(_Model):
             raise ValueError("must not hold { or } (the gateway adds its own hash tags)")
         return value
 
-    @field_validator("username")
+    @field_validator("username", "sentinel_username")
     @classmethod
     def _username(cls, value: str | None) -> str | None:
         if value is not None and (not value or not value.isprintable() or " " in value):

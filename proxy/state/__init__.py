@@ -51,6 +51,7 @@ __all__ = [
     "parse_state_url",
     "postgres_options",
     "redis_options",
+    "sentinel_password",
     "state_password",
 ]
 
@@ -71,9 +72,12 @@ def __getattr__(name: str) -> object:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def redis_options(config: GatewayConfig, password: str | None) -> RedisOptions | None:
+def redis_options(
+    config: GatewayConfig, password: str | None, sentinel_password: str | None = None
+) -> RedisOptions | None:
     """The RedisOptions for ``config``; None unless its state is in Redis (redis-py is
-    imported only then)."""
+    imported only then). ``password``, ``sentinel_password``: ``redis.password`` and
+    ``redis.sentinel_password``, resolved."""
     if parse_state_url(config.state).backend != "redis":
         return None
     from proxy.state.redis.client import RedisOptions
@@ -84,6 +88,8 @@ def redis_options(config: GatewayConfig, password: str | None) -> RedisOptions |
         key_prefix=redis.key_prefix,
         timeout_seconds=redis.timeout_seconds,
         username=redis.username,
+        sentinel_username=redis.sentinel_username,
+        sentinel_password=sentinel_password,
         pool_size=redis.pool_size,
         connect_timeout_seconds=redis.connect_timeout_seconds,
         tls=redis.tls,
@@ -110,6 +116,15 @@ def state_password(config: GatewayConfig, environ: Mapping[str, str]) -> str | N
     if ref is None or parse_state_url(config.state).backend != "redis":
         return None
     return ref.resolve("redis.password", environ).reveal()
+
+
+def sentinel_password(config: GatewayConfig, environ: Mapping[str, str]) -> str | None:
+    """``redis.sentinel_password`` read from ``environ`` (or its file) when the state is in
+    Redis; None otherwise, or when none is set. ConfigError if it cannot be read."""
+    ref = config.redis.sentinel_password
+    if ref is None or parse_state_url(config.state).backend != "redis":
+        return None
+    return ref.resolve("redis.sentinel_password", environ).reveal()
 
 
 async def open_token_store(
@@ -299,16 +314,18 @@ async def open_state(
     password: str | None,
     hooks: SharedSlotsHooks,
     token_store_password: str | None = None,
+    sentinel_password: str | None = None,
 ) -> State:
     """Open what ``config.state`` names: the token store and the budget's state (a send log,
     or one Redis client shared by the store and every slot source); the token store is
     ``config.token_store``'s instead when set. ``password``: the resolved ``redis.password``
-    (ignored by the other backends); ``token_store_password``: ``postgres.password``. A
+    (ignored by the other backends), ``sentinel_password`` the sentinels' own;
+    ``token_store_password``: ``postgres.password``. A
     Redis that refuses what the gateway needs (a permission, the password, TLS) raises
     ``StateAccessError`` (proxy.state.redis.preflight); one that does not answer lets the
     gateway start."""
     client = None
-    options = redis_options(config, password)
+    options = redis_options(config, password, sentinel_password)
     if options is not None:
         from proxy.state.redis.client import open_redis  # redis-py only when Redis is used
         from proxy.state.redis.preflight import check_access

@@ -52,6 +52,26 @@ def test_missing_secrets_are_one_line_each(tmp_path: Path) -> None:
     assert all("\n" not in line for line in lines)
 
 
+def test_the_sentinels_password_is_a_secret_read_only_with_redis_state() -> None:
+    raw = {
+        "upstream": {"api_key": {"env": "TEAM"}},
+        "state": "redis-sentinel://127.0.0.1:26379/main",
+        "redis": {"sentinel_password": {"env": "SENTINELS"}},
+    }
+    with pytest.raises(ConfigError) as info:
+        resolve_secrets(parse_config(raw), {"TEAM": "t"})
+    assert info.value.lines == [
+        "redis.sentinel_password: environment variable SENTINELS is not set or empty"
+    ]
+    resolved = resolve_secrets(parse_config(raw), {"TEAM": "t", "SENTINELS": "s-pass"})
+    assert resolved.sentinel_password is not None
+    assert resolved.sentinel_password.reveal() == "s-pass"
+    assert "s-pass" not in repr(resolved)
+    # Not read at all when the state is not in Redis.
+    local = resolve_secrets(parse_config(raw | {"state": "memory://"}), {"TEAM": "t"})
+    assert local.sentinel_password is None
+
+
 def test_a_key_pasted_where_its_name_goes_is_not_echoed() -> None:
     pasted = "ew_live_4f9a8c7e6d5b"  # a key, written as the variable's name or the file
     config = parse_config(

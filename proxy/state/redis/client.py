@@ -71,7 +71,8 @@ class RedisOptions:
     ``timeout_seconds`` for one on a standalone server or Sentinel's master; on a cluster
     one beyond it fails). ``username``: the ACL user (the
     URL's, if it names one). ``password`` (AUTH) never shows in repr. ``tls``: CA file,
-    client certificate, server name (``rediss`` URLs only).
+    client certificate, server name (``rediss`` URLs only). ``sentinel_username`` and
+    ``sentinel_password`` (never in repr): the sentinels' own AUTH, if they demand one.
     """
 
     password: str | None = field(default=None, repr=False)
@@ -81,6 +82,8 @@ class RedisOptions:
     pool_size: int = 100
     connect_timeout_seconds: float | None = None
     tls: RedisTlsConfig | None = None
+    sentinel_username: str | None = None
+    sentinel_password: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.key_prefix, str) or not self.key_prefix:
@@ -234,12 +237,12 @@ class _SentinelMaster(redis.asyncio.Redis):
 def _open_sentinel(address: RedisAddress, options: RedisOptions) -> redis.asyncio.Redis:
     """The master the sentinels name, found again through them after a failover. The
     sentinels are reached with the same timeouts and TLS (checked against their own
-    addresses), without a user or password (Sentinel's ``requirepass`` is not supported)."""
+    addresses), and with their own user and password if set (``redis.sentinel_*``)."""
     kwargs = _common_kwargs(address, options)
-    sentinel = Sentinel(
-        list(address.nodes),
-        sentinel_kwargs={k: v for k, v in kwargs.items() if k.startswith(("socket_", "ssl"))},
-    )
+    own = {k: v for k, v in kwargs.items() if k.startswith(("socket_", "ssl"))}
+    if options.sentinel_password is not None:
+        own |= {"username": options.sentinel_username, "password": options.sentinel_password}
+    sentinel = Sentinel(list(address.nodes), sentinel_kwargs=own)
     server_name = options.tls.server_name if options.tls and address.tls else None
     if kwargs.pop("ssl", False):
         base: type[SSLConnection] = SentinelManagedSSLConnection

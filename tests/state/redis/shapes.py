@@ -189,6 +189,7 @@ class SentinelGroup(Deployment):
     replica: int = 0
     sentinels: tuple[int, ...] = ()
     tls: dict[str, object] = field(default_factory=dict)  # how a test client reaches them
+    sentinel_auth: dict[str, object] = field(default_factory=dict)  # the sentinels' AUTH
 
     @property
     def url(self) -> str:
@@ -197,25 +198,35 @@ class SentinelGroup(Deployment):
 
     def master_port(self) -> int:
         """The master's port as the sentinels tell it now."""
-        with client(self.sentinels[0], **self.tls) as c:
+        with client(self.sentinels[0], **self.tls, **self.sentinel_auth) as c:
             _host, port = c.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", SERVICE)
         return int(port)
 
 
 def start_sentinel_group(
-    tmp: Path, through: Callable[[int], int] | None = None, certs: Certs | None = None
+    tmp: Path,
+    through: Callable[[int], int] | None = None,
+    certs: Certs | None = None,
+    sentinel_password: str | None = None,
 ) -> SentinelGroup:
     """A master, its replica and three sentinels (quorum 2) that fail over after 1 s down.
     ``through(master_port)``: the port everyone reaches the master at instead (a Gate's):
     the replica replicates from it, the sentinels monitor it (``group.master`` is it).
     ``certs``: every server and sentinel TLS only (replication and sentinels' own links
-    too), a client certificate demanded."""
+    too), a client certificate demanded. ``sentinel_password``: the sentinels demand it
+    (``requirepass``, and use it among themselves); the servers do not."""
     master, replica, *sentinels = free_ports(5)
     tmp.mkdir(parents=True, exist_ok=True)
     upstream = master if through is None else through(master)
     group = SentinelGroup(tmp, master=upstream, replica=replica, sentinels=tuple(sentinels))
     tls = {} if certs is None else tls_client_kwargs(certs)
     group.tls = tls
+    auth = (
+        ""
+        if sentinel_password is None
+        else (f"requirepass {sentinel_password}\nsentinel sentinel-pass {sentinel_password}\n")
+    )
+    group.sentinel_auth = {} if sentinel_password is None else {"password": sentinel_password}
 
     def secure(port: int) -> list[str]:
         return [] if certs is None else [*tls_args(certs, port), "--tls-replication", "yes"]
@@ -232,12 +243,15 @@ def start_sentinel_group(
                 f"sentinel monitor {SERVICE} 127.0.0.1 {upstream} 2\n"
                 f"sentinel down-after-milliseconds {SERVICE} 1000\n"
                 f"sentinel failover-timeout {SERVICE} 4000\n"
-                f"sentinel parallel-syncs {SERVICE} 1\n"
+                f"sentinel parallel-syncs {SERVICE} 1\n{auth}"
             )
             group.start(port, str(conf), "--sentinel")
         wait_until(lambda: _replicating(replica, **tls), "the replica in sync")
         for port in sentinels:
-            wait_until(lambda p=port: _sentinel_sees_all(p, **tls), f"sentinel {port} up")
+            wait_until(
+                lambda p=port: _sentinel_sees_all(p, **tls, **group.sentinel_auth),
+                f"sentinel {port} up",
+            )
     except BaseException:
         group.stop()
         raise

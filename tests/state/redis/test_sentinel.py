@@ -7,6 +7,7 @@ real: the master is killed under load.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections import Counter
@@ -15,11 +16,13 @@ from pathlib import Path
 
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from proxy.budget.windows import Limit
 from proxy.config import load_config
 from proxy.config.stores import RedisTlsConfig
 from proxy.sim import Simulator
+from proxy.state import redis_options, sentinel_password
 from proxy.state.redis.client import RedisOptions, open_redis
 from proxy.state.redis.fallback import SETTLE_SECONDS
 from proxy.state.redis.preflight import check_access
@@ -232,6 +235,35 @@ async def test_sentinel_over_tls(tmp_path: Path) -> None:
         assert await client.set("egw-tls:probe", "1", px=2000)
     finally:
         await client.aclose()
+        group.stop()
+
+
+async def test_sentinels_that_demand_a_password(tmp_path: Path) -> None:
+    """Sentinels with a password of their own (``requirepass``; the servers have none):
+    ``redis.sentinel_password``, read from the environment like every secret, reaches
+    them, and the gateway finds the master and passes its checks. Without it the sentinels
+    refuse, and the master is never found."""
+    group = shapes.start_sentinel_group(tmp_path / "sentinel", sentinel_password="only-sentinels")
+    raw = {
+        "upstream": {"base_url": "http://127.0.0.1:9", "api_key": {"env": "K"}},
+        "state": group.url,
+        "redis": {"sentinel_password": {"env": "EGW_SENTINEL_PASSWORD"}},
+    }
+    path = tmp_path / "gateway.yaml"
+    path.write_text(json.dumps(raw))
+    config = load_config(path)
+    env = {"K": "sk_test", "EGW_SENTINEL_PASSWORD": "only-sentinels"}
+    options = redis_options(config, None, sentinel_password(config, env))
+    assert options is not None and "only-sentinels" not in repr(options)
+    clients = [open_redis(group.url, options), open_redis(group.url, RedisOptions())]
+    try:
+        await check_access(clients[0], "egw-sentinel-auth:")
+        assert await clients[0].set("egw-sentinel-auth:probe", "1", px=2000)
+        with pytest.raises(RedisError):
+            await clients[1].ping()
+    finally:
+        for c in clients:
+            await c.aclose()
         group.stop()
 
 
