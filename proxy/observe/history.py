@@ -8,6 +8,7 @@ so far.
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections import deque
 from collections.abc import Iterable
@@ -36,17 +37,21 @@ def sends_per_minute(
     is None (not known), not 0, and the minute it falls in may be partly counted (only
     with windows shorter than the hour shown). A send stamped after ``now`` (a lease's
     block is recorded at its end, a fraction of a second ahead) counts in the current
-    minute. O(len(times))."""
+    minute. One sort (linear on the budget's times, oldest first already), then a search
+    per minute: a key's hour of sends costs no Python step per send."""
     last = _minute(now)
     first = last - minutes + 1
-    counts: list[int | None] = [0] * minutes
-    for t in times:
-        index = min(_minute(t), last) - first
-        if index >= 0:
-            counts[index] = (counts[index] or 0) + 1
-    for index in range(minutes):
-        if (first + index + 1) * 60 <= known_since:
-            counts[index] = None
+    ordered = sorted(times)
+    counts: list[int | None] = []
+    lo = bisect.bisect_left(ordered, first, key=_minute)
+    for minute in range(first, last + 1):
+        hi = (
+            len(ordered)
+            if minute == last
+            else bisect.bisect_left(ordered, minute + 1, lo, key=_minute)
+        )
+        counts.append(None if (minute + 1) * 60 <= known_since else hi - lo)
+        lo = hi
     return counts
 
 

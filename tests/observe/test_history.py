@@ -3,6 +3,11 @@ log's times, and the deepest queue per minute from samples. A fake clock through
 
 from __future__ import annotations
 
+import math
+
+from hypothesis import given
+from hypothesis import strategies as st
+
 from proxy.budget.windows import CredentialBudget, Limit
 from proxy.observe.history import MINUTES, QueueHistory, first_minute, sends_per_minute
 
@@ -48,6 +53,34 @@ def test_counted_holds_every_send_of_the_longest_window_ours_and_external() -> N
     assert budget.counted() == [NOW - 3000, NOW - 1800, NOW - 120, NOW - 1]
     counts = sends_per_minute(budget.counted(), NOW, NOW - 3600.25)
     assert sum(c or 0 for c in counts) == 4
+
+
+def one_by_one(times: list[float], now: float, known_since: float) -> list[int | None]:
+    """Each send put in its minute, one at a time: what the search per minute must equal."""
+    last = math.floor(now / 60)
+    first = last - MINUTES + 1
+    counts: list[int | None] = [0] * MINUTES
+    for t in times:
+        index = min(math.floor(t / 60), last) - first
+        if index >= 0:
+            counts[index] = (counts[index] or 0) + 1
+    for index in range(MINUTES):
+        if (first + index + 1) * 60 <= known_since:
+            counts[index] = None
+    return counts
+
+
+@given(
+    st.lists(st.floats(NOW - 4000, NOW + 5, allow_nan=False), max_size=200),
+    st.floats(0, 4000),
+    st.sampled_from([0.0, 60.0, 59.999999, 1e-9]),
+)
+def test_the_count_per_minute_equals_counting_each_send(
+    times: list[float], reach: float, shift: float
+) -> None:
+    now = NOW + shift  # on and near a minute's edge too
+    times += [math.floor(t / 60) * 60.0 for t in times[:20]]  # sends on an edge exactly
+    assert sends_per_minute(times, now, now - reach) == one_by_one(times, now, now - reach)
 
 
 def test_the_queue_keeps_the_deepest_sample_of_each_minute() -> None:
