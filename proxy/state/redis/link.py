@@ -19,6 +19,8 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any, Literal, Protocol
 
+from redis.exceptions import NoPermissionError, ResponseError
+
 from proxy.budget.windows import CredentialBudget, Limit
 from proxy.state.redis import scripts
 from proxy.state.redis.client import STATE_ERRORS, RedisClient, cancelling, server_of
@@ -118,8 +120,8 @@ class RedisLink:
         try:
             await self._journal.replay(self._view.offset, self._clock(), known)
             await self.carry_freeze()
-        except STATE_ERRORS:
-            self.went_down()
+        except STATE_ERRORS as exc:
+            self.went_down(exc)
             return False
         self._view.read_at = -math.inf  # read the view again, with what was put back
         return True
@@ -151,8 +153,8 @@ class RedisLink:
         started = time.perf_counter()
         try:
             await call
-        except STATE_ERRORS:
-            self.went_down()
+        except STATE_ERRORS as exc:
+            self.went_down(exc)
         finally:
             self._on_latency(op, time.perf_counter() - started)
 
@@ -161,9 +163,9 @@ class RedisLink:
         started = time.perf_counter()
         try:
             await self._redis.zrem(self._sends, member)
-        except STATE_ERRORS:
+        except STATE_ERRORS as exc:
             self._journal.pending_release.append(member)  # removed once Redis is back
-            self.went_down()
+            self.went_down(exc)
         finally:
             self._on_latency("release", time.perf_counter() - started)
 
@@ -245,9 +247,11 @@ class RedisLink:
 
     # --- health ----------------------------------------------------------------------
 
-    def went_down(self) -> None:
-        """Redis did not answer: the slots decide alone from what they knew, and the probe
-        runs until Redis answers again."""
+    def went_down(self, error: BaseException | None = None) -> None:
+        """Redis did not answer (``error``, what the call raised): the slots decide alone
+        from what they knew, and the probe runs until Redis answers again. A permission
+        the ACL user lost since the start (NOPERM) is logged as an error, naming it: only
+        an operator can mend it; the slots carry on alone meanwhile, as for an outage."""
         slots = self._slots
         if not slots.healthy or self.closed:  # closed: no probe may start any more
             return
@@ -265,12 +269,19 @@ class RedisLink:
         slots.fall_back(fallback)
         seen = view.budget.snapshot(now)
         alone = fallback.budget.snapshot(now)
-        log.warning(
-            "shared state unreachable",
+        refused = isinstance(error, NoPermissionError) or (
+            isinstance(error, ResponseError) and "can't run this command" in str(error)
+        )
+        log.log(
+            logging.ERROR if refused else logging.WARNING,
+            "shared state refuses a permission" if refused else "shared state unreachable",
             extra={
                 "fields": {
                     "credential": slots.name,
                     "mode": self._mode,
+                    "error": None if error is None else type(error).__name__,
+                    # NOPERM, or a script's command refused (the start-up checks name it)
+                    "refused": str(error) if refused else None,
                     "view_age_seconds": round(now - view.seen_at, 3),
                     # per window: free as last seen, and free alone (after the margin)
                     "free_seen": [w.remaining for w in seen],
@@ -318,9 +329,9 @@ class RedisLink:
     async def _check_reachable(self) -> None:
         try:
             await self._redis_time()
-        except STATE_ERRORS:
+        except STATE_ERRORS as exc:
             if not self.closed and not cancelling():  # a close may read as an error
-                self.went_down()
+                self.went_down(exc)
 
     async def _redis_time(self) -> float:
         seconds, micros = await self._redis.time()

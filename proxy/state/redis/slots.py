@@ -169,10 +169,10 @@ class RedisSlots:
         except asyncio.CancelledError:
             call.add_done_callback(functools.partial(self._link.abandoned, member))
             raise
-        except STATE_ERRORS:
+        except STATE_ERRORS as exc:
             # A timeout may come after the script ran: its send, if recorded, never leaves.
             self._journal.pending_release.append(member)
-            self._link.went_down()
+            self._link.went_down(exc)
             # The failed call took time (up to the Redis timeout): a send recorded at the
             # earlier `now` would stop counting before echowin stops counting it.
             return self._take_alone(self._clock(), cls)
@@ -285,8 +285,8 @@ class RedisSlots:
         script, keys = self._scripts.snapshot, self._keys.snapshot
         try:
             reply = await self._link.call("snapshot", script, keys, args)
-        except STATE_ERRORS:
-            self._link.went_down()
+        except STATE_ERRORS as exc:
+            self._link.went_down(exc)
             return
         # The reply: Redis time, the freeze (Redis time), the epoch, the sends (member,
         # score, ...), then each window's external sends.

@@ -10,6 +10,7 @@ the text the docs show.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from collections import Counter
@@ -20,10 +21,12 @@ from pathlib import Path
 import pytest
 
 from proxy.auth.tokens import TokenRecord, hash_secret
+from proxy.budget.windows import Limit
 from proxy.config.stores import RedisTlsConfig
 from proxy.sim import Simulator
 from proxy.state.redis.client import RedisOptions, open_redis
 from proxy.state.redis.preflight import StateAccessError, acl_rule, check_access
+from proxy.state.redis.slots import RedisSlots
 from proxy.state.redis.tokens import RedisTokenStore
 from tests.procs import REAL_KEY, Spawn, child_env, free_ports, load_loop, run_cli, write_config
 from tests.state.redis import shapes
@@ -157,6 +160,44 @@ async def test_a_missing_permission_is_named_at_start(tls_redis: TlsRedis, missi
         await client.aclose()
     assert missing in str(refused.value).lower()
     assert PASSWORD not in str(refused.value)
+
+
+async def test_a_permission_lost_while_running_is_logged_as_an_error_naming_it(
+    tls_redis: TlsRedis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The ACL user passed the start-up checks, then an operator took ``+time`` away (the
+    reservation script calls TIME): the replica carries on alone, as for an outage, and
+    says why at error level."""
+    tls_redis.set_user("shrinking", acl_rule("shrinking", "egw-"))
+    opts = RedisOptions(
+        password=PASSWORD,
+        username="shrinking",
+        key_prefix=f"egw-{uuid.uuid4().hex[:8]}:",
+        timeout_seconds=2.0,
+        tls=tls_redis.tls(),
+    )
+    client = open_redis(tls_redis.url(), opts)
+    slots = RedisSlots(
+        "default", client, opts.key_prefix, [Limit(5, 10.0)], 0.0, replicas=1, mode="local"
+    )
+    try:
+        await check_access(client, opts.key_prefix)
+        assert await slots.take(time.time()) is not None
+        tls_redis.set_user("shrinking", acl_rule("shrinking", "egw-").replace(" +time", ""))
+        with caplog.at_level(logging.WARNING, logger="echowin_gateway"):
+            await slots.take(time.time())  # decided alone, from the share the view leaves
+        assert not slots.healthy
+        (line,) = [r for r in caplog.records if r.getMessage().startswith("shared state")]
+        assert line.levelno == logging.ERROR
+        assert line.getMessage() == "shared state refuses a permission"
+        fields = line.__dict__["fields"]
+        # A script's refused command is not named by Redis; the start-up checks name it.
+        assert fields["error"] == "ResponseError"
+        assert "can't run this command" in fields["refused"]
+        assert PASSWORD not in caplog.text
+    finally:
+        await slots.close()
+        await client.aclose()
 
 
 def test_serve_stops_at_start_on_a_refused_permission(tls_redis: TlsRedis, tmp_path: Path) -> None:
