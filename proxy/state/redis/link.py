@@ -250,8 +250,8 @@ class RedisLink:
     def went_down(self, error: BaseException | None = None) -> None:
         """Redis did not answer (``error``, what the call raised): the slots decide alone
         from what they knew, and the probe runs until Redis answers again. A permission
-        the ACL user lost since the start (NOPERM) is logged as an error, naming it: only
-        an operator can mend it; the slots carry on alone meanwhile, as for an outage."""
+        the ACL user lost since the start (NOPERM) is logged as an error, in Redis' words:
+        only an operator can mend it; the slots carry on alone meanwhile, as for an outage."""
         slots = self._slots
         if not slots.healthy or self.closed:  # closed: no probe may start any more
             return
