@@ -247,6 +247,11 @@ class CredentialBudget:
         pruned), for :class:`~proxy.budget.classes.ClassBook`'s waits."""
         return [at for at, _ in self._windows[index].entries]
 
+    def newest(self) -> float:
+        """The latest send time any window holds, ours or external (-inf if none): a send
+        recorded at or after it is appended to every window's log, in O(1)."""
+        return max((w.entries[-1][0] for w in self._windows if w.entries), default=-math.inf)
+
     def remaining(self, now: float, index: int) -> int:
         """``N - count``, never below 0."""
         return max(0, self._windows[index].limit.requests - self.count(now, index))
