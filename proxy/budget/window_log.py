@@ -120,7 +120,8 @@ class WindowLog:
     def add(self, entry: Entry) -> None:
         if not self.entries or entry[0] >= self.entries[-1][0]:
             self.entries.append(entry)
-        else:  # the clock stepped back: keep the log sorted so expiry stays a prefix
+        else:  # before the newest (a step back of the clock, a row of another process, a
+            # late answer moved): keep the log sorted so expiry stays a prefix
             bisect.insort(self.entries, entry, key=entry_time)
         self.external += entry[1]
 

@@ -148,14 +148,21 @@ class CredentialBudget:
         over ``N`` planned sends: at most ``N``, and ``N / min(N)`` when every ``N`` divides
         the larger ones (echowin's 1000/h and 100/min: 10). Once per budget, the reach is
         worked out up to the largest ``ahead`` asked for (at most as far as ``horizon``
-        lets a send go). A log with sends later than ``now`` (the clock stepped back) is
-        replayed instead: O(ahead * len(limits))."""
+        lets a send go). Room in every window for the whole queue: O(len(limits)). Else a
+        log with sends later than ``now`` (an open lease's, a step back of the clock) is
+        replayed instead: O(ahead * len(limits)), and a copy of each log."""
         if ahead < 0:
             raise ValueError(f"ahead must be >= 0, got {ahead}")
         self._prune(now)
+        start = now if self._frozen is None else max(now, self._frozen)
+        if all(len(w.entries) + ahead < w.limit.requests for w in self._windows):
+            # Room in every window for all ``ahead + 1``: they all go at ``start``, sends
+            # logged after ``now`` (an open lease's) or not. O(len(limits)): far from every
+            # limit a replay would copy each window's log (an hour of sends) to say so.
+            wait = start - now
+            return math.inf if horizon is not None and wait > horizon else wait
         if any(w.entries and w.entries[-1][0] > now for w in self._windows):
             return self._replay(now, ahead, horizon)
-        start = now if self._frozen is None else max(now, self._frozen)
         # Greedy, planned send k goes at max(send k - 1, send k - N + span per window), where
         # "send k - N" is a logged entry while k < N: only max and + span, so send k is the
         # latest of every chain of such constraints that ends at it. A chain starts at
@@ -246,6 +253,11 @@ class CredentialBudget:
         """The times of the sends window ``index`` holds (ours and external; as last
         pruned), for :class:`~proxy.budget.classes.ClassBook`'s waits."""
         return [at for at, _ in self._windows[index].entries]
+
+    def newest(self) -> float:
+        """The latest send time any window holds, ours or external (-inf if none): a send
+        recorded at or after it is appended to every window's log, in O(1)."""
+        return max((w.entries[-1][0] for w in self._windows if w.entries), default=-math.inf)
 
     def remaining(self, now: float, index: int) -> int:
         """``N - count``, never below 0."""

@@ -152,8 +152,38 @@ async def test_a_quiet_keys_lease_lasts_longer_and_shares_its_row(files: Files) 
     # A burst runs leases out with many slots: each next one is half as long.
     now = sends[-1] + LEASE_MAX_SECONDS + 0.01
     burst = await take(source, now, 1000)
-    assert len(burst) == 1000 and all(now <= slot.at <= now + LEASE_MAX_SECONDS for slot in burst)
+    # (the shorter leases end just after the first, not before it: next test)
+    end = now + LEASE_MAX_SECONDS + 1e-6
+    assert len(burst) == 1000 and all(now <= slot.at <= end for slot in burst)
     assert source.lease_seconds == LEASE
+
+
+async def test_a_shorter_lease_after_a_longer_one_records_its_slots_after_the_last_ones(
+    files: Files,
+) -> None:
+    # A quiet key's leases last LEASE_MAX_SECONDS; a burst then runs them out and halves
+    # each next one. Ended at ``now + lease_seconds``, a shorter lease would record its
+    # slots before those of the longer one already in every window's log: each an insertion
+    # into an hour of sends, not an append. It records them just after the newest instead
+    # (later than they can leave: they count longer, never shorter), and is handed out
+    # until then; its pace is learnt as before.
+    source = await files.source(Limit(100_000, 3600))
+    for i in range(200):
+        assert len(await take(source, T0 + i * 0.25, 1)) == 1
+    assert source.lease_seconds == LEASE_MAX_SECONDS
+    now = T0 + 200 * 0.25
+    burst = await take(source, now, 1000)
+    ats = [slot.at for slot in burst]
+    assert len(burst) == 1000 and ats == sorted(ats)
+    assert all(now <= at <= now + 2 * LEASE_MAX_SECONDS for at in ats)
+    assert source.lease_seconds == LEASE
+    reserved = [at for at, n in files.rows() if n > 0]
+    assert reserved == sorted(reserved)  # every row after the ones before it
+    assert [v.used for v in source.snapshot(now)] == [1200]  # each send counted once
+    # Once the clock is past them, a lease ends at its own length again.
+    later = max(ats) + 0.01
+    (slot,) = await take(source, later, 1)
+    assert later < slot.at <= later + 2 * LEASE
 
 
 def test_a_lease_is_never_longer_than_a_sixteenth_of_the_shortest_window() -> None:

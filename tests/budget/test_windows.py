@@ -450,6 +450,25 @@ def test_predict_wait_equals_the_greedy_schedule(
     assert capped == (want if want <= horizon else math.inf)
 
 
+def test_predict_wait_far_from_every_limit_copies_no_log(monkeypatch: pytest.MonkeyPatch) -> None:
+    # An open lease logs its slots at its end, after ``now``: the prediction replays the
+    # greedy schedule on a copy of every log, unless every window has room for the whole
+    # queue, where all of it goes at once (or when a freeze ends).
+    budget = CredentialBudget([Limit(10_000, 3600), Limit(1_000, 60)], 0.25)
+    for _ in range(256):
+        budget.record(1.5)  # a lease ending at 1.5
+    monkeypatch.setattr(CredentialBudget, "_replay", lambda *args: pytest.fail("replayed"))
+    assert budget.predict_wait(1.0, 0) == 0.0
+    assert budget.predict_wait(1.0, 743) == 0.0  # 256 + 743 + 1 = 1,000: still room
+    assert budget.predict_wait(1.0, 743, horizon=0.0) == 0.0
+    budget.freeze(3.0)
+    assert budget.predict_wait(1.0, 10) == 2.0
+    assert budget.predict_wait(1.0, 10, horizon=1.0) == math.inf
+    monkeypatch.undo()
+    # no room for 745 at the end of the freeze: the last waits for the lease to stop counting
+    assert budget.predict_wait(1.0, 744) == pytest.approx(1.5 + 60.25 - 1.0)
+
+
 def recurrence_schedule(
     logs: list[list[float]], limits: Sequence[Limit], guard: float, start: float, count: int
 ) -> list[float]:
