@@ -14,7 +14,7 @@ import math
 from collections.abc import Callable, Coroutine, Sequence
 
 from proxy.budget.classes import UNCLASSED, ClassBook
-from proxy.budget.lease import LEASE_MAX_SECONDS, LEASE_SECONDS, Lease, block_size, next_length
+from proxy.budget.lease import LEASE_SECONDS, Lease, block_size, lease_end, next_length
 from proxy.budget.slots import LINE_GRACE, Line, Row, SendLog, Slot, StateUnavailable
 from proxy.budget.windows import CredentialBudget, Limit, WindowView
 
@@ -138,9 +138,7 @@ class LocalSlots:
         at, n, row_cls = row
         if n > 1:
             lease = self._lease = Lease(at, n - 1, row_cls, self.lease_seconds)
-            # Its end may be later than its length (``_lease_end``): the timer waits for it.
-            late = min(max(0.0, at - now - lease.seconds), LEASE_MAX_SECONDS)
-            idle = self.LEASE_IDLE_SECONDS + lease.seconds + late - self.LEASE_SECONDS
+            idle = lease.idle_after(now, self.LEASE_IDLE_SECONDS)
             asyncio.get_running_loop().call_later(idle, self._lease_idle, lease)
         return Slot(at, committed=True, cls=row_cls or None)
 
@@ -181,7 +179,8 @@ class LocalSlots:
             free = min(self.budget.remaining(now, i) for i in range(len(self.budget.limits)))
             if free > len(ahead):
                 n = self._block(now, cls)
-                at = self._lease_end(now) if n > 1 else now
+                newest = self.budget.newest()
+                at = lease_end(now, self.lease_seconds, newest) if n > 1 else now
                 # A block's slots go to any class: counted by none (it fits the surplus).
                 row_cls = "" if book is None else (cls or "") if n == 1 else UNCLASSED
                 for _ in range(n):
@@ -204,21 +203,6 @@ class LocalSlots:
             line.mine = (self._served, retry + LINE_GRACE)
             self._line_due = retry + LINE_GRACE
         return None
-
-    def _lease_end(self, now: float) -> float:
-        """Where a new lease's row records its slots: its end, ``now + lease_seconds``, or
-        just after the newest send already recorded when that is later (a shorter lease
-        after a longer one, by at most the longest lease). Recorded later than any of its
-        slots can leave, each counts a little longer: safe. Recorded before sends already
-        in the log, each of its slots would be an insertion into the middle of every
-        window's log (``WindowLog.add``: 2.8 µs in a log of 100,000 sends, an append 0.05),
-        and with large limits a log holds an hour of sends. Further ahead than the longest
-        lease, the newest send is a step back of the clock: left as it is."""
-        at = now + self.lease_seconds
-        newest = self.budget.newest()
-        if at < newest <= at + LEASE_MAX_SECONDS:
-            at = math.nextafter(newest, math.inf)  # not the last lease's own ``at``
-        return at
 
     def _block(self, now: float, cls: str | None = None) -> int:
         """How many slots one row reserves (:func:`block_size`): far from every limit, and
