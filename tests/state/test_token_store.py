@@ -587,6 +587,7 @@ def test_state_all_is_pinned() -> None:
         "parse_state_url",
         "postgres_options",
         "redis_options",
+        "sentinel_password",
         "state_password",
     ]
 
