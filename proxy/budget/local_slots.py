@@ -273,8 +273,7 @@ class LocalSlots:
         to = now - self.budget.guard
         if to <= slot.at or not slot.committed or self._held is not None:
             return  # in time (most answers); or a relimit reads the log: left as it is
-        self.budget.release(slot.at)  # False only when no window counts it any more
-        self.budget.record(to)
+        self.budget.move(slot.at, to)
         if self.classes is not None:
             self.classes.release(slot.cls, slot.at)
             self.classes.record(slot.cls, to)

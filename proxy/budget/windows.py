@@ -137,6 +137,12 @@ class CredentialBudget:
             found = window.remove_own(at) or found
         return found
 
+    def move(self, at: float, to: float) -> None:
+        """One own send recorded at ``at`` counts from ``to`` instead (its answer came late);
+        recorded at ``to`` even when no window counts it at ``at`` any more."""
+        self.release(at)
+        self.record(to)
+
     def predict_wait(self, now: float, ahead: int, horizon: float | None = None) -> float:
         """Seconds from ``now`` until a send with ``ahead`` others queued before it could go,
         if they all go as early as every window and the freeze allow (greedy earliest

@@ -112,8 +112,7 @@ class SharedView:
         if at is None or to <= at:
             return
         self.known[member] = to
-        self.budget.release(at)
-        self.budget.record(to)
+        self.budget.move(at, to)
         if self.on_move is not None:
             self.on_move(member, at, to)
 
