@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from proxy.auth.authenticator import TokenAuthenticator
+from proxy.auth.changes import ChangePoller, TokenChangeLog
 from proxy.auth.client_address import TrustedProxies
 from proxy.auth.routes import RouteTable
 from proxy.auth.throttle import AuthThrottle
@@ -90,6 +91,7 @@ class Runtime:
     _pruner: asyncio.Task[None] | None = None
     _reloading: asyncio.Task[None] | None = None  # a reload opening new keys' lanes
     _sampler: asyncio.Task[None] | None = None
+    _token_changes: ChangePoller | None = None
 
     def __post_init__(self) -> None:
         self.trusted_proxies = TrustedProxies.parse(self.config.server.trusted_proxies)
@@ -196,6 +198,10 @@ class Runtime:
         if isinstance(state.store, TokenFeed):  # changes made elsewhere drop the cache at once
             up = self.metrics.state_up.labels(state.token_backend)
             state.store.follow(self._auth.invalidate, lambda ok: up.set(1 if ok else 0))
+        ttl = cfg.tokens.cache_ttl_seconds
+        if isinstance(state.store, TokenChangeLog) and ttl > 0:  # a token read when it changes
+            self._token_changes = ChangePoller(state.store, self._auth, ttl / 2)
+            self._token_changes.start()
         self._upstream = Upstream(
             cfg.upstream.base_url,
             timeout_seconds=cfg.upstream.timeout_seconds,
@@ -344,6 +350,8 @@ class Runtime:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        if self._token_changes is not None:
+            await self._token_changes.stop()
         await self.admitter.close()
         if self.cache is not None:
             await self.cache.close()

@@ -71,6 +71,13 @@ class TokenAuthenticator:
     another instance shows here after at most ``cache_ttl`` seconds; one made through
     ``revoke``/``invalidate`` on this instance shows at once.
 
+    A store that keeps a log of its changes (``proxy.auth.changes``) lets a record outlive
+    its ``cache_ttl``: each poll of the log drops the records it names and ``confirm``s
+    the rest as of when it started, so a cached record is fresh until ``cache_ttl`` after
+    the later of its load and the last confirmation. Each token in use is then read once,
+    not once per ``cache_ttl``, and the bound on a change made elsewhere holds whether the
+    polls succeed or not.
+
     Concurrent misses for one id share a single store lookup. A token whose secret matched
     a cached record is remembered with that record until the record's cache entry ends, so
     the next request with it skips the hash: it is compared (in constant time) with the
@@ -103,12 +110,14 @@ class TokenAuthenticator:
         self._timer = timer
         self._cache_ttl = cache_ttl
         self._cache_size = cache_size
-        # Found records by id, with when (``timer``) their entry ends.
-        self._records: TTLCache[str, tuple[TokenRecord, float]] = TTLCache(
-            cache_size, cache_ttl, timer
-        )
+        # Found records by id, with when (``timer``) each was loaded: fresh while
+        # ``_fresh(loaded)``.
+        self._records: LRUCache[str, tuple[TokenRecord, float]] = LRUCache(cache_size)
+        # When (``timer``) the last poll of the store's change log that ``confirm``ed every
+        # record it did not name started.
+        self._confirmed = -math.inf
         # Per id: the token that matched the cached record, the record's acceptance, and
-        # when the entry ends.
+        # when the record was loaded.
         self._verified: dict[str, tuple[str, AuthResult, float]] = {}
         negative = min(negative_ttl, cache_ttl)
         self._unknown: TTLCache[str, bool] = TTLCache(cache_size, negative, timer)
@@ -151,7 +160,7 @@ class TokenAuthenticator:
             known is not None
             and raw.isascii()  # compare_digest takes ASCII strings only
             and hmac.compare_digest(known[0], raw)
-            and self._timer() < known[2]
+            and self._timer() < max(known[2], self._confirmed) + self._cache_ttl
         ):
             return self._judge(known[1])
         return None
@@ -171,7 +180,7 @@ class TokenAuthenticator:
         record (not one loaded before an ``invalidate``, nor a stale one after a store
         error)."""
         cached = self._records.get(token_id) if self._caching else None
-        if cached is None or cached[0] is not accepted.record:
+        if cached is None or cached[0] is not accepted.record or not self._fresh(cached[1]):
             return
         verified = self._verified
         if token_id not in verified and len(verified) >= self._cache_size:
@@ -188,6 +197,23 @@ class TokenAuthenticator:
         if self._last_known is not None:
             self._last_known.pop(token_id, None)
 
+    def invalidate_all(self) -> None:
+        """Forget every token (a change log that lost track: any may have changed)."""
+        self._records.clear()
+        self._verified.clear()
+        self._unknown.clear()
+        self._inflight.clear()
+        if self._last_known is not None:
+            self._last_known.clear()
+
+    def confirm(self, started: float) -> None:
+        """Every cached record loaded before ``started`` (``timer``) was current then: a poll
+        of the store's change log that started then has dropped the ones it named."""
+        self._confirmed = max(self._confirmed, started)
+
+    def _fresh(self, loaded: float) -> bool:
+        return self._timer() < max(loaded, self._confirmed) + self._cache_ttl
+
     async def revoke(self, token_id: str) -> TokenRecord | None:
         """Revoke in the store at ``clock()`` and take effect on this instance at once."""
         try:
@@ -202,7 +228,9 @@ class TokenAuthenticator:
     async def _lookup(self, token_id: str) -> TokenRecord | None:
         cached = self._records.get(token_id)
         if cached is not None:
-            return cached[0]
+            if self._fresh(cached[1]):
+                return cached[0]
+            del self._records[token_id]
         if token_id in self._unknown:
             return None
         task = self._inflight.get(token_id)
@@ -234,6 +262,6 @@ class TokenAuthenticator:
         if record is not None and self._last_known is not None:
             self._last_known[token_id] = record
         if record is not None and self._caching:
-            self._records[token_id] = (record, self._timer() + self._cache_ttl)
+            self._records[token_id] = (record, self._timer())
         elif record is None and self._negative_caching:
             self._unknown[token_id] = True

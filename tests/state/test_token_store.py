@@ -513,11 +513,13 @@ async def test_an_older_sqlite_file_gains_classes_and_keeps_its_tokens(
         await store.close()
     conn = sqlite3.connect(path)
     try:
-        assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,) == (7,)
+        assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,) == (8,)
         columns = {row[1] for row in conn.execute("PRAGMA table_info(send_rows)")}
         assert "cls" in columns
         indexes = {row[1] for row in conn.execute("PRAGMA index_list(tokens)")}
         assert "tokens_by_name" in indexes  # 7: the tokens of one name
+        # 8: the change log, written by triggers: the update above is in it
+        assert conn.execute("SELECT token_id FROM token_changes").fetchall() == [("aaaaaaaaaaaa",)]
     finally:
         conn.close()
 

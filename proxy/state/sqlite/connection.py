@@ -112,6 +112,22 @@ SCHEMA_MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
     # 6 -> 7: the tokens of one name (the check that no two active tokens share a name).
     ("CREATE INDEX tokens_by_name ON tokens (name, created_at, id)",),
+    # 7 -> 8: the tokens' change log (proxy.auth.changes): a row per token created, changed
+    # or deleted, by any writer (manual SQL included), the newest 10,000 rows kept.
+    (
+        "CREATE TABLE token_changes ("
+        " seq INTEGER PRIMARY KEY AUTOINCREMENT, token_id TEXT NOT NULL)",
+        "CREATE TRIGGER token_changes_on_insert AFTER INSERT ON tokens BEGIN"
+        " INSERT INTO token_changes (token_id) VALUES (NEW.id);"
+        " DELETE FROM token_changes WHERE seq <= last_insert_rowid() - 10000; END",
+        "CREATE TRIGGER token_changes_on_update AFTER UPDATE ON tokens BEGIN"
+        " INSERT INTO token_changes (token_id) VALUES (OLD.id);"
+        " INSERT INTO token_changes (token_id) SELECT NEW.id WHERE NEW.id <> OLD.id;"
+        " DELETE FROM token_changes WHERE seq <= last_insert_rowid() - 10000; END",
+        "CREATE TRIGGER token_changes_on_delete AFTER DELETE ON tokens BEGIN"
+        " INSERT INTO token_changes (token_id) VALUES (OLD.id);"
+        " DELETE FROM token_changes WHERE seq <= last_insert_rowid() - 10000; END",
+    ),
 )
 """Entry ``i`` takes the schema from ``PRAGMA user_version`` ``i`` to ``i + 1``. Only append."""
 

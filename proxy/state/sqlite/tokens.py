@@ -5,13 +5,16 @@ from __future__ import annotations
 import builtins
 import json
 import sqlite3
-from typing import Any, Unpack
+from collections.abc import Callable
+from typing import Any, TypeVar, Unpack
 
 from proxy.auth.audit import MAX_AUDIT_PAGE, AuditEntry
 from proxy.auth.tokens import TokenChanges, TokenRecord, apply_changes
 from proxy.state.sqlite.connection import Connection, transaction
 
 __all__ = ["SqliteTokenStore"]
+
+T = TypeVar("T")
 
 _SELECT = (
     "SELECT id, name, secret_hash, scopes, upstream_key, hourly, per_minute, weight,"
@@ -65,6 +68,27 @@ def _from_row(row: tuple[Any, ...]) -> TokenRecord:
 def _get(conn: sqlite3.Connection, token_id: str) -> TokenRecord | None:
     row = conn.execute(_SELECT + " WHERE id = ?", (token_id,)).fetchone()
     return None if row is None else _from_row(row)
+
+
+def _changes_since(
+    conn: sqlite3.Connection, cursor: int | None
+) -> tuple[int, builtins.list[str] | None]:
+    """The ids changed after ``cursor``, with the newest change's number: None for the ids
+    when the row after ``cursor`` is gone (the log dropped it) or the log is behind
+    ``cursor`` (another file)."""
+    if cursor is not None:
+        rows = conn.execute(
+            "SELECT seq, token_id FROM token_changes WHERE seq > ? ORDER BY seq", (cursor,)
+        ).fetchall()
+        if rows:
+            newest = int(rows[-1][0])
+            if rows[0][0] != cursor + 1:
+                return newest, None
+            return newest, [token_id for _, token_id in rows]
+    # The table's last seq: it outlives the rows the log dropped.
+    found = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'token_changes'").fetchone()
+    newest = 0 if found is None else int(found[0])
+    return newest, [] if cursor == newest else None
 
 
 def _put(conn: sqlite3.Connection, record: TokenRecord) -> None:
@@ -183,15 +207,24 @@ class SqliteTokenStore(Connection):
         return await self._run(lambda conn: _put_unique_name(conn, record, now))
 
     async def get(self, token_id: str) -> TokenRecord | None:
-        """A read by primary key, made on the caller's thread (the event loop) when the
-        connection is free, as the send log's are: the authenticator reads each token in
-        use again every ``tokens.cache_ttl_seconds``, and a hop to a worker thread and
-        back cost several times the read. When another statement holds the connection
-        (an admin write), in a worker thread as before: the loop never waits for it."""
+        """A read by primary key (``_short_read``): a token's first lookup, and its next
+        one when it changed (or every ``tokens.cache_ttl_seconds`` when the change log
+        cannot be read)."""
+        return await self._short_read(lambda conn: _get(conn, token_id))
+
+    async def changes_since(self, cursor: int | None) -> tuple[int, builtins.list[str] | None]:
+        """``proxy.auth.changes.TokenChangeLog`` (``_short_read``)."""
+        return await self._short_read(lambda conn: _changes_since(conn, cursor))
+
+    async def _short_read(self, call: Callable[[sqlite3.Connection], T]) -> T:
+        """Made on the caller's thread (the event loop) when the connection is free, as
+        the send log's reads are: a hop to a worker thread and back costs several times
+        a read by key. When another statement holds the connection (an admin write), in
+        a worker thread: the loop never waits for it."""
         if not self._lock.acquire(blocking=False):
-            return await self._run(lambda conn: _get(conn, token_id))
+            return await self._run(call)
         try:
-            return _get(self._conn, token_id)
+            return call(self._conn)
         finally:
             self._lock.release()
 

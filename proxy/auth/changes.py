@@ -1,0 +1,114 @@
+"""Token changes read from the store's own log, so a cached token is read again only when it
+changed, not every ``tokens.cache_ttl_seconds``.
+
+Without a change log, each token in use is read from the store every ``cache_ttl`` (so a
+revocation made by another process shows within that bound): with thousands of tokens in
+use, hundreds of reads a second whatever changed. A store with a change log (``TokenChangeLog``:
+the SQLite state file keeps one, written by triggers on its ``tokens`` table, so every
+writer's changes are in it) answers instead, in one read, which tokens changed since a
+cursor. ``ChangePoller`` asks every ``cache_ttl / 2``: it drops each token named from the
+authenticator's cache, then ``confirm``s every other cached record as of when the poll
+started. A change made anywhere then shows within ``cache_ttl / 2``; when polls fail, the
+records age out at ``cache_ttl`` as they do without a log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Protocol, runtime_checkable
+
+from proxy.auth.authenticator import TokenAuthenticator
+
+__all__ = ["MIN_POLL_SECONDS", "ChangePoller", "TokenChangeLog"]
+
+MIN_POLL_SECONDS = 0.05
+
+log = logging.getLogger("echowin_gateway.auth")
+
+
+@runtime_checkable
+class TokenChangeLog(Protocol):
+    """A token store that numbers its changes."""
+
+    async def changes_since(self, cursor: int | None) -> tuple[int, list[str] | None]:
+        """The number of the newest change, and the ids of the tokens created, changed or
+        deleted after change ``cursor``: None for that list when ``cursor`` is None or
+        older than the log keeps (any token may have changed)."""
+
+
+class ChangePoller:
+    """Polls ``changes`` every ``interval`` seconds for ``auth``, until ``stop``."""
+
+    def __init__(
+        self,
+        changes: TokenChangeLog,
+        auth: TokenAuthenticator,
+        interval: float,
+        *,
+        timer: Callable[[], float] = time.monotonic,
+        on_health: Callable[[bool], None] | None = None,
+    ) -> None:
+        self._changes = changes
+        self._auth = auth
+        self.interval = max(MIN_POLL_SECONDS, interval)
+        self._timer = timer
+        self._on_health = on_health
+        self._cursor: int | None = None
+        self._failing = False
+        self._task: asyncio.Task[None] | None = None
+
+    async def poll(self) -> None:
+        """One poll: the tokens changed since the last one dropped, the rest confirmed. The
+        first poll only finds where the log stands (a record cached before it may predate
+        a change it cannot name). Raises what the store raises."""
+        started = self._timer()
+        newest, changed = await self._changes.changes_since(self._cursor)
+        if self._cursor is not None:
+            if changed is None:
+                self._auth.invalidate_all()
+            else:
+                for token_id in changed:
+                    self._auth.invalidate(token_id)
+            self._auth.confirm(started)
+        self._cursor = newest
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._forever())
+
+    async def _forever(self) -> None:
+        while True:
+            try:
+                await self.poll()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # any: a poller that ended would leave the TTL alone
+                self._health(False, exc)
+            else:
+                self._health(True, None)
+            await asyncio.sleep(self.interval)
+
+    def _health(self, up: bool, exc: Exception | None) -> None:
+        if up == (not self._failing):
+            return
+        self._failing = not up
+        if exc is not None:
+            log.warning(
+                "token change log unreadable; cached tokens are read again every cache_ttl",
+                extra={"fields": {"error": type(exc).__name__}},
+            )
+        else:
+            log.info("token change log readable again")
+        if self._on_health is not None:
+            self._on_health(up)
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
