@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import builtins
+import contextlib
 import secrets
 import sqlite3
 from collections.abc import Callable
@@ -14,7 +16,15 @@ from proxy.state.sqlite.connection import Connection, transaction
 if TYPE_CHECKING:
     from proxy.budget.slots import Row
 
-__all__ = ["SqliteSendLog"]
+__all__ = ["RETURN_BATCH_SECONDS", "SqliteSendLog"]
+
+RETURN_BATCH_SECONDS = 0.1
+"""How long a give-back waits for others to share its commit: when a burst ends, every
+key's lease ends idle, one after the other, and hundreds of keys would each write a
+transaction. A slot returned later is the safe side (it stays counted a moment longer);
+this process's own view has it back at once."""
+
+_INSERT = "INSERT INTO send_rows (credential, at, n, owner, cls) VALUES (?, ?, ?, ?, ?)"
 
 
 class SqliteSendLog(Connection):
@@ -38,6 +48,8 @@ class SqliteSendLog(Connection):
         (start,) = conn.execute("SELECT COALESCE(MAX(id), 0) FROM send_rows").fetchone()
         self._start = int(start)
         self._cursor: dict[str, int] = {}  # per credential: the last row id read
+        self._returns: builtins.list[tuple[str, float, int, str, str]] = []
+        self._returning: asyncio.Task[None] | None = None  # the batch they go out in
 
     def _new_rows(self, conn: sqlite3.Connection, credential: str) -> builtins.list[Row]:
         rows = conn.execute(
@@ -71,7 +83,7 @@ class SqliteSendLog(Connection):
             writes = [r for r in (returned, row) if r is not None]
             if writes:
                 conn.executemany(
-                    "INSERT INTO send_rows (credential, at, n, owner, cls) VALUES (?, ?, ?, ?, ?)",
+                    _INSERT,
                     [(credential, at, n, self.owner, cls) for at, n, cls in writes],
                 )
             if line.mine is None and mine is not None:
@@ -92,21 +104,22 @@ class SqliteSendLog(Connection):
             return self._new_rows(self._conn, credential)
 
     async def give_back(self, credential: str, at: float, n: int, cls: str = "") -> None:
-        await self._run(
-            lambda c: c.execute(
-                "INSERT INTO send_rows (credential, at, n, owner, cls) VALUES (?, ?, ?, ?, ?)",
-                (credential, at, -n, self.owner, cls),
-            )
-        )
+        """Written with the others of the next ``RETURN_BATCH_SECONDS``, in one commit;
+        returns once it is written."""
+        self._returns.append((credential, at, -n, self.owner, cls))
+        batch = self._returning
+        if batch is None:
+            batch = self._returning = asyncio.get_running_loop().create_task(self._return())
+        await asyncio.shield(batch)  # a caller that gives up leaves the others' rows alone
+
+    async def _return(self) -> None:
+        await asyncio.sleep(RETURN_BATCH_SECONDS)
+        rows, self._returns, self._returning = self._returns, [], None
+        await self._run(lambda c: _insert(c, rows))
 
     async def move(self, credential: str, at: float, to: float, cls: str = "") -> None:
         rows = [(credential, at, -1, self.owner, cls), (credential, to, 1, self.owner, cls)]
-        await self._run(
-            lambda c: c.executemany(
-                "INSERT INTO send_rows (credential, at, n, owner, cls) VALUES (?, ?, ?, ?, ?)",
-                rows,
-            )
-        )
+        await self._run(lambda c: _insert(c, rows))  # both or neither
 
     async def freeze(self, credential: str, until: float) -> None:
         await self._run(
@@ -162,7 +175,12 @@ class SqliteSendLog(Connection):
         await self._run(delete)
 
     async def close(self) -> None:
-        """Leave every line this process is in, then close."""
+        """Write the give-backs waiting for their batch, leave every line this process is
+        in, then close."""
+        batch = self._returning
+        if batch is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(batch)
 
         def leave(conn: sqlite3.Connection) -> None:
             conn.execute("DELETE FROM send_line WHERE owner = ?", (self.owner,))
@@ -171,3 +189,10 @@ class SqliteSendLog(Connection):
             await self._run(leave)
         finally:
             await super().close()
+
+
+def _insert(
+    conn: sqlite3.Connection, rows: builtins.list[tuple[str, float, int, str, str]]
+) -> None:
+    with transaction(conn):  # one commit (autocommit would make one per row)
+        conn.executemany(_INSERT, rows)
