@@ -19,8 +19,11 @@ LEASE_MIN = 16  # smaller blocks are not worth it: a row per send (>= 256 free t
 # A block is at most twice what the last one handed out: a credential with little traffic
 # of its own (one of hundreds of keys) does not reserve 256 slots per send.
 LEASE_GROWTH = 2
-LEASE_MAX_SECONDS = 4.0
-LEASE_WINDOW_FRACTION = 16
+# A block is at most 1/16 of what is free (LEASE_FRACTION), so however long a lease lasts,
+# what it counts longer than echowin does is a few slots far from every limit; its length
+# bounds for how long (and, after a crash mid-lease, how long the whole block stays counted).
+LEASE_MAX_SECONDS = 16.0
+LEASE_WINDOW_FRACTION = 4
 
 
 @dataclasses.dataclass(slots=True, eq=False)
