@@ -18,12 +18,12 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 
 from proxy.auth.authenticator import TokenAuthenticator
 
-__all__ = ["MIN_POLL_SECONDS", "ChangePoller", "TokenChangeLog"]
+__all__ = ["MIN_POLL_SECONDS", "ChangePoller", "TokenChangeLog", "changes_after"]
 
 MIN_POLL_SECONDS = 0.05
 
@@ -38,6 +38,23 @@ class TokenChangeLog(Protocol):
         """The number of the newest change, and the ids of the tokens created, changed or
         deleted after change ``cursor``: None for that list when ``cursor`` is None or
         older than the log keeps (any token may have changed)."""
+
+
+def changes_after(
+    cursor: int | None, rows: Sequence[tuple[int, str]], newest: int
+) -> tuple[int, list[str] | None]:
+    """``changes_since``'s answer from a log whose changes are numbered 1, 2, 3... with no
+    gap (a store keeps them so): ``rows``, the (number, token id) after ``cursor`` in
+    order, ``newest`` the newest number. The row after ``cursor`` missing means the log
+    dropped it; a ``cursor`` the log is behind means another log (a new file, a restored
+    database): either way None, any token may have changed."""
+    if cursor is None:
+        return newest, None
+    if not rows:
+        return newest, [] if newest == cursor else None
+    if rows[0][0] != cursor + 1:
+        return newest, None
+    return newest, [token_id for _, token_id in rows]
 
 
 class ChangePoller:
@@ -60,6 +77,8 @@ class ChangePoller:
         self._cursor: int | None = None
         self._failing = False
         self._task: asyncio.Task[None] | None = None
+        self._reading = False  # a poll is under way: left to finish, never cancelled
+        self._stopping = False
 
     async def poll(self) -> None:
         """One poll: the tokens changed since the last one dropped, the rest confirmed. The
@@ -81,16 +100,18 @@ class ChangePoller:
             self._task = asyncio.get_running_loop().create_task(self._forever())
 
     async def _forever(self) -> None:
-        while True:
+        while not self._stopping:
+            self._reading = True
             try:
                 await self.poll()
-            except asyncio.CancelledError:
-                raise
             except Exception as exc:  # any: a poller that ended would leave the TTL alone
                 self._health(False, exc)
             else:
                 self._health(True, None)
-            await asyncio.sleep(self.interval)
+            finally:
+                self._reading = False
+            if not self._stopping:
+                await asyncio.sleep(self.interval)
 
     def _health(self, up: bool, exc: Exception | None) -> None:
         if up == (not self._failing):
@@ -107,8 +128,14 @@ class ChangePoller:
             self._on_health(up)
 
     async def stop(self) -> None:
+        """Stop polling: at once between polls; a poll under way is waited for (bounded by
+        the store's own timeouts), since a store call cancelled midway may leave its
+        connection taken (asyncpg's pool then waits for it at close)."""
         task, self._task = self._task, None
-        if task is not None:
+        if task is None:
+            return
+        self._stopping = True
+        if not self._reading:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

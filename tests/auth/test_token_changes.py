@@ -8,60 +8,83 @@ the ``token`` commands) writing. Time is a fake clock, moved by hand.
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from proxy.auth.authenticator import AuthFailure, TokenAuthenticator
-from proxy.auth.changes import ChangePoller, TokenChangeLog
-from proxy.auth.tokens import TokenRecord
-from proxy.state import SqliteTokenStore
+from proxy.auth.changes import ChangePoller, TokenChangeLog, changes_after
+from proxy.auth.tokens import TokenRecord, TokenStore
+from proxy.state import SqliteTokenStore, open_token_store
 from tests.auth.conftest import T0, FakeClock, mint
+from tests.state.pg_server import empty_tables
 
 TTL = 5.0
 
 
-class CountingSqliteStore(SqliteTokenStore):
-    """The real store, counting its reads by id; its change log fails while ``broken``."""
+class Counting:
+    """A real store, counting its reads by id; its change log fails while ``broken``."""
 
-    gets = 0
-    broken = False
+    def __init__(self, store: TokenStore) -> None:
+        self.store = store
+        self.gets = 0
+        self.broken = False
 
     async def get(self, token_id: str) -> TokenRecord | None:
         self.gets += 1
-        return await super().get(token_id)
+        return await self.store.get(token_id)
 
     async def changes_since(self, cursor: int | None) -> tuple[int, list[str] | None]:
         if self.broken:
-            raise sqlite3.OperationalError("disk I/O error")
-        return await super().changes_since(cursor)
+            raise OSError("the store went away")  # what a lost connection raises
+        assert isinstance(self.store, TokenChangeLog)
+        return await self.store.changes_since(cursor)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
 
 
-@pytest.fixture
-async def stores(tmp_path: Path) -> AsyncIterator[tuple[CountingSqliteStore, SqliteTokenStore]]:
-    """This process's store, and another process's on the same file."""
-    ours = await CountingSqliteStore.open(tmp_path / "state.db")
-    theirs = await SqliteTokenStore.open(tmp_path / "state.db")
-    try:
-        yield ours, theirs
-    finally:
-        await ours.close()
-        await theirs.close()
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def stores(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[tuple[Counting, TokenStore]]:
+    """This process's store, and another process's on the same file or database."""
+    async with AsyncExitStack() as stack:
+        if request.param == "postgresql":
+            url = request.getfixturevalue("pg_session_url")
+            stack.push_async_callback(empty_tables, url)
+        else:
+            url = f"sqlite:///{tmp_path}/state.db"
+        ours = await open_token_store(url)
+        stack.push_async_callback(ours.close)
+        theirs = await open_token_store(url)
+        stack.push_async_callback(theirs.close)
+        yield Counting(ours), theirs
 
 
-def setup(store: CountingSqliteStore) -> tuple[FakeClock, TokenAuthenticator, ChangePoller]:
+def setup(store: Counting) -> tuple[FakeClock, TokenAuthenticator, ChangePoller]:
     timer = FakeClock(0.0)
-    auth = TokenAuthenticator(store, clock=FakeClock(T0), cache_ttl=TTL, timer=timer)
+    auth = TokenAuthenticator(store, clock=FakeClock(T0), cache_ttl=TTL, timer=timer)  # type: ignore[arg-type]
     return timer, auth, ChangePoller(store, auth, TTL / 2, timer=timer)
 
 
-async def test_the_sqlite_store_keeps_a_change_log(
-    stores: tuple[CountingSqliteStore, SqliteTokenStore],
-) -> None:
+def test_changes_after_reads_a_log_numbered_without_gaps() -> None:
+    assert changes_after(None, [], 7) == (7, None)  # no cursor: anything may have changed
+    assert changes_after(7, [], 7) == (7, [])
+    assert changes_after(7, [(8, "a"), (9, "b"), (10, "a")], 10) == (10, ["a", "b", "a"])
+    assert changes_after(7, [(9, "b")], 9) == (9, None)  # 8 was dropped
+    assert changes_after(5, [], 7) == (7, None)  # no row after 5, yet 7 exists
+    assert changes_after(9, [], 7) == (7, None)  # a log behind the cursor: another log
+
+
+async def test_the_store_keeps_a_change_log(stores: tuple[Counting, TokenStore]) -> None:
     ours, theirs = stores
-    assert isinstance(ours, TokenChangeLog)
+    assert isinstance(ours.store, TokenChangeLog)
     start, everything = await ours.changes_since(None)
     assert everything is None  # no cursor: any token may have changed
     a, b = mint(name="a"), mint(name="b")
@@ -112,7 +135,7 @@ async def test_a_cursor_the_log_no_longer_reaches_means_any_token_changed(tmp_pa
 
 
 async def test_a_cached_token_is_not_read_again_while_the_log_says_it_is_unchanged(
-    stores: tuple[CountingSqliteStore, SqliteTokenStore],
+    stores: tuple[Counting, TokenStore],
 ) -> None:
     ours, theirs = stores
     timer, auth, poller = setup(ours)
@@ -133,7 +156,7 @@ async def test_a_cached_token_is_not_read_again_while_the_log_says_it_is_unchang
 
 
 async def test_a_revocation_by_another_process_shows_at_the_next_poll(
-    stores: tuple[CountingSqliteStore, SqliteTokenStore],
+    stores: tuple[Counting, TokenStore],
 ) -> None:
     ours, theirs = stores
     timer, auth, poller = setup(ours)
@@ -154,7 +177,7 @@ async def test_a_revocation_by_another_process_shows_at_the_next_poll(
 
 
 async def test_the_first_poll_confirms_nothing(
-    stores: tuple[CountingSqliteStore, SqliteTokenStore],
+    stores: tuple[Counting, TokenStore],
 ) -> None:
     """A record cached before the first poll may predate a change the log cannot name
     without a cursor: it ages out at its TTL."""
@@ -172,7 +195,7 @@ async def test_the_first_poll_confirms_nothing(
 
 
 async def test_when_the_log_cannot_be_read_records_age_out_at_their_ttl(
-    stores: tuple[CountingSqliteStore, SqliteTokenStore],
+    stores: tuple[Counting, TokenStore],
 ) -> None:
     ours, theirs = stores
     timer, auth, poller = setup(ours)
@@ -185,23 +208,30 @@ async def test_when_the_log_cannot_be_read_records_age_out_at_their_ttl(
     ours.broken = True
     await theirs.revoke(new.record.id, T0)
     timer.now += TTL / 2
-    with pytest.raises(sqlite3.OperationalError):
+    with pytest.raises(OSError, match="went away"):
         await poller.poll()
     assert (await auth.authenticate(new.token)).ok  # within the bound: cached
     timer.now = 1.5 * TTL
     assert (await auth.authenticate(new.token)).failure is AuthFailure.REVOKED
 
 
-async def test_a_log_that_lost_track_drops_every_cached_token(
-    stores: tuple[CountingSqliteStore, SqliteTokenStore], tmp_path: Path
-) -> None:
-    ours, theirs = stores
+async def test_a_log_that_lost_track_drops_every_cached_token(tmp_path: Path) -> None:
+    theirs = await SqliteTokenStore.open(tmp_path / "state.db")
+    ours = Counting(await SqliteTokenStore.open(tmp_path / "state.db"))
+    try:
+        await lost_track(ours, theirs, tmp_path / "state.db")
+    finally:
+        await ours.close()
+        await theirs.close()
+
+
+async def lost_track(ours: Counting, theirs: TokenStore, path: Path) -> None:
     _, auth, poller = setup(ours)
     new = mint()
     await theirs.put(new.record)
     await poller.poll()
     assert (await auth.authenticate(new.token)).ok
-    conn = sqlite3.connect(tmp_path / "state.db")
+    conn = sqlite3.connect(path)
     conn.executemany("INSERT INTO token_changes (token_id) VALUES (?)", [("x",)] * 10_001)
     conn.execute("DELETE FROM token_changes WHERE seq <= (SELECT MAX(seq) FROM token_changes) - 10")
     conn.commit()
@@ -212,7 +242,7 @@ async def test_a_log_that_lost_track_drops_every_cached_token(
 
 
 async def test_a_poll_confirms_as_of_when_it_started(
-    stores: tuple[CountingSqliteStore, SqliteTokenStore],
+    stores: tuple[Counting, TokenStore],
 ) -> None:
     """A change committed while a poll is under way (after the log was read) is not
     confirmed away: the records are current as of the poll's start, not its end."""
@@ -235,3 +265,32 @@ async def test_a_poll_confirms_as_of_when_it_started(
     await poller.poll()  # started at TTL / 2, ended at TTL / 2 + 1
     timer.now = 1.5 * TTL + 0.5  # past the bound counted from its start
     assert (await auth.authenticate(new.token)).failure is AuthFailure.REVOKED
+
+
+async def test_stopping_waits_for_a_poll_under_way_and_never_cancels_it(
+    stores: tuple[Counting, TokenStore],
+) -> None:
+    """A store call cancelled midway may leave its connection taken (asyncpg's pool then
+    waits for it forever at close): stop lets the poll under way finish."""
+    ours, _ = stores
+    _, _, poller = setup(ours)
+    read = ours.changes_since
+    entered, release = asyncio.Event(), asyncio.Event()
+    finished: list[bool] = []
+
+    async def held(cursor: int | None) -> tuple[int, list[str] | None]:
+        entered.set()
+        await release.wait()
+        found = await read(cursor)
+        finished.append(True)
+        return found
+
+    ours.changes_since = held  # type: ignore[method-assign]
+    poller.start()
+    await asyncio.wait_for(entered.wait(), timeout=5)
+    stopping = asyncio.ensure_future(poller.stop())
+    await asyncio.sleep(0.05)
+    assert not stopping.done()  # waits for the poll
+    release.set()
+    await asyncio.wait_for(stopping, timeout=5)
+    assert finished == [True]

@@ -70,6 +70,36 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ("ALTER TABLE egw_tokens ADD COLUMN service_class text",),
     # 4: the tokens of one name (the check that no two active tokens share a name).
     ('CREATE INDEX egw_tokens_by_name ON egw_tokens (name, created_at, id COLLATE "C")',),
+    # 5: the tokens' change log (proxy.auth.changes), written by a trigger, so every writer
+    # is in it: numbered 1, 2, 3... under a lock held to the commit, so the numbers commit
+    # in order and none is skipped (a reader that saw n + 1 has seen n); the newest 10,000.
+    (
+        "CREATE TABLE egw_token_changes (seq bigint PRIMARY KEY, token_id text NOT NULL)",
+        """CREATE FUNCTION egw_token_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+        DECLARE
+            next bigint;
+        BEGIN
+            LOCK TABLE egw_token_changes IN EXCLUSIVE MODE;
+            SELECT COALESCE(MAX(seq), 0) + 1 INTO next FROM egw_token_changes;
+            IF TG_OP = 'DELETE' THEN
+                INSERT INTO egw_token_changes VALUES (next, OLD.id);
+            ELSE
+                INSERT INTO egw_token_changes VALUES (next, NEW.id);
+                IF TG_OP = 'UPDATE' AND NEW.id <> OLD.id THEN
+                    next := next + 1;
+                    INSERT INTO egw_token_changes VALUES (next, OLD.id);
+                END IF;
+            END IF;
+            DELETE FROM egw_token_changes WHERE seq <= next - 10000;
+            RETURN NULL;
+        END $$""",
+        "CREATE TRIGGER egw_token_changes AFTER INSERT OR DELETE ON egw_tokens"
+        " FOR EACH ROW EXECUTE FUNCTION egw_token_changed()",
+        # An update that leaves the row as it was (a second revocation) changes nothing.
+        "CREATE TRIGGER egw_token_changes_on_update AFTER UPDATE ON egw_tokens"
+        " FOR EACH ROW WHEN (OLD.* IS DISTINCT FROM NEW.*)"
+        " EXECUTE FUNCTION egw_token_changed()",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

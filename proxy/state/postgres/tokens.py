@@ -11,6 +11,7 @@ from typing import Any, Unpack
 import asyncpg
 
 from proxy.auth.audit import MAX_AUDIT_PAGE, AuditEntry
+from proxy.auth.changes import changes_after
 from proxy.auth.tokens import TokenChanges, TokenRecord, apply_changes
 from proxy.config.postgres_url import parse_postgres_url
 from proxy.state.postgres.connection import PostgresOptions, as_json, connect_args, open_pool
@@ -159,6 +160,20 @@ class PostgresTokenStore:
     async def get(self, token_id: str) -> TokenRecord | None:
         row = await self._open_pool().fetchrow(_SELECT + " WHERE id = $1", token_id)
         return None if row is None else _from_row(row)
+
+    async def changes_since(self, cursor: int | None) -> tuple[int, builtins.list[str] | None]:
+        """``proxy.auth.changes.TokenChangeLog``: one read, or two when nothing changed."""
+        pool = self._open_pool()
+        rows: builtins.list[tuple[int, str]] = []
+        if cursor is not None:
+            found = await pool.fetch(
+                "SELECT seq, token_id FROM egw_token_changes WHERE seq > $1 ORDER BY seq", cursor
+            )
+            rows = [(int(r["seq"]), str(r["token_id"])) for r in found]
+        if rows:
+            return changes_after(cursor, rows, rows[-1][0])
+        newest = await pool.fetchval("SELECT COALESCE(MAX(seq), 0) FROM egw_token_changes")
+        return changes_after(cursor, rows, int(newest))
 
     async def list(self) -> builtins.list[TokenRecord]:
         rows = await self._open_pool().fetch(_SELECT + ' ORDER BY created_at, id COLLATE "C"')

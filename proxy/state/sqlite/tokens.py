@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar, Unpack
 
 from proxy.auth.audit import MAX_AUDIT_PAGE, AuditEntry
+from proxy.auth.changes import changes_after
 from proxy.auth.tokens import TokenChanges, TokenRecord, apply_changes
 from proxy.state.sqlite.connection import Connection, transaction
 
@@ -73,22 +74,16 @@ def _get(conn: sqlite3.Connection, token_id: str) -> TokenRecord | None:
 def _changes_since(
     conn: sqlite3.Connection, cursor: int | None
 ) -> tuple[int, builtins.list[str] | None]:
-    """The ids changed after ``cursor``, with the newest change's number: None for the ids
-    when the row after ``cursor`` is gone (the log dropped it) or the log is behind
-    ``cursor`` (another file)."""
+    rows: builtins.list[tuple[int, str]] = []
     if cursor is not None:
         rows = conn.execute(
             "SELECT seq, token_id FROM token_changes WHERE seq > ? ORDER BY seq", (cursor,)
         ).fetchall()
-        if rows:
-            newest = int(rows[-1][0])
-            if rows[0][0] != cursor + 1:
-                return newest, None
-            return newest, [token_id for _, token_id in rows]
+    if rows:
+        return changes_after(cursor, rows, int(rows[-1][0]))
     # The table's last seq: it outlives the rows the log dropped.
     found = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'token_changes'").fetchone()
-    newest = 0 if found is None else int(found[0])
-    return newest, [] if cursor == newest else None
+    return changes_after(cursor, rows, 0 if found is None else int(found[0]))
 
 
 def _put(conn: sqlite3.Connection, record: TokenRecord) -> None:

@@ -136,11 +136,14 @@ async def test_tokens_of_schema_2_gain_a_class_column_and_keep_their_values() ->
             assert changed.service_class == "batch"
         finally:
             await store.close()
-        assert await _versions(url) == list(range(1, SCHEMA_VERSION + 1)) == [1, 2, 3, 4]
+        assert await _versions(url) == list(range(1, SCHEMA_VERSION + 1)) == [1, 2, 3, 4, 5]
         conn = await asyncpg.connect(url, timeout=5)
         try:  # 4: the tokens of one name
             query = "SELECT indexname FROM pg_indexes WHERE tablename = 'egw_tokens'"
             assert "egw_tokens_by_name" in {row["indexname"] for row in await conn.fetch(query)}
+            # 5: the change log, written by its trigger: the update above is in it
+            changes = await conn.fetch("SELECT seq, token_id FROM egw_token_changes")
+            assert [tuple(row) for row in changes] == [(1, old.id)]
         finally:
             await conn.close()
 
