@@ -28,7 +28,11 @@ from proxy.auth.tokens import (
     parse_token,
 )
 
-__all__ = ["AuthFailure", "AuthResult", "TokenAuthenticator"]
+__all__ = ["RENEWALS", "AuthFailure", "AuthResult", "TokenAuthenticator"]
+
+RENEWALS = 60
+"""A record the change log keeps confirming is read again after this many TTLs all the
+same (5 minutes with the default 5 s)."""
 
 
 class AuthFailure(Enum):
@@ -74,9 +78,11 @@ class TokenAuthenticator:
     A store that keeps a log of its changes (``proxy.auth.changes``) lets a record outlive
     its ``cache_ttl``: each poll of the log drops the records it names and ``confirm``s
     the rest as of when it started, so a cached record is fresh until ``cache_ttl`` after
-    the later of its load and the last confirmation. Each token in use is then read once,
-    not once per ``cache_ttl``, and the bound on a change made elsewhere holds whether the
-    polls succeed or not.
+    the later of its load and the last confirmation, and at most ``RENEWALS`` times
+    ``cache_ttl`` after its load (a write the log cannot see, such as one made with the
+    triggers off, shows by then). Each token in use is then read once per ``RENEWALS``
+    TTLs, not once per TTL, and the bound on a change the log sees holds whether the
+    polls succeed or not. A record's load time is when its lookup started.
 
     Concurrent misses for one id share a single store lookup. A token whose secret matched
     a cached record is remembered with that record until the record's cache entry ends, so
@@ -160,7 +166,7 @@ class TokenAuthenticator:
             known is not None
             and raw.isascii()  # compare_digest takes ASCII strings only
             and hmac.compare_digest(known[0], raw)
-            and self._timer() < max(known[2], self._confirmed) + self._cache_ttl
+            and self._fresh(known[2])
         ):
             return self._judge(known[1])
         return None
@@ -212,7 +218,8 @@ class TokenAuthenticator:
         self._confirmed = max(self._confirmed, started)
 
     def _fresh(self, loaded: float) -> bool:
-        return self._timer() < max(loaded, self._confirmed) + self._cache_ttl
+        confirmed = min(self._confirmed, loaded + (RENEWALS - 1) * self._cache_ttl)
+        return self._timer() < max(loaded, confirmed) + self._cache_ttl
 
     async def revoke(self, token_id: str) -> TokenRecord | None:
         """Revoke in the store at ``clock()`` and take effect on this instance at once."""
@@ -235,10 +242,11 @@ class TokenAuthenticator:
             return None
         task = self._inflight.get(token_id)
         if task is None:
+            started = self._timer()  # the record is as of no earlier than this
             task = asyncio.create_task(self._store.get(token_id))
             self._inflight[token_id] = task
             self._pending.add(task)
-            task.add_done_callback(functools.partial(self._loaded, token_id))
+            task.add_done_callback(functools.partial(self._loaded, token_id, started))
         # Shielded: a waiter that gives up must not cancel the lookup others are sharing.
         try:
             return await asyncio.shield(task)
@@ -248,7 +256,9 @@ class TokenAuthenticator:
                 raise
             return stale
 
-    def _loaded(self, token_id: str, task: asyncio.Task[TokenRecord | None]) -> None:
+    def _loaded(
+        self, token_id: str, started: float, task: asyncio.Task[TokenRecord | None]
+    ) -> None:
         self._pending.discard(task)
         # Calling exception() also marks a failure as retrieved, so a lookup that every waiter
         # abandoned does not log "exception was never retrieved".
@@ -262,6 +272,6 @@ class TokenAuthenticator:
         if record is not None and self._last_known is not None:
             self._last_known[token_id] = record
         if record is not None and self._caching:
-            self._records[token_id] = (record, self._timer())
+            self._records[token_id] = (record, started)
         elif record is None and self._negative_caching:
             self._unknown[token_id] = True

@@ -9,7 +9,8 @@ writer's changes are in it) answers instead, in one read, which tokens changed s
 cursor. ``ChangePoller`` asks every ``cache_ttl / 2``: it drops each token named from the
 authenticator's cache, then ``confirm``s every other cached record as of when the poll
 started. A change made anywhere then shows within ``cache_ttl / 2``; when polls fail, the
-records age out at ``cache_ttl`` as they do without a log.
+records age out at ``cache_ttl`` as they do without a log, and the poller asks again after
+1 s, the pause doubling to 30 s while it keeps failing.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from proxy.auth.authenticator import TokenAuthenticator
 __all__ = ["MIN_POLL_SECONDS", "ChangePoller", "TokenChangeLog", "changes_after"]
 
 MIN_POLL_SECONDS = 0.05
+MAX_PAUSE_SECONDS = 30.0  # between polls while the log cannot be read
+ALL_TOKENS = "*"  # a change log row for every token (no token id has a ``*``)
 
 log = logging.getLogger("echowin_gateway.auth")
 
@@ -47,14 +50,16 @@ def changes_after(
     gap (a store keeps them so): ``rows``, the (number, token id) after ``cursor`` in
     order, ``newest`` the newest number. The row after ``cursor`` missing means the log
     dropped it; a ``cursor`` the log is behind means another log (a new file, a restored
-    database): either way None, any token may have changed."""
+    database); a row naming ``*`` is a change to every token (a TRUNCATE): each way None,
+    any token may have changed."""
     if cursor is None:
         return newest, None
     if not rows:
         return newest, [] if newest == cursor else None
-    if rows[0][0] != cursor + 1:
+    changed = [token_id for _, token_id in rows]
+    if rows[0][0] != cursor + 1 or ALL_TOKENS in changed:
         return newest, None
-    return newest, [token_id for _, token_id in rows]
+    return newest, changed
 
 
 class ChangePoller:
@@ -78,20 +83,21 @@ class ChangePoller:
         self._failing = False
         self._task: asyncio.Task[None] | None = None
         self._reading = False  # a poll is under way: left to finish, never cancelled
+        self._pause = self.interval  # until the next poll
         self._stopping = False
 
     async def poll(self) -> None:
         """One poll: the tokens changed since the last one dropped, the rest confirmed. The
-        first poll only finds where the log stands (a record cached before it may predate
-        a change it cannot name). Raises what the store raises."""
+        first poll finds where the log stands and drops whatever was cached before it (and
+        what is being looked up): a change made before it is behind its cursor, so no
+        later poll could name it. Raises what the store raises."""
         started = self._timer()
         newest, changed = await self._changes.changes_since(self._cursor)
-        if self._cursor is not None:
-            if changed is None:
-                self._auth.invalidate_all()
-            else:
-                for token_id in changed:
-                    self._auth.invalidate(token_id)
+        if self._cursor is None or changed is None:
+            self._auth.invalidate_all()
+        else:
+            for token_id in changed:
+                self._auth.invalidate(token_id)
             self._auth.confirm(started)
         self._cursor = newest
 
@@ -110,10 +116,14 @@ class ChangePoller:
                 self._health(True, None)
             finally:
                 self._reading = False
-            if not self._stopping:
-                await asyncio.sleep(self.interval)
+            if not self._stopping:  # while failing: a longer pause each time, to 30 s
+                await asyncio.sleep(self._pause)
 
     def _health(self, up: bool, exc: Exception | None) -> None:
+        if up:
+            self._pause = self.interval
+        else:  # 1 s after the first failure, twice as long after each next one
+            self._pause = min(self._pause * 2, MAX_PAUSE_SECONDS) if self._failing else 1.0
         if up == (not self._failing):
             return
         self._failing = not up

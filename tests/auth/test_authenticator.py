@@ -24,6 +24,7 @@ def test_authenticator_all_is_pinned() -> None:
     assert sorted(proxy.auth.authenticator.__all__) == [
         "AuthFailure",
         "AuthResult",
+        "RENEWALS",
         "TokenAuthenticator",
     ]
 

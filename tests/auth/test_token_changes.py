@@ -12,16 +12,18 @@ import asyncio
 import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 
-from proxy.auth.authenticator import AuthFailure, TokenAuthenticator
+from proxy.auth.authenticator import RENEWALS, AuthFailure, TokenAuthenticator
 from proxy.auth.changes import ChangePoller, TokenChangeLog, changes_after
-from proxy.auth.tokens import TokenRecord, TokenStore
+from proxy.auth.tokens import NewToken, TokenRecord, TokenStore
 from proxy.state import SqliteTokenStore, open_token_store
-from tests.auth.conftest import T0, FakeClock, mint
+from tests.auth.conftest import T0, CountingStore, FakeClock, mint, stored
 from tests.state.pg_server import empty_tables
 
 TTL = 5.0
@@ -73,7 +75,30 @@ def setup(store: Counting) -> tuple[FakeClock, TokenAuthenticator, ChangePoller]
     return timer, auth, ChangePoller(store, auth, TTL / 2, timer=timer)
 
 
+@dataclass
+class Cached:
+    """A token another process made, looked up after the log's first poll."""
+
+    ours: Counting
+    theirs: TokenStore
+    timer: FakeClock
+    auth: TokenAuthenticator
+    poller: ChangePoller
+    new: NewToken
+
+
+async def cached(stores: tuple[Counting, TokenStore]) -> Cached:
+    ours, theirs = stores
+    timer, auth, poller = setup(ours)
+    new = mint()
+    await theirs.put(new.record)
+    await poller.poll()
+    assert (await auth.authenticate(new.token)).ok
+    return Cached(ours, theirs, timer, auth, poller, new)
+
+
 def test_changes_after_reads_a_log_numbered_without_gaps() -> None:
+    assert changes_after(7, [(8, "a"), (9, "*")], 9) == (9, None)  # every token (TRUNCATE)
     assert changes_after(None, [], 7) == (7, None)  # no cursor: anything may have changed
     assert changes_after(7, [], 7) == (7, [])
     assert changes_after(7, [(8, "a"), (9, "b"), (10, "a")], 10) == (10, ["a", "b", "a"])
@@ -137,12 +162,8 @@ async def test_a_cursor_the_log_no_longer_reaches_means_any_token_changed(tmp_pa
 async def test_a_cached_token_is_not_read_again_while_the_log_says_it_is_unchanged(
     stores: tuple[Counting, TokenStore],
 ) -> None:
-    ours, theirs = stores
-    timer, auth, poller = setup(ours)
-    new = mint()
-    await theirs.put(new.record)
-    await poller.poll()  # where the log stands
-    assert (await auth.authenticate(new.token)).ok
+    c = await cached(stores)  # looked up at 0, after the log's first poll
+    ours, _theirs, timer, auth, poller, new = c.ours, c.theirs, c.timer, c.auth, c.poller, c.new
     assert ours.gets == 1
     for _ in range(10):  # a minute of polls, every TTL / 2
         timer.now += TTL / 2
@@ -176,11 +197,12 @@ async def test_a_revocation_by_another_process_shows_at_the_next_poll(
     assert ours.gets == reads
 
 
-async def test_the_first_poll_confirms_nothing(
+async def test_the_first_poll_drops_what_was_cached_before_it(
     stores: tuple[Counting, TokenStore],
 ) -> None:
-    """A record cached before the first poll may predate a change the log cannot name
-    without a cursor: it ages out at its TTL."""
+    """A record cached before the first poll may predate a change behind the first
+    cursor, which no later poll names: the first poll drops it, and later polls never
+    renew a record the log could not vouch for."""
     ours, theirs = stores
     timer, auth, poller = setup(ours)
     new = mint()
@@ -189,20 +211,18 @@ async def test_the_first_poll_confirms_nothing(
     await theirs.revoke(new.record.id, T0)
     timer.now += 1.0
     await poller.poll()
-    assert (await auth.authenticate(new.token)).ok  # cached, unconfirmed
-    timer.now += TTL
     assert (await auth.authenticate(new.token)).failure is AuthFailure.REVOKED
+    for _ in range(4):  # and stays refused, poll after poll
+        timer.now += TTL / 2
+        await poller.poll()
+        assert (await auth.authenticate(new.token)).failure is AuthFailure.REVOKED
 
 
 async def test_when_the_log_cannot_be_read_records_age_out_at_their_ttl(
     stores: tuple[Counting, TokenStore],
 ) -> None:
-    ours, theirs = stores
-    timer, auth, poller = setup(ours)
-    new = mint()
-    await theirs.put(new.record)
-    await poller.poll()
-    assert (await auth.authenticate(new.token)).ok
+    c = await cached(stores)
+    ours, theirs, timer, auth, poller, new = c.ours, c.theirs, c.timer, c.auth, c.poller, c.new
     timer.now += TTL / 2
     await poller.poll()  # confirmed at TTL / 2: fresh until 1.5 TTL
     ours.broken = True
@@ -246,12 +266,8 @@ async def test_a_poll_confirms_as_of_when_it_started(
 ) -> None:
     """A change committed while a poll is under way (after the log was read) is not
     confirmed away: the records are current as of the poll's start, not its end."""
-    ours, theirs = stores
-    timer, auth, poller = setup(ours)
-    new = mint()
-    await theirs.put(new.record)
-    await poller.poll()
-    assert (await auth.authenticate(new.token)).ok  # loaded at 0
+    c = await cached(stores)  # looked up at 0, after the log's first poll
+    ours, theirs, timer, auth, poller, new = c.ours, c.theirs, c.timer, c.auth, c.poller, c.new
     read = ours.changes_since
 
     async def slow(cursor: int | None) -> tuple[int, list[str] | None]:
@@ -294,3 +310,72 @@ async def test_stopping_waits_for_a_poll_under_way_and_never_cancels_it(
     release.set()
     await asyncio.wait_for(stopping, timeout=5)
     assert finished == [True]
+
+
+async def test_a_record_the_log_keeps_confirming_is_read_again_after_renewals_ttls(
+    stores: tuple[Counting, TokenStore],
+) -> None:
+    """The bound for a write the log cannot see (its triggers off): RENEWALS TTLs."""
+    c = await cached(stores)  # looked up at 0, after the log's first poll
+    ours, _theirs, timer, auth, poller, new = c.ours, c.theirs, c.timer, c.auth, c.poller, c.new
+    while timer.now < RENEWALS * TTL - TTL / 2:
+        timer.now += TTL / 2
+        await poller.poll()
+        assert (await auth.authenticate(new.token)).ok
+    assert ours.gets == 1
+    timer.now = RENEWALS * TTL + 0.01
+    await poller.poll()
+    assert (await auth.authenticate(new.token)).ok
+    assert ours.gets == 2
+
+
+async def test_a_record_is_as_old_as_its_lookups_start() -> None:
+    """A lookup that read the store, then took a while to come back, caches a record as
+    of when it started: its TTL runs from then."""
+    store = CountingStore()
+    timer = FakeClock(0.0)
+    auth = TokenAuthenticator(store, clock=FakeClock(T0), cache_ttl=TTL, timer=timer)
+    new = await stored(store)
+    store.gate = asyncio.Event()
+    lookup = asyncio.ensure_future(auth.authenticate(new.token))
+    await asyncio.sleep(0)
+    timer.now = TTL - 1  # the lookup is slow to come back
+    store.gate.set()
+    assert (await lookup).ok
+    timer.now = TTL + 0.01
+    store.gate = None
+    assert (await auth.authenticate(new.token)).ok
+    assert store.gets == 2  # its TTL ran from the lookup's start
+
+
+async def test_a_truncate_of_the_postgres_tokens_table_drops_every_token(
+    pg_session_url: str,
+) -> None:
+    store = await open_token_store(pg_session_url)
+    try:
+        assert isinstance(store, TokenChangeLog)
+        start, _ = await store.changes_since(None)
+        conn = await asyncpg.connect(pg_session_url, timeout=5)
+        try:
+            await conn.execute("TRUNCATE egw_tokens")
+        finally:
+            await conn.close()
+        assert await store.changes_since(start) == (start + 1, None)
+    finally:
+        await store.close()
+        await empty_tables(pg_session_url)
+
+
+async def test_while_the_log_cannot_be_read_the_poller_waits_longer_each_time(
+    stores: tuple[Counting, TokenStore],
+) -> None:
+    ours, _ = stores
+    _, _, poller = setup(ours)
+    failed = OSError("the store went away")
+    pauses = []
+    for _ in range(7):
+        poller._health(False, failed)
+        pauses.append(poller._pause)
+    assert pauses == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
+    poller._health(True, None)
+    assert poller._pause == poller.interval == TTL / 2

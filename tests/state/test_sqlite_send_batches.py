@@ -5,6 +5,7 @@ one transaction. A real state file; its statements counted with SQLite's trace h
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 from pathlib import Path
 
@@ -79,3 +80,42 @@ async def test_a_moved_send_is_written_in_one_transaction(tmp_path: Path) -> Non
         assert rows(tmp_path / "state.db") == [("a", T0, -1), ("a", T0 + 2, 1)]
     finally:
         await log.close()
+
+
+async def test_a_batch_cancelled_before_its_write_leaves_the_next_one_working(
+    tmp_path: Path,
+) -> None:
+    """A loop stopping may cancel the batch in its wait: its rows go with the next one."""
+    log = await SqliteSendLog.open(tmp_path / "state.db")
+    try:
+        lost = asyncio.ensure_future(log.give_back("a", T0, 1))
+        await asyncio.sleep(0)
+        (batch,) = log._batches
+        batch.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await lost
+        await asyncio.wait_for(log.give_back("b", T0, 2), timeout=5)
+        assert rows(tmp_path / "state.db") == [("a", T0, -1), ("b", T0, -2)]
+    finally:
+        await log.close()
+
+
+async def test_close_waits_for_a_batch_already_being_written(tmp_path: Path) -> None:
+    log = await SqliteSendLog.open(tmp_path / "state.db")
+    waiting = asyncio.ensure_future(log.give_back("a", T0, 1))
+    await asyncio.sleep(0)
+    log._lock.acquire()  # the batch's write waits for the connection, in its thread
+    try:
+        for _ in range(100):  # bounded: until the batch has left its wait for others
+            if log._returning is None:
+                break
+            await asyncio.sleep(0.01)
+        assert log._returning is None and log._batches  # being written
+        closing = asyncio.ensure_future(log.close())
+        await asyncio.sleep(0.05)
+        assert not closing.done()
+    finally:
+        log._lock.release()
+    await asyncio.wait_for(closing, timeout=5)
+    await waiting
+    assert rows(tmp_path / "state.db") == [("a", T0, -1)]

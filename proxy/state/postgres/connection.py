@@ -77,20 +77,22 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE TABLE egw_token_changes (seq bigint PRIMARY KEY, token_id text NOT NULL)",
         """CREATE FUNCTION egw_token_changed() RETURNS trigger LANGUAGE plpgsql AS $$
         DECLARE
-            next bigint;
+            n bigint;
         BEGIN
             LOCK TABLE egw_token_changes IN EXCLUSIVE MODE;
-            SELECT COALESCE(MAX(seq), 0) + 1 INTO next FROM egw_token_changes;
-            IF TG_OP = 'DELETE' THEN
-                INSERT INTO egw_token_changes VALUES (next, OLD.id);
+            SELECT COALESCE(MAX(seq), 0) + 1 INTO n FROM egw_token_changes;
+            IF TG_OP = 'TRUNCATE' THEN
+                INSERT INTO egw_token_changes VALUES (n, '*');  -- every token
+            ELSIF TG_OP = 'DELETE' THEN
+                INSERT INTO egw_token_changes VALUES (n, OLD.id);
             ELSE
-                INSERT INTO egw_token_changes VALUES (next, NEW.id);
+                INSERT INTO egw_token_changes VALUES (n, NEW.id);
                 IF TG_OP = 'UPDATE' AND NEW.id <> OLD.id THEN
-                    next := next + 1;
-                    INSERT INTO egw_token_changes VALUES (next, OLD.id);
+                    n := n + 1;
+                    INSERT INTO egw_token_changes VALUES (n, OLD.id);
                 END IF;
             END IF;
-            DELETE FROM egw_token_changes WHERE seq <= next - 10000;
+            DELETE FROM egw_token_changes WHERE seq <= n - 10000;
             RETURN NULL;
         END $$""",
         "CREATE TRIGGER egw_token_changes AFTER INSERT OR DELETE ON egw_tokens"
@@ -99,6 +101,9 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE TRIGGER egw_token_changes_on_update AFTER UPDATE ON egw_tokens"
         " FOR EACH ROW WHEN (OLD.* IS DISTINCT FROM NEW.*)"
         " EXECUTE FUNCTION egw_token_changed()",
+        # A TRUNCATE fires no row trigger: its row names every token ('*').
+        "CREATE TRIGGER egw_token_changes_on_truncate AFTER TRUNCATE ON egw_tokens"
+        " FOR EACH STATEMENT EXECUTE FUNCTION egw_token_changed()",
     ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -3,6 +3,7 @@ in the database ``token_store`` names (tables in ``connection.py``'s migrations)
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import json
 from collections.abc import Callable
@@ -37,6 +38,8 @@ _ACTIVE_NAMED = (
     "SELECT id FROM egw_tokens WHERE name = $1 AND revoked_at IS NULL"
     " AND (expires_at IS NULL OR expires_at > $2) LIMIT 1"
 )
+CLOSE_SECONDS = 5.0
+
 _NOTIFY = f"SELECT pg_notify('{CHANNEL}', $1)"
 
 
@@ -162,18 +165,17 @@ class PostgresTokenStore:
         return None if row is None else _from_row(row)
 
     async def changes_since(self, cursor: int | None) -> tuple[int, builtins.list[str] | None]:
-        """``proxy.auth.changes.TokenChangeLog``: one read, or two when nothing changed."""
+        """``proxy.auth.changes.TokenChangeLog``: the newest number first, then the rows (a
+        change committed between the two reads is among the rows)."""
         pool = self._open_pool()
+        newest = int(await pool.fetchval("SELECT COALESCE(MAX(seq), 0) FROM egw_token_changes"))
         rows: builtins.list[tuple[int, str]] = []
         if cursor is not None:
             found = await pool.fetch(
                 "SELECT seq, token_id FROM egw_token_changes WHERE seq > $1 ORDER BY seq", cursor
             )
             rows = [(int(r["seq"]), str(r["token_id"])) for r in found]
-        if rows:
-            return changes_after(cursor, rows, rows[-1][0])
-        newest = await pool.fetchval("SELECT COALESCE(MAX(seq), 0) FROM egw_token_changes")
-        return changes_after(cursor, rows, int(newest))
+        return changes_after(cursor, rows, max([newest, *(seq for seq, _ in rows[-1:])]))
 
     async def list(self) -> builtins.list[TokenRecord]:
         rows = await self._open_pool().fetch(_SELECT + ' ORDER BY created_at, id COLLATE "C"')
@@ -244,10 +246,16 @@ class PostgresTokenStore:
         await self._open_pool().fetchval("SELECT 1")
 
     async def close(self) -> None:
-        """Stop following; close the pool (connections in use are waited for). Idempotent."""
+        """Stop following; close the pool: connections in use are waited for, up to
+        ``CLOSE_SECONDS``, then every connection is ended (asyncpg's advice: a connection
+        whose call was cut off mid-connect can stay taken, and ``close`` would wait for it
+        forever). Idempotent."""
         if self._closed:
             return
         self._closed = True
         if self._follower is not None:
             await self._follower.stop()
-        await self._pool.close()
+        try:
+            await asyncio.wait_for(self._pool.close(), CLOSE_SECONDS)
+        except TimeoutError:
+            self._pool.terminate()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import builtins
-import contextlib
 import secrets
 import sqlite3
 from collections.abc import Callable
@@ -50,6 +49,7 @@ class SqliteSendLog(Connection):
         self._cursor: dict[str, int] = {}  # per credential: the last row id read
         self._returns: builtins.list[tuple[str, float, int, str, str]] = []
         self._returning: asyncio.Task[None] | None = None  # the batch they go out in
+        self._batches: set[asyncio.Task[None]] = set()  # every batch not yet written
 
     def _new_rows(self, conn: sqlite3.Connection, credential: str) -> builtins.list[Row]:
         rows = conn.execute(
@@ -108,11 +108,15 @@ class SqliteSendLog(Connection):
         returns once it is written."""
         self._returns.append((credential, at, -n, self.owner, cls))
         batch = self._returning
-        if batch is None:
+        if batch is None or batch.done():  # done: cancelled in its wait (a loop stopping)
             batch = self._returning = asyncio.get_running_loop().create_task(self._return())
+            self._batches.add(batch)
+            batch.add_done_callback(self._batches.discard)
         await asyncio.shield(batch)  # a caller that gives up leaves the others' rows alone
 
     async def _return(self) -> None:
+        """Write the batch. Cancelled in its wait (a loop stopping), its rows wait for the
+        next batch, or for ``close``."""
         await asyncio.sleep(RETURN_BATCH_SECONDS)
         rows, self._returns, self._returning = self._returns, [], None
         await self._run(lambda c: _insert(c, rows))
@@ -177,10 +181,11 @@ class SqliteSendLog(Connection):
     async def close(self) -> None:
         """Write the give-backs waiting for their batch, leave every line this process is
         in, then close."""
-        batch = self._returning
-        if batch is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.shield(batch)
+        if self._batches:  # waiting, or being written
+            await asyncio.shield(asyncio.gather(*self._batches, return_exceptions=True))
+        if self._returns:  # left by a batch cancelled in its wait
+            rows, self._returns = self._returns, []
+            await self._run(lambda c: _insert(c, rows))
 
         def leave(conn: sqlite3.Connection) -> None:
             conn.execute("DELETE FROM send_line WHERE owner = ?", (self.owner,))

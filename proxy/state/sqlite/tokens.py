@@ -74,16 +74,16 @@ def _get(conn: sqlite3.Connection, token_id: str) -> TokenRecord | None:
 def _changes_since(
     conn: sqlite3.Connection, cursor: int | None
 ) -> tuple[int, builtins.list[str] | None]:
+    # The newest number first (the table's last seq, which outlives the rows the log
+    # dropped), then the rows: a change committed between the two is among the rows.
+    found = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'token_changes'").fetchone()
+    newest = 0 if found is None else int(found[0])
     rows: builtins.list[tuple[int, str]] = []
     if cursor is not None:
         rows = conn.execute(
             "SELECT seq, token_id FROM token_changes WHERE seq > ? ORDER BY seq", (cursor,)
         ).fetchall()
-    if rows:
-        return changes_after(cursor, rows, int(rows[-1][0]))
-    # The table's last seq: it outlives the rows the log dropped.
-    found = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'token_changes'").fetchone()
-    return changes_after(cursor, rows, 0 if found is None else int(found[0]))
+    return changes_after(cursor, rows, max([newest, *(seq for seq, _ in rows[-1:])]))
 
 
 def _put(conn: sqlite3.Connection, record: TokenRecord) -> None:
