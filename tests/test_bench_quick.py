@@ -12,11 +12,12 @@ import subprocess
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 from aiohttp.test_utils import TestServer
 
-from tests.bench import harness, loadgen, upstream
+from tests.bench import harness, loadgen, scale_profile, upstream
 
 REPO = Path(__file__).resolve().parents[1]
 QUEUED = 200
@@ -114,6 +115,31 @@ def test_parse_response_lengths_and_chunks() -> None:
     body = b"3\r\nabc\r\n0\r\n\r\n"
     assert loadgen.parse_response(chunked + body[:-2]) is None
     assert loadgen.parse_response(chunked + body) == (429, len(chunked + body), True)
+
+
+def test_scale_profile_compares_the_two_gateways_of_a_pair(tmp_path: Path) -> None:
+    # tests/bench/scale_profile.py (run by hand: it needs py-spy): its arithmetic.
+    handler = f"{REPO}/proxy/gateway/handler.py"
+    one, scale = tmp_path / "one.txt", tmp_path / "scale.txt"
+    one.write_text(f"main (m.py:1);handle ({handler}:9) 3\nmain (m.py:1) 1\n", encoding="utf-8")
+    scale.write_text(
+        f"main (m.py:1);handle ({handler}:9) 6\nmain (m.py:1) 2\n"
+        "Thread._bootstrap (threading.py:1);work (w.py:2) 5\n",  # another thread: left out
+        encoding="utf-8",
+    )
+    sums: dict[str, Any] = {}
+    got = {}
+    for tag, path, cpu_us in (("one", one, 100.0), ("scale", scale, 150.0)):
+        total, functions = scale_profile.inclusive(path)
+        got[tag] = {"requests": 10, "cpu_us": cpu_us, "samples": total, "functions": functions}
+    assert got["scale"]["samples"] == 8
+    scale_profile.add(sums, got)
+    report = scale_profile.report(sums, 5)
+    assert report["totals"]["scale"]["cpu_us_per_answer"] == 150.0
+    grew = report["grew_most"][0]  # main: all of each gateway's CPU per answer
+    assert (grew["function"], grew["one_us"], grew["scale_us"]) == ("main (m.py)", 100.0, 150.0)
+    handle = next(r for r in report["grew_most"] if r["function"].startswith("handle"))
+    assert (handle["one_us"], handle["scale_us"]) == (75.0, 112.5)  # 3/4 and 6/8 of each
 
 
 def test_hotspots_reads_collapsed_stacks(tmp_path: Path) -> None:
