@@ -323,11 +323,15 @@ def _bindable(port: int) -> bool:
 
 def cluster_ports(n: int) -> tuple[int, ...]:
     """``n`` free ports a cluster node can take: at most 55535, and the bus port 10000 above
-    each free too."""
+    each free too, none of them another node's port or bus port (a node on 38001 binds
+    48001 for its bus: a second node given 48001 could not start)."""
     found: list[int] = []
+    taken: set[int] = set()
     for _ in range(200):
-        found += [p for p in free_ports(8) if p <= 55535 and _bindable(p + 10000)]
-        found = list(dict.fromkeys(found))
+        for p in free_ports(8):
+            if p <= 55535 and not {p, p + 10000} & taken and _bindable(p + 10000):
+                found.append(p)
+                taken.update((p, p + 10000))
         if len(found) >= n:
             return tuple(found[:n])
     pytest.fail("no free ports for a cluster", pytrace=False)
