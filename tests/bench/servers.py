@@ -13,6 +13,7 @@ import re
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -342,7 +343,46 @@ def launch_gateway(
     source: Path | None = None,
 ) -> Gateway:
     """``echowin-gateway serve`` on free loopback ports with the config ``raw`` (see
-    ``gateway_config``), its stderr to a file; ``wrap`` may prefix the command line."""
+    ``gateway_config``), its stderr to a file; ``wrap`` may prefix the command line. A port
+    found free can be taken by another process before the gateway binds it: a gateway that
+    stops at start on "Address already in use" is started again on new ports (twice at
+    most)."""
+    for _ in range(2):
+        gw = _launch(procs, name, raw, cpu, serve_args, wrap, source)
+        if wrap is not list or not _lost_its_port(gw):
+            return gw
+        procs.procs.remove(gw)
+    return _launch(procs, name, raw, cpu, serve_args, wrap, source)
+
+
+def _lost_its_port(gw: Gateway) -> bool:
+    """Whether ``gw`` stopped at start because a port was taken; waits (10 s at most) for
+    it to listen on both its ports or to stop."""
+    ports = [int(url.rsplit(":", 1)[1]) for url in (gw.url, gw.admin_url)]
+    deadline = time.monotonic() + 10.0
+    while time.monotonic() < deadline:
+        if gw.popen.poll() is not None:
+            return "Address already in use" in gw.tail()
+        if all(_listening(port) for port in ports):
+            return False
+        time.sleep(0.02)
+    return False
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _launch(
+    procs: Processes,
+    name: str,
+    raw: dict[str, Any],
+    cpu: int | None,
+    serve_args: Sequence[str],
+    wrap: Callable[[list[str]], list[str]],
+    source: Path | None,
+) -> Gateway:
     port, admin_port = free_ports(2)
     admin_token = secrets.token_urlsafe(24)
     raw = {"listen": f"127.0.0.1:{port}", "admin_listen": f"127.0.0.1:{admin_port}", **raw}
